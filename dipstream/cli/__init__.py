@@ -1,0 +1,1 @@
+"""The `dipstream` command line."""

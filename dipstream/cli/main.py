@@ -1,0 +1,79 @@
+"""`dipstream` command line: options come from the typed configs in dipstream.experiments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dipstream import __version__
+from dipstream.config import add_dataclass_args, from_namespace
+from dipstream.errors import DipstreamError
+
+_COLUMNS = ("model", "method", "density_requested", "density_measured", "perplexity", "bits_per_byte",
+            "tokens", "seconds")
+
+
+def _print_row(row: dict) -> None:
+    for key in _COLUMNS:
+        val = row.get(key)
+        print(f"{key:>18}: {val:.4f}" if isinstance(val, float) else f"{key:>18}: {val}")
+
+
+def cmd_eval(ns) -> int:
+    from dipstream.experiments import EvalConfig, run_eval
+
+    row = run_eval(from_namespace(EvalConfig, ns))
+    _print_row(row)
+    return 0
+
+
+def cmd_models(ns) -> int:
+    from dipstream.models.loading import BUILTIN_MODELS, cache_root
+
+    for m in BUILTIN_MODELS.values():
+        cached = (cache_root() / "models" / m.name / "config.json").exists()
+        print(f"{m.name:<14} {'cached' if cached else 'not converted yet':<18} {m.description}")
+    print("or any local Hugging Face checkpoint folder of: llama, mistral, qwen2, qwen3, phi3, "
+          "gemma, gemma2, gemma3")
+    return 0
+
+
+def cmd_methods(ns) -> int:
+    from dipstream.sparsity import METHODS
+
+    for name, cls in METHODS.items():
+        calib = " [calibrated]" if cls.needs_calibration else ""
+        print(f"{name:<8} {cls.summary}{calib}\n{'':<8}   reads: {cls.reads}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dipstream.experiments import EvalConfig
+
+    parser = argparse.ArgumentParser(prog="dipstream", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dipstream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("eval", help="perplexity and measured density of a method at a density")
+    add_dataclass_args(p, EvalConfig)
+    p.set_defaults(func=cmd_eval)
+    sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
+    sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except DipstreamError as exc:
+        print(f"dipstream: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dipstream: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Typed configs turned into command-line options (one definition, no second copy in the CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+
+def _base_type(tp):
+    """(python type, optional?) of a field annotation like `float | None`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """Add one --option per field of dataclass `cls` (nested dataclasses are flattened)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _base_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            add_dataclass_args(parser, tp, prefix)
+            continue
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kwargs = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": f"{help_text} (default: {default})"}
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            parser.add_argument(flag, type=tp, metavar=f.metadata.get("metavar", tp.__name__.upper()),
+                                **kwargs)
+
+
+def from_namespace(cls, ns: argparse.Namespace, prefix: str = ""):
+    """Build dataclass `cls` from parsed options; options not given keep the field defaults."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        tp, _ = _base_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = from_namespace(tp, ns, prefix)
+        elif hasattr(ns, prefix + f.name):
+            kwargs[f.name] = getattr(ns, prefix + f.name)
+    return cls(**kwargs)

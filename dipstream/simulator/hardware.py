@@ -1,0 +1,187 @@
+"""Simulated hardware: DRAM (a software-managed cache of Flash-resident weights) and Flash.
+
+Defaults reproduce the reference simulator (methods.md section 5): time is bytes / bandwidth,
+no compute term, no Flash random-read penalty. The switches marked "beyond the reference" are
+off by default.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+PRESET_DIR = Path(__file__).with_name("presets")
+KINDS = ("mlp", "attention", "kv_cache", "lm_head", "embedding", "predictors")
+
+
+def _default_bits() -> dict:
+    return {k: 16 for k in KINDS}
+
+
+@dataclass
+class Hardware:
+    name: str = field(default="custom", metadata={"help": "label for reports"})
+    dram_bytes: Optional[float] = field(default=None, metadata={
+        "help": "DRAM capacity for the model in bytes; None = set per run (e.g. '0.5x' of the "
+                "model's weight bytes, see parse_dram)"})
+    dram_bw: float = field(default=60e9, metadata={"help": "DRAM read bandwidth, bytes/s"})
+    flash_bw: float = field(default=1e9, metadata={"help": "Flash read bandwidth, bytes/s"})
+    overlap: bool = field(default=False, metadata={
+        "help": "DRAM and Flash reads overlap: time = max(dram, flash); else time = sum"})
+    bits: dict = field(default_factory=_default_bits, metadata={
+        "help": "precision in bits per module kind: " + ", ".join(KINDS)})
+    stream_static_overflow: bool = field(default=True, metadata={
+        "help": "static layers that do not fit in DRAM are streamed from Flash every token; "
+                "False: raise ValueError instead"})
+    compute_flops: Optional[float] = field(default=None, metadata={
+        "help": "(beyond the reference) device FLOP/s; per token time = max(I/O time, "
+                "2*weights_used/compute_flops); None = no compute term"})
+    flash_read_latency_s: Optional[float] = field(default=None, metadata={
+        "help": "(beyond the reference) per-read Flash latency, s; Flash time for n reads of "
+                "b bytes = n*latency/queue_depth + b/flash_bw; None = off"})
+    flash_queue_depth: Optional[int] = field(default=None, metadata={
+        "help": "(beyond the reference) outstanding Flash reads overlapping their latency; "
+                "None = 1 when a latency is set"})
+    bundle: bool = field(default=False, metadata={
+        "help": "(beyond the reference) the weight vectors of one unit (e.g. a neuron's up row, "
+                "gate row, down column) are stored contiguously: one Flash read per missed unit "
+                "instead of one per vector; only matters with flash_read_latency_s"})
+    embedding_lookup: bool = field(default=False, metadata={
+        "help": "(beyond the reference) per token read one row of an untied embedding table "
+                "instead of the whole table"})
+
+    def __post_init__(self):
+        self.bits = {**_default_bits(), **(self.bits or {})}
+        bad = set(self.bits) - set(KINDS)
+        if bad:
+            raise ValueError(f"unknown module kind(s) in bits: {sorted(bad)}; known: {KINDS}")
+        for k, b in self.bits.items():
+            if not float(b) > 0:
+                raise ValueError(f"bits[{k!r}] must be positive, got {b}")
+        self.dram_bw = parse_bandwidth(self.dram_bw, "dram_bw")
+        self.flash_bw = parse_bandwidth(self.flash_bw, "flash_bw")
+        if self.dram_bytes is not None and not isinstance(self.dram_bytes, (int, float)):
+            self.dram_bytes = parse_bytes(self.dram_bytes)
+        if self.dram_bytes is not None and self.dram_bytes < 0:
+            raise ValueError(f"dram_bytes must be >= 0, got {self.dram_bytes}")
+        if self.compute_flops is not None and not float(self.compute_flops) > 0:
+            raise ValueError(f"compute_flops must be positive (or None), got {self.compute_flops}")
+        if self.flash_read_latency_s is not None and float(self.flash_read_latency_s) < 0:
+            raise ValueError("flash_read_latency_s must be >= 0 (or None)")
+        if self.flash_queue_depth is not None and int(self.flash_queue_depth) < 1:
+            raise ValueError("flash_queue_depth must be >= 1 (or None)")
+
+    def comb(self, t_dram, t_flash):
+        """Combine DRAM and Flash read times (max if overlapped, else sum); numpy-friendly."""
+        import numpy as np
+        return np.maximum(t_dram, t_flash) if self.overlap else np.add(t_dram, t_flash)
+
+    def flash_time(self, nbytes, n_reads=0):
+        """Flash time for ``nbytes`` in ``n_reads`` reads (latency term only when enabled)."""
+        t = nbytes / self.flash_bw
+        if self.flash_read_latency_s:
+            t = t + n_reads * self.flash_read_latency_s / (self.flash_queue_depth or 1)
+        return t
+
+    def replace(self, **kw) -> "Hardware":
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Hardware":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown hardware field(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def help(cls) -> dict:
+        """{field: help text}."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "t": 1e12, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.I)
+
+
+def parse_bytes(spec) -> float:
+    """'2GB' (1e9), '512MB', '1.5GiB' (2**30), '123' or a number -> bytes."""
+    if isinstance(spec, bool):
+        raise ValueError(f"cannot parse size {spec!r}")
+    if isinstance(spec, (int, float)):
+        return spec
+    m = _SIZE.match(str(spec))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot parse size {spec!r}: use e.g. '8GB', '512MB', '1.5GiB' or a "
+                         "byte count")
+    v = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    return int(v) if v.is_integer() else v
+
+
+def parse_bandwidth(spec, what="bandwidth") -> float:
+    """'60GB/s' or a number of bytes/s; must be positive."""
+    s = spec
+    if isinstance(spec, str):
+        s = spec.strip()
+        s = s[:-2] if s.lower().endswith("/s") else s
+    try:
+        v = float(parse_bytes(s))
+    except ValueError:
+        raise ValueError(f"cannot parse {what} {spec!r}: use bytes/s or e.g. '60GB/s'") from None
+    if not v > 0:
+        raise ValueError(f"{what} must be positive, got {spec!r}")
+    return v
+
+
+def parse_dram(spec, model_bytes: float) -> float:
+    """DRAM size: '0.5x' (of the model's total weight bytes), '2GB', '512MB', '1.5GiB', bytes."""
+    if isinstance(spec, str) and spec.strip().lower().endswith("x"):
+        try:
+            f = float(spec.strip()[:-1])
+        except ValueError:
+            f = -1.0
+        if f < 0:
+            raise ValueError(f"cannot parse DRAM size {spec!r}: relative sizes look like '0.5x'")
+        return f * model_bytes
+    try:
+        v = parse_bytes(spec)
+    except ValueError:
+        raise ValueError(f"cannot parse DRAM size {spec!r}: use e.g. '0.5x' (of the model's "
+                         "weight bytes), '8GB', '512MB', '1.5GiB' or a byte count") from None
+    if v < 0:
+        raise ValueError(f"DRAM size must be >= 0, got {spec!r}")
+    return v
+
+
+def available_presets() -> list:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_hardware(name_or_path, **overrides) -> Hardware:
+    """A preset by name (``presets/<name>.yaml``) or a YAML/JSON file path; ``overrides``
+    replace fields (e.g. ``dram_bytes=8e9``)."""
+    if isinstance(name_or_path, Hardware):
+        return name_or_path.replace(**overrides) if overrides else name_or_path
+    p = Path(str(name_or_path))
+    if not (p.suffix.lower() in (".yaml", ".yml", ".json") or p.exists()):
+        p = PRESET_DIR / f"{name_or_path}.yaml"
+        if not p.exists():
+            raise ValueError(f"unknown hardware {name_or_path!r}; available presets: "
+                             f"{', '.join(available_presets())} (or a .yaml/.json path)")
+    if not p.exists():
+        raise ValueError(f"hardware file {str(p)!r} does not exist")
+    text = p.read_text()
+    d = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    if not isinstance(d, dict):
+        raise ValueError(f"hardware file {str(p)!r} must hold a mapping of fields")
+    d.setdefault("name", p.stem)
+    d.update(overrides)
+    return Hardware.from_dict(d)

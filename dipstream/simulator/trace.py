@@ -1,0 +1,298 @@
+"""Mask traces: which units every masked hook selected for every token.
+
+In memory a ``MaskTrace`` holds
+
+* ``metadata``: dict with at least ``model``, ``method``, ``density`` (requested) and the
+  ``ModelShape`` fields (``n_layers``, ``d_model``, ``d_ff``, ``vocab``, ``n_heads``,
+  ``n_kv_heads``, ``tied_embeddings``); optional ``predictor_weights`` (weights of
+  predictors kept in DRAM, e.g. DejaVu).
+* ``hooks``: list of ``Hook(name, kind, n_units, unit_weights, masks)``; ``masks`` is bool
+  (T, n_units), True = unit read for that token. Kinds (unit = one mask index):
+
+  ======== =============================================== ======== ============
+  kind     unit                                            n_units  unit_weights
+  ======== =============================================== ======== ============
+  in       DIP up/gate hook: a column of W_up and W_gate   d        2*D
+  out      DIP down hook: a column of W_down               D        d
+  neuron   up row + gate row + down column                 D        3*d
+  dense    any (all-True masks), for completeness          any      any
+  ======== =============================================== ======== ============
+
+  Names follow ``layers.<i>.<kind>``.
+* ``seq_starts``: int (S,), token index where each sequence starts (first is 0); caches reset
+  there. ``prompt_len``: int (S,), leading tokens of each sequence that form the prompt (the
+  prefill pass, for TTFT; 0 allowed). All T tokens, prompt included, are in the masks.
+
+On disk (``.npz``, no pickle): ``format`` = "dipstream-mask-trace/1", ``meta_json`` = JSON of
+{metadata, hooks: [{name, kind, n_units, unit_weights}]}, ``n_tokens``, ``seq_starts``,
+``prompt_len``, and ``mask_<i>`` = ``np.packbits(masks, axis=1, bitorder="little")`` (uint8,
+(T, ceil(n_units/8))). Writes are atomic (temporary file, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import bits
+from .model_shape import ModelShape
+
+FORMAT = "dipstream-mask-trace/1"
+KINDS = ("in", "out", "neuron", "dense")
+READS_PER_UNIT = {"in": 2, "out": 1, "neuron": 3, "dense": 1}  # weight vectors per unit
+SHAPE_FIELDS = ("n_layers", "d_model", "d_ff", "vocab", "n_heads", "n_kv_heads")
+
+
+@dataclass
+class HookSpec:
+    name: str
+    kind: str
+    n_units: int
+    unit_weights: int
+
+
+@dataclass
+class Hook(HookSpec):
+    masks: np.ndarray = field(default=None, repr=False)
+    _packed: np.ndarray = field(default=None, repr=False, compare=False)
+
+    def packed(self) -> np.ndarray:
+        """Masks as uint64 words (T, ceil(n_units/64)), cached."""
+        if self._packed is None:
+            self._packed = bits.pack(self.masks)
+        return self._packed
+
+    def spec(self) -> HookSpec:
+        return HookSpec(self.name, self.kind, self.n_units, self.unit_weights)
+
+
+def expected_unit(kind: str, shape: ModelShape):
+    """(n_units, unit_weights) a hook of ``kind`` must have for ``shape`` (None for dense)."""
+    d, D = shape.d_model, shape.d_ff
+    return {"in": (d, 2 * D), "out": (D, d), "neuron": (D, 3 * d)}.get(kind)
+
+
+def hook_specs(shape: ModelShape, method: str = "dip") -> list:
+    """Standard hooks: ``dip`` -> layers.i.in + layers.i.out; ``neuron`` -> layers.i.neuron."""
+    kinds = {"dip": ("in", "out"), "neuron": ("neuron",)}.get(method)
+    if kinds is None:
+        raise ValueError(f"method must be 'dip' or 'neuron', got {method!r}")
+    return [HookSpec(f"layers.{i}.{k}", k, *expected_unit(k, shape))
+            for i in range(shape.n_layers) for k in kinds]
+
+
+@dataclass
+class MaskTrace:
+    hooks: list
+    seq_starts: np.ndarray = None
+    prompt_len: np.ndarray = None
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.seq_starts = np.asarray([0] if self.seq_starts is None else self.seq_starts, np.int64)
+        pl = np.zeros(len(self.seq_starts)) if self.prompt_len is None else self.prompt_len
+        self.prompt_len = np.atleast_1d(np.asarray(pl, np.int64))
+        for h in self.hooks:
+            h.masks = np.asarray(h.masks, dtype=bool)
+        self.validate()
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.hooks[0].masks.shape[0]) if self.hooks else 0
+
+    def sequences(self) -> list:
+        """[(start, end)] token ranges of the sequences."""
+        ends = list(self.seq_starts[1:]) + [self.n_tokens]
+        return [(int(a), int(b)) for a, b in zip(self.seq_starts, ends)]
+
+    def shape(self):
+        """ModelShape from metadata, or None when the metadata lacks it."""
+        if all(f in self.metadata for f in SHAPE_FIELDS):
+            return ModelShape.from_dict(self.metadata)
+        return None
+
+    def frequencies(self) -> dict:
+        """{hook name: how often each unit was selected} (calibration for policy 'hot')."""
+        return {h.name: h.masks.sum(axis=0) for h in self.hooks}
+
+    def validate(self) -> None:
+        if not self.hooks:
+            raise ValueError("trace has no hooks")
+        names = [h.name for h in self.hooks]
+        if len(set(names)) != len(names):
+            raise ValueError("trace hook names are not unique")
+        T = self.n_tokens
+        for h in self.hooks:
+            if h.kind not in KINDS:
+                raise ValueError(f"hook {h.name}: kind {h.kind!r} is not one of {KINDS}")
+            if int(h.n_units) <= 0 or int(h.unit_weights) <= 0:
+                raise ValueError(f"hook {h.name}: n_units and unit_weights must be positive")
+            if h.masks.ndim != 2 or h.masks.shape != (T, h.n_units):
+                raise ValueError(f"hook {h.name}: masks have shape {h.masks.shape}, expected "
+                                 f"(T={T}, n_units={h.n_units})")
+        s = self.seq_starts
+        if s.ndim != 1 or len(s) == 0 or s[0] != 0 or np.any(np.diff(s) <= 0) or s[-1] >= max(T, 1):
+            raise ValueError(f"seq_starts must start at 0, increase strictly and stay below "
+                             f"T={T}; got {s.tolist()[:10]}")
+        if self.prompt_len.shape != s.shape:
+            raise ValueError(f"prompt_len has {self.prompt_len.size} entries for {s.size} "
+                             "sequences")
+        lens = np.diff(np.append(s, T))
+        if np.any(self.prompt_len < 0) or np.any(self.prompt_len > lens):
+            raise ValueError("prompt_len must be in [0, sequence length] for every sequence")
+        shape = self.shape()
+        if shape is not None:
+            check_trace_matches(self, shape)
+
+    def save(self, path) -> None:
+        save_trace(self, path)
+
+
+def save_trace(trace: MaskTrace, path) -> None:
+    """Write ``trace`` to ``path`` (.npz) atomically."""
+    path = Path(path)
+    meta = {"metadata": trace.metadata,
+            "hooks": [dict(name=h.name, kind=h.kind, n_units=int(h.n_units),
+                           unit_weights=int(h.unit_weights)) for h in trace.hooks]}
+    arrays = {"format": np.array(FORMAT), "meta_json": np.array(json.dumps(meta, default=_jsonable)),
+              "n_tokens": np.array(trace.n_tokens, np.int64),
+              "seq_starts": trace.seq_starts, "prompt_len": trace.prompt_len}
+    for i, h in enumerate(trace.hooks):
+        arrays[f"mask_{i}"] = np.packbits(h.masks, axis=1, bitorder="little")
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"metadata value {o!r} is not JSON serialisable")
+
+
+def load_trace(path) -> MaskTrace:
+    """Read and validate a trace written by ``save_trace``; ValueError if malformed."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read mask trace {str(path)!r}: {e}") from None
+    with z:
+        keys = set(z.files)
+        need = {"format", "meta_json", "n_tokens", "seq_starts", "prompt_len"}
+        if not need <= keys:
+            raise ValueError(f"{path}: not a mask trace (missing {sorted(need - keys)})")
+        if str(z["format"]) != FORMAT:
+            raise ValueError(f"{path}: unsupported trace format {str(z['format'])!r}")
+        meta = json.loads(str(z["meta_json"]))
+        T = int(z["n_tokens"])
+        hooks = []
+        for i, hd in enumerate(meta["hooks"]):
+            k = f"mask_{i}"
+            if k not in keys:
+                raise ValueError(f"{path}: hook {hd['name']} has no {k} array")
+            pk = z[k]
+            want = (T, (int(hd["n_units"]) + 7) // 8)
+            if pk.dtype != np.uint8 or pk.shape != want:
+                raise ValueError(f"{path}: hook {hd['name']} masks are {pk.dtype}{pk.shape}, "
+                                 f"expected uint8{want} for T={T}, n_units={hd['n_units']}")
+            m = np.unpackbits(pk, axis=1, count=int(hd["n_units"]), bitorder="little").view(bool)
+            hooks.append(Hook(hd["name"], hd["kind"], int(hd["n_units"]),
+                              int(hd["unit_weights"]), m))
+        extra = sorted(k for k in keys if k.startswith("mask_")
+                       and not (k[5:].isdigit() and int(k[5:]) < len(hooks)))
+        if extra:
+            raise ValueError(f"{path}: mask arrays {extra} have no hook description")
+        return MaskTrace(hooks, z["seq_starts"], z["prompt_len"], meta["metadata"])
+
+
+def check_trace_matches(trace: MaskTrace, shape: ModelShape, model: str = None) -> None:
+    """ValueError when ``trace`` was recorded for a different model shape than ``shape``."""
+    model = model or trace.metadata.get("model") or "given"
+    for f in SHAPE_FIELDS:
+        if f in trace.metadata and int(trace.metadata[f]) != int(getattr(shape, f)):
+            raise ValueError(f"trace was recorded for {f}={trace.metadata[f]} but model {model} "
+                             f"has {f}={getattr(shape, f)}")
+    covered = 0
+    for h in trace.hooks:
+        exp = expected_unit(h.kind, shape)
+        if exp is not None and (h.n_units, h.unit_weights) != exp:
+            n_f = "d_model" if h.kind == "in" else "d_ff"
+            u_f = "d_ff" if h.kind == "in" else "d_model"
+            rec = {n_f: h.n_units, u_f: h.unit_weights // {"in": 2, "out": 1, "neuron": 3}[h.kind]}
+            bad = n_f if h.n_units != exp[0] else u_f
+            raise ValueError(f"trace was recorded for {bad}={rec[bad]} but model {model} has "
+                             f"{bad}={getattr(shape, bad)} (hook {h.name})")
+        parts = h.name.split(".")
+        if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit() \
+                and int(parts[1]) >= shape.n_layers:
+            raise ValueError(f"trace was recorded for more layers (hook {h.name}) but model "
+                             f"{model} has n_layers={shape.n_layers}")
+        covered += h.n_units * h.unit_weights
+    if covered > shape.mlp_weights():
+        raise ValueError(f"trace hooks cover {covered} MLP weights but model {model} has only "
+                         f"{shape.mlp_weights()}")
+
+
+def dip_split(keep: float):
+    """Reference DIP density split (methods.md section 3): keep -> (up_keep, down_keep)."""
+    if keep >= 1:
+        return 1.0, 1.0
+    if keep <= 0:
+        return 0.0, 0.0
+    lg = np.log(keep / (1 - keep))
+    up = 1 / (1 + np.exp(-(0.9849930711 * lg + 0.2997647759)))
+    return float(up), float(np.clip(3 * (keep - 2 / 3 * up), 0, 1))
+
+
+def synthetic_trace(shape: ModelShape, method: str = "dip", density: float = 0.5,
+                    n_tokens: int = 256, rho: float = 0.9, skew: float = 1.0,
+                    seq_len: int = None, prompt_len: int = 0, seed: int = 0,
+                    model: str = "synthetic") -> MaskTrace:
+    """Random masks with temporal correlation, for tests and benchmarks.
+
+    Per hook, unit scores are a static popularity (N(0, skew)) plus an AR(1) process with
+    correlation ``rho`` between consecutive tokens; each token keeps the top-k units, with k
+    from the DIP split of ``density`` (``method="dip"``) or k = density * D (``"neuron"``).
+    """
+    rng = np.random.default_rng(seed)
+    specs = hook_specs(shape, method)
+    up, down = dip_split(density) if method == "dip" else (density, density)
+    keep = {"in": up, "out": down, "neuron": density}
+    seq_len = seq_len or n_tokens
+    hooks = []
+    for n_units in sorted({s.n_units for s in specs}):
+        grp = [s for s in specs if s.n_units == n_units]
+        k = int(keep[grp[0].kind] * n_units)
+        H = len(grp)
+        bias = rng.normal(0, skew, (H, n_units)).astype(np.float32)
+        x = rng.normal(0, 1, (H, n_units)).astype(np.float32)
+        masks = np.zeros((n_tokens, H, n_units), bool)
+        a, b = np.float32(rho), np.float32(np.sqrt(1 - rho ** 2))
+        for t in range(n_tokens):
+            if t % seq_len == 0:
+                x = rng.normal(0, 1, (H, n_units)).astype(np.float32)
+            else:
+                x = a * x + b * rng.standard_normal((H, n_units), dtype=np.float32)
+            if k > 0:
+                idx = np.argpartition(-(bias + x), k - 1, axis=1)[:, :k]
+                np.put_along_axis(masks[t], idx, True, axis=1)
+        for j, s in enumerate(grp):
+            hooks.append((specs.index(s), Hook(s.name, s.kind, s.n_units, s.unit_weights,
+                                               masks[:, j])))
+    hooks = [h for _, h in sorted(hooks, key=lambda p: p[0])]
+    starts = np.arange(0, n_tokens, seq_len)
+    lens = np.diff(np.append(starts, n_tokens))
+    meta = {"model": model, "method": method, "density": density, **shape.to_dict()}
+    return MaskTrace(hooks, starts, np.minimum(prompt_len, lens), meta)

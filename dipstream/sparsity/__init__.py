@@ -1,0 +1,9 @@
+"""Sparsity methods for gated MLPs and the machinery to attach them to a model."""
+
+from dipstream.sparsity.attach import DensityStats, SparseModel, attach
+from dipstream.sparsity.base import METHODS, Method, Selection, register
+from dipstream.sparsity.budget import dip_split, layer_keeps
+from dipstream.sparsity.methods import MethodOptions, build_method
+
+__all__ = ["METHODS", "DensityStats", "Method", "MethodOptions", "Selection", "SparseModel", "attach",
+           "build_method", "dip_split", "layer_keeps", "register"]

@@ -1,0 +1,127 @@
+"""Attach a method to an unmodified Hugging Face model through small, removable wrapper modules.
+
+Each block's MLP module is replaced by a `SparseMLP` that holds the original module (so `dense`
+mode runs it unchanged) and the method. `SparseModel.detach()` puts the originals back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dipstream.models.arch import GatedMLPParts, arch_spec, mlp_parts
+from dipstream.sparsity.base import Method, Selection
+
+
+@dataclass
+class DensityStats:
+    """Running sums of the per-token needed fractions, per layer."""
+
+    n_layers: int
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: torch.Tensor | None = None
+    uncounted: int = 0
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums = {k: torch.zeros(self.n_layers, dtype=torch.float64)
+                     for k in ("mlp", "up", "gate", "down")}
+        self.tokens = torch.zeros(self.n_layers, dtype=torch.float64)
+        self.uncounted = 0
+
+    def add(self, layer: int, sel: Selection, n_tokens: int) -> None:
+        fr = sel.fractions()
+        counted = sel.counted
+        if counted is not None:
+            self.uncounted += int((~counted).sum()) if layer == 0 else 0
+        for k in self.sums:
+            v = fr[k].double()
+            if v.dim() == 0:
+                v = v.expand(n_tokens)
+            if counted is not None:
+                v = v[counted]
+            self.sums[k][layer] += v.sum()
+        self.tokens[layer] += n_tokens if counted is None else int(counted.sum())
+
+    def per_layer(self, key: str = "mlp") -> list[float]:
+        return (self.sums[key] / self.tokens.clamp_min(1)).tolist()
+
+    def mean(self, key: str = "mlp") -> float:
+        """Measured density: mean over layers and counted tokens of the fraction of weights read."""
+        return float((self.sums[key] / self.tokens.clamp_min(1)).mean())
+
+
+class SparseMLP(nn.Module):
+    """Stands in for one block's MLP: runs `method` on it, or the original when switched to dense."""
+
+    def __init__(self, parts: GatedMLPParts, layer: int, owner: "SparseModel"):
+        super().__init__()
+        self.inner = parts.module
+        self.layer = layer
+        self._parts = [parts]    # plain list: not registered twice as a submodule
+        self._owner = [owner]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        owner = self._owner[0]
+        if not owner.sparse:
+            return self.inner(x)
+        flat = x.reshape(-1, x.shape[-1])
+        y, sel = owner.method.mlp(self.layer, self._parts[0], flat, tuple(x.shape[:-1]))
+        owner.stats.add(self.layer, sel, flat.shape[0])
+        for fn in owner.observers:
+            fn(self.layer, sel, flat)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _blocks(model: nn.Module):
+    obj = model
+    spec = arch_spec(model.config)
+    for part in spec.layers.split("."):
+        obj = getattr(obj, part)
+    return obj, spec.mlp
+
+
+class SparseModel:
+    """Handle of a model with a method attached; `sparse` switches all blocks between the method
+    and the original dense MLPs. Observers `fn(layer, selection, x)` see every selection."""
+
+    def __init__(self, model: nn.Module, method: Method):
+        self.model = model
+        self.method = method
+        self.parts = mlp_parts(model)
+        self.stats = DensityStats(len(self.parts))
+        self.observers: list = []
+        self.sparse = True
+        method.prepare(self.parts)
+        blocks, attr = _blocks(model)
+        self._originals = []
+        for i, (block, parts) in enumerate(zip(blocks, self.parts)):
+            self._originals.append(getattr(block, attr))
+            setattr(block, attr, SparseMLP(parts, i, self))
+
+    def detach(self) -> nn.Module:
+        """Restore the original MLP modules; returns the unmodified model."""
+        blocks, attr = _blocks(self.model)
+        for block, orig in zip(blocks, self._originals):
+            setattr(block, attr, orig)
+        self._originals = []
+        return self.model
+
+    @contextlib.contextmanager
+    def dense(self):
+        """Temporarily run the original dense MLPs."""
+        prev, self.sparse = self.sparse, False
+        try:
+            yield self
+        finally:
+            self.sparse = prev
+
+
+def attach(model: nn.Module, method: Method) -> SparseModel:
+    """Wrap every block's MLP of `model` with `method`; call `.detach()` to undo."""
+    return SparseModel(model, method)

@@ -1,0 +1,105 @@
+"""The method interface: a per-token selection of which MLP weights a token needs.
+
+A method computes one block's MLP output for a batch of tokens and returns a `Selection` saying,
+per token, which rows and columns of W_up, W_gate and W_down it read. Everything downstream
+(measured density, NaN-poisoning proofs, mask traces, the simulator) reads the `Selection`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dipstream.models.arch import GatedMLPParts
+from dipstream.sparsity.ops import linear_cols
+
+LINEARS = ("up", "gate", "down")
+
+
+@dataclass
+class Selection:
+    """Per-token masks (N, ...) of what each linear needs; None means "all of that dimension".
+
+    Weight W[j, i] of a linear is needed by token t iff rows[t, j] and cols[t, i].
+    `counted` marks tokens whose reads count toward measured density (None: all); GRIFFIN's dense
+    prompt tokens are not counted.
+    """
+
+    up_rows: torch.Tensor | None = None
+    up_cols: torch.Tensor | None = None
+    gate_rows: torch.Tensor | None = None
+    gate_cols: torch.Tensor | None = None
+    down_cols: torch.Tensor | None = None
+    counted: torch.Tensor | None = None
+
+    def fractions(self) -> dict[str, torch.Tensor]:
+        """Fraction of each linear's weights needed per token, (N,) each, plus `mlp` (their mean)."""
+        def frac(m):
+            return None if m is None else m.float().mean(-1)
+
+        out = {}
+        for name in LINEARS:
+            f = None
+            for m in (getattr(self, f"{name}_rows", None), getattr(self, f"{name}_cols", None)):
+                fm = frac(m)
+                if fm is not None:
+                    f = fm if f is None else f * fm
+            out[name] = f
+        n = next((v.shape[0] for v in out.values() if v is not None), None)
+        if n is None:
+            return {k: torch.ones(()) for k in (*LINEARS, "mlp")}
+        for k in LINEARS:
+            if out[k] is None:
+                out[k] = torch.ones(n)
+        out["mlp"] = (out["up"] + out["gate"] + out["down"]) / 3.0
+        return out
+
+    def needed(self, linear: str, shape: tuple[int, int]) -> torch.Tensor:
+        """Union over tokens of the weights of `linear` (shape out x in) any token needs."""
+        rows = getattr(self, f"{linear}_rows", None)
+        cols = getattr(self, f"{linear}_cols", None)
+        n = next((m.shape[0] for m in (rows, cols) if m is not None), 1)
+        rows = torch.ones(n, shape[0], dtype=torch.bool) if rows is None else rows
+        cols = torch.ones(n, shape[1], dtype=torch.bool) if cols is None else cols
+        return torch.einsum("tj,ti->ji", rows.float(), cols.float()) > 0
+
+
+class Method:
+    """Base class. Subclasses implement `mlp`; `prepare` receives the model's MLP parts once."""
+
+    name = "base"
+    summary = ""
+    reads = ""  # which weight rows/columns a token needs, for `dipstream methods`
+    needs_calibration = False
+
+    def __init__(self, density: float = 1.0):
+        self.density = density
+
+    def prepare(self, parts: list[GatedMLPParts]) -> None:
+        """Called once when attached, with every block's MLP parts (layer order)."""
+
+    def mlp(self, layer: int, p: GatedMLPParts, x: torch.Tensor, batch_shape: tuple[int, ...]
+            ) -> tuple[torch.Tensor, Selection]:
+        """MLP output for tokens x (N, d) of layer `layer`; batch_shape is x's leading shape (B, T)."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget per-sequence state (caches, prompt statistics) before a new sequence."""
+
+    def describe(self) -> dict:
+        return {"method": self.name, "density_requested": self.density}
+
+
+def down_from_h(p: GatedMLPParts, h: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+    """The down projection of h reading only the selected columns of W_down."""
+    return linear_cols(h, p.down_weight, p.down_bias, cols)
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under `cls.name`."""
+    METHODS[cls.name] = cls
+    return cls

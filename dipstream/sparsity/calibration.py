@@ -1,0 +1,66 @@
+"""Calibrate threshold methods on text and save/load their thresholds as a JSON artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dipstream import __version__
+from dipstream.errors import DipstreamError
+from dipstream.io import write_json_atomic
+from dipstream.sparsity.attach import SparseModel
+
+
+def calibrate(sm: SparseModel, input_ids: torch.Tensor, batch_size: int = 4) -> dict:
+    """Set the method's per-layer thresholds from calibration windows (B, T).
+
+    All windows of a batch reach each layer together, so a layer's threshold is a quantile over
+    every calibration token of that batch; thresholds of several batches are averaged."""
+    method = sm.method
+    sums: dict[str, torch.Tensor] = {}
+    batches = list(torch.split(input_ids, batch_size))
+    method.calibrating = True
+    try:
+        base = getattr(sm.model, sm.model.base_model_prefix, sm.model)  # skip the LM head
+        with torch.inference_mode():
+            for batch in batches:
+                method.reset()
+                base(input_ids=batch)
+                for name, vals in method.thresholds.items():
+                    v = torch.tensor(vals, dtype=torch.float64)
+                    sums[name] = sums.get(name, 0) + v
+    finally:
+        method.calibrating = False
+        sm.stats.reset()
+    method.thresholds = {k: (v / len(batches)).tolist() for k, v in sums.items()}
+    return method.thresholds
+
+
+def save_thresholds(path: str | Path, method, model_name: str, meta: dict) -> Path:
+    """Write thresholds atomically as JSON with what they were calibrated for."""
+    doc = {"dipstream": __version__, "method": method.name, "model": model_name,
+           "density": method.density, "thresholds": method.thresholds, **meta}
+    return write_json_atomic(path, doc)
+
+
+def load_thresholds(path: str | Path, method, n_layers: int) -> dict:
+    """Load thresholds into `method`, checking they were made for this method and layer count."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        th = doc["thresholds"]
+        assert isinstance(th, dict)
+    except (OSError, ValueError, KeyError, AssertionError, TypeError):
+        raise DipstreamError(f"cannot read thresholds file '{path}': expected JSON written by "
+                             "`dipstream eval --save-thresholds`; recalibrate without --thresholds") from None
+    if doc.get("method") != method.name:
+        raise DipstreamError(f"thresholds file '{path}' is for method '{doc.get('method')}', "
+                             f"not '{method.name}'")
+    for name in method.threshold_names:
+        vals = th.get(name)
+        if not isinstance(vals, list) or len(vals) != n_layers:
+            raise DipstreamError(f"thresholds file '{path}' lacks {n_layers} values of '{name}'; "
+                                 "it was made for another model")
+    method.thresholds = {k: [float(v) for v in th[k]] for k in method.threshold_names}
+    return doc
