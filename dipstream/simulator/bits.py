@@ -66,31 +66,21 @@ def select_lowest(words: np.ndarray, r: np.ndarray) -> np.ndarray:
         return out
     pc = np.bitwise_count(words)
     cum = np.cumsum(pc, axis=1, dtype=np.int64)
-    full = cum <= r[:, None]
+    full = cum <= r[:, None]  # a prefix of each row's words is taken whole
     np.copyto(out, words, where=full)
-    # boundary word: first word whose inclusive count exceeds r, taken partially
-    over = ~full
-    has = over.any(axis=1)
-    b = np.argmax(over, axis=1)
-    rows = np.nonzero(has)[0]
-    if rows.size:
-        bw = b[rows]
-        r_in = r[rows] - (cum[rows, bw] - pc[rows, bw])
-        part = r_in > 0
-        rows, bw, r_in = rows[part], bw[part], r_in[part]
-        if rows.size:
-            x = words[rows, bw].copy().view(np.uint8).reshape(-1, 8)
-            pcb = np.bitwise_count(x).astype(np.int64)
-            cb = np.cumsum(pcb, axis=1)
-            fb = cb <= r_in[:, None]
-            res = np.where(fb, x, 0).astype(np.uint8)
-            ob = ~fb
-            bb = np.argmax(ob, axis=1)
-            i = np.arange(len(rows))
-            rb = r_in - (cb[i, bb] - pcb[i, bb])
-            okb = ob.any(axis=1) & (rb > 0)
-            res[i[okb], bb[okb]] = _LOW[x[i[okb], bb[okb]], rb[okb]]
-            out[rows, bw] = res.reshape(-1).view(WORD)
+    ar = np.arange(words.shape[0])
+    b = np.minimum(np.count_nonzero(full, axis=1), words.shape[1] - 1)  # boundary word
+    r_in = r - (cum[ar, b] - pc[ar, b])
+    r_in = np.where(full[ar, b], 0, r_in)  # rows taken whole have no boundary word
+    xb = words[ar, b].view(np.uint8).reshape(-1, 8)
+    pcb = np.bitwise_count(xb)
+    cb = np.cumsum(pcb, axis=1, dtype=np.int64)
+    fb = cb <= r_in[:, None]
+    res = np.where(fb, xb, np.uint8(0))
+    bb = np.minimum(np.count_nonzero(fb, axis=1), 7)
+    rb = np.clip(r_in - (cb[ar, bb] - pcb[ar, bb]), 0, 8)
+    res[ar, bb] |= np.where(fb[ar, bb], np.uint8(0), _LOW[xb[ar, bb], rb])
+    out[ar, b] |= res.reshape(-1).view(WORD)
     return out
 
 

@@ -226,8 +226,9 @@ class LFU(_Planes):
         carry = M
         for k in range(self.P.shape[0]):
             p = self.P[k]
-            self.P[k] = p ^ carry
-            carry = p & carry
+            nxt = p & carry
+            p ^= carry
+            carry = nxt
 
 
 class Window(LRU):
@@ -348,8 +349,8 @@ class Belady(CachePolicy):
             S = np.zeros((b - a, self.H, self.W), bits.WORD)
             for j in range(b - a - 2, -1, -1):
                 np.bitwise_or(S[j + 1], self.F[a + j + 1], out=S[j])
-            self._suffix, self._suffix_for = S, (a, b)
-        return self._suffix[self.g - a], b
+            self._suffix_arr, self._suffix_for = S, (a, b)
+        return self._suffix_arr[self.g - a], b
 
     def _select(self, U, need, part):
         S, end = self._suffix()
@@ -362,7 +363,7 @@ class Belady(CachePolicy):
         live = U & S & row_mask(active)
         q = np.where(active, popcount(live) - (need - nd), 0)  # live units to keep
         keep = np.zeros_like(U)
-        cand, s = live, self.g + 1
+        cand, s = live.copy(), self.g + 1
         while q.any():
             f = cand & self.F[s]
             cf = popcount(f)

@@ -1,0 +1,528 @@
+"""Trace-driven DRAM/Flash simulator (reference semantics: methods.md section 5).
+
+Placement: static layers (attention, embedding, lm_head - once if tied -, predictors, MLP
+weights no hook covers, KV cache at the full ``seq_len``) take DRAM first; what is left is split
+uniformly across the hooks' caches (``cache_split="hook"``; ``"weights"`` splits it in
+proportion to each hook's weights instead); per hook, capacity = floor(share / unit bytes).
+Static bytes that do not fit (``overflow``) are streamed from Flash every token.
+
+Per decoded token and hook with mask m and cache c: DRAM bytes = |m & c| * unit bytes, Flash
+bytes = |m & ~c| * unit bytes, t = comb(DRAM / dram_bw, Flash / flash_bw) (comb = max when
+``overlap`` else sum). Static per token: every static byte is read, the KV cache at the average
+KV length of the decoded tokens; the overflow part comes from Flash, the rest from DRAM
+(dram = max(0, static_read - overflow)). tokens_per_s = 1 / (t_static + mean_t sum_h t).
+
+Prompt tokens (the first ``prompt_len`` tokens of a sequence) step the caches like every token
+but are left out of the decode statistics. TTFT, averaged over sequences: with a prompt, the
+prefill reads every weight once, densely, from where it lives (static placement as above;
+MLP units from DRAM if cached when the sequence starts - never, with per-sequence resets -
+else from Flash, as large sequential reads) plus the KV cache at the prompt length; without a
+prompt, the time of the sequence's first token (KV length 1).
+
+Beyond the reference (``Hardware`` switches, off by default): ``compute_flops`` adds a
+roofline per token: t = max(I/O time of the token, flops / compute_flops), flops = 2 * weights
+used + 4 * kv_len * d * L (prefill: every prompt token, causal attention); Flash read latency
+(per missed unit ``reads_per_unit`` reads: in 2, out 1, neuron 3, dense 1, or 1 when
+``bundle``); ``embedding_lookup``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import bits
+from .hardware import Hardware, load_hardware, parse_dram
+from .model_shape import ModelShape, get_shape
+from .policies import CachePolicy, make_policy
+from .trace import READS_PER_UNIT, Hook, HookSpec, MaskTrace, check_trace_matches
+
+
+@dataclass
+class Placement:
+    dram_bytes: float
+    seq_len: int
+    static_parts: dict            # bytes per static part (kv_cache at seq_len)
+    static_bytes: float
+    static_resident_bytes: float
+    overflow_bytes: float
+    cache_bytes: float
+    unit_bytes: np.ndarray        # per hook
+    unit_weights: np.ndarray
+    n_units: np.ndarray
+    capacity: np.ndarray          # per hook, units (may exceed n_units)
+    reads_per_unit: np.ndarray
+    uncovered_mlp_weights: float
+    predictor_weights: float
+    fixed_reads: np.ndarray = None  # Flash reads per token per hook when any unit misses
+
+
+def resolve_dram(dram_bytes, hardware: Hardware, shape: ModelShape) -> float:
+    spec = hardware.dram_bytes if dram_bytes is None else dram_bytes
+    if spec is None:
+        raise ValueError("no DRAM size: pass dram_bytes (e.g. '0.5x', '4GB') or set "
+                         "Hardware.dram_bytes")
+    return float(parse_dram(spec, shape.weight_bytes(hardware.bits)))
+
+
+def plan_placement(shape: ModelShape, hardware: Hardware, hooks, dram_bytes: float,
+                   seq_len: int, predictor_weights: float = 0,
+                   cache_split: str = "hook") -> Placement:
+    """Static placement and per-hook cache capacities (see module docstring)."""
+    b = {k: v / 8 for k, v in hardware.bits.items()}
+    hooks = list(hooks)
+    uw = np.array([h.unit_weights for h in hooks], np.int64)
+    nu = np.array([h.n_units for h in hooks], np.int64)
+    covered = float((uw * nu).sum())
+    uncovered = shape.mlp_weights() - covered
+    if uncovered < 0:
+        raise ValueError(f"hooks cover {covered:.0f} MLP weights, more than the model's "
+                         f"{shape.mlp_weights()}")
+    parts = {"attention": shape.attention_weights() * b["attention"],
+             "lm_head": shape.lm_head_weights() * b["lm_head"],
+             "embedding": 0.0 if shape.tied_embeddings else shape.embedding_weights() * b["embedding"],
+             "predictors": predictor_weights * b["predictors"],
+             "mlp_uncovered": uncovered * b["mlp"],
+             "kv_cache": shape.kv_cache_weights(seq_len) * b["kv_cache"]}
+    static = float(sum(parts.values()))
+    dram = float(dram_bytes)
+    if static > dram:
+        if not hardware.stream_static_overflow:
+            raise ValueError(f"DRAM ({dram / 1e9:.3g} GB) is smaller than the static layers "
+                             f"({static / 1e9:.3g} GB); give more DRAM or set "
+                             "stream_static_overflow=True to stream the overflow from Flash")
+        overflow, resident, cache = static - dram, dram, 0.0
+    else:
+        overflow, resident, cache = 0.0, static, dram - static
+    ub = uw * b["mlp"]
+    if not hooks:
+        share = np.zeros(0)
+    elif cache_split == "hook":
+        share = np.full(len(hooks), cache / len(hooks))
+    elif cache_split == "weights":
+        share = cache * (uw * nu) / covered
+    else:
+        raise ValueError(f"cache_split must be 'hook' or 'weights', got {cache_split!r}")
+    cap = np.floor(share / ub * (1 + 1e-12)).astype(np.int64)
+    rpu = np.array([1 if hardware.bundle else READS_PER_UNIT[h.kind] for h in hooks], np.int64)
+    return Placement(dram, int(seq_len), parts, static, resident, overflow, cache, ub, uw, nu,
+                     cap, rpu, uncovered, float(predictor_weights), np.zeros(len(hooks), np.int64))
+
+
+@dataclass
+class SimResult:
+    model: str
+    method: str
+    policy: str
+    hardware: str
+    dram_bytes: float
+    dram_used_bytes: float
+    static_bytes: float
+    static_overflow_bytes: float
+    cache_bytes: float
+    seq_len: int
+    kv_len_avg: float
+    n_tokens: int
+    n_sequences: int
+    hook_names: list
+    n_units: list
+    capacity_units: list
+    hit_rate: float
+    hit_rate_per_hook: list
+    density_requested: float
+    density_measured: float
+    dram_bytes_per_token: float
+    flash_bytes_per_token: float
+    mlp_dram_bytes_per_token: float
+    mlp_flash_bytes_per_token: float
+    t_static_s: float
+    t_mlp_s: float
+    time_per_token_s: float
+    tokens_per_s: float
+    ttft_s: float
+    compute_bound_fraction: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return _plain(asdict(self))
+
+
+def _plain(o):
+    if isinstance(o, dict):
+        return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _plain(o.tolist())
+    if isinstance(o, np.generic):
+        return o.item()
+    return o
+
+
+class _Timing:
+    """Byte and time accounting shared by simulate, ClosedLoop and the dense baseline."""
+
+    def __init__(self, shape: ModelShape, hw: Hardware, plan: Placement):
+        self.shape, self.hw, self.plan = shape, hw, plan
+        s, b = shape, hw.bits
+        self.static_w = (s.attention_weights() + s.lm_head_weights() + plan.predictor_weights
+                         + plan.uncovered_mlp_weights)
+
+    def static_io(self, kv_len: float, prefill: bool = False):
+        """(DRAM bytes, Flash bytes) of the static layers for one token at KV length kv_len."""
+        p, s, hw = self.plan.static_parts, self.shape, self.hw
+        emb = p["embedding"]
+        if hw.embedding_lookup and not s.tied_embeddings and not prefill:
+            emb = s.d_model * hw.bits["embedding"] / 8
+        total = (p["attention"] + p["lm_head"] + emb + p["predictors"] + p["mlp_uncovered"]
+                 + s.kv_cache_weights(kv_len) * hw.bits["kv_cache"] / 8)
+        flash = self.plan.overflow_bytes
+        return max(0.0, total - flash), flash
+
+    def static_time(self, kv_len, prefill=False):
+        d, f = self.static_io(kv_len, prefill)
+        return float(self.hw.comb(d / self.hw.dram_bw, f / self.hw.flash_bw))
+
+    def static_flops(self, kv_len):
+        return 2 * self.static_w + 4 * kv_len * self.shape.d_model * self.shape.n_layers
+
+    def hook_times(self, sel, hit):
+        """Per token and hook times (T, H) for selected / hit unit counts."""
+        pl, hw = self.plan, self.hw
+        miss = sel - hit
+        reads = miss * pl.reads_per_unit + (miss > 0) * pl.fixed_reads
+        return hw.comb(hit * pl.unit_bytes / hw.dram_bw,
+                       hw.flash_time(miss * pl.unit_bytes, reads))
+
+    def roofline(self, t_io, flops):
+        if not self.hw.compute_flops:
+            return t_io
+        return np.maximum(t_io, flops / self.hw.compute_flops)
+
+    def prefill_time(self, p: int, occ0: np.ndarray) -> float:
+        """Dense prompt pass of p tokens; occ0 = cached units per hook at the sequence start."""
+        pl, hw = self.plan, self.hw
+        t = self.static_time(p, prefill=True)
+        t += float(np.sum(hw.comb(occ0 * pl.unit_bytes / hw.dram_bw,
+                                  (pl.n_units - occ0) * pl.unit_bytes / hw.flash_bw)))
+        L, d = self.shape.n_layers, self.shape.d_model
+        flops = p * (2 * self.static_w + 2 * float(np.sum(pl.n_units * pl.unit_weights))) \
+            + 2 * d * L * p * (p + 1)
+        return float(self.roofline(t, flops))
+
+
+def _summarize(timing: _Timing, sel, hit, kv_lens, ttft, *, names, policy, meta,
+               occ_peak_bytes, n_sequences) -> SimResult:
+    pl, hw, shape = timing.plan, timing.hw, timing.shape
+    sel = np.asarray(sel, np.float64).reshape(-1, len(names))
+    hit = np.asarray(hit, np.float64).reshape(-1, len(names))
+    T = sel.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(sel > 0, hit / np.where(sel > 0, sel, 1), np.nan)
+    nanmean = (lambda a, **k: np.nan if np.all(np.isnan(a)) else np.nanmean(a, **k))
+    per_hook = [nanmean(ratio[:, j]) for j in range(len(names))] if T else [np.nan] * len(names)
+    kv_avg = float(np.mean(kv_lens)) if T else 0.0
+    sd, sf = timing.static_io(kv_avg)
+    t_static = timing.static_time(kv_avg)
+    t_h = timing.hook_times(sel, hit)
+    t_mlp = t_h.sum(axis=1)
+    mlp_used_w = (sel * pl.unit_weights).sum(axis=1)
+    if T == 0:
+        t_tok, cb = np.nan, 0.0
+    elif hw.compute_flops:
+        io = t_static + t_mlp
+        fl = timing.static_flops(kv_avg) + 2 * mlp_used_w
+        t_tok = float(np.mean(timing.roofline(io, fl)))
+        cb = float(np.mean(fl / hw.compute_flops > io))
+    else:
+        t_tok, cb = t_static + float(t_mlp.mean()), 0.0
+    mean = (lambda a: float(np.mean(a)) if T else np.nan)
+    mlp_d = mean((hit * pl.unit_bytes).sum(axis=1))
+    mlp_f = mean(((sel - hit) * pl.unit_bytes).sum(axis=1))
+    mlp_total = shape.mlp_weights()
+    return SimResult(
+        model=str(meta.get("model", "")), method=str(meta.get("method", "")), policy=policy,
+        hardware=hw.name, dram_bytes=pl.dram_bytes,
+        dram_used_bytes=pl.static_resident_bytes + occ_peak_bytes,
+        static_bytes=pl.static_bytes, static_overflow_bytes=pl.overflow_bytes,
+        cache_bytes=pl.cache_bytes, seq_len=pl.seq_len, kv_len_avg=kv_avg, n_tokens=T,
+        n_sequences=n_sequences, hook_names=list(names), n_units=pl.n_units.tolist(),
+        capacity_units=np.minimum(pl.capacity, pl.n_units).tolist(),
+        hit_rate=nanmean(ratio) if T else np.nan, hit_rate_per_hook=per_hook,
+        density_requested=meta.get("density"),
+        density_measured=mean((mlp_used_w + pl.uncovered_mlp_weights) / mlp_total),
+        dram_bytes_per_token=sd + mlp_d, flash_bytes_per_token=sf + mlp_f,
+        mlp_dram_bytes_per_token=mlp_d, mlp_flash_bytes_per_token=mlp_f,
+        t_static_s=t_static, t_mlp_s=mean(t_mlp), time_per_token_s=t_tok,
+        tokens_per_s=1.0 / t_tok if T else np.nan, ttft_s=ttft, compute_bound_fraction=cb)
+
+
+class _Log:
+    """Growable (T, rows) int64 log with a write position per row."""
+
+    def __init__(self, rows: int):
+        self.a = np.zeros((3, 256, rows), np.int64)  # sel, hit, occupancy after the step
+        self.pos = np.zeros(rows, np.int64)
+
+    def write(self, rows, sel, hit, occ):
+        """rows: index array, or None for all rows (which then share one position)."""
+        p = self.pos if rows is None else self.pos[rows]
+        while int(p.max()) >= self.a.shape[1]:
+            self.a = np.concatenate([self.a, np.zeros_like(self.a)], axis=1)
+        if rows is None:
+            self.a[:, int(p[0]), :] = (sel, hit, occ)
+            self.pos += 1
+        else:
+            self.a[:, p, rows] = (sel, hit, occ)
+            self.pos[rows] += 1
+
+
+class HookStepper:
+    """One hook of a ``ClosedLoop``, stepped on its own (hook-major order)."""
+
+    def __init__(self, loop: "ClosedLoop", index: int):
+        self.loop, self.index = loop, index
+        self.g, self.r = loop._row_of[index]
+        self.spec = loop.hooks[index]
+
+    def cached(self) -> np.ndarray:
+        """bool (n_units,): units in DRAM before this hook's next token."""
+        return self.loop._policies[self.g].cached(rows=[self.r])[0]
+
+    def record(self, mask) -> None:
+        """This hook's mask (bool (n_units,)) for its next token."""
+        self.loop._ensure_sequence()
+        pol = self.loop._policies[self.g]
+        m = np.asarray(mask, bool).reshape(1, -1)
+        sel, hit = pol.step(m, rows=[self.r])
+        self.loop._logs[self.g].write(np.array([self.r]), sel, hit,
+                                      pol.occupancy()[[self.r]])
+
+
+class ClosedLoop:
+    """Drive the hooks' caches token by token, e.g. when masks depend on the cache (DIP-CA).
+
+    Token-major: ``cached()`` -> list of bool (n_units,) per hook, then ``record(masks)`` with a
+    list (hook order) or dict (name -> mask) of bool masks (numpy, or CPU torch tensors).
+    Hook-major: ``h = loop.hook("layers.3.in")``; per token ``h.cached()`` / ``h.record(m)``;
+    every hook must record the same number of tokens. Call ``new_sequence(prompt_len)`` at each
+    sequence start (caches reset there unless ``reset_per_sequence=False``). ``result()`` gives
+    the ``SimResult`` that ``simulate`` gives for a trace of the same masks.
+    """
+
+    def __init__(self, hooks, shape, hardware, policy="lru", dram_bytes=None, seq_len=2048,
+                 cache_split="hook", reset_per_sequence=True, predictor_weights=0,
+                 metadata=None, future=None, future_seq_starts=None, frequency=None,
+                 **policy_kwargs):
+        self.hw = load_hardware(hardware)
+        self.shape = get_shape(shape)
+        self.hooks = [HookSpec(h.name, h.kind, int(h.n_units), int(h.unit_weights))
+                      if isinstance(h, HookSpec) else HookSpec(*h) for h in hooks]
+        self.names = [h.name for h in self.hooks]
+        self.meta = dict(metadata or {})
+        self.policy_name = policy if isinstance(policy, str) else policy.name
+        dram = resolve_dram(dram_bytes, self.hw, self.shape)
+        self.plan = plan_placement(self.shape, self.hw, self.hooks, dram, seq_len,
+                                   predictor_weights, cache_split)
+        self.timing = _Timing(self.shape, self.hw, self.plan)
+        self.reset_per_sequence = reset_per_sequence
+        groups = {}
+        for i, h in enumerate(self.hooks):
+            groups.setdefault(h.n_units, []).append(i)
+        self.group_index = [np.array(ix) for ix in groups.values()]
+        self._row_of = {i: (g, r) for g, ix in enumerate(self.group_index)
+                        for r, i in enumerate(ix)}
+        self._policies, self._logs, self.future_groups = [], [], []
+        for ix in self.group_index:
+            kw = {}
+            if frequency is not None:
+                kw["frequency"] = np.stack([np.asarray(self._by_hook(frequency, i), np.float64)
+                                            for i in ix])
+            if future is not None:
+                fg = np.stack([self._packed(self._by_hook(future, i)) for i in ix], axis=1)
+                self.future_groups.append(fg)
+                kw["future"], kw["seq_starts"] = fg, future_seq_starts
+            pol = (copy.deepcopy(policy) if isinstance(policy, CachePolicy)
+                   else make_policy(policy, **policy_kwargs))
+            self._policies.append(pol.init(len(ix), int(self.hooks[ix[0]].n_units),
+                                           self.plan.capacity[ix], **kw))
+            self._logs.append(_Log(len(ix)))
+        self._starts, self._prompts, self._occ0 = [], [], []
+
+    def _by_hook(self, obj, i):
+        return obj[self.names[i]] if isinstance(obj, dict) else obj[i]
+
+    @staticmethod
+    def _packed(a):
+        a = np.asarray(a)
+        return a if a.dtype == bits.WORD else bits.pack(a)
+
+    @property
+    def capacity(self) -> dict:
+        """{hook name: cache capacity in units}."""
+        return dict(zip(self.names, self.plan.capacity.tolist()))
+
+    def hook(self, name_or_index) -> HookStepper:
+        i = name_or_index if isinstance(name_or_index, int) else self.names.index(name_or_index)
+        return HookStepper(self, i)
+
+    def _counts(self) -> np.ndarray:
+        out = np.zeros(len(self.hooks), np.int64)
+        for ix, log in zip(self.group_index, self._logs):
+            out[ix] = log.pos
+        return out
+
+    def new_sequence(self, prompt_len: int = 0) -> None:
+        c = self._counts()
+        if np.any(c != c[0]):
+            raise ValueError("every hook must record the same number of tokens before "
+                             "new_sequence()")
+        start = int(c[0])
+        if self._starts and self._starts[-1] == start:  # previous sequence had no tokens
+            self._starts.pop(), self._prompts.pop(), self._occ0.pop()
+        if self.reset_per_sequence or not self._starts:
+            for pol in self._policies:
+                pol.reset()
+        occ0 = np.zeros(len(self.hooks), np.int64)
+        for ix, pol in zip(self.group_index, self._policies):
+            occ0[ix] = pol.occupancy()
+        self._starts.append(start)
+        self._prompts.append(int(prompt_len))
+        self._occ0.append(occ0)
+
+    def _ensure_sequence(self):
+        if not self._starts:
+            self.new_sequence(0)
+
+    def cached(self) -> list:
+        """Per hook, bool (n_units,): units in DRAM before the next token."""
+        out = [None] * len(self.hooks)
+        for ix, pol in zip(self.group_index, self._policies):
+            c = pol.cached()
+            for r, i in enumerate(ix):
+                out[i] = c[r]
+        return out
+
+    def record(self, masks) -> None:
+        """Masks of all hooks for one token (list in hook order, or dict name -> mask)."""
+        words = []
+        for ix in self.group_index:
+            m = np.stack([np.asarray(self._by_hook(masks, i), bool) for i in ix])
+            words.append(bits.pack(m))
+        self.record_packed(words)
+
+    def record_packed(self, words) -> None:
+        """Fast path: per hook group, uint64 words (rows, n_words) as in ``bits.pack``."""
+        self._ensure_sequence()
+        for g, (pol, log) in enumerate(zip(self._policies, self._logs)):
+            sel, hit = pol.step_packed(words[g])
+            log.write(None, sel, hit, pol.occupancy())
+
+    def logs(self):
+        """(sel, hit, occupancy) arrays (T, n_hooks) in hook order."""
+        c = self._counts()
+        if np.any(c != c[0]):
+            raise ValueError(f"hooks recorded different numbers of tokens: {sorted(set(c))}")
+        T = int(c[0])
+        out = np.zeros((3, T, len(self.hooks)), np.int64)
+        for ix, log in zip(self.group_index, self._logs):
+            out[:, :, ix] = log.a[:, :T]
+        return out
+
+    def result(self) -> SimResult:
+        sel, hit, occ = self.logs()
+        T = sel.shape[0]
+        starts = np.array(self._starts or [0])
+        ends = np.append(starts[1:], T)
+        prompts = np.array(self._prompts or [0])
+        decode = np.zeros(T, bool)
+        pos = np.zeros(T, np.int64)
+        for a, b, p in zip(starts, ends, prompts):
+            decode[a + p:b] = True
+            pos[a:b] = np.arange(b - a)
+        tm, pl = self.timing, self.plan
+        ttfts = []
+        for s, (a, b, p) in enumerate(zip(starts, ends, prompts)):
+            if p > 0:
+                ttfts.append(tm.prefill_time(int(p), self._occ0[s] if self._occ0 else 0))
+            elif b > a:
+                io = tm.static_time(1) + float(tm.hook_times(sel[a], hit[a]).sum())
+                fl = tm.static_flops(1) + 2 * float((sel[a] * pl.unit_weights).sum())
+                ttfts.append(float(tm.roofline(io, fl)))
+        occ_peak = float((occ * pl.unit_bytes).sum(axis=1).max()) if T else 0.0
+        return _summarize(tm, sel[decode], hit[decode], pos[decode] + 1,
+                          float(np.mean(ttfts)) if ttfts else np.nan, names=self.names,
+                          policy=self.policy_name, meta=self.meta,
+                          occ_peak_bytes=occ_peak, n_sequences=len(starts))
+
+
+def simulate(trace: MaskTrace, hardware, shape=None, policy="lru", dram_bytes=None,
+             seq_len: int = None, cache_split: str = "hook", reset_per_sequence: bool = True,
+             **policy_kwargs) -> SimResult:
+    """Replay ``trace`` through per-hook DRAM caches managed by ``policy``.
+
+    ``hardware``: Hardware or preset name/path; ``shape``: ModelShape or preset name (default:
+    from the trace metadata); ``dram_bytes``: bytes or spec ('0.5x', '4GB'; default
+    ``hardware.dram_bytes``); ``seq_len``: KV length used for placement (default: longest
+    sequence in the trace). Policy kwargs: ``k`` (window), ``fraction`` and ``frequency``
+    (hot; frequency = {hook: counts} or a calibration MaskTrace, default: this trace's own
+    counts, which is optimistic).
+    """
+    hw = load_hardware(hardware)
+    shape = get_shape(shape) if shape is not None else trace.shape()
+    if shape is None:
+        raise ValueError("pass shape=: the trace metadata does not describe the model shape")
+    check_trace_matches(trace, shape, trace.metadata.get("model"))
+    seqs = trace.sequences()
+    seq_len = seq_len or max(b - a for a, b in seqs)
+    kw = dict(policy_kwargs)
+    if policy == "hot":
+        f = kw.pop("frequency", None)
+        f = trace if f is None else f
+        kw["frequency"] = f.frequencies() if isinstance(f, MaskTrace) else f
+    if policy == "belady":
+        kw["future"] = [h.packed() for h in trace.hooks]
+        kw["future_seq_starts"] = trace.seq_starts
+    loop = ClosedLoop(trace.hooks, shape, hw, policy, dram_bytes, seq_len, cache_split,
+                      reset_per_sequence, trace.metadata.get("predictor_weights", 0),
+                      trace.metadata, **kw)
+    groups = loop.future_groups or [np.stack([trace.hooks[i].packed() for i in ix], axis=1)
+                                    for ix in loop.group_index]
+    for (a, b), p in zip(seqs, trace.prompt_len):
+        loop.new_sequence(int(p))
+        for t in range(a, b):
+            loop.record_packed([G[t] for G in groups])
+    return loop.result()
+
+
+def dense_streaming_baseline(shape, hardware, dram_bytes=None, seq_len: int = 2048,
+                             kv_len_avg: float = None, prompt_len: int = 0) -> SimResult:
+    """Dense MLP streamed from Flash every token (the reference headline baseline).
+
+    Static placement as in ``simulate``; DRAM left after the static layers is split uniformly
+    over the L layers' MLPs, each keeping a fixed set of floor(share / (3*d*bytes)) neurons (up
+    row + gate row + down column) resident; the other neurons are read from Flash every token,
+    as contiguous matrix reads (3 reads per layer, 1 with ``bundle``, for the latency model).
+    ``kv_len_avg`` defaults to (seq_len + 1) / 2.
+    """
+    hw, shape = load_hardware(hardware), get_shape(shape)
+    L, D, d = shape.n_layers, shape.d_ff, shape.d_model
+    hooks = [HookSpec(f"layers.{i}.neuron", "neuron", D, 3 * d) for i in range(L)]
+    plan = plan_placement(shape, hw, hooks, resolve_dram(dram_bytes, hw, shape), seq_len)
+    r = np.minimum(plan.capacity, D)
+    plan.reads_per_unit = np.zeros(L, np.int64)  # contiguous matrix reads, not per unit
+    plan.fixed_reads = np.full(L, 1 if hw.bundle else 3, np.int64)
+    tm = _Timing(shape, hw, plan)
+    kv = (seq_len + 1) / 2 if kv_len_avg is None else kv_len_avg
+    sel, hit = np.full((1, L), D), r[None, :]
+    res = _summarize(tm, sel, hit, [kv], 0.0, names=[h.name for h in hooks],
+                     policy="static", meta={"model": "", "method": "dense", "density": 1.0},
+                     occ_peak_bytes=float((r * plan.unit_bytes).sum()), n_sequences=1)
+    if prompt_len > 0:
+        res.ttft_s = tm.prefill_time(prompt_len, r)
+    else:
+        io = tm.static_time(1) + float(tm.hook_times(sel[0], hit[0]).sum())
+        fl = tm.static_flops(1) + 2 * float((sel[0] * plan.unit_weights).sum())
+        res.ttft_s = float(tm.roofline(io, fl))
+    return res

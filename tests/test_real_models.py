@@ -1,0 +1,62 @@
+"""A few checks on the real SmolLM2-135M (installed from its registry package). Marked `real`."""
+
+import math
+
+import pytest
+import torch
+
+from dipstream.data import load_text, make_windows
+from dipstream.experiments import EvalConfig, run_eval
+from dipstream.models import load_model
+from dipstream.sparsity import attach, build_method
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+def test_dense_perplexity_matches_transformers_forward(smollm2):
+    row = run_eval(EvalConfig(method="dense", tokens=2 * 511))
+    win = make_windows(smollm2.tokenizer, load_text("wiki", "eval"), 512, 2 * 511)
+    with torch.inference_mode():
+        losses = [float(smollm2.model(input_ids=w[None], labels=w[None]).loss) for w in win.input_ids]
+    assert row["perplexity"] == pytest.approx(math.exp(sum(losses) / 2), rel=1e-4)
+    assert 5 < row["perplexity"] < 60
+
+
+def test_dip_half_density_on_real_model(smollm2):
+    dense = run_eval(EvalConfig(method="dense", tokens=511))
+    dip = run_eval(EvalConfig(method="dip", density=0.5, tokens=511))
+    assert dip["density_measured"] == pytest.approx(0.5, abs=0.01)
+    assert dense["perplexity"] < dip["perplexity"] < 3 * dense["perplexity"]
+
+
+def test_dip_skips_weights_on_real_model(smollm2):
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    model = smollm2.model
+    sm = attach(model, build_method("dip", 0.5))
+    sels = {}
+    sm.observers.append(lambda layer, sel, x: sels.__setitem__(layer, sel))
+    saved = [(p.up_weight.clone(), p.gate_weight.clone(), p.down_weight.clone()) for p in sm.parts]
+    try:
+        with torch.inference_mode():
+            ref = model(input_ids=ids).logits
+        poisoned = 0
+        with torch.no_grad():
+            for layer, p in enumerate(sm.parts):
+                for name, w in (("up", p.up_weight), ("gate", p.gate_weight), ("down", p.down_weight)):
+                    unneeded = ~sels[layer].needed(name, tuple(w.shape))
+                    w[unneeded] = float("nan")
+                    poisoned += int(unneeded.sum())
+        with torch.inference_mode():
+            out = model(input_ids=ids).logits
+        assert poisoned > 0.05 * sum(3 * p.d_model * p.d_ff for p in sm.parts)
+        assert torch.isfinite(out).all() and torch.equal(out, ref)
+    finally:
+        with torch.no_grad():
+            for p, (u, g, d) in zip(sm.parts, saved):
+                p.up_weight.copy_(u), p.gate_weight.copy_(g), p.down_weight.copy_(d)
+        sm.detach()
