@@ -8,11 +8,21 @@ from dipstream.sparsity import METHODS, MethodOptions, attach, build_method
 from dipstream.sparsity.calibration import calibrate
 from tests.conftest import tiny_model
 
-SPARSE = {"dip": 0.5, "random": 0.5, "teal": 0.5, "cats": 0.5, "glu": 0.8, "up": 0.5}
+SPARSE = {"dip": 0.5, "random": 0.5, "teal": 0.5, "cats": 0.5, "glu": 0.8, "up": 0.5, "dip-ca": 0.5}
+
+
+def _configure_dip_ca(sm, capacity_frac=0.5):
+    caps = {}
+    for i, p in enumerate(sm.parts):
+        caps[f"layers.{i}.in"] = int(capacity_frac * p.d_model)
+        caps[f"layers.{i}.out"] = int(capacity_frac * p.d_ff)
+    sm.method.configure_cache(caps, "lru")
 
 
 def _run(model, method, tokens, calib=None):
     sm = attach(model, method)
+    if method.name == "dip-ca":
+        _configure_dip_ca(sm)
     sels = {}
     sm.observers.append(lambda layer, sel, x: sels.__setitem__(layer, sel))
     if method.needs_calibration:

@@ -28,6 +28,25 @@ def cmd_eval(ns) -> int:
     return 0
 
 
+def cmd_simulate(ns) -> int:
+    from dipstream.experiments.simulate import SimulateConfig, run_simulate
+
+    row = run_simulate(from_namespace(SimulateConfig, ns))
+    base = row["dense_streaming"]
+    keys = ("perplexity", "density_measured", "tokens_per_s", "ttft_s", "hit_rate",
+            "dram_bytes_per_token", "flash_bytes_per_token", "dram_used_bytes")
+    print(f"{row['model']} {row['method']} @ {row.get('density_requested')} on {row['hardware']}, "
+          f"DRAM {row['dram_bytes'] / 1e6:.1f} MB, policy {row['policy']}")
+    print(f"{'':>22} {'method':>14} {'dense stream':>14}")
+    for k in keys:
+        a, b = row.get(k), base.get(k, "")
+        fa = f"{a:>14.4g}" if isinstance(a, (int, float)) else f"{str(a):>14}"
+        fb = f"{b:>14.4g}" if isinstance(b, (int, float)) else f"{str(b):>14}"
+        print(f"{k:>22} {fa} {fb}")
+    print(f"{'speed-up vs dense':>22} {row['speedup_vs_dense_streaming']:>14.3f}")
+    return 0
+
+
 def cmd_models(ns) -> int:
     from dipstream.models.loading import BUILTIN_MODELS, cache_root
 
@@ -57,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and measured density of a method at a density")
     add_dataclass_args(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
+    from dipstream.experiments.simulate import SimulateConfig
+
+    p = sub.add_parser("simulate", help="perplexity plus simulated tokens/s, memory and hit rate")
+    add_dataclass_args(p, SimulateConfig)
+    p.set_defaults(func=cmd_simulate)
     sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
     sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
     return parser

@@ -81,8 +81,9 @@ def _prepare_thresholds(cfg: EvalConfig, lm, sm) -> dict:
     return info
 
 
-def run_eval(cfg: EvalConfig, progress: bool | None = None) -> dict:
-    """Run one evaluation and return its results row (also written to cfg.json when set)."""
+def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1, on_attached=None):
+    """Load, attach, calibrate if needed and evaluate; `on_attached(lm, sm, windows)` runs just
+    before evaluation (to add observers or simulated caches). Returns (results row, SparseModel)."""
     method = build_method(cfg.method, cfg.density, cfg.options)  # fail fast on bad input
     lm = load_model(cfg.model)
     text = load_text(path=cfg.text, split="all") if cfg.text else load_text(cfg.corpus, "eval")
@@ -90,8 +91,11 @@ def run_eval(cfg: EvalConfig, progress: bool | None = None) -> dict:
     sm = attach(lm.model, method)
     try:
         extra = _prepare_thresholds(cfg, lm, sm) if method.needs_calibration else {}
+        if on_attached is not None:
+            on_attached(lm, sm, windows)
         sm.stats.reset()
-        res = perplexity(lm.model, windows, on_window=method.reset, progress=progress)
+        res = perplexity(lm.model, windows, on_window=method.reset, progress=progress,
+                         batch_size=batch_size)
     finally:
         sm.detach()
     stats = sm.stats
@@ -103,8 +107,15 @@ def run_eval(cfg: EvalConfig, progress: bool | None = None) -> dict:
         "windows": int(windows.input_ids.shape[0]), "seq_len": cfg.seq_len,
         "dense_prompt_tokens": stats.uncounted, "seconds": res.seconds,
         "corpus": cfg.text or cfg.corpus, "density_per_layer": stats.per_layer("mlp"),
-        "dipstream": __version__, "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}", **extra,
+        "dipstream": __version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}", **extra,
     }
+    return row, sm
+
+
+def run_eval(cfg: EvalConfig, progress: bool | None = None) -> dict:
+    """Run one evaluation and return its results row (also written to cfg.json when set)."""
+    row, _ = evaluate(cfg, progress)
     if cfg.json:
         write_json_atomic(cfg.json, row)
     return row

@@ -36,7 +36,7 @@ def unpack(words: np.ndarray, n_units: int) -> np.ndarray:
 
 def popcount(words: np.ndarray) -> np.ndarray:
     """Number of set bits per row (last axis reduced), int64."""
-    return np.add.reduce(np.bitwise_count(words), axis=-1, dtype=np.int64)
+    return np.add.reduce(np.bitwise_count(words), axis=-1, dtype=np.uint32).astype(np.int64)
 
 
 def _lowest_bits_table() -> np.ndarray:
@@ -55,6 +55,9 @@ def _lowest_bits_table() -> np.ndarray:
 _LOW = _lowest_bits_table()
 
 
+_BYTES = np.uint64(0x0101010101010101)
+
+
 def select_lowest(words: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Per row h, the ``r[h]`` set bits of ``words[h]`` with the lowest unit indices.
 
@@ -64,23 +67,26 @@ def select_lowest(words: np.ndarray, r: np.ndarray) -> np.ndarray:
     out = np.zeros_like(words)
     if words.size == 0 or not r.any():
         return out
+    H, W = words.shape
     pc = np.bitwise_count(words)
-    cum = np.cumsum(pc, axis=1, dtype=np.int64)
+    cum = np.cumsum(pc, axis=1, dtype=np.int32)
     full = cum <= r[:, None]  # a prefix of each row's words is taken whole
     np.copyto(out, words, where=full)
-    ar = np.arange(words.shape[0])
-    b = np.minimum(np.count_nonzero(full, axis=1), words.shape[1] - 1)  # boundary word
-    r_in = r - (cum[ar, b] - pc[ar, b])
-    r_in = np.where(full[ar, b], 0, r_in)  # rows taken whole have no boundary word
-    xb = words[ar, b].view(np.uint8).reshape(-1, 8)
+    nfull = np.add.reduce(full, axis=1, dtype=np.int64)
+    # boundary word, taken partially (re-taking a fully taken last word is harmless)
+    idx = np.arange(H) * W + np.minimum(nfull, W - 1)
+    r_in = r - (cum.ravel()[idx] - pc.ravel()[idx])
+    x = np.ascontiguousarray(words.ravel()[idx])
+    xb = x.view(np.uint8)                                   # (H*8,) bytes, low first
     pcb = np.bitwise_count(xb)
-    cb = np.cumsum(pcb, axis=1, dtype=np.int64)
-    fb = cb <= r_in[:, None]
-    res = np.where(fb, xb, np.uint8(0))
-    bb = np.minimum(np.count_nonzero(fb, axis=1), 7)
-    rb = np.clip(r_in - (cb[ar, bb] - pcb[ar, bb]), 0, 8)
-    res[ar, bb] |= np.where(fb[ar, bb], np.uint8(0), _LOW[xb[ar, bb], rb])
-    out[ar, b] |= res.reshape(-1).view(WORD)
+    cb = (pcb.view(WORD) * _BYTES).view(np.uint8)           # inclusive prefix counts per byte
+    fb = cb.reshape(H, 8) <= r_in[:, None]
+    res = np.where(fb.ravel(), xb, np.uint8(0))
+    nb = (np.ascontiguousarray(fb).view(WORD)[:, 0] * _BYTES) >> np.uint64(56)
+    i8 = np.arange(H) * 8 + np.minimum(nb.astype(np.int64), 7)
+    rb = np.minimum(r_in - (cb[i8].astype(np.int64) - pcb[i8]), 8)
+    res[i8] |= _LOW[xb[i8], rb]
+    out.ravel()[idx] |= res.view(WORD)
     return out
 
 
@@ -100,6 +106,17 @@ def select_smallest(planes: np.ndarray, nbits: int, cand: np.ndarray, need: np.n
     need = np.asarray(need, np.int64).copy()
     sel = np.zeros_like(cand)
     v = np.zeros(cand.shape[0], np.int64)
+    # shortcut: if every row has >= need candidates with all bits >= b clear (small keys),
+    # restrict to those and skip the high bits (saves most iterations when small keys suffice)
+    if nbits > 2:
+        acc = planes[nbits - 1].copy()
+        for b in range(nbits - 2, 0, -1):
+            acc |= planes[b]
+            if b in (4, 2, 1):
+                small = cand & ~acc
+                if not (popcount(small) >= need).all():
+                    break
+                cand, nbits = small, b
     for k in range(nbits - 1, -1, -1):
         if not need.any():
             break
@@ -116,10 +133,10 @@ def select_smallest(planes: np.ndarray, nbits: int, cand: np.ndarray, need: np.n
         elif not take.any():
             cand = z
         else:
-            tm = row_mask(take)
-            sel |= z & tm
+            tk = take[:, None]
+            np.bitwise_or(sel, z, out=sel, where=tk)
             need -= np.where(take, cz, 0)
-            cand = z ^ (cand & tm)
+            cand = np.where(tk, hi, z)
             v |= take.astype(np.int64) << k
     if need.any():
         sel |= select_lowest(cand, need)

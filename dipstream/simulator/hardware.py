@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import yaml
 
 PRESET_DIR = Path(__file__).with_name("presets")
@@ -77,7 +78,6 @@ class Hardware:
 
     def comb(self, t_dram, t_flash):
         """Combine DRAM and Flash read times (max if overlapped, else sum); numpy-friendly."""
-        import numpy as np
         return np.maximum(t_dram, t_flash) if self.overlap else np.add(t_dram, t_flash)
 
     def flash_time(self, nbytes, n_reads=0):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import bits
-from .bits import ALL, pack, popcount, row_mask, select_lowest, select_smallest, unpack
+from .bits import pack, popcount, row_mask, select_lowest, select_smallest, unpack
 
 
 class CachePolicy:
@@ -112,18 +112,24 @@ class CachePolicy:
     def _core(self, M: np.ndarray):
         self._prepare(int(self.t.max()))
         nM = popcount(M)
-        hit = popcount(M & self.C)
-        U = self.C & ~M
+        MC = M & self.C
+        hit = popcount(MC)
+        U = self.C ^ MC  # cached, not used by this token
         nU = self.ncached - hit
         n_ev = np.maximum(np.minimum(nU, nM + nU - self.cap), 0)
+        full = None
         if n_ev.any():
             full = n_ev == nU
-            E = U if full.all() else U & row_mask(full)
-            part = (n_ev > 0) & ~full
-            if part.any():
-                E = E | self._select(U & row_mask(part), np.where(part, n_ev, 0), part)
-            U ^= E
-        self._after_evict(full if n_ev.any() else None, n_ev)
+            if full.all():
+                U[:] = 0
+            else:
+                part = (n_ev > 0) & ~full
+                if full.any():
+                    U &= row_mask(~full)
+                if part.any():
+                    Up = U if part.all() else U & row_mask(part)
+                    U ^= self._select(Up, np.where(part, n_ev, 0), part)
+        self._after_evict(full, n_ev)
         self.C = U | M
         self.ncached = nU - n_ev + nM
         self._update(M)

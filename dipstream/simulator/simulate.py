@@ -36,7 +36,7 @@ from . import bits
 from .hardware import Hardware, load_hardware, parse_dram
 from .model_shape import ModelShape, get_shape
 from .policies import CachePolicy, make_policy
-from .trace import READS_PER_UNIT, Hook, HookSpec, MaskTrace, check_trace_matches
+from .trace import READS_PER_UNIT, HookSpec, MaskTrace, check_trace_matches
 
 
 @dataclass
@@ -142,7 +142,7 @@ class SimResult:
     tokens_per_s: float
     ttft_s: float
     compute_bound_fraction: float = 0.0
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # free-form, for callers
 
     def to_dict(self) -> dict:
         return _plain(asdict(self))
@@ -165,16 +165,16 @@ class _Timing:
 
     def __init__(self, shape: ModelShape, hw: Hardware, plan: Placement):
         self.shape, self.hw, self.plan = shape, hw, plan
-        s, b = shape, hw.bits
-        self.static_w = (s.attention_weights() + s.lm_head_weights() + plan.predictor_weights
-                         + plan.uncovered_mlp_weights)
+        self.static_w = (shape.attention_weights() + shape.lm_head_weights()
+                         + plan.predictor_weights + plan.uncovered_mlp_weights)
 
     def static_io(self, kv_len: float, prefill: bool = False):
-        """(DRAM bytes, Flash bytes) of the static layers for one token at KV length kv_len."""
+        """(DRAM bytes, Flash bytes) of the static layers for one token at KV length kv_len
+        (prefill: for the whole prompt of kv_len tokens)."""
         p, s, hw = self.plan.static_parts, self.shape, self.hw
         emb = p["embedding"]
-        if hw.embedding_lookup and not s.tied_embeddings and not prefill:
-            emb = s.d_model * hw.bits["embedding"] / 8
+        if hw.embedding_lookup and not s.tied_embeddings:
+            emb = min(emb, (kv_len if prefill else 1) * s.d_model * hw.bits["embedding"] / 8)
         total = (p["attention"] + p["lm_head"] + emb + p["predictors"] + p["mlp_uncovered"]
                  + s.kv_cache_weights(kv_len) * hw.bits["kv_cache"] / 8)
         flash = self.plan.overflow_bytes
@@ -309,6 +309,11 @@ class ClosedLoop:
     every hook must record the same number of tokens. Call ``new_sequence(prompt_len)`` at each
     sequence start (caches reset there unless ``reset_per_sequence=False``). ``result()`` gives
     the ``SimResult`` that ``simulate`` gives for a trace of the same masks.
+
+    ``hooks``: HookSpec/Hook objects or (name, kind, n_units, unit_weights) tuples; other
+    arguments as in ``simulate``. Policy extras: ``frequency`` (hot: {name: counts} or a list
+    in hook order), ``future`` + ``future_seq_starts`` (belady: the masks to come, as a
+    MaskTrace or per-hook (T, n_units) arrays; token-major stepping only).
     """
 
     def __init__(self, hooks, shape, hardware, policy="lru", dram_bytes=None, seq_len=2048,
@@ -339,8 +344,11 @@ class ClosedLoop:
             if frequency is not None:
                 kw["frequency"] = np.stack([np.asarray(self._by_hook(frequency, i), np.float64)
                                             for i in ix])
-            if future is not None:
+            if isinstance(future, MaskTrace):
+                fg = future.packed_group(ix)
+            elif future is not None:
                 fg = np.stack([self._packed(self._by_hook(future, i)) for i in ix], axis=1)
+            if future is not None:
                 self.future_groups.append(fg)
                 kw["future"], kw["seq_starts"] = fg, future_seq_starts
             pol = (copy.deepcopy(policy) if isinstance(policy, CachePolicy)
@@ -465,9 +473,10 @@ def simulate(trace: MaskTrace, hardware, shape=None, policy="lru", dram_bytes=No
     ``hardware``: Hardware or preset name/path; ``shape``: ModelShape or preset name (default:
     from the trace metadata); ``dram_bytes``: bytes or spec ('0.5x', '4GB'; default
     ``hardware.dram_bytes``); ``seq_len``: KV length used for placement (default: longest
-    sequence in the trace). Policy kwargs: ``k`` (window), ``fraction`` and ``frequency``
-    (hot; frequency = {hook: counts} or a calibration MaskTrace, default: this trace's own
-    counts, which is optimistic).
+    sequence in the trace); ``cache_split``: "hook" (reference) or "weights";
+    ``reset_per_sequence=False`` keeps caches warm across sequences (beyond the reference).
+    Policy kwargs: ``k`` (window), ``fraction`` and ``frequency`` (hot; frequency = {hook:
+    counts} or a calibration MaskTrace, default: this trace's own counts, which is optimistic).
     """
     hw = load_hardware(hardware)
     shape = get_shape(shape) if shape is not None else trace.shape()
@@ -482,13 +491,12 @@ def simulate(trace: MaskTrace, hardware, shape=None, policy="lru", dram_bytes=No
         f = trace if f is None else f
         kw["frequency"] = f.frequencies() if isinstance(f, MaskTrace) else f
     if policy == "belady":
-        kw["future"] = [h.packed() for h in trace.hooks]
-        kw["future_seq_starts"] = trace.seq_starts
+        kw["future"] = trace
+        kw["future_seq_starts"] = trace.seq_starts if reset_per_sequence else None
     loop = ClosedLoop(trace.hooks, shape, hw, policy, dram_bytes, seq_len, cache_split,
                       reset_per_sequence, trace.metadata.get("predictor_weights", 0),
                       trace.metadata, **kw)
-    groups = loop.future_groups or [np.stack([trace.hooks[i].packed() for i in ix], axis=1)
-                                    for ix in loop.group_index]
+    groups = loop.future_groups or [trace.packed_group(ix) for ix in loop.group_index]
     for (a, b), p in zip(seqs, trace.prompt_len):
         loop.new_sequence(int(p))
         for t in range(a, b):

@@ -55,7 +55,7 @@ class HookSpec:
     unit_weights: int
 
 
-@dataclass
+@dataclass(eq=False)
 class Hook(HookSpec):
     masks: np.ndarray = field(default=None, repr=False)
     _packed: np.ndarray = field(default=None, repr=False, compare=False)
@@ -85,7 +85,7 @@ def hook_specs(shape: ModelShape, method: str = "dip") -> list:
             for i in range(shape.n_layers) for k in kinds]
 
 
-@dataclass
+@dataclass(eq=False)
 class MaskTrace:
     hooks: list
     seq_starts: np.ndarray = None
@@ -115,9 +115,19 @@ class MaskTrace:
             return ModelShape.from_dict(self.metadata)
         return None
 
+    def packed_group(self, indices) -> np.ndarray:
+        """uint64 (T, len(indices), n_words) masks of hooks with equal n_units, cached (treat
+        masks as read-only once simulated)."""
+        key = tuple(int(i) for i in indices)
+        cache = self.__dict__.setdefault("_groups", {})
+        if key not in cache:
+            cache[key] = np.stack([self.hooks[i].packed() for i in key], axis=1)
+        return cache[key]
+
     def frequencies(self) -> dict:
         """{hook name: how often each unit was selected} (calibration for policy 'hot')."""
-        return {h.name: h.masks.sum(axis=0) for h in self.hooks}
+        return {h.name: np.add.reduce(h.masks.view(np.uint8), axis=0, dtype=np.int64)
+                for h in self.hooks}
 
     def validate(self) -> None:
         if not self.hooks:

@@ -30,6 +30,10 @@ class MethodOptions:
     prompt_frac: float = field(default=0.5, metadata={
         "help": "GRIFFIN: fraction of each window treated as the dense prompt"})
     seed: int = field(default=0, metadata={"help": "random: seed of the random masks"})
+    gamma: float = field(default=0.1, metadata={
+        "help": "dip-ca: weight of uncached units' scores in [0, 1] (1 = plain DIP)"})
+    n0_frac: float = field(default=0.5, metadata={
+        "help": "dip-ca: fraction of k protected as the top-n0 scores, never down-weighted"})
 
 
 @register

@@ -1,0 +1,148 @@
+"""`dipstream simulate`: accuracy and simulated speed of the same masks on a described device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dipstream.errors import DipstreamError
+from dipstream.experiments.evaluate import EvalConfig, evaluate
+from dipstream.io import write_json_atomic
+
+
+@dataclass
+class SimConfig:
+    """Hardware, DRAM size and cache policy of a simulated device."""
+
+    hardware: str = field(default="a18", metadata={
+        "help": "hardware preset (a18, android-ufs4, laptop) or a YAML/JSON file"})
+    dram: str = field(default="0.5x", metadata={
+        "help": "DRAM capacity: bytes ('4GB', '512MiB') or relative to the model's weight bytes ('0.5x')"})
+    policy: str = field(default="lru", metadata={
+        "help": "cache policy: none, lru, lfu, belady, window, hot"})
+    window_k: int = field(default=5, metadata={"help": "window policy: tokens whose units are kept"})
+    hot_fraction: float = field(default=0.5, metadata={
+        "help": "hot policy: share of each cache pinned to the most frequent units"})
+    trace: str | None = field(default=None, metadata={
+        "help": "replay this mask trace (.npz) instead of running the model", "metavar": "PATH"})
+    save_trace: str | None = field(default=None, metadata={
+        "help": "write the run's per-token masks to this .npz trace", "metavar": "PATH"})
+    batch_size: int = field(default=4, metadata={
+        "help": "windows evaluated together (each window keeps its own cache)"})
+
+
+@dataclass
+class SimulateConfig:
+    """One simulate run: an evaluation plus a simulated device."""
+
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+
+
+def _policy_kwargs(sim: SimConfig) -> dict:
+    return {"window": {"k": sim.window_k}, "hot": {"fraction": sim.hot_fraction}}.get(sim.policy, {})
+
+
+def _shape_of(model: str):
+    from dipstream.simulator import ModelShape, get_shape
+    from dipstream.simulator.model_shape import SHAPES
+
+    if model in SHAPES:
+        return get_shape(model)
+    from transformers import AutoConfig
+
+    from dipstream.models.loading import resolve_checkpoint
+
+    cfg = AutoConfig.from_pretrained(resolve_checkpoint(model)[1])
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return ModelShape(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size,
+                      cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None)
+                      or cfg.num_attention_heads, bool(getattr(cfg, "tie_word_embeddings", False)))
+
+
+def _sim(fn, *args, **kwargs):
+    """Simulator errors (ValueError) become one-line user errors."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:
+        raise DipstreamError(str(exc)) from None
+
+
+def simulate_trace(trace, shape, sim: SimConfig) -> dict:
+    """Simulate a trace and the dense-streaming baseline on the same device; figures and ratios."""
+    from dipstream.simulator import dense_streaming_baseline, load_hardware, simulate
+
+    hw = _sim(load_hardware, sim.hardware)
+    res = _sim(simulate, trace, hw, shape, policy=sim.policy, dram_bytes=sim.dram, **_policy_kwargs(sim))
+    base = _sim(dense_streaming_baseline, shape, hw, sim.dram, seq_len=res.seq_len,
+                kv_len_avg=res.kv_len_avg)
+    r, b = res.to_dict(), base.to_dict()
+    keys = ("tokens_per_s", "ttft_s", "hit_rate", "dram_bytes_per_token", "flash_bytes_per_token",
+            "dram_used_bytes", "density_measured")
+    out = {k: r[k] for k in keys}
+    out["hit_rate_per_layer"] = _per_layer(r["hook_names"], r["hit_rate_per_hook"])
+    out["hardware"], out["dram_bytes"], out["policy"] = hw.name, r["dram_bytes"], sim.policy
+    out["dense_streaming"] = {k: b[k] for k in keys}
+    out["speedup_vs_dense_streaming"] = r["tokens_per_s"] / b["tokens_per_s"]
+    out["flash_bytes_ratio_vs_dense_streaming"] = r["flash_bytes_per_token"] / b["flash_bytes_per_token"] \
+        if b["flash_bytes_per_token"] else None
+    return out
+
+
+def _per_layer(names: list[str], rates: list[float]) -> list[float]:
+    layers: dict[int, list[float]] = {}
+    for n, h in zip(names, rates):
+        layers.setdefault(int(n.split(".")[1]), []).append(h)
+    return [float(np.mean(layers[i])) for i in sorted(layers)]
+
+
+def _evaluate_and_record(ev: EvalConfig, sim: SimConfig, shape, progress):
+    """Evaluate with a mask recorder attached (and, for dip-ca, the live simulated caches)."""
+    from dipstream.simulator import hook_specs, load_hardware, plan_placement
+    from dipstream.simulator.simulate import resolve_dram
+    from dipstream.sparsity.recording import MaskRecorder
+
+    recorder = MaskRecorder(shape.d_model, shape.d_ff)
+
+    def on_attached(lm, sm, windows):
+        if sm.method.name == "dip-ca":
+            hw = _sim(load_hardware, sim.hardware)
+            hooks = hook_specs(shape, "dip")
+            plan = _sim(plan_placement, shape, hw, hooks, _sim(resolve_dram, sim.dram, hw, shape),
+                        windows.input_ids.shape[1])
+            sm.method.configure_cache({h.name: int(c) for h, c in zip(hooks, plan.capacity)},
+                                      sim.policy, **_policy_kwargs(sim))
+        sm.observers.append(recorder)
+
+    row, sm = evaluate(ev, progress, batch_size=sim.batch_size, on_attached=on_attached)
+    n, T = row["windows"], ev.seq_len
+    prompt = sm.stats.uncounted // n
+    meta = {"model": row["model"], "method": row["method"], "density": row["density_requested"],
+            **shape.to_dict()}
+    return row, recorder.trace(np.arange(n) * T, np.full(n, prompt), meta)
+
+
+def run_simulate(cfg: SimulateConfig, progress: bool | None = None) -> dict:
+    """Evaluate (or replay a trace) and simulate it; returns one results row."""
+    sim, ev = cfg.sim, cfg.eval
+    if sim.batch_size < 1:
+        raise DipstreamError(f"--batch-size {sim.batch_size} must be at least 1")
+    if sim.trace:
+        from dipstream.simulator import load_trace
+
+        trace = _sim(load_trace, sim.trace)
+        shape = _shape_of(ev.model)
+        row = {"model": ev.model, "method": trace.metadata.get("method"),
+               "density_requested": trace.metadata.get("density"), "trace": sim.trace}
+    else:
+        shape = _shape_of(ev.model)
+        row, trace = _evaluate_and_record(ev, sim, shape, progress)
+        if sim.save_trace:
+            from dipstream.simulator import save_trace
+
+            save_trace(trace, sim.save_trace)
+    row = {**row, **simulate_trace(trace, shape, sim)}
+    if ev.json:
+        write_json_atomic(ev.json, row)
+    return row

@@ -1,0 +1,538 @@
+"""Build and load the small C kernel behind :mod:`dipstream.runtime.sparse_mlp`.
+
+The kernel is plain C11 + pthreads, compiled once with the system C compiler (``$DIPSTREAM_CC``,
+``$CC``, ``gcc`` or ``cc``) into a per-user cache directory and loaded with :mod:`ctypes`, so it
+needs no Python build dependency (no ninja, no numba).  Calls go through ctypes, which releases
+the GIL.  Threading is a small caller-runs pool of its own (not OpenMP): the calling thread does
+the work and helper threads that are awake share it, so a busy machine never makes a call wait
+for a descheduled helper (an OpenMP barrier would).
+
+Anything that goes wrong (no compiler, compile error, failed self-test) makes :func:`load` return
+``None`` after one :class:`RuntimeWarning`; the callers then use their pure-torch path.
+
+Environment:
+    DIPSTREAM_NATIVE=0        never build or load the kernel (pure-torch path)
+    DIPSTREAM_BUILD_DIR=DIR   where compiled libraries are cached
+                              (default: $XDG_CACHE_HOME/dipstream/kernels or ~/.cache/...)
+    DIPSTREAM_CC=PATH         C compiler to use
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["load", "status", "C_SOURCE"]
+
+KERNEL_VERSION = 4
+
+C_SOURCE = r"""
+/* dipstream sparse MLP kernel: fused gather-GEMV over selected rows of a row-major matrix. */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <time.h>
+#include <sched.h>
+#include <pthread.h>
+#include <stdatomic.h>
+
+#define DS_API __attribute__((visibility("default")))
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define CPU_RELAX() do { } while (0)
+#endif
+
+/* o[0:n] = sum_i c[i] * W[idx[i]*ld + 0:n]   (W already offset to the first column).
+ * Reads each selected row segment exactly once; 4 rows per pass so the accumulator (L1/L2
+ * resident) is loaded/stored once per 4 streamed rows. */
+static void gg_range(const float* restrict W, int64_t ld, const int64_t* restrict idx,
+                     const float* restrict c, int64_t k, float* restrict o, int64_t n)
+{
+    for (int64_t j = 0; j < n; ++j) o[j] = 0.0f;
+    int64_t i = 0;
+    for (; i + 4 <= k; i += 4) {
+        const float* restrict r0 = W + idx[i] * ld;
+        const float* restrict r1 = W + idx[i + 1] * ld;
+        const float* restrict r2 = W + idx[i + 2] * ld;
+        const float* restrict r3 = W + idx[i + 3] * ld;
+        const float c0 = c[i], c1 = c[i + 1], c2 = c[i + 2], c3 = c[i + 3];
+        for (int64_t j = 0; j < n; ++j) {
+            float a = o[j];
+            a += c0 * r0[j];
+            a += c1 * r1[j];
+            a += c2 * r2[j];
+            a += c3 * r3[j];
+            o[j] = a;
+        }
+    }
+    for (; i < k; ++i) {
+        const float* restrict r0 = W + idx[i] * ld;
+        const float c0 = c[i];
+        for (int64_t j = 0; j < n; ++j) o[j] += c0 * r0[j];
+    }
+}
+
+/* ---------------------------------------------------------------- caller-runs thread pool
+ * A job is a grid of chunks (column slice x block of selected rows).  The calling thread
+ * publishes the job and works through the chunks itself; helper threads that are awake claim
+ * chunks too (lock-free, one CAS per chunk).  The caller never waits for a helper that has not
+ * claimed anything, so a descheduled helper (busy machine) costs parallelism, not a stall. */
+#define MAX_HELPERS 63
+#define SERIAL_WORK (1 << 20)  /* floats to read below which one thread does it all (4 MiB) */
+#define COL_CHUNK 8192         /* max floats of a row one chunk streams */
+#define SPIN_NS 100000         /* helpers spin this long for the next job before sleeping */
+
+typedef struct {
+    const float* W; int64_t ld; int64_t m;
+    const int64_t* idx; const float* c; int64_t k;
+    float* out; float* partial;
+    int64_t col_chunk, row_block;
+    int ncol, nrow;
+} job_t;
+
+static job_t g_job;
+static _Atomic uint64_t g_state;   /* generation:32 | nchunks:16 | next chunk:16 */
+static _Atomic int g_done;         /* chunks finished in the current job */
+static _Atomic int g_active;       /* helpers with id < g_active may work on it */
+static _Atomic int g_sleepers;
+static uint32_t g_gen;
+static int g_nhelpers;
+static int g_atfork;
+static pthread_mutex_t g_sleep_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_sleep_cv = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t g_call_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t g_init_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void run_chunk(const job_t* j, int ch)
+{
+    int cc = ch % j->ncol, rr = ch / j->ncol;
+    int64_t a = (int64_t)cc * j->col_chunk, b = a + j->col_chunk;
+    if (b > j->m) b = j->m;
+    int64_t r0 = (int64_t)rr * j->row_block, r1 = r0 + j->row_block;
+    if (r1 > j->k) r1 = j->k;
+    if (r0 > r1) r0 = r1;
+    float* dst = j->nrow == 1 ? j->out + a : j->partial + (int64_t)rr * j->m + a;
+    gg_range(j->W + a, j->ld, j->idx + r0, j->c + r0, r1 - r0, dst, b - a);
+}
+
+static int try_claim(void)
+{
+    uint64_t s = atomic_load(&g_state);
+    for (;;) {
+        uint32_t n = (uint32_t)(s >> 16) & 0xffffu, next = (uint32_t)s & 0xffffu;
+        if (next >= n) return -1;
+        if (atomic_compare_exchange_weak(&g_state, &s, s + 1)) return (int)next;
+    }
+}
+
+static int has_work(int id)
+{
+    uint64_t s = atomic_load(&g_state);
+    return id < atomic_load(&g_active) &&
+           ((uint32_t)s & 0xffffu) < ((uint32_t)(s >> 16) & 0xffffu);
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void* helper_main(void* arg)
+{
+    int id = (int)(intptr_t)arg;
+    for (;;) {
+        int ch;
+        if (id < atomic_load(&g_active) && (ch = try_claim()) >= 0) {
+            run_chunk(&g_job, ch);
+            atomic_fetch_add(&g_done, 1);
+            continue;
+        }
+        uint64_t s0 = atomic_load(&g_state);
+        int64_t t0 = now_ns();
+        int changed = 0;
+        for (int i = 1; ; ++i) {
+            CPU_RELAX();
+            if (atomic_load_explicit(&g_state, memory_order_relaxed) != s0) { changed = 1; break; }
+            if ((i & 63) == 0 && now_ns() - t0 > SPIN_NS) break;
+        }
+        if (changed) continue;
+        pthread_mutex_lock(&g_sleep_mu);
+        atomic_fetch_add(&g_sleepers, 1);
+        while (!has_work(id)) pthread_cond_wait(&g_sleep_cv, &g_sleep_mu);
+        atomic_fetch_sub(&g_sleepers, 1);
+        pthread_mutex_unlock(&g_sleep_mu);
+    }
+    return NULL;
+}
+
+static void atfork_child(void)
+{   /* the helpers do not exist in a forked child: start over */
+    g_nhelpers = 0;
+    atomic_store(&g_active, 0);
+    atomic_store(&g_sleepers, 0);
+    atomic_store(&g_state, 0);
+    pthread_mutex_init(&g_sleep_mu, NULL);
+    pthread_cond_init(&g_sleep_cv, NULL);
+    pthread_mutex_init(&g_call_mu, NULL);
+    pthread_mutex_init(&g_init_mu, NULL);
+}
+
+static void ensure_helpers(int nh)
+{
+    if (g_nhelpers >= nh) return;
+    pthread_mutex_lock(&g_init_mu);
+    if (!g_atfork) { pthread_atfork(NULL, NULL, atfork_child); g_atfork = 1; }
+    while (g_nhelpers < nh) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 1 << 20);
+        int rc = pthread_create(&th, &attr, helper_main, (void*)(intptr_t)g_nhelpers);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        g_nhelpers++;
+    }
+    pthread_mutex_unlock(&g_init_mu);
+}
+
+/* out[0:m] = sum_i c[i] * W[idx[i], 0:m] on up to nthreads threads.  The chunk grid depends only
+ * on (m, k, nthreads), and partial sums are added in a fixed order. */
+static void gg_parallel(const float* W, int64_t ld, int64_t m, const int64_t* idx,
+                        const float* c, int64_t k, float* out, int nthreads)
+{
+    if (m <= 0) return;
+    if (nthreads > MAX_HELPERS + 1) nthreads = MAX_HELPERS + 1;
+    if (nthreads <= 1 || m * (k > 0 ? k : 1) < SERIAL_WORK || k < 8) {
+        gg_range(W, ld, idx, c, k, out, m);
+        return;
+    }
+    if (pthread_mutex_trylock(&g_call_mu) != 0) {  /* another thread is using the pool */
+        gg_range(W, ld, idx, c, k, out, m);
+        return;
+    }
+    ensure_helpers(nthreads - 1);
+    job_t j;
+    j.W = W; j.ld = ld; j.m = m; j.idx = idx; j.c = c; j.k = k; j.out = out; j.partial = NULL;
+    int64_t ncol = m <= COL_CHUNK ? 1 : (m + COL_CHUNK - 1) / COL_CHUNK;
+    j.col_chunk = (((m + ncol - 1) / ncol) + 15) & ~(int64_t)15;
+    j.ncol = (int)((m + j.col_chunk - 1) / j.col_chunk);
+    int64_t target = 4 * (int64_t)nthreads;
+    int64_t nrow = (target + j.ncol - 1) / j.ncol;
+    if (nrow > k / 32) nrow = k / 32;
+    if (nrow < 1) nrow = 1;
+    j.row_block = (k + nrow - 1) / nrow;
+    j.nrow = (int)((k + j.row_block - 1) / j.row_block);
+    if (j.nrow > 1) {
+        j.partial = (float*)malloc((size_t)j.nrow * (size_t)m * sizeof(float));
+        if (!j.partial) { j.nrow = 1; j.row_block = k; }
+    }
+    int nchunks = j.ncol * j.nrow;
+    if (nchunks > 0xffff) {  /* cannot happen with the limits above; stay safe */
+        free(j.partial);
+        pthread_mutex_unlock(&g_call_mu);
+        gg_range(W, ld, idx, c, k, out, m);
+        return;
+    }
+    g_job = j;
+    atomic_store(&g_done, 0);
+    atomic_store(&g_active, nthreads - 1);
+    g_gen++;
+    atomic_store(&g_state, ((uint64_t)g_gen << 32) | ((uint64_t)nchunks << 16));
+    if (atomic_load(&g_sleepers) > 0) {
+        pthread_mutex_lock(&g_sleep_mu);
+        pthread_cond_broadcast(&g_sleep_cv);
+        pthread_mutex_unlock(&g_sleep_mu);
+    }
+    int ch;
+    while ((ch = try_claim()) >= 0) {
+        run_chunk(&g_job, ch);
+        atomic_fetch_add(&g_done, 1);
+    }
+    for (int spins = 0; atomic_load(&g_done) < nchunks; ++spins) {
+        if (spins < 4096) CPU_RELAX(); else sched_yield();
+    }
+    atomic_store(&g_active, 0);
+    if (j.nrow > 1) {
+        for (int64_t q = 0; q < m; ++q) {
+            float s = j.partial[q];
+            for (int r = 1; r < j.nrow; ++r) s += j.partial[(int64_t)r * m + q];
+            out[q] = s;
+        }
+        free(j.partial);
+    }
+    pthread_mutex_unlock(&g_call_mu);
+}
+
+static int check_idx(const int64_t* idx, int64_t k, int64_t n)
+{
+    for (int64_t i = 0; i < k; ++i)
+        if (idx[i] < 0 || idx[i] >= n) return -1;
+    return 0;
+}
+
+DS_API int ds_gather_gemv(const float* W, int64_t rows, int64_t ld, int64_t m,
+                          const int64_t* idx, const float* c, int64_t k, float* out, int nthreads)
+{
+    if (check_idx(idx, k, rows)) return -1;
+    gg_parallel(W, ld, m, idx, c, k, out, nthreads);
+    return 0;
+}
+
+/* |v| as an order-preserving unsigned key; every NaN maps to one key above +inf. */
+static inline uint32_t abs_key(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    u &= 0x7fffffffu;
+    if (u > 0x7f800000u) u = 0x7fc00000u;
+    return u;
+}
+
+/* The k entries of largest |v|, ties broken by lower index (= a stable descending sort),
+ * written to out in ascending index order.  Radix select, 8 bits per pass.  Returns the count
+ * written (min(max(k,0),n)) or -1 when out of memory. */
+DS_API int64_t ds_topk_abs(const float* v, int64_t n, int64_t k, int64_t* out)
+{
+    if (k <= 0 || n <= 0) return 0;
+    if (k >= n) {
+        for (int64_t i = 0; i < n; ++i) out[i] = i;
+        return n;
+    }
+    uint32_t* cand = (uint32_t*)malloc((size_t)n * sizeof(uint32_t));
+    if (!cand) return -1;
+    for (int64_t i = 0; i < n; ++i) cand[i] = abs_key(v[i]);
+    int64_t nc = n, rem = k;
+    uint32_t thr = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        int64_t hist[256];
+        memset(hist, 0, sizeof(hist));
+        for (int64_t i = 0; i < nc; ++i) hist[(cand[i] >> shift) & 255u]++;
+        int b;
+        int64_t cum = 0;
+        for (b = 255; b > 0; --b) {
+            if (cum + hist[b] >= rem) break;
+            cum += hist[b];
+        }
+        rem -= cum;
+        thr |= (uint32_t)b << shift;
+        int64_t m = 0;
+        for (int64_t i = 0; i < nc; ++i)
+            if (((cand[i] >> shift) & 255u) == (uint32_t)b) cand[m++] = cand[i];
+        nc = m;
+    }
+    free(cand);
+    /* rem (>= 1) entries equal to thr are taken, lowest indices first. */
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t key = abs_key(v[i]);
+        if (key > thr) out[m++] = i;
+        else if (key == thr && rem > 0) { out[m++] = i; --rem; }
+    }
+    return m;
+}
+
+/* Top-k_sel of |v| (ds_topk_abs rule) -> idx (ascending), then
+ * out[0:m] = sum_{i in idx} v[i] * W[i, 0:m].  One half of a DIP MLP: v = x with W = the
+ * [gate|up]^T layout, or v = h with W = W_down^T.  coef: work buffer of >= k floats.
+ * Returns the number selected, or -1 when out of memory. */
+DS_API int64_t ds_select_gemv(const float* v, int64_t n, int64_t k, const float* W, int64_t ld,
+                              int64_t m, int64_t* idx, float* coef, float* out, int nthreads)
+{
+    int64_t got = ds_topk_abs(v, n, k, idx);
+    if (got < 0) return -1;
+    for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
+    gg_parallel(W, ld, m, idx, coef, got, out, nthreads);
+    return got;
+}
+
+DS_API int ds_threads(void) { return MAX_HELPERS + 1; }
+
+DS_API int ds_version(void) { return %(version)d; }
+""".replace("%(version)d", str(KERNEL_VERSION))
+
+# Tried in order; the first that compiles and passes the self-test wins.
+_FLAG_SETS = (
+    ("-O3", "-march=native"),
+    ("-O3",),
+)
+_COMMON = ("-std=gnu11", "-shared", "-fPIC", "-pthread", "-fno-math-errno",
+           "-fvisibility=hidden")
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "lib": None, "info": {}}
+
+
+def _build_dir() -> Path:
+    env = os.environ.get("DIPSTREAM_BUILD_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dipstream" / "kernels"
+
+
+def _find_cc(cc: str | None) -> str | None:
+    for cand in (cc, os.environ.get("DIPSTREAM_CC"), os.environ.get("CC"), "gcc", "cc"):
+        if cand:
+            path = shutil.which(cand)
+            if path:
+                return path
+            if cc is not None and cand == cc:
+                return None  # an explicitly requested compiler that does not exist
+    return None
+
+
+def _cpu_signature() -> str:
+    """Something that changes when -march=native would produce different code."""
+    sig = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    sig += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return sig
+
+
+def _cc_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _compile(cc: str, flags: tuple[str, ...], out: Path) -> tuple[bool, str]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_so = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
+    os.close(fd)
+    src = Path(tmp_so[:-len(".tmp.so")] + ".c")
+    try:
+        src.write_text(C_SOURCE)
+        cmd = [cc, *flags, *_COMMON, str(src), "-o", tmp_so, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            return False, f"{' '.join(cmd)}\n{proc.stderr[-2000:]}"
+        os.replace(tmp_so, out)  # atomic: concurrent builders never see a partial file
+        return True, ""
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, f"{type(e).__name__}: {e}"
+    finally:
+        for p in (tmp_so, str(src)):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.ds_gather_gemv.argtypes = [P, I64, I64, I64, P, P, I64, P, I]
+    lib.ds_gather_gemv.restype = I
+    lib.ds_topk_abs.argtypes = [P, I64, I64, P]
+    lib.ds_topk_abs.restype = I64
+    lib.ds_select_gemv.argtypes = [P, I64, I64, P, I64, I64, P, P, P, I]
+    lib.ds_select_gemv.restype = I64
+    lib.ds_threads.restype = I
+    lib.ds_version.restype = I
+
+
+def _self_test(lib: ctypes.CDLL) -> bool:
+    """A tiny known-answer check, so a miscompiled library is never used."""
+    g = torch.Generator().manual_seed(1234)
+    W = torch.randn(37, 300, generator=g)
+    idx = torch.tensor([0, 3, 4, 9, 17, 36], dtype=torch.int64)
+    c = torch.randn(idx.numel(), generator=g)
+    out = torch.empty(300)
+    if lib.ds_gather_gemv(W.data_ptr(), 37, 300, 300, idx.data_ptr(), c.data_ptr(), idx.numel(),
+                          out.data_ptr(), max(1, torch.get_num_threads())) != 0:
+        return False
+    ref = (c.double() @ W.double()[idx]).float()
+    if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5):
+        return False
+    v = torch.tensor([1.0, -3.0, 2.0, 3.0, -2.0, 0.5], dtype=torch.float32)
+    sel = torch.empty(3, dtype=torch.int64)
+    n = lib.ds_topk_abs(v.data_ptr(), 6, 3, sel.data_ptr())
+    return n == 3 and sel.tolist() == [1, 2, 3]
+
+
+def load(*, force: bool = False, cc: str | None = None, build_dir: str | os.PathLike | None = None,
+         quiet: bool = False) -> ctypes.CDLL | None:
+    """The compiled kernel library, building it if needed; ``None`` (plus one warning) if that fails.
+
+    ``force`` rebuilds the load decision (not the cache); ``cc`` / ``build_dir`` override the
+    environment (used by tests to exercise the fallback).
+    """
+    with _lock:
+        if _state["tried"] and not force:
+            return _state["lib"]
+        _state["tried"] = True
+        _state["lib"] = None
+        lib, info = _try_load(cc, Path(build_dir) if build_dir is not None else None)
+        _state["lib"], _state["info"] = lib, info
+        if lib is None and not quiet and info.get("reason") != "disabled":
+            warnings.warn(f"dipstream.runtime: native sparse-MLP kernel unavailable "
+                          f"({info.get('reason')}); using the slower pure-torch path.",
+                          RuntimeWarning, stacklevel=3)
+        return lib
+
+
+def _try_load(cc: str | None, build_dir: Path | None) -> tuple[ctypes.CDLL | None, dict]:
+    if os.environ.get("DIPSTREAM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, {"reason": "disabled"}
+    if not sys.platform.startswith(("linux", "darwin", "freebsd")):
+        return None, {"reason": f"unsupported platform {sys.platform}"}
+    compiler = _find_cc(cc)
+    if compiler is None:
+        return None, {"reason": f"no C compiler found (tried {cc or '$DIPSTREAM_CC, $CC, gcc, cc'})"}
+    bdir = build_dir or _build_dir()
+    base_key = "\0".join((C_SOURCE, compiler, _cc_version(compiler), _cpu_signature(),
+                          " ".join(_COMMON), sys.platform))
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256((base_key + " ".join(flags)).encode()).hexdigest()[:16]
+        so = bdir / f"dipstream_sparse_mlp_v{KERNEL_VERSION}_{key}.so"
+        try:
+            if not so.exists():
+                ok, err = _compile(compiler, flags, so)
+                if not ok:
+                    errors.append(err)
+                    continue
+            lib = ctypes.CDLL(str(so))
+            _declare(lib)
+            if lib.ds_version() != KERNEL_VERSION or not _self_test(lib):
+                errors.append(f"{so}: self-test failed")
+                continue
+        except OSError as e:  # unreadable build dir, bad library, ...
+            errors.append(f"{type(e).__name__}: {e}")
+            continue
+        return lib, {"reason": None, "path": str(so), "compiler": compiler, "flags": flags}
+    short = errors[0].strip().splitlines()[-1] if errors else "unknown error"
+    return None, {"reason": f"build failed: {short}", "errors": errors}
+
+
+def status() -> dict:
+    """How the kernel was (or was not) loaded: path, compiler, flags, or reason."""
+    load()
+    return dict(_state["info"], available=_state["lib"] is not None)

@@ -1,0 +1,395 @@
+"""DIP (dynamic input pruning) gated MLP for batch-1 decode, reading only the selected weights.
+
+For one token x (length d) and a gated MLP ``y = W_down (act(W_gate x) * (W_up x))``::
+
+    S_in  = top-k_in  of |x|                       (input units kept)
+    h     = act(W_gate[:, S_in] x[S_in]) * (W_up[:, S_in] x[S_in])       (length D)
+    S_out = top-k_out of |h|                       (hidden units kept)
+    y     = W_down[:, S_out] h[S_out]
+
+Gathering columns with torch indexing copies them and is slower than the dense product, so the
+weights are stored transposed (:class:`SparseMLPWeights`): every selected input index is one
+contiguous row ``[gate^T row | up^T row]`` of length 2D, and every selected hidden index one
+contiguous row of ``W_down^T`` (length d).  A fused C kernel (:mod:`dipstream.runtime._native`)
+streams exactly those rows once, accumulating in cache, multi-threaded over output columns.
+
+Selection is deterministic: the k largest |v|, ties broken by the lower index (what a stable
+descending sort gives); NaN ranks above +inf.  Index sets are returned in ascending order.
+If the kernel cannot be built, everything falls back to a pure-torch path (one warning).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import operator
+import sys
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from dipstream.runtime import _native
+
+__all__ = [
+    "SparseMLPWeights",
+    "sparse_mlp",
+    "gather_gemv",
+    "select_topk_abs",
+    "dense_mlp_reference",
+    "masked_dense_reference",
+    "dip_keep_split",
+    "keep_to_k",
+    "native_status",
+]
+
+_ACTS = {"silu": 0, "swish": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _act_code(act: str) -> int:
+    try:
+        return _ACTS[act]
+    except KeyError:
+        raise ValueError(f"unknown activation {act!r}; expected one of {sorted(_ACTS)}") from None
+
+
+def _act_torch(g: torch.Tensor, act: str) -> torch.Tensor:
+    code = _act_code(act)
+    if code == 0:
+        return F.silu(g)
+    return F.gelu(g, approximate="tanh" if code == 1 else "none")
+
+
+def _check_k(k, n: int, name: str) -> int:
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(k).__name__}") from None
+    if k < 0:
+        raise ValueError(f"{name} must be >= 0, got {k}")
+    return min(k, n)
+
+
+def _use_native(backend: str):
+    if backend == "torch":
+        return None
+    if backend not in ("auto", "native"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
+    lib = _native.load()
+    if lib is None and backend == "native":
+        raise RuntimeError(f"native kernel unavailable: {_native.status().get('reason')}")
+    return lib
+
+
+def native_status() -> dict:
+    """Whether the compiled kernel is in use, and where it came from (or why not)."""
+    return _native.status()
+
+
+# --------------------------------------------------------------------------- layout
+
+_madvise = None
+
+
+def _advise_huge(t: torch.Tensor) -> None:
+    global _madvise
+    try:
+        if _madvise is None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _madvise = libc.madvise
+            _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _madvise.restype = ctypes.c_int
+        _madvise(t.data_ptr(), t.numel() * t.element_size(), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass
+
+
+def _alloc(rows: int, cols: int, huge_pages: bool) -> torch.Tensor:
+    """An uninitialised (rows, cols) float32 matrix; large ones 2 MiB aligned and advised for
+    transparent huge pages (fewer TLB misses when hopping between selected rows)."""
+    n = rows * cols
+    if not (huge_pages and sys.platform.startswith("linux") and n * 4 >= 4 * _HUGE_PAGE):
+        return torch.empty(rows, cols, dtype=torch.float32)
+    buf = torch.empty(n + _HUGE_PAGE // 4, dtype=torch.float32)
+    off = ((-buf.data_ptr()) % _HUGE_PAGE) // 4
+    t = buf[off:off + n].view(rows, cols)
+    _advise_huge(t)  # before first touch, so the pages can be huge from the start
+    return t
+
+
+class SparseMLPWeights:
+    """Gated-MLP weights laid out so each selected unit's weights are one contiguous row.
+
+    Built from ``W_gate`` (D, d), ``W_up`` (D, d), ``W_down`` (d, D) (nn.Linear convention,
+    any float dtype; stored as float32):
+
+    * ``gate_up_t`` (d, 2D): row j is ``[W_gate[:, j] | W_up[:, j]]``; views ``gate_t``/``up_t``.
+    * ``down_t`` (D, d): row i is ``W_down[:, i]``.
+    """
+
+    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
+                 huge_pages: bool = True):
+        for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+            if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+                raise ValueError(f"{name} must be a 2-D floating-point tensor")
+        D, d = w_gate.shape
+        if tuple(w_up.shape) != (D, d) or tuple(w_down.shape) != (d, D):
+            raise ValueError(f"shape mismatch: w_gate {tuple(w_gate.shape)}, w_up "
+                             f"{tuple(w_up.shape)}, w_down {tuple(w_down.shape)}; expected "
+                             f"(D, d), (D, d), (d, D)")
+        self.d, self.D = int(d), int(D)
+        with torch.no_grad():
+            self.gate_up_t = _alloc(d, 2 * D, huge_pages)
+            self.gate_up_t[:, :D].copy_(w_gate.detach().t())
+            self.gate_up_t[:, D:].copy_(w_up.detach().t())
+            self.down_t = _alloc(D, d, huge_pages)
+            self.down_t.copy_(w_down.detach().t())
+        self._scratch = threading.local()
+
+    @classmethod
+    def from_linears(cls, gate_proj: torch.nn.Linear, up_proj: torch.nn.Linear,
+                     down_proj: torch.nn.Linear, **kw) -> "SparseMLPWeights":
+        """From bias-free ``nn.Linear`` layers (e.g. a Llama/Qwen/Gemma MLP's projections)."""
+        for lin in (gate_proj, up_proj, down_proj):
+            if getattr(lin, "bias", None) is not None:
+                raise ValueError("biased projections are not supported")
+        return cls(gate_proj.weight, up_proj.weight, down_proj.weight, **kw)
+
+    @property
+    def gate_t(self) -> torch.Tensor:
+        """(d, D) view: row j = W_gate[:, j]."""
+        return self.gate_up_t[:, :self.D]
+
+    @property
+    def up_t(self) -> torch.Tensor:
+        """(d, D) view: row j = W_up[:, j]."""
+        return self.gate_up_t[:, self.D:]
+
+    def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_gate, W_up, W_down) as transposed views of the stored layout (no copy)."""
+        return self.gate_t.t(), self.up_t.t(), self.down_t.t()
+
+    @property
+    def nbytes(self) -> int:
+        return (self.gate_up_t.numel() + self.down_t.numel()) * 4
+
+    def bytes_read(self, k_in: int, k_out: int) -> int:
+        """Weight bytes one token reads at these k (the memory traffic the kernel streams)."""
+        return (min(k_in, self.d) * 2 * self.D + min(k_out, self.D) * self.d) * 4
+
+    def _buffers(self):
+        s = self._scratch
+        if getattr(s, "gu", None) is None:
+            s.gu = torch.empty(2 * self.D, dtype=torch.float32)
+            s.h = torch.empty(self.D, dtype=torch.float32)
+            s.coef = torch.empty(max(self.d, self.D), dtype=torch.float32)
+            s.idx_in = torch.empty(self.d, dtype=torch.int64)
+            s.idx_out = torch.empty(self.D, dtype=torch.int64)
+        return s
+
+    def __repr__(self) -> str:
+        return f"SparseMLPWeights(d={self.d}, D={self.D}, float32, {self.nbytes / 2**20:.1f} MiB)"
+
+
+# --------------------------------------------------------------------------- selection
+
+def _select_topk_abs_torch(v: torch.Tensor, k: int) -> torch.Tensor:
+    v = v.reshape(-1)
+    n = v.numel()
+    k = _check_k(k, n, "k")
+    if k >= n:
+        return torch.arange(n, dtype=torch.int64)
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64)
+    order = torch.sort(v.abs(), descending=True, stable=True).indices[:k]
+    return order.sort().values
+
+
+def select_topk_abs(v: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Tensor:
+    """Ascending int64 indices of the k largest |v| (ties: lower index first; NaN largest)."""
+    v = v.reshape(-1)
+    n = v.numel()
+    k = _check_k(k, n, "k")
+    lib = _use_native(backend)
+    if lib is None:
+        return _select_topk_abs_torch(v, k)
+    v32 = v.detach().to(torch.float32).contiguous()
+    out = torch.empty(k, dtype=torch.int64)
+    got = lib.ds_topk_abs(v32.data_ptr(), n, k, out.data_ptr())
+    if got != k:
+        raise MemoryError("ds_topk_abs failed")
+    return out
+
+
+# --------------------------------------------------------------------------- kernels
+
+def gather_gemv(Wt: torch.Tensor, idx: torch.Tensor, coeffs: torch.Tensor, *,
+                out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """``sum_i coeffs[i] * Wt[idx[i], :]`` reading only the rows ``idx`` (no gathered copy).
+
+    ``Wt`` is a float32 (n, m) matrix with contiguous rows (``Wt.stride(1) == 1``; any row
+    stride).  ``idx`` are row indices (any order, repeats allowed; ascending is fastest),
+    ``coeffs`` their weights.  Returns a float32 (m,) tensor (written into ``out`` if given).
+    """
+    if Wt.dim() != 2 or Wt.dtype != torch.float32:
+        raise ValueError("Wt must be a 2-D float32 tensor")
+    if Wt.stride(1) != 1 and Wt.shape[1] > 1:
+        raise ValueError("Wt rows must be contiguous (Wt.stride(1) == 1); store the transpose")
+    n, m = Wt.shape
+    idx = idx.detach().reshape(-1).to(torch.int64).contiguous()
+    coeffs = coeffs.detach().reshape(-1).to(torch.float32).contiguous()
+    if idx.numel() != coeffs.numel():
+        raise ValueError(f"idx has {idx.numel()} entries but coeffs has {coeffs.numel()}")
+    if out is None:
+        out = torch.empty(m, dtype=torch.float32)
+    elif out.shape != (m,) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape ({m},)")
+    lib = _use_native(backend)
+    if lib is None:
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise IndexError(f"row index out of range for Wt with {n} rows")
+        out.copy_(coeffs @ Wt.index_select(0, idx) if idx.numel() else torch.zeros(m))
+        return out
+    rc = lib.ds_gather_gemv(Wt.data_ptr(), n, max(Wt.stride(0), 1), m, idx.data_ptr(),
+                            coeffs.data_ptr(), idx.numel(), out.data_ptr(),
+                            max(1, torch.get_num_threads()))
+    if rc != 0:
+        raise IndexError(f"row index out of range for Wt with {n} rows")
+    return out
+
+
+def _sparse_token_torch(w: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int, act: str):
+    s_in = _select_topk_abs_torch(x, k_in)
+    gu = x.index_select(0, s_in) @ w.gate_up_t.index_select(0, s_in)
+    if s_in.numel() == 0:
+        gu = torch.zeros(2 * w.D)
+    h = _act_torch(gu[:w.D], act) * gu[w.D:]
+    s_out = _select_topk_abs_torch(h, k_out)
+    y = h.index_select(0, s_out) @ w.down_t.index_select(0, s_out)
+    if s_out.numel() == 0:
+        y = torch.zeros(w.d)
+    return y, s_in, s_out
+
+
+def _sparse_token_native(lib, w: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int,
+                         act: str, want_idx: bool):
+    b = w._buffers()
+    nthreads = max(1, torch.get_num_threads())
+    y = torch.empty(w.d, dtype=torch.float32)
+    idx_in = torch.empty(k_in, dtype=torch.int64) if want_idx else b.idx_in
+    idx_out = torch.empty(k_out, dtype=torch.int64) if want_idx else b.idx_out
+    # [gate | up] pre-activations from the selected input rows only
+    got = lib.ds_select_gemv(x.data_ptr(), w.d, k_in, w.gate_up_t.data_ptr(),
+                             w.gate_up_t.stride(0), 2 * w.D, idx_in.data_ptr(),
+                             b.coef.data_ptr(), b.gu.data_ptr(), nthreads)
+    if got != k_in:
+        raise MemoryError("ds_select_gemv failed")
+    # the activation runs in torch, bit-identical to the references (selection of S_out
+    # depends on it, e.g. on which saturated GELU/SiLU values round to exactly 0)
+    torch.mul(_act_torch(b.gu[:w.D], act), b.gu[w.D:], out=b.h)
+    got = lib.ds_select_gemv(b.h.data_ptr(), w.D, k_out, w.down_t.data_ptr(), w.down_t.stride(0),
+                             w.d, idx_out.data_ptr(), b.coef.data_ptr(), y.data_ptr(), nthreads)
+    if got != k_out:
+        raise MemoryError("ds_select_gemv failed")
+    return y, idx_in, idx_out
+
+
+def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int,
+               act: str = "silu", *, return_indices: bool = False, backend: str = "auto"):
+    """DIP gated MLP on one token (``x`` of shape (d,) or (1, d)); rows of (T, d) one by one.
+
+    ``k_in`` / ``k_out`` are clamped to d / D (``k = d, D`` is the dense MLP; ``k = 0`` gives 0).
+    ``act``: "silu" (= "swish"), "gelu_tanh" (= "gelu_pytorch_tanh", "gelu_new") or "gelu" (erf).
+    Returns ``y`` shaped like ``x`` (float32), or ``(y, S_in, S_out)`` with ascending int64
+    index tensors (lists of them when T > 1) if ``return_indices``.
+    ``backend``: "auto" (kernel if it built, else torch), "native" (kernel or error), "torch".
+    """
+    if not isinstance(weights, SparseMLPWeights):
+        raise TypeError("weights must be a SparseMLPWeights")
+    _act_code(act)  # validate early
+    if x.shape[-1] != weights.d or x.dim() not in (1, 2):
+        raise ValueError(f"x must have shape ({weights.d},) or (T, {weights.d}), "
+                         f"got {tuple(x.shape)}")
+    k_in = _check_k(k_in, weights.d, "k_in")
+    k_out = _check_k(k_out, weights.D, "k_out")
+    lib = _use_native(backend)
+    xd = x.detach()
+    if xd.dtype != torch.float32:
+        xd = xd.to(torch.float32)
+    if x.dim() == 1 or x.shape[0] == 1:  # the decode fast path: one token
+        xt = xd.reshape(weights.d)
+        if not xt.is_contiguous():
+            xt = xt.contiguous()
+        if lib is None:
+            y, s_in, s_out = _sparse_token_torch(weights, xt, k_in, k_out, act)
+        else:
+            y, s_in, s_out = _sparse_token_native(lib, weights, xt, k_in, k_out, act,
+                                                  return_indices)
+        if x.dim() == 2:
+            y = y.unsqueeze(0)
+        return (y, s_in, s_out) if return_indices else y
+    ys, s_ins, s_outs = [], [], []
+    for t in range(xd.shape[0]):
+        y, s_in, s_out = sparse_mlp(weights, xd[t], k_in, k_out, act, return_indices=True,
+                                    backend=backend)
+        ys.append(y)
+        s_ins.append(s_in)
+        s_outs.append(s_out)
+    y = torch.stack(ys)
+    return (y, s_ins, s_outs) if return_indices else y
+
+
+# --------------------------------------------------------------------------- references
+
+def dense_mlp_reference(W_gate: torch.Tensor, W_up: torch.Tensor, W_down: torch.Tensor,
+                        x: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """The unpruned gated MLP: ``W_down (act(W_gate x) * (W_up x))`` (plain torch)."""
+    return F.linear(_act_torch(F.linear(x, W_gate), act) * F.linear(x, W_up), W_down)
+
+
+def masked_dense_reference(W_gate: torch.Tensor, W_up: torch.Tensor, W_down: torch.Tensor,
+                           x: torch.Tensor, k_in: int, k_out: int, act: str = "silu", *,
+                           return_indices: bool = False):
+    """DIP by masking in plain dense torch: zero all but the top-k_in |x|, run the dense
+    up/gate products, zero all but the top-k_out |h|, run the dense down product.
+
+    Same selection rule as :func:`sparse_mlp` (ties -> lower index).  x: (d,) or (1, d)."""
+    d, D = W_gate.shape[1], W_gate.shape[0]
+    xv = x.reshape(-1)
+    if xv.numel() != d:
+        raise ValueError("masked_dense_reference takes a single token")
+    s_in = _select_topk_abs_torch(xv, k_in)
+    xm = torch.zeros_like(xv)
+    xm[s_in] = xv[s_in]
+    h = _act_torch(F.linear(xm, W_gate), act) * F.linear(xm, W_up)
+    s_out = _select_topk_abs_torch(h, k_out)
+    hm = torch.zeros_like(h)
+    hm[s_out] = h[s_out]
+    y = F.linear(hm, W_down).reshape(x.shape[:-1] + (W_down.shape[0],))
+    return (y, s_in, s_out) if return_indices else y
+
+
+# --------------------------------------------------------------------------- budgets
+
+def dip_keep_split(keep: float) -> tuple[float, float]:
+    """DIP's (up_keep, down_keep) for a weight-read fraction ``keep``:
+    up = sigmoid(0.9849930711 logit(keep) + 0.2997647759), down = 3 (keep - 2/3 up), clipped,
+    so that 2/3 up + 1/3 down = keep (up/gate are 2/3 of the MLP bytes)."""
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be in [0, 1], got {keep}")
+    if keep >= 1.0:
+        return 1.0, 1.0
+    if keep <= 0.0:
+        return 0.0, 0.0
+    z = 0.9849930711 * math.log(keep / (1.0 - keep)) + 0.2997647759
+    up = 1.0 / (1.0 + math.exp(-z))
+    down = min(1.0, max(0.0, 3.0 * (keep - 2.0 / 3.0 * up)))
+    return up, down
+
+
+def keep_to_k(keep: float, n: int) -> int:
+    """Number of units kept out of n at fraction keep (floor, as the rest of dipstream does)."""
+    return max(0, min(n, int(keep * n)))
+

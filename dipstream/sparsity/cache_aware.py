@@ -1,0 +1,94 @@
+"""DIP-CA: DIP whose top-k choice is nudged toward units already cached in DRAM.
+
+Per layer and hook (up/gate inputs, down inputs) a simulated DRAM cache is stepped token by token
+(closed loop: the mask depends on the cache, the cache on earlier masks). In a teacher-forced
+window a layer's scores for all tokens are known at once, so the layer scans its tokens in order,
+picking each mask from the cache state and updating the cache, then applies all masks in
+parallel. Several windows (batch rows) each get their own cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dipstream.errors import DipstreamError
+from dipstream.simulator.cache_aware import cache_aware_select
+from dipstream.simulator.policies import make_policy
+from dipstream.sparsity.base import register
+from dipstream.sparsity.methods import DIP
+
+
+@register
+class DIPCA(DIP):
+    """DIP with cache-aware masking: scores of uncached units (outside the protected top-n0) are
+    multiplied by gamma_t before the same top-k; the byte budget is DIP's."""
+
+    name = "dip-ca"
+    summary = "DIP with cache-aware masking (gamma re-weighting toward DRAM-cached units)"
+    reads = "as DIP, with the choice moved toward cached up/gate and down columns"
+
+    def __init__(self, density=1.0, options=None):
+        super().__init__(density, options)
+        g = self.options.gamma
+        if not 0.0 <= g <= 1.0:
+            raise DipstreamError(f"--gamma {g} is outside [0, 1]; 1 is plain DIP, smaller prefers cached units")
+        if not 0.0 <= self.options.n0_frac <= 1.0:
+            raise DipstreamError(f"--n0-frac {self.options.n0_frac} is outside [0, 1]")
+        self.capacity: dict[str, int] | None = None
+        self.policy = "lru"
+        self.policy_kwargs: dict = {}
+        self._caches: dict[str, object] = {}
+        self._pos: dict[str, int] = {}
+        self._bt = (1, 1)
+
+    def configure_cache(self, capacity: dict[str, int], policy: str = "lru", **policy_kwargs) -> None:
+        """Cache capacity in units per hook name ('layers.i.in' / 'layers.i.out') and the policy."""
+        if policy in ("belady", "hot"):
+            raise DipstreamError(f"dip-ca steers its masks by the live cache, which policy '{policy}' "
+                                 "cannot provide here; use lru, lfu, window or none")
+        self.capacity, self.policy, self.policy_kwargs = dict(capacity), policy, policy_kwargs
+        self.reset()
+
+    def reset(self):
+        self._caches.clear()
+        self._pos.clear()
+
+    def mlp(self, layer, p, x, batch_shape):
+        self._bt = (batch_shape[0], batch_shape[1]) if len(batch_shape) == 2 else (1, x.shape[0])
+        return super().mlp(layer, p, x, batch_shape)
+
+    def _cache(self, hook: str, rows: int, n_units: int):
+        c = self._caches.get(hook)
+        if c is None:
+            if self.capacity is None:
+                raise DipstreamError("dip-ca needs a simulated DRAM cache: run it with `dipstream "
+                                     "simulate` (or call configure_cache) ")
+            c = make_policy(self.policy, **self.policy_kwargs).init(rows, n_units, self.capacity[hook])
+            self._caches[hook], self._pos[hook] = c, 0
+        return c
+
+    def _scan(self, hook: str, scores: torch.Tensor, k: int) -> torch.Tensor:
+        B, T = self._bt
+        n = scores.shape[-1]
+        cache = self._cache(hook, B, n)
+        s = scores.view(B, T, n)
+        out = torch.empty(B, T, n, dtype=torch.bool)
+        n0 = int(self.options.n0_frac * k)
+        t0 = self._pos[hook]
+        for t in range(T):
+            cached = torch.from_numpy(cache.cached())
+            m = cache_aware_select(s[:, t], k, cached, self.options.gamma, n0, t0 + t)
+            cache.step(m.numpy())
+            out[:, t] = m
+        self._pos[hook] = t0 + T
+        return out.view(B * T, n)
+
+    def select_in(self, layer, scores):
+        return self._scan(f"layers.{layer}.in", scores, self.keeps.k_in(layer, scores.shape[-1]))
+
+    def select_out(self, layer, scores):
+        return self._scan(f"layers.{layer}.out", scores, self.keeps.k_out(layer, scores.shape[-1]))
+
+    def describe(self):
+        return {**super().describe(), "gamma": self.options.gamma, "n0_frac": self.options.n0_frac,
+                "policy": self.policy}

@@ -1,0 +1,63 @@
+"""Record the per-token masks of any method as a simulator mask trace.
+
+A method's `Selection` is turned into hooks (units sharing one mask index):
+- up/gate input columns -> `layers.i.in` (unit: a column of W_up and of W_gate, 2D weights);
+- a neuron mask shared by some of up rows, gate rows and down columns -> `layers.i.neuron`
+  (unit: those vectors, d weights each) or, when it masks down columns only, `layers.i.out`.
+Linears a method reads densely get no hook: the simulator treats them as static weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dipstream.sparsity.base import Selection
+
+
+def selection_hooks(layer: int, sel: Selection, d: int, D: int) -> list[tuple[str, str, int, int, torch.Tensor]]:
+    """[(name, kind, n_units, unit_weights, masks (N, n_units))] of one layer's selection."""
+    hooks = []
+    if sel.up_cols is not None or sel.gate_cols is not None:
+        cols = [m for m in (sel.up_cols, sel.gate_cols) if m is not None]
+        if len(cols) == 2 and cols[0] is not cols[1]:
+            raise ValueError("up and gate column masks differ: no shared unit to record")
+        hooks.append((f"layers.{layer}.in", "in", d, len(cols) * D, cols[0]))
+    neuron = [m for m in (sel.up_rows, sel.gate_rows, sel.down_cols) if m is not None]
+    if neuron:
+        if any(m is not neuron[0] for m in neuron):
+            raise ValueError("neuron masks of up/gate rows and down columns differ")
+        if len(neuron) == 1 and sel.down_cols is not None:
+            hooks.append((f"layers.{layer}.out", "out", D, d, neuron[0]))
+        else:
+            hooks.append((f"layers.{layer}.neuron", "neuron", D, len(neuron) * d, neuron[0]))
+    return hooks
+
+
+class MaskRecorder:
+    """Observer for `SparseModel.observers` that keeps every hook's masks bit-packed."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        self.d, self.D = d_model, d_ff
+        self.specs: dict[str, tuple[str, int, int]] = {}
+        self.chunks: dict[str, list[np.ndarray]] = {}
+
+    def __call__(self, layer: int, sel: Selection, x: torch.Tensor) -> None:
+        for name, kind, n, uw, m in selection_hooks(layer, sel, self.d, self.D):
+            self.specs[name] = (kind, n, uw)
+            self.chunks.setdefault(name, []).append(np.packbits(m.numpy(), axis=1, bitorder="little"))
+
+    def n_tokens(self) -> int:
+        first = next(iter(self.chunks.values()), [])
+        return sum(c.shape[0] for c in first)
+
+    def trace(self, seq_starts, prompt_len, metadata: dict):
+        """The recorded masks as a `MaskTrace` (hooks in layer order)."""
+        from dipstream.simulator.trace import Hook, MaskTrace
+
+        hooks = []
+        for name, (kind, n, uw) in self.specs.items():
+            packed = np.concatenate(self.chunks[name])
+            masks = np.unpackbits(packed, axis=1, count=n, bitorder="little").astype(bool)
+            hooks.append(Hook(name, kind, n, uw, masks))
+        return MaskTrace(hooks, np.asarray(seq_starts), np.asarray(prompt_len), metadata)

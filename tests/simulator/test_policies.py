@@ -1,0 +1,223 @@
+"""Cache policies: hand-worked sequences and properties against a naive reference."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from dipstream.simulator import make_policy
+from naive import naive_run
+
+N = 6
+# Shared hand example: capacity 3, masks per token
+SEQ = [{0, 1}, {1, 2}, {3}, {0, 4}, {2}]
+
+
+def as_mask(s, n=N):
+    m = np.zeros((1, n), bool)
+    m[0, list(s)] = True
+    return m
+
+
+def run(pol, seq, n=N):
+    """(cached set after each step, hits per step)."""
+    after, hits = [], []
+    for s in seq:
+        _, h = pol.step(as_mask(s, n))
+        hits.append(int(h[0]))
+        after.append(set(np.nonzero(pol.cached()[0])[0].tolist()))
+    return after, hits
+
+
+def test_lru_hand():
+    # t0 {0,1}: empty cache, no eviction -> {0,1}
+    # t1 {1,2}: hit 1; unused {0}; n_ev = min(1, 2+1-3) = 0 -> {0,1,2}
+    # t2 {3}: unused {0,1,2}; n_ev = min(3, 1+3-3) = 1; stamps 0:0 1:1 2:1 -> evict 0 -> {1,2,3}
+    # t3 {0,4}: unused {1,2,3}; n_ev = min(3, 2+3-3) = 2; stamps 1:1 2:1 3:2 -> evict 1,2
+    # t4 {2}: unused {0,3,4}; n_ev = 1; stamps 0:3 3:2 4:3 -> evict 3 -> {0,2,4}
+    after, hits = run(make_policy("lru").init(1, N, 3), SEQ)
+    assert after == [{0, 1}, {0, 1, 2}, {1, 2, 3}, {0, 3, 4}, {0, 2, 4}]
+    assert hits == [0, 1, 0, 0, 0]
+
+
+def test_lfu_hand():
+    # counts after t1: 0:1 1:2 2:1
+    # t2 {3}: evict 1 of {0,1,2}; lowest counts 0 and 2 tie at 1 -> lowest index 0 -> {1,2,3}
+    # t3 {0,4}: evict 2 of {1,2,3}; counts 1:2 2:1 3:1 -> evict 2,3 -> {0,1,4}
+    # t4 {2}: evict 1 of {0,1,4}; counts 0:2 1:2 4:1 -> evict 4 -> {0,1,2}
+    after, hits = run(make_policy("lfu").init(1, N, 3), SEQ)
+    assert after == [{0, 1}, {0, 1, 2}, {1, 2, 3}, {0, 1, 4}, {0, 1, 2}]
+    assert hits == [0, 1, 0, 0, 0]
+
+
+def test_belady_hand():
+    # t2 {3}: evict 1 of {0,1,2}; next uses 0:t3 1:never 2:t4 -> evict 1 -> {0,2,3}
+    # t3 {0,4}: hit 0; unused {2,3}; n_ev = min(2, 2+2-3) = 1; next 2:t4 3:never -> evict 3
+    # t4 {2}: hit 2; unused {0,4}; n_ev = min(2, 1+2-3) = 0
+    masks = np.stack([as_mask(s) for s in SEQ])
+    after, hits = run(make_policy("belady").init(1, N, 3, future=masks), SEQ)
+    assert after == [{0, 1}, {0, 1, 2}, {0, 2, 3}, {0, 2, 4}, {0, 2, 4}]
+    assert hits == [0, 1, 0, 1, 1]
+
+
+def test_window_hand():
+    # capacity 5 never binds; k=2 keeps the units of the last 2 tokens only
+    # t2: LRU keeps {0,1,2,3}; window {1,2} | {3} -> {1,2,3}
+    # t3: {1,2,3} | {0,4}; window {3} | {0,4} -> {0,3,4}
+    # t4: window {0,4} | {2} -> {0,2,4}
+    after, hits = run(make_policy("window", k=2).init(1, N, 5), SEQ)
+    assert after == [{0, 1}, {0, 1, 2}, {1, 2, 3}, {0, 3, 4}, {0, 2, 4}]
+    assert hits == [0, 1, 0, 0, 0]
+
+
+def test_hot_hand():
+    # capacity 3, fraction 0.5 -> floor(1.5) = 1 hot unit: the most frequent, unit 2;
+    # LRU over the other units with capacity 3 - 1 = 2
+    # t0 {0,1}: hit 0 -> lru {0,1}           cached {0,1,2}
+    # t1 {1,2}: hit 1 (lru) + 1 (hot) -> lru part {1}: no eviction -> {0,1}
+    # t2 {3}: lru unused {0,1}; n_ev = min(2, 1+2-2) = 1 -> evict 0 -> {1,3}
+    # t3 {0,4}: n_ev = min(2, 2+2-2) = 2 -> {0,4}
+    # t4 {2}: hot hit; lru mask empty, n_ev = 0
+    pol = make_policy("hot", fraction=0.5).init(1, N, 3, frequency=[[5, 1, 9, 0, 0, 0]])
+    assert set(np.nonzero(pol.cached()[0])[0]) == {2}
+    after, hits = run(pol, SEQ)
+    assert after == [{0, 1, 2}, {0, 1, 2}, {1, 2, 3}, {0, 2, 4}, {0, 2, 4}]
+    assert hits == [0, 2, 0, 0, 1]
+
+
+def test_none_caches_nothing():
+    after, hits = run(make_policy("none").init(1, N, 3), SEQ)
+    assert after == [set()] * 5 and hits == [0] * 5
+
+
+def test_mask_larger_than_capacity():
+    # cap 1: t0 {0,1,2} inserted whole (n_ev = min(0, .) = 0) -> exceeds capacity
+    # t1 {1,5}: hit 1; unused {0,2}; n_ev = min(2, 2+2-1) = 2 -> cache = the mask {1,5}
+    after, hits = run(make_policy("lru").init(1, N, 1), [{0, 1, 2}, {1, 5}])
+    assert after == [{0, 1, 2}, {1, 5}] and hits == [0, 1]
+
+
+def test_first_token_all_misses_and_repeat_all_hits():
+    pol = make_policy("lru").init(2, 100, 60)
+    m = np.zeros((2, 100), bool)
+    m[0, :30], m[1, 50:90] = True, True
+    sel, hit = pol.step(m)
+    assert sel.tolist() == [30, 40] and hit.tolist() == [0, 0]
+    sel, hit = pol.step(m)
+    assert hit.tolist() == [30, 40]
+
+
+def test_reset_and_rows():
+    pol = make_policy("lru").init(2, N, 3)
+    pol.step(np.stack([as_mask({0})[0], as_mask({1})[0]]))
+    pol.reset(rows=[0])
+    assert pol.cached()[0].sum() == 0 and pol.cached()[1, 1]
+    pol.reset()
+    assert not pol.cached().any()
+
+
+def test_unknown_policy():
+    with pytest.raises(ValueError, match="available: none, lru"):
+        make_policy("fifo")
+
+
+POLS = ["none", "lru", "lfu", "window", "belady", "hot"]
+
+
+@st.composite
+def cases(draw):
+    H = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 150))
+    T = draw(st.integers(1, 10))
+    seed = draw(st.integers(0, 2 ** 31))
+    rng = np.random.default_rng(seed)
+    dens = rng.random(H)[None, :, None]
+    masks = rng.random((T, H, n)) < dens
+    if draw(st.booleans()):  # temporally correlated variant
+        masks = np.logical_xor.accumulate(rng.random((T, H, n)) < dens / 3, axis=0)
+    caps = rng.integers(0, n + 3, H)
+    freq = rng.integers(0, 4, (H, n))
+    return masks, caps, freq
+
+
+def make(pol, H, n, caps, masks, freq):
+    kw = {"k": 3} if pol == "window" else {}
+    return make_policy(pol, **kw).init(H, n, caps, future=masks, frequency=freq)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases())
+def test_matches_naive_and_invariants(case):
+    masks, caps, freq = case
+    T, H, n = masks.shape
+    for pol in POLS:
+        p = make(pol, H, n, caps, masks, freq)
+        got = []
+        for t in range(T):
+            before = p.cached()
+            sel, hit = p.step(masks[t])
+            # hits + misses = selected units
+            assert (sel == masks[t].sum(1)).all()
+            assert (hit == (masks[t] & before).sum(1)).all()
+            after = p.cached()
+            if pol != "none":
+                assert after[masks[t]].all()  # the whole mask is inserted
+            size = after.sum(1)
+            big = size > np.maximum(caps, 0)
+            # only a token whose mask alone exceeds capacity overfills (then cache == mask)
+            # (hot: the cache is hot units + an LRU part sized for the rest)
+            if pol != "hot":
+                assert (after[big] == masks[t][big]).all()
+            got.append(before)
+        for h in range(H):
+            hot = ()
+            if pol == "hot":
+                nh = min(int(np.floor(0.5 * caps[h])), n)
+                hot = set(np.argsort(-freq[h], kind="stable")[:nh].tolist())
+            ref, _, _ = naive_run(pol, [set(np.nonzero(masks[t, h])[0].tolist())
+                                        for t in range(T)], int(caps[h]), k=3, hot=hot)
+            for t in range(T):
+                assert set(np.nonzero(got[t][h])[0].tolist()) == ref[t], (pol, h, t)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases())
+def test_belady_dominates(case):
+    masks, caps, freq = case
+    T, H, n = masks.shape
+    total = {}
+    for pol in ("lru", "lfu", "belady", "window"):
+        p = make(pol, H, n, caps, masks, freq)
+        total[pol] = sum(p.step(masks[t])[1] for t in range(T))
+    assert (total["belady"] >= total["lru"]).all()
+    assert (total["belady"] >= total["lfu"]).all()
+    assert (total["belady"] >= total["window"]).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(cases())
+def test_row_subset_stepping_equals_batched(case):
+    masks, caps, freq = case
+    T, H, n = masks.shape
+    for pol in ("lru", "lfu", "window", "hot"):
+        a, b = make(pol, H, n, caps, masks, freq), make(pol, H, n, caps, masks, freq)
+        for t in range(T):
+            a.step(masks[t])
+        for h in reversed(range(H)):  # hook-major: one row through all tokens
+            for t in range(T):
+                b.step(masks[t, h], rows=[h])
+        assert (a.cached() == b.cached()).all(), pol
+
+
+def test_belady_ignores_the_next_sequence():
+    # sequence A = tokens 0-1, sequence B = token 2; capacity 2
+    # t1 {2}: unused {0,1}; n_ev = min(2, 1+2-2) = 1. Within A neither 0 nor 1 is used again
+    # (both "never") -> evict the lowest index, 0 -> {1,2}. Unit 0's use at t2 (sequence B)
+    # must not count.
+    seq = [{0, 1}, {2}, {0}]
+    masks = np.stack([as_mask(s) for s in seq])
+    pol = make_policy("belady").init(1, N, 2, future=masks, seq_starts=[0, 2])
+    after, _ = run(pol, seq[:2])
+    assert after[1] == {1, 2}
+    pol.reset()  # sequence B starts
+    assert not pol.cached().any()
+    _, hits = run(pol, seq[2:])
+    assert hits == [0]

@@ -1,0 +1,182 @@
+"""Placement and timing on a tiny hand-checkable model.
+
+Tiny model: L=1, d=2, D=4, V=3, one head (g=1), untied; every module at 8 bits, so
+bytes = weights: attention d^2*(2+2g)*L = 16, lm_head = embedding = d*V = 6, mlp = d*D*3*L = 24,
+kv(seq) = seq*d*2*L*g = 4*seq. DIP hooks: in (2 units of 2D = 8 bytes), out (4 units of d = 2
+bytes); together they cover the 24 MLP bytes. dram_bw 100 B/s, flash_bw 10 B/s.
+Trace: one sequence of 2 tokens, no prompt; in masks {0}, {0}; out masks {0,1}, {1,2}.
+"""
+import numpy as np
+import pytest
+
+from dipstream.simulator import (ClosedLoop, Hardware, Hook, MaskTrace, ModelShape,
+                                 dense_streaming_baseline, plan_placement, simulate,
+                                 synthetic_trace)
+
+SHAPE = ModelShape(1, 2, 4, 3, 1, 1)
+BITS = {k: 8 for k in ("mlp", "attention", "kv_cache", "lm_head", "embedding", "predictors")}
+
+
+def hw(**kw):
+    return Hardware(name="tiny", dram_bw=100, flash_bw=10, bits=BITS, **kw)
+
+
+def tiny_trace():
+    m_in = np.array([[1, 0], [1, 0]], bool)
+    m_out = np.array([[1, 1, 0, 0], [0, 1, 1, 0]], bool)
+    return MaskTrace([Hook("layers.0.in", "in", 2, 8, m_in),
+                      Hook("layers.0.out", "out", 4, 2, m_out)],
+                     metadata={"model": "tiny", "method": "dip", "density": 0.5,
+                               **SHAPE.to_dict()})
+
+
+def test_placement_capacity_split():
+    # static at seq_len 2: 16 + 6 + 6 + 4*2 = 36; DRAM 56 leaves 20 -> 10 per hook
+    # in: floor(10 / 8) = 1 unit; out: floor(10 / 2) = 5 units (more than its 4)
+    pl = plan_placement(SHAPE, hw(), tiny_trace().hooks, 56, seq_len=2)
+    assert pl.static_bytes == 36 and pl.cache_bytes == 20 and pl.overflow_bytes == 0
+    assert pl.capacity.tolist() == [1, 5]
+    # split in proportion to weights instead: in 16/24*20 = 13.33 -> 1; out 6.67/2 -> 3
+    pl = plan_placement(SHAPE, hw(), tiny_trace().hooks, 56, seq_len=2, cache_split="weights")
+    assert pl.capacity.tolist() == [1, 3]
+
+
+def test_timing_serial():
+    r = simulate(tiny_trace(), hw(), SHAPE, "lru", dram_bytes=56)
+    # token 0: in miss 1 -> 8 B Flash = 0.8 s; out miss 2 -> 4 B Flash = 0.4 s
+    # token 1: in hit -> 8 B DRAM = 0.08 s; out hit {1} 2 B DRAM 0.02 + miss {2} 2 B Flash 0.2
+    # mean sum_h t = (1.2 + 0.3) / 2 = 0.75
+    # static per token: KV at mean length (1+2)/2 = 1.5 -> 6 B; 16+6+6+6 = 34 B DRAM = 0.34 s
+    assert r.kv_len_avg == 1.5
+    assert r.t_static_s == pytest.approx(0.34)
+    assert r.t_mlp_s == pytest.approx(0.75)
+    assert r.tokens_per_s == pytest.approx(1 / 1.09)
+    # hit rate: (0/1 + 0/2 + 1/1 + 1/2) / 4
+    assert r.hit_rate == pytest.approx(0.375)
+    assert r.hit_rate_per_hook == pytest.approx([0.5, 0.25])
+    assert r.dram_bytes_per_token == pytest.approx(34 + (0 + 10) / 2)
+    assert r.flash_bytes_per_token == pytest.approx((12 + 2) / 2)
+    assert r.density_measured == pytest.approx(0.5)  # (8 + 2*2) / 24 both tokens
+    # TTFT (no prompt): first token, KV length 1: (16+6+6+4)/100 + 1.2
+    assert r.ttft_s == pytest.approx(1.52)
+    # peak occupancy after token 1: in {0} 8 B + out {0,1,2} 6 B, plus 36 B static
+    assert r.dram_used_bytes == 50
+    assert r.capacity_units == [1, 4]
+
+
+def test_timing_overlapped():
+    r = simulate(tiny_trace(), hw(overlap=True), SHAPE, "lru", dram_bytes=56)
+    # token 0: max(0, 0.8) + max(0, 0.4) = 1.2; token 1: 0.08 + max(0.02, 0.2) = 0.28
+    assert r.t_mlp_s == pytest.approx(0.74)
+    assert r.tokens_per_s == pytest.approx(1 / (0.34 + 0.74))
+
+
+def test_no_cache_all_flash():
+    r = simulate(tiny_trace(), hw(), SHAPE, "none", dram_bytes=56)
+    # every selected unit from Flash: token 0 1.2 s, token 1 0.8 + 0.4 = 1.2 s
+    assert r.hit_rate == 0 and r.t_mlp_s == pytest.approx(1.2)
+
+
+def test_static_overflow_streamed():
+    # DRAM 30 < static 36: overflow 6 B streamed from Flash every token, no cache space
+    r = simulate(tiny_trace(), hw(), SHAPE, "lru", dram_bytes=30)
+    assert r.static_overflow_bytes == 6 and r.cache_bytes == 0 and r.capacity_units == [0, 0]
+    # static per token: 34 B read, 6 from Flash (0.6 s), 28 from DRAM (0.28 s)
+    assert r.t_static_s == pytest.approx(0.88)
+    # capacity 0 under the reference rule still keeps the last mask: same hits as above
+    assert r.t_mlp_s == pytest.approx(0.75)
+
+
+def test_static_overflow_error():
+    with pytest.raises(ValueError, match=r"DRAM \(3e-08 GB\) is smaller than the static "
+                                         r"layers \(3.6e-08 GB\)"):
+        simulate(tiny_trace(), hw(stream_static_overflow=False), SHAPE, dram_bytes=30)
+
+
+def test_dram_relative_and_missing():
+    r = simulate(tiny_trace(), hw(), SHAPE, dram_bytes="1x")  # 16+6+6+24 = 52 B
+    assert r.dram_bytes == 52
+    with pytest.raises(ValueError, match="no DRAM size"):
+        simulate(tiny_trace(), hw(), SHAPE)
+
+
+def test_dense_baseline_hand():
+    # DRAM 56: static 36, 20 B left for the one layer; neuron = 3d = 6 B -> 3 of 4 resident
+    # per token: MLP 18 B DRAM (0.18 s) + 6 B Flash (0.6 s); static KV at (2+1)/2 -> 34 B
+    r = dense_streaming_baseline(SHAPE, hw(), dram_bytes=56, seq_len=2)
+    assert r.capacity_units == [3]
+    assert r.mlp_dram_bytes_per_token == 18 and r.mlp_flash_bytes_per_token == 6
+    assert r.tokens_per_s == pytest.approx(1 / (0.34 + 0.78))
+    assert r.hit_rate == pytest.approx(0.75) and r.density_measured == 1.0
+    # DRAM only for the static layers: the whole MLP streams (24 B Flash = 2.4 s)
+    r = dense_streaming_baseline(SHAPE, hw(), dram_bytes=36, seq_len=2)
+    assert r.tokens_per_s == pytest.approx(1 / (0.34 + 2.4))
+
+
+def test_roofline_and_latency_switches():
+    # compute: flops/token = 2*(16 + 6) static weights + 4*kv*d*L + 2*MLP weights used (12)
+    # token 0 -> 44 + 4*1.5*2 + 24 = 80; at 40 FLOP/s that is 2 s > I/O 1.54 s
+    r = simulate(tiny_trace(), hw(compute_flops=40), SHAPE, "lru", dram_bytes=56)
+    assert r.time_per_token_s == pytest.approx(2.0) and r.compute_bound_fraction == 1.0
+    # latency 0.1 s per read, queue depth 2: token 0 reads in 2 (one unit x up+gate), out 2
+    # -> +0.1 +0.1; token 1: out 1 read -> +0.05; mean extra (0.2 + 0.05)/2
+    r = simulate(tiny_trace(), hw(flash_read_latency_s=0.1, flash_queue_depth=2), SHAPE,
+                 "lru", dram_bytes=56)
+    assert r.t_mlp_s == pytest.approx(0.75 + 0.125)
+    r = simulate(tiny_trace(), hw(flash_read_latency_s=0.1, flash_queue_depth=2, bundle=True),
+                 SHAPE, "lru", dram_bytes=56)
+    assert r.t_mlp_s == pytest.approx(0.75 + (0.05 + 0.1 + 0.05) / 2)
+
+
+def test_prompt_ttft():
+    tr = tiny_trace()
+    tr.prompt_len = np.array([1])
+    r = simulate(tr, hw(), SHAPE, "lru", dram_bytes=56)
+    # decode statistics over token 1 only (KV length 2 -> 8 B): static 36 B = 0.36 s
+    assert r.n_tokens == 1 and r.t_static_s == pytest.approx(0.36)
+    assert r.t_mlp_s == pytest.approx(0.3)
+    # prefill of 1 token: static with KV 1 (32 B, 0.32 s) + whole MLP from Flash (2.4 s)
+    assert r.ttft_s == pytest.approx(2.72)
+
+
+SMALL = ModelShape(3, 64, 192, 100, 4, 2)
+
+
+@pytest.mark.parametrize("policy", ["none", "lru", "lfu", "window", "hot"])
+def test_closed_loop_equals_simulate(policy):
+    tr = synthetic_trace(SMALL, "dip", 0.5, n_tokens=24, seq_len=10, prompt_len=3, seed=3)
+    kw = {"frequency": tr.frequencies()} if policy == "hot" else {}
+    ref = simulate(tr, "a18", SMALL, policy, dram_bytes="0.6x", **kw).to_dict()
+    # token-major: cached() then record(masks) per token
+    loop = ClosedLoop(tr.hooks, SMALL, "a18", policy, "0.6x", seq_len=10,
+                      metadata=tr.metadata, **kw)
+    for (a, b), p in zip(tr.sequences(), tr.prompt_len):
+        loop.new_sequence(int(p))
+        for t in range(a, b):
+            loop.cached()
+            loop.record([h.masks[t] for h in tr.hooks])
+    assert loop.result().to_dict() == ref
+    # hook-major: each hook runs through a sequence before the next hook starts
+    loop = ClosedLoop(tr.hooks, SMALL, "a18", policy, "0.6x", seq_len=10,
+                      metadata=tr.metadata, **kw)
+    for (a, b), p in zip(tr.sequences(), tr.prompt_len):
+        loop.new_sequence(int(p))
+        for h in tr.hooks:
+            hs = loop.hook(h.name)
+            for t in range(a, b):
+                hs.cached()
+                hs.record(h.masks[t])
+    assert loop.result().to_dict() == ref
+
+
+def test_belady_beats_lru_on_trace():
+    tr = synthetic_trace(SMALL, "neuron", 0.3, n_tokens=40, seq_len=20, seed=1)
+    res = {p: simulate(tr, "a18", SMALL, p, dram_bytes="0.6x") for p in ("lru", "belady")}
+    assert res["belady"].hit_rate >= res["lru"].hit_rate
+    assert res["belady"].tokens_per_s >= res["lru"].tokens_per_s
+
+
+def test_result_to_dict_plain():
+    import json
+    r = simulate(tiny_trace(), hw(), SHAPE, dram_bytes=56)
+    json.dumps(r.to_dict())
