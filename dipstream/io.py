@@ -22,3 +22,26 @@ def write_json_atomic(path: str | Path, obj) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSON-lines results file; a line cut short by a crash is skipped (it is re-run)."""
+    path = Path(path)
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one finished row as a single line, flushed to disk."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())

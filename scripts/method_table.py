@@ -7,24 +7,16 @@ appends each finished row to a JSONL file (a re-run skips finished rows) and pri
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from dipstream.errors import DipstreamError
 from dipstream.experiments import EvalConfig, run_eval
+from dipstream.io import append_jsonl, read_jsonl
 
 
 def _done(path: Path) -> dict:
-    rows = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash: ignore, it is re-run
-            rows[(r["method"], r["density_requested"])] = r
-    return rows
+    return {(r["method"], r["density_requested"]): r for r in read_jsonl(path)}
 
 
 def markdown(rows: dict, methods: list[str], densities: list[float]) -> str:
@@ -61,8 +53,7 @@ def main() -> int:
                 print(f"skip {m} @ {d}: {exc}", file=sys.stderr)
                 continue
             r.pop("density_per_layer", None)
-            with out.open("a") as fh:  # one line per finished run
-                fh.write(json.dumps(r) + "\n")
+            append_jsonl(out, r)
             rows[(m, d)] = r
             print(f"{m:>8} d={d:<5} ppl={r['perplexity']:.3f} measured={r['density_measured']:.3f} "
                   f"({r['seconds']:.0f} s)", flush=True)

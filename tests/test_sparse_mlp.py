@@ -312,6 +312,7 @@ def test_fallback_when_compilation_fails(tmp_path, monkeypatch):
     bad_cc = tmp_path / "bad-cc"
     bad_cc.write_text("#!/bin/sh\necho 'error: broken compiler' >&2\nexit 1\n")
     bad_cc.chmod(0o755)
+    monkeypatch.delenv("DIPSTREAM_NATIVE", raising=False)
     try:
         for cc in ("/nonexistent/dir/cc", str(bad_cc)):
             with pytest.warns(RuntimeWarning, match="pure-torch"):
@@ -329,8 +330,8 @@ def test_fallback_when_compilation_fails(tmp_path, monkeypatch):
             warnings.simplefilter("error")  # disabled on purpose: no warning
             assert _native.load(force=True) is None
     finally:
-        monkeypatch.delenv("DIPSTREAM_NATIVE", raising=False)
-        _native.load(force=True, quiet=True)  # back to this machine's normal state
+        monkeypatch.undo()  # the environment as it was, then the kernel state it implies
+        _native.load(force=True, quiet=True)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -69,20 +69,27 @@ def _sim(fn, *args, **kwargs):
         raise DipstreamError(str(exc)) from None
 
 
-def simulate_trace(trace, shape, sim: SimConfig) -> dict:
-    """Simulate a trace and the dense-streaming baseline on the same device; figures and ratios."""
+def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512) -> dict:
+    """Simulate a trace and the dense-streaming baseline on the same device; figures and ratios.
+    `trace=None` (a dense run) reports the baseline for both."""
     from dipstream.simulator import dense_streaming_baseline, load_hardware, simulate
 
     hw = _sim(load_hardware, sim.hardware)
-    res = _sim(simulate, trace, hw, shape, policy=sim.policy, dram_bytes=sim.dram, **_policy_kwargs(sim))
-    base = _sim(dense_streaming_baseline, shape, hw, sim.dram, seq_len=res.seq_len,
-                kv_len_avg=res.kv_len_avg)
-    r, b = res.to_dict(), base.to_dict()
+    if trace is None:  # a dense run has no masks: it is the dense-streaming baseline itself
+        b = _sim(dense_streaming_baseline, shape, hw, sim.dram, seq_len=seq_len).to_dict()
+        r = b
+    else:
+        res = _sim(simulate, trace, hw, shape, policy=sim.policy, dram_bytes=sim.dram,
+                   **_policy_kwargs(sim))
+        b = _sim(dense_streaming_baseline, shape, hw, sim.dram, seq_len=res.seq_len,
+                 kv_len_avg=res.kv_len_avg).to_dict()
+        r = res.to_dict()
     keys = ("tokens_per_s", "ttft_s", "hit_rate", "dram_bytes_per_token", "flash_bytes_per_token",
             "dram_used_bytes", "density_measured")
     out = {k: r[k] for k in keys}
     out["hit_rate_per_layer"] = _per_layer(r["hook_names"], r["hit_rate_per_hook"])
-    out["hardware"], out["dram_bytes"], out["policy"] = hw.name, r["dram_bytes"], sim.policy
+    out["hardware"], out["dram_bytes"] = hw.name, r["dram_bytes"]
+    out["policy"] = sim.policy if trace is not None else r["policy"]
     out["dense_streaming"] = {k: b[k] for k in keys}
     out["speedup_vs_dense_streaming"] = r["tokens_per_s"] / b["tokens_per_s"]
     out["flash_bytes_ratio_vs_dense_streaming"] = r["flash_bytes_per_token"] / b["flash_bytes_per_token"] \
@@ -120,6 +127,8 @@ def _evaluate_and_record(ev: EvalConfig, sim: SimConfig, shape, progress):
     prompt = sm.stats.uncounted // n
     meta = {"model": row["model"], "method": row["method"], "density": row["density_requested"],
             **shape.to_dict()}
+    if not recorder.specs:  # dense: nothing masked
+        return row, None
     return row, recorder.trace(np.arange(n) * T, np.full(n, prompt), meta)
 
 
@@ -138,11 +147,11 @@ def run_simulate(cfg: SimulateConfig, progress: bool | None = None) -> dict:
     else:
         shape = _shape_of(ev.model)
         row, trace = _evaluate_and_record(ev, sim, shape, progress)
-        if sim.save_trace:
+        if sim.save_trace and trace is not None:
             from dipstream.simulator import save_trace
 
             save_trace(trace, sim.save_trace)
-    row = {**row, **simulate_trace(trace, shape, sim)}
+    row = {**row, **simulate_trace(trace, shape, sim, ev.seq_len)}
     if ev.json:
         write_json_atomic(ev.json, row)
     return row

@@ -35,7 +35,7 @@ import torch
 
 __all__ = ["load", "status", "C_SOURCE"]
 
-KERNEL_VERSION = 4
+KERNEL_VERSION = 5
 
 C_SOURCE = r"""
 /* dipstream sparse MLP kernel: fused gather-GEMV over selected rows of a row-major matrix. */
@@ -97,6 +97,7 @@ static void gg_range(const float* restrict W, int64_t ld, const int64_t* restric
 #define SERIAL_WORK (1 << 20)  /* floats to read below which one thread does it all (4 MiB) */
 #define COL_CHUNK 8192         /* max floats of a row one chunk streams */
 #define SPIN_NS 100000         /* helpers spin this long for the next job before sleeping */
+#define CHUNKS_PER_THREAD 16   /* small chunks: a preempted helper delays the end less */
 
 typedef struct {
     const float* W; int64_t ld; int64_t m;
@@ -235,7 +236,7 @@ static void gg_parallel(const float* W, int64_t ld, int64_t m, const int64_t* id
     int64_t ncol = m <= COL_CHUNK ? 1 : (m + COL_CHUNK - 1) / COL_CHUNK;
     j.col_chunk = (((m + ncol - 1) / ncol) + 15) & ~(int64_t)15;
     j.ncol = (int)((m + j.col_chunk - 1) / j.col_chunk);
-    int64_t target = 4 * (int64_t)nthreads;
+    int64_t target = CHUNKS_PER_THREAD * (int64_t)nthreads;
     int64_t nrow = (target + j.ncol - 1) / j.ncol;
     if (nrow > k / 32) nrow = k / 32;
     if (nrow < 1) nrow = 1;

@@ -106,38 +106,21 @@ def select_smallest(planes: np.ndarray, nbits: int, cand: np.ndarray, need: np.n
     need = np.asarray(need, np.int64).copy()
     sel = np.zeros_like(cand)
     v = np.zeros(cand.shape[0], np.int64)
-    # shortcut: if every row has >= need candidates with all bits >= b clear (small keys),
-    # restrict to those and skip the high bits (saves most iterations when small keys suffice)
-    if nbits > 2:
-        acc = planes[nbits - 1].copy()
-        for b in range(nbits - 2, 0, -1):
-            acc |= planes[b]
-            if b in (4, 2, 1):
-                small = cand & ~acc
-                if not (popcount(small) >= need).all():
-                    break
-                cand, nbits = small, b
     for k in range(nbits - 1, -1, -1):
-        if not need.any():
-            break
-        p = planes[k]
-        hi = cand & p
-        z = cand ^ hi  # candidates with bit k == 0
+        hi = cand & planes[k]
+        z = cand ^ hi  # candidates with bit k == 0: all taken where they fit in need
         cz = popcount(z)
         take = cz <= need
         if take.all():
             sel |= z
-            need -= cz
             cand = hi
-            v |= 1 << k
-        elif not take.any():
-            cand = z
         else:
             tk = take[:, None]
             np.bitwise_or(sel, z, out=sel, where=tk)
-            need -= np.where(take, cz, 0)
             cand = np.where(tk, hi, z)
-            v |= take.astype(np.int64) << k
-    if need.any():
-        sel |= select_lowest(cand, need)
+        need -= cz * take
+        v |= take.astype(np.int64) << k
+        if not need.any():
+            return sel, v
+    sel |= select_lowest(cand, need)
     return sel, v

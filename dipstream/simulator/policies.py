@@ -306,9 +306,9 @@ class Hot(LRU):
 
     def _core(self, M):
         nM = popcount(M)
-        hot_hit = popcount(M & self.hot)
-        _, hit = super()._core(M & ~self.hot)
-        return nM, hit + hot_hit
+        Mh = M & self.hot
+        _, hit = super()._core(M ^ Mh)
+        return nM, hit + popcount(Mh)
 
 
 class Belady(CachePolicy):
