@@ -8,7 +8,7 @@ Every round runs each variant once (interleaved, fresh random x per round); medi
 Target: >= 1.7x faster than dense at density 0.5 on the 8B shapes.
 
 Usage: python benchmarks/bench_sparse_mlp.py [--shapes smollm2,llama3-8b] [--rounds N]
-                                             [--no-gather] [--dense-hugepages]
+                                             [--no-gather] [--dense-hugepages] [--sparse-threads N]
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _timed(f):
     return time.perf_counter() - t
 
 
-def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: bool):
+def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: bool,
+                sparse_threads: int | None = None):
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     if dense_hp:  # dense weights on 2 MiB-aligned, THP-advised memory like the sparse layout
@@ -65,7 +66,7 @@ def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: 
             k_in, k_out = keep_to_k(up, d), keep_to_k(down, D)
 
             def f(k_in=k_in, k_out=k_out):
-                return sparse_mlp(w, state["x"], k_in, k_out, "silu")
+                return sparse_mlp(w, state["x"], k_in, k_out, "silu", num_threads=sparse_threads)
             variants[(split, dens)] = (f, w.bytes_read(k_in, k_out), (k_in, k_out))
     if gather:  # what torch indexing gives: gather (copy) the selected columns, then multiply
         k_in, k_out = keep_to_k(0.5, d), keep_to_k(0.5, D)
@@ -114,15 +115,19 @@ def main(argv=None):
     ap.add_argument("--no-gather", action="store_true", help="skip the torch-gather baseline")
     ap.add_argument("--dense-hugepages", action="store_true",
                     help="put the dense weights on huge-page-advised memory too")
+    ap.add_argument("--sparse-threads", type=int, default=None,
+                    help="kernel threads (default: torch.get_num_threads(), as dense uses)")
     a = ap.parse_args(argv)
     st = native_status()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; kernel: "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; sparse kernel threads "
+          f"{a.sparse_threads or torch.get_num_threads()}; kernel: "
           + (f"native C ({' '.join(st['flags'])}), caller-runs thread pool" if st["available"]
              else f"torch fallback ({st['reason']})"))
     out = {}
     for name in a.shapes.split(","):
         d, D, rounds = SHAPES[name]
-        out[name] = bench_shape(name, d, D, a.rounds or rounds, not a.no_gather, a.dense_hugepages)
+        out[name] = bench_shape(name, d, D, a.rounds or rounds, not a.no_gather, a.dense_hugepages,
+                                a.sparse_threads)
     tname, tdens, tgoal = TARGET
     if tname in out:
         for split in ("uniform", "dip"):

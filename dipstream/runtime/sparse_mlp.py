@@ -11,7 +11,11 @@ Gathering columns with torch indexing copies them and is slower than the dense p
 weights are stored transposed (:class:`SparseMLPWeights`): every selected input index is one
 contiguous row ``[gate^T row | up^T row]`` of length 2D, and every selected hidden index one
 contiguous row of ``W_down^T`` (length d).  A fused C kernel (:mod:`dipstream.runtime._native`)
-streams exactly those rows once, accumulating in cache, multi-threaded over output columns.
+streams exactly those rows once, accumulating in cache (no gathered copy).  Large products are
+split into a grid of column slices x blocks of selected rows (partial sums added in a fixed
+order) shared by the calling thread and a small helper pool (``num_threads``, default
+``torch.get_num_threads()``).  The activation between the halves runs in torch, so h (and
+hence S_out) is computed exactly like the references compute it.
 
 Selection is deterministic: the k largest |v|, ties broken by the lower index (what a stable
 descending sort gives); NaN ranks above +inf.  Index sets are returned in ascending order.
@@ -225,8 +229,13 @@ def select_topk_abs(v: torch.Tensor, k: int, *, backend: str = "auto") -> torch.
 
 # --------------------------------------------------------------------------- kernels
 
+def _threads(num_threads: int | None) -> int:
+    return max(1, int(num_threads) if num_threads is not None else torch.get_num_threads())
+
+
 def gather_gemv(Wt: torch.Tensor, idx: torch.Tensor, coeffs: torch.Tensor, *,
-                out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                out: torch.Tensor | None = None, backend: str = "auto",
+                num_threads: int | None = None) -> torch.Tensor:
     """``sum_i coeffs[i] * Wt[idx[i], :]`` reading only the rows ``idx`` (no gathered copy).
 
     ``Wt`` is a float32 (n, m) matrix with contiguous rows (``Wt.stride(1) == 1``; any row
@@ -254,7 +263,7 @@ def gather_gemv(Wt: torch.Tensor, idx: torch.Tensor, coeffs: torch.Tensor, *,
         return out
     rc = lib.ds_gather_gemv(Wt.data_ptr(), n, max(Wt.stride(0), 1), m, idx.data_ptr(),
                             coeffs.data_ptr(), idx.numel(), out.data_ptr(),
-                            max(1, torch.get_num_threads()))
+                            _threads(num_threads))
     if rc != 0:
         raise IndexError(f"row index out of range for Wt with {n} rows")
     return out
@@ -274,9 +283,8 @@ def _sparse_token_torch(w: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: 
 
 
 def _sparse_token_native(lib, w: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int,
-                         act: str, want_idx: bool):
+                         act: str, want_idx: bool, nthreads: int):
     b = w._buffers()
-    nthreads = max(1, torch.get_num_threads())
     y = torch.empty(w.d, dtype=torch.float32)
     idx_in = torch.empty(k_in, dtype=torch.int64) if want_idx else b.idx_in
     idx_out = torch.empty(k_out, dtype=torch.int64) if want_idx else b.idx_out
@@ -297,7 +305,8 @@ def _sparse_token_native(lib, w: SparseMLPWeights, x: torch.Tensor, k_in: int, k
 
 
 def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int,
-               act: str = "silu", *, return_indices: bool = False, backend: str = "auto"):
+               act: str = "silu", *, return_indices: bool = False, backend: str = "auto",
+               num_threads: int | None = None):
     """DIP gated MLP on one token (``x`` of shape (d,) or (1, d)); rows of (T, d) one by one.
 
     ``k_in`` / ``k_out`` are clamped to d / D (``k = d, D`` is the dense MLP; ``k = 0`` gives 0).
@@ -305,6 +314,7 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
     Returns ``y`` shaped like ``x`` (float32), or ``(y, S_in, S_out)`` with ascending int64
     index tensors (lists of them when T > 1) if ``return_indices``.
     ``backend``: "auto" (kernel if it built, else torch), "native" (kernel or error), "torch".
+    ``num_threads``: kernel threads (default ``torch.get_num_threads()``).
     """
     if not isinstance(weights, SparseMLPWeights):
         raise TypeError("weights must be a SparseMLPWeights")
@@ -326,14 +336,14 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
             y, s_in, s_out = _sparse_token_torch(weights, xt, k_in, k_out, act)
         else:
             y, s_in, s_out = _sparse_token_native(lib, weights, xt, k_in, k_out, act,
-                                                  return_indices)
+                                                  return_indices, _threads(num_threads))
         if x.dim() == 2:
             y = y.unsqueeze(0)
         return (y, s_in, s_out) if return_indices else y
     ys, s_ins, s_outs = [], [], []
     for t in range(xd.shape[0]):
         y, s_in, s_out = sparse_mlp(weights, xd[t], k_in, k_out, act, return_indices=True,
-                                    backend=backend)
+                                    backend=backend, num_threads=num_threads)
         ys.append(y)
         s_ins.append(s_in)
         s_outs.append(s_out)
