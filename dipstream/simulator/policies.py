@@ -347,19 +347,26 @@ class Belady(CachePolicy):
         self.g += 1
         return out
 
+    BLOCK = 8  # the next-use scan tries 8 future tokens at once
+
     def _suffix(self):
-        """S[g] = union of this sequence's masks strictly after token g."""
+        """(S, a, b): S[j] = union of this sequence's masks strictly after token a + j, for the
+        sequence [a, b) holding the clock; block unions of BLOCK tokens in ``self._blocks``."""
         i = int(np.searchsorted(self.bounds, self.g, side="right")) - 1
         a, b = int(self.bounds[i]), int(self.bounds[i + 1])
         if self._suffix_for != (a, b):
             S = np.zeros((b - a, self.H, self.W), bits.WORD)
             for j in range(b - a - 2, -1, -1):
                 np.bitwise_or(S[j + 1], self.F[a + j + 1], out=S[j])
+            nb = (b - a) // self.BLOCK
+            blk = self.F[a:a + nb * self.BLOCK].reshape(nb, self.BLOCK, self.H, self.W)
+            self._blocks = np.bitwise_or.reduce(blk, axis=1)
             self._suffix_arr, self._suffix_for = S, (a, b)
-        return self._suffix_arr[self.g - a], b
+        return self._suffix_arr, a, b
 
     def _select(self, U, need, part):
-        S, end = self._suffix()
+        S, a, end = self._suffix()
+        S = S[self.g - a]
         dead = U & ~S
         nd = popcount(dead)
         E = select_lowest(dead, np.minimum(need, nd))
@@ -371,20 +378,28 @@ class Belady(CachePolicy):
         keep = np.zeros_like(U)
         cand, s = live.copy(), self.g + 1
         while q.any():
+            j, r = divmod(s - a, self.BLOCK)
+            if r == 0 and j < len(self._blocks):  # a whole block of future tokens at once
+                f = cand & self._blocks[j]
+                cf = popcount(f)
+                if (cf <= q).all():
+                    keep |= f
+                    q = q - cf
+                    cand ^= f
+                    s += self.BLOCK
+                    continue
             f = cand & self.F[s]
             cf = popcount(f)
             fit = cf <= q
             if fit.all():
                 keep |= f
                 q = q - cf
-            else:
-                keep |= f & row_mask(fit)
-                over = ~fit
-                drop = select_lowest(f & row_mask(over), np.where(over, cf - q, 0))
-                keep |= (f & row_mask(over)) ^ drop
+                cand ^= f
+            else:  # rows whose quota ends at token s keep the highest indices of f
+                drop = select_lowest(f, np.where(fit, 0, cf - q))
+                keep |= f ^ drop
                 q = np.where(fit, q - cf, 0)
-                cand = cand & row_mask(q > 0)
-            cand ^= cand & f
+                cand = (cand ^ f) & row_mask(q > 0)
             s += 1
             if s >= end and q.any():  # cannot happen: every live unit is used again
                 raise AssertionError("belady scan ran past the sequence end")

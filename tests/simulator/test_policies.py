@@ -126,7 +126,7 @@ POLS = ["none", "lru", "lfu", "window", "belady", "hot"]
 def cases(draw):
     H = draw(st.integers(1, 3))
     n = draw(st.integers(1, 150))
-    T = draw(st.integers(1, 10))
+    T = draw(st.integers(1, 24))
     seed = draw(st.integers(0, 2 ** 31))
     rng = np.random.default_rng(seed)
     dens = rng.random(H)[None, :, None]
