@@ -45,6 +45,7 @@ def test_dip_ca_raises_hit_rate_at_equal_budget(tiny_checkpoint, text_file):
     dip = _sim(tiny_checkpoint, text_file, "dip")
     ca = _sim(tiny_checkpoint, text_file, "dip-ca", gamma=0.05)
     assert ca["density_measured"] == pytest.approx(dip["density_measured"], abs=1e-9)
+    assert ca["density_simulated"] == pytest.approx(ca["density_measured"], rel=1e-6)
     assert ca["hit_rate"] > dip["hit_rate"]
     assert ca["tokens_per_s"] > dip["tokens_per_s"]
     for row in (dip, ca):
@@ -92,3 +93,22 @@ def test_dense_run_is_the_streaming_baseline(tiny_checkpoint, text_file):
     row = _sim(tiny_checkpoint, text_file, "dense")
     assert row["speedup_vs_dense_streaming"] == 1.0
     assert row["tokens_per_s"] == row["dense_streaming"]["tokens_per_s"]
+
+
+@pytest.mark.parametrize("method,density,kind,unit", [("cats", 0.6, "neuron", 2), ("up", 0.6, "neuron", 2),
+                                                       ("glu", 0.8, "out", 1), ("griffin", 0.5, "neuron", 3),
+                                                       ("teal", 0.5, "in", None)])
+def test_every_method_records_a_trace(tiny_checkpoint, text_file, tmp_path, method, density, kind, unit):
+    from dipstream.simulator import load_trace
+
+    trace = tmp_path / "t.npz"
+    ev = EvalConfig(model=str(tiny_checkpoint), method=method, density=density, text=str(text_file),
+                    seq_len=32, tokens=62, calib_tokens=62)
+    row = run_simulate(SimulateConfig(ev, SimConfig(dram="0.6x", save_trace=str(trace))))
+    hooks = load_trace(trace).hooks
+    assert {h.kind for h in hooks} == {kind} or (kind == "in" and {h.kind for h in hooks} == {"in", "out"})
+    if unit is not None:
+        assert hooks[0].unit_weights == unit * 32  # d_model of the tiny model
+    assert row["tokens_per_s"] > 0
+    # the simulator prices exactly the weights the evaluation counted
+    assert row["density_simulated"] == pytest.approx(row["density_measured"], rel=1e-6)

@@ -86,7 +86,8 @@ def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512) -> dict:
         r = res.to_dict()
     keys = ("tokens_per_s", "ttft_s", "hit_rate", "dram_bytes_per_token", "flash_bytes_per_token",
             "dram_used_bytes", "density_measured")
-    out = {k: r[k] for k in keys}
+    out = {k: r[k] for k in keys if k != "density_measured"}
+    out["density_simulated"] = r["density_measured"]
     out["hit_rate_per_layer"] = _per_layer(r["hook_names"], r["hit_rate_per_hook"])
     out["hardware"], out["dram_bytes"] = hw.name, r["dram_bytes"]
     out["policy"] = sim.policy if trace is not None else r["policy"]

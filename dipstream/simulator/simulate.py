@@ -105,7 +105,9 @@ def plan_placement(shape: ModelShape, hardware: Hardware, hooks, dram_bytes: flo
     else:
         raise ValueError(f"cache_split must be 'hook' or 'weights', got {cache_split!r}")
     cap = np.floor(share / ub * (1 + 1e-12)).astype(np.int64)
-    rpu = np.array([1 if hardware.bundle else READS_PER_UNIT[h.kind] for h in hooks], np.int64)
+    rpu = np.array([1 if hardware.bundle else
+                    (h.unit_weights // shape.d_model if h.kind == "neuron" else READS_PER_UNIT[h.kind])
+                    for h in hooks], np.int64)
     return Placement(dram, int(seq_len), parts, static, resident, overflow, cache, ub, uw, nu,
                      cap, rpu, uncovered, float(predictor_weights), np.zeros(len(hooks), np.int64))
 
