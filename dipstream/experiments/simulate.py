@@ -19,6 +19,10 @@ class SimConfig:
         "help": "hardware preset (a18, android-ufs4, laptop) or a YAML/JSON file"})
     dram: str = field(default="0.5x", metadata={
         "help": "DRAM capacity: bytes ('4GB', '512MiB') or relative to the model's weight bytes ('0.5x')"})
+    hw_set: str | None = field(default=None, metadata={
+        "help": "override hardware fields, comma-separated, e.g. 'overlap=true,compute_flops=2e12,"
+                "flash_read_latency_s=1e-4,flash_queue_depth=8,bundle=true' (see Hardware)",
+        "metavar": "K=V,..."})
     policy: str = field(default="lru", metadata={
         "help": "cache policy: none, lru, lfu, belady, window, hot"})
     window_k: int = field(default=5, metadata={"help": "window policy: tokens whose units are kept"})
@@ -42,6 +46,21 @@ class SimulateConfig:
 
 def _policy_kwargs(sim: SimConfig) -> dict:
     return {"window": {"k": sim.window_k}, "hot": {"fraction": sim.hot_fraction}}.get(sim.policy, {})
+
+
+def hardware_of(sim: SimConfig):
+    """The Hardware of a SimConfig: preset or file, then --hw-set overrides."""
+    import yaml
+
+    from dipstream.simulator import load_hardware
+
+    overrides = {}
+    for item in filter(None, (sim.hw_set or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DipstreamError(f"--hw-set item '{item}' is not KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return _sim(load_hardware, sim.hardware, **overrides)
 
 
 def _shape_of(model: str):
@@ -72,9 +91,9 @@ def _sim(fn, *args, **kwargs):
 def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512) -> dict:
     """Simulate a trace and the dense-streaming baseline on the same device; figures and ratios.
     `trace=None` (a dense run) reports the baseline for both."""
-    from dipstream.simulator import dense_streaming_baseline, load_hardware, simulate
+    from dipstream.simulator import dense_streaming_baseline, simulate
 
-    hw = _sim(load_hardware, sim.hardware)
+    hw = hardware_of(sim)
     if trace is None:  # a dense run has no masks: it is the dense-streaming baseline itself
         b = _sim(dense_streaming_baseline, shape, hw, sim.dram, seq_len=seq_len).to_dict()
         r = b
@@ -107,7 +126,7 @@ def _per_layer(names: list[str], rates: list[float]) -> list[float]:
 
 def _evaluate_and_record(ev: EvalConfig, sim: SimConfig, shape, progress):
     """Evaluate with a mask recorder attached (and, for dip-ca, the live simulated caches)."""
-    from dipstream.simulator import hook_specs, load_hardware, plan_placement
+    from dipstream.simulator import hook_specs, plan_placement
     from dipstream.simulator.simulate import resolve_dram
     from dipstream.sparsity.recording import MaskRecorder
 
@@ -115,7 +134,7 @@ def _evaluate_and_record(ev: EvalConfig, sim: SimConfig, shape, progress):
 
     def on_attached(lm, sm, windows):
         if sm.method.name == "dip-ca":
-            hw = _sim(load_hardware, sim.hardware)
+            hw = hardware_of(sim)
             hooks = hook_specs(shape, "dip")
             plan = _sim(plan_placement, shape, hw, hooks, _sim(resolve_dram, sim.dram, hw, shape),
                         windows.input_ids.shape[1])
