@@ -61,18 +61,18 @@ def main() -> int:
     print(f"\n{a.model} on {a.hardware}, DRAM {a.dram} of the fp16 model "
           f"({rows[0]['dram_bytes'] / 1e6:.1f} MB), policy {a.policy}, {rows[0]['tokens']} tokens")
     print("| method | density (measured) | gamma | perplexity | tokens/s | hit rate | flash MB/token | "
-          "x dense streaming |")
-    print("|---|---|---|---|---|---|---|---|")
+          "DRAM used MB | x dense streaming |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| dense, streamed | 1.000 | - | {dense_ppl:.2f} | "
           f"{base['tokens_per_s']:.2f} | {base['hit_rate']:.3f} | {base['flash_bytes_per_token'] / 1e6:.2f} | "
-          f"1.00 |")
+          f"{base['dram_used_bytes'] / 1e6:.1f} | 1.00 |")
     for r in rows:
         if r["method"] == "dense":
             continue
         g = r.get("gamma", "-") if r["method"] == "dip-ca" else "-"
         print(f"| {r['method']} | {r['density_measured']:.3f} | {g} | {r['perplexity']:.2f} | "
               f"{r['tokens_per_s']:.2f} | {r['hit_rate']:.3f} | {r['flash_bytes_per_token'] / 1e6:.2f} | "
-              f"{r['speedup_vs_dense_streaming']:.2f} |")
+              f"{r['dram_used_bytes'] / 1e6:.1f} | {r['speedup_vs_dense_streaming']:.2f} |")
     return 0
 
 

@@ -9,6 +9,7 @@ from dipstream.data import load_text, make_windows
 from dipstream.experiments import EvalConfig, run_eval
 from dipstream.models import load_model
 from dipstream.sparsity import attach, build_method
+from tests.test_methods import _poison
 
 pytestmark = pytest.mark.real
 
@@ -44,13 +45,7 @@ def test_dip_skips_weights_on_real_model(smollm2):
     try:
         with torch.inference_mode():
             ref = model(input_ids=ids).logits
-        poisoned = 0
-        with torch.no_grad():
-            for layer, p in enumerate(sm.parts):
-                for name, w in (("up", p.up_weight), ("gate", p.gate_weight), ("down", p.down_weight)):
-                    unneeded = ~sels[layer].needed(name, tuple(w.shape))
-                    w[unneeded] = float("nan")
-                    poisoned += int(unneeded.sum())
+        poisoned = _poison(sm, sels)
         with torch.inference_mode():
             out = model(input_ids=ids).logits
         assert poisoned > 0.05 * sum(3 * p.d_model * p.d_ff for p in sm.parts)
