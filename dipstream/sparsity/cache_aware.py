@@ -12,10 +12,22 @@ from __future__ import annotations
 import torch
 
 from dipstream.errors import DipstreamError
-from dipstream.simulator.cache_aware import cache_aware_select
 from dipstream.simulator.policies import make_policy
 from dipstream.sparsity.base import register
 from dipstream.sparsity.methods import DIP
+from dipstream.sparsity.ops import topk_mask
+
+
+def ca_select(scores: torch.Tensor, k: int, cached: torch.Tensor, gamma: float, n0: int, t: int
+              ) -> torch.Tensor:
+    """The DIP-CA mask for one token of each row (lean form of `cache_aware_select`): the top-n0
+    scores are protected, scores of uncached units are scaled by gamma_t, then top-k.
+    gamma_t = 1 - (1 - gamma)(1 - gamma^(t/4)); when it is 1 this is DIP's top-k exactly."""
+    g = 1.0 - (1.0 - gamma) * (1.0 - gamma ** (t / 4.0))
+    if g >= 1.0:
+        return topk_mask(scores, k)
+    keep = cached | topk_mask(scores, n0)
+    return topk_mask(torch.where(keep, scores, scores * g), k)
 
 
 @register
@@ -76,8 +88,7 @@ class DIPCA(DIP):
         n0 = int(self.options.n0_frac * k)
         t0 = self._pos[hook]
         for t in range(T):
-            cached = torch.from_numpy(cache.cached())
-            m = cache_aware_select(s[:, t], k, cached, self.options.gamma, n0, t0 + t)
+            m = ca_select(s[:, t], k, torch.from_numpy(cache.cached()), self.options.gamma, n0, t0 + t)
             cache.step(m.numpy())
             out[:, t] = m
         self._pos[hook] = t0 + T
