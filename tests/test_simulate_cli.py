@@ -87,6 +87,9 @@ def test_simulate_bad_input(tiny_checkpoint, text_file, tmp_path, capsys):
     bad_hw.write_text(json.dumps({"name": "x", "dram_bw": 0, "flash_bw": 1e9}))
     assert "positive" in _error([*m, "--hardware", str(bad_hw)], capsys)
     assert "not KEY=VALUE" in _error([*m, "--hw-set", "overlap"], capsys)
+    assert "smaller than the static layers" in _error(
+        [*m, "--dram", "1KB", "--hw-set", "stream_static_overflow=false"], capsys)
+    assert "dip-ca steers its masks" in _error([*m, "--method", "dip-ca", "--policy", "belady"], capsys)
     assert "unknown hardware field" in _error([*m, "--hw-set", "turbo=1"], capsys)
     trace = tmp_path / "t.npz"
     assert main([*m, "--save-trace", str(trace)]) == 0
