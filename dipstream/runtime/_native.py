@@ -13,7 +13,7 @@ Anything that goes wrong (no compiler, compile error, failed self-test) makes :f
 Environment:
     DIPSTREAM_NATIVE=0        never build or load the kernel (pure-torch path)
     DIPSTREAM_BUILD_DIR=DIR   where compiled libraries are cached
-                              (default: $XDG_CACHE_HOME/dipstream/kernels or ~/.cache/...)
+                              (default: kernels/ in dipstream's cache, $DIPSTREAM_CACHE)
     DIPSTREAM_CC=PATH         C compiler to use
 """
 
@@ -386,8 +386,9 @@ def _build_dir() -> Path:
     env = os.environ.get("DIPSTREAM_BUILD_DIR")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dipstream" / "kernels"
+    from dipstream.models.loading import cache_root
+
+    return cache_root() / "kernels"
 
 
 def _find_cc(cc: str | None) -> str | None:
