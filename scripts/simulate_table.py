@@ -32,8 +32,11 @@ def main() -> int:
     ap.add_argument("--dram", default="0.5x")
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--tokens", type=int, default=8176)
-    ap.add_argument("--out", default="results/simulate_table.jsonl")
+    ap.add_argument("--strict-capacity", action="store_true",
+                    help="caches never exceed their capacity (beyond the reference)")
+    ap.add_argument("--out", default=None, help="JSONL results (default: results/simulate_table[_strict].jsonl)")
     a = ap.parse_args()
+    a.out = a.out or f"results/simulate_table{'_strict' if a.strict_capacity else ''}.jsonl"
     done = {r["key"]: r for r in read_jsonl(a.out)}
     for method, density, gamma in RUNS:
         key = _key(method, density, gamma)
@@ -42,8 +45,9 @@ def main() -> int:
         ev = EvalConfig(model=a.model, method=method, density=density, tokens=a.tokens,
                         options=MethodOptions(gamma=gamma if gamma is not None else 0.1))
         try:
-            row = run_simulate(SimulateConfig(ev, SimConfig(hardware=a.hardware, dram=a.dram,
-                                                            policy=a.policy)), progress=False)
+            sim = SimConfig(hardware=a.hardware, dram=a.dram, policy=a.policy,
+                            strict_capacity=a.strict_capacity)
+            row = run_simulate(SimulateConfig(ev, sim), progress=False)
         except DipstreamError as exc:
             print(f"skip {key}: {exc}", file=sys.stderr)
             continue
@@ -59,7 +63,8 @@ def main() -> int:
     base = rows[0]["dense_streaming"]
     dense_ppl = done.get(_key("dense", 1.0, None), {}).get("perplexity", float("nan"))
     print(f"\n{a.model} on {a.hardware}, DRAM {a.dram} of the fp16 model "
-          f"({rows[0]['dram_bytes'] / 1e6:.1f} MB), policy {a.policy}, {rows[0]['tokens']} tokens")
+          f"({rows[0]['dram_bytes'] / 1e6:.1f} MB), policy {a.policy}"
+          f"{', strict capacity' if a.strict_capacity else ''}, {rows[0]['tokens']} tokens")
     print("| method | density (measured) | gamma | perplexity | tokens/s | hit rate | flash MB/token | "
           "DRAM used MB | x dense streaming |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -64,6 +64,11 @@ def test_trace_replay_matches_live_run(tiny_checkpoint, text_file, tmp_path, cap
     for k in ("tokens_per_s", "hit_rate", "flash_bytes_per_token", "dram_bytes_per_token"):
         assert a[k] == pytest.approx(b[k], rel=1e-12)
     assert "speed-up vs dense" in capsys.readouterr().out
+    # strict capacity never uses more DRAM than the budget and cannot hit more often
+    assert main(["simulate", *common, "--trace", str(trace), "--json", str(out2), "--strict-capacity"]) == 0
+    strict = json.loads(out2.read_text())
+    assert strict["dram_used_bytes"] <= strict["dram_bytes"] + 1e-6
+    assert strict["hit_rate"] <= a["hit_rate"]
     # overlapped DRAM and Flash reads (max instead of sum) can only be faster
     assert main(["simulate", *common, "--trace", str(trace), "--json", str(out2),
                  "--hw-set", "overlap=true"]) == 0

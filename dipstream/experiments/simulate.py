@@ -25,6 +25,9 @@ class SimConfig:
         "metavar": "K=V,..."})
     policy: str = field(default="lru", metadata={
         "help": "cache policy: none, lru, lfu, belady, window, hot"})
+    strict_capacity: bool = field(default=False, metadata={
+        "help": "(beyond the reference) caches never exceed their capacity; by default, as in the "
+                "reference, a cache keeps a whole mask even when that mask alone is larger"})
     window_k: int = field(default=5, metadata={"help": "window policy: tokens whose units are kept"})
     hot_fraction: float = field(default=0.5, metadata={
         "help": "hot policy: share of each cache pinned to the most frequent units"})
@@ -45,7 +48,8 @@ class SimulateConfig:
 
 
 def _policy_kwargs(sim: SimConfig) -> dict:
-    return {"window": {"k": sim.window_k}, "hot": {"fraction": sim.hot_fraction}}.get(sim.policy, {})
+    kw = {"window": {"k": sim.window_k}, "hot": {"fraction": sim.hot_fraction}}.get(sim.policy, {})
+    return {**kw, "strict": True} if sim.strict_capacity else kw
 
 
 def hardware_of(sim: SimConfig):

@@ -35,6 +35,7 @@ class CachePolicy:
     """Base class: mask-first update with policy-specific eviction order."""
 
     name = "base"
+    strict = False  # beyond the reference: never hold more than capacity (see make_policy)
     _row0 = ("C", "cap", "t", "ncached")  # state arrays with the hook axis first
     _row1: tuple = ()                      # state arrays with the hook axis second
 
@@ -132,6 +133,11 @@ class CachePolicy:
         self._after_evict(full, n_ev)
         self.C = U | M
         self.ncached = nU - n_ev + nM
+        if self.strict:  # the mask alone exceeds capacity: only `cap` of its units stay cached
+            over = np.maximum(self.ncached - self.cap, 0)
+            if over.any():
+                self.C ^= select_lowest(self.C, over)
+                self.ncached -= over
         self._update(M)
         self.t += 1
         return nM, hit
@@ -410,7 +416,11 @@ POLICIES = {c.name: c for c in (NoCache, LRU, LFU, Belady, Window, Hot)}
 
 
 def make_policy(name: str, **kwargs) -> CachePolicy:
-    """Policy by name: none, lru, lfu, belady, window (k=5), hot (fraction=0.5, frequency=...)."""
+    """Policy by name: none, lru, lfu, belady, window (k=5), hot (fraction=0.5, frequency=...).
+
+    ``strict=True`` (beyond the reference, lru/lfu/window): when one token's mask alone exceeds
+    a cache's capacity, only ``capacity`` of its units (the highest indices) stay cached, so
+    DRAM use never exceeds the budget; the reference keeps the whole mask."""
     if isinstance(name, CachePolicy):
         return name
     try:
@@ -418,4 +428,9 @@ def make_policy(name: str, **kwargs) -> CachePolicy:
     except KeyError:
         raise ValueError(f"unknown cache policy {name!r}; available: "
                          f"{', '.join(POLICIES)}") from None
-    return cls(**kwargs)
+    strict = bool(kwargs.pop("strict", False))
+    if strict and name in ("belady", "hot"):
+        raise ValueError(f"strict capacity is not supported by policy '{name}'; use lru, lfu or window")
+    pol = cls(**kwargs)
+    pol.strict = strict
+    return pol
