@@ -13,7 +13,6 @@ import torch
 
 from dipstream import __version__
 from dipstream.data import load_text, make_windows
-from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
 from dipstream.io import write_json_atomic
 from dipstream.models import load_model

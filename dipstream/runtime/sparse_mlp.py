@@ -366,7 +366,7 @@ def masked_dense_reference(W_gate: torch.Tensor, W_up: torch.Tensor, W_down: tor
     up/gate products, zero all but the top-k_out |h|, run the dense down product.
 
     Same selection rule as :func:`sparse_mlp` (ties -> lower index).  x: (d,) or (1, d)."""
-    d, D = W_gate.shape[1], W_gate.shape[0]
+    d = W_gate.shape[1]
     xv = x.reshape(-1)
     if xv.numel() != d:
         raise ValueError("masked_dense_reference takes a single token")

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import torch
 
 from dipstream.errors import DipstreamError
-from dipstream.models.arch import GatedMLPParts
 from dipstream.sparsity.base import Method, Selection, down_from_h, register
 from dipstream.sparsity.budget import LayerKeeps, check_density, layer_keeps
 from dipstream.sparsity.ops import linear_cols, linear_rows, topk_mask
