@@ -3,7 +3,7 @@
 Both runs go through `dipstream simulate` (mask recording included for both); the figure compared
 is the evaluation time of the windows, rounds interleaved, median taken.
 
-    python benchmarks/bench_dip_ca_overhead.py [--tokens 4088] [--rounds 2] [--batch-size 4]
+    python benchmarks/bench_dip_ca_overhead.py [--tokens 4088] [--rounds 2] [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=8 * 511)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8)
     a = ap.parse_args()
     print(f"# {a.model}, {a.tokens} tokens, batch {a.batch_size}, {platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")

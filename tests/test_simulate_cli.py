@@ -138,3 +138,6 @@ def test_lean_dip_ca_select_matches_reference_select(gamma, t):
     ours = ca_select(scores, 20, cached, gamma, 10, t)
     assert torch.equal(ours, cache_aware_select(scores, 20, cached, gamma, 10, t))
     assert (ours.sum(-1) == 20).all()
+    from dipstream.sparsity.ops import topk_mask
+
+    assert torch.equal(ca_select(scores, 20, cached, gamma, 10, t, topk_mask(scores, 10)), ours)

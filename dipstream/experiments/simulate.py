@@ -35,8 +35,9 @@ class SimConfig:
         "help": "replay this mask trace (.npz) instead of running the model", "metavar": "PATH"})
     save_trace: str | None = field(default=None, metadata={
         "help": "write the run's per-token masks to this .npz trace", "metavar": "PATH"})
-    batch_size: int = field(default=4, metadata={
-        "help": "windows evaluated together (each window keeps its own cache)"})
+    batch_size: int = field(default=8, metadata={
+        "help": "windows evaluated together (each window keeps its own cache); larger batches "
+                "amortise DIP-CA's per-token cache scan but need more memory for the logits"})
 
 
 @dataclass

@@ -18,15 +18,16 @@ from dipstream.sparsity.methods import DIP
 from dipstream.sparsity.ops import topk_mask
 
 
-def ca_select(scores: torch.Tensor, k: int, cached: torch.Tensor, gamma: float, n0: int, t: int
-              ) -> torch.Tensor:
+def ca_select(scores: torch.Tensor, k: int, cached: torch.Tensor, gamma: float, n0: int, t: int,
+              protected: torch.Tensor | None = None) -> torch.Tensor:
     """The DIP-CA mask for one token of each row (lean form of `cache_aware_select`): the top-n0
-    scores are protected, scores of uncached units are scaled by gamma_t, then top-k.
-    gamma_t = 1 - (1 - gamma)(1 - gamma^(t/4)); when it is 1 this is DIP's top-k exactly."""
+    scores (`protected`, computed here when not given) keep their value, scores of uncached units
+    are scaled by gamma_t, then top-k. gamma_t = 1 - (1 - gamma)(1 - gamma^(t/4)); when it is 1
+    this is DIP's top-k exactly."""
     g = 1.0 - (1.0 - gamma) * (1.0 - gamma ** (t / 4.0))
     if g >= 1.0:
         return topk_mask(scores, k)
-    keep = cached | topk_mask(scores, n0)
+    keep = cached | (topk_mask(scores, n0) if protected is None else protected)
     return topk_mask(torch.where(keep, scores, scores * g), k)
 
 
@@ -87,8 +88,10 @@ class DIPCA(DIP):
         out = torch.empty(B, T, n, dtype=torch.bool)
         n0 = int(self.options.n0_frac * k)
         t0 = self._pos[hook]
+        protected = topk_mask(scores, n0).view(B, T, n)  # depends on scores only: all tokens at once
         for t in range(T):
-            m = ca_select(s[:, t], k, torch.from_numpy(cache.cached()), self.options.gamma, n0, t0 + t)
+            m = ca_select(s[:, t], k, torch.from_numpy(cache.cached()), self.options.gamma, n0, t0 + t,
+                          protected[:, t])
             cache.step(m.numpy())
             out[:, t] = m
         self._pos[hook] = t0 + T
