@@ -32,6 +32,7 @@ def main() -> int:
     ap.add_argument("--dram", default="0.5x")
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--tokens", type=int, default=8176)
+    ap.add_argument("--batch-size", type=int, default=4, help="windows per forward (README tables: 4)")
     ap.add_argument("--strict-capacity", action="store_true",
                     help="caches never exceed their capacity (beyond the reference)")
     ap.add_argument("--out", default=None, help="JSONL results (default: results/simulate_table[_strict].jsonl)")
@@ -46,7 +47,7 @@ def main() -> int:
                         options=MethodOptions(gamma=gamma if gamma is not None else 0.1))
         try:
             sim = SimConfig(hardware=a.hardware, dram=a.dram, policy=a.policy,
-                            strict_capacity=a.strict_capacity)
+                            strict_capacity=a.strict_capacity, batch_size=a.batch_size)
             row = run_simulate(SimulateConfig(ev, sim), progress=False)
         except DipstreamError as exc:
             print(f"skip {key}: {exc}", file=sys.stderr)
