@@ -162,15 +162,14 @@ def run_simulate(cfg: SimulateConfig, progress: bool | None = None) -> dict:
     sim, ev = cfg.sim, cfg.eval
     if sim.batch_size < 1:
         raise DipstreamError(f"--batch-size {sim.batch_size} must be at least 1")
+    shape = _shape_of(ev.model)
     if sim.trace:
         from dipstream.simulator import load_trace
 
         trace = _sim(load_trace, sim.trace)
-        shape = _shape_of(ev.model)
         row = {"model": ev.model, "method": trace.metadata.get("method"),
                "density_requested": trace.metadata.get("density"), "trace": sim.trace}
     else:
-        shape = _shape_of(ev.model)
         row, trace = _evaluate_and_record(ev, sim, shape, progress)
         if sim.save_trace and trace is not None:
             from dipstream.simulator import save_trace

@@ -91,6 +91,11 @@ class Method:
         return {"method": self.name, "density_requested": self.density}
 
 
+def sequence_dims(batch_shape: tuple[int, ...], n_tokens: int) -> tuple[int, int]:
+    """(sequences B, tokens per sequence T) of a method call's flattened tokens."""
+    return (batch_shape[0], batch_shape[1]) if len(batch_shape) == 2 else (1, n_tokens)
+
+
 def down_from_h(p: GatedMLPParts, h: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
     """The down projection of h reading only the selected columns of W_down."""
     return linear_cols(h, p.down_weight, p.down_bias, cols)

@@ -13,7 +13,7 @@ import torch
 
 from dipstream.errors import DipstreamError
 from dipstream.simulator.policies import make_policy
-from dipstream.sparsity.base import register
+from dipstream.sparsity.base import register, sequence_dims
 from dipstream.sparsity.methods import DIP
 from dipstream.sparsity.ops import topk_mask
 
@@ -67,7 +67,7 @@ class DIPCA(DIP):
         self._pos.clear()
 
     def mlp(self, layer, p, x, batch_shape):
-        self._bt = (batch_shape[0], batch_shape[1]) if len(batch_shape) == 2 else (1, x.shape[0])
+        self._bt = sequence_dims(batch_shape, x.shape[0])
         return super().mlp(layer, p, x, batch_shape)
 
     def _cache(self, hook: str, rows: int, n_units: int):

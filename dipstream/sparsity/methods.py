@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dipstream.errors import DipstreamError
-from dipstream.sparsity.base import Method, Selection, down_from_h, register
+from dipstream.sparsity.base import Method, Selection, down_from_h, register, sequence_dims
 from dipstream.sparsity.budget import LayerKeeps, check_density, layer_keeps
 from dipstream.sparsity.ops import linear_cols, linear_rows, topk_mask
 
@@ -277,7 +277,7 @@ class Griffin(Method):
         self.sets.clear()
 
     def mlp(self, layer, p, x, batch_shape):
-        B, T = (batch_shape[0], batch_shape[1]) if len(batch_shape) == 2 else (1, x.shape[0])
+        B, T = sequence_dims(batch_shape, x.shape[0])
         if T == 1 and layer in self.sets:  # decoding after a prompt pass: read only the set
             rows = self.sets[layer]
             h = p.act(linear_rows(x, p.gate_weight, p.gate_bias, rows)) * \

@@ -47,10 +47,6 @@ class MaskRecorder:
             self.specs[name] = (kind, n, uw)
             self.chunks.setdefault(name, []).append(np.packbits(m.numpy(), axis=1, bitorder="little"))
 
-    def n_tokens(self) -> int:
-        first = next(iter(self.chunks.values()), [])
-        return sum(c.shape[0] for c in first)
-
     def trace(self, seq_starts, prompt_len, metadata: dict):
         """The recorded masks as a `MaskTrace` (hooks in layer order)."""
         from dipstream.simulator.trace import Hook, MaskTrace
