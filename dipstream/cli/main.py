@@ -46,6 +46,25 @@ def cmd_simulate(ns) -> int:
     return 0
 
 
+_FINETUNE_KEYS = ("perplexity_dense", "perplexity_before", "perplexity_after", "perplexity_dense_with_adapter",
+                  "gap_recovered", "density_measured", "recall_at_k", "steps_done", "stopped_early",
+                  "adapter_weights", "adapter_file_bytes", "predictor_weights", "train_seconds",
+                  "seconds_this_run")
+
+
+def cmd_finetune(ns) -> int:
+    from dipstream.training import FinetuneConfig, run_finetune
+
+    row = run_finetune(from_namespace(FinetuneConfig, ns))
+    print(f"{row['model']} {row['method']} @ {row['density_requested']} -> {row['out']}"
+          + (f" ({row['resumed']})" if row.get("resumed") else ""))
+    for key in _FINETUNE_KEYS:
+        if row.get(key) is not None:
+            val = row[key]
+            print(f"{key:>30}: {val:.4f}" if isinstance(val, float) else f"{key:>30}: {val}")
+    return 0
+
+
 def cmd_models(ns) -> int:
     from dipstream.models.loading import BUILTIN_MODELS, cache_root
 
@@ -60,9 +79,11 @@ def cmd_models(ns) -> int:
 def cmd_methods(ns) -> int:
     from dipstream.sparsity import METHODS
 
+    width = max(map(len, METHODS))
     for name, cls in METHODS.items():
         calib = " [calibrated]" if cls.needs_calibration else ""
-        print(f"{name:<8} {cls.summary}{calib}\n{'':<8}   reads: {cls.reads}")
+        trained = " [trained: dipstream finetune]" if getattr(cls, "needs_predictors", False) else ""
+        print(f"{name:<{width}} {cls.summary}{calib}{trained}\n{'':<{width}}   reads: {cls.reads}")
     return 0
 
 
@@ -80,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="perplexity plus simulated tokens/s, memory and hit rate")
     add_dataclass_args(p, SimulateConfig)
     p.set_defaults(func=cmd_simulate)
+    from dipstream.training import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="recover accuracy with LoRA, fine-tune dReLU, or train predictors",
+                       description="Train LoRA adapters for a sparse method (cross-entropy or distillation "
+                       "from the dense model), a dReLU/ReLUfied model, or predictors (--method predictor). "
+                       "Writes an adapter folder (--out) for `eval`/`simulate --adapter`; re-running resumes. "
+                       "Perplexity is measured on --tokens eval tokens (default 8176).")
+    add_dataclass_args(p, FinetuneConfig)
+    p.set_defaults(func=cmd_finetune)
     sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
     sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
     return parser

@@ -26,10 +26,11 @@ class PerplexityResult:
 
 def window_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token negative log-likelihood (nats) of each window (B,)."""
+    input_ids = input_ids.to(model.device)
     logits = model(input_ids=input_ids).logits.float()
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1),
                           reduction="none")
-    return nll.view(input_ids.shape[0], -1).sum(-1)
+    return nll.view(input_ids.shape[0], -1).sum(-1).cpu()
 
 
 def perplexity(model, windows: Windows, on_window=None, progress: bool | None = None,

@@ -45,15 +45,36 @@ class EvalConfig:
         "metavar": "PATH"})
     save_thresholds: str | None = field(default=None, metadata={
         "help": "also write the calibrated thresholds to this JSON file", "metavar": "PATH"})
+    adapter: str | None = field(default=None, metadata={
+        "help": "apply the LoRA adapters / predictors of this `dipstream finetune` output folder",
+        "metavar": "DIR"})
     json: str | None = field(default=None, metadata={
         "help": "write the result as one JSON object to this file", "metavar": "PATH"})
     options: MethodOptions = field(default_factory=MethodOptions)
 
 
+def machine() -> str:
+    """Where a run ran, for results rows."""
+    return f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+
+
+def _adapter_identity(folder: str | None) -> list | None:
+    """Path and modification times of an adapter folder's files: thresholds calibrated with one
+    adapter are not reused with another (or a retrained one)."""
+    if not folder:
+        return None
+    from pathlib import Path
+
+    files = sorted(p for p in Path(folder).expanduser().iterdir() if p.is_file())
+    return [str(Path(folder).expanduser().resolve())] + [[p.name, p.stat().st_mtime_ns] for p in files
+                                                         if p.suffix == ".safetensors"]
+
+
 def _calibration_key(cfg: EvalConfig, name: str) -> str:
     blob = json.dumps({"v": __version__, "model": name, "method": cfg.method, "density": cfg.density,
                        "corpus": cfg.corpus, "seq_len": cfg.seq_len, "calib": cfg.calib_tokens,
-                       "opts": asdict(cfg.options)}, sort_keys=True)
+                       "opts": asdict(cfg.options), "adapter": _adapter_identity(cfg.adapter)},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -85,6 +106,11 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1,
     before evaluation (to add observers or simulated caches). Returns (results row, SparseModel)."""
     method = build_method(cfg.method, cfg.density, cfg.options)  # fail fast on bad input
     lm = load_model(cfg.model)
+    adapter = {}
+    if cfg.adapter:
+        from dipstream.training.artifacts import apply_adapter
+
+        adapter = apply_adapter(lm, cfg.adapter, method)
     text = load_text(path=cfg.text, split="all") if cfg.text else load_text(cfg.corpus, "eval")
     windows = make_windows(lm.tokenizer, text, cfg.seq_len, cfg.tokens, lm.info.max_positions)
     sm = attach(lm.model, method)
@@ -107,7 +133,7 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1,
         "dense_prompt_tokens": stats.uncounted, "seconds": res.seconds,
         "corpus": cfg.text or cfg.corpus, "density_per_layer": stats.per_layer("mlp"),
         "dipstream": __version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}", **extra,
+        "machine": machine(), **adapter, **extra,
     }
     return row, sm
 

@@ -139,10 +139,12 @@ def _evaluate_and_record(ev: EvalConfig, sim: SimConfig, shape, progress):
 
     def on_attached(lm, sm, windows):
         if sm.method.name == "dip-ca":
+            from dipstream.models.adapters import count_lora_weights
+
             hw = hardware_of(sim)
             hooks = hook_specs(shape, "dip")
             plan = _sim(plan_placement, shape, hw, hooks, _sim(resolve_dram, sim.dram, hw, shape),
-                        windows.input_ids.shape[1])
+                        windows.input_ids.shape[1], adapter_weights=count_lora_weights(lm.model))
             sm.method.configure_cache({h.name: int(c) for h, c in zip(hooks, plan.capacity)},
                                       sim.policy, **_policy_kwargs(sim))
         sm.observers.append(recorder)
@@ -151,7 +153,8 @@ def _evaluate_and_record(ev: EvalConfig, sim: SimConfig, shape, progress):
     n, T = row["windows"], ev.seq_len
     prompt = sm.stats.uncounted // n
     meta = {"model": row["model"], "method": row["method"], "density": row["density_requested"],
-            **shape.to_dict()}
+            "predictor_weights": row.get("predictor_weights", 0),
+            "adapter_weights": row.get("adapter_weights", 0), **shape.to_dict()}
     if not recorder.specs:  # dense: nothing masked
         return row, None
     return row, recorder.trace(np.arange(n) * T, np.full(n, prompt), meta)

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from dipstream.errors import DipstreamError
+from dipstream.models.adapters import LoraView, lora_view
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class ArchSpec:
     down: str              # down projection name
     fused_gate_up: str | None = None  # fused [gate; up] projection (Phi-3): first half gate
     act_attrs: tuple[str, ...] = ("hidden_act",)  # config fields naming the activation, in order
+    attn: str = "self_attn"  # attribute of a block holding the attention
+    attn_proj: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 _LLAMA = ArchSpec("model.layers", "mlp", "gate_proj", "up_proj", "down_proj")
@@ -34,7 +37,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "smollm3": _LLAMA,
-    "phi3": ArchSpec("model.layers", "mlp", None, None, "down_proj", fused_gate_up="gate_up_proj"),
+    "phi3": ArchSpec("model.layers", "mlp", None, None, "down_proj", fused_gate_up="gate_up_proj",
+                     attn_proj=("qkv_proj", "o_proj")),
     "gemma": _GEMMA,
     "gemma2": _GEMMA,
     "gemma3": _GEMMA,
@@ -65,7 +69,8 @@ def _get(obj, dotted: str):
 class GatedMLPParts:
     """The weights of one gated MLP block, viewed generically (no copies).
 
-    gate_weight/up_weight: (D, d) views; down_weight: (d, D); biases may be None.
+    gate_weight/up_weight: (D, d) views; down_weight: (d, D); biases may be None. The *_lora fields
+    are live views of peft LoRA adapters on those linears (None without adapters).
     """
 
     path: str
@@ -78,6 +83,9 @@ class GatedMLPParts:
     down_bias: torch.Tensor | None
     act: nn.Module
     act_name: str
+    gate_lora: LoraView | None = None
+    up_lora: LoraView | None = None
+    down_lora: LoraView | None = None
 
     @property
     def d_model(self) -> int:
@@ -117,13 +125,15 @@ def mlp_parts(model: nn.Module) -> list[GatedMLPParts]:
             gb = ub = None
             if fused.bias is not None:
                 gb, ub = fused.bias[:D], fused.bias[D:]
+            gl, ul = lora_view(fused, slice(0, D)), lora_view(fused, slice(D, 2 * D))
         else:
             g, u = getattr(mlp, spec.gate), getattr(mlp, spec.up)
             gw, uw, gb, ub = g.weight, u.weight, g.bias, u.bias
+            gl, ul = lora_view(g), lora_view(u)
         parts.append(GatedMLPParts(
             path=f"{spec.layers}.{i}.{spec.mlp}", module=mlp, gate_weight=gw, up_weight=uw,
             down_weight=down.weight, gate_bias=gb, up_bias=ub, down_bias=down.bias, act=act,
-            act_name=act_name))
+            act_name=act_name, gate_lora=gl, up_lora=ul, down_lora=lora_view(down)))
     return parts
 
 

@@ -1,6 +1,6 @@
 """Trace-driven DRAM/Flash simulator (reference semantics: methods.md section 5).
 
-Placement: static layers (attention, embedding, lm_head - once if tied -, predictors, MLP
+Placement: static layers (attention, embedding, lm_head - once if tied -, predictors, LoRA adapters, MLP
 weights no hook covers, KV cache at the full ``seq_len``) take DRAM first; what is left is split
 uniformly across the hooks' caches (``cache_split="hook"``; ``"weights"`` splits it in
 proportion to each hook's weights instead); per hook, capacity = floor(share / unit bytes).
@@ -55,6 +55,7 @@ class Placement:
     reads_per_unit: np.ndarray
     uncovered_mlp_weights: float
     predictor_weights: float
+    adapter_weights: float
     fixed_reads: np.ndarray = None  # Flash reads per token per hook when any unit misses
 
 
@@ -68,7 +69,7 @@ def resolve_dram(dram_bytes, hardware: Hardware, shape: ModelShape) -> float:
 
 def plan_placement(shape: ModelShape, hardware: Hardware, hooks, dram_bytes: float,
                    seq_len: int, predictor_weights: float = 0,
-                   cache_split: str = "hook") -> Placement:
+                   cache_split: str = "hook", adapter_weights: float = 0) -> Placement:
     """Static placement and per-hook cache capacities (see module docstring)."""
     b = {k: v / 8 for k, v in hardware.bits.items()}
     hooks = list(hooks)
@@ -83,6 +84,7 @@ def plan_placement(shape: ModelShape, hardware: Hardware, hooks, dram_bytes: flo
              "lm_head": shape.lm_head_weights() * b["lm_head"],
              "embedding": 0.0 if shape.tied_embeddings else shape.embedding_weights() * b["embedding"],
              "predictors": predictor_weights * b["predictors"],
+             "adapters": adapter_weights * b["adapters"],
              "mlp_uncovered": uncovered * b["mlp"],
              "kv_cache": shape.kv_cache_weights(seq_len) * b["kv_cache"]}
     static = float(sum(parts.values()))
@@ -109,7 +111,8 @@ def plan_placement(shape: ModelShape, hardware: Hardware, hooks, dram_bytes: flo
                     (h.unit_weights // shape.d_model if h.kind == "neuron" else READS_PER_UNIT[h.kind])
                     for h in hooks], np.int64)
     return Placement(dram, int(seq_len), parts, static, resident, overflow, cache, ub, uw, nu,
-                     cap, rpu, uncovered, float(predictor_weights), np.zeros(len(hooks), np.int64))
+                     cap, rpu, uncovered, float(predictor_weights), float(adapter_weights),
+                     np.zeros(len(hooks), np.int64))
 
 
 @dataclass
@@ -168,7 +171,7 @@ class _Timing:
     def __init__(self, shape: ModelShape, hw: Hardware, plan: Placement):
         self.shape, self.hw, self.plan = shape, hw, plan
         self.static_w = (shape.attention_weights() + shape.lm_head_weights()
-                         + plan.predictor_weights + plan.uncovered_mlp_weights)
+                         + plan.predictor_weights + plan.adapter_weights + plan.uncovered_mlp_weights)
 
     def static_io(self, kv_len: float, prefill: bool = False):
         """(DRAM bytes, Flash bytes) of the static layers for one token at KV length kv_len
@@ -177,7 +180,7 @@ class _Timing:
         emb = p["embedding"]
         if hw.embedding_lookup and not s.tied_embeddings:
             emb = min(emb, (kv_len if prefill else 1) * s.d_model * hw.bits["embedding"] / 8)
-        total = (p["attention"] + p["lm_head"] + emb + p["predictors"] + p["mlp_uncovered"]
+        total = (p["attention"] + p["lm_head"] + emb + p["predictors"] + p["adapters"] + p["mlp_uncovered"]
                  + s.kv_cache_weights(kv_len) * hw.bits["kv_cache"] / 8)
         flash = self.plan.overflow_bytes
         return max(0.0, total - flash), flash
@@ -319,7 +322,7 @@ class ClosedLoop:
     """
 
     def __init__(self, hooks, shape, hardware, policy="lru", dram_bytes=None, seq_len=2048,
-                 cache_split="hook", reset_per_sequence=True, predictor_weights=0,
+                 cache_split="hook", reset_per_sequence=True, predictor_weights=0, adapter_weights=0,
                  metadata=None, future=None, future_seq_starts=None, frequency=None,
                  **policy_kwargs):
         self.hw = load_hardware(hardware)
@@ -331,7 +334,7 @@ class ClosedLoop:
         self.policy_name = policy if isinstance(policy, str) else policy.name
         dram = resolve_dram(dram_bytes, self.hw, self.shape)
         self.plan = plan_placement(self.shape, self.hw, self.hooks, dram, seq_len,
-                                   predictor_weights, cache_split)
+                                   predictor_weights, cache_split, adapter_weights)
         self.timing = _Timing(self.shape, self.hw, self.plan)
         self.reset_per_sequence = reset_per_sequence
         groups = {}
@@ -497,6 +500,7 @@ def simulate(trace: MaskTrace, hardware, shape=None, policy="lru", dram_bytes=No
         kw["future_seq_starts"] = trace.seq_starts if reset_per_sequence else None
     loop = ClosedLoop(trace.hooks, shape, hw, policy, dram_bytes, seq_len, cache_split,
                       reset_per_sequence, trace.metadata.get("predictor_weights", 0),
+                      trace.metadata.get("adapter_weights", 0),
                       trace.metadata, **kw)
     groups = loop.future_groups or [trace.packed_group(ix) for ix in loop.group_index]
     for (a, b), p in zip(seqs, trace.prompt_len):

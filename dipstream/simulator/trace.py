@@ -5,7 +5,7 @@ In memory a ``MaskTrace`` holds
 * ``metadata``: dict with at least ``model``, ``method``, ``density`` (requested) and the
   ``ModelShape`` fields (``n_layers``, ``d_model``, ``d_ff``, ``vocab``, ``n_heads``,
   ``n_kv_heads``, ``tied_embeddings``); optional ``predictor_weights`` (weights of
-  predictors kept in DRAM, e.g. DejaVu).
+  predictors kept in DRAM, e.g. DejaVu) and ``adapter_weights`` (LoRA adapters kept in DRAM).
 * ``hooks``: list of ``Hook(name, kind, n_units, unit_weights, masks)``; ``masks`` is bool
   (T, n_units), True = unit read for that token. Kinds (unit = one mask index):
 

@@ -38,9 +38,10 @@ class DensityStats:
         fr = sel.fractions()
         counted = sel.counted
         if counted is not None:
+            counted = counted.cpu()
             self.uncounted += int((~counted).sum()) if layer == 0 else 0
         for k in self.sums:
-            v = fr[k].double()
+            v = fr[k].double().cpu()
             if v.dim() == 0:
                 v = v.expand(n_tokens)
             if counted is not None:

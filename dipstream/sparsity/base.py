@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dipstream.models.arch import GatedMLPParts
-from dipstream.sparsity.ops import linear_cols
+from dipstream.sparsity.ops import part_linear
 
 LINEARS = ("up", "gate", "down")
 
@@ -97,8 +97,8 @@ def sequence_dims(batch_shape: tuple[int, ...], n_tokens: int) -> tuple[int, int
 
 
 def down_from_h(p: GatedMLPParts, h: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
-    """The down projection of h reading only the selected columns of W_down."""
-    return linear_cols(h, p.down_weight, p.down_bias, cols)
+    """The down projection of h (adapters included) reading only the selected columns of W_down."""
+    return part_linear(p, "down", h, cols=cols)
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -13,7 +13,7 @@ import torch
 from dipstream.errors import DipstreamError
 from dipstream.sparsity.base import Method, Selection, down_from_h, register, sequence_dims
 from dipstream.sparsity.budget import LayerKeeps, check_density, layer_keeps
-from dipstream.sparsity.ops import linear_cols, linear_rows, topk_mask
+from dipstream.sparsity.ops import part_linear, topk_mask
 
 
 @dataclass
@@ -97,8 +97,7 @@ class DIP(_KeepsMethod):
 
     def mlp(self, layer, p, x, batch_shape):
         m_in = self.select_in(layer, x.abs())
-        h = p.act(linear_cols(x, p.gate_weight, p.gate_bias, m_in)) * \
-            linear_cols(x, p.up_weight, p.up_bias, m_in)
+        h = p.act(part_linear(p, "gate", x, cols=m_in)) * part_linear(p, "up", x, cols=m_in)
         m_out = self.select_out(layer, h.abs())
         return down_from_h(p, h, m_out), Selection(up_cols=m_in, gate_cols=m_in, down_cols=m_out)
 
@@ -201,10 +200,10 @@ class CATS(Calibrated, Method):
         self.init_thresholds(len(parts))
 
     def mlp(self, layer, p, x, batch_shape):
-        a = p.act(torch.nn.functional.linear(x, p.gate_weight, p.gate_bias))
+        a = p.act(part_linear(p, "gate", x))
         s = a.abs()
         m = s > self.threshold("t", layer, s, self.keep)
-        h = a * linear_rows(x, p.up_weight, p.up_bias, m)
+        h = a * part_linear(p, "up", x, rows=m)
         return down_from_h(p, h, m), Selection(up_rows=m, down_cols=m)
 
 
@@ -224,8 +223,7 @@ class GLU(Method):
         self.k = int(round(self.keep * parts[0].d_ff))
 
     def mlp(self, layer, p, x, batch_shape):
-        h = p.act(torch.nn.functional.linear(x, p.gate_weight, p.gate_bias)) * \
-            torch.nn.functional.linear(x, p.up_weight, p.up_bias)
+        h = p.act(part_linear(p, "gate", x)) * part_linear(p, "up", x)
         m = topk_mask(h.abs(), self.k)
         return down_from_h(p, h, m), Selection(down_cols=m)
 
@@ -246,9 +244,9 @@ class UpPruning(Method):
         self.k = int(round(self.keep * parts[0].d_ff))
 
     def mlp(self, layer, p, x, batch_shape):
-        u = torch.nn.functional.linear(x, p.up_weight, p.up_bias)
+        u = part_linear(p, "up", x)
         m = topk_mask(u.abs(), self.k)
-        h = p.act(linear_rows(x, p.gate_weight, p.gate_bias, m)) * u * m
+        h = p.act(part_linear(p, "gate", x, rows=m)) * u * m
         return down_from_h(p, h, m), Selection(gate_rows=m, down_cols=m)
 
 
@@ -280,12 +278,10 @@ class Griffin(Method):
         B, T = sequence_dims(batch_shape, x.shape[0])
         if T == 1 and layer in self.sets:  # decoding after a prompt pass: read only the set
             rows = self.sets[layer]
-            h = p.act(linear_rows(x, p.gate_weight, p.gate_bias, rows)) * \
-                linear_rows(x, p.up_weight, p.up_bias, rows)
+            h = p.act(part_linear(p, "gate", x, rows=rows)) * part_linear(p, "up", x, rows=rows)
             return down_from_h(p, h, rows), Selection(up_rows=rows, gate_rows=rows, down_cols=rows)
         # teacher-forced window: the prompt part needs up and gate densely anyway
-        h = p.act(torch.nn.functional.linear(x, p.gate_weight, p.gate_bias)) * \
-            torch.nn.functional.linear(x, p.up_weight, p.up_bias)
+        h = p.act(part_linear(p, "gate", x)) * part_linear(p, "up", x)
         P = max(1, int(T * self.options.prompt_frac))
         z = h.view(B, T, -1)[:, :P]
         z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)

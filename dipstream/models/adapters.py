@@ -1,0 +1,132 @@
+"""LoRA adapters (built with `peft`) seen by the sparse MLP code, and saved/loaded as a folder.
+
+`LoraView` is a live, duck-typed view of one peft LoRA layer: the masked linears of
+`dipstream.sparsity.ops` add each active adapter's term B A x to their output, feeding A the same
+masked input as the host weight (column masks read only the selected columns of A, row masks only
+the selected rows of B), so an adapter adds no dense reads. peft's own forward is used whenever the
+original (dense) MLP runs, so dense and sparse paths see the same adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dipstream.errors import DipstreamError
+
+
+@dataclass
+class LoraView:
+    """The active LoRA terms of a peft `LoraLayer`; `out` selects part of its outputs (the gate
+    or up half of a fused gate_up projection)."""
+
+    module: nn.Module
+    out: slice | None = None
+
+    def terms(self) -> list[tuple[torch.Tensor, torch.Tensor, float, nn.Module]]:
+        """[(A (r, in), B (out, r), scaling, dropout)] of the enabled adapters; empty when disabled."""
+        m = self.module
+        if getattr(m, "disable_adapters", False) or getattr(m, "merged", False):
+            return []
+        out = []
+        for name in m.active_adapters:
+            if name not in m.lora_A:
+                continue
+            if getattr(m, "use_dora", {}).get(name, False):
+                raise DipstreamError("DoRA adapters are not supported by the sparse MLP; use plain LoRA")
+            B = m.lora_B[name].weight
+            out.append((m.lora_A[name].weight, B if self.out is None else B[self.out],
+                        float(m.scaling[name]), m.lora_dropout[name]))
+        return out
+
+
+def lora_view(module: nn.Module, out: slice | None = None) -> LoraView | None:
+    """A LoraView when `module` is a peft LoRA layer, else None."""
+    return LoraView(module, out) if hasattr(module, "lora_A") and hasattr(module, "lora_B") else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter folders: peft's LoRA files plus dipstream's own description (and predictor weights).
+
+META_FILE = "dipstream_adapter.json"
+PREDICTOR_FILE = "predictor.safetensors"
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What LoRA adapters to add."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: str = "mlp"  # "mlp" or "mlp+attn"
+
+
+def target_regex(model: nn.Module, targets: str) -> str:
+    """peft `target_modules` regex of a model's MLP linears (and attention projections)."""
+    import re
+
+    from dipstream.models.arch import arch_spec
+
+    spec = arch_spec(model.config)
+    if targets not in ("mlp", "mlp+attn"):
+        raise DipstreamError(f"--lora-targets '{targets}' is not one of: mlp, mlp+attn")
+    mlp = [n for n in (spec.gate, spec.up, spec.fused_gate_up, spec.down) if n]
+    names = [f"{spec.mlp}\\.({'|'.join(mlp)})"]
+    if targets == "mlp+attn":
+        names.append(f"{spec.attn}\\.({'|'.join(spec.attn_proj)})")
+    return f"{re.escape(spec.layers)}\\.\\d+\\.({'|'.join(names)})"
+
+
+def add_lora(model: nn.Module, settings: LoraSettings):
+    """Wrap `model` (in place) with fresh LoRA adapters; returns the peft model. Only the adapters
+    are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    if settings.rank < 1:
+        raise DipstreamError(f"--lora-rank {settings.rank} must be at least 1")
+    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
+                     target_modules=target_regex(model, settings.targets))
+    return get_peft_model(model, cfg)
+
+
+def count_lora_weights(model: nn.Module) -> int:
+    """Number of LoRA adapter weights in `model` (A and B matrices of every adapter)."""
+    return sum(p.numel() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n)
+
+
+def save_lora(peft_model, folder: Path) -> None:
+    """Write peft's adapter files into `folder`, each replaced atomically."""
+    import os
+    import shutil
+    import tempfile
+
+    from peft import get_peft_model_state_dict
+
+    if any(".inner." in k for k in get_peft_model_state_dict(peft_model)):
+        raise RuntimeError("detach the sparse wrappers before saving adapters (their keys would not load)")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=folder))
+    try:
+        peft_model.save_pretrained(tmp)
+        for name in LORA_FILES:
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_lora(model: nn.Module, folder: Path):
+    """Inject the LoRA adapters saved in `folder` into `model` (in place, frozen); returns the peft
+    model. A rank or shape mismatch is a one-line error."""
+    from peft import PeftModel
+
+    try:
+        pm = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DipstreamError(f"adapter '{folder}' does not fit this model ({first[:160]}); it was "
+                             "made for another model or rank") from None
+    return pm

@@ -1,0 +1,80 @@
+"""Adapter folders written by `dipstream finetune` and applied by `eval`/`simulate --adapter`.
+
+A folder holds dipstream_adapter.json (what it was trained for, how, and the measured results),
+peft's LoRA files (adapter_config.json, adapter_model.safetensors) and/or predictor.safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from dipstream.errors import DipstreamError
+from dipstream.io import write_json_atomic
+from dipstream.models.adapters import LORA_FILES, META_FILE, PREDICTOR_FILE, count_lora_weights, load_lora
+from dipstream.models.arch import ModelInfo
+
+log = logging.getLogger(__name__)
+SHAPE_KEYS = ("model_type", "n_layers", "d_model", "d_ff", "vocab")
+
+
+def model_signature(info: ModelInfo) -> dict:
+    """The shape fields an adapter must match."""
+    return {k: getattr(info, k) for k in SHAPE_KEYS}
+
+
+def write_meta(folder: Path, meta: dict) -> None:
+    write_json_atomic(folder / META_FILE, meta)
+
+
+def read_meta(folder: str | Path) -> dict:
+    """dipstream_adapter.json of an adapter folder, or a one-line error."""
+    folder = Path(folder).expanduser()
+    path = folder / META_FILE
+    if not path.exists():
+        raise DipstreamError(f"'{folder}' is not an adapter folder written by `dipstream finetune` "
+                             f"(no {META_FILE}); give the --out folder of a finished finetune run")
+    try:
+        meta = json.loads(path.read_text())
+        assert isinstance(meta, dict) and "model" in meta
+    except (ValueError, AssertionError):
+        raise DipstreamError(f"'{path}' is corrupt; re-run the finetune that wrote it") from None
+    return meta
+
+
+def check_model(meta: dict, info: ModelInfo, folder) -> None:
+    """Refuse an adapter made for a model of another shape."""
+    sig = meta.get("model_signature", {})
+    mine = model_signature(info)
+    if sig != mine:
+        diff = ", ".join(f"{k} {sig.get(k)} vs {mine[k]}" for k in SHAPE_KEYS if sig.get(k) != mine[k])
+        raise DipstreamError(f"adapter '{folder}' was trained for model '{meta.get('model')}' of another "
+                             f"shape ({diff}); use an adapter trained for this model")
+
+
+def apply_adapter(lm, folder: str | Path, method) -> dict:
+    """Load an adapter folder into `lm.model` (LoRA injected in place) and, for the predictor
+    method, hand it the predictors. Returns the fields a results row reports."""
+    from dipstream.sparsity.predictor import load_predictors
+
+    folder = Path(folder).expanduser()
+    meta = read_meta(folder)
+    check_model(meta, lm.info, folder)
+    has_lora = all((folder / f).exists() for f in LORA_FILES)
+    n_lora = 0
+    if has_lora:
+        load_lora(lm.model, folder)
+        n_lora = count_lora_weights(lm.model)
+    n_pred = 0
+    if (folder / PREDICTOR_FILE).exists():
+        preds = load_predictors(folder / PREDICTOR_FILE, lm.info.n_layers, lm.info.d_model, lm.info.d_ff)
+        n_pred = sum(p.numel() for p in preds.parameters())
+        if getattr(method, "needs_predictors", False):
+            method.predictors = preds
+    trained_for = meta.get("method")
+    if trained_for not in (method.name, None) and {trained_for, method.name} != {"dip", "dip-ca"}:
+        log.warning("adapter '%s' was trained for method '%s'; evaluating it with '%s'", folder,
+                    trained_for, method.name)
+    return {"adapter": str(folder), "adapter_method": trained_for, "adapter_weights": n_lora,
+            "predictor_weights": n_pred}

@@ -1,0 +1,293 @@
+"""`dipstream finetune`: recover a sparse model's accuracy with LoRA (cross-entropy or distillation
+from the dense model), fine-tune a dReLU / ReLUfied model, or train DejaVu-style predictors.
+
+Every run writes an adapter folder (see `artifacts.py`), checkpoints itself atomically at each
+validation (and on Ctrl-C), and resumes from the last checkpoint when run again with the same
+--out; a finished run just reports its results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dipstream import __version__
+from dipstream.data import load_text, make_windows
+from dipstream.errors import DipstreamError
+from dipstream.evaluation import perplexity
+from dipstream.experiments.evaluate import _prepare_thresholds, machine
+from dipstream.models import load_model
+from dipstream.models.adapters import LoraSettings, add_lora, count_lora_weights, save_lora
+from dipstream.sparsity import attach, build_method
+from dipstream.training.artifacts import model_signature, write_meta
+from dipstream.training.checkpoint import load_checkpoint, save_checkpoint
+from dipstream.training.config import DEFAULT_EVAL_TOKENS, FinetuneConfig
+from dipstream.training.data import load_train_data
+from dipstream.training.memory import available_bytes, check_memory, estimate_step_bytes
+
+NOTHING_TO_TRAIN = {"dense": "dense has no sparsity to recover; fine-tune a sparse method (e.g. --method dip)"}
+
+
+def default_out(cfg: FinetuneConfig) -> Path:
+    ev = cfg.eval
+    return Path("runs") / "finetune" / f"{Path(ev.model).name}-{ev.method}-{ev.density:g}"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DipstreamError("--device cuda but no CUDA device is available; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def run_key(cfg: FinetuneConfig) -> dict:
+    """Everything that changes what a run trains (a checkpoint is resumed only under the same key)."""
+    ev, tr = cfg.eval, cfg.train
+    train = {k: v for k, v in dataclasses.asdict(tr).items() if k not in ("out", "restart", "device")}
+    return {"dipstream": __version__, "model": ev.model, "method": ev.method, "density": ev.density,
+            "options": dataclasses.asdict(ev.options), "corpus": ev.corpus, "seq_len": ev.seq_len,
+            "calib_tokens": ev.calib_tokens, "train": train}
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    ev, tr = cfg.eval, cfg.train
+    if ev.method in NOTHING_TO_TRAIN:
+        raise DipstreamError(NOTHING_TO_TRAIN[ev.method])
+    if ev.adapter:
+        raise DipstreamError("finetune trains a new adapter; --adapter is for eval and simulate")
+    for name in ("lora_rank", "val_every", "patience", "predictor_rank", "predictor_epochs", "val_tokens"):
+        if getattr(tr, name) < 1:
+            raise DipstreamError(f"--{name.replace('_', '-')} {getattr(tr, name)} must be at least 1")
+    if tr.lr <= 0 or tr.kd_temperature <= 0 or tr.act_l1 < 0 or tr.warmup_steps < 0:
+        raise DipstreamError("--lr and --kd-temperature must be positive, --act-l1 and --warmup-steps >= 0")
+    if tr.act_l1 > 0 and ev.method not in ("drelu", "relufied"):
+        raise DipstreamError(f"--act-l1 penalises ReLU activations; it applies to drelu and relufied, "
+                             f"not '{ev.method}'")
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to 10% of it at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) at `temperature` (scaled by T^2)."""
+    s = F.log_softmax(student.float() / temperature, -1).flatten(0, -2)
+    t = F.log_softmax(teacher.float() / temperature, -1).flatten(0, -2)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def ce_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+class _Run:
+    """State of one LoRA fine-tuning run (model, adapters, method, optimizer, progress)."""
+
+    def __init__(self, cfg: FinetuneConfig, out: Path, progress):
+        self.cfg, self.out, self.progress = cfg, out, progress
+        ev, tr = cfg.eval, cfg.train
+        self.device = pick_device(tr.device)
+        self.lm = load_model(ev.model)
+        self.data = load_train_data(self.lm.tokenizer, ev.corpus, tr.train_text, ev.seq_len, tr.steps,
+                                    tr.batch_size, tr.max_epochs, tr.val_tokens, tr.train_seed,
+                                    self.lm.info.max_positions)
+        text = load_text(path=ev.text, split="all") if ev.text else load_text(ev.corpus, "eval")
+        self.eval_windows = make_windows(self.lm.tokenizer, text, ev.seq_len, ev.tokens or DEFAULT_EVAL_TOKENS,
+                                         self.lm.info.max_positions)
+        torch.manual_seed(tr.train_seed)
+        self.peft = add_lora(self.lm.model, LoraSettings(tr.lora_rank, tr.lora_alpha, tr.lora_targets))
+        self.lm.model.to(self.device)
+        train_method = "dip" if ev.method == "dip-ca" else ev.method  # dip-ca adapters are DIP adapters
+        self.method = build_method(train_method, ev.density, ev.options)
+        self.sm = attach(self.lm.model, self.method)
+        self.params = [p for p in self.lm.model.parameters() if p.requires_grad]
+        need = estimate_step_bytes(self.lm.info, 0, sum(p.numel() for p in self.params), tr.batch_size,
+                                   ev.seq_len, tr.loss == "kd")
+        check_memory(need, available_bytes(self.device))
+        self.calibration = (_prepare_thresholds(dataclasses.replace(ev, method=train_method), self.lm, self.sm)
+                            if self.method.needs_calibration else {})
+        self.opt = torch.optim.AdamW(self.params, lr=tr.lr, weight_decay=tr.weight_decay)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def val_loss(self) -> float:
+        """Mean next-token CE of the sparse model with its adapters on the validation windows."""
+        self.method.reset()
+        total, n = 0.0, 0
+        with torch.inference_mode():
+            for ids in torch.split(self.data.val, max(1, self.cfg.train.batch_size)):
+                ids = ids.to(self.device)
+                self.method.reset()
+                total += float(ce_loss(self.lm.model(input_ids=ids).logits, ids)) * ids.shape[0]
+                n += ids.shape[0]
+        return total / n
+
+    def ppl(self, sparse: bool = True, adapters: bool = True) -> dict:
+        import contextlib
+
+        ctx = contextlib.ExitStack()
+        if not sparse:
+            ctx.enter_context(self.sm.dense())
+        if not adapters:
+            ctx.enter_context(self.peft.disable_adapter())
+        with ctx:
+            self.sm.stats.reset()
+            res = perplexity(self.lm.model, self.eval_windows, on_window=self.method.reset,
+                             progress=False, batch_size=1)
+        return {"perplexity": res.perplexity, "density_measured": self.sm.stats.mean("mlp") if sparse else 1.0,
+                "seconds": res.seconds}
+
+    # -- training -------------------------------------------------------------------------------
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        tr, model = self.cfg.train, self.lm.model
+        self.method.reset()
+        teacher = None
+        if tr.loss == "kd":
+            with torch.no_grad(), self.sm.dense(), self.peft.disable_adapter():
+                teacher = model(input_ids=ids).logits
+        penalise = tr.act_l1 > 0
+        if penalise:
+            self.method.penalty_terms = []
+        logits = model(input_ids=ids).logits
+        loss = ce_loss(logits, ids) if teacher is None else kd_loss(logits, teacher, tr.kd_temperature)
+        if penalise:
+            loss = loss + tr.act_l1 * torch.stack(self.method.penalty_terms).mean()
+            self.method.penalty_terms = None
+        return loss
+
+    def trainable_state(self) -> list[torch.Tensor]:
+        return [p.detach().cpu().clone() for p in self.params]
+
+    def load_trainable(self, tensors: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, t in zip(self.params, tensors):
+                p.copy_(t.to(p.device))
+
+
+def _train_lora(cfg: FinetuneConfig, out: Path, key: dict, state: dict | None, progress, on_step) -> dict:
+    tr = cfg.train
+    start = time.perf_counter()
+    run = _Run(cfg, out, progress)
+    if state is None:
+        before = run.ppl()
+        state = {"run_key": key, "step": 0, "best_val": math.inf, "bad_evals": 0, "history": [],
+                 "before": before, "train_seconds": 0.0, "best": None, "stopped_early": False}
+        state["val_before"] = run.val_loss()
+    else:
+        run.load_trainable(state["params"])
+        run.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+
+    clock = [time.perf_counter()]
+
+    def checkpoint():
+        now = time.perf_counter()
+        state["train_seconds"] += now - clock[0]
+        clock[0] = now
+        state.update(params=run.trainable_state(), optimizer=run.opt.state_dict(), rng=torch.get_rng_state())
+        save_checkpoint(out, state)
+
+    bar = tqdm(total=tr.steps, initial=state["step"], desc="finetune", disable=not progress, leave=False)
+    try:
+        while state["step"] < tr.steps and not state["stopped_early"]:
+            step = state["step"]
+            for g in run.opt.param_groups:
+                g["lr"] = lr_at(step, tr.steps, tr.lr, tr.warmup_steps)
+            loss = run.loss(run.data.batch(step, tr.batch_size).to(run.device))
+            loss.backward()
+            loss = loss.item()
+            if tr.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(run.params, tr.grad_clip)
+            run.opt.step()
+            run.opt.zero_grad(set_to_none=True)
+            state["step"] = step + 1
+            state["history"].append({"step": step + 1, "loss": loss})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if on_step is not None:
+                on_step(step + 1)
+            if state["step"] % tr.val_every == 0 or state["step"] == tr.steps:
+                val = run.val_loss()
+                state["history"][-1]["val_loss"] = val
+                if val < state["best_val"]:
+                    state.update(best_val=val, bad_evals=0, best=run.trainable_state(), best_step=state["step"])
+                else:
+                    state["bad_evals"] += 1
+                    state["stopped_early"] = state["bad_evals"] >= tr.patience
+                checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()  # nothing finished is lost
+        raise
+    finally:
+        bar.close()
+    if state.get("best") is not None:
+        run.load_trainable(state["best"])
+    after = run.ppl()
+    dense = run.ppl(sparse=False, adapters=False)
+    dense_adapted = run.ppl(sparse=False, adapters=True)
+    run.sm.detach()  # the sparse wrappers add ".inner" to module paths: save under the model's own
+    save_lora(run.peft, out)
+    n_lora = count_lora_weights(run.lm.model)
+    gap = state["before"]["perplexity"] - dense["perplexity"]
+    result = {
+        "model": run.lm.name, "method": cfg.eval.method, "trained_with": run.method.name,
+        "density_requested": cfg.eval.density, "density_measured": after["density_measured"],
+        "loss": tr.loss, "lora_rank": tr.lora_rank, "lora_alpha": tr.lora_alpha, "lora_targets": tr.lora_targets,
+        "lr": tr.lr, "steps_done": state["step"], "steps": tr.steps, "batch_size": tr.batch_size,
+        "seq_len": cfg.eval.seq_len, "train_tokens": state["step"] * tr.batch_size * (cfg.eval.seq_len - 1),
+        "stopped_early": state["stopped_early"], "best_step": state.get("best_step"),
+        "val_loss_before": state["val_before"], "best_val_loss": state["best_val"],
+        "perplexity_before": state["before"]["perplexity"], "perplexity_after": after["perplexity"],
+        "perplexity_dense": dense["perplexity"], "perplexity_dense_with_adapter": dense_adapted["perplexity"],
+        "gap_recovered": (state["before"]["perplexity"] - after["perplexity"]) / gap if gap > 0 else None,
+        "adapter_weights": n_lora, "adapter_file_bytes": (out / "adapter_model.safetensors").stat().st_size,
+        "eval_tokens": run.eval_windows.n_predicted, "train_seconds": state["train_seconds"],
+        **run.calibration,
+    }
+    return _finish(cfg, out, state, run.lm, result, start)
+
+
+def _finish(cfg, out: Path, state: dict, lm, result: dict, start: float) -> dict:
+    result.update(seconds_this_run=time.perf_counter() - start, machine=machine(), dipstream=__version__,
+                  out=str(out))
+    write_meta(out, {"model": lm.name, "model_signature": model_signature(lm.info), "method": cfg.eval.method,
+                     "density": cfg.eval.density, "config": run_key(cfg), "result": result})
+    if cfg.eval.json:
+        from dipstream.io import write_json_atomic
+
+        write_json_atomic(cfg.eval.json, result)
+    state.update(finished=True, result=result)
+    for k in ("params", "optimizer", "best"):
+        state.pop(k, None)  # the adapter files hold the weights now
+    save_checkpoint(out, state)
+    return result
+
+
+def run_finetune(cfg: FinetuneConfig, progress: bool | None = None, on_step=None) -> dict:
+    """Train (or resume, or report a finished run) and return its results row. `on_step(step)` is
+    called after every optimizer step (tests use it to simulate a crash)."""
+    import sys
+
+    _validate(cfg)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    out = Path(cfg.train.out).expanduser() if cfg.train.out else default_out(cfg)
+    key = run_key(cfg)
+    state = None if cfg.train.restart else load_checkpoint(out, key)
+    if state is not None and state.get("finished"):
+        return {**state["result"], "resumed": "already finished"}
+    if cfg.eval.method == "predictor":
+        from dipstream.training.predictor_train import train_predictors
+
+        return train_predictors(cfg, out, key, state, progress, on_step)
+    return _train_lora(cfg, out, key, state, progress, on_step)
