@@ -197,3 +197,22 @@ def test_recall_against_real_topk():
     from dipstream.sparsity.ops import topk_mask
 
     assert topk_recall(h, topk_mask(h, 10), 10) == 1.0
+
+
+def test_simulate_counts_adapter_weights_as_static_dram(finished, tiny_checkpoint, text_file):
+    from dipstream.experiments.simulate import SimConfig, SimulateConfig, run_simulate
+
+    out, row = finished
+    rows = {}
+    for adapter in (None, str(out)):
+        for method in ("dip", "dip-ca"):
+            ev = EvalConfig(model=str(tiny_checkpoint), method=method, density=0.5, text=str(text_file),
+                            seq_len=SEQ, tokens=4 * (SEQ - 1), adapter=adapter)
+            rows[adapter, method] = run_simulate(SimulateConfig(ev, SimConfig(dram="0.6x", policy="lru")))
+    plain, adapted = rows[None, "dip"], rows[str(out), "dip"]
+    assert adapted["perplexity"] == pytest.approx(row["perplexity_after"], rel=1e-5)  # batched: rounding
+    # adapters (fp16 on the a18 preset) are read from DRAM every token: more bytes, fewer tokens/s
+    extra = adapted["dram_bytes_per_token"] + adapted["flash_bytes_per_token"] \
+        - plain["dram_bytes_per_token"] - plain["flash_bytes_per_token"]
+    assert extra > 0 and adapted["tokens_per_s"] < plain["tokens_per_s"]
+    assert rows[str(out), "dip-ca"]["adapter_weights"] == row["adapter_weights"]

@@ -112,8 +112,9 @@ class _Run:
         self.method = build_method(train_method, ev.density, ev.options)
         self.sm = attach(self.lm.model, self.method)
         self.params = [p for p in self.lm.model.parameters() if p.requires_grad]
-        need = estimate_step_bytes(self.lm.info, 0, sum(p.numel() for p in self.params), tr.batch_size,
-                                   ev.seq_len, tr.loss == "kd")
+        need = estimate_step_bytes(self.lm.info, sum(p.numel() for p in self.lm.model.parameters()),
+                                   sum(p.numel() for p in self.params), tr.batch_size, ev.seq_len,
+                                   tr.loss == "kd")
         check_memory(need, available_bytes(self.device))
         self.calibration = (_prepare_thresholds(dataclasses.replace(ev, method=train_method), self.lm, self.sm)
                             if self.method.needs_calibration else {})

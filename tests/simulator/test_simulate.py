@@ -14,7 +14,7 @@ from dipstream.simulator import (ClosedLoop, Hardware, Hook, MaskTrace, ModelSha
                                  synthetic_trace)
 
 SHAPE = ModelShape(1, 2, 4, 3, 1, 1)
-BITS = {k: 8 for k in ("mlp", "attention", "kv_cache", "lm_head", "embedding", "predictors")}
+BITS = {k: 8 for k in ("mlp", "attention", "kv_cache", "lm_head", "embedding", "predictors", "adapters")}
 
 
 def hw(**kw):
@@ -62,6 +62,20 @@ def test_timing_serial():
     # peak occupancy after token 1: in {0} 8 B + out {0,1,2} 6 B, plus 36 B static
     assert r.dram_used_bytes == 50
     assert r.capacity_units == [1, 4]
+
+
+def test_adapters_and_predictors_are_static_dram_weights():
+    # 4 adapter + 2 predictor weights (8 bits): static 36 + 6 = 42; DRAM 62 leaves the same 20
+    tr = tiny_trace()
+    tr.metadata.update(adapter_weights=4, predictor_weights=2)
+    pl = plan_placement(SHAPE, hw(), tr.hooks, 62, seq_len=2, predictor_weights=2, adapter_weights=4)
+    assert pl.static_parts["adapters"] == 4 and pl.static_parts["predictors"] == 2
+    assert pl.static_bytes == 42 and pl.capacity.tolist() == [1, 5]
+    r = simulate(tr, hw(), SHAPE, "lru", dram_bytes=62)
+    # every token also reads the 6 extra static bytes from DRAM: 0.34 + 0.06 s static
+    assert r.t_static_s == pytest.approx(0.40)
+    assert r.tokens_per_s == pytest.approx(1 / (0.40 + 0.75))
+    assert r.dram_used_bytes == 56
 
 
 def test_timing_overlapped():
