@@ -27,7 +27,7 @@ def calibrate(sm: SparseModel, input_ids: torch.Tensor, batch_size: int = 4) -> 
         with torch.inference_mode():
             for batch in batches:
                 method.reset()
-                base(input_ids=batch)
+                base(input_ids=batch.to(sm.model.device))
                 for name, vals in method.thresholds.items():
                     v = torch.tensor(vals, dtype=torch.float64)
                     sums[name] = sums.get(name, 0) + v

@@ -1,9 +1,10 @@
 """`dipstream finetune`: recover a sparse model's accuracy with LoRA (cross-entropy or distillation
 from the dense model), fine-tune a dReLU / ReLUfied model, or train DejaVu-style predictors.
 
-Every run writes an adapter folder (see `artifacts.py`), checkpoints itself atomically at each
-validation (and on Ctrl-C), and resumes from the last checkpoint when run again with the same
---out; a finished run just reports its results.
+Every run writes an adapter folder (see `artifacts.py`), logs each step to OUT/log.jsonl,
+checkpoints itself atomically at each validation (and on Ctrl-C), and resumes from the last
+checkpoint when run again with the same --out (steps after that checkpoint are re-run and logged
+again); a finished run just reports its results.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dipstream import __version__
 from dipstream.data import load_text, make_windows
 from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
+from dipstream.io import append_jsonl
 from dipstream.experiments.evaluate import _prepare_thresholds, machine
 from dipstream.models import load_model
 from dipstream.models.adapters import LoraSettings, add_lora, count_lora_weights, save_lora
@@ -201,7 +203,7 @@ def _train_lora(cfg: FinetuneConfig, out: Path, key: dict, state: dict | None, p
     bar = tqdm(total=tr.steps, initial=state["step"], desc="finetune", disable=not progress, leave=False)
     try:
         while state["step"] < tr.steps and not state["stopped_early"]:
-            step = state["step"]
+            step, t_step = state["step"], time.perf_counter()
             for g in run.opt.param_groups:
                 g["lr"] = lr_at(step, tr.steps, tr.lr, tr.warmup_steps)
             loss = run.loss(run.data.batch(step, tr.batch_size).to(run.device))
@@ -212,7 +214,8 @@ def _train_lora(cfg: FinetuneConfig, out: Path, key: dict, state: dict | None, p
             run.opt.step()
             run.opt.zero_grad(set_to_none=True)
             state["step"] = step + 1
-            state["history"].append({"step": step + 1, "loss": loss})
+            state["history"].append({"step": step + 1, "loss": loss, "seconds": time.perf_counter() - t_step})
+            append_jsonl(out / "log.jsonl", state["history"][-1])
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if on_step is not None:
@@ -220,6 +223,7 @@ def _train_lora(cfg: FinetuneConfig, out: Path, key: dict, state: dict | None, p
             if state["step"] % tr.val_every == 0 or state["step"] == tr.steps:
                 val = run.val_loss()
                 state["history"][-1]["val_loss"] = val
+                append_jsonl(out / "log.jsonl", {"step": state["step"], "val_loss": val})
                 if val < state["best_val"]:
                     state.update(best_val=val, bad_evals=0, best=run.trainable_state(), best_step=state["step"])
                 else:

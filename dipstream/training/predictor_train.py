@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dipstream.data import load_text, make_windows
+from dipstream.io import append_jsonl
 from dipstream.models import load_model
 from dipstream.models.adapters import PREDICTOR_FILE
 from dipstream.sparsity import attach, build_method
@@ -119,6 +120,7 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
                 total += loss.item() * len(idx)
             state["epoch"] = epoch + 1
             state["history"].append({"epoch": epoch + 1, "loss": total / n})
+            append_jsonl(out / "log.jsonl", state["history"][-1])
             state["train_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             state.update(predictors=preds.state_dict(), optimizer=opt.state_dict())
