@@ -46,6 +46,20 @@ def cmd_simulate(ns) -> int:
     return 0
 
 
+def cmd_sweep(ns) -> int:
+    from dipstream.experiments.sweep import SweepOptions, run_sweep
+
+    s = run_sweep(ns.config, from_namespace(SweepOptions, ns))
+    if "seconds" in s:
+        print(f"{s['finished']} runs finished, {s['done_before']} were done before, {s['failed']} failed, "
+              f"{s['model_runs']} model runs, {s['seconds']:.0f} s; results in {s['results']}")
+    if s["failed"]:
+        print("dipstream: some runs failed (see above); fix the cause and run the same command to "
+              "retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_models(ns) -> int:
     from dipstream.models.loading import BUILTIN_MODELS, cache_root
 
@@ -80,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="perplexity plus simulated tokens/s, memory and hit rate")
     add_dataclass_args(p, SimulateConfig)
     p.set_defaults(func=cmd_simulate)
+    from dipstream.experiments.sweep import SweepOptions
+
+    p = sub.add_parser("sweep", help="run (or resume) the cross product of a YAML sweep config")
+    p.add_argument("config", help="sweep config (YAML): see dipstream/experiments/sweep_config.py")
+    add_dataclass_args(p, SweepOptions)
+    p.set_defaults(func=cmd_sweep)
     sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
     sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
     return parser
