@@ -187,3 +187,27 @@ def test_results_folder_of_an_incompatible_version(tiny_checkpoint, text_file, t
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     assert "not a dipstream results folder" in _error(["sweep", str(cfg), "--results", str(other)], capsys)
+
+
+def test_ray_executor_gives_the_serial_results(tiny_checkpoint, text_file, tmp_path):
+    pytest.importorskip("ray")
+    cfg = write_config(tmp_path / "s.yaml", tiny_checkpoint, text_file,
+                       "dram: 0.6x\nhardware: [a18, laptop]\n"
+                       "grid:\n  - {method: dip, density: 0.5}\n  - {method: dip-ca, density: 0.5}\n")
+    ray_run = run_sweep(cfg, SweepOptions(results=str(tmp_path / "ray"), executor="ray", jobs=2,
+                                          progress=False))
+    serial = run_sweep(cfg, SweepOptions(results=str(tmp_path / "serial"), executor="serial", progress=False))
+    assert ray_run["finished"] == serial["finished"] == 4 and ray_run["model_runs"] == 2
+    a = {r["key"]: r for r in rows_of(tmp_path / "ray")}
+    b = {r["key"]: r for r in rows_of(tmp_path / "serial")}
+    assert a.keys() == b.keys()
+    for k in a:
+        for col in ("perplexity", "tokens_per_s", "hit_rate", "density_measured"):
+            assert a[k][col] == b[k][col]
+
+
+def test_ray_missing_is_a_clear_error(monkeypatch, tiny_checkpoint, text_file, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    cfg = write_config(tmp_path / "s.yaml", tiny_checkpoint, text_file, "method: dense\n")
+    assert main(["sweep", str(cfg), "--results", str(tmp_path / "r"), "--executor", "ray"]) == 2
+    assert "pip install" in capsys.readouterr().err
