@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench
+.PHONY: install demo test test-fast bench paper
 
 install: $(VENV)/.installed
 
@@ -26,3 +26,10 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/bench_eval_overhead.py
+
+# The DIP paper's study on smollm2-135m and gemma3-270m (resumable; ~1 h on 2 free cores), then its
+# report in docs/results/paper/ (README: "The paper's study on our models").
+paper: install
+	$(VENV)/bin/dipstream sweep experiments/paper.yaml
+	$(VENV)/bin/dipstream report results/paper --out docs/results/paper --ppl-budget 0.1,5% \
+		--title "The DIP paper's study on smollm2-135m and gemma3-270m (simulated a18 phone)"

@@ -49,7 +49,13 @@ class LocalExecutor:
         return str(path)
 
     def close(self) -> None:
+        """Cancel what has not started and stop the workers (a task still running is lost; its
+        run is done again on resume)."""
+        procs = list(getattr(self.pool, "_processes", {}).values())
         self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
 
 
 class SerialExecutor:

@@ -51,13 +51,14 @@ class SweepOptions:
 
 def plan(config_path: str | Path) -> tuple[dict, list[Run], list[tuple[dict, str]]]:
     """(config, resolved runs, [(given run, why it was left out)]) of a sweep config."""
-    from dipstream.experiments.sweep_config import InvalidRun
+    from dipstream.experiments.sweep_config import InvalidRun, run_fields
     from dipstream.sparsity import METHODS
 
     raw, given = load_sweep(config_path)
     runs, skipped, shapes, seen = [], [], {}, set()
+    default_method = run_fields()["method"][2]
     for g in given:
-        method = g.get("method", "dip")
+        method = g.get("method", default_method)
         if method not in METHODS:
             close = difflib.get_close_matches(method, list(METHODS), n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(METHODS)}"

@@ -98,20 +98,24 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def pareto(rows: list[dict], path, max_ppl_ratio: float = 2.0) -> str | None:
+def pareto(rows: list[dict], path, max_ppl_ratio: float = 2.0, max_panels: int = 5) -> str | None:
     ms = models(rows)
-    fr = drams(rows)
-    if not fr or not any(r["method"] != DENSE for r in rows):
+    if not any(r["method"] != DENSE for r in rows):
         return None
-    fr = fr if len(fr) <= 5 else [fr[i * (len(fr) - 1) // 4] for i in range(5)]
-    fig, axes = _panels(len(ms), len(fr), 3.8, 3.3)
+
+    def pick(fr):
+        return fr if len(fr) <= max_panels else [fr[i * (len(fr) - 1) // (max_panels - 1)]
+                                                 for i in range(max_panels)]
+
+    per_model = {m: pick(drams([r for r in rows if r["model"] == m])) for m in ms}
+    fig, axes = _panels(len(ms), max(len(v) for v in per_model.values()), 3.8, 3.3)
     for row_ax, model in zip(axes, ms):
         rs = [r for r in rows if r["model"] == model]
         ppl = dense_perplexity(rs)
-        mfr = drams(rs)
-        for ax, f in zip(row_ax, fr):
-            near = min(mfr, key=lambda x: abs(x - f)) if mfr else f
-            here = [r for r in at_dram(rs, near) if r["method"] != DENSE]
+        for ax in row_ax[len(per_model[model]):]:
+            ax.axis("off")
+        for ax, f in zip(row_ax, per_model[model]):
+            here = [r for r in at_dram(rs, f) if r["method"] != DENSE]
             if ppl is not None:
                 here = [r for r in here if r["perplexity"] <= max_ppl_ratio * ppl]
             for i, m in enumerate(dict.fromkeys(r["method"] for r in here)):
@@ -122,11 +126,11 @@ def pareto(rows: list[dict], path, max_ppl_ratio: float = 2.0) -> str | None:
             if front:
                 ax.step([p for p, _ in front], [t for _, t in front], where="post", color="gray", lw=1,
                         label="Pareto front")
-            base = dense_streaming(rs, near)
+            base = dense_streaming(rs, f)
             if base and ppl is not None:
                 ax.scatter([ppl], [base["tokens_per_s"]], marker="*", s=120, color="black",
                            label="dense, streamed", zorder=5)
-            ax.set_title(f"{model}, DRAM {near:g}x", fontsize=9)
+            ax.set_title(f"{model}, DRAM {f:g}x", fontsize=9)
             ax.set_xlabel("perplexity")
             ax.set_ylabel("tokens/s")
             ax.grid(alpha=0.3)
