@@ -102,8 +102,7 @@ def run_lm_eval(cfg: LmEvalConfig, log_samples: bool = False) -> dict:
         try:
             wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=cfg.lm_batch_size)
             res = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, num_fewshot=cfg.num_fewshot,
-                                          limit=cfg.limit, task_manager=manager, log_samples=log_samples,
-                                          bootstrap_iters=0)
+                                          limit=cfg.limit, task_manager=manager, log_samples=log_samples)
         finally:
             hook.remove()
         raise _Finished({"lm_name": lm.name, "method": sm.method.describe(), "results": res, "seconds": time.perf_counter() - start,

@@ -117,6 +117,14 @@ class ResultsStore:
                                  "or use another --results folder") from None
         self._lock = fh
 
+    def note_config(self, config: str | Path, description: str | None) -> None:
+        """Record which sweep config wrote into this folder (for the report's provenance)."""
+        man = check_manifest(self.root, create=False)
+        entry = {"config": str(config), "description": description}
+        if entry not in man.setdefault("configs", []):
+            man["configs"].append(entry)
+            write_json_atomic(self.root / MANIFEST, man)
+
     def rows(self) -> list[dict]:
         return [r for r in read_jsonl(self.root / ROWS) if isinstance(r, dict) and "key" in r]
 

@@ -126,6 +126,7 @@ def run_sweep(config_path: str | Path, opts: SweepOptions) -> dict:
         n = sum(1 for _, w in skipped if w == why)
         print(f"dipstream: skipping {n} run(s): {why}", file=sys.stderr)
     with ResultsStore(results) as store:
+        store.note_config(config_path, raw.get("description"))
         done = store.done_keys()
         pending = [r for r in runs if r.key not in done]
         groups: dict[str, list[Run]] = {}
