@@ -75,6 +75,10 @@ def test_headline_worked_by_hand():
     # dense at 0.75x (15 tok/s) is matched at 0.5x (16 tok/s): -33% memory; at 1x (30) only by 1x
     assert h[0.75].match_fraction == 0.5 and h[0.75].memory_change == pytest.approx(50 / 75 - 1)
     assert h[1.0].match_fraction == 1.0 and h[1.0].memory_change == pytest.approx(0.0)
+    # interpolated: 20 tok/s at 0.75x, 40 at 1x -> 30 tok/s at 0.875x: -12.5% (an estimate)
+    assert h[1.0].interp_fraction == pytest.approx(0.875)
+    assert h[1.0].memory_change_interp == pytest.approx(-0.125)
+    assert h[0.75].interp_fraction == 0.5  # reached at the smallest size: nothing to interpolate
     h5 = {x.dram_fraction: x for x in headline(rows, "m", Budget(0.05, True))}  # perplexity <= 10.5
     assert h5[1.0].best["tokens_per_s"] == 40.0  # 45 tok/s is at perplexity 10.6, outside
     assert h5[1.0].match_fraction == 0.75 and h5[1.0].memory_change == pytest.approx(-0.25)
@@ -104,7 +108,8 @@ def test_report_from_a_synthetic_table(tmp_path, capsys):
     assert "strict capacity" in md and "Not drawn" not in md
     # the headline table carries the hand-worked figures
     assert "| m | +0.1 | 0.75x = 75.0 MB | 15.00 | DIP-CA γ=0.3, d=0.9 | 20.00 | +33% |" in md
-    assert "0.5x = 50.0 MB (DIP-CA γ=0.3, d=0.9) | -33% |" in md
+    assert "0.5x = 50.0 MB (DIP-CA γ=0.3, d=0.9) | -33% | -33% |" in md
+    assert "1x = 100.0 MB (DIP-CA γ=0.3, d=0.9) | +0% | -12% |" in md
     assert "| m | +5% | 1x = 100.0 MB | 30.00 | DIP-CA γ=0.3, d=0.9 | 40.00 | +33% |" in md
 
 

@@ -10,6 +10,9 @@ For one model on one device, per DRAM size M of the table and perplexity budget 
 * memory: M* = the smallest DRAM size of the table at which best(M*) reaches at least dense
   streaming's tokens/s at M; memory change = M* / M - 1 (nominal DRAM budgets, read off the
   table's grid of DRAM sizes, so the saving is a lower bound at that grid's resolution);
+* memory (interpolated): where best(M*) reaches it only at a grid point above the smallest, the
+  DRAM at which the line between best() at the grid point below M* and at M* crosses dense
+  streaming's tokens/s at M: an estimate between two measured sizes, labelled as such;
 * DRAM used: the peak bytes the simulated caches and static layers actually occupy, reported
   next to it, so a claim can be checked against a budget that holds (strict capacity).
 """
@@ -69,6 +72,7 @@ class HeadlineRow:
     match_fraction: float | None  # smallest DRAM where best() reaches dense_tps
     match_bytes: float | None
     match_row: dict | None
+    interp_fraction: float | None = None  # linear estimate between the grid point below M* and M*
 
     @property
     def throughput_change(self) -> float | None:
@@ -81,6 +85,10 @@ class HeadlineRow:
     @property
     def memory_change(self) -> float | None:
         return self.match_bytes / self.dram_bytes - 1 if self.match_bytes is not None else None
+
+    @property
+    def memory_change_interp(self) -> float | None:
+        return self.interp_fraction / self.dram_fraction - 1 if self.interp_fraction is not None else None
 
     def setting(self, row: dict | None) -> str:
         if row is None:
@@ -105,7 +113,13 @@ def headline(rows: list[dict], model: str, budget: Budget) -> list[HeadlineRow]:
         match = next((g for g in fractions if best[g] is not None
                       and best[g]["tokens_per_s"] >= base["tokens_per_s"]), None)
         mrow = best[match] if match is not None else None
+        interp = match
+        i = fractions.index(match) if match is not None else 0
+        if i > 0 and best[fractions[i - 1]] is not None:
+            lo, hi = fractions[i - 1], match
+            t_lo, t_hi = best[lo]["tokens_per_s"], best[hi]["tokens_per_s"]
+            interp = lo + (hi - lo) * (base["tokens_per_s"] - t_lo) / (t_hi - t_lo)
         out.append(HeadlineRow(model, budget, f, at_dram(rows, f)[0]["dram_bytes"], base["tokens_per_s"],
                                ppl, base["dram_used_bytes"], best[f], match,
-                               mrow["dram_bytes"] if mrow else None, mrow))
+                               mrow["dram_bytes"] if mrow else None, mrow, interp))
     return out

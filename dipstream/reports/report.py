@@ -43,7 +43,7 @@ def _pct(x: float | None) -> str:
 def _headline_table(rows_by_budget: list[list[HeadlineRow]]) -> list[str]:
     out = ["| model | ppl budget | DRAM | dense streamed tok/s | best DIP-CA within budget | tok/s | "
            "throughput vs dense | perplexity dense -> best | smallest DRAM reaching dense tok/s | memory vs "
-           "dense | DRAM used by it |", "|" + "---|" * 11]
+           "dense | memory vs dense, interpolated | DRAM used by it |", "|" + "---|" * 12]
     for hrows in rows_by_budget:
         for h in hrows:
             b = h.best
@@ -53,10 +53,11 @@ def _headline_table(rows_by_budget: list[list[HeadlineRow]]) -> list[str]:
             used = f"{mb(h.match_row['dram_used_bytes']):.1f} MB" if h.match_row else "-"
             out.append(f"| {h.model} | +{h.budget} | {h.dram_fraction:g}x = {mb(h.dram_bytes):.1f} MB | "
                        f"{h.dense_tps:.2f} | {h.setting(b)} | {b['tokens_per_s']:.2f} | "
-                       f"{_pct(h.throughput_change)} | {ppl} | {match} | {_pct(h.memory_change)} | {used} |"
+                       f"{_pct(h.throughput_change)} | {ppl} | {match} | {_pct(h.memory_change)} | "
+                       f"{_pct(h.memory_change_interp)} | {used} |"
                        if b else
                        f"| {h.model} | +{h.budget} | {h.dram_fraction:g}x = {mb(h.dram_bytes):.1f} MB | "
-                       f"{h.dense_tps:.2f} | none within budget | - | - | - | {match} | - | - |")
+                       f"{h.dense_tps:.2f} | none within budget | - | - | - | {match} | - | - | - |")
     return out
 
 
@@ -80,7 +81,14 @@ def headline_sentence(hrows: list[HeadlineRow]) -> str | None:
               f"({h.match_row['tokens_per_s']:.2f} tok/s, perplexity "
               f"{h.match_row['perplexity'] - h.dense_ppl:+.3f}): {_pct(h.memory_change)} memory.")
     else:
-        s += "no smaller DRAM size of the table reaches dense streaming's throughput: no memory saving."
+        s += "no smaller DRAM size of the table reaches dense streaming's throughput: no measured memory saving"
+        est = [h for h in cands if h.memory_change_interp is not None and h.memory_change_interp < 0]
+        if est:
+            h = min(est, key=lambda h: h.memory_change_interp)
+            s += (f" (interpolating between measured sizes, dense streaming's {h.dense_tps:.2f} tok/s at "
+                  f"{h.dram_fraction:g}x would be reached at about {h.interp_fraction:.3g}x: "
+                  f"{_pct(h.memory_change_interp)} memory, an estimate)")
+        s += "."
     return s
 
 
@@ -151,6 +159,10 @@ def make_report(results: str | Path, cfg: ReportConfig, command: str | None = No
               "- *memory vs dense*: M*/M - 1, where M* is the smallest DRAM size of the table at which the "
               "best DIP-CA within budget reaches at least dense streaming's tokens/s at M (nominal budgets "
               "on the table's grid of DRAM sizes: a finer grid can only find a smaller M*);",
+              "- *memory vs dense, interpolated*: an estimate between measured sizes: where M* is not the "
+              "smallest DRAM size of the table, the DRAM at which the straight line between the best "
+              "DIP-CA within budget at the next smaller size and at M* reaches dense streaming's tokens/s "
+              "at M;",
               "- *DRAM used*: the peak bytes the static layers and caches of that run occupy. "
               + ("Under strict capacity it never exceeds the nominal budget, so the memory figures are "
                  "budgets that hold." if dev.strict else
