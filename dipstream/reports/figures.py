@@ -48,6 +48,17 @@ def ca_dram(rows: list[dict]) -> float | None:
     return median_value(fr) if fr else None
 
 
+def _plain_log_ticks(axis, ticks=None) -> None:
+    """Plain numbers (not 2x10^1) on a log axis; `ticks` pins the major ticks."""
+    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    if ticks is not None:
+        axis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    else:
+        axis.set_minor_formatter(fmt)
+    axis.set_major_formatter(fmt)
+
+
 def _sparse_methods(rows):
     return [m for m in dict.fromkeys(r["method"] for r in rows) if m != DENSE]
 
@@ -70,15 +81,15 @@ def perplexity_vs_density(rows: list[dict], path) -> str | None:
                                    lambda r: r["density_requested"])
                     pts.sort(key=lambda r: r["density_measured"])
                     ax.plot([r["density_measured"] for r in pts], [r["perplexity"] for r in pts], "--",
-                            marker="x", color=color(CA), alpha=0.4 + 0.6 * (j + 1) / 4,
-                            label=f"dip-ca γ={g:g} @ {f_ca:g}x DRAM")
+                            marker="x", color=_line_color((CA, g), j), label=f"dip-ca γ={g:g} @ {f_ca:g}x DRAM")
                 continue
             pts = sorted(_one_per([r for r in rs if r["method"] == m], lambda r: r["density_requested"]),
                          key=lambda r: r["density_measured"])
             ax.plot([r["density_measured"] for r in pts], [r["perplexity"] for r in pts], "-o", ms=4,
                     color=color(m, i), label=m)
         ax.set_yscale("log")
-        ax.set_xlabel("measured MLP density (fraction of MLP weights read per token)")
+        _plain_log_ticks(ax.yaxis)
+        ax.set_xlabel("measured MLP density (share of MLP weights read)")
         ax.set_ylabel("perplexity")
         ax.set_title(model)
         ax.grid(alpha=0.3, which="both")
@@ -158,6 +169,7 @@ def gamma_curves(rows: list[dict], path) -> str | None:
                 ax.plot([gamma_of(r) for r in pts], [r[metric] for r in pts], "-o", ms=4,
                         color=plt.cm.viridis(k / max(1, len(dens) - 1) * 0.9), label=f"d={d:g}")
                 ax.set_xscale("log")
+                _plain_log_ticks(ax.xaxis, sorted({gamma_of(r) for r in here}))
                 ax.set_xlabel("γ (1 = plain DIP)")
                 ax.set_ylabel(name)
                 ax.set_title(f"{model}, DRAM {f:g}x", fontsize=9)
@@ -183,6 +195,12 @@ def _ref_lines(rs: list[dict], ref_density: float):
     return lines
 
 
+def _line_color(key, i):
+    """Method colour; DIP-CA lines darker for smaller gamma."""
+    m, g = key
+    return plt.cm.Reds(0.95 - 0.55 * min(1.0, g)) if g is not None else color(m, i)
+
+
 def _line_label(key, ref_density):
     m, g = key
     return f"{m} d={ref_density:g}" + (f" γ={g:g}" if g is not None else "")
@@ -202,9 +220,8 @@ def vs_dram(rows: list[dict], path, ref_density: float, budget=None) -> str | No
                 label="dense, streamed")
         for i, (key, pts) in enumerate(sorted(_ref_lines(rs, ref_density).items(), key=str)):
             pts = sorted(pts, key=lambda r: r["dram_fraction"])
-            alpha = 1.0 if key[1] is None else 0.35 + 0.65 * min(1.0, 0.1 / key[1])
             ax.plot([r["dram_fraction"] for r in pts], [r["tokens_per_s"] for r in pts], "-o", ms=3,
-                    color=color(key[0], i), alpha=alpha, label=_line_label(key, ref_density))
+                    color=_line_color(key, i), label=_line_label(key, ref_density))
         ppl = dense_perplexity(rs)
         if budget is not None and ppl is not None:
             best = [(f, best_within(at_dram(rs, f), budget.limit(ppl))) for f in fr]
@@ -238,31 +255,37 @@ def vs_flash(all_rows: list[dict], device, path, ref_density: float) -> str | No
     if not swept or not base_rows:
         return None
     ms = models(swept)
-    fig, axes = _panels(1, len(ms))
-    for ax, model in zip(axes[0], ms):
+    fig, axes = _panels(2, len(ms))
+    for j, model in enumerate(ms):
         f = swept[[r["model"] for r in swept].index(model)]["dram_fraction"]
         base = [r for r in at_dram(base_rows, f) if r["model"] == model]
         rs = base + [r for r in at_dram(swept, f) if r["model"] == model and base
                      and _same_but_flash(r, base[0])]
         bws = sorted({r["hw.flash_bw"] for r in rs})
         dense = [next(r for r in rs if r["hw.flash_bw"] == b)["dense_streaming.tokens_per_s"] for b in bws]
-        ax.plot([b / 1e9 for b in bws], dense, "--s", color="black", ms=4, label="dense, streamed")
+        top, bottom = axes[0][j], axes[1][j]
+        top.plot([b / 1e9 for b in bws], dense, "--s", color="black", ms=4, label="dense, streamed")
+        bottom.axhline(1.0, color="black", ls="--", lw=1, label="dense, streamed")
         for i, (key, pts) in enumerate(sorted(_ref_lines(rs, ref_density).items(), key=str)):
             pts = sorted(pts, key=lambda r: r["hw.flash_bw"])
-            ax.plot([r["hw.flash_bw"] / 1e9 for r in pts], [r["tokens_per_s"] for r in pts], "-o", ms=3,
-                    color=color(key[0], i), alpha=1.0 if key[1] is None else 0.5,
-                    label=_line_label(key, ref_density))
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("Flash read bandwidth (GB/s)")
-        ax.set_ylabel("tokens/s")
-        ax.set_title(f"{model}, DRAM {f:g}x")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6)
+            style = dict(ms=3, color=_line_color(key, i), label=_line_label(key, ref_density))
+            x = [r["hw.flash_bw"] / 1e9 for r in pts]
+            top.plot(x, [r["tokens_per_s"] for r in pts], "-o", **style)
+            bottom.plot(x, [r["speedup_vs_dense_streaming"] for r in pts], "-o", **style)
+        for ax, name in ((top, "tokens/s"), (bottom, "x dense streaming")):
+            ax.set_xscale("log")
+            _plain_log_ticks(ax.xaxis, [b / 1e9 for b in bws])
+            ax.set_xlabel("Flash read bandwidth (GB/s)")
+            ax.set_ylabel(name)
+            ax.set_title(f"{model}, DRAM {f:g}x")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=6)
+        top.set_yscale("log")
+        _plain_log_ticks(top.yaxis)
     _save(fig, path)
-    return (f"Tokens/s vs Flash read bandwidth (other hardware fields as the preset), each method at "
-            f"density {ref_density:g}; DIP-CA's masks do not depend on bandwidth, so these are replays of "
-            "the same model runs.")
+    return (f"Tokens/s (top) and speed-up over dense streaming (bottom) vs Flash read bandwidth (other "
+            f"hardware fields as the preset), each method at density {ref_density:g}; DIP-CA's masks do not "
+            "depend on bandwidth, so these are replays of the same model runs.")
 
 
 def layer_heatmap(rows: list[dict], path, ref_density: float) -> str | None:
