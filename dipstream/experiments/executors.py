@@ -139,6 +139,8 @@ class RayExecutor:
 
 
 def make_executor(kind: str, jobs: int | None, address: str | None = None):
+    if jobs is not None and jobs < 1:
+        raise DipstreamError(f"--jobs {jobs} must be at least 1 (or leave it out for one per CPU)")
     if kind == "local":
         return LocalExecutor(jobs or os.cpu_count() or 1)
     if kind == "serial":
