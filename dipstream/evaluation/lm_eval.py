@@ -1,0 +1,125 @@
+"""`dipstream lm-eval`: downstream accuracy of a sparse model with lm-evaluation-harness.
+
+The model is loaded, wrapped and calibrated exactly as `dipstream eval` does it (so every
+EvalConfig option, e.g. thresholds, applies), then the already-modified model object is handed
+to lm-eval's Hugging Face wrapper (`HFLM(pretrained=model, tokenizer=...)`) and
+`lm_eval.simple_evaluate`. Hub access is switched off (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE):
+tasks must read local data, e.g. a task YAML with `dataset_path: json` and
+`dataset_kwargs: {data_files: ...}` in a folder given by --include-path.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from dipstream.errors import DipstreamError
+from dipstream.experiments.evaluate import EvalConfig
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@dataclass
+class LmEvalConfig:
+    """One lm-eval run of a model x method x density."""
+
+    tasks: str = field(default="", metadata={
+        "help": "comma-separated lm-eval task names (built-in ones need their data cached locally)"})
+    include_path: str | None = field(default=None, metadata={
+        "help": "folder of extra task YAML files (local data: dataset_path json + data_files)",
+        "metavar": "DIR"})
+    builtin_tasks: bool = field(default=True, metadata={
+        "help": "also index lm-eval's built-in tasks (scanning them takes seconds; "
+                "--no-builtin-tasks when every task comes from --include-path)"})
+    num_fewshot: int | None = field(default=None, metadata={"help": "few-shot examples per task"})
+    limit: float | None = field(default=None, metadata={
+        "help": "examples per task (or a fraction if < 1); for quick checks only"})
+    lm_batch_size: int = field(default=1, metadata={"help": "lm-eval batch size"})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class _Finished(Exception):
+    """Carries lm-eval's results out of `evaluate`'s setup callback (skipping its perplexity)."""
+
+    def __init__(self, payload: dict):
+        super().__init__("finished")
+        self.payload = payload
+
+
+def _import_lm_eval():
+    for k, v in OFFLINE.items():
+        os.environ.setdefault(k, v)
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise DipstreamError("dipstream lm-eval needs lm-evaluation-harness: pip install 'lm-eval>=0.4.4' "
+                             "(or pip install 'dipstream[lm-eval]')") from None
+    return lm_eval, HFLM, TaskManager
+
+
+def _scores(results: dict) -> dict:
+    """{task: {metric: value}} without lm-eval's alias entries."""
+    out = {}
+    for task, metrics in results.get("results", {}).items():
+        out[task] = {k.replace(",none", ""): v for k, v in metrics.items()
+                     if k != "alias" and isinstance(v, (int, float))}
+    return out
+
+
+def run_lm_eval(cfg: LmEvalConfig, log_samples: bool = False) -> dict:
+    """Evaluate cfg.eval's sparse model on cfg.tasks; returns a results row ({"scores": ...})."""
+    from dipstream.experiments.evaluate import evaluate
+    from dipstream.io import write_json_atomic
+    from dipstream.sparsity import build_method
+
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise DipstreamError("give --tasks, e.g. --tasks arc_easy or a task of --include-path")
+    if cfg.include_path and not os.path.isdir(cfg.include_path):
+        raise DipstreamError(f"--include-path '{cfg.include_path}' is not a folder of task YAML files")
+    method = build_method(cfg.eval.method, cfg.eval.density, cfg.eval.options)
+    if hasattr(method, "configure_cache"):
+        raise DipstreamError(f"{cfg.eval.method} steers its masks by a simulated DRAM cache, which lm-eval "
+                             "has no device for; use dip (its masks at gamma 1) or another open-loop method")
+    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    manager = TaskManager(include_path=cfg.include_path, include_defaults=cfg.builtin_tasks)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise DipstreamError(f"unknown lm-eval task '{unknown[0]}'{hint}; put local task YAML files in a "
+                             "folder and pass it with --include-path")
+
+    def run(lm, sm, windows):
+        start = time.perf_counter()
+        sm.stats.reset()
+        hook = lm.model.register_forward_pre_hook(lambda *_: sm.method.reset())  # one sequence per call
+        try:
+            wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=cfg.lm_batch_size)
+            res = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, num_fewshot=cfg.num_fewshot,
+                                          limit=cfg.limit, task_manager=manager, log_samples=log_samples)
+        finally:
+            hook.remove()
+        raise _Finished({"lm_name": lm.name, "method": sm.method.describe(), "results": res, "seconds": time.perf_counter() - start,
+                         "density_measured": sm.stats.mean("mlp")})
+
+    try:
+        evaluate(cfg.eval, progress=False, on_attached=run)
+    except _Finished as done:
+        out = done.payload
+    else:  # pragma: no cover - evaluate always calls on_attached
+        raise RuntimeError("lm-eval did not run")
+    res = out["results"] or {}
+    row = {"model": out["lm_name"], **out["method"], "density_measured": out["density_measured"],
+           "tasks": tasks, "scores": _scores(res), "num_fewshot": cfg.num_fewshot, "limit": cfg.limit,
+           "seconds": out["seconds"], "lm_eval": getattr(lm_eval, "__version__", "?")}
+    if log_samples:
+        row["samples"] = res.get("samples", {})
+    if cfg.eval.json:
+        write_json_atomic(cfg.eval.json, row)
+    return row

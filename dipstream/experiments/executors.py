@@ -1,0 +1,150 @@
+"""Where a sweep's tasks run: a local process pool (default), this process (`serial`, for
+debugging), or a Ray cluster (`ray`, optional dependency). All three give the sweep the same
+four calls: submit, wait for any, result, share a trace file with the workers."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+from pathlib import Path
+
+from dipstream.errors import DipstreamError
+
+EXECUTORS = ("local", "serial", "ray")
+
+
+class WorkerDied(Exception):
+    """The process running a task vanished (killed, out of memory)."""
+
+
+def _init_worker(threads: int) -> None:
+    from dipstream.experiments.sweep_tasks import set_threads
+
+    set_threads(threads)
+
+
+class LocalExecutor:
+    """A pool of `jobs` fresh Python processes (spawned, so no torch state is forked)."""
+
+    def __init__(self, jobs: int):
+        self.jobs = jobs
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_init_worker, initargs=(self.threads,))
+
+    def submit(self, fn, *args):
+        return self.pool.submit(fn, *args)
+
+    def wait(self, handles):
+        return cf.wait(list(handles), return_when=cf.FIRST_COMPLETED).done
+
+    def result(self, handle):
+        try:
+            return handle.result()
+        except cf.process.BrokenProcessPool as exc:
+            raise WorkerDied(str(exc)) from None
+
+    def share(self, path: Path):
+        return str(path)
+
+    def close(self) -> None:
+        """Cancel what has not started and stop the workers (a task still running is lost; its
+        run is done again on resume)."""
+        procs = list(getattr(self.pool, "_processes", {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+
+
+class SerialExecutor:
+    """Runs each task in this process when it is submitted."""
+
+    jobs = 1
+    threads = None
+
+    def submit(self, fn, *args):
+        fut = cf.Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as exc:  # delivered by result(), like a pool would
+            fut.set_exception(exc)
+        return fut
+
+    def wait(self, handles):
+        return set(handles)
+
+    def result(self, handle):
+        return handle.result()
+
+    def share(self, path: Path):
+        return str(path)
+
+    def close(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """Tasks as Ray remote functions (one CPU each) on a local or remote cluster. Traces travel
+    through Ray's object store, so remote nodes need no shared filesystem; they need dipstream
+    and its model packages installed."""
+
+    def __init__(self, jobs: int | None, address: str | None):
+        try:
+            import ray
+        except ImportError:
+            raise DipstreamError("--executor ray needs Ray, which is not installed: pip install "
+                                 "'ray>=2.9' (or pip install 'dipstream[ray]')") from None
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            kw = {"num_cpus": jobs} if address is None and jobs else {}
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False, **kw)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise DipstreamError(f"cannot start or reach the Ray cluster "
+                                     f"{address or '(local)'}: {str(exc).splitlines()[0]}") from None
+        self.jobs = jobs or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.threads = 1
+        self._remote = {}
+
+    def submit(self, fn, *args):
+        if fn not in self._remote:
+            self._remote[fn] = self.ray.remote(num_cpus=1, max_retries=0)(fn)
+        return self._remote[fn].remote(*args)
+
+    def wait(self, handles):
+        done, _ = self.ray.wait(list(handles), num_returns=1)
+        return set(done)
+
+    def result(self, handle):
+        from ray import exceptions as rx
+
+        try:
+            return self.ray.get(handle)
+        except (rx.WorkerCrashedError, rx.NodeDiedError, rx.OutOfMemoryError) as exc:
+            raise WorkerDied(str(exc).splitlines()[0]) from None
+        except rx.RayTaskError as exc:  # re-raise the task's own error (e.g. DipstreamError)
+            cause = getattr(exc, "cause", None)
+            raise (cause if isinstance(cause, BaseException) else exc) from None
+
+    def share(self, path: Path):
+        return self.ray.put(Path(path).read_bytes())
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def make_executor(kind: str, jobs: int | None, address: str | None = None):
+    if jobs is not None and jobs < 1:
+        raise DipstreamError(f"--jobs {jobs} must be at least 1 (or leave it out for one per CPU)")
+    if kind == "local":
+        return LocalExecutor(jobs or os.cpu_count() or 1)
+    if kind == "serial":
+        return SerialExecutor()
+    if kind == "ray":
+        return RayExecutor(jobs, address)
+    raise DipstreamError(f"unknown executor '{kind}'; use one of {', '.join(EXECUTORS)}")

@@ -1,0 +1,227 @@
+"""`dipstream sweep CONFIG.yaml`: every run of a cross product, resumable, into one tidy table.
+
+Each run is keyed by a hash of its fully resolved configuration (every field, the resolved
+hardware) and the package version; a finished run is one appended, fsynced JSONL row, so a
+re-run skips it and a crash loses nothing finished. Runs share model runs: the model is
+evaluated once per model x method x density x method options (x evaluation settings), its
+per-token masks are stored as a bit-packed trace, and every hardware / DRAM / policy setting
+replays that trace in the simulator (perplexity comes from the model run). Closed-loop methods
+(DIP-CA) choose their masks from the live simulated cache, so their masks depend on the cache
+configuration (per-layer capacities, set by DRAM size, precision and the static layers, and the
+policy): they get one model run per cache configuration, replayed only across settings that
+change bandwidths, latencies or overlap.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dipstream import __version__
+from dipstream.errors import DipstreamError
+from dipstream.experiments.executors import EXECUTORS, WorkerDied, make_executor
+from dipstream.experiments.results_store import ResultsStore, flatten
+from dipstream.experiments.sweep_config import Run, load_sweep, resolve
+
+
+@dataclass
+class SweepOptions:
+    """How to run a sweep (what to run is the YAML file)."""
+
+    results: str | None = field(default=None, metadata={
+        "help": "results folder (default: the config's `results` key, else results/<config name>)",
+        "metavar": "DIR"})
+    jobs: int | None = field(default=None, metadata={
+        "help": "runs at a time (default: local: the number of CPUs, each with CPUs/jobs torch "
+                "threads; ray: the cluster's CPUs)"})
+    executor: str = field(default="local", metadata={
+        "help": "local (process pool), serial (in this process) or ray (a Ray cluster; pip install "
+                "ray)", "choices": EXECUTORS})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Ray cluster to join, e.g. 'ray://head:10001' or 'auto' (default: start a local one)",
+        "metavar": "ADDR"})
+    dry_run: bool = field(default=False, metadata={
+        "help": "list the runs still to do and the model runs they need; run nothing"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar with an ETA"})
+
+
+def plan(config_path: str | Path) -> tuple[dict, list[Run], list[tuple[dict, str]]]:
+    """(config, resolved runs, [(given run, why it was left out)]) of a sweep config."""
+    from dipstream.experiments.sweep_config import InvalidRun, run_fields
+    from dipstream.sparsity import METHODS
+
+    raw, given = load_sweep(config_path)
+    runs, skipped, shapes, seen = [], [], {}, set()
+    default_method = run_fields()["method"][2]
+    for g in given:
+        method = g.get("method", default_method)
+        if method not in METHODS:
+            close = difflib.get_close_matches(method, list(METHODS), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(METHODS)}"
+            raise DipstreamError(f"{Path(config_path).name}: unknown method '{method}'; {hint}")
+        try:
+            run = resolve(g, shapes)
+        except InvalidRun as exc:
+            skipped.append((g, str(exc)))
+            continue
+        if run.key not in seen:
+            seen.add(run.key)
+            runs.append(run)
+    if not runs:
+        raise DipstreamError(f"{Path(config_path).name}: none of its {len(given)} runs is valid "
+                             f"(first: {skipped[0][1]})")
+    return raw, runs, skipped
+
+
+class _Eta:
+    """Remaining time from the measured mean duration of each kind of task (priors until then)."""
+
+    PRIOR = {"record": 20.0, "record-closed": 30.0, "replay": 2.0}
+
+    def __init__(self, jobs: int):
+        self.jobs, self.sum, self.n = jobs, {}, {}
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.sum[kind] = self.sum.get(kind, 0.0) + seconds
+        self.n[kind] = self.n.get(kind, 0) + 1
+
+    def mean(self, kind: str) -> float:
+        return self.sum[kind] / self.n[kind] if self.n.get(kind) else self.PRIOR[kind]
+
+    def text(self, remaining: dict) -> str:
+        s = sum(self.mean(k) * n for k, n in remaining.items()) / self.jobs
+        return f"eta {int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else \
+            f"eta {int(s // 60)}m{int(s % 60):02d}s"
+
+
+def make_row(run: Run, rec: dict, figures: dict, shared: bool, replay_s: float) -> dict:
+    """One tidy row: identity, the run's config (config.*), resolved hardware (hw.*), the model
+    run's evaluation figures and the simulated figures."""
+    from dipstream.simulator import ModelShape
+
+    model_bytes = ModelShape.from_dict(run.shape).weight_bytes(run.hardware["bits"])
+    return {"key": run.key, "config_key": run.config_key, "model_run": run.model_run,
+            "dipstream": __version__, "closed_loop": run.closed_loop, "trace_shared": shared,
+            **flatten(rec["eval"]), **flatten(figures), "model_bytes": model_bytes,
+            "dram_fraction": figures["dram_bytes"] / model_bytes,
+            **{f"config.{k}": v for k, v in run.params.items()},
+            **{f"hw.{k}": v for k, v in flatten(run.hardware).items()},
+            "model_run_seconds": rec.get("seconds"), "replay_seconds": replay_s}
+
+
+def run_sweep(config_path: str | Path, opts: SweepOptions) -> dict:
+    """Run (or resume) a sweep; returns counts {runs, done_before, finished, failed, seconds}."""
+    from tqdm.auto import tqdm
+
+    from dipstream.experiments import sweep_tasks as tasks
+
+    start = time.perf_counter()
+    raw, runs, skipped = plan(config_path)
+    results = Path(opts.results or raw.get("results") or Path("results") / Path(config_path).stem)
+    for why in dict.fromkeys(why for _, why in skipped):
+        n = sum(1 for _, w in skipped if w == why)
+        print(f"dipstream: skipping {n} run(s): {why}", file=sys.stderr)
+    with ResultsStore(results) as store:
+        store.note_config(config_path, raw.get("description"))
+        done = store.done_keys()
+        pending = [r for r in runs if r.key not in done]
+        groups: dict[str, list[Run]] = {}
+        for r in runs:
+            groups.setdefault(r.model_run, []).append(r)
+        todo = {mk: [r for r in g if r.key not in done] for mk, g in groups.items()}
+        todo = {mk: g for mk, g in todo.items() if g}
+        stored = {mk: store.model_run(mk) for mk in todo}
+        need = [mk for mk in todo if stored[mk] is None]
+        print(f"{len(runs)} runs in {len(groups)} model runs: {len(runs) - len(pending)} done before, "
+              f"{len(pending)} to do ({len(need)} model runs to evaluate) -> {results}", file=sys.stderr)
+        if store.repaired:
+            print("dipstream: cut a torn last line of results.jsonl (an interrupted write); that run "
+                  "is done again", file=sys.stderr)
+        summary = {"runs": len(runs), "done_before": len(runs) - len(pending), "finished": 0,
+                   "failed": 0, "model_runs": 0, "results": str(results), "skipped": len(skipped)}
+        if opts.dry_run:
+            for mk, g in todo.items():
+                state = "stored" if stored[mk] else "to evaluate"
+                print(f"model run {mk} ({state}): " + "; ".join(r.label() for r in g))
+            return summary
+        if not pending:
+            store.export_csv()
+            return {**summary, "seconds": time.perf_counter() - start}
+        ex = make_executor(opts.executor, opts.jobs, opts.ray_address)
+        eta = _Eta(ex.jobs)
+        bar = tqdm(total=len(pending), unit="run", disable=not opts.progress, dynamic_ncols=True,
+                   bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} runs "
+                              "[{elapsed}{postfix}]", file=sys.stderr)
+        replays, records = deque(), deque(need)
+        handles, inflight, ordinal = {}, {}, 0
+        left_replays = len(pending)
+        n_failed = n_records = 0
+
+        def enqueue_replays(mk):
+            rec = stored[mk]
+            if rec["has_trace"] and mk not in handles:
+                handles[mk] = ex.share(store.trace_path(mk))
+            replays.extend((mk, r) for r in todo[mk])
+
+        for mk in todo:
+            if stored[mk] is not None:
+                enqueue_replays(mk)
+        try:
+            while replays or records or inflight:
+                while len(inflight) < ex.jobs and (replays or records):
+                    if replays:
+                        mk, r = replays.popleft()
+                        h = ex.submit(tasks.replay_task, handles.get(mk), r.params, r.shape, ordinal)
+                        inflight[h] = ("replay", mk, r)
+                    else:
+                        mk = records.popleft()
+                        first = todo[mk][0]
+                        h = ex.submit(tasks.record_task, first.params, ordinal, ex.threads)
+                        inflight[h] = ("record-closed" if first.closed_loop else "record", mk, first)
+                    ordinal += 1
+                remaining = {"replay": left_replays,
+                             "record": sum(1 for mk in records if not todo[mk][0].closed_loop),
+                             "record-closed": sum(1 for mk in records if todo[mk][0].closed_loop)}
+                bar.set_postfix_str(eta.text(remaining))
+                for h in ex.wait(inflight):
+                    kind, mk, r = inflight.pop(h)
+                    try:
+                        res = ex.result(h)
+                    except WorkerDied as exc:
+                        raise DipstreamError(
+                            f"a worker process died ({exc or 'killed or out of memory'}) while running "
+                            f"{r.label()}; finished runs are saved in {results}: run the same command "
+                            "again to resume (lower --jobs if memory ran out)") from None
+                    except Exception as exc:  # one bad run must not stop the others
+                        n_failed += len(todo[mk]) if kind != "replay" else 1
+                        left_replays -= len(todo[mk]) if kind != "replay" else 1
+                        bar.update(len(todo[mk]) if kind != "replay" else 1)
+                        bar.write(f"dipstream: run failed ({type(exc).__name__}): {r.label()}: {exc}")
+                        continue
+                    if kind == "replay":
+                        figures, secs = res
+                        eta.add("replay", secs)
+                        shared = len(groups[mk]) > 1
+                        store.append(make_row(r, stored[mk], figures, shared, secs))
+                        left_replays -= 1
+                        summary["finished"] += 1
+                        bar.update(1)
+                    else:
+                        row, data, secs = res
+                        eta.add(kind, secs)
+                        stored[mk] = store.save_model_run(mk, row, data, secs)
+                        n_records += 1
+                        bar.write(f"model run {r.label()}: perplexity {row['perplexity']:.3f}, "
+                                  f"density {row['density_measured']:.3f} ({secs:.0f} s)")
+                        enqueue_replays(mk)
+        finally:
+            bar.close()
+            ex.close()
+            store.export_csv()
+    summary.update(failed=n_failed, model_runs=n_records, seconds=time.perf_counter() - start)
+    return summary
+

@@ -1,0 +1,73 @@
+"""The two kinds of work a sweep sends to its executor (top-level functions, so they pickle):
+a model run (evaluate once, record every token's masks) and a replay (simulate those masks on
+one device). Both return plain data; only the sweep's own process writes the results folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+KILL_ENV = "DIPSTREAM_SWEEP_KILL_TASK"  # fault injection for tests: the N-th task kills itself
+
+
+def _fault_injection(ordinal: int) -> None:
+    """With $DIPSTREAM_SWEEP_KILL_TASK=N, the process that starts task N dies with SIGKILL (used by
+    the tests to crash a sweep mid-way, exactly like kill -9)."""
+    if os.environ.get(KILL_ENV) == str(ordinal):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _config(params: dict):
+    from dipstream.config import from_namespace
+    from dipstream.experiments.simulate import SimulateConfig
+
+    return from_namespace(SimulateConfig, argparse.Namespace(**params))
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def record_task(params: dict, ordinal: int, threads: int | None = None):
+    """Evaluate one model run with a mask recorder (and, for closed-loop methods, the live
+    simulated caches of `params`' device). Returns (evaluation row, trace .npz bytes or None
+    for a run without masks, wall seconds)."""
+    _fault_injection(ordinal)
+    set_threads(threads)
+    from dipstream.experiments.simulate import _evaluate_and_record, _shape_of
+    from dipstream.simulator import save_trace
+
+    start = time.perf_counter()
+    cfg = _config(params)
+    row, trace = _evaluate_and_record(cfg.eval, cfg.sim, _shape_of(cfg.eval.model), progress=False)
+    data = None
+    if trace is not None:
+        with tempfile.TemporaryDirectory(prefix="dipstream-trace-") as tmp:
+            path = Path(tmp) / "trace.npz"
+            save_trace(trace, path)
+            data = path.read_bytes()
+    return row, data, time.perf_counter() - start
+
+
+def replay_task(trace, params: dict, shape: dict, ordinal: int):
+    """Simulate one device on a recorded trace (a path, the .npz bytes, or None for a dense run).
+    Returns (figures, wall seconds)."""
+    _fault_injection(ordinal)
+    from dipstream.experiments.simulate import _sim, simulate_trace
+    from dipstream.simulator import ModelShape, load_trace
+
+    start = time.perf_counter()
+    cfg = _config(params)
+    if trace is not None:
+        trace = _sim(load_trace, io.BytesIO(trace) if isinstance(trace, bytes) else trace)
+    figures = simulate_trace(trace, ModelShape.from_dict(shape), cfg.sim, cfg.eval.seq_len)
+    return figures, time.perf_counter() - start

@@ -1,0 +1,113 @@
+"""The results table as plain rows, and the slices the report draws from.
+
+A *main device* is one simulated device setting: hardware preset, policy, cache semantics
+(strict capacity or the reference's), with no `hw_set` override. Figures and the headline
+compare methods on it; rows with `hw_set` overrides feed the Flash-bandwidth figure.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+DENSE = "dense"
+CA = "dip-ca"
+
+
+def get(row: dict, key: str, default=None):
+    v = row.get(key, default)
+    return default if v is None else v
+
+
+def gamma_of(row: dict) -> float | None:
+    """DIP-CA's gamma; plain DIP is DIP-CA with gamma 1 exactly (tested), so it counts as 1."""
+    if row["method"] == CA:
+        return float(row["gamma"])
+    return 1.0 if row["method"] == "dip" else None
+
+
+def mb(x: float) -> float:
+    return x / 1e6
+
+
+@dataclass
+class Device:
+    hardware: str
+    policy: str
+    strict: bool
+
+    def holds(self, row: dict) -> bool:
+        return (get(row, "config.hardware") == self.hardware and get(row, "config.policy") == self.policy
+                and bool(get(row, "config.strict_capacity", False)) == self.strict
+                and not get(row, "config.hw_set"))
+
+    def describe(self) -> str:
+        sem = "strict capacity (no cache ever exceeds its DRAM share)" if self.strict else \
+            "reference cache semantics (a cache may exceed its share when one mask alone is larger)"
+        return f"hardware `{self.hardware}`, policy `{self.policy}`, {sem}"
+
+
+def main_device(rows: list[dict], hardware: str | None = None, policy: str | None = None,
+                semantics: str | None = None) -> Device:
+    """The given device, else the most common hardware and policy; strict capacity when the
+    table has it (memory claims need budgets that hold)."""
+    base = [r for r in rows if not get(r, "config.hw_set")] or rows
+    hw = hardware or Counter(get(r, "config.hardware") for r in base).most_common(1)[0][0]
+    pol = policy or Counter(get(r, "config.policy") for r in base).most_common(1)[0][0]
+    if semantics is None:
+        strict = any(get(r, "config.strict_capacity", False) for r in base)
+    else:
+        strict = semantics == "strict"
+    return Device(hw, pol, strict)
+
+
+def models(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["model"] for r in rows))
+
+
+def drams(rows: list[dict]) -> list[float]:
+    """Distinct DRAM fractions (of the model's weight bytes), ascending."""
+    return sorted({round(r["dram_fraction"], 6) for r in rows})
+
+
+def at_dram(rows: list[dict], fraction: float) -> list[dict]:
+    return [r for r in rows if abs(r["dram_fraction"] - fraction) < 1e-6]
+
+
+def dense_perplexity(rows: list[dict]) -> float | None:
+    """Perplexity of the dense model run (the same windows as every other run of the model)."""
+    vals = [r["perplexity"] for r in rows if r["method"] == DENSE]
+    return vals[0] if vals else None
+
+
+def dense_streaming(rows: list[dict], fraction: float) -> dict | None:
+    """Dense-MLP streaming figures at one DRAM fraction (every row carries them)."""
+    rs = at_dram(rows, fraction)
+    if not rs:
+        return None
+    return {k[len("dense_streaming."):]: v for k, v in rs[0].items() if k.startswith("dense_streaming.")}
+
+
+def label(row: dict) -> str:
+    g = f", γ={row['gamma']}" if row["method"] == CA else ""
+    return f"{row['method']} d={row['density_requested']:g}{g}"
+
+
+def median_value(values: list[float]) -> float:
+    v = sorted(values)
+    return v[(len(v) - 1) // 2]
+
+
+def reference_density(rows: list[dict], preferred: float | None = 0.9) -> float | None:
+    """The density used for per-method curves: `preferred` when DIP-CA or DIP has it, else the
+    density most methods share."""
+    sparse = [r for r in rows if r["method"] != DENSE]
+    if not sparse:
+        return None
+    dens = {round(float(r["density_requested"]), 6) for r in sparse if r["method"] in (CA, "dip")}
+    if preferred is not None and round(preferred, 6) in dens:
+        return preferred
+    by = Counter()
+    for d, m in {(round(float(r["density_requested"]), 6), r["method"]) for r in sparse}:
+        by[d] += 1
+    return max(by, key=lambda d: (by[d], d))
