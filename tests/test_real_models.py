@@ -55,3 +55,17 @@ def test_dip_skips_weights_on_real_model(smollm2):
             for p, (u, g, d) in zip(sm.parts, saved):
                 p.up_weight.copy_(u), p.gate_weight.copy_(g), p.down_weight.copy_(d)
         sm.detach()
+
+
+def test_lora_finetune_round_trip_on_real_model(tmp_path):
+    """Two KD steps of DIP + LoRA on SmolLM2: the perplexity before training is plain DIP's, and the
+    saved adapter reproduces the trained model's perplexity exactly when loaded by `eval`."""
+    from dipstream.training import FinetuneConfig, TrainOptions, run_finetune
+
+    ev = EvalConfig(method="dip", density=0.5, tokens=511)
+    row = run_finetune(FinetuneConfig(ev, TrainOptions(out=str(tmp_path / "a"), steps=2, val_every=1,
+                                                       val_tokens=511, warmup_steps=1)))
+    assert row["perplexity_before"] == run_eval(ev)["perplexity"]
+    again = run_eval(EvalConfig(method="dip", density=0.5, tokens=511, adapter=str(tmp_path / "a")))
+    assert again["perplexity"] == row["perplexity_after"] != row["perplexity_before"]
+    assert again["adapter_weights"] == row["adapter_weights"] == 30 * 16 * (2 * (576 + 1536) + 1536 + 576)
