@@ -183,6 +183,16 @@ class SparseMLPWeights:
         """Weight bytes one token reads at these k (the memory traffic the kernel streams)."""
         return (min(k_in, self.d) * 2 * self.D + min(k_out, self.D) * self.d) * 4
 
+    @property
+    def rows_in(self) -> torch.Tensor:
+        """The row matrix the input selection reads ((d, 2D): [gate | up] per input index)."""
+        return self.gate_up_t
+
+    @property
+    def rows_out(self) -> torch.Tensor:
+        """The row matrix the hidden selection reads ((D, d): W_down^T)."""
+        return self.down_t
+
     def _buffers(self):
         s = self._scratch
         if getattr(s, "gu", None) is None:
@@ -269,38 +279,52 @@ def gather_gemv(Wt: torch.Tensor, idx: torch.Tensor, coeffs: torch.Tensor, *,
     return out
 
 
-def _sparse_token_torch(w: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int, act: str):
+def rows_gemv_torch(rows, idx: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """``coeffs @ rows[idx]`` in plain torch for a float32 row matrix or a quantized one
+    (:class:`dipstream.runtime.quant.QuantRows`, dequantizing only the selected rows)."""
+    if idx.numel() == 0:
+        return torch.zeros(rows.shape[1], dtype=torch.float32)
+    sel = rows.index_select(0, idx) if isinstance(rows, torch.Tensor) else rows.dequantize(idx)
+    return coeffs @ sel
+
+
+def rows_select_gemv(lib, rows, v: torch.Tensor, k: int, idx: torch.Tensor, coef: torch.Tensor,
+                     out: torch.Tensor, nthreads: int) -> int:
+    """Native top-k of |v| -> idx, then ``out = v[idx] @ rows[idx]``; returns the count."""
+    n = v.numel()
+    if isinstance(rows, torch.Tensor):
+        got = lib.ds_select_gemv(v.data_ptr(), n, k, rows.data_ptr(), rows.stride(0),
+                                 rows.shape[1], idx.data_ptr(), coef.data_ptr(), out.data_ptr(),
+                                 nthreads)
+    else:
+        got = lib.ds_select_gemv_q(v.data_ptr(), n, k, *rows.native_args(), idx.data_ptr(),
+                                   coef.data_ptr(), out.data_ptr(), nthreads)
+    if got != k:
+        raise MemoryError("ds_select_gemv failed")
+    return got
+
+
+def _sparse_token_torch(w, x: torch.Tensor, k_in: int, k_out: int, act: str):
     s_in = _select_topk_abs_torch(x, k_in)
-    gu = x.index_select(0, s_in) @ w.gate_up_t.index_select(0, s_in)
-    if s_in.numel() == 0:
-        gu = torch.zeros(2 * w.D)
+    gu = rows_gemv_torch(w.rows_in, s_in, x.index_select(0, s_in))
     h = _act_torch(gu[:w.D], act) * gu[w.D:]
     s_out = _select_topk_abs_torch(h, k_out)
-    y = h.index_select(0, s_out) @ w.down_t.index_select(0, s_out)
-    if s_out.numel() == 0:
-        y = torch.zeros(w.d)
+    y = rows_gemv_torch(w.rows_out, s_out, h.index_select(0, s_out))
     return y, s_in, s_out
 
 
-def _sparse_token_native(lib, w: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int,
+def _sparse_token_native(lib, w, x: torch.Tensor, k_in: int, k_out: int,
                          act: str, want_idx: bool, nthreads: int):
     b = w._buffers()
     y = torch.empty(w.d, dtype=torch.float32)
     idx_in = torch.empty(k_in, dtype=torch.int64) if want_idx else b.idx_in
     idx_out = torch.empty(k_out, dtype=torch.int64) if want_idx else b.idx_out
     # [gate | up] pre-activations from the selected input rows only
-    got = lib.ds_select_gemv(x.data_ptr(), w.d, k_in, w.gate_up_t.data_ptr(),
-                             w.gate_up_t.stride(0), 2 * w.D, idx_in.data_ptr(),
-                             b.coef.data_ptr(), b.gu.data_ptr(), nthreads)
-    if got != k_in:
-        raise MemoryError("ds_select_gemv failed")
+    rows_select_gemv(lib, w.rows_in, x, k_in, idx_in, b.coef, b.gu, nthreads)
     # the activation runs in torch, bit-identical to the references (selection of S_out
     # depends on it, e.g. on which saturated GELU/SiLU values round to exactly 0)
     torch.mul(_act_torch(b.gu[:w.D], act), b.gu[w.D:], out=b.h)
-    got = lib.ds_select_gemv(b.h.data_ptr(), w.D, k_out, w.down_t.data_ptr(), w.down_t.stride(0),
-                             w.d, idx_out.data_ptr(), b.coef.data_ptr(), y.data_ptr(), nthreads)
-    if got != k_out:
-        raise MemoryError("ds_select_gemv failed")
+    rows_select_gemv(lib, w.rows_out, b.h, k_out, idx_out, b.coef, y, nthreads)
     return y, idx_in, idx_out
 
 
@@ -316,8 +340,8 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
     ``backend``: "auto" (kernel if it built, else torch), "native" (kernel or error), "torch".
     ``num_threads``: kernel threads (default ``torch.get_num_threads()``).
     """
-    if not isinstance(weights, SparseMLPWeights):
-        raise TypeError("weights must be a SparseMLPWeights")
+    if not hasattr(weights, "rows_in"):
+        raise TypeError("weights must be a SparseMLPWeights or QuantizedSparseMLPWeights")
     _act_code(act)  # validate early
     if x.shape[-1] != weights.d or x.dim() not in (1, 2):
         raise ValueError(f"x must have shape ({weights.d},) or (T, {weights.d}), "
