@@ -46,6 +46,27 @@ def cmd_simulate(ns) -> int:
     return 0
 
 
+_GEN_KEYS = ("prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "mlp_s_per_token",
+             "io_s_per_token", "reads_per_token", "disk_bytes_per_token", "ram_bytes_per_token",
+             "hit_rate", "density_measured", "direct_io", "ram_mlp_bytes", "dram_budget_bytes")
+
+
+def cmd_generate(ns) -> int:
+    from dipstream.runtime.generate import GenerateConfig, run_generate
+
+    row = run_generate(from_namespace(GenerateConfig, ns))
+    print(f"-- {row['model']} {row['method']} @ {row['density_requested']} "
+          f"({row['weights']}, {row['device']}, {row['threads']} threads"
+          + (f", offload {row['offload_dir']}, policy {row['policy']}" if row.get("offload_dir")
+             else "") + ")", file=sys.stderr)
+    for k in _GEN_KEYS:
+        if row.get(k) is not None:
+            v = row[k]
+            print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}",
+                  file=sys.stderr)
+    return 0
+
+
 def cmd_models(ns) -> int:
     from dipstream.models.loading import BUILTIN_MODELS, cache_root
 
@@ -80,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="perplexity plus simulated tokens/s, memory and hit rate")
     add_dataclass_args(p, SimulateConfig)
     p.set_defaults(func=cmd_simulate)
+    from dipstream.runtime.generate import GenerateConfig
+
+    p = sub.add_parser("generate", help="stream generated text with the real (sparse, optionally "
+                                        "offloaded) MLP and report tokens/s")
+    add_dataclass_args(p, GenerateConfig)
+    p.set_defaults(func=cmd_generate)
     sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
     sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
     return parser
