@@ -120,7 +120,7 @@ def test_corrupt_truncated_and_mismatched_files(model, offload_dir, tmp_path):
 def test_direct_io_fallback_warns(model, offload_dir, monkeypatch):
     """A filesystem without O_DIRECT: one warning that numbers include the page cache; reads
     still return the right bytes."""
-    monkeypatch.setattr(of, "_open_direct", lambda path, align: None)
+    monkeypatch.setattr(of, "open_direct", lambda path, align: None)
     with pytest.warns(RuntimeWarning, match="page cache"):
         f = of.open_offload(offload_dir, model="small")
     try:
@@ -254,3 +254,29 @@ def test_trace_replays_to_the_same_hits(model, offload_dir, method):
     assert res.mlp_flash_bytes_per_token == pytest.approx(
         (rt.stats.selected_bytes - rt.stats.ram_bytes) / n)
     assert res.capacity_units == [rt.capacity[h] for h in res.hook_names]
+
+
+def test_async_reads_and_read_errors(model, offload_dir):
+    """submit_runs/result reads the same bytes as read_runs; a read past the end of the file is
+    a one-line error and leaves the reader usable."""
+    f = of.open_offload(offload_dir, model="small")
+    try:
+        lay = f.layout
+        a = of.aligned_bytes(64 * lay.in_stride)
+        b = of.aligned_bytes(64 * lay.in_stride)
+        units = np.array([0, 1, 2, 7, 9, 10, 40, 63])
+        f.read_runs("in", 0, units, a)
+        reads, secs = f.submit_runs("in", 0, units, b).result()
+        assert reads == 5 and secs >= 0 and torch.equal(a[:8 * lay.in_stride],
+                                                        b[:8 * lay.in_stride])
+        with pytest.raises(DipstreamError, match="reading .* failed"):
+            f.read_extents(np.array([lay.size]), np.array([512]), np.array([a.data_ptr()]), a)
+        f.layout = of.Layout(4, 64, 256)  # pretend there are more layers than the file holds
+        with pytest.raises(DipstreamError, match="reading .* failed"):
+            f.submit_runs("in", 3, units, b).result()
+        f.layout = lay
+        f.read_runs("out", 1, np.arange(10), a)  # still works
+        got = a.view(torch.float32).as_strided((10, 64), (lay.out_stride // 4, 1))
+        assert torch.equal(got, mlp_parts(model)[1].down_weight.t()[:10])
+    finally:
+        f.close()

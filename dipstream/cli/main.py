@@ -67,6 +67,21 @@ def cmd_generate(ns) -> int:
     return 0
 
 
+def cmd_probe(ns) -> int:
+    from dipstream.runtime.probe import ProbeConfig, run_probe
+
+    out = run_probe(from_namespace(ProbeConfig, ns), log=lambda m: print(m, file=sys.stderr))
+    hw, fit = out["hardware"], out["fit"]
+    print(f"wrote {out['out']}")
+    print(f"  dram_bw {hw['dram_bw'] / 1e9:.2f} GB/s, compute_flops {hw['compute_flops'] / 1e9:.2f} "
+          f"GFLOP/s (fused GEMV {out['gemv_bw'] / 1e9:.2f} GB/s)")
+    print(f"  flash_bw {hw['flash_bw'] / 1e9:.3f} GB/s (direct I/O: {out['disk']['direct_io']}), "
+          f"read latency {fit['latency_qd1_s'] * 1e6:.1f} us at 1 in flight, "
+          f"{fit['per_read_s'] * 1e6:.1f} us/read at {out['disk']['io_threads']} "
+          f"-> queue depth {hw['flash_queue_depth']}")
+    return 0
+
+
 def cmd_models(ns) -> int:
     from dipstream.models.loading import BUILTIN_MODELS, cache_root
 
@@ -107,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "offloaded) MLP and report tokens/s")
     add_dataclass_args(p, GenerateConfig)
     p.set_defaults(func=cmd_generate)
+    from dipstream.runtime.probe import ProbeConfig
+
+    p = sub.add_parser("probe", help="measure RAM, disk and CPU GEMV speed; write a hardware "
+                                     "file for `dipstream simulate`")
+    add_dataclass_args(p, ProbeConfig)
+    p.set_defaults(func=cmd_probe)
     sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
     sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
     return parser

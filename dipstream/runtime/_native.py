@@ -35,7 +35,7 @@ import torch
 
 __all__ = ["load", "status", "C_SOURCE"]
 
-KERNEL_VERSION = 6
+KERNEL_VERSION = 7
 
 C_SOURCE = r"""
 /* dipstream sparse MLP kernel: fused gather-GEMV over selected rows of a row-major matrix. */
@@ -542,6 +542,8 @@ static int do_pread(int fd, char* p, int64_t len, int64_t off)
     return 0;
 }
 
+static _Atomic int64_t g_io_end_ns;
+
 static void io_run(int i)
 {
     int e = do_pread(g_io.fd, (char*)(intptr_t)g_io.dst[i], g_io.len[i], g_io.off[i]);
@@ -549,6 +551,9 @@ static void io_run(int i)
         int zero = 0;
         atomic_compare_exchange_strong(&g_io_err, &zero, e);
     }
+    int64_t t = now_ns();
+    int64_t prev = atomic_load(&g_io_end_ns);
+    while (prev < t && !atomic_compare_exchange_weak(&g_io_end_ns, &prev, t)) {}
     atomic_fetch_add(&g_io_done, 1);
 }
 
@@ -621,6 +626,74 @@ DS_API int ds_pread_batch(int fd, int64_t n, const int64_t* off, const int64_t* 
         }
         err = atomic_load(&g_io_err);
     }
+    pthread_mutex_unlock(&g_io_call_mu);
+    return err;
+}
+
+/* Asynchronous variant: ds_pread_submit hands all n extents (n < 2^20) to the I/O threads and
+ * returns at once; ds_pread_wait blocks until they are read and returns 0 or the first errno,
+ * with the CLOCK_MONOTONIC time (ns) at which the last read finished in *end_ns.  The arrays
+ * must stay alive until the wait.  One submission at a time (the call lock is held in between
+ * and must be released by ds_pread_wait from the same thread). */
+static int64_t g_io_cnt;
+
+DS_API int ds_pread_submit(int fd, int64_t n, const int64_t* off, const int64_t* len,
+                           const int64_t* dst, int nthreads)
+{
+    if (n <= 0 || n >= (int64_t)IO_NMASK) return EINVAL;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > IO_MAX_THREADS) nthreads = IO_MAX_THREADS;
+    pthread_mutex_lock(&g_io_call_mu);
+    if (!g_io_atfork) { pthread_atfork(NULL, NULL, io_atfork_child); g_io_atfork = 1; }
+    while (g_io_nthreads < nthreads) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 1 << 18);
+        int rc = pthread_create(&th, &attr, io_main, (void*)(intptr_t)g_io_nthreads);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        g_io_nthreads++;
+    }
+    if (g_io_nthreads < 1) {  /* no thread could be started: read now */
+        pthread_mutex_unlock(&g_io_call_mu);
+        int e = ds_pread_batch(fd, n, off, len, dst, 1);
+        pthread_mutex_lock(&g_io_call_mu);
+        atomic_store(&g_io_err, e);
+        g_io_cnt = 0;
+        atomic_store(&g_io_end_ns, now_ns());
+        return 0;
+    }
+    iojob_t j = {fd, off, len, dst};
+    g_io = j;
+    g_io_cnt = n;
+    atomic_store(&g_io_done, 0);
+    atomic_store(&g_io_err, 0);
+    atomic_store(&g_io_end_ns, 0);
+    g_io_gen = (g_io_gen + 1) & 0xffffffu;
+    if (g_io_gen == 0) g_io_gen = 1;
+    pthread_mutex_lock(&g_io_mu);
+    atomic_store(&g_io_active, nthreads < g_io_nthreads ? nthreads : g_io_nthreads);
+    atomic_store(&g_io_state, ((uint64_t)g_io_gen << 40) | ((uint64_t)n << 20));
+    pthread_cond_broadcast(&g_io_cv);
+    pthread_mutex_unlock(&g_io_mu);
+    return 0;
+}
+
+DS_API int ds_pread_wait(int64_t* end_ns)
+{
+    int64_t cnt = g_io_cnt;
+    int i;
+    /* caller-runs: reads no I/O thread has claimed yet are done here (a descheduled I/O thread
+     * on a busy machine then costs parallelism, not a stall) */
+    if (cnt > 0)
+        while ((i = io_claim(NULL)) >= 0) io_run(i);
+    for (int spins = 0; atomic_load(&g_io_done) < cnt; ++spins) {
+        if (spins < 256) CPU_RELAX(); else sched_yield();
+    }
+    int err = atomic_load(&g_io_err);
+    if (end_ns) *end_ns = atomic_load(&g_io_end_ns);
     pthread_mutex_unlock(&g_io_call_mu);
     return err;
 }
@@ -723,6 +796,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_select_gemv_q.restype = I64
     lib.ds_pread_batch.argtypes = [I, I64, P, P, P, I]
     lib.ds_pread_batch.restype = I
+    lib.ds_pread_submit.argtypes = [I, I64, P, P, P, I]
+    lib.ds_pread_submit.restype = I
+    lib.ds_pread_wait.argtypes = [P]
+    lib.ds_pread_wait.restype = I
     lib.ds_threads.restype = I
     lib.ds_version.restype = I
 

@@ -397,6 +397,7 @@ def _runtime_stats(rt, steps: int) -> dict:
     if hasattr(rt, "stats"):
         s = rt.stats
         return {"mlp_s_per_token": s.mlp_s / n, "io_s_per_token": s.io_s / n,
+                "io_wait_s_per_token": s.io_wait_s / n,
                 "reads_per_token": s.reads / n, "disk_bytes_per_token": s.disk_bytes / n,
                 "ram_bytes_per_token": s.ram_bytes / n,
                 "hit_rate": s.hit_rate_sum / s.hit_rate_n if s.hit_rate_n else None,

@@ -11,9 +11,9 @@ a trace of this run replayed through ``simulate`` with the same policy sees the 
 RAM for MLP weights = the caches + one read buffer that holds a whole hook (the working set of
 one layer of one token, at most); ``budget`` bounds their sum.  Per decoded token and layer:
 select the mask (DIP: top-k |x| / |h|; DIP-CA: ``ca_select`` on the caches' real state; dense:
-everything), read the missed units with positioned reads (runs of consecutive units are one
-read), compute the gather-GEMV over cached slots plus the read buffer, step the policy and
-update the cache.  The prompt pass reads each layer's regions whole (sequential reads), runs
+everything), start the positioned reads of the missed units on a background thread (runs of
+consecutive units are one read), meanwhile compute the gather-GEMV over the cached slots and
+step the policy, then add the read units' product and update the cache.  The prompt pass reads each layer's regions whole (sequential reads), runs
 the same selection per prompt token and steps the caches token by token.
 """
 
@@ -116,6 +116,7 @@ class TokenStats:
     tokens: int = 0
     mlp_s: float = 0.0
     io_s: float = 0.0
+    io_wait_s: float = 0.0
     reads: int = 0
     disk_bytes: int = 0
     ram_bytes: int = 0
@@ -174,6 +175,7 @@ class OffloadRuntime:
                                         self.capacity[f"layers.{i}.{kind}"])
                               for i in range(self.L)] for kind in ("in", "out")}
         self.buffer = aligned_bytes(self.read_bytes)
+        self._out = {k: torch.zeros(lay.hook(k)[1] // 4) for k in ("in", "out")}
         self.record_masks = record_masks
         self.masks = {kind: [[] for _ in range(self.L)] for kind in ("in", "out")}
         self.stats = TokenStats()
@@ -234,22 +236,31 @@ class OffloadRuntime:
         sel = np.flatnonzero(mask)
         hit_m = cache.cached[sel]
         hit, miss = sel[hit_m], sel[~hit_m]
-        t0 = time.perf_counter()
-        reads = self.file.read_runs(kind, layer, miss, self.buffer)
-        t_io = time.perf_counter() - t0
-        m_out = self.lay.hook(kind)[1] // 4
-        out = torch.zeros(m_out, dtype=torch.float32)
-        if hit.size:
-            gather_gemv(cache.slab, torch.from_numpy(cache.slot[hit]),
-                        v[torch.from_numpy(hit)], out=out)
+        # the reads of the missed units run on the I/O threads while the cached units'
+        # product and the cache policy's step are computed (DRAM and disk reads overlap)
+        fut = self.file.submit_runs(kind, layer, miss, self.buffer) if miss.size else None
+        reads, t_io, t_wait = 0, 0.0, 0.0
+        try:
+            out = self._out[kind]
+            out.zero_()
+            if hit.size:
+                gather_gemv(cache.slab, torch.from_numpy(cache.slot[hit]),
+                            v[torch.from_numpy(hit)], out=out)
+            pol = self.policies[kind]
+            pol.step(mask[None], rows=[layer])
+            new_cached = pol.cached(rows=[layer])[0]
+        finally:  # always collect the reads (the buffer must not be reused while in flight)
+            if fut is not None:
+                t0 = time.perf_counter()
+                reads, t_io = fut.result()
+                t_wait = time.perf_counter() - t0
         rows = self._rows(kind, miss.size)
         if miss.size:
             out += gather_gemv(rows, torch.arange(miss.size), v[torch.from_numpy(miss)])
-        pol = self.policies[kind]
-        pol.step(mask[None], rows=[layer])
-        cache.update(pol.cached(rows=[layer])[0], rows, miss)
+        cache.update(new_cached, rows, miss)
         st, ub, stride = self.stats, self.lay.hook(kind)[1], self.lay.hook(kind)[2]
         st.io_s += t_io
+        st.io_wait_s += t_wait
         st.reads += reads
         st.disk_bytes += miss.size * stride
         st.ram_bytes += hit.size * ub
@@ -270,7 +281,7 @@ class OffloadRuntime:
         gu = self._hook_decode("in", layer, x, m_in)
         h = _act_torch(gu[:self.D], self.act) * gu[self.D:]
         m_out = self._select("out", layer, h, t)
-        y = self._hook_decode("out", layer, h, m_out)
+        y = self._hook_decode("out", layer, h, m_out).clone()
         if self.record_masks:
             self.masks["in"][layer].append(m_in)
             self.masks["out"][layer].append(m_out)

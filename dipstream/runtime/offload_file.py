@@ -22,10 +22,12 @@ file is read through the page cache after one warning saying so.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import tempfile
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,9 +40,9 @@ from dipstream.errors import DipstreamError
 from dipstream.io import write_json_atomic
 from dipstream.runtime import _native
 
-__all__ = ["Layout", "BundledFile", "write_offload", "open_offload", "ensure_offload",
-           "read_manifest", "aligned_bytes", "fingerprint", "FORMAT", "DATA_NAME",
-           "MANIFEST_NAME"]
+__all__ = ["Layout", "BundledFile", "ExtentReader", "open_direct", "write_offload",
+           "open_offload", "ensure_offload", "read_manifest", "aligned_bytes", "fingerprint",
+           "FORMAT", "DATA_NAME", "MANIFEST_NAME"]
 
 FORMAT = "dipstream-offload/1"
 DATA_NAME, MANIFEST_NAME = "mlp.bin", "mlp.json"
@@ -191,7 +193,7 @@ def _drop_page_cache(path: Path) -> None:
             pass
 
 
-def _open_direct(path: Path, align: int) -> int | None:
+def open_direct(path, align: int = REGION_ALIGN) -> int | None:
     """A file descriptor with O_DIRECT that passed an aligned trial read, or None."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
@@ -211,14 +213,12 @@ def _open_direct(path: Path, align: int) -> int | None:
         return None
 
 
-class BundledFile:
-    """An open, verified offload file: positioned reads of unit runs into aligned buffers."""
+class ExtentReader:
+    """Positioned reads of (offset, length) extents of one file into a buffer, ``io_threads``
+    in flight (native ``ds_pread_batch``, or Python threads without the native library)."""
 
-    def __init__(self, directory, manifest: dict, fd: int, direct: bool, io_threads: int):
-        self.directory, self.manifest = Path(directory), manifest
-        self.layout = Layout(manifest["n_layers"], manifest["d"], manifest["D"],
-                             manifest["record_align"])
-        self.fd, self.direct, self.io_threads = fd, direct, max(1, int(io_threads))
+    def __init__(self, fd: int, io_threads: int = 8, label: str = "file"):
+        self.fd, self.io_threads, self.label = fd, max(1, int(io_threads)), label
         self._pool = None
         self.reads = 0
         self.bytes_read = 0
@@ -250,8 +250,7 @@ class BundledFile:
             rc = lib.ds_pread_batch(self.fd, n, off.ctypes.data, ln.ctypes.data, dst.ctypes.data,
                                     self.io_threads)
             if rc != 0:
-                raise DipstreamError(f"reading {self.directory / DATA_NAME} failed: "
-                                     f"{os.strerror(rc)}")
+                raise DipstreamError(f"reading {self.label} failed: {os.strerror(rc)}")
         else:
             self._read_python(off, ln, dst, buf)
         self.reads += n
@@ -267,7 +266,8 @@ class BundledFile:
             while want:
                 got = os.preadv(self.fd, [view], pos)
                 if got <= 0:
-                    raise OSError(f"unexpected end of file at {pos}")
+                    raise DipstreamError(f"reading {self.label} failed: unexpected end of file "
+                                         f"at byte {pos}")
                 view, pos, want = view[got:], pos + got, want - got
         if self.io_threads == 1 or len(off) == 1:
             for i in range(len(off)):
@@ -277,29 +277,85 @@ class BundledFile:
             self._pool = ThreadPoolExecutor(self.io_threads)
         list(self._pool.map(one, range(len(off))))
 
+
+class PendingRead:
+    """Reads in flight from ``BundledFile.submit_runs``."""
+
+    def __init__(self, lib, n: int, t0, label: str, keep=None):
+        self.lib, self.n, self.t0, self.label, self._keep = lib, n, t0, label, keep
+        self._done = lib is None
+
+    def result(self) -> tuple[int, float]:
+        """Wait; (reads, seconds from submission until the last read finished)."""
+        if self._done:
+            return self.n, self.t0
+        end = ctypes.c_int64(0)
+        rc = self.lib.ds_pread_wait(ctypes.byref(end))
+        self._done, self._keep = True, None
+        if rc != 0:
+            raise DipstreamError(f"reading {self.label} failed: {os.strerror(rc)}")
+        self.t0 = max(0.0, (end.value - self.t0) / 1e9)
+        return self.n, self.t0
+
+
+class BundledFile(ExtentReader):
+    """An open, verified offload file: positioned reads of unit runs into aligned buffers."""
+
+    def __init__(self, directory, manifest: dict, fd: int, direct: bool, io_threads: int):
+        super().__init__(fd, io_threads, str(Path(directory) / DATA_NAME))
+        self.directory, self.manifest = Path(directory), manifest
+        self.layout = Layout(manifest["n_layers"], manifest["d"], manifest["D"],
+                             manifest["record_align"])
+        self.direct = direct
+
+    def _extents(self, kind: str, layer: int, units: np.ndarray, buf: torch.Tensor,
+                 max_read: int):
+        n_units, _, stride = self.layout.hook(kind)
+        units = np.asarray(units, np.int64)
+        if units.size * stride > buf.numel():
+            raise ValueError("read buffer too small")
+        starts = np.flatnonzero(np.diff(units, prepend=units[0] - 2) != 1)
+        lens = np.diff(np.append(starts, units.size))
+        per = max(1, max_read // stride)
+        pieces = (lens + per - 1) // per  # long runs are split into reads of <= max_read
+        a = np.repeat(starts, pieces) + per * (np.arange(pieces.sum()) -
+                                               np.repeat(np.cumsum(pieces) - pieces, pieces))
+        b = np.minimum(a + per, np.repeat(starts + lens, pieces))
+        base = self.layout.offset(kind, layer)
+        return (np.ascontiguousarray(base + units[a] * stride, np.int64),
+                np.ascontiguousarray((b - a) * stride, np.int64),
+                np.ascontiguousarray(buf.data_ptr() + a * stride, np.int64))
+
     def read_runs(self, kind: str, layer: int, units: np.ndarray, buf: torch.Tensor,
                   max_read: int = 1 << 20) -> int:
         """Read the records of ``units`` (sorted unit indices of hook ``kind`` of ``layer``) into
         ``buf`` back to back (record r of the list at byte r * stride).  Consecutive units are one
         read (split at ``max_read`` bytes).  Returns the number of reads."""
-        n_units, _, stride = self.layout.hook(kind)
-        units = np.asarray(units, np.int64)
-        if units.size == 0:
+        if len(units) == 0:
             return 0
-        if units.size * stride > buf.numel():
-            raise ValueError("read buffer too small")
-        starts = np.flatnonzero(np.diff(units, prepend=units[0] - 2) != 1)
-        ends = np.append(starts[1:], units.size)
-        per = max(1, max_read // stride)
-        a, b = [], []
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            a.extend(range(s, e, per))
-            b.extend(min(x + per, e) for x in range(s, e, per))
-        a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
-        base = self.layout.offset(kind, layer)
-        self.read_extents(base + units[a] * stride, (b - a) * stride,
-                          buf.data_ptr() + a * stride, buf)
-        return len(a)
+        off, ln, dst = self._extents(kind, layer, units, buf, max_read)
+        self.read_extents(off, ln, dst, buf)
+        return len(off)
+
+    def submit_runs(self, kind: str, layer: int, units: np.ndarray, buf: torch.Tensor,
+                    max_read: int = 1 << 20) -> "PendingRead":
+        """Start ``read_runs`` on the native library's I/O threads and return at once (the
+        caller computes meanwhile); ``.result()`` waits and gives (reads, seconds from the
+        submission until the last read finished).  Without the native library the reads happen
+        here, synchronously."""
+        off, ln, dst = self._extents(kind, layer, units, buf, max_read)
+        lib = _native.load()
+        t0 = time.monotonic_ns()
+        if lib is None or len(off) >= (1 << 20) - 1:
+            self.read_extents(off, ln, dst, buf)
+            return PendingRead(None, len(off), (time.monotonic_ns() - t0) / 1e9, self.label)
+        rc = lib.ds_pread_submit(self.fd, len(off), off.ctypes.data, ln.ctypes.data,
+                                 dst.ctypes.data, self.io_threads)
+        if rc != 0:
+            raise DipstreamError(f"reading {self.label} failed: {os.strerror(rc)}")
+        self.reads += len(off)
+        self.bytes_read += int(ln.sum())
+        return PendingRead(lib, len(off), t0, self.label, keep=(off, ln, dst))
 
     def read_region(self, kind: str, layer: int, buf: torch.Tensor, max_read: int = 1 << 20) -> int:
         """All units of a hook (the prefill reads every weight once)."""
@@ -377,7 +433,7 @@ def open_offload(directory, *, model: str | None = None, shape: tuple | None = N
     if actual != m["size"]:
         raise DipstreamError(f"{data} is truncated or corrupt: {actual} bytes, expected "
                              f"{m['size']}; {rebuild}")
-    fd = _open_direct(data, max(lay.align, REGION_ALIGN)) if direct else None
+    fd = open_direct(data, max(lay.align, REGION_ALIGN)) if direct else None
     if direct and fd is None:
         warnings.warn(f"direct I/O (O_DIRECT) is not supported for {data}; reading through the "
                       "OS page cache, so measured speeds include the page cache, not just the "
