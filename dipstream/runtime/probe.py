@@ -63,6 +63,8 @@ class ProbeConfig:
         "help": "reads in flight (as dipstream generate --io-threads)"})
     reads: int = field(default=2000, metadata={"help": "random reads per measurement"})
     ram_mb: int = field(default=512, metadata={"help": "RAM test tensor size in MiB"})
+    gemv_shape: str = field(default="4096x14336", metadata={
+        "help": "rows x columns of the float32 matrix the GEMV test streams (RAM-resident)"})
     repeats: int = field(default=5, metadata={"help": "repeats per measurement (median)"})
     direct_io: bool = field(default=True, metadata={
         "help": "read the test file with O_DIRECT (--no-direct-io: through the page cache)"})
@@ -221,6 +223,11 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
     except ValueError as e:
         raise DipstreamError(f"--size: {e}") from None
     chunks = _chunk_sizes(cfg)
+    try:
+        gn, gm = (int(v) for v in cfg.gemv_shape.lower().split("x"))
+    except ValueError:
+        raise DipstreamError(f"--gemv-shape {cfg.gemv_shape!r}: give ROWSxCOLS, e.g. "
+                             "4096x14336") from None
     if cfg.file is None and size < max(64 * max(chunks), 4 * cfg.seq_chunk * cfg.io_threads):
         raise DipstreamError(f"--size {cfg.size} is too small for the reads it must hold; give "
                              f"at least {max(64 * max(chunks), 4 * cfg.seq_chunk * cfg.io_threads)} "
@@ -251,8 +258,8 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
     try:
         log(f"probe: RAM read bandwidth ({cfg.ram_mb} MiB)...")
         out["ram_bw"] = measure_ram(cfg.ram_mb, cfg.repeats)
-        log("probe: CPU GEMV (fused kernel, 4096 x 14336 float32)...")
-        out["gemv_flops"], out["gemv_bw"] = measure_gemv(cfg.repeats)
+        log(f"probe: CPU GEMV (fused kernel, {gn} x {gm} float32)...")
+        out["gemv_flops"], out["gemv_bw"] = measure_gemv(cfg.repeats, gn, gm)
         log(f"probe: disk reads of {path} ({path.stat().st_size / 1e9:.2f} GB)...")
         out["disk"] = measure_disk(path, cfg, chunks)
     finally:
@@ -272,7 +279,7 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
              f"{out['torch_threads']} torch threads) at {out['date']}; load average "
              f"{', '.join(f'{v:.2f}' for v in out['load_avg'] or [])}",
              f"# RAM read (torch.sum, {cfg.ram_mb} MiB): {out['ram_bw'] / 1e9:.2f} GB/s; fused "
-             f"GEMV 4096x14336 fp32: {out['gemv_flops'] / 1e9:.2f} GFLOP/s "
+             f"GEMV {gn}x{gm} fp32: {out['gemv_flops'] / 1e9:.2f} GFLOP/s "
              f"({out['gemv_bw'] / 1e9:.2f} GB/s)",
              f"# disk test file in {directory}, direct I/O: {disk['direct_io']}; sequential "
              f"{disk['seq_chunk']} B reads, {cfg.io_threads} in flight: "
