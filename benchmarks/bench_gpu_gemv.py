@@ -73,7 +73,6 @@ def main(argv=None) -> int:
                 bw = nbytes / best[0]
                 print(f"{name:>10} {dens:5.2f} {bw_dense / 1e9:9.0f} {bw / 1e9:9.0f} "
                       f"{bw / bw_dense:7.2f}  {best[1] or 'default tiles'}")
-            del Wt
         # the whole DIP MLP, selection included, vs the dense MLP
         Wg, Wu = W_gu[:D_FF], W_gu[D_FF:]
         w = SparseMLPWeights(Wg, Wu, W_dn, device="cuda", dtype=dt)
@@ -86,7 +85,6 @@ def main(argv=None) -> int:
             t = bench(lambda: sparse_mlp(w, x, k_in, k_out))
             print(f"   DIP density {dens:.2f} (k_in {k_in}, k_out {k_out}): {t * 1e6:.0f} us, "
                   f"{t_dense / t:.2f}x vs dense")
-        del w, W_gu, W_dn
     return 0
 
 

@@ -123,6 +123,7 @@ def test_generate_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
     (["--offload", "OFF", "--dram", "1kB"], "smaller than one token's working set"),
     (["--offload", "OFF", "--weights", "int8"], "float32 weights on disk"),
     (["--density", "1.5"], "outside (0, 1]"),
+    (["--method", "dense", "--weights", "int4"], "applies to the sparse kernel"),
     (["--offload", "OFF", "--dram", "lots"], "--dram"),
 ])
 def test_generate_cli_errors(tiny_checkpoint, tmp_path, capsys, extra, message):

@@ -162,7 +162,7 @@ def test_tmpfs_direct_io_detection(model, tmp_path):
 
 def _runtime(model, offload_dir, method, density_k, budget, policy="lru", gamma=0.1):
     parts = mlp_parts(model)
-    L, d, D = len(parts), parts[0].d_model, parts[0].d_ff
+    L = len(parts)
     f = of.open_offload(offload_dir, model="small")
     kin, kout = density_k
     return OffloadRuntime(f, parts[0].act_name, method, [kin] * L, [kout] * L, budget,

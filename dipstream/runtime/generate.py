@@ -248,6 +248,9 @@ def _check(cfg: GenerateConfig) -> None:
     if cfg.offload and cfg.weights != "float32":
         raise DipstreamError("--offload keeps float32 weights on disk; drop --weights "
                              f"{cfg.weights} (quantized weights run in RAM only)")
+    if cfg.weights != "float32" and cfg.method != "dip":
+        raise DipstreamError(f"--weights {cfg.weights} applies to the sparse kernel: use it with "
+                             "--method dip")
     if not 0.0 <= cfg.gamma <= 1.0:
         raise DipstreamError(f"--gamma {cfg.gamma} is outside [0, 1]")
     if cfg.sample and cfg.temperature <= 0:
