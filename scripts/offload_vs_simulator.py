@@ -1,8 +1,8 @@
 """Measured offloaded decoding vs the simulator's prediction for the same masks, on this machine.
 
 1. ``dipstream probe`` measures this machine (RAM, CPU GEMV, and direct reads of the offload
-   file itself: sequential, and random at its record sizes) and writes a hardware file (or pass
-   ``--hardware``).
+   file itself: sequential, and random at its record sizes) and writes a hardware file, once per
+   round just before that round's runs (or pass ``--hardware`` to use one file throughout).
 2. ``dipstream generate --offload DIR --dram 0.5x`` runs dense streaming, DIP and DIP-CA from
    the same MLP file with half the MLP's bytes in RAM (``--rounds`` interleaved runs each; each
    run records its masks as a trace).
@@ -61,24 +61,31 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     offload = Path(a.offload or cache_root() / "offload" / a.model)
-    hw_path = a.hardware
-    if hw_path is None:  # probe the disk on the offload file itself (written first if needed)
-        run_generate(GenerateConfig(model=a.model, method="dense", max_new_tokens=1,
-                                    stream=False, offload=str(offload), dram=a.dram))
-        hw_path = str(Path(a.out).with_name("hardware-probe.yaml"))
-        run_probe(ProbeConfig(out=hw_path, file=str(offload / "mlp.bin"), model=a.model,
+    # the offload file is written first (if needed): the probe measures reads of that file
+    run_generate(GenerateConfig(model=a.model, method="dense", max_new_tokens=1, stream=False,
+                                offload=str(offload), dram=a.dram))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def probe(r):
+        if a.hardware:
+            return a.hardware
+        path = str(Path(a.out).with_name(f"hardware-probe-round{r}.yaml"))
+        run_probe(ProbeConfig(out=path, file=str(offload / "mlp.bin"), model=a.model,
                               io_threads=a.io_threads,
-                              json=str(Path(a.out).with_name("hardware-probe.json"))),
-                  log=lambda m: print(m, file=sys.stderr))
-    hw = load_hardware(hw_path)
-    print(f"hardware {hw_path}: dram_bw {hw.dram_bw / 1e9:.2f} GB/s, flash_bw "
-          f"{hw.flash_bw / 1e9:.3f} GB/s, latency {hw.flash_read_latency_s * 1e6:.1f} us / queue "
-          f"depth {hw.flash_queue_depth}, compute {hw.compute_flops / 1e9:.2f} GFLOP/s")
+                              json=str(Path(a.out).with_name(f"hardware-probe-round{r}.json"))),
+                  log=lambda m: None)
+        return path
+
     print(f"load average before: {os.getloadavg()}")
     runs = {m: [] for m in METHODS}
     tmp = Path(tempfile.mkdtemp(prefix="dipstream-ovs-"))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     for r in range(a.rounds):
+        hw_path = probe(r)  # the machine as it is now (shared machines drift)
+        hw = load_hardware(hw_path)
+        print(f"round {r} hardware {hw_path}: dram_bw {hw.dram_bw / 1e9:.2f} GB/s, flash_bw "
+              f"{hw.flash_bw / 1e9:.3f} GB/s, latency {hw.flash_read_latency_s * 1e6:.1f} us / "
+              f"queue depth {hw.flash_queue_depth}, compute {hw.compute_flops / 1e9:.2f} GFLOP/s",
+              flush=True)
         order = METHODS[r % 3:] + METHODS[:r % 3]  # rotate the order every round
         for m in order:
             trace = tmp / f"{m}-{r}.npz"
@@ -131,10 +138,17 @@ def main(argv=None) -> int:
         mi = med(m, lambda x: x["measured"]["io_s_per_token"])
         sf = med(m, lambda x: x["simulated"]["flash_s_per_token"])
         rest = med(m, lambda x: x["measured_rest_s_per_token"])
-        hy = 1.0 / (rest + sm)
-        print(f"| {m} | {mt:.2f} | {st:.2f} | {st / mt:.2f} | {mm * 1e3:.0f} | {sm * 1e3:.0f} | "
-              f"{sm / mm:.2f} | {mi * 1e3:.0f} | {sf * 1e3:.0f} | {rest * 1e3:.0f} | {hy:.2f} | "
-              f"{hy / mt:.2f} | {med(m, lambda x: x['measured']['disk_bytes_per_token']) / 1e6:.1f}"
+        hy = med(m, lambda x: 1.0 / (x["measured_rest_s_per_token"]
+                                     + x["simulated"]["mlp_s_per_token"]))
+        # ratios: medians of the per-run ratios (each run against its own round's probe)
+        r_tok = med(m, lambda x: x["simulated"]["tokens_per_s"] / x["measured"]["decode_tokens_per_s"])
+        r_mlp = med(m, lambda x: x["simulated"]["mlp_s_per_token"] / x["measured"]["mlp_s_per_token"])
+        r_hy = med(m, lambda x: 1.0 / (x["measured_rest_s_per_token"]
+                                       + x["simulated"]["mlp_s_per_token"])
+                   / x["measured"]["decode_tokens_per_s"])
+        print(f"| {m} | {mt:.2f} | {st:.2f} | {r_tok:.2f} | {mm * 1e3:.0f} | {sm * 1e3:.0f} | "
+              f"{r_mlp:.2f} | {mi * 1e3:.0f} | {sf * 1e3:.0f} | {rest * 1e3:.0f} | {hy:.2f} | "
+              f"{r_hy:.2f} | {med(m, lambda x: x['measured']['disk_bytes_per_token']) / 1e6:.1f}"
               f" | {med(m, lambda x: x['measured']['reads_per_token']):.0f} | "
               f"{med(m, lambda x: x['measured']['hit_rate']):.3f} |")
     d = med("dense", lambda x: x["measured"]["decode_tokens_per_s"])

@@ -282,6 +282,8 @@ def run_generate(cfg: GenerateConfig, out=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = _device(cfg)
+    if dev.type == "cuda" and cfg.weights != "float32":
+        raise DipstreamError(f"--weights {cfg.weights} runs on the CPU kernel; add --device cpu")
     lm = load_model(cfg.model)
     model, tok = lm.model, lm.tokenizer
     parts = mlp_parts(model)
