@@ -177,6 +177,7 @@ class OffloadRuntime:
         self.buffer = aligned_bytes(self.read_bytes)
         self._out = {k: torch.zeros(lay.hook(k)[1] // 4) for k in ("in", "out")}
         self.record_masks = record_masks
+        self.max_read = 64 << 20  # one read per run (as the simulator counts; measured faster)
         self.masks = {kind: [[] for _ in range(self.L)] for kind in ("in", "out")}
         self.stats = TokenStats()
         self.pos = 0  # tokens of the current sequence already through the model
@@ -238,7 +239,7 @@ class OffloadRuntime:
         hit, miss = sel[hit_m], sel[~hit_m]
         # the reads of the missed units run on the I/O threads while the cached units'
         # product and the cache policy's step are computed (DRAM and disk reads overlap)
-        fut = self.file.submit_runs(kind, layer, miss, self.buffer) if miss.size else None
+        fut = self.file.submit_runs(kind, layer, miss, self.buffer, self.max_read) if miss.size else None
         reads, t_io, t_wait = 0, 0.0, 0.0
         try:
             out = self._out[kind]
@@ -298,7 +299,7 @@ class OffloadRuntime:
         token by token (the caches stepped in order), then one masked dense product."""
         n_units = self.lay.hook(kind)[0]
         t0 = time.perf_counter()
-        self.file.read_region(kind, layer, self.buffer)
+        self.file.read_region(kind, layer, self.buffer, self.max_read)
         self.stats.prefill_io_s += time.perf_counter() - t0
         self.stats.prefill_disk_bytes += n_units * self.lay.hook(kind)[2]
         rows = self._rows(kind, n_units)

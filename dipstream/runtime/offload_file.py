@@ -327,7 +327,7 @@ class BundledFile(ExtentReader):
                 np.ascontiguousarray(buf.data_ptr() + a * stride, np.int64))
 
     def read_runs(self, kind: str, layer: int, units: np.ndarray, buf: torch.Tensor,
-                  max_read: int = 1 << 20) -> int:
+                  max_read: int = 64 << 20) -> int:
         """Read the records of ``units`` (sorted unit indices of hook ``kind`` of ``layer``) into
         ``buf`` back to back (record r of the list at byte r * stride).  Consecutive units are one
         read (split at ``max_read`` bytes).  Returns the number of reads."""
@@ -338,7 +338,7 @@ class BundledFile(ExtentReader):
         return len(off)
 
     def submit_runs(self, kind: str, layer: int, units: np.ndarray, buf: torch.Tensor,
-                    max_read: int = 1 << 20) -> "PendingRead":
+                    max_read: int = 64 << 20) -> "PendingRead":
         """Start ``read_runs`` on the native library's I/O threads and return at once (the
         caller computes meanwhile); ``.result()`` waits and gives (reads, seconds from the
         submission until the last read finished).  Without the native library the reads happen
@@ -357,7 +357,8 @@ class BundledFile(ExtentReader):
         self.bytes_read += int(ln.sum())
         return PendingRead(lib, len(off), t0, self.label, keep=(off, ln, dst))
 
-    def read_region(self, kind: str, layer: int, buf: torch.Tensor, max_read: int = 1 << 20) -> int:
+    def read_region(self, kind: str, layer: int, buf: torch.Tensor,
+                    max_read: int = 64 << 20) -> int:
         """All units of a hook (the prefill reads every weight once)."""
         return self.read_runs(kind, layer, np.arange(self.layout.hook(kind)[0]), buf, max_read)
 
