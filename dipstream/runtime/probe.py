@@ -6,8 +6,8 @@ Measured (each a median of repeats):
 * CPU GEMV throughput: the fused gather-GEMV over every row of a RAM-resident float32 matrix
   (FLOP/s -> ``compute_flops``; its bytes/s are reported too);
 * disk: a test file written in ``--dir`` and read back with the runtime's own reader (direct
-  I/O when the filesystem allows it, ``--io-threads`` reads in flight): sequential reads of
-  ``--seq-chunk`` bytes (``flash_bw``), and random reads of each ``--chunks`` size (the sizes
+  I/O when the filesystem allows it): sequential reads of ``--seq-chunk`` bytes one at a time
+  (``flash_bw``; the runtime reads a run of consecutive missed units as one read), and random reads of each ``--chunks`` size (the sizes
   the offload file is read in: one unit record, e.g. 12288 and 2560 B for SmolLM2) once with one
   read in flight and once with ``--io-threads``.
 
@@ -58,7 +58,8 @@ class ProbeConfig:
                 "records)"})
     chunks: str = field(default="4096,12288,65536", metadata={
         "help": "random-read sizes in bytes, comma-separated (used unless --model is given)"})
-    seq_chunk: int = field(default=1 << 20, metadata={"help": "sequential read size in bytes"})
+    seq_chunk: int = field(default=4 << 20, metadata={
+        "help": "sequential read size in bytes (read one at a time, as a long run is)"})
     io_threads: int = field(default=8, metadata={
         "help": "reads in flight (as dipstream generate --io-threads)"})
     reads: int = field(default=2000, metadata={"help": "random reads per measurement"})
@@ -164,9 +165,10 @@ def measure_disk(path: Path, cfg: ProbeConfig, chunks: list[int]) -> dict:
     rng = np.random.default_rng(1)
     rd = ExtentReader(fd, cfg.io_threads, str(path))
     try:
-        # sequential: the whole file in seq_chunk reads, io_threads in flight
+        # sequential: the whole file in seq_chunk reads, one at a time (the runtime reads a
+        # run of consecutive missed units, e.g. dense streaming's, as one read)
         seq = cfg.seq_chunk
-        batch = cfg.io_threads * 4
+        batch = 1
         buf = aligned_bytes(batch * seq)
         offs = np.arange(0, size - seq + 1, seq, dtype=np.int64)
         t = time.perf_counter()
@@ -228,10 +230,10 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
     except ValueError:
         raise DipstreamError(f"--gemv-shape {cfg.gemv_shape!r}: give ROWSxCOLS, e.g. "
                              "4096x14336") from None
-    if cfg.file is None and size < max(64 * max(chunks), 4 * cfg.seq_chunk * cfg.io_threads):
+    need = max(64 * max(chunks), 4 * cfg.seq_chunk)
+    if cfg.file is None and size < need:
         raise DipstreamError(f"--size {cfg.size} is too small for the reads it must hold; give "
-                             f"at least {max(64 * max(chunks), 4 * cfg.seq_chunk * cfg.io_threads)} "
-                             "bytes (1GB or more gives steadier figures)")
+                             f"at least {need} bytes (1GB or more gives steadier figures)")
     if cfg.io_threads < 1 or cfg.reads < 64 or cfg.repeats < 1:
         raise DipstreamError("--io-threads and --repeats must be >= 1 and --reads >= 64")
     directory = Path(cfg.dir) if cfg.dir else cache_root() / "probe"
@@ -281,8 +283,8 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
              f"# RAM read (torch.sum, {cfg.ram_mb} MiB): {out['ram_bw'] / 1e9:.2f} GB/s; fused "
              f"GEMV {gn}x{gm} fp32: {out['gemv_flops'] / 1e9:.2f} GFLOP/s "
              f"({out['gemv_bw'] / 1e9:.2f} GB/s)",
-             f"# disk test file in {directory}, direct I/O: {disk['direct_io']}; sequential "
-             f"{disk['seq_chunk']} B reads, {cfg.io_threads} in flight: "
+             f"# disk reads of {path}, direct I/O: {disk['direct_io']}; sequential "
+             f"{disk['seq_chunk']} B reads, one in flight: "
              f"{disk['seq_bw'] / 1e9:.3f} GB/s"]
     for c, r in disk["random"].items():
         lines.append(f"# random {c} B reads: {r['s_per_read_qd1'] * 1e6:.1f} us/read with 1 in "
