@@ -46,6 +46,46 @@ def cmd_simulate(ns) -> int:
     return 0
 
 
+def cmd_models(ns) -> int:
+    from dipstream.models.loading import BUILTIN_MODELS, cache_root
+
+    for m in BUILTIN_MODELS.values():
+        cached = (cache_root() / "models" / m.name / "config.json").exists()
+        print(f"{m.name:<14} {'cached' if cached else 'not converted yet':<18} {m.description}")
+    print("or any local Hugging Face checkpoint folder of: llama, mistral, qwen2, qwen3, phi3, "
+          "gemma, gemma2, gemma3")
+    return 0
+
+
+def cmd_methods(ns) -> int:
+    from dipstream.sparsity import METHODS
+
+    for name, cls in METHODS.items():
+        calib = " [calibrated]" if cls.needs_calibration else ""
+        print(f"{name:<8} {cls.summary}{calib}\n{'':<8}   reads: {cls.reads}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dipstream.experiments import EvalConfig
+
+    parser = argparse.ArgumentParser(prog="dipstream", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dipstream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("eval", help="perplexity and measured density of a method at a density")
+    add_dataclass_args(p, EvalConfig)
+    p.set_defaults(func=cmd_eval)
+    from dipstream.experiments.simulate import SimulateConfig
+
+    p = sub.add_parser("simulate", help="perplexity plus simulated tokens/s, memory and hit rate")
+    add_dataclass_args(p, SimulateConfig)
+    p.set_defaults(func=cmd_simulate)
+    sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
+    sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
+    _add_runtime_commands(sub)
+    return parser
+
+
 _GEN_KEYS = ("prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "mlp_s_per_token",
              "io_s_per_token", "reads_per_token", "disk_bytes_per_token", "ram_bytes_per_token",
              "hit_rate", "density_measured", "direct_io", "ram_mlp_bytes", "dram_budget_bytes")
@@ -82,55 +122,19 @@ def cmd_probe(ns) -> int:
     return 0
 
 
-def cmd_models(ns) -> int:
-    from dipstream.models.loading import BUILTIN_MODELS, cache_root
-
-    for m in BUILTIN_MODELS.values():
-        cached = (cache_root() / "models" / m.name / "config.json").exists()
-        print(f"{m.name:<14} {'cached' if cached else 'not converted yet':<18} {m.description}")
-    print("or any local Hugging Face checkpoint folder of: llama, mistral, qwen2, qwen3, phi3, "
-          "gemma, gemma2, gemma3")
-    return 0
-
-
-def cmd_methods(ns) -> int:
-    from dipstream.sparsity import METHODS
-
-    for name, cls in METHODS.items():
-        calib = " [calibrated]" if cls.needs_calibration else ""
-        print(f"{name:<8} {cls.summary}{calib}\n{'':<8}   reads: {cls.reads}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from dipstream.experiments import EvalConfig
-
-    parser = argparse.ArgumentParser(prog="dipstream", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"dipstream {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("eval", help="perplexity and measured density of a method at a density")
-    add_dataclass_args(p, EvalConfig)
-    p.set_defaults(func=cmd_eval)
-    from dipstream.experiments.simulate import SimulateConfig
-
-    p = sub.add_parser("simulate", help="perplexity plus simulated tokens/s, memory and hit rate")
-    add_dataclass_args(p, SimulateConfig)
-    p.set_defaults(func=cmd_simulate)
+def _add_runtime_commands(sub) -> None:
+    """`generate` and `probe` (issue 7: real sparse execution)."""
     from dipstream.runtime.generate import GenerateConfig
+    from dipstream.runtime.probe import ProbeConfig
 
     p = sub.add_parser("generate", help="stream generated text with the real (sparse, optionally "
                                         "offloaded) MLP and report tokens/s")
     add_dataclass_args(p, GenerateConfig)
     p.set_defaults(func=cmd_generate)
-    from dipstream.runtime.probe import ProbeConfig
-
     p = sub.add_parser("probe", help="measure RAM, disk and CPU GEMV speed; write a hardware "
                                      "file for `dipstream simulate`")
     add_dataclass_args(p, ProbeConfig)
     p.set_defaults(func=cmd_probe)
-    sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
-    sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
