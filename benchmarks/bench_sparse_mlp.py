@@ -6,9 +6,13 @@ both top-k selections) against the dense MLP (three F.linear calls, batch 1) at 
 densities 0.25/0.5/0.75, with the uniform split (up_keep = down_keep = density) and DIP's split.
 Every round runs each variant once (interleaved, fresh random x per round); medians are reported.
 Target: >= 1.7x faster than dense at density 0.5 on the 8B shapes.
+``--dtypes float32,int8,int4`` adds the quantized layouts (dipstream.runtime.quant; DIP split
+only), still timed against the float32 dense MLP; their "GB/s" counts the bytes they stream
+(integers + scales).
 
 Usage: python benchmarks/bench_sparse_mlp.py [--shapes smollm2,llama3-8b] [--rounds N]
                                              [--no-gather] [--dense-hugepages] [--sparse-threads N]
+                                             [--dtypes float32,int8,int4]
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dipstream.runtime import SparseMLPWeights, dip_keep_split, keep_to_k, native_status, sparse_mlp
+from dipstream.runtime.quant import QuantizedSparseMLPWeights
 from dipstream.runtime.sparse_mlp import _alloc
 
 SHAPES = {"smollm2": (576, 1536, 300), "llama3-8b": (4096, 14336, 15)}  # d, D, default rounds
@@ -34,7 +39,7 @@ def _timed(f):
 
 
 def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: bool,
-                sparse_threads: int | None = None):
+                sparse_threads: int | None = None, dtypes=("float32",)):
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     if dense_hp:  # dense weights on 2 MiB-aligned, THP-advised memory like the sparse layout
@@ -47,6 +52,8 @@ def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: 
         Wd = torch.randn(d, D, generator=g) * D ** -0.5
     t1 = time.perf_counter()
     w = SparseMLPWeights(Wg, Wu, Wd)
+    quant = {dt: QuantizedSparseMLPWeights(Wg, Wu, Wd, bits=8 if dt == "int8" else 4)
+             for dt in dtypes if dt != "float32"}
     t2 = time.perf_counter()
     xs = [torch.randn(1, d, generator=g) for _ in range(8)]
     dense_bytes = 3 * d * D * 4
@@ -68,6 +75,14 @@ def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: 
             def f(k_in=k_in, k_out=k_out):
                 return sparse_mlp(w, state["x"], k_in, k_out, "silu", num_threads=sparse_threads)
             variants[(split, dens)] = (f, w.bytes_read(k_in, k_out), (k_in, k_out))
+    for dt, wq in quant.items():
+        for dens in DENSITIES:
+            up, down = dip_keep_split(dens)
+            k_in, k_out = keep_to_k(up, d), keep_to_k(down, D)
+
+            def f(k_in=k_in, k_out=k_out, wq=wq):
+                return sparse_mlp(wq, state["x"], k_in, k_out, "silu", num_threads=sparse_threads)
+            variants[(f"dip {dt}", dens)] = (f, wq.bytes_read(k_in, k_out), (k_in, k_out))
     if gather:  # what torch indexing gives: gather (copy) the selected columns, then multiply
         k_in, k_out = keep_to_k(0.5, d), keep_to_k(0.5, D)
 
@@ -101,6 +116,7 @@ def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: 
         if k == "dense":
             continue
         label = "torch index_select 0.5" if k == "gather" else f"sparse {k[0]:7s} {k[1]:.2f}"
+        label = label.replace("sparse dip int", "dip int")
         sp = t_dense / med[k]
         result[k] = sp
         print(f"{label:22s} {ks[0]:5d} {ks[1]:6d} {nbytes / dense_bytes:5.2f} "
@@ -115,6 +131,8 @@ def main(argv=None):
     ap.add_argument("--no-gather", action="store_true", help="skip the torch-gather baseline")
     ap.add_argument("--dense-hugepages", action="store_true",
                     help="put the dense weights on huge-page-advised memory too")
+    ap.add_argument("--dtypes", default="float32",
+                    help="comma-separated weight formats for the sparse MLP: float32,int8,int4")
     ap.add_argument("--sparse-threads", type=int, default=None,
                     help="kernel threads (default: torch.get_num_threads(), as dense uses)")
     a = ap.parse_args(argv)
@@ -127,7 +145,7 @@ def main(argv=None):
     for name in a.shapes.split(","):
         d, D, rounds = SHAPES[name]
         out[name] = bench_shape(name, d, D, a.rounds or rounds, not a.no_gather, a.dense_hugepages,
-                                a.sparse_threads)
+                                a.sparse_threads, tuple(a.dtypes.split(",")))
     tname, tdens, tgoal = TARGET
     if tname in out:
         for split in ("uniform", "dip"):

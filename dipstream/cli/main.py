@@ -166,7 +166,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
     sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
     sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
+    _add_runtime_commands(sub)
     return parser
+
+
+_GEN_KEYS = ("prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "mlp_s_per_token",
+             "io_s_per_token", "reads_per_token", "disk_bytes_per_token", "ram_bytes_per_token",
+             "hit_rate", "density_measured", "direct_io", "ram_mlp_bytes", "dram_budget_bytes")
+
+
+def cmd_generate(ns) -> int:
+    from dipstream.runtime.generate import GenerateConfig, run_generate
+
+    row = run_generate(from_namespace(GenerateConfig, ns))
+    print(f"-- {row['model']} {row['method']} @ {row['density_requested']} "
+          f"({row['weights']}, {row['device']}, {row['threads']} threads"
+          + (f", offload {row['offload_dir']}, policy {row['policy']}" if row.get("offload_dir")
+             else "") + ")", file=sys.stderr)
+    for k in _GEN_KEYS:
+        if row.get(k) is not None:
+            v = row[k]
+            print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_probe(ns) -> int:
+    from dipstream.runtime.probe import ProbeConfig, run_probe
+
+    out = run_probe(from_namespace(ProbeConfig, ns), log=lambda m: print(m, file=sys.stderr))
+    hw, fit = out["hardware"], out["fit"]
+    print(f"wrote {out['out']}")
+    print(f"  dram_bw {hw['dram_bw'] / 1e9:.2f} GB/s, compute_flops {hw['compute_flops'] / 1e9:.2f} "
+          f"GFLOP/s (fused GEMV {out['gemv_bw'] / 1e9:.2f} GB/s)")
+    print(f"  flash_bw {hw['flash_bw'] / 1e9:.3f} GB/s (direct I/O: {out['disk']['direct_io']}), "
+          f"read latency {fit['latency_qd1_s'] * 1e6:.1f} us at 1 in flight, "
+          f"{fit['per_read_s'] * 1e6:.1f} us/read at {out['disk']['io_threads']} "
+          f"-> queue depth {hw['flash_queue_depth']}")
+    return 0
+
+
+def _add_runtime_commands(sub) -> None:
+    """`generate` and `probe` (issue 7: real sparse execution)."""
+    from dipstream.runtime.generate import GenerateConfig
+    from dipstream.runtime.probe import ProbeConfig
+
+    p = sub.add_parser("generate", help="stream generated text with the real (sparse, optionally "
+                                        "offloaded) MLP and report tokens/s")
+    add_dataclass_args(p, GenerateConfig)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("probe", help="measure RAM, disk and CPU GEMV speed; write a hardware "
+                                     "file for `dipstream simulate`")
+    add_dataclass_args(p, ProbeConfig)
+    p.set_defaults(func=cmd_probe)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,11 @@ from dipstream.runtime.sparse_mlp import (
     select_topk_abs,
     sparse_mlp,
 )
+from dipstream.runtime.quant import QuantizedSparseMLPWeights
 
 __all__ = [
     "SparseMLPWeights",
+    "QuantizedSparseMLPWeights",
     "sparse_mlp",
     "gather_gemv",
     "select_topk_abs",

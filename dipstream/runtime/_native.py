@@ -35,7 +35,7 @@ import torch
 
 __all__ = ["load", "status", "C_SOURCE"]
 
-KERNEL_VERSION = 5
+KERNEL_VERSION = 8
 
 C_SOURCE = r"""
 /* dipstream sparse MLP kernel: fused gather-GEMV over selected rows of a row-major matrix. */
@@ -48,6 +48,11 @@ C_SOURCE = r"""
 #include <sched.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <errno.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+#include <unistd.h>
 
 #define DS_API __attribute__((visibility("default")))
 #if defined(__x86_64__) || defined(__i386__)
@@ -88,6 +93,101 @@ static void gg_range(const float* restrict W, int64_t ld, const int64_t* restric
     }
 }
 
+/* Quantized rows (int8 or packed 4-bit), one float scale per (row, group of G columns).
+ * int8:  w = s * q (q signed).  4-bit: in every group of G columns, byte j (j < G/2) holds column
+ * j in its low nibble and column j + G/2 in its high nibble; w = s * (nibble - 8).
+ * Row r starts at W + r*ldb (bytes); its scales at S + r*lds. */
+typedef struct {
+    const uint8_t* W; int64_t ldb; const float* S; int64_t lds; int64_t G; int bits;
+} qmat_t;
+
+/* o[0:b-a] = sum_i c[i] * dequant(row idx[i])[a:b].  For 4-bit, a and b are multiples of G
+ * (or b = the row length).  Rows 4 at a time; a missing 4th row repeats a selected row with
+ * coefficient 0, so only selected rows are ever read. */
+static void gq_range(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
+                     const float* restrict c, int64_t k, float* restrict o)
+{
+    const int64_t n = b - a, G = q->G;
+    for (int64_t j = 0; j < n; ++j) o[j] = 0.0f;
+    for (int64_t i = 0; i < k; i += 4) {
+        const uint8_t* r[4];
+        const float* s[4];
+        float cc[4];
+        for (int t = 0; t < 4; ++t) {
+            int ok = i + t < k;
+            int64_t row = idx[ok ? i + t : i];
+            r[t] = q->W + row * q->ldb;
+            s[t] = q->S + row * q->lds;
+            cc[t] = ok ? c[i + t] : 0.0f;
+        }
+        for (int64_t g0 = (a / G) * G; g0 < b; g0 += G) {
+            const int64_t lo = g0 > a ? g0 : a, hi = g0 + G < b ? g0 + G : b, g = g0 / G;
+            const float c0 = cc[0] * s[0][g], c1 = cc[1] * s[1][g];
+            const float c2 = cc[2] * s[2][g], c3 = cc[3] * s[3][g];
+            float* restrict og = o + (lo - a);
+            if (q->bits == 8) {
+                const int8_t* restrict p0 = (const int8_t*)r[0] + lo;
+                const int8_t* restrict p1 = (const int8_t*)r[1] + lo;
+                const int8_t* restrict p2 = (const int8_t*)r[2] + lo;
+                const int8_t* restrict p3 = (const int8_t*)r[3] + lo;
+                const int64_t len = hi - lo;
+                for (int64_t j = 0; j < len; ++j)
+                    og[j] += c0 * (float)p0[j] + c1 * (float)p1[j]
+                           + c2 * (float)p2[j] + c3 * (float)p3[j];
+            } else {
+                const int64_t h = G / 2;
+                const uint8_t* restrict p0 = r[0] + g0 / 2;
+                const uint8_t* restrict p1 = r[1] + g0 / 2;
+                const uint8_t* restrict p2 = r[2] + g0 / 2;
+                const uint8_t* restrict p3 = r[3] + g0 / 2;
+                float* restrict oh = og + h;
+                /* sum_t c_t (q_t - 8) = sum_t c_t q_t - 8 sum_t c_t */
+                const float off = -8.0f * (c0 + c1 + c2 + c3);
+                int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+                {
+                    const __m256 v0 = _mm256_set1_ps(c0), v1 = _mm256_set1_ps(c1);
+                    const __m256 v2 = _mm256_set1_ps(c2), v3 = _mm256_set1_ps(c3);
+                    const __m256 voff = _mm256_set1_ps(off);
+                    const __m256i m15 = _mm256_set1_epi32(15);
+                    for (; j + 8 <= h; j += 8) {
+                        __m256i w0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p0 + j)));
+                        __m256i w1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p1 + j)));
+                        __m256i w2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p2 + j)));
+                        __m256i w3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p3 + j)));
+                        __m256 lo = _mm256_add_ps(_mm256_loadu_ps(og + j), voff);
+                        __m256 hi = _mm256_add_ps(_mm256_loadu_ps(oh + j), voff);
+                        lo = _mm256_fmadd_ps(v0, _mm256_cvtepi32_ps(_mm256_and_si256(w0, m15)), lo);
+                        hi = _mm256_fmadd_ps(v0, _mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 4)), hi);
+                        lo = _mm256_fmadd_ps(v1, _mm256_cvtepi32_ps(_mm256_and_si256(w1, m15)), lo);
+                        hi = _mm256_fmadd_ps(v1, _mm256_cvtepi32_ps(_mm256_srli_epi32(w1, 4)), hi);
+                        lo = _mm256_fmadd_ps(v2, _mm256_cvtepi32_ps(_mm256_and_si256(w2, m15)), lo);
+                        hi = _mm256_fmadd_ps(v2, _mm256_cvtepi32_ps(_mm256_srli_epi32(w2, 4)), hi);
+                        lo = _mm256_fmadd_ps(v3, _mm256_cvtepi32_ps(_mm256_and_si256(w3, m15)), lo);
+                        hi = _mm256_fmadd_ps(v3, _mm256_cvtepi32_ps(_mm256_srli_epi32(w3, 4)), hi);
+                        _mm256_storeu_ps(og + j, lo);
+                        _mm256_storeu_ps(oh + j, hi);
+                    }
+                }
+#endif
+                for (; j < h; ++j) {
+                    og[j] += c0 * (float)(p0[j] & 15) + c1 * (float)(p1[j] & 15)
+                           + c2 * (float)(p2[j] & 15) + c3 * (float)(p3[j] & 15) + off;
+                    oh[j] += c0 * (float)(p0[j] >> 4) + c1 * (float)(p1[j] >> 4)
+                           + c2 * (float)(p2[j] >> 4) + c3 * (float)(p3[j] >> 4) + off;
+                }
+            }
+        }
+    }
+}
+
+static void range_any(const float* W, int64_t ld, const qmat_t* q, int64_t a, int64_t b,
+                      const int64_t* idx, const float* c, int64_t k, float* o)
+{
+    if (q) gq_range(q, a, b, idx, c, k, o);
+    else gg_range(W + a, ld, idx, c, k, o, b - a);
+}
+
 /* ---------------------------------------------------------------- caller-runs thread pool
  * A job is a grid of chunks (column slice x block of selected rows).  The calling thread
  * publishes the job and works through the chunks itself; helper threads that are awake claim
@@ -100,7 +200,7 @@ static void gg_range(const float* restrict W, int64_t ld, const int64_t* restric
 #define CHUNKS_PER_THREAD 16   /* small chunks: a preempted helper delays the end less */
 
 typedef struct {
-    const float* W; int64_t ld; int64_t m;
+    const float* W; int64_t ld; const qmat_t* q; int64_t m;
     const int64_t* idx; const float* c; int64_t k;
     float* out; float* partial;
     int64_t col_chunk, row_block;
@@ -129,7 +229,7 @@ static void run_chunk(const job_t* j, int ch)
     if (r1 > j->k) r1 = j->k;
     if (r0 > r1) r0 = r1;
     float* dst = j->nrow == 1 ? j->out + a : j->partial + (int64_t)rr * j->m + a;
-    gg_range(j->W + a, j->ld, j->idx + r0, j->c + r0, r1 - r0, dst, b - a);
+    range_any(j->W, j->ld, j->q, a, b, j->idx + r0, j->c + r0, r1 - r0, dst);
 }
 
 static int try_claim(void)
@@ -217,24 +317,28 @@ static void ensure_helpers(int nh)
 
 /* out[0:m] = sum_i c[i] * W[idx[i], 0:m] on up to nthreads threads.  The chunk grid depends only
  * on (m, k, nthreads), and partial sums are added in a fixed order. */
-static void gg_parallel(const float* W, int64_t ld, int64_t m, const int64_t* idx,
-                        const float* c, int64_t k, float* out, int nthreads)
+static void gg_parallel_any(const float* W, int64_t ld, const qmat_t* q, int64_t m,
+                            const int64_t* idx, const float* c, int64_t k, float* out,
+                            int nthreads)
 {
     if (m <= 0) return;
     if (nthreads > MAX_HELPERS + 1) nthreads = MAX_HELPERS + 1;
     if (nthreads <= 1 || m * (k > 0 ? k : 1) < SERIAL_WORK || k < 8) {
-        gg_range(W, ld, idx, c, k, out, m);
+        range_any(W, ld, q, 0, m, idx, c, k, out);
         return;
     }
     if (pthread_mutex_trylock(&g_call_mu) != 0) {  /* another thread is using the pool */
-        gg_range(W, ld, idx, c, k, out, m);
+        range_any(W, ld, q, 0, m, idx, c, k, out);
         return;
     }
     ensure_helpers(nthreads - 1);
     job_t j;
-    j.W = W; j.ld = ld; j.m = m; j.idx = idx; j.c = c; j.k = k; j.out = out; j.partial = NULL;
+    j.W = W; j.ld = ld; j.q = q; j.m = m; j.idx = idx; j.c = c; j.k = k; j.out = out; j.partial = NULL;
     int64_t ncol = m <= COL_CHUNK ? 1 : (m + COL_CHUNK - 1) / COL_CHUNK;
-    j.col_chunk = (((m + ncol - 1) / ncol) + 15) & ~(int64_t)15;
+    {   /* column chunks: multiples of 16 (and of the group size for 4-bit rows) */
+        int64_t al = (q && q->bits == 4 && q->G > 16) ? q->G : 16;
+        j.col_chunk = (((m + ncol - 1) / ncol) + al - 1) / al * al;
+    }
     j.ncol = (int)((m + j.col_chunk - 1) / j.col_chunk);
     int64_t target = CHUNKS_PER_THREAD * (int64_t)nthreads;
     int64_t nrow = (target + j.ncol - 1) / j.ncol;
@@ -250,7 +354,7 @@ static void gg_parallel(const float* W, int64_t ld, int64_t m, const int64_t* id
     if (nchunks > 0xffff) {  /* cannot happen with the limits above; stay safe */
         free(j.partial);
         pthread_mutex_unlock(&g_call_mu);
-        gg_range(W, ld, idx, c, k, out, m);
+        range_any(W, ld, q, 0, m, idx, c, k, out);
         return;
     }
     g_job = j;
@@ -282,6 +386,8 @@ static void gg_parallel(const float* W, int64_t ld, int64_t m, const int64_t* id
     }
     pthread_mutex_unlock(&g_call_mu);
 }
+
+#define gg_parallel(W, ld, m, idx, c, k, out, nt) gg_parallel_any(W, ld, NULL, m, idx, c, k, out, nt)
 
 static int check_idx(const int64_t* idx, int64_t k, int64_t n)
 {
@@ -363,6 +469,237 @@ DS_API int64_t ds_select_gemv(const float* v, int64_t n, int64_t k, const float*
     for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
     gg_parallel(W, ld, m, idx, coef, got, out, nthreads);
     return got;
+}
+
+/* Quantized variants: W_q (rows x ldb bytes), scales S (rows x lds floats), group G, bits 8|4. */
+DS_API int ds_gather_gemv_q(const uint8_t* Wq, int64_t rows, int64_t ldb, const float* S,
+                            int64_t lds, int64_t G, int bits, int64_t m, const int64_t* idx,
+                            const float* c, int64_t k, float* out, int nthreads)
+{
+    if (check_idx(idx, k, rows)) return -1;
+    if (m <= 0) return 0;
+    qmat_t q = {Wq, ldb, S, lds, G, bits};
+    gg_parallel_any(NULL, 0, &q, m, idx, c, k, out, nthreads);
+    return 0;
+}
+
+DS_API int64_t ds_select_gemv_q(const float* v, int64_t n, int64_t k, const uint8_t* Wq,
+                                int64_t ldb, const float* S, int64_t lds, int64_t G, int bits,
+                                int64_t m, int64_t* idx, float* coef, float* out, int nthreads)
+{
+    int64_t got = ds_topk_abs(v, n, k, idx);
+    if (got < 0) return -1;
+    for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
+    if (m <= 0) return got;
+    qmat_t q = {Wq, ldb, S, lds, G, bits};
+    gg_parallel_any(NULL, 0, &q, m, idx, coef, got, out, nthreads);
+    return got;
+}
+
+/* ---------------------------------------------------------------- batched positioned reads
+ * ds_pread_batch reads n (offset, length) extents of fd into n destination addresses with up to
+ * nthreads reads in flight: the caller and sleeping I/O threads claim extents (one CAS each);
+ * the call returns when all are done.  Short reads are continued; end of file is EIO.  Returns
+ * 0 or the first errno. */
+#define IO_MAX_THREADS 64
+typedef struct { int fd; const int64_t* off; const int64_t* len; const int64_t* dst; } iojob_t;
+static iojob_t g_io;
+static _Atomic uint64_t g_io_state;   /* generation:24 | n:20 | next:20 */
+static _Atomic int64_t g_io_done;
+static _Atomic int g_io_err;
+static _Atomic int g_io_active;
+static uint32_t g_io_gen;
+static int g_io_nthreads;
+static pthread_mutex_t g_io_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_io_cv = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t g_io_call_mu = PTHREAD_MUTEX_INITIALIZER;
+#define IO_NMASK ((1u << 20) - 1u)
+
+static int io_claim(uint32_t* gen)
+{
+    uint64_t s = atomic_load(&g_io_state);
+    for (;;) {
+        uint32_t n = (uint32_t)(s >> 20) & IO_NMASK, next = (uint32_t)s & IO_NMASK;
+        if (next >= n) return -1;
+        if (atomic_compare_exchange_weak(&g_io_state, &s, s + 1)) {
+            if (gen) *gen = (uint32_t)(s >> 40);
+            return (int)next;
+        }
+    }
+}
+
+static int do_pread(int fd, char* p, int64_t len, int64_t off)
+{
+    while (len > 0) {
+        ssize_t r = pread(fd, p, (size_t)len, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return errno;
+        }
+        if (r == 0) return EIO;
+        p += r; len -= r; off += r;
+    }
+    return 0;
+}
+
+static _Atomic int64_t g_io_end_ns;
+
+static void io_run(int i)
+{
+    int e = do_pread(g_io.fd, (char*)(intptr_t)g_io.dst[i], g_io.len[i], g_io.off[i]);
+    if (e) {
+        int zero = 0;
+        atomic_compare_exchange_strong(&g_io_err, &zero, e);
+    }
+    int64_t t = now_ns();
+    int64_t prev = atomic_load(&g_io_end_ns);
+    while (prev < t && !atomic_compare_exchange_weak(&g_io_end_ns, &prev, t)) {}
+    atomic_fetch_add(&g_io_done, 1);
+}
+
+static void* io_main(void* arg)
+{
+    int id = (int)(intptr_t)arg;
+    uint32_t seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&g_io_mu);
+        while ((uint32_t)(atomic_load(&g_io_state) >> 40) == seen || id >= atomic_load(&g_io_active))
+            pthread_cond_wait(&g_io_cv, &g_io_mu);
+        seen = (uint32_t)(atomic_load(&g_io_state) >> 40);
+        pthread_mutex_unlock(&g_io_mu);
+        int i;
+        while ((i = io_claim(NULL)) >= 0) io_run(i);
+    }
+    return NULL;
+}
+
+static void io_atfork_child(void)
+{
+    g_io_nthreads = 0;
+    atomic_store(&g_io_state, 0);
+    atomic_store(&g_io_active, 0);
+    g_io_gen = 0;
+    pthread_mutex_init(&g_io_mu, NULL);
+    pthread_cond_init(&g_io_cv, NULL);
+    pthread_mutex_init(&g_io_call_mu, NULL);
+}
+
+static int g_io_atfork;
+
+DS_API int ds_pread_batch(int fd, int64_t n, const int64_t* off, const int64_t* len,
+                          const int64_t* dst, int nthreads)
+{
+    if (n <= 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > IO_MAX_THREADS) nthreads = IO_MAX_THREADS;
+    pthread_mutex_lock(&g_io_call_mu);
+    if (!g_io_atfork) { pthread_atfork(NULL, NULL, io_atfork_child); g_io_atfork = 1; }
+    while (g_io_nthreads < nthreads - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 1 << 18);
+        int rc = pthread_create(&th, &attr, io_main, (void*)(intptr_t)g_io_nthreads);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        g_io_nthreads++;
+    }
+    int err = 0;
+    for (int64_t base = 0; base < n && !err; base += IO_NMASK) {
+        int64_t cnt = n - base < IO_NMASK ? n - base : IO_NMASK;
+        iojob_t j = {fd, off + base, len + base, dst + base};
+        g_io = j;
+        atomic_store(&g_io_done, 0);
+        atomic_store(&g_io_err, 0);
+        g_io_gen = (g_io_gen + 1) & 0xffffffu;
+        if (g_io_gen == 0) g_io_gen = 1;
+        pthread_mutex_lock(&g_io_mu);
+        atomic_store(&g_io_active, cnt > 1 ? nthreads - 1 : 0);
+        atomic_store(&g_io_state, ((uint64_t)g_io_gen << 40) | ((uint64_t)cnt << 20));
+        pthread_cond_broadcast(&g_io_cv);
+        pthread_mutex_unlock(&g_io_mu);
+        int i;
+        while ((i = io_claim(NULL)) >= 0) io_run(i);
+        for (int spins = 0; atomic_load(&g_io_done) < cnt; ++spins) {
+            if (spins < 256) CPU_RELAX(); else sched_yield();
+        }
+        err = atomic_load(&g_io_err);
+    }
+    pthread_mutex_unlock(&g_io_call_mu);
+    return err;
+}
+
+/* Asynchronous variant: ds_pread_submit hands all n extents (n < 2^20) to the I/O threads and
+ * returns at once; ds_pread_wait blocks until they are read and returns 0 or the first errno,
+ * with the CLOCK_MONOTONIC time (ns) at which the last read finished in *end_ns.  The arrays
+ * must stay alive until the wait.  One submission at a time (the call lock is held in between
+ * and must be released by ds_pread_wait from the same thread). */
+static int64_t g_io_cnt;
+
+DS_API int ds_pread_submit(int fd, int64_t n, const int64_t* off, const int64_t* len,
+                           const int64_t* dst, int nthreads)
+{
+    if (n <= 0 || n >= (int64_t)IO_NMASK) return EINVAL;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > IO_MAX_THREADS) nthreads = IO_MAX_THREADS;
+    pthread_mutex_lock(&g_io_call_mu);
+    if (!g_io_atfork) { pthread_atfork(NULL, NULL, io_atfork_child); g_io_atfork = 1; }
+    while (g_io_nthreads < nthreads) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 1 << 18);
+        int rc = pthread_create(&th, &attr, io_main, (void*)(intptr_t)g_io_nthreads);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        g_io_nthreads++;
+    }
+    if (g_io_nthreads < 1) {  /* no thread could be started: read now */
+        pthread_mutex_unlock(&g_io_call_mu);
+        int e = ds_pread_batch(fd, n, off, len, dst, 1);
+        pthread_mutex_lock(&g_io_call_mu);
+        atomic_store(&g_io_err, e);
+        g_io_cnt = 0;
+        atomic_store(&g_io_end_ns, now_ns());
+        return 0;
+    }
+    iojob_t j = {fd, off, len, dst};
+    g_io = j;
+    g_io_cnt = n;
+    atomic_store(&g_io_done, 0);
+    atomic_store(&g_io_err, 0);
+    atomic_store(&g_io_end_ns, 0);
+    g_io_gen = (g_io_gen + 1) & 0xffffffu;
+    if (g_io_gen == 0) g_io_gen = 1;
+    int wake = (int)(n < g_io_nthreads ? n : g_io_nthreads);
+    pthread_mutex_lock(&g_io_mu);
+    atomic_store(&g_io_active, g_io_nthreads);
+    atomic_store(&g_io_state, ((uint64_t)g_io_gen << 40) | ((uint64_t)n << 20));
+    pthread_mutex_unlock(&g_io_mu);
+    /* wake only as many I/O threads as there are reads (signals after the unlock: the woken
+     * threads do not then queue on the mutex); ds_pread_wait's caller-runs loop covers any
+     * read no thread claimed */
+    for (int w = 0; w < wake; ++w) pthread_cond_signal(&g_io_cv);
+    return 0;
+}
+
+DS_API int ds_pread_wait(int64_t* end_ns)
+{
+    int64_t cnt = g_io_cnt;
+    int i;
+    /* caller-runs: reads no I/O thread has claimed yet are done here (a descheduled I/O thread
+     * on a busy machine then costs parallelism, not a stall) */
+    if (cnt > 0)
+        while ((i = io_claim(NULL)) >= 0) io_run(i);
+    for (int spins = 0; atomic_load(&g_io_done) < cnt; ++spins) {
+        if (spins < 256) CPU_RELAX(); else sched_yield();
+    }
+    int err = atomic_load(&g_io_err);
+    if (end_ns) *end_ns = atomic_load(&g_io_end_ns);
+    pthread_mutex_unlock(&g_io_call_mu);
+    return err;
 }
 
 DS_API int ds_threads(void) { return MAX_HELPERS + 1; }
@@ -456,6 +793,17 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_topk_abs.restype = I64
     lib.ds_select_gemv.argtypes = [P, I64, I64, P, I64, I64, P, P, P, I]
     lib.ds_select_gemv.restype = I64
+    U8 = ctypes.c_void_p
+    lib.ds_gather_gemv_q.argtypes = [U8, I64, I64, P, I64, I64, I, I64, P, P, I64, P, I]
+    lib.ds_gather_gemv_q.restype = I
+    lib.ds_select_gemv_q.argtypes = [P, I64, I64, U8, I64, P, I64, I64, I, I64, P, P, P, I]
+    lib.ds_select_gemv_q.restype = I64
+    lib.ds_pread_batch.argtypes = [I, I64, P, P, P, I]
+    lib.ds_pread_batch.restype = I
+    lib.ds_pread_submit.argtypes = [I, I64, P, P, P, I]
+    lib.ds_pread_submit.restype = I
+    lib.ds_pread_wait.argtypes = [P]
+    lib.ds_pread_wait.restype = I
     lib.ds_threads.restype = I
     lib.ds_version.restype = I
 

@@ -79,8 +79,8 @@ def _check_k(k, n: int, name: str) -> int:
 def _use_native(backend: str):
     if backend == "torch":
         return None
-    if backend not in ("auto", "native"):
-        raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
+    if backend not in ("auto", "native", "triton"):
+        raise ValueError(f"backend must be 'auto', 'native', 'torch' or 'triton', got {backend!r}")
     lib = _native.load()
     if lib is None and backend == "native":
         raise RuntimeError(f"native kernel unavailable: {_native.status().get('reason')}")
@@ -127,14 +127,15 @@ class SparseMLPWeights:
     """Gated-MLP weights laid out so each selected unit's weights are one contiguous row.
 
     Built from ``W_gate`` (D, d), ``W_up`` (D, d), ``W_down`` (d, D) (nn.Linear convention,
-    any float dtype; stored as float32):
+    any float dtype; stored as ``dtype``, default float32, on ``device``, default CPU; the CPU
+    kernel needs float32 on the CPU, CUDA weights use the Triton kernel):
 
     * ``gate_up_t`` (d, 2D): row j is ``[W_gate[:, j] | W_up[:, j]]``; views ``gate_t``/``up_t``.
     * ``down_t`` (D, d): row i is ``W_down[:, i]``.
     """
 
     def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
-                 huge_pages: bool = True):
+                 huge_pages: bool = True, device=None, dtype: torch.dtype = torch.float32):
         for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
             if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
                 raise ValueError(f"{name} must be a 2-D floating-point tensor")
@@ -144,11 +145,17 @@ class SparseMLPWeights:
                              f"{tuple(w_up.shape)}, w_down {tuple(w_down.shape)}; expected "
                              f"(D, d), (D, d), (d, D)")
         self.d, self.D = int(d), int(D)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cpu" and dtype == torch.float32:
+            alloc = _alloc
+        else:
+            def alloc(r, c, _hp):
+                return torch.empty(r, c, dtype=dtype, device=dev)
         with torch.no_grad():
-            self.gate_up_t = _alloc(d, 2 * D, huge_pages)
+            self.gate_up_t = alloc(d, 2 * D, huge_pages)
             self.gate_up_t[:, :D].copy_(w_gate.detach().t())
             self.gate_up_t[:, D:].copy_(w_up.detach().t())
-            self.down_t = _alloc(D, d, huge_pages)
+            self.down_t = alloc(D, d, huge_pages)
             self.down_t.copy_(w_down.detach().t())
         self._scratch = threading.local()
 
@@ -176,12 +183,31 @@ class SparseMLPWeights:
         return self.gate_t.t(), self.up_t.t(), self.down_t.t()
 
     @property
+    def device(self) -> torch.device:
+        return self.gate_up_t.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gate_up_t.dtype
+
+    @property
     def nbytes(self) -> int:
-        return (self.gate_up_t.numel() + self.down_t.numel()) * 4
+        return (self.gate_up_t.numel() + self.down_t.numel()) * self.gate_up_t.element_size()
 
     def bytes_read(self, k_in: int, k_out: int) -> int:
         """Weight bytes one token reads at these k (the memory traffic the kernel streams)."""
-        return (min(k_in, self.d) * 2 * self.D + min(k_out, self.D) * self.d) * 4
+        return (min(k_in, self.d) * 2 * self.D + min(k_out, self.D) * self.d) * \
+            self.gate_up_t.element_size()
+
+    @property
+    def rows_in(self) -> torch.Tensor:
+        """The row matrix the input selection reads ((d, 2D): [gate | up] per input index)."""
+        return self.gate_up_t
+
+    @property
+    def rows_out(self) -> torch.Tensor:
+        """The row matrix the hidden selection reads ((D, d): W_down^T)."""
+        return self.down_t
 
     def _buffers(self):
         s = self._scratch
@@ -194,7 +220,8 @@ class SparseMLPWeights:
         return s
 
     def __repr__(self) -> str:
-        return f"SparseMLPWeights(d={self.d}, D={self.D}, float32, {self.nbytes / 2**20:.1f} MiB)"
+        return (f"SparseMLPWeights(d={self.d}, D={self.D}, {str(self.dtype)[6:]}, "
+                f"{self.device}, {self.nbytes / 2**20:.1f} MiB)")
 
 
 # --------------------------------------------------------------------------- selection
@@ -242,8 +269,13 @@ def gather_gemv(Wt: torch.Tensor, idx: torch.Tensor, coeffs: torch.Tensor, *,
     stride).  ``idx`` are row indices (any order, repeats allowed; ascending is fastest),
     ``coeffs`` their weights.  Returns a float32 (m,) tensor (written into ``out`` if given).
     """
+    if backend == "triton" or (backend == "auto" and Wt.is_cuda):
+        from dipstream.runtime.triton_gemv import gather_gemv_triton
+
+        res = gather_gemv_triton(Wt, idx, coeffs)
+        return res if out is None else out.copy_(res)
     if Wt.dim() != 2 or Wt.dtype != torch.float32:
-        raise ValueError("Wt must be a 2-D float32 tensor")
+        raise ValueError("Wt must be a 2-D float32 tensor (CUDA tensors: any float dtype)")
     if Wt.stride(1) != 1 and Wt.shape[1] > 1:
         raise ValueError("Wt rows must be contiguous (Wt.stride(1) == 1); store the transpose")
     n, m = Wt.shape
@@ -269,38 +301,53 @@ def gather_gemv(Wt: torch.Tensor, idx: torch.Tensor, coeffs: torch.Tensor, *,
     return out
 
 
-def _sparse_token_torch(w: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int, act: str):
+def rows_gemv_torch(rows, idx: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """``coeffs @ rows[idx]`` in plain torch for a float32 row matrix or a quantized one
+    (:class:`dipstream.runtime.quant.QuantRows`, dequantizing only the selected rows)."""
+    if idx.numel() == 0:
+        return torch.zeros(rows.shape[1], dtype=torch.float32)
+    sel = rows.index_select(0, idx).float() if isinstance(rows, torch.Tensor) \
+        else rows.dequantize(idx)
+    return coeffs @ sel
+
+
+def rows_select_gemv(lib, rows, v: torch.Tensor, k: int, idx: torch.Tensor, coef: torch.Tensor,
+                     out: torch.Tensor, nthreads: int) -> int:
+    """Native top-k of |v| -> idx, then ``out = v[idx] @ rows[idx]``; returns the count."""
+    n = v.numel()
+    if isinstance(rows, torch.Tensor):
+        got = lib.ds_select_gemv(v.data_ptr(), n, k, rows.data_ptr(), rows.stride(0),
+                                 rows.shape[1], idx.data_ptr(), coef.data_ptr(), out.data_ptr(),
+                                 nthreads)
+    else:
+        got = lib.ds_select_gemv_q(v.data_ptr(), n, k, *rows.native_args(), idx.data_ptr(),
+                                   coef.data_ptr(), out.data_ptr(), nthreads)
+    if got != k:
+        raise MemoryError("ds_select_gemv failed")
+    return got
+
+
+def _sparse_token_torch(w, x: torch.Tensor, k_in: int, k_out: int, act: str):
     s_in = _select_topk_abs_torch(x, k_in)
-    gu = x.index_select(0, s_in) @ w.gate_up_t.index_select(0, s_in)
-    if s_in.numel() == 0:
-        gu = torch.zeros(2 * w.D)
+    gu = rows_gemv_torch(w.rows_in, s_in, x.index_select(0, s_in))
     h = _act_torch(gu[:w.D], act) * gu[w.D:]
     s_out = _select_topk_abs_torch(h, k_out)
-    y = h.index_select(0, s_out) @ w.down_t.index_select(0, s_out)
-    if s_out.numel() == 0:
-        y = torch.zeros(w.d)
+    y = rows_gemv_torch(w.rows_out, s_out, h.index_select(0, s_out))
     return y, s_in, s_out
 
 
-def _sparse_token_native(lib, w: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int,
+def _sparse_token_native(lib, w, x: torch.Tensor, k_in: int, k_out: int,
                          act: str, want_idx: bool, nthreads: int):
     b = w._buffers()
     y = torch.empty(w.d, dtype=torch.float32)
     idx_in = torch.empty(k_in, dtype=torch.int64) if want_idx else b.idx_in
     idx_out = torch.empty(k_out, dtype=torch.int64) if want_idx else b.idx_out
     # [gate | up] pre-activations from the selected input rows only
-    got = lib.ds_select_gemv(x.data_ptr(), w.d, k_in, w.gate_up_t.data_ptr(),
-                             w.gate_up_t.stride(0), 2 * w.D, idx_in.data_ptr(),
-                             b.coef.data_ptr(), b.gu.data_ptr(), nthreads)
-    if got != k_in:
-        raise MemoryError("ds_select_gemv failed")
+    rows_select_gemv(lib, w.rows_in, x, k_in, idx_in, b.coef, b.gu, nthreads)
     # the activation runs in torch, bit-identical to the references (selection of S_out
     # depends on it, e.g. on which saturated GELU/SiLU values round to exactly 0)
     torch.mul(_act_torch(b.gu[:w.D], act), b.gu[w.D:], out=b.h)
-    got = lib.ds_select_gemv(b.h.data_ptr(), w.D, k_out, w.down_t.data_ptr(), w.down_t.stride(0),
-                             w.d, idx_out.data_ptr(), b.coef.data_ptr(), y.data_ptr(), nthreads)
-    if got != k_out:
-        raise MemoryError("ds_select_gemv failed")
+    rows_select_gemv(lib, w.rows_out, b.h, k_out, idx_out, b.coef, y, nthreads)
     return y, idx_in, idx_out
 
 
@@ -313,17 +360,26 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
     ``act``: "silu" (= "swish"), "gelu_tanh" (= "gelu_pytorch_tanh", "gelu_new") or "gelu" (erf).
     Returns ``y`` shaped like ``x`` (float32), or ``(y, S_in, S_out)`` with ascending int64
     index tensors (lists of them when T > 1) if ``return_indices``.
-    ``backend``: "auto" (kernel if it built, else torch), "native" (kernel or error), "torch".
+    ``backend``: "auto" (CUDA weights: Triton; CPU: the C kernel if it built, else torch),
+    "native" (C kernel or error), "torch", "triton" (the Triton kernel, also on CPU tensors under
+    ``TRITON_INTERPRET=1``; see :mod:`dipstream.runtime.triton_gemv`).
     ``num_threads``: kernel threads (default ``torch.get_num_threads()``).
     """
-    if not isinstance(weights, SparseMLPWeights):
-        raise TypeError("weights must be a SparseMLPWeights")
+    if not hasattr(weights, "rows_in"):
+        raise TypeError("weights must be a SparseMLPWeights or QuantizedSparseMLPWeights")
     _act_code(act)  # validate early
     if x.shape[-1] != weights.d or x.dim() not in (1, 2):
         raise ValueError(f"x must have shape ({weights.d},) or (T, {weights.d}), "
                          f"got {tuple(x.shape)}")
     k_in = _check_k(k_in, weights.d, "k_in")
     k_out = _check_k(k_out, weights.D, "k_out")
+    dev = getattr(weights, "device", torch.device("cpu"))
+    if backend == "triton" or (backend == "auto" and dev.type == "cuda"):
+        return _sparse_mlp_triton(weights, x, k_in, k_out, act, return_indices)
+    if getattr(weights, "dtype", torch.float32) != torch.float32 or dev.type != "cpu":
+        if backend == "native":
+            raise ValueError("the C kernel needs float32 weights on the CPU")
+        backend = "torch"
     lib = _use_native(backend)
     xd = x.detach()
     if xd.dtype != torch.float32:
@@ -349,6 +405,28 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
         s_outs.append(s_out)
     y = torch.stack(ys)
     return (y, s_ins, s_outs) if return_indices else y
+
+
+def _sparse_mlp_triton(weights, x, k_in, k_out, act, return_indices):
+    from dipstream.runtime import triton_gemv
+
+    if not hasattr(weights, "gate_up_t"):
+        raise ValueError("the Triton kernel takes SparseMLPWeights (float32/bf16/fp16)")
+    if not triton_gemv.available():
+        raise RuntimeError("the Triton kernel needs triton and a CUDA device "
+                           "(or TRITON_INTERPRET=1 for CPU tensors)")
+    xd = x.detach().to(weights.device)
+    rows = [xd.reshape(weights.d)] if x.dim() == 1 or x.shape[0] == 1 else list(xd)
+    out = [triton_gemv.sparse_mlp_triton(weights, r, k_in, k_out, lambda g: _act_torch(g, act))
+           for r in rows]
+    y = torch.stack([o[0] for o in out]) if x.dim() == 2 else out[0][0]
+    if not return_indices:
+        return y
+    if x.dim() == 2 and x.shape[0] == 1:
+        return y, out[0][1], out[0][2]
+    if x.dim() == 1:
+        return y, out[0][1], out[0][2]
+    return y, [o[1] for o in out], [o[2] for o in out]
 
 
 # --------------------------------------------------------------------------- references

@@ -39,6 +39,14 @@ def popcount(words: np.ndarray) -> np.ndarray:
     return np.add.reduce(np.bitwise_count(words), axis=-1, dtype=np.uint32).astype(np.int64)
 
 
+def run_count(words: np.ndarray) -> np.ndarray:
+    """Number of runs of consecutive set bits (units i, i+1, ... all set) per row, int64."""
+    w = np.asarray(words, WORD)
+    carry = np.zeros_like(w)
+    carry[..., 1:] = w[..., :-1] >> np.uint64(63)
+    return popcount(w & ~((w << np.uint64(1)) | carry))
+
+
 def _lowest_bits_table() -> np.ndarray:
     t = np.zeros((256, 9), np.uint8)
     for v in range(256):

@@ -51,6 +51,11 @@ class Hardware:
         "help": "(beyond the reference) the weight vectors of one unit (e.g. a neuron's up row, "
                 "gate row, down column) are stored contiguously: one Flash read per missed unit "
                 "instead of one per vector; only matters with flash_read_latency_s"})
+    coalesce: bool = field(default=False, metadata={
+        "help": "(beyond the reference) missed units with consecutive indices lie next to each "
+                "other on Flash (bundled, as in dipstream's offload file) and are read in one "
+                "request: Flash reads per hook and token = runs of consecutive missed units "
+                "instead of one per unit; only matters with flash_read_latency_s"})
     embedding_lookup: bool = field(default=False, metadata={
         "help": "(beyond the reference) per token read one row of an untied embedding table "
                 "instead of the whole table"})

@@ -23,7 +23,8 @@ Beyond the reference (``Hardware`` switches, off by default): ``compute_flops`` 
 roofline per token: t = max(I/O time of the token, flops / compute_flops), flops = 2 * weights
 used + 4 * kv_len * d * L (prefill: every prompt token, causal attention); Flash read latency
 (per missed unit ``reads_per_unit`` reads: in 2, out 1, neuron 3, dense 1, or 1 when
-``bundle``); ``embedding_lookup``.
+``bundle``; with ``coalesce`` one read per run of consecutive missed units of a hook);
+``embedding_lookup``.
 """
 from __future__ import annotations
 
@@ -192,11 +193,15 @@ class _Timing:
     def static_flops(self, kv_len):
         return 2 * self.static_w + 4 * kv_len * self.shape.d_model * self.shape.n_layers
 
-    def hook_times(self, sel, hit):
-        """Per token and hook times (T, H) for selected / hit unit counts."""
+    def hook_times(self, sel, hit, runs=None):
+        """Per token and hook times (T, H) for selected / hit unit counts; ``runs`` (with
+        ``coalesce``): Flash reads = runs of consecutive missed units."""
         pl, hw = self.plan, self.hw
         miss = sel - hit
-        reads = miss * pl.reads_per_unit + (miss > 0) * pl.fixed_reads
+        if runs is not None and hw.coalesce:
+            reads = runs
+        else:
+            reads = miss * pl.reads_per_unit + (miss > 0) * pl.fixed_reads
         return hw.comb(hit * pl.unit_bytes / hw.dram_bw,
                        hw.flash_time(miss * pl.unit_bytes, reads))
 
@@ -218,10 +223,12 @@ class _Timing:
 
 
 def _summarize(timing: _Timing, sel, hit, kv_lens, ttft, *, names, policy, meta,
-               occ_peak_bytes, n_sequences) -> SimResult:
+               occ_peak_bytes, n_sequences, runs=None) -> SimResult:
     pl, hw, shape = timing.plan, timing.hw, timing.shape
     sel = np.asarray(sel, np.float64).reshape(-1, len(names))
     hit = np.asarray(hit, np.float64).reshape(-1, len(names))
+    if runs is not None:
+        runs = np.asarray(runs, np.float64).reshape(-1, len(names))
     T = sel.shape[0]
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(sel > 0, hit / np.where(sel > 0, sel, 1), np.nan)
@@ -230,7 +237,7 @@ def _summarize(timing: _Timing, sel, hit, kv_lens, ttft, *, names, policy, meta,
     kv_avg = float(np.mean(kv_lens)) if T else 0.0
     sd, sf = timing.static_io(kv_avg)
     t_static = timing.static_time(kv_avg)
-    t_h = timing.hook_times(sel, hit)
+    t_h = timing.hook_times(sel, hit, runs)
     t_mlp = t_h.sum(axis=1)
     mlp_used_w = (sel * pl.unit_weights).sum(axis=1)
     if T == 0:
@@ -267,19 +274,21 @@ class _Log:
     """Growable (T, rows) int64 log with a write position per row."""
 
     def __init__(self, rows: int):
-        self.a = np.zeros((3, 256, rows), np.int64)  # sel, hit, occupancy after the step
+        self.a = np.zeros((4, 256, rows), np.int64)  # sel, hit, occupancy after, missed runs
         self.pos = np.zeros(rows, np.int64)
 
-    def write(self, rows, sel, hit, occ):
+    def write(self, rows, sel, hit, occ, runs=0):
         """rows: index array, or None for all rows (which then share one position)."""
         p = self.pos if rows is None else self.pos[rows]
         while int(p.max()) >= self.a.shape[1]:
             self.a = np.concatenate([self.a, np.zeros_like(self.a)], axis=1)
         if rows is None:
-            self.a[:, int(p[0]), :] = (sel, hit, occ)
+            self.a[:3, int(p[0]), :] = (sel, hit, occ)
+            self.a[3, int(p[0]), :] = runs
             self.pos += 1
         else:
-            self.a[:, p, rows] = (sel, hit, occ)
+            self.a[:3, p, rows] = (sel, hit, occ)
+            self.a[3, p, rows] = runs
             self.pos[rows] += 1
 
 
@@ -300,9 +309,12 @@ class HookStepper:
         self.loop._ensure_sequence()
         pol = self.loop._policies[self.g]
         m = np.asarray(mask, bool).reshape(1, -1)
+        runs = 0
+        if self.loop.hw.coalesce:
+            runs = bits.run_count(bits.pack(m) & ~pol.cached_packed(rows=[self.r]))
         sel, hit = pol.step(m, rows=[self.r])
         self.loop._logs[self.g].write(np.array([self.r]), sel, hit,
-                                      pol.occupancy()[[self.r]])
+                                      pol.occupancy()[[self.r]], runs)
 
 
 class ClosedLoop:
@@ -429,22 +441,25 @@ class ClosedLoop:
         """Fast path: per hook group, uint64 words (rows, n_words) as in ``bits.pack``."""
         self._ensure_sequence()
         for g, (pol, log) in enumerate(zip(self._policies, self._logs)):
+            runs = bits.run_count(words[g] & ~pol.cached_packed()) if self.hw.coalesce else 0
             sel, hit = pol.step_packed(words[g])
-            log.write(None, sel, hit, pol.occupancy())
+            log.write(None, sel, hit, pol.occupancy(), runs)
 
-    def logs(self):
-        """(sel, hit, occupancy) arrays (T, n_hooks) in hook order."""
+    def logs(self, with_runs: bool = False):
+        """(sel, hit, occupancy) arrays (T, n_hooks) in hook order (+ missed runs, counted with
+        ``coalesce``, when ``with_runs``)."""
         c = self._counts()
         if np.any(c != c[0]):
             raise ValueError(f"hooks recorded different numbers of tokens: {sorted(set(c))}")
         T = int(c[0])
-        out = np.zeros((3, T, len(self.hooks)), np.int64)
+        out = np.zeros((4, T, len(self.hooks)), np.int64)
         for ix, log in zip(self.group_index, self._logs):
             out[:, :, ix] = log.a[:, :T]
-        return out
+        return out if with_runs else out[:3]
 
     def result(self) -> SimResult:
-        sel, hit, occ = self.logs()
+        sel, hit, occ, runs = self.logs(with_runs=True)
+        runs = runs if self.hw.coalesce else None
         T = sel.shape[0]
         starts = np.array(self._starts or [0])
         ends = np.append(starts[1:], T)
@@ -460,14 +475,16 @@ class ClosedLoop:
             if p > 0:
                 ttfts.append(tm.prefill_time(int(p), self._occ0[s] if self._occ0 else 0))
             elif b > a:
-                io = tm.static_time(1) + float(tm.hook_times(sel[a], hit[a]).sum())
+                io = tm.static_time(1) + float(tm.hook_times(
+                    sel[a], hit[a], None if runs is None else runs[a]).sum())
                 fl = tm.static_flops(1) + 2 * float((sel[a] * pl.unit_weights).sum())
                 ttfts.append(float(tm.roofline(io, fl)))
         occ_peak = float((occ * pl.unit_bytes).sum(axis=1).max()) if T else 0.0
         return _summarize(tm, sel[decode], hit[decode], pos[decode] + 1,
                           float(np.mean(ttfts)) if ttfts else np.nan, names=self.names,
                           policy=self.policy_name, meta=self.meta,
-                          occ_peak_bytes=occ_peak, n_sequences=len(starts))
+                          occ_peak_bytes=occ_peak, n_sequences=len(starts),
+                          runs=None if runs is None else runs[decode])
 
 
 def simulate(trace: MaskTrace, hardware, shape=None, policy="lru", dram_bytes=None,
@@ -526,7 +543,7 @@ def dense_streaming_baseline(shape, hardware, dram_bytes=None, seq_len: int = 20
     plan = plan_placement(shape, hw, hooks, resolve_dram(dram_bytes, hw, shape), seq_len)
     r = np.minimum(plan.capacity, D)
     plan.reads_per_unit = np.zeros(L, np.int64)  # contiguous matrix reads, not per unit
-    plan.fixed_reads = np.full(L, 1 if hw.bundle else 3, np.int64)
+    plan.fixed_reads = np.full(L, 1 if hw.bundle or hw.coalesce else 3, np.int64)
     tm = _Timing(shape, hw, plan)
     kv = (seq_len + 1) / 2 if kv_len_avg is None else kv_len_avg
     sel, hit = np.full((1, L), D), r[None, :]

@@ -1,0 +1,324 @@
+"""`dipstream probe`: measure this machine and write a hardware file the simulator accepts.
+
+Measured (each a median of repeats):
+
+* RAM read bandwidth: ``torch.sum`` over a large float32 tensor (``dram_bw``);
+* CPU GEMV throughput: the fused gather-GEMV over every row of a RAM-resident float32 matrix
+  (FLOP/s -> ``compute_flops``; its bytes/s are reported too);
+* disk: a test file written in ``--dir`` and read back with the runtime's own reader (direct
+  I/O when the filesystem allows it): sequential reads of ``--seq-chunk`` bytes one at a time
+  (``flash_bw``; the runtime reads a run of consecutive missed units as one read), and random reads of each ``--chunks`` size (the sizes
+  the offload file is read in: one unit record, e.g. 12288 and 2560 B for SmolLM2) once with one
+  read in flight and once with ``--io-threads``.
+
+The simulator charges n reads of b bytes ``n * flash_read_latency_s / flash_queue_depth +
+b / flash_bw``.  From the random reads: latency = time per read at one in flight minus its
+transfer time; the per-read cost at ``--io-threads`` in flight minus transfer time gives
+latency / queue depth, from which the (integer) queue depth follows; the latency written is
+that per-read cost times the queue depth, so the simulator's per-read term equals what was
+measured.  ``bundle`` and ``coalesce`` are set, since the offload file is read in runs of
+whole unit records, and ``overlap``, since the runtime computes with the cached units while
+the missed ones are read.  Precision: float32 everywhere (the runtime's weights).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dipstream.errors import DipstreamError
+from dipstream.io import write_json_atomic
+
+
+@dataclass
+class ProbeConfig:
+    """One hardware probe."""
+
+    out: str = field(default="hardware-probe.yaml", metadata={
+        "help": "hardware YAML to write (give it to `dipstream simulate --hardware`)",
+        "metavar": "PATH"})
+    dir: str | None = field(default=None, metadata={
+        "help": "directory for the disk test file: put it on the disk the offload file lives "
+                "on (default: dipstream's cache folder)", "metavar": "DIR"})
+    size: str = field(default="1GB", metadata={"help": "disk test file size"})
+    file: str | None = field(default=None, metadata={
+        "help": "measure reads on this existing file instead (read only), e.g. an offload "
+                "directory's mlp.bin: the same file and disk region a run reads",
+        "metavar": "PATH"})
+    model: str | None = field(default=None, metadata={
+        "help": "take the random-read chunk sizes from this model's offload layout (its unit "
+                "records)"})
+    chunks: str = field(default="4096,12288,65536", metadata={
+        "help": "random-read sizes in bytes, comma-separated (used unless --model is given)"})
+    seq_chunk: int = field(default=4 << 20, metadata={
+        "help": "sequential read size in bytes (read one at a time, as a long run is)"})
+    io_threads: int = field(default=8, metadata={
+        "help": "reads in flight (as dipstream generate --io-threads)"})
+    reads: int = field(default=2000, metadata={"help": "random reads per measurement"})
+    ram_mb: int = field(default=512, metadata={"help": "RAM test tensor size in MiB"})
+    gemv_shape: str = field(default="4096x14336", metadata={
+        "help": "rows x columns of the float32 matrix the GEMV test streams (RAM-resident)"})
+    repeats: int = field(default=5, metadata={"help": "repeats per measurement (median)"})
+    direct_io: bool = field(default=True, metadata={
+        "help": "read the test file with O_DIRECT (--no-direct-io: through the page cache)"})
+    keep_file: bool = field(default=False, metadata={
+        "help": "keep the disk test file (reused by the next probe of the same size)"})
+    json: str | None = field(default=None, metadata={
+        "help": "also write all raw measurements as JSON", "metavar": "PATH"})
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def measure_ram(mb: int, repeats: int) -> float:
+    """RAM read bandwidth, bytes/s (torch.sum over a float32 tensor of ``mb`` MiB)."""
+    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    return x.numel() * 4 / _median_time(lambda: float(x.sum()), repeats)
+
+
+def measure_gemv(repeats: int, n: int = 4096, m: int = 14336) -> tuple[float, float]:
+    """(FLOP/s, bytes/s) of the fused gather-GEMV over all n rows of an (n, m) float32 matrix."""
+    from dipstream.runtime import gather_gemv
+
+    W = torch.randn(n, m, generator=torch.Generator().manual_seed(0))
+    idx = torch.arange(n)
+    c = torch.randn(n)
+    out = torch.empty(m)
+    t = _median_time(lambda: gather_gemv(W, idx, c, out=out), repeats)
+    return 2.0 * n * m / t, n * m * 4 / t
+
+
+def _chunk_sizes(cfg: ProbeConfig) -> list[int]:
+    if cfg.model:
+        from transformers import AutoConfig
+
+        from dipstream.models.loading import resolve_checkpoint
+        from dipstream.runtime.offload_file import Layout
+
+        c = AutoConfig.from_pretrained(resolve_checkpoint(cfg.model)[1])
+        c = getattr(c, "text_config", None) or c
+        lay = Layout(1, c.hidden_size, c.intermediate_size)
+        return [lay.in_stride, lay.out_stride]
+    try:
+        sizes = [int(s) for s in cfg.chunks.split(",") if s.strip()]
+    except ValueError:
+        raise DipstreamError(f"--chunks {cfg.chunks!r}: give byte counts like 4096,12288") from None
+    if not sizes or any(s <= 0 or s % 512 for s in sizes):
+        raise DipstreamError(f"--chunks {cfg.chunks!r}: sizes must be positive multiples of 512 "
+                             "(direct reads are block aligned)")
+    return sizes
+
+
+def _test_file(directory: Path, size: int) -> Path:
+    """A file of ``size`` random bytes (reused when one of that size is there)."""
+    path = directory / f"dipstream-probe-{size}.bin"
+    if path.exists() and path.stat().st_size == size:
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    rng = np.random.default_rng(0)
+    chunk = 64 << 20
+    with open(tmp, "wb") as fh:
+        left = size
+        while left:
+            n = min(chunk, left)
+            fh.write(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+            left -= n
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def measure_disk(path: Path, cfg: ProbeConfig, chunks: list[int]) -> dict:
+    """Sequential and random read figures through the runtime's reader."""
+    from dipstream.runtime.offload_file import ExtentReader, _drop_page_cache, aligned_bytes, \
+        open_direct
+
+    size = path.stat().st_size
+    fd = open_direct(path) if cfg.direct_io else None
+    direct = fd is not None
+    if fd is None:
+        if cfg.direct_io:
+            import warnings
+
+            warnings.warn(f"direct I/O (O_DIRECT) is not supported for {path}; the disk figures "
+                          "include the OS page cache", RuntimeWarning, stacklevel=2)
+        _drop_page_cache(path)
+        fd = os.open(path, os.O_RDONLY)
+    res = {"direct_io": direct, "file_bytes": size, "io_threads": cfg.io_threads}
+    rng = np.random.default_rng(1)
+    rd = ExtentReader(fd, cfg.io_threads, str(path))
+    try:
+        # sequential: the whole file in seq_chunk reads, one at a time (the runtime reads a
+        # run of consecutive missed units, e.g. dense streaming's, as one read)
+        seq = cfg.seq_chunk
+        batch = 1
+        buf = aligned_bytes(batch * seq)
+        offs = np.arange(0, size - seq + 1, seq, dtype=np.int64)
+        t = time.perf_counter()
+        for a in range(0, len(offs), batch):
+            o = offs[a:a + batch]
+            rd.read_extents(o, np.full(len(o), seq), buf.data_ptr() + np.arange(len(o)) * seq,
+                            buf)
+        res["seq_bw"] = len(offs) * seq / (time.perf_counter() - t)
+        res["seq_chunk"] = seq
+        res["random"] = {}
+        for c in chunks:  # c is a multiple of 512: offsets k * c are block aligned
+            per = {}
+            b = aligned_bytes(c * 64)
+            for threads in (1, cfg.io_threads):
+                rd.io_threads = threads
+                n = cfg.reads if threads > 1 else max(64, cfg.reads // 4)
+                o = rng.integers(0, size // c, n).astype(np.int64) * c
+                t = time.perf_counter()
+                for a in range(0, n, 64):  # batches of 64 reads, as a hook's misses come
+                    oo = o[a:a + 64]
+                    rd.read_extents(oo, np.full(len(oo), c),
+                                    b.data_ptr() + np.arange(len(oo)) * c, b)
+                per[threads] = (time.perf_counter() - t) / n
+            res["random"][c] = {"s_per_read_qd1": per[1],
+                                f"s_per_read_qd{cfg.io_threads}": per[cfg.io_threads]}
+    finally:
+        rd.close()
+    return res
+
+
+def fit_flash(disk: dict, io_threads: int) -> dict:
+    """flash_bw, flash_read_latency_s, flash_queue_depth from the disk figures (module doc)."""
+    bw = disk["seq_bw"]
+    lat1, latq = [], []
+    for c, r in disk["random"].items():
+        lat1.append(max(r["s_per_read_qd1"] - int(c) / bw, 0.0))
+        latq.append(max(r[f"s_per_read_qd{io_threads}"] - int(c) / bw, 0.0))
+    lat, per_read = float(np.mean(lat1)), float(np.mean(latq))
+    qd = max(1, int(round(lat / per_read))) if per_read > 0 else io_threads
+    return {"flash_bw": bw, "flash_read_latency_s": per_read * qd if per_read > 0 else lat,
+            "flash_queue_depth": qd, "latency_qd1_s": lat, "per_read_s": per_read}
+
+
+def run_probe(cfg: ProbeConfig, log=print) -> dict:
+    """Measure, write the hardware YAML (and JSON), return the measurements."""
+    import yaml
+
+    from dipstream.models.loading import cache_root
+    from dipstream.simulator import Hardware
+    from dipstream.simulator.hardware import KINDS, parse_bytes
+
+    try:
+        size = int(parse_bytes(cfg.size))
+    except ValueError as e:
+        raise DipstreamError(f"--size: {e}") from None
+    chunks = _chunk_sizes(cfg)
+    try:
+        gn, gm = (int(v) for v in cfg.gemv_shape.lower().split("x"))
+    except ValueError:
+        raise DipstreamError(f"--gemv-shape {cfg.gemv_shape!r}: give ROWSxCOLS, e.g. "
+                             "4096x14336") from None
+    need = max(64 * max(chunks), 4 * cfg.seq_chunk)
+    if cfg.file is None and size < need:
+        raise DipstreamError(f"--size {cfg.size} is too small for the reads it must hold; give "
+                             f"at least {need} bytes (1GB or more gives steadier figures)")
+    if cfg.io_threads < 1 or cfg.reads < 64 or cfg.repeats < 1:
+        raise DipstreamError("--io-threads and --repeats must be >= 1 and --reads >= 64")
+    directory = Path(cfg.dir) if cfg.dir else cache_root() / "probe"
+    own_file = cfg.file is None
+    if own_file:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            path = _test_file(directory, size)
+        except OSError as e:
+            raise DipstreamError(f"cannot write the disk test file in {directory}: {e.strerror}; "
+                                 "give a writable --dir") from None
+    else:
+        path = Path(cfg.file)
+        if not path.is_file():
+            raise DipstreamError(f"--file {cfg.file} is not a file")
+        directory = path.parent
+        if path.stat().st_size < 64 * max(chunks) + 4096:
+            raise DipstreamError(f"--file {cfg.file} is too small to probe random reads of "
+                                 f"{max(chunks)} bytes")
+    out = {"host": socket.gethostname(), "machine": platform.machine(),
+           "cpu": _cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "dir": str(directory), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        log(f"probe: RAM read bandwidth ({cfg.ram_mb} MiB)...")
+        out["ram_bw"] = measure_ram(cfg.ram_mb, cfg.repeats)
+        log(f"probe: CPU GEMV (fused kernel, {gn} x {gm} float32)...")
+        out["gemv_flops"], out["gemv_bw"] = measure_gemv(cfg.repeats, gn, gm)
+        log(f"probe: disk reads of {path} ({path.stat().st_size / 1e9:.2f} GB)...")
+        out["disk"] = measure_disk(path, cfg, chunks)
+    finally:
+        if own_file and not cfg.keep_file:
+            path.unlink(missing_ok=True)
+    fit = fit_flash(out["disk"], cfg.io_threads)
+    out["fit"] = fit
+    hw = Hardware(name=f"probe-{out['host']}", dram_bw=out["ram_bw"], flash_bw=fit["flash_bw"],
+                  overlap=True, bits={k: 32 for k in KINDS}, compute_flops=out["gemv_flops"],
+                  flash_read_latency_s=fit["flash_read_latency_s"],
+                  flash_queue_depth=fit["flash_queue_depth"], bundle=True, coalesce=True,
+                  stream_static_overflow=True)
+    d = hw.to_dict()
+    d.pop("dram_bytes")
+    disk = out["disk"]
+    lines = [f"# measured by `dipstream probe` on {out['host']} ({out['cpu']}, {out['cpus']} cpus, "
+             f"{out['torch_threads']} torch threads) at {out['date']}; load average "
+             f"{', '.join(f'{v:.2f}' for v in out['load_avg'] or [])}",
+             f"# RAM read (torch.sum, {cfg.ram_mb} MiB): {out['ram_bw'] / 1e9:.2f} GB/s; fused "
+             f"GEMV {gn}x{gm} fp32: {out['gemv_flops'] / 1e9:.2f} GFLOP/s "
+             f"({out['gemv_bw'] / 1e9:.2f} GB/s)",
+             f"# disk reads of {path}, direct I/O: {disk['direct_io']}; sequential "
+             f"{disk['seq_chunk']} B reads, one in flight: "
+             f"{disk['seq_bw'] / 1e9:.3f} GB/s"]
+    for c, r in disk["random"].items():
+        lines.append(f"# random {c} B reads: {r['s_per_read_qd1'] * 1e6:.1f} us/read with 1 in "
+                     f"flight, {r[f's_per_read_qd{cfg.io_threads}'] * 1e6:.1f} us/read with "
+                     f"{cfg.io_threads}")
+    lines.append(f"# fit: latency {fit['latency_qd1_s'] * 1e6:.1f} us at one read in flight; "
+                 f"{fit['per_read_s'] * 1e6:.1f} us per read beyond transfer with "
+                 f"{cfg.io_threads} in flight -> latency / queue depth")
+    text = "\n".join(lines) + "\n" + yaml.safe_dump(d, sort_keys=False)
+    outp = Path(cfg.out)
+    outp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = outp.with_name(f".{outp.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, outp)
+    out["hardware"] = d
+    out["out"] = str(outp)
+    if cfg.json:
+        write_json_atomic(cfg.json, _jsonable(out))
+    return out
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    return o
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"

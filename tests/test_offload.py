@@ -1,0 +1,282 @@
+"""Offloading runtime: the bundled file round-trips, bad files are refused, the RAM caches stay
+within the budget and mirror the simulator's policy, and a run's trace replays to the same hits."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from dipstream.errors import DipstreamError
+from dipstream.models.arch import describe, mlp_parts
+from dipstream.runtime import offload_file as of
+from dipstream.runtime.generate import GenerateConfig, attach_runtime, decode_tokens, detach_runtime
+from dipstream.runtime.offload import OffloadRuntime, offload_capacities, parse_budget
+from dipstream.simulator import Hardware, ModelShape, simulate
+from dipstream.simulator.hardware import KINDS
+
+
+def small_llama(seed=0):
+    """A small random Llama (d=64, D=256) whose MLP units are big enough for partial caches."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      hidden_act="silu")
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+def shape_of(model):
+    i = describe(model)
+    return ModelShape(i.n_layers, i.d_model, i.d_ff, i.vocab, i.n_heads, i.n_kv_heads,
+                      i.tied_embeddings)
+
+
+@pytest.fixture
+def model():
+    return small_llama()
+
+
+@pytest.fixture
+def offload_dir(tmp_path, model):
+    d = tmp_path / "off"
+    of.write_offload(d, mlp_parts(model), "small")
+    return d
+
+
+def test_layout_offsets_are_aligned():
+    lay = of.Layout(30, 576, 1536)
+    assert lay.in_stride == 12288 and lay.out_stride == 2560  # 2304 B padded to 512
+    for i in (0, 1, 29):
+        assert lay.in_offset(i) % 4096 == 0 and lay.out_offset(i) % 4096 == 0
+        assert lay.out_offset(i) >= lay.in_offset(i) + 576 * 12288
+    assert lay.size == 30 * lay.layer_bytes and lay.mlp_bytes == 30 * 3 * 576 * 1536 * 4
+
+
+def test_file_round_trips(model, offload_dir):
+    """Every record read back (runs, single units, whole regions) equals the model's weights."""
+    parts = mlp_parts(model)
+    f = of.open_offload(offload_dir, model="small", shape=(2, 64, 256),
+                        fingerprint_=of.fingerprint(parts))
+    try:
+        lay = f.layout
+        buf = of.aligned_bytes(f.layout.D * lay.out_stride)
+        rng = np.random.default_rng(0)
+        for layer, p in enumerate(parts):
+            gu = torch.cat([p.gate_weight.t(), p.up_weight.t()], 1)  # (d, 2D)
+            dn = p.down_weight.t()                                     # (D, d)
+            for kind, ref in (("in", gu), ("out", dn)):
+                n, ub, stride = lay.hook(kind)
+                for units in (np.arange(n), np.sort(rng.choice(n, n // 3, replace=False)),
+                              np.array([0, 1, 2, n - 1]), np.array([5])):
+                    reads = f.read_runs(kind, layer, units, buf, max_read=3 * stride)
+                    runs = 1 + int(np.sum(np.diff(units) != 1))
+                    assert runs <= reads <= units.size
+                    got = buf.view(torch.float32).as_strided((units.size, ub // 4), (stride // 4, 1))
+                    assert torch.equal(got, ref[torch.from_numpy(units)])
+        assert f.direct == bool(f.direct)
+    finally:
+        f.close()
+
+
+def test_corrupt_truncated_and_mismatched_files(model, offload_dir, tmp_path):
+    parts = mlp_parts(model)
+    of.open_offload(offload_dir, model="small").close()
+    data = offload_dir / of.DATA_NAME
+    raw = bytearray(data.read_bytes())
+    # one flipped byte: same size, wrong checksum
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(DipstreamError, match="corrupt: its sha256"):
+        of.open_offload(offload_dir, model="small")
+    # truncated
+    data.write_bytes(bytes(raw[:-4096]))
+    with pytest.raises(DipstreamError, match="truncated or corrupt"):
+        of.open_offload(offload_dir, model="small")
+    # other model / other weights / not an offload directory
+    d2 = tmp_path / "off2"
+    of.write_offload(d2, parts, "small")
+    with pytest.raises(DipstreamError, match="not 'other'"):
+        of.open_offload(d2, model="other")
+    with pytest.raises(DipstreamError, match="different weights"):
+        of.open_offload(d2, fingerprint_="0" * 16)
+    with pytest.raises(DipstreamError, match="no mlp.json"):
+        of.open_offload(tmp_path)
+    (d2 / of.MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(DipstreamError, match="unreadable"):
+        of.open_offload(d2)
+    for e in (DipstreamError("x"),):  # errors are one line
+        assert "\n" not in str(e)
+
+
+def test_direct_io_fallback_warns(model, offload_dir, monkeypatch):
+    """A filesystem without O_DIRECT: one warning that numbers include the page cache; reads
+    still return the right bytes."""
+    monkeypatch.setattr(of, "open_direct", lambda path, align: None)
+    with pytest.warns(RuntimeWarning, match="page cache"):
+        f = of.open_offload(offload_dir, model="small")
+    try:
+        assert not f.direct
+        buf = of.aligned_bytes(64 * f.layout.in_stride)
+        f.read_runs("in", 1, np.arange(64), buf)
+        p = mlp_parts(model)[1]
+        got = buf.view(torch.float32).view(64, -1)[:, :256]
+        assert torch.equal(got, p.gate_weight.t())
+    finally:
+        f.close()
+    with warnings.catch_warnings():  # asked for buffered reads: no warning
+        warnings.simplefilter("error")
+        of.open_offload(offload_dir, model="small", direct=False).close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm") or not hasattr(os, "O_DIRECT"),
+                    reason="needs /dev/shm and O_DIRECT")
+def test_tmpfs_direct_io_detection(model, tmp_path):
+    """On tmpfs (which refuses O_DIRECT before Linux 6.6) support is detected for real: direct
+    reads where the open and a trial read succeed, else the fallback with its warning."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        of.write_offload(d, mlp_parts(model), "small")
+        try:
+            fd = os.open(os.path.join(d, of.DATA_NAME), os.O_RDONLY | os.O_DIRECT)
+            os.close(fd)
+            supported = True
+        except OSError:
+            supported = False
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            f = of.open_offload(d, model="small")
+        f.close()
+        warned = any("page cache" in str(x.message) for x in w)
+        assert f.direct == supported and warned == (not supported)
+
+
+def _runtime(model, offload_dir, method, density_k, budget, policy="lru", gamma=0.1):
+    parts = mlp_parts(model)
+    L = len(parts)
+    f = of.open_offload(offload_dir, model="small")
+    kin, kout = density_k
+    return OffloadRuntime(f, parts[0].act_name, method, [kin] * L, [kout] * L, budget,
+                          shape_of(model), 64, policy, gamma)
+
+
+def _check_cache_state(rt, parts):
+    assert rt.ram_bytes() <= rt.budget
+    for kind in ("in", "out"):
+        cached_pol = rt.policies[kind].cached()
+        for layer, c in enumerate(rt.caches[kind]):
+            assert c.occupancy() <= c.capacity == rt.capacity[f"layers.{layer}.{kind}"]
+            assert np.array_equal(c.cached, cached_pol[layer])  # physical == the policy's set
+            units = np.flatnonzero(c.cached)
+            p = parts[layer]
+            ref = (torch.cat([p.gate_weight.t(), p.up_weight.t()], 1) if kind == "in"
+                   else p.down_weight.t())[torch.from_numpy(units)]
+            assert torch.equal(c.slab[torch.from_numpy(c.slot[units])], ref)  # right data
+
+
+@pytest.mark.parametrize("method,policy", [("dip", "lru"), ("dip-ca", "lru"), ("dense", "lru"),
+                                           ("dip", "lfu"), ("dip-ca", "window")])
+def test_cache_never_exceeds_budget(model, offload_dir, method, policy):
+    ref_parts = mlp_parts(model)
+    lay = of.Layout(2, 64, 256)
+    budget = max(lay.d * lay.in_stride, lay.D * lay.out_stride) + int(0.3 * lay.mlp_bytes)
+    rt = _runtime(model, offload_dir, method, (38, 90), budget, policy)
+    assert 0 < rt.capacity["layers.0.in"] < 64 and 0 < rt.capacity["layers.0.out"] < 256
+    decode = rt.decode
+
+    def checked(layer, x):
+        y = decode(layer, x)
+        _check_cache_state(rt, ref_parts)
+        return y
+    rt.decode = checked
+    orig = attach_runtime(model, rt)
+    try:
+        ids = torch.randint(1, 96, (1, 7), generator=torch.Generator().manual_seed(3))
+        decode_tokens(model, ids, GenerateConfig(max_new_tokens=12, stop_at_eos=False))
+    finally:
+        detach_runtime(model, orig)
+        rt.file.close()
+    _check_cache_state(rt, ref_parts)
+    assert rt.stats.tokens == 11 and rt.stats.reads > 0 and 0 < rt.stats.hit_units
+
+
+def test_budget_too_small_and_bad_budget(model, offload_dir):
+    lay = of.Layout(2, 64, 256)
+    need = max(lay.d * lay.in_stride, lay.D * lay.out_stride)
+    with pytest.raises(DipstreamError, match="smaller than one token's working set"):
+        _runtime(model, offload_dir, "dip", (32, 128), need - 1)
+    rt = _runtime(model, offload_dir, "dip", (32, 128), need)  # exactly the buffer: no cache
+    assert rt.cache_bytes == 0 and rt.capacity["layers.0.in"] == 0
+    rt.file.close()
+    assert parse_budget("0.5x", 1000) == 500 and parse_budget("2kB", 0) == 2000
+    with pytest.raises(DipstreamError, match="--dram"):
+        parse_budget("lots", 1000)
+
+
+def test_capacities_match_the_simulator_split():
+    shape = ModelShape(30, 576, 1536, 49152, 9, 3, True)
+    hooks, cap, dram = offload_capacities(shape, 60 * 1_000_000, 512)
+    share = 1_000_000  # cache split uniformly over 60 hooks
+    assert cap[0] == share // (2 * 1536 * 4) and cap[1] == share // (576 * 4)
+    assert [h.name for h in hooks[:2]] == ["layers.0.in", "layers.0.out"]
+
+
+@pytest.mark.parametrize("method", ["dip", "dip-ca", "dense"])
+def test_trace_replays_to_the_same_hits(model, offload_dir, method):
+    """The run's masks through the simulator (same policy, strict capacity, the runtime's DRAM
+    figure) give exactly the runtime's RAM and disk unit bytes per decoded token."""
+    lay = of.Layout(2, 64, 256)
+    budget = max(lay.d * lay.in_stride, lay.D * lay.out_stride) + int(0.3 * lay.mlp_bytes)
+    rt = _runtime(model, offload_dir, method, (38, 90), budget)
+    orig = attach_runtime(model, rt)
+    try:
+        ids = torch.randint(1, 96, (1, 5), generator=torch.Generator().manual_seed(4))
+        decode_tokens(model, ids, GenerateConfig(max_new_tokens=10, stop_at_eos=False))
+    finally:
+        detach_runtime(model, orig)
+        rt.file.close()
+    trace = rt.trace(5, {"model": "small", "method": method, **shape_of(model).to_dict()})
+    hw = Hardware(name="fp32", bits={k: 32 for k in KINDS})
+    res = simulate(trace, hw, shape_of(model), policy="lru", dram_bytes=rt.sim_dram_bytes,
+                   seq_len=rt.seq_len, strict=True)
+    n = rt.stats.tokens
+    assert res.n_tokens == n == 9
+    assert res.mlp_dram_bytes_per_token == pytest.approx(rt.stats.ram_bytes / n)
+    assert res.mlp_flash_bytes_per_token == pytest.approx(
+        (rt.stats.selected_bytes - rt.stats.ram_bytes) / n)
+    assert res.capacity_units == [rt.capacity[h] for h in res.hook_names]
+
+
+def test_async_reads_and_read_errors(model, offload_dir):
+    """submit_runs/result reads the same bytes as read_runs; a read past the end of the file is
+    a one-line error and leaves the reader usable."""
+    f = of.open_offload(offload_dir, model="small")
+    try:
+        lay = f.layout
+        a = of.aligned_bytes(64 * lay.in_stride)
+        b = of.aligned_bytes(64 * lay.in_stride)
+        units = np.array([0, 1, 2, 7, 9, 10, 40, 63])
+        f.read_runs("in", 0, units, a)
+        reads, secs = f.submit_runs("in", 0, units, b).result()
+        assert reads == 5 and secs >= 0 and torch.equal(a[:8 * lay.in_stride],
+                                                        b[:8 * lay.in_stride])
+        with pytest.raises(DipstreamError, match="reading .* failed"):
+            f.read_extents(np.array([lay.size]), np.array([512]), np.array([a.data_ptr()]), a)
+        f.layout = of.Layout(4, 64, 256)  # pretend there are more layers than the file holds
+        with pytest.raises(DipstreamError, match="reading .* failed"):
+            f.submit_runs("in", 3, units, b).result()
+        f.layout = lay
+        f.read_runs("out", 1, np.arange(10), a)  # still works
+        got = a.view(torch.float32).as_strided((10, 64), (lay.out_stride // 4, 1))
+        assert torch.equal(got, mlp_parts(model)[1].down_weight.t()[:10])
+    finally:
+        f.close()
