@@ -18,7 +18,7 @@ class TrainOptions:
                 "Re-running with the same folder resumes", "metavar": "DIR"})
     restart: bool = field(default=False, metadata={
         "help": "discard a checkpoint found in --out and start over"})
-    loss: str = field(default="kd", metadata={
+    loss: str = field(default="ce", metadata={
         "help": "ce: next-token cross-entropy; kd: KL divergence to the dense model (same weights, "
                 "masks and adapters off)", "choices": ["ce", "kd"]})
     kd_temperature: float = field(default=1.0, metadata={"help": "kd: softmax temperature"})
@@ -29,7 +29,7 @@ class TrainOptions:
         "choices": ["mlp", "mlp+attn"]})
     steps: int = field(default=150, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=1, metadata={"help": "training windows (of --seq-len tokens) per step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps, then cosine decay"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
