@@ -156,3 +156,31 @@ def test_sampling_is_seeded(tiny_checkpoint):
     greedy = run_generate(GenerateConfig(**{**cfg, "sample": False}))["ids"]
     others = [run_generate(GenerateConfig(**cfg, sample_seed=s))["ids"] for s in (2, 3)]
     assert a == b and any(o != a for o in others + [greedy])
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_generate_with_lora_adapters_equals_masked_dip(arch):
+    """With LoRA adapters on the MLP linears, the real kernel path generates the tokens of the
+    adapted dense model at density 1.0 and of the adapted masked DIP (eval's path) at 0.5."""
+    from dipstream.models.adapters import LoraSettings, add_lora
+    from tests.test_adapters import _randomize_lora
+
+    model = tiny_model(arch, seed=3)
+    add_lora(model, LoraSettings(rank=4))
+    _randomize_lora(model, seed=2)
+    ids = _ids(2)
+    parts = mlp_parts(model)
+    L, d, D = len(parts), parts[0].d_model, parts[0].d_ff
+    dense = decode_tokens(model, ids, CFG)["ids"]
+    assert _with_runtime(model, InMemoryRuntime(parts, [d] * L, [D] * L), ids) == dense
+    sm = attach(model, build_method("dip", 0.5))
+    try:
+        masked = decode_tokens(model, ids, CFG)["ids"]
+        k_in = [sm.method.keeps.k_in(i, d) for i in range(L)]
+        k_out = [sm.method.keeps.k_out(i, D) for i in range(L)]
+    finally:
+        sm.detach()
+    assert masked != dense
+    assert _with_runtime(model, InMemoryRuntime(parts, k_in, k_out), ids) == masked
+    with pytest.raises(Exception, match="float32 only"):
+        InMemoryRuntime(parts, k_in, k_out, weights="int8")

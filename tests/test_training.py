@@ -216,3 +216,15 @@ def test_simulate_counts_adapter_weights_as_static_dram(finished, tiny_checkpoin
         - plain["dram_bytes_per_token"] - plain["flash_bytes_per_token"]
     assert extra > 0 and adapted["tokens_per_s"] < plain["tokens_per_s"]
     assert rows[str(out), "dip-ca"]["adapter_weights"] == row["adapter_weights"]
+
+
+def test_generate_with_a_finetuned_adapter(finished, tiny_checkpoint, tmp_path, capsys):
+    from dipstream.runtime.generate import GenerateConfig, run_generate
+
+    out, row = finished
+    got = run_generate(GenerateConfig(model=str(tiny_checkpoint), adapter=str(out), max_new_tokens=4,
+                                      stop_at_eos=False, stream=False, prompt="the quick"))
+    assert got["adapter_weights"] == row["adapter_weights"] and got["new_tokens"] == 4
+    rc = main(["generate", "--model", str(tiny_checkpoint), "--adapter", str(out), "--offload",
+               str(tmp_path / "off")])
+    assert rc == 2 and "drop --offload" in capsys.readouterr().err

@@ -60,6 +60,9 @@ class GenerateConfig:
         "help": "dip-ca: weight of uncached units' scores in [0, 1] (1 = plain DIP)"})
     n0_frac: float = field(default=0.5, metadata={
         "help": "dip-ca: fraction of k protected as the top-n0 scores"})
+    adapter: str | None = field(default=None, metadata={
+        "help": "apply the LoRA adapters of this `dipstream finetune` folder (dense and dip, in RAM)",
+        "metavar": "DIR"})
     offload: str | None = field(default=None, metadata={
         "help": "keep the MLP weights in a file in this directory (written on first use) and "
                 "only --dram bytes of them in RAM", "metavar": "DIR"})
@@ -129,6 +132,11 @@ class InMemoryRuntime:
                 self.w.append(QuantizedSparseMLPWeights(p.gate_weight, p.up_weight,
                                                         p.down_weight, bits=8 if weights == "int8"
                                                         else 4))
+        # LoRA adapters (peft) on the MLP linears: their terms B A x are added with A fed the
+        # same selected inputs as the host weights (A[:, S] x_S), so no dense read is added
+        self.adapters = [_adapter_terms(p) for p in parts]
+        if any(a is not None for a in self.adapters) and weights != "float32":
+            raise DipstreamError("LoRA adapters run with --weights float32 only")
         self.record_masks = record_masks
         self.masks = {"in": [[] for _ in range(self.L)], "out": [[] for _ in range(self.L)]}
         self.mlp_s, self.tokens, self.pos = 0.0, 0, 0
@@ -136,8 +144,11 @@ class InMemoryRuntime:
     def _run(self, layer, x):
         from dipstream.runtime import sparse_mlp
 
-        y, s_in, s_out = sparse_mlp(self.w[layer], x, self.k_in[layer], self.k_out[layer],
-                                    self.act, return_indices=True)
+        if self.adapters[layer] is not None:
+            y, s_in, s_out = self._run_adapted(layer, x)
+        else:
+            y, s_in, s_out = sparse_mlp(self.w[layer], x, self.k_in[layer], self.k_out[layer],
+                                        self.act, return_indices=True)
         if self.record_masks:
             for key, idx, n in (("in", s_in, self.d), ("out", s_out, self.D)):
                 for s in (idx if isinstance(idx, list) else [idx]):
@@ -145,6 +156,27 @@ class InMemoryRuntime:
                     m[s.cpu()] = True
                     self.masks[key][layer].append(m.numpy())
         return y
+
+    def _run_adapted(self, layer, x):
+        """One token (or rows one by one) of DIP with adapters: the kernel's gather-GEMVs plus
+        each adapter's term on the selected inputs."""
+        from dipstream.runtime.sparse_mlp import _act_torch, gather_gemv, select_topk_abs
+
+        if x.dim() == 2 and x.shape[0] > 1:
+            outs = [self._run_adapted(layer, row) for row in x]
+            return torch.stack([o[0] for o in outs]), [o[1] for o in outs], [o[2] for o in outs]
+        w, lora, D = self.w[layer], self.adapters[layer], self.D
+        xt = x.reshape(-1).float()
+        s_in = select_topk_abs(xt, self.k_in[layer])
+        xs = xt.index_select(0, s_in)
+        gu = gather_gemv(w.gate_up_t, s_in, xs)
+        g = gu[:D] + _lora_on(lora["gate"], xs, s_in)
+        u = gu[D:] + _lora_on(lora["up"], xs, s_in)
+        h = _act_torch(g, self.act) * u
+        s_out = select_topk_abs(h, self.k_out[layer])
+        hs = h.index_select(0, s_out)
+        y = gather_gemv(w.down_t, s_out, hs) + _lora_on(lora["down"], hs, s_out)
+        return y.reshape(x.shape[:-1] + (self.d,)), s_in, s_out
 
     def decode(self, layer, x):
         t0 = time.perf_counter()
@@ -156,6 +188,21 @@ class InMemoryRuntime:
 
     def prefill(self, layer, X):
         return self._run(layer, X)
+
+
+def _adapter_terms(p) -> dict | None:
+    """{linear: [(A, B, scale)]} of the LoRA adapters on one MLP block, or None."""
+    terms = {n: [(A.detach(), B.detach(), s) for A, B, s, _ in getattr(p, f"{n}_lora").terms()]
+             if getattr(p, f"{n}_lora") is not None else [] for n in ("gate", "up", "down")}
+    return terms if any(terms.values()) else None
+
+
+def _lora_on(terms, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | float:
+    """sum of s * B (A[:, idx] v) over adapters: v holds the selected inputs `idx` only."""
+    out = 0.0
+    for A, B, scale in terms:
+        out = out + scale * (B @ (A.index_select(1, idx) @ v))
+    return out
 
 
 def _act_name(name: str) -> str:
@@ -253,6 +300,9 @@ def _check(cfg: GenerateConfig) -> None:
                              "--method dip")
     if not 0.0 <= cfg.gamma <= 1.0:
         raise DipstreamError(f"--gamma {cfg.gamma} is outside [0, 1]")
+    if cfg.adapter and cfg.offload:
+        raise DipstreamError("--adapter runs with the MLP in RAM; drop --offload (the offloading "
+                             "runtime does not apply adapters)")
     if cfg.sample and cfg.temperature <= 0:
         raise DipstreamError("--temperature must be positive when sampling")
 
@@ -285,6 +335,12 @@ def run_generate(cfg: GenerateConfig, out=None) -> dict:
     if dev.type == "cuda" and cfg.weights != "float32":
         raise DipstreamError(f"--weights {cfg.weights} runs on the CPU kernel; add --device cpu")
     lm = load_model(cfg.model)
+    row_adapter = {}
+    if cfg.adapter:
+        from dipstream.sparsity import build_method
+        from dipstream.training.artifacts import apply_adapter
+
+        row_adapter = apply_adapter(lm, cfg.adapter, build_method(cfg.method, cfg.density))
     model, tok = lm.model, lm.tokenizer
     parts = mlp_parts(model)
     L, d, D = len(parts), parts[0].d_model, parts[0].d_ff
@@ -304,7 +360,7 @@ def run_generate(cfg: GenerateConfig, out=None) -> dict:
     shape = ModelShape(L, d, D, info.vocab, info.n_heads, info.n_kv_heads, info.tied_embeddings)
     row = {"model": lm.name, "method": cfg.method, "density_requested": cfg.density,
            "weights": cfg.weights, "prompt_tokens": P, "device": str(dev),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), **row_adapter}
     runtime, originals, bf = None, None, None
     try:
         if cfg.offload:
