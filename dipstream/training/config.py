@@ -47,7 +47,7 @@ class TrainOptions:
     act_l1: float = field(default=0.0, metadata={
         "help": "drelu/relufied: weight of a mean-|h| penalty pushing activations to zero"})
     predictor_rank: int = field(default=64, metadata={"help": "predictor: hidden width of each low-rank MLP"})
-    predictor_tokens: int = field(default=12264, metadata={
+    predictor_tokens: int = field(default=32704, metadata={
         "help": "predictor: training tokens (dense activations are collected once)"})
     predictor_epochs: int = field(default=8, metadata={"help": "predictor: passes over those tokens"})
     train_seed: int = field(default=0, metadata={"help": "seed of data order and initialisation"})

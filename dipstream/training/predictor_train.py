@@ -102,7 +102,7 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     xs, ts = collect(lm.model, torch.cat([data.batch(i, 1) for i in range(n_windows)]), k)
     vx, vt = collect(lm.model, data.val, k)
     n = xs[0].shape[0]
-    batch = 1024
+    batch = 128  # tokens per step: many small steps learned far better than few large ones
     bar = tqdm(total=tr.predictor_epochs, initial=state["epoch"], desc="predictors", disable=not progress,
                leave=False)
     try:
