@@ -148,6 +148,7 @@ class _Run:
             res = perplexity(self.lm.model, self.eval_windows, on_window=self.method.reset,
                              progress=False, batch_size=1)
         return {"perplexity": res.perplexity, "density_measured": self.sm.stats.mean("mlp") if sparse else 1.0,
+                "density_per_layer": self.sm.stats.per_layer("mlp") if sparse else None,
                 "seconds": res.seconds}
 
     # -- training -------------------------------------------------------------------------------
@@ -247,6 +248,7 @@ def _train_lora(cfg: FinetuneConfig, out: Path, key: dict, state: dict | None, p
     result = {
         "model": run.lm.name, "method": cfg.eval.method, "trained_with": run.method.name,
         "density_requested": cfg.eval.density, "density_measured": after["density_measured"],
+        "density_per_layer": after["density_per_layer"],
         "loss": tr.loss, "lora_rank": tr.lora_rank, "lora_alpha": tr.lora_alpha, "lora_targets": tr.lora_targets,
         "lr": tr.lr, "steps_done": state["step"], "steps": tr.steps, "batch_size": tr.batch_size,
         "seq_len": cfg.eval.seq_len, "train_tokens": state["step"] * tr.batch_size * (cfg.eval.seq_len - 1),
