@@ -124,52 +124,6 @@ def cmd_methods(ns) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from dipstream.experiments import EvalConfig
-
-    parser = argparse.ArgumentParser(prog="dipstream", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"dipstream {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("eval", help="perplexity and measured density of a method at a density")
-    add_dataclass_args(p, EvalConfig)
-    p.set_defaults(func=cmd_eval)
-    from dipstream.experiments.simulate import SimulateConfig
-
-    p = sub.add_parser("simulate", help="perplexity plus simulated tokens/s, memory and hit rate")
-    add_dataclass_args(p, SimulateConfig)
-    p.set_defaults(func=cmd_simulate)
-    from dipstream.training import FinetuneConfig
-
-    p = sub.add_parser("finetune", help="recover accuracy with LoRA, fine-tune dReLU, or train predictors",
-                       description="Train LoRA adapters for a sparse method (cross-entropy or distillation "
-                       "from the dense model), a dReLU/ReLUfied model, or predictors (--method predictor). "
-                       "Writes an adapter folder (--out) for `eval`/`simulate --adapter`; re-running resumes. "
-                       "Perplexity is measured on --tokens eval tokens (default 8176).")
-    add_dataclass_args(p, FinetuneConfig)
-    p.set_defaults(func=cmd_finetune)
-    from dipstream.experiments.sweep import SweepOptions
-
-    p = sub.add_parser("sweep", help="run (or resume) the cross product of a YAML sweep config")
-    p.add_argument("config", help="sweep config (YAML): see dipstream/experiments/sweep_config.py")
-    add_dataclass_args(p, SweepOptions)
-    p.set_defaults(func=cmd_sweep)
-    from dipstream.evaluation.lm_eval import LmEvalConfig
-
-    p = sub.add_parser("lm-eval", help="downstream accuracy of the sparse model with lm-evaluation-harness")
-    add_dataclass_args(p, LmEvalConfig)
-    p.set_defaults(func=cmd_lm_eval)
-    from dipstream.reports import ReportConfig
-
-    p = sub.add_parser("report", help="figures and a Markdown report from a sweep's results folder")
-    p.add_argument("results", help="results folder written by `dipstream sweep` (or its results.jsonl)")
-    add_dataclass_args(p, ReportConfig)
-    p.set_defaults(func=cmd_report)
-    sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
-    sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
-    _add_runtime_commands(sub)
-    return parser
-
-
 _GEN_KEYS = ("prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "mlp_s_per_token",
              "io_s_per_token", "reads_per_token", "disk_bytes_per_token", "ram_bytes_per_token",
              "hit_rate", "density_measured", "direct_io", "ram_mlp_bytes", "dram_budget_bytes")
@@ -206,19 +160,58 @@ def cmd_probe(ns) -> int:
     return 0
 
 
-def _add_runtime_commands(sub) -> None:
-    """`generate` and `probe` (issue 7: real sparse execution)."""
+def _configs():
+    """The typed config class of each configured subcommand (imported lazily)."""
+    from dipstream.evaluation.lm_eval import LmEvalConfig
+    from dipstream.experiments import EvalConfig
+    from dipstream.experiments.simulate import SimulateConfig
+    from dipstream.experiments.sweep import SweepOptions
+    from dipstream.reports import ReportConfig
     from dipstream.runtime.generate import GenerateConfig
     from dipstream.runtime.probe import ProbeConfig
+    from dipstream.training import FinetuneConfig
 
-    p = sub.add_parser("generate", help="stream generated text with the real (sparse, optionally "
-                                        "offloaded) MLP and report tokens/s")
-    add_dataclass_args(p, GenerateConfig)
-    p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("probe", help="measure RAM, disk and CPU GEMV speed; write a hardware "
-                                     "file for `dipstream simulate`")
-    add_dataclass_args(p, ProbeConfig)
-    p.set_defaults(func=cmd_probe)
+    return {"eval": EvalConfig, "simulate": SimulateConfig, "finetune": FinetuneConfig,
+            "sweep": SweepOptions, "lm-eval": LmEvalConfig, "report": ReportConfig,
+            "generate": GenerateConfig, "probe": ProbeConfig}
+
+
+# name: (function, help, description or None, positional argument (name, help) or None)
+_COMMANDS = {
+    "eval": (cmd_eval, "perplexity and measured density of a method at a density", None, None),
+    "simulate": (cmd_simulate, "perplexity plus simulated tokens/s, memory and hit rate", None, None),
+    "finetune": (cmd_finetune, "recover accuracy with LoRA, fine-tune dReLU, or train predictors",
+                 "Train LoRA adapters for a sparse method (cross-entropy or distillation from the dense "
+                 "model), a dReLU/ReLUfied model, or predictors (--method predictor). Writes an adapter "
+                 "folder (--out) for `eval`/`simulate`/`generate --adapter`; re-running resumes. "
+                 "Perplexity is measured on --tokens eval tokens (default 8176).", None),
+    "sweep": (cmd_sweep, "run (or resume) the cross product of a YAML sweep config", None,
+              ("config", "sweep config (YAML): see dipstream/experiments/sweep_config.py")),
+    "lm-eval": (cmd_lm_eval, "downstream accuracy of the sparse model with lm-evaluation-harness",
+                None, None),
+    "report": (cmd_report, "figures and a Markdown report from a sweep's results folder", None,
+               ("results", "results folder written by `dipstream sweep` (or its results.jsonl)")),
+    "generate": (cmd_generate, "stream generated text with the real (sparse, optionally offloaded) "
+                 "MLP and report tokens/s", None, None),
+    "probe": (cmd_probe, "measure RAM, disk and CPU GEMV speed; write a hardware file for "
+              "`dipstream simulate`", None, None),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dipstream", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dipstream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    configs = _configs()
+    for name, (func, help_text, description, positional) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=description)
+        if positional:
+            p.add_argument(positional[0], help=positional[1])
+        add_dataclass_args(p, configs[name])
+        p.set_defaults(func=func)
+    sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
+    sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
