@@ -296,22 +296,26 @@ static void atfork_child(void)
     pthread_mutex_init(&g_init_mu, NULL);
 }
 
+/* Start a detached thread running fn((void*)id) with the given stack size; 0 on success. */
+static int spawn_detached(void* (*fn)(void*), int id, size_t stack)
+{
+    pthread_t th;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, stack);
+    int rc = pthread_create(&th, &attr, fn, (void*)(intptr_t)id);
+    pthread_attr_destroy(&attr);
+    return rc;
+}
+
 static void ensure_helpers(int nh)
 {
     if (g_nhelpers >= nh) return;
     pthread_mutex_lock(&g_init_mu);
     if (!g_atfork) { pthread_atfork(NULL, NULL, atfork_child); g_atfork = 1; }
-    while (g_nhelpers < nh) {
-        pthread_t th;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pthread_attr_setstacksize(&attr, 1 << 20);
-        int rc = pthread_create(&th, &attr, helper_main, (void*)(intptr_t)g_nhelpers);
-        pthread_attr_destroy(&attr);
-        if (rc != 0) break;
+    while (g_nhelpers < nh && spawn_detached(helper_main, g_nhelpers, 1 << 20) == 0)
         g_nhelpers++;
-    }
     pthread_mutex_unlock(&g_init_mu);
 }
 
@@ -594,17 +598,8 @@ DS_API int ds_pread_batch(int fd, int64_t n, const int64_t* off, const int64_t* 
     if (nthreads > IO_MAX_THREADS) nthreads = IO_MAX_THREADS;
     pthread_mutex_lock(&g_io_call_mu);
     if (!g_io_atfork) { pthread_atfork(NULL, NULL, io_atfork_child); g_io_atfork = 1; }
-    while (g_io_nthreads < nthreads - 1) {
-        pthread_t th;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pthread_attr_setstacksize(&attr, 1 << 18);
-        int rc = pthread_create(&th, &attr, io_main, (void*)(intptr_t)g_io_nthreads);
-        pthread_attr_destroy(&attr);
-        if (rc != 0) break;
+    while (g_io_nthreads < nthreads - 1 && spawn_detached(io_main, g_io_nthreads, 1 << 18) == 0)
         g_io_nthreads++;
-    }
     int err = 0;
     for (int64_t base = 0; base < n && !err; base += IO_NMASK) {
         int64_t cnt = n - base < IO_NMASK ? n - base : IO_NMASK;
@@ -645,17 +640,8 @@ DS_API int ds_pread_submit(int fd, int64_t n, const int64_t* off, const int64_t*
     if (nthreads > IO_MAX_THREADS) nthreads = IO_MAX_THREADS;
     pthread_mutex_lock(&g_io_call_mu);
     if (!g_io_atfork) { pthread_atfork(NULL, NULL, io_atfork_child); g_io_atfork = 1; }
-    while (g_io_nthreads < nthreads) {
-        pthread_t th;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pthread_attr_setstacksize(&attr, 1 << 18);
-        int rc = pthread_create(&th, &attr, io_main, (void*)(intptr_t)g_io_nthreads);
-        pthread_attr_destroy(&attr);
-        if (rc != 0) break;
+    while (g_io_nthreads < nthreads && spawn_detached(io_main, g_io_nthreads, 1 << 18) == 0)
         g_io_nthreads++;
-    }
     if (g_io_nthreads < 1) {  /* no thread could be started: read now */
         pthread_mutex_unlock(&g_io_call_mu);
         int e = ds_pread_batch(fd, n, off, len, dst, 1);
