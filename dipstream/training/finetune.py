@@ -96,8 +96,8 @@ def ce_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 class _Run:
     """State of one LoRA fine-tuning run (model, adapters, method, optimizer, progress)."""
 
-    def __init__(self, cfg: FinetuneConfig, out: Path, progress):
-        self.cfg, self.out, self.progress = cfg, out, progress
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg = cfg
         ev, tr = cfg.eval, cfg.train
         self.device = pick_device(tr.device)
         self.lm = load_model(ev.model)
@@ -181,7 +181,7 @@ class _Run:
 def _train_lora(cfg: FinetuneConfig, out: Path, key: dict, state: dict | None, progress, on_step) -> dict:
     tr = cfg.train
     start = time.perf_counter()
-    run = _Run(cfg, out, progress)
+    run = _Run(cfg)
     if state is None:
         before = run.ppl()
         state = {"run_key": key, "step": 0, "best_val": math.inf, "bad_evals": 0, "history": [],
