@@ -133,6 +133,23 @@ def test_resume_after_a_killed_process(tiny_checkpoint, text_file, tmp_path, exe
     assert (results / "results.csv").read_text().count("\n") == len(runs) + 1
 
 
+def test_a_pool_broken_before_submit_reports_a_dead_worker():
+    """The race behind a flaky exit code 1: a worker dies, another task's result is handled
+    first, and the next submit finds the pool broken. That must be WorkerDied (the sweep turns it
+    into its resume message, exit 2), not an uncaught BrokenProcessPool."""
+    from dipstream.experiments.executors import LocalExecutor, WorkerDied
+
+    ex = LocalExecutor(1)
+    try:
+        h = ex.submit(os._exit, 1)
+        with pytest.raises(WorkerDied):
+            ex.result(h)
+        with pytest.raises(WorkerDied):
+            ex.submit(abs, -1)
+    finally:
+        ex.close()
+
+
 def test_torn_last_line_is_cut_and_that_run_redone(tiny_checkpoint, text_file, tmp_path):
     cfg = write_config(tmp_path / "s.yaml", tiny_checkpoint, text_file,
                        "method: dip\ndensity: [0.5, 0.7]\ndram: 0.6x\n")

@@ -34,7 +34,10 @@ class LocalExecutor:
                                            initializer=_init_worker, initargs=(self.threads,))
 
     def submit(self, fn, *args):
-        return self.pool.submit(fn, *args)
+        try:
+            return self.pool.submit(fn, *args)
+        except cf.process.BrokenProcessPool as exc:  # a worker died since the last result
+            raise WorkerDied(str(exc)) from None
 
     def wait(self, handles):
         return cf.wait(list(handles), return_when=cf.FIRST_COMPLETED).done

@@ -170,18 +170,29 @@ def run_sweep(config_path: str | Path, opts: SweepOptions) -> dict:
         for mk in todo:
             if stored[mk] is not None:
                 enqueue_replays(mk)
+        def worker_died(exc, label):
+            return DipstreamError(
+                f"a worker process died ({exc or 'killed or out of memory'}){label}; finished runs "
+                f"are saved in {results}: run the same command again to resume (lower --jobs if "
+                "memory ran out)")
+
         try:
             while replays or records or inflight:
                 while len(inflight) < ex.jobs and (replays or records):
-                    if replays:
-                        mk, r = replays.popleft()
-                        h = ex.submit(tasks.replay_task, handles.get(mk), r.params, r.shape, ordinal)
-                        inflight[h] = ("replay", mk, r)
-                    else:
-                        mk = records.popleft()
-                        first = todo[mk][0]
-                        h = ex.submit(tasks.record_task, first.params, ordinal, ex.threads)
-                        inflight[h] = ("record-closed" if first.closed_loop else "record", mk, first)
+                    try:
+                        if replays:
+                            mk, r = replays.popleft()
+                            h = ex.submit(tasks.replay_task, handles.get(mk), r.params, r.shape,
+                                          ordinal)
+                            inflight[h] = ("replay", mk, r)
+                        else:
+                            mk = records.popleft()
+                            first = todo[mk][0]
+                            h = ex.submit(tasks.record_task, first.params, ordinal, ex.threads)
+                            inflight[h] = ("record-closed" if first.closed_loop else "record", mk,
+                                           first)
+                    except WorkerDied as exc:
+                        raise worker_died(exc, "") from None
                     ordinal += 1
                 remaining = {"replay": left_replays,
                              "record": sum(1 for mk in records if not todo[mk][0].closed_loop),
@@ -192,10 +203,7 @@ def run_sweep(config_path: str | Path, opts: SweepOptions) -> dict:
                     try:
                         res = ex.result(h)
                     except WorkerDied as exc:
-                        raise DipstreamError(
-                            f"a worker process died ({exc or 'killed or out of memory'}) while running "
-                            f"{r.label()}; finished runs are saved in {results}: run the same command "
-                            "again to resume (lower --jobs if memory ran out)") from None
+                        raise worker_died(exc, f" while running {r.label()}") from None
                     except Exception as exc:  # one bad run must not stop the others
                         n_failed += len(todo[mk]) if kind != "replay" else 1
                         left_replays -= len(todo[mk]) if kind != "replay" else 1
