@@ -2,26 +2,59 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_json_atomic(path: str | Path, obj) -> Path:
-    """Write `obj` as JSON to `path` through a temporary file and an atomic rename."""
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ""):
+    """Yield a temporary path beside `path` to write; when the block ends normally the file is
+    synced and renamed onto `path` (readable as a normal file would be), otherwise removed.
+    `suffix`: for writers that insist on an extension (``.pt``, ``.npz``)."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file and an atomic rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path).expanduser()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file and an atomic rename."""
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """Write `obj` as JSON to `path` through a temporary file and an atomic rename."""
+    return write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+def config_hash(obj) -> str:
+    """Short stable hash of a JSON-able description of a run (its identity in result tables)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -17,12 +17,11 @@ import csv
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from dipstream import __version__
 from dipstream.errors import DipstreamError
-from dipstream.io import append_jsonl, read_jsonl, write_json_atomic
+from dipstream.io import append_jsonl, read_jsonl, write_bytes_atomic, write_json_atomic
 
 FORMAT = "dipstream-results/1"  # bump when rows or the folder layout change incompatibly
 ROWS, CSV_NAME, MANIFEST = "results.jsonl", "results.csv", "sweep.json"
@@ -154,7 +153,7 @@ class ResultsStore:
                        seconds: float) -> dict:
         """Trace first, then the record that marks the model run finished (both atomic)."""
         if trace_bytes is not None:
-            _write_bytes_atomic(self.trace_path(model_run), trace_bytes)
+            write_bytes_atomic(self.trace_path(model_run), trace_bytes)
         rec = {"model_run": model_run, "has_trace": trace_bytes is not None, "seconds": seconds,
                "eval": eval_row}
         write_json_atomic(self.root / "model_runs" / f"{model_run}.json", rec)
@@ -162,22 +161,6 @@ class ResultsStore:
 
     def export_csv(self) -> Path:
         return export_csv(self.rows(), self.root / CSV_NAME)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_csv(rows: list[dict], path: Path) -> Path:
@@ -190,7 +173,7 @@ def export_csv(rows: list[dict], path: Path) -> Path:
     w.writeheader()
     for r in rows:
         w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
-    _write_bytes_atomic(Path(path), buf.getvalue().encode())
+    write_bytes_atomic(Path(path), buf.getvalue().encode())
     return Path(path)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import hashlib
 import itertools
 import json
 import typing
@@ -31,6 +30,7 @@ from pathlib import Path
 from dipstream import __version__
 from dipstream.config import _base_type, from_namespace
 from dipstream.errors import DipstreamError
+from dipstream.io import config_hash
 from dipstream.experiments.simulate import SimulateConfig
 
 SWEEP_KEYS = ("grid", "results", "description")
@@ -171,10 +171,6 @@ class Run:
         return f"{p['model']} {p['method']}@{p['density']}{extra} {hw} dram={p['dram']} {p['policy']}"
 
 
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def resolve(given: dict, shapes: dict) -> Run:
     """Fill defaults, validate the method, resolve the hardware and the model-run identity.
     `shapes` caches model shapes by model name."""
@@ -220,6 +216,7 @@ def resolve(given: dict, shapes: dict) -> Run:
                              "policy_kwargs": _policy_kwargs(cfg.sim)}
     hw_dict = asdict(hw)
     ident = {"run": params, "hardware": hw_dict}
-    return Run(params, digest({**ident, "dipstream": __version__}), digest(ident), digest(model_id),
+    return Run(params, config_hash({**ident, "dipstream": __version__}), config_hash(ident),
+               config_hash(model_id),
                closed, hw_dict, shape.to_dict())
 

@@ -26,7 +26,6 @@ import ctypes
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 from dipstream.errors import DipstreamError
-from dipstream.io import write_json_atomic
+from dipstream.io import atomic_path, write_json_atomic
 from dipstream.runtime import _native
 
 __all__ = ["Layout", "BundledFile", "ExtentReader", "open_direct", "write_offload",
@@ -146,30 +145,21 @@ def write_offload(directory, parts, model: str) -> dict:
     d, D = parts[0].d_model, parts[0].d_ff
     lay = Layout(len(parts), d, D)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{DATA_NAME}.", dir=directory)
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for i, p in enumerate(parts):
-                rin, rout = _layer_records(p, lay)
-                for region, off in ((rin, lay.in_offset(i)), (rout, lay.out_offset(i))):
-                    pad = off - fh.tell()
-                    if pad:
-                        fh.write(bytes(pad))
-                        digest.update(bytes(pad))
-                    b = region.tobytes()
-                    fh.write(b)
-                    digest.update(b)
-            pad = lay.size - fh.tell()
-            fh.write(bytes(pad))
-            digest.update(bytes(pad))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, directory / DATA_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(directory / DATA_NAME) as tmp, open(tmp, "wb") as fh:
+        for i, p in enumerate(parts):
+            rin, rout = _layer_records(p, lay)
+            for region, off in ((rin, lay.in_offset(i)), (rout, lay.out_offset(i))):
+                pad = off - fh.tell()
+                if pad:
+                    fh.write(bytes(pad))
+                    digest.update(bytes(pad))
+                b = region.tobytes()
+                fh.write(b)
+                digest.update(b)
+        pad = lay.size - fh.tell()
+        fh.write(bytes(pad))
+        digest.update(bytes(pad))
     _drop_page_cache(directory / DATA_NAME)
     manifest = {"format": FORMAT, "model": model, "fingerprint": fingerprint(parts),
                 "n_layers": lay.n_layers, "d": d, "D": D, "dtype": "float32",

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from dipstream.errors import DipstreamError
-from dipstream.io import write_json_atomic
+from dipstream.io import atomic_path, write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -129,19 +129,14 @@ def _test_file(directory: Path, size: int) -> Path:
     path = directory / f"dipstream-probe-{size}.bin"
     if path.exists() and path.stat().st_size == size:
         return path
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     rng = np.random.default_rng(0)
     chunk = 64 << 20
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         left = size
         while left:
             n = min(chunk, left)
             fh.write(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
             left -= n
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
     return path
 
 
@@ -294,24 +289,13 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
                  f"{fit['per_read_s'] * 1e6:.1f} us per read beyond transfer with "
                  f"{cfg.io_threads} in flight -> latency / queue depth")
     text = "\n".join(lines) + "\n" + yaml.safe_dump(d, sort_keys=False)
-    outp = Path(cfg.out)
-    outp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = outp.with_name(f".{outp.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, outp)
+    outp = write_text_atomic(cfg.out, text)
     out["hardware"] = d
     out["out"] = str(outp)
     if cfg.json:
-        write_json_atomic(cfg.json, _jsonable(out))
+        write_json_atomic(cfg.json, out)
     return out
 
-
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    return o
 
 
 def _cpu_name() -> str:

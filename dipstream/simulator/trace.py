@@ -32,12 +32,12 @@ On disk (``.npz``, no pickle): ``format`` = "dipstream-mask-trace/1", ``meta_jso
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from dipstream.io import atomic_path
 
 from . import bits
 from .model_shape import ModelShape
@@ -174,15 +174,8 @@ def save_trace(trace: MaskTrace, path) -> None:
               "seq_starts": trace.seq_starts, "prompt_len": trace.prompt_len}
     for i, h in enumerate(trace.hooks):
         arrays[f"mask_{i}"] = np.packbits(h.masks, axis=1, bitorder="little")
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _jsonable(o):

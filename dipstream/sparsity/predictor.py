@@ -36,13 +36,13 @@ def build_predictors(n_layers: int, d_model: int, d_ff: int, rank: int) -> nn.Mo
 
 def save_predictors(predictors: nn.ModuleList, path: Path) -> None:
     """Write the predictors' weights as safetensors, atomically."""
-    import os
-
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in predictors.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    from dipstream.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in predictors.state_dict().items()},
+                  tmp)
 
 
 def load_predictors(path: Path, n_layers: int, d_model: int, d_ff: int) -> nn.ModuleList:

@@ -3,35 +3,20 @@ finished checkpoint and never from a half-written one."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from dipstream.errors import DipstreamError
+from dipstream.io import atomic_path
 
 CHECKPOINT = "checkpoint.pt"
 
 
-def config_hash(obj: dict) -> str:
-    """Short stable hash of a JSON-able description of a run."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def save_checkpoint(folder: Path, state: dict) -> None:
     """torch.save `state` to folder/checkpoint.pt through a temporary file and an atomic rename."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="tmp-checkpoint-", suffix=".pt")
-    os.close(fd)
-    try:
+    with atomic_path(folder / CHECKPOINT, suffix=".pt") as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, folder / CHECKPOINT)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(folder: Path, run_key: dict) -> dict | None:

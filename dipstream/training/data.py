@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from dipstream.data import load_text, make_windows
-from dipstream.data.corpora import _file_documents, split_documents
+from dipstream.data.corpora import _file_documents
 from dipstream.errors import DipstreamError
 
 
