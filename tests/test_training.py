@@ -181,6 +181,10 @@ def test_predictor_training_and_reuse(tiny_checkpoint, text_file, tmp_path):
     ev = run_eval(EvalConfig(model=str(tiny_checkpoint), method="predictor", density=0.5, text=str(text_file),
                              seq_len=SEQ, tokens=4 * (SEQ - 1), adapter=str(out)))
     assert ev["perplexity"] == row["perplexity_after"] and ev["predictor_weights"] == row["predictor_weights"]
+    # another method with the same folder neither reads the predictors nor is charged for them
+    dip = run_eval(EvalConfig(model=str(tiny_checkpoint), method="dip", density=0.5, text=str(text_file),
+                              seq_len=SEQ, tokens=4 * (SEQ - 1), adapter=str(out)))
+    assert "predictor_weights" not in dip
     with pytest.raises(DipstreamError, match="needs trained predictors"):
         run_eval(EvalConfig(model=str(tiny_checkpoint), method="predictor", text=str(text_file), seq_len=SEQ,
                             tokens=SEQ - 1))

@@ -55,7 +55,8 @@ def check_model(meta: dict, info: ModelInfo, folder) -> None:
 
 def apply_adapter(lm, folder: str | Path, method) -> dict:
     """Load an adapter folder into `lm.model` (LoRA injected in place) and, for the predictor
-    method, hand it the predictors. Returns the fields a results row reports."""
+    method, hand it the predictors (the method reports their weights itself; other methods
+    neither load nor read them). Returns the fields a results row reports."""
     from dipstream.sparsity.predictor import load_predictors
 
     folder = Path(folder).expanduser()
@@ -66,15 +67,11 @@ def apply_adapter(lm, folder: str | Path, method) -> dict:
     if has_lora:
         load_lora(lm.model, folder)
         n_lora = count_lora_weights(lm.model)
-    n_pred = 0
-    if (folder / PREDICTOR_FILE).exists():
-        preds = load_predictors(folder / PREDICTOR_FILE, lm.info.n_layers, lm.info.d_model, lm.info.d_ff)
-        n_pred = sum(p.numel() for p in preds.parameters())
-        if getattr(method, "needs_predictors", False):
-            method.predictors = preds
+    if getattr(method, "needs_predictors", False) and (folder / PREDICTOR_FILE).exists():
+        method.predictors = load_predictors(folder / PREDICTOR_FILE, lm.info.n_layers,
+                                            lm.info.d_model, lm.info.d_ff)
     trained_for = meta.get("method")
     if trained_for not in (method.name, None) and {trained_for, method.name} != {"dip", "dip-ca"}:
         log.warning("adapter '%s' was trained for method '%s'; evaluating it with '%s'", folder,
                     trained_for, method.name)
-    return {"adapter": str(folder), "adapter_method": trained_for, "adapter_weights": n_lora,
-            "predictor_weights": n_pred}
+    return {"adapter": str(folder), "adapter_method": trained_for, "adapter_weights": n_lora}
