@@ -64,6 +64,14 @@ def test_selection_fractions():
     assert needed[:, :2].all() and not needed[:, 2:].any()
 
 
+def test_selection_fractions_stay_on_the_masks_device():
+    """Linears without a mask (CATS/GLU read some densely) get their ones on the masks' device
+    (meta stands in for CUDA here): no CPU tensor is mixed with device masks."""
+    sel = Selection(down_cols=torch.ones(3, 6, dtype=torch.bool, device="meta"))
+    fr = sel.fractions()
+    assert {v.device.type for v in fr.values()} == {"meta"} and fr["up"].shape == (3,)
+
+
 def test_dip_on_a_hand_built_mlp():
     """d = 4, D = 2, identity-like weights with relu so every number is easy to follow."""
     act = torch.nn.ReLU()

@@ -38,15 +38,17 @@ class DensityStats:
         fr = sel.fractions()
         counted = sel.counted
         if counted is not None:
-            counted = counted.cpu()
             self.uncounted += int((~counted).sum()) if layer == 0 else 0
+        sums = []
         for k in self.sums:
-            v = fr[k].double().cpu()
+            v = fr[k].double()
             if v.dim() == 0:
                 v = v.expand(n_tokens)
             if counted is not None:
-                v = v[counted]
-            self.sums[k][layer] += v.sum()
+                v = v[counted.to(v.device)]
+            sums.append(v.sum())
+        for k, s in zip(self.sums, torch.stack(sums).cpu()):  # one copy to the host per layer
+            self.sums[k][layer] += s
         self.tokens[layer] += n_tokens if counted is None else int(counted.sum())
 
     def per_layer(self, key: str = "mlp") -> list[float]:

@@ -46,12 +46,12 @@ class Selection:
                 if fm is not None:
                     f = fm if f is None else f * fm
             out[name] = f
-        n = next((v.shape[0] for v in out.values() if v is not None), None)
-        if n is None:
+        ref = next((v for v in out.values() if v is not None), None)
+        if ref is None:
             return {k: torch.ones(()) for k in (*LINEARS, "mlp")}
         for k in LINEARS:
             if out[k] is None:
-                out[k] = torch.ones(n)
+                out[k] = torch.ones(ref.shape[0], device=ref.device)
         out["mlp"] = (out["up"] + out["gate"] + out["down"]) / 3.0
         return out
 
