@@ -150,6 +150,10 @@ def test_bad_requests_fail_before_training(tiny_checkpoint, text_file, tmp_path,
     with pytest.raises(DipstreamError, match="lower --batch-size"):
         run_finetune(_cfg(tiny_checkpoint, text_file, tmp_path / "d"))
     assert not (tmp_path / "d" / "checkpoint.pt").exists()
+    with pytest.raises(DipstreamError, match="density"):  # checked before collecting and training
+        run_finetune(_cfg(tiny_checkpoint, text_file, tmp_path / "e", method="predictor", density=1.5,
+                          predictor_tokens=4 * (SEQ - 1), predictor_epochs=1, predictor_rank=2))
+    assert not (tmp_path / "e" / "checkpoint.pt").exists()
 
 
 def test_memory_estimate_grows_with_batch_and_distillation():

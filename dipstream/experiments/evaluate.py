@@ -58,6 +58,14 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
 
 
+def eval_windows(cfg: EvalConfig, lm, tokens: int | None = None):
+    """The evaluation windows of `cfg` (--text file, else the corpus's eval split); `tokens`
+    overrides cfg.tokens."""
+    text = load_text(path=cfg.text, split="all") if cfg.text else load_text(cfg.corpus, "eval")
+    return make_windows(lm.tokenizer, text, cfg.seq_len, tokens if tokens is not None else cfg.tokens,
+                        lm.info.max_positions)
+
+
 def _adapter_identity(folder: str | None) -> list | None:
     """Path and modification times of an adapter folder's files: thresholds calibrated with one
     adapter are not reused with another (or a retrained one)."""
@@ -111,8 +119,7 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1,
         from dipstream.training.artifacts import apply_adapter
 
         adapter = apply_adapter(lm, cfg.adapter, method)
-    text = load_text(path=cfg.text, split="all") if cfg.text else load_text(cfg.corpus, "eval")
-    windows = make_windows(lm.tokenizer, text, cfg.seq_len, cfg.tokens, lm.info.max_positions)
+    windows = eval_windows(cfg, lm)
     sm = attach(lm.model, method)
     try:
         extra = _prepare_thresholds(cfg, lm, sm) if method.needs_calibration else {}

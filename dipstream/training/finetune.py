@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dipstream import __version__
-from dipstream.data import load_text, make_windows
 from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
 from dipstream.io import append_jsonl
-from dipstream.experiments.evaluate import _prepare_thresholds, machine
+from dipstream.experiments.evaluate import _prepare_thresholds, eval_windows, machine
 from dipstream.models import load_model
 from dipstream.models.adapters import LoraSettings, add_lora, count_lora_weights, save_lora
 from dipstream.sparsity import attach, build_method
@@ -104,20 +103,20 @@ class _Run:
         self.data = load_train_data(self.lm.tokenizer, ev.corpus, tr.train_text, ev.seq_len, tr.steps,
                                     tr.batch_size, tr.max_epochs, tr.val_tokens, tr.train_seed,
                                     self.lm.info.max_positions)
-        text = load_text(path=ev.text, split="all") if ev.text else load_text(ev.corpus, "eval")
-        self.eval_windows = make_windows(self.lm.tokenizer, text, ev.seq_len, ev.tokens or DEFAULT_EVAL_TOKENS,
-                                         self.lm.info.max_positions)
+        self.eval_windows = eval_windows(ev, self.lm, ev.tokens or DEFAULT_EVAL_TOKENS)
         torch.manual_seed(tr.train_seed)
         self.peft = add_lora(self.lm.model, LoraSettings(tr.lora_rank, tr.lora_alpha, tr.lora_targets))
+        n_trainable = sum(p.numel() for p in self.lm.model.parameters() if p.requires_grad)
+        need = estimate_step_bytes(self.lm.info, sum(p.numel() for p in self.lm.model.parameters()),
+                                   n_trainable, tr.batch_size, ev.seq_len, tr.loss == "kd")
+        # before the move: the estimate counts the weights, which a GPU's free memory would
+        # already exclude once they are on it
+        check_memory(need, available_bytes(self.device))
         self.lm.model.to(self.device)
         train_method = "dip" if ev.method == "dip-ca" else ev.method  # dip-ca adapters are DIP adapters
         self.method = build_method(train_method, ev.density, ev.options)
         self.sm = attach(self.lm.model, self.method)
         self.params = [p for p in self.lm.model.parameters() if p.requires_grad]
-        need = estimate_step_bytes(self.lm.info, sum(p.numel() for p in self.lm.model.parameters()),
-                                   sum(p.numel() for p in self.params), tr.batch_size, ev.seq_len,
-                                   tr.loss == "kd")
-        check_memory(need, available_bytes(self.device))
         self.calibration = (_prepare_thresholds(dataclasses.replace(ev, method=train_method), self.lm, self.sm)
                             if self.method.needs_calibration else {})
         self.opt = torch.optim.AdamW(self.params, lr=tr.lr, weight_decay=tr.weight_decay)
@@ -125,7 +124,6 @@ class _Run:
     # -- evaluation -----------------------------------------------------------------------------
     def val_loss(self) -> float:
         """Mean next-token CE of the sparse model with its adapters on the validation windows."""
-        self.method.reset()
         total, n = 0.0, 0
         with torch.inference_mode():
             for ids in torch.split(self.data.val, max(1, self.cfg.train.batch_size)):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dipstream.data import load_text, make_windows
+from dipstream.experiments.evaluate import eval_windows
 from dipstream.io import append_jsonl
 from dipstream.models import load_model
 from dipstream.models.adapters import PREDICTOR_FILE
@@ -80,6 +80,7 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     ev, tr = cfg.eval, cfg.train
     start = time.perf_counter()
     device = pick_device(tr.device)
+    method = build_method("predictor", ev.density, ev.options)  # fail fast on bad input
     lm = load_model(ev.model)
     lm.model.to(device)
     info = lm.info
@@ -89,7 +90,7 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     data = load_train_data(lm.tokenizer, ev.corpus, tr.train_text, seq, n_windows, 1, 1.0, tr.val_tokens,
                            tr.train_seed, info.max_positions)
     floats = n_windows * seq * info.n_layers * (info.d_model + info.d_ff / 4)
-    check_memory(int(4 * floats), available_bytes(torch.device("cpu")), "collecting predictor data")
+    check_memory(int(4 * floats), available_bytes(device), "collecting predictor data")
     torch.manual_seed(tr.train_seed)
     preds = build_predictors(info.n_layers, info.d_model, info.d_ff, tr.predictor_rank).to(device)
     opt = torch.optim.Adam(preds.parameters(), lr=1e-3)
@@ -99,7 +100,7 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
         preds.load_state_dict(state["predictors"])
         opt.load_state_dict(state["optimizer"])
     t0 = time.perf_counter()
-    xs, ts = collect(lm.model, torch.cat([data.batch(i, 1) for i in range(n_windows)]), k)
+    xs, ts = collect(lm.model, data.batch(0, n_windows), k)
     vx, vt = collect(lm.model, data.val, k)
     n = xs[0].shape[0]
     batch = 128  # tokens per step: many small steps learned far better than few large ones
@@ -140,10 +141,8 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     del xs, ts, vx, vt
 
     # evaluate the predictor method with these predictors
-    method = build_method("predictor", ev.density, ev.options)
     method.predictors = preds.requires_grad_(False)
-    text = load_text(path=ev.text, split="all") if ev.text else load_text(ev.corpus, "eval")
-    windows = make_windows(lm.tokenizer, text, seq, ev.tokens or DEFAULT_EVAL_TOKENS, info.max_positions)
+    windows = eval_windows(ev, lm, ev.tokens or DEFAULT_EVAL_TOKENS)
     from dipstream.evaluation import perplexity
 
     sm = attach(lm.model, method)
@@ -151,11 +150,10 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
         res = perplexity(lm.model, windows, progress=False)
     finally:
         sm.detach()
-    n_pred = sum(p.numel() for p in preds.parameters())
     result = {
         "model": lm.name, "method": "predictor", "density_requested": ev.density,
         "density_measured": sm.stats.mean("mlp"), "perplexity_after": res.perplexity,
-        "predictor_rank": tr.predictor_rank, "predictor_weights": n_pred,
+        "predictor_rank": tr.predictor_rank, "predictor_weights": method.predictor_weights(),
         "predictor_file_bytes": (out / PREDICTOR_FILE).stat().st_size,
         "predictor_train_tokens": n, "predictor_epochs": state["epoch"],
         "recall_at_k": sum(recall) / len(recall), "recall_at_k_per_layer": recall,
