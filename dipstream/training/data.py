@@ -22,11 +22,13 @@ class TrainData:
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
         """Windows of `step`: consecutive slices of per-epoch permutations (seeded by epoch)."""
         n = self.train.shape[0]
-        rows = []
+        rows, perms = [], {}
         for i in range(step * batch_size, (step + 1) * batch_size):
             epoch, pos = divmod(i, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            rows.append(int(perm[pos]))
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(
+                    n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            rows.append(int(perms[epoch][pos]))
         return self.train[rows]
 
 
