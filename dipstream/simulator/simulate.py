@@ -194,11 +194,11 @@ class _Timing:
         return 2 * self.static_w + 4 * kv_len * self.shape.d_model * self.shape.n_layers
 
     def hook_times(self, sel, hit, runs=None):
-        """Per token and hook times (T, H) for selected / hit unit counts; ``runs`` (with
+        """Per token and hook times (T, H) for selected / hit unit counts; ``runs`` (given with
         ``coalesce``): Flash reads = runs of consecutive missed units."""
         pl, hw = self.plan, self.hw
         miss = sel - hit
-        if runs is not None and hw.coalesce:
+        if runs is not None:
             reads = runs
         else:
             reads = miss * pl.reads_per_unit + (miss > 0) * pl.fixed_reads
@@ -308,11 +308,11 @@ class HookStepper:
         """This hook's mask (bool (n_units,)) for its next token."""
         self.loop._ensure_sequence()
         pol = self.loop._policies[self.g]
-        m = np.asarray(mask, bool).reshape(1, -1)
+        w = bits.pack(np.asarray(mask, bool).reshape(1, -1))
         runs = 0
         if self.loop.hw.coalesce:
-            runs = bits.run_count(bits.pack(m) & ~pol.cached_packed(rows=[self.r]))
-        sel, hit = pol.step(m, rows=[self.r])
+            runs = bits.run_count(w & ~pol.cached_packed(rows=[self.r]))
+        sel, hit = pol.step_packed(w, rows=[self.r])
         self.loop._logs[self.g].write(np.array([self.r]), sel, hit,
                                       pol.occupancy()[[self.r]], runs)
 
@@ -445,9 +445,9 @@ class ClosedLoop:
             sel, hit = pol.step_packed(words[g])
             log.write(None, sel, hit, pol.occupancy(), runs)
 
-    def logs(self, with_runs: bool = False):
-        """(sel, hit, occupancy) arrays (T, n_hooks) in hook order (+ missed runs, counted with
-        ``coalesce``, when ``with_runs``)."""
+    def logs(self):
+        """(sel, hit, occupancy, missed runs) arrays (T, n_hooks) in hook order (runs are counted
+        with ``coalesce`` only)."""
         c = self._counts()
         if np.any(c != c[0]):
             raise ValueError(f"hooks recorded different numbers of tokens: {sorted(set(c))}")
@@ -455,10 +455,10 @@ class ClosedLoop:
         out = np.zeros((4, T, len(self.hooks)), np.int64)
         for ix, log in zip(self.group_index, self._logs):
             out[:, :, ix] = log.a[:, :T]
-        return out if with_runs else out[:3]
+        return out
 
     def result(self) -> SimResult:
-        sel, hit, occ, runs = self.logs(with_runs=True)
+        sel, hit, occ, runs = self.logs()
         runs = runs if self.hw.coalesce else None
         T = sel.shape[0]
         starts = np.array(self._starts or [0])
