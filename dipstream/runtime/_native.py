@@ -340,7 +340,9 @@ static void gg_parallel_any(const float* W, int64_t ld, const qmat_t* q, int64_t
     j.W = W; j.ld = ld; j.q = q; j.m = m; j.idx = idx; j.c = c; j.k = k; j.out = out; j.partial = NULL;
     int64_t ncol = m <= COL_CHUNK ? 1 : (m + COL_CHUNK - 1) / COL_CHUNK;
     {   /* column chunks: multiples of 16 (and of the group size for 4-bit rows) */
-        int64_t al = (q && q->bits == 4 && q->G > 16) ? q->G : 16;
+        int64_t al = 16;
+        if (q && q->bits == 4)
+            while (al % q->G) al += 16;  /* lcm(16, G) */
         j.col_chunk = (((m + ncol - 1) / ncol) + al - 1) / al * al;
     }
     j.ncol = (int)((m + j.col_chunk - 1) / j.col_chunk);
