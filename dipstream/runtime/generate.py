@@ -334,6 +334,9 @@ def run_generate(cfg: GenerateConfig, out=None) -> dict:
     dev = _device(cfg)
     if dev.type == "cuda" and cfg.weights != "float32":
         raise DipstreamError(f"--weights {cfg.weights} runs on the CPU kernel; add --device cpu")
+    if dev.type == "cuda" and cfg.adapter and cfg.method == "dip":
+        raise DipstreamError("--adapter with --method dip runs on the CPU (the LoRA terms stay "
+                             "there); add --device cpu")
     lm = load_model(cfg.model)
     row_adapter = {}
     if cfg.adapter:

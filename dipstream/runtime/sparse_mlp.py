@@ -231,19 +231,20 @@ def _select_topk_abs_torch(v: torch.Tensor, k: int) -> torch.Tensor:
     n = v.numel()
     k = _check_k(k, n, "k")
     if k >= n:
-        return torch.arange(n, dtype=torch.int64)
+        return torch.arange(n, dtype=torch.int64, device=v.device)
     if k == 0:
-        return torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.int64, device=v.device)
     order = torch.sort(v.abs(), descending=True, stable=True).indices[:k]
     return order.sort().values
 
 
 def select_topk_abs(v: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Tensor:
-    """Ascending int64 indices of the k largest |v| (ties: lower index first; NaN largest)."""
+    """Ascending int64 indices of the k largest |v| (ties: lower index first; NaN largest), on
+    v's device (the C kernel serves CPU tensors, torch the others)."""
     v = v.reshape(-1)
     n = v.numel()
     k = _check_k(k, n, "k")
-    lib = _use_native(backend)
+    lib = _use_native(backend) if v.device.type == "cpu" else None
     if lib is None:
         return _select_topk_abs_torch(v, k)
     v32 = v.detach().to(torch.float32).contiguous()
