@@ -136,9 +136,10 @@ def _layer_records(p, lay: Layout) -> tuple[np.ndarray, np.ndarray]:
     return rin, rout
 
 
-def write_offload(directory, parts, model: str) -> dict:
+def write_offload(directory, parts, model: str, fingerprint_: str | None = None) -> dict:
     """Write the MLP weights of ``parts`` (``mlp_parts(model)``) to ``directory`` in the bundled
-    layout, atomically; returns the manifest."""
+    layout, atomically; returns the manifest.  ``fingerprint_``: ``fingerprint(parts)`` if the
+    caller has it already."""
     for p in parts:
         if p.gate_bias is not None or p.up_bias is not None or p.down_bias is not None:
             raise DipstreamError("offloading needs bias-free MLP projections")
@@ -161,7 +162,8 @@ def write_offload(directory, parts, model: str) -> dict:
         fh.write(bytes(pad))
         digest.update(bytes(pad))
     _drop_page_cache(directory / DATA_NAME)
-    manifest = {"format": FORMAT, "model": model, "fingerprint": fingerprint(parts),
+    manifest = {"format": FORMAT, "model": model,
+                "fingerprint": fingerprint_ or fingerprint(parts),
                 "n_layers": lay.n_layers, "d": d, "D": D, "dtype": "float32",
                 "record_align": lay.align, "region_align": REGION_ALIGN,
                 "in_stride": lay.in_stride, "out_stride": lay.out_stride,
@@ -402,6 +404,12 @@ def open_offload(directory, *, model: str | None = None, shape: tuple | None = N
     if m is None:
         raise DipstreamError(f"{directory} has no {MANIFEST_NAME}: not an offload directory "
                              "(dipstream generate --offload DIR writes one)")
+    return _open_checked(directory, m, model, shape, fingerprint_, direct, io_threads, verify)
+
+
+def _open_checked(directory: Path, m: dict, model, shape, fingerprint_, direct, io_threads,
+                  verify) -> BundledFile:
+    """open_offload with the manifest ``m`` of ``directory`` in hand."""
     data = directory / DATA_NAME
     rebuild = f"delete {directory} and run again to rebuild it from the model"
     if model is not None and m.get("model") != model:
@@ -442,19 +450,22 @@ def open_offload(directory, *, model: str | None = None, shape: tuple | None = N
     return BundledFile(directory, m, fd, is_direct, io_threads)
 
 
-def ensure_offload(directory, parts, model: str, **kw) -> tuple[BundledFile, bool]:
+def ensure_offload(directory, parts, model: str, *, direct: bool = True, io_threads: int = 8,
+                   verify: bool = True) -> tuple[BundledFile, bool]:
     """Open the offload file of ``parts`` in ``directory``, writing it first if the directory
     has none.  Returns (file, whether it was written now)."""
     directory = Path(directory)
-    written = False
-    if read_manifest(directory) is None:
+    fp = fingerprint(parts)
+    m = read_manifest(directory)
+    written = m is None
+    if written:
         if (directory / DATA_NAME).exists():
             raise DipstreamError(f"{directory / DATA_NAME} exists without its manifest; delete "
                                  f"{directory} and run again to rebuild it")
-        write_offload(directory, parts, model)
-        written = True
+        m = write_offload(directory, parts, model, fp)
     d, D = parts[0].d_model, parts[0].d_ff
-    f = open_offload(directory, model=model, shape=(len(parts), d, D),
-                     fingerprint_=fingerprint(parts), **kw)
+    # a file written just now was hashed while writing: no second sha256 pass (size still checked)
+    f = _open_checked(directory, m, model, (len(parts), d, D), fp, direct, io_threads,
+                      verify and not written)
     return f, written
 
