@@ -39,7 +39,8 @@ from dipstream.errors import DipstreamError
 from dipstream.io import atomic_path, write_json_atomic
 from dipstream.runtime import _native
 
-__all__ = ["Layout", "BundledFile", "ExtentReader", "open_direct", "write_offload",
+__all__ = ["Layout", "BundledFile", "ExtentReader", "open_direct", "open_for_reads",
+           "write_offload",
            "open_offload", "ensure_offload", "read_manifest", "aligned_bytes", "fingerprint",
            "FORMAT", "DATA_NAME", "MANIFEST_NAME"]
 
@@ -203,6 +204,19 @@ def open_direct(path, align: int = REGION_ALIGN) -> int | None:
     except OSError:
         os.close(fd)
         return None
+
+
+def open_for_reads(path, direct: bool, align: int = REGION_ALIGN) -> tuple[int, bool]:
+    """(fd, is_direct): ``path`` opened with O_DIRECT when ``direct`` and the filesystem allows
+    it; else through the page cache, after one RuntimeWarning if direct I/O was asked for."""
+    fd = open_direct(path, align) if direct else None
+    if fd is not None:
+        return fd, True
+    if direct:
+        warnings.warn(f"direct I/O (O_DIRECT) is not supported for {path}; reading through the "
+                      "OS page cache, so measured speeds include the page cache, not just the "
+                      "disk", RuntimeWarning, stacklevel=3)
+    return os.open(path, os.O_RDONLY), False
 
 
 class ExtentReader:
@@ -432,14 +446,7 @@ def _open_checked(directory: Path, m: dict, model, shape, fingerprint_, direct, 
     if actual != m["size"]:
         raise DipstreamError(f"{data} is truncated or corrupt: {actual} bytes, expected "
                              f"{m['size']}; {rebuild}")
-    fd = open_direct(data, max(lay.align, REGION_ALIGN)) if direct else None
-    if direct and fd is None:
-        warnings.warn(f"direct I/O (O_DIRECT) is not supported for {data}; reading through the "
-                      "OS page cache, so measured speeds include the page cache, not just the "
-                      "disk", RuntimeWarning, stacklevel=2)
-    is_direct = fd is not None
-    if fd is None:
-        fd = os.open(data, os.O_RDONLY)
+    fd, is_direct = open_for_reads(data, direct, max(lay.align, REGION_ALIGN))
     try:
         if verify and _checksum(fd if is_direct else None, data, m["size"]) != m["sha256"]:
             raise DipstreamError(f"{data} is corrupt: its sha256 does not match the manifest; "
