@@ -105,14 +105,11 @@ def measure_gemv(repeats: int, n: int = 4096, m: int = 14336) -> tuple[float, fl
 
 def _chunk_sizes(cfg: ProbeConfig) -> list[int]:
     if cfg.model:
-        from transformers import AutoConfig
-
-        from dipstream.models.loading import resolve_checkpoint
+        from dipstream.experiments.simulate import _shape_of
         from dipstream.runtime.offload_file import Layout
 
-        c = AutoConfig.from_pretrained(resolve_checkpoint(cfg.model)[1])
-        c = getattr(c, "text_config", None) or c
-        lay = Layout(1, c.hidden_size, c.intermediate_size)
+        shape = _shape_of(cfg.model)
+        lay = Layout(1, shape.d_model, shape.d_ff)
         return [lay.in_stride, lay.out_stride]
     try:
         sizes = [int(s) for s in cfg.chunks.split(",") if s.strip()]
