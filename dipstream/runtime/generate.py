@@ -216,28 +216,22 @@ def _act_name(name: str) -> str:
 
 def attach_runtime(model: nn.Module, runtime) -> list:
     """Replace every block's MLP by a RuntimeMLP; returns the originals (for detach_runtime)."""
-    from dipstream.models.arch import arch_spec
+    from dipstream.sparsity.attach import _blocks
 
-    spec = arch_spec(model.config)
-    blocks = model
-    for part in spec.layers.split("."):
-        blocks = getattr(blocks, part)
+    blocks, mlp = _blocks(model)
     originals = []
     for i, block in enumerate(blocks):
-        originals.append(getattr(block, spec.mlp))
-        setattr(block, spec.mlp, RuntimeMLP(runtime, i))
+        originals.append(getattr(block, mlp))
+        setattr(block, mlp, RuntimeMLP(runtime, i))
     return originals
 
 
 def detach_runtime(model: nn.Module, originals: list) -> None:
-    from dipstream.models.arch import arch_spec
+    from dipstream.sparsity.attach import _blocks
 
-    spec = arch_spec(model.config)
-    blocks = model
-    for part in spec.layers.split("."):
-        blocks = getattr(blocks, part)
+    blocks, mlp = _blocks(model)
     for block, orig in zip(blocks, originals):
-        setattr(block, spec.mlp, orig)
+        setattr(block, mlp, orig)
 
 
 # --------------------------------------------------------------------------- decoding
