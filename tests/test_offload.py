@@ -171,10 +171,12 @@ def _runtime(model, offload_dir, method, density_k, budget, policy="lru", gamma=
 
 def _check_cache_state(rt, parts):
     assert rt.ram_bytes() <= rt.budget
+    assert rt.cached_bytes() == sum(int(c.cached.sum()) * rt.lay.hook(kind)[1]
+                                    for kind, cs in rt.caches.items() for c in cs)
     for kind in ("in", "out"):
         cached_pol = rt.policies[kind].cached()
         for layer, c in enumerate(rt.caches[kind]):
-            assert c.occupancy() <= c.capacity == rt.capacity[f"layers.{layer}.{kind}"]
+            assert c.cached.sum() <= c.capacity == rt.capacity[f"layers.{layer}.{kind}"]
             assert np.array_equal(c.cached, cached_pol[layer])  # physical == the policy's set
             units = np.flatnonzero(c.cached)
             p = parts[layer]
