@@ -477,18 +477,7 @@ DS_API int64_t ds_select_gemv(const float* v, int64_t n, int64_t k, const float*
     return got;
 }
 
-/* Quantized variants: W_q (rows x ldb bytes), scales S (rows x lds floats), group G, bits 8|4. */
-DS_API int ds_gather_gemv_q(const uint8_t* Wq, int64_t rows, int64_t ldb, const float* S,
-                            int64_t lds, int64_t G, int bits, int64_t m, const int64_t* idx,
-                            const float* c, int64_t k, float* out, int nthreads)
-{
-    if (check_idx(idx, k, rows)) return -1;
-    if (m <= 0) return 0;
-    qmat_t q = {Wq, ldb, S, lds, G, bits};
-    gg_parallel_any(NULL, 0, &q, m, idx, c, k, out, nthreads);
-    return 0;
-}
-
+/* Quantized variant: W_q (rows x ldb bytes), scales S (rows x lds floats), group G, bits 8|4. */
 DS_API int64_t ds_select_gemv_q(const float* v, int64_t n, int64_t k, const uint8_t* Wq,
                                 int64_t ldb, const float* S, int64_t lds, int64_t G, int bits,
                                 int64_t m, int64_t* idx, float* coef, float* out, int nthreads)
@@ -781,10 +770,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_topk_abs.restype = I64
     lib.ds_select_gemv.argtypes = [P, I64, I64, P, I64, I64, P, P, P, I]
     lib.ds_select_gemv.restype = I64
-    U8 = ctypes.c_void_p
-    lib.ds_gather_gemv_q.argtypes = [U8, I64, I64, P, I64, I64, I, I64, P, P, I64, P, I]
-    lib.ds_gather_gemv_q.restype = I
-    lib.ds_select_gemv_q.argtypes = [P, I64, I64, U8, I64, P, I64, I64, I, I64, P, P, P, I]
+    lib.ds_select_gemv_q.argtypes = [P, I64, I64, P, I64, P, I64, I64, I, I64, P, P, P, I]
     lib.ds_select_gemv_q.restype = I64
     lib.ds_pread_batch.argtypes = [I, I64, P, P, P, I]
     lib.ds_pread_batch.restype = I
