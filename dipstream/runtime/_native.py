@@ -650,15 +650,20 @@ DS_API int ds_pread_submit(int fd, int64_t n, const int64_t* off, const int64_t*
     atomic_store(&g_io_end_ns, 0);
     g_io_gen = (g_io_gen + 1) & 0xffffffu;
     if (g_io_gen == 0) g_io_gen = 1;
-    int wake = (int)(n < g_io_nthreads ? n : g_io_nthreads);
+    /* threads 0 .. active-1 may read: nthreads of them, even where an earlier call with a
+     * larger nthreads (ds_pread_batch's or this one's) left more in the pool */
+    int active = nthreads < g_io_nthreads ? nthreads : g_io_nthreads;
+    int wake = (int)(n < active ? n : active);
     pthread_mutex_lock(&g_io_mu);
-    atomic_store(&g_io_active, g_io_nthreads);
+    atomic_store(&g_io_active, active);
     atomic_store(&g_io_state, ((uint64_t)g_io_gen << 40) | ((uint64_t)n << 20));
     pthread_mutex_unlock(&g_io_mu);
     /* wake only as many I/O threads as there are reads (signals after the unlock: the woken
-     * threads do not then queue on the mutex); ds_pread_wait's caller-runs loop covers any
-     * read no thread claimed */
-    for (int w = 0; w < wake; ++w) pthread_cond_signal(&g_io_cv);
+     * threads do not then queue on the mutex); a signal may wake any sleeper, so with threads
+     * beyond the active ones in the pool all are woken and those not active sleep again.
+     * ds_pread_wait's caller-runs loop covers any read no thread claimed */
+    if (active < g_io_nthreads) pthread_cond_broadcast(&g_io_cv);
+    else for (int w = 0; w < wake; ++w) pthread_cond_signal(&g_io_cv);
     return 0;
 }
 
