@@ -118,7 +118,6 @@ class TokenStats:
     reads: int = 0
     disk_bytes: int = 0
     ram_bytes: int = 0
-    selected_units: int = 0
     selected_bytes: int = 0
     hit_units: int = 0
     hit_rate_sum: float = 0.0
@@ -264,7 +263,6 @@ class OffloadRuntime:
         st.reads += reads
         st.disk_bytes += miss.size * stride
         st.ram_bytes += hit.size * ub
-        st.selected_units += sel.size
         st.selected_bytes += sel.size * ub
         st.hit_units += hit.size
         if sel.size:
