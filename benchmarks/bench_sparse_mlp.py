@@ -115,8 +115,12 @@ def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: 
     for k, (_, nbytes, ks) in variants.items():
         if k == "dense":
             continue
-        label = "torch index_select 0.5" if k == "gather" else f"sparse {k[0]:7s} {k[1]:.2f}"
-        label = label.replace("sparse dip int", "dip int")
+        if k == "gather":
+            label = "torch index_select 0.5"
+        elif k[0] in ("uniform", "dip"):  # float32 layout, split
+            label = f"sparse {k[0]:7s} {k[1]:.2f}"
+        else:  # quantized, DIP split
+            label = f"{k[0]} {k[1]:.2f}"
         sp = t_dense / med[k]
         result[k] = sp
         print(f"{label:22s} {ks[0]:5d} {ks[1]:6d} {nbytes / dense_bytes:5.2f} "

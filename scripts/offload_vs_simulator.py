@@ -24,7 +24,6 @@ Usage: python scripts/offload_vs_simulator.py [--model smollm2-135m] [--offload 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -54,6 +53,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from dipstream.io import append_jsonl
     from dipstream.models.loading import cache_root
     from dipstream.runtime.generate import GenerateConfig, run_generate
     from dipstream.runtime.probe import ProbeConfig, run_probe
@@ -78,48 +78,52 @@ def main(argv=None) -> int:
 
     print(f"load average before: {os.getloadavg()}")
     runs = {m: [] for m in METHODS}
-    tmp = Path(tempfile.mkdtemp(prefix="dipstream-ovs-"))
-    for r in range(a.rounds):
-        hw_path = probe(r)  # the machine as it is now (shared machines drift)
-        hw = load_hardware(hw_path)
-        print(f"round {r} hardware {hw_path}: dram_bw {hw.dram_bw / 1e9:.2f} GB/s, flash_bw "
-              f"{hw.flash_bw / 1e9:.3f} GB/s, latency {hw.flash_read_latency_s * 1e6:.1f} us / "
-              f"queue depth {hw.flash_queue_depth}, compute {hw.compute_flops / 1e9:.2f} GFLOP/s",
-              flush=True)
-        order = METHODS[r % 3:] + METHODS[:r % 3]  # rotate the order every round
-        for m in order:
-            trace = tmp / f"{m}-{r}.npz"
-            row = run_generate(GenerateConfig(
-                model=a.model, method=m, density=1.0 if m == "dense" else a.density,
-                prompt=a.prompt, max_new_tokens=a.tokens, stop_at_eos=False, stream=False,
-                gamma=a.gamma, offload=str(offload), dram=a.dram, io_threads=a.io_threads,
-                threads=a.threads, trace=str(trace)))
-            sim = simulate(load_trace(trace), hw, None, policy="lru",
-                           dram_bytes=row["sim_dram_bytes"], seq_len=row["sim_seq_len"],
-                           strict=True).to_dict()
-            sim_flash = sim["t_mlp_s"] - sim["mlp_dram_bytes_per_token"] / hw.dram_bw
-            step = row["decode_s"] / row["decode_steps"]
-            rec = {"round": r, "method": m, "load_avg": os.getloadavg(),
-                   "measured": {k: row[k] for k in (
-                       "decode_tokens_per_s", "mlp_s_per_token", "io_s_per_token",
-                       "reads_per_token", "disk_bytes_per_token", "ram_bytes_per_token",
-                       "hit_rate", "density_measured", "ttft_s", "ram_mlp_bytes",
-                       "dram_budget_bytes", "direct_io")},
-                   "measured_rest_s_per_token": step - row["mlp_s_per_token"],
-                   "simulated": {"flash_s_per_token": sim_flash, "mlp_s_per_token": sim["t_mlp_s"],
-                                 "static_s_per_token": sim["t_static_s"],
-                                 "tokens_per_s": sim["tokens_per_s"], "hit_rate": sim["hit_rate"],
-                                 "flash_bytes_per_token": sim["mlp_flash_bytes_per_token"],
-                                 "compute_bound_fraction": sim["compute_bound_fraction"]},
-                   "hardware": hw_path, "model": a.model, "density": a.density, "gamma": a.gamma,
-                   "threads": a.threads, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-            runs[m].append(rec)
-            with open(a.out, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            print(f"round {r} {m:7s}: measured {row['decode_tokens_per_s']:.2f} tok/s "
-                  f"(MLP {row['mlp_s_per_token'] * 1e3:.0f} ms, disk {row['io_s_per_token'] * 1e3:.0f}"
-                  f" ms); simulated {sim['tokens_per_s']:.2f} tok/s (MLP {sim['t_mlp_s'] * 1e3:.0f} "
-                  f"ms, flash {sim_flash * 1e3:.0f} ms)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="dipstream-ovs-") as tmp_dir:  # the traces
+        tmp = Path(tmp_dir)
+        for r in range(a.rounds):
+            hw_path = probe(r)  # the machine as it is now (shared machines drift)
+            hw = load_hardware(hw_path)
+            print(f"round {r} hardware {hw_path}: dram_bw {hw.dram_bw / 1e9:.2f} GB/s, "
+                  f"flash_bw {hw.flash_bw / 1e9:.3f} GB/s, latency "
+                  f"{hw.flash_read_latency_s * 1e6:.1f} us / queue depth {hw.flash_queue_depth}, "
+                  f"compute {hw.compute_flops / 1e9:.2f} GFLOP/s", flush=True)
+            order = METHODS[r % 3:] + METHODS[:r % 3]  # rotate the order every round
+            for m in order:
+                trace = tmp / f"{m}-{r}.npz"
+                row = run_generate(GenerateConfig(
+                    model=a.model, method=m, density=1.0 if m == "dense" else a.density,
+                    prompt=a.prompt, max_new_tokens=a.tokens, stop_at_eos=False, stream=False,
+                    gamma=a.gamma, offload=str(offload), dram=a.dram, io_threads=a.io_threads,
+                    threads=a.threads, trace=str(trace)))
+                sim = simulate(load_trace(trace), hw, None, policy="lru",
+                               dram_bytes=row["sim_dram_bytes"], seq_len=row["sim_seq_len"],
+                               strict=True).to_dict()
+                sim_flash = sim["t_mlp_s"] - sim["mlp_dram_bytes_per_token"] / hw.dram_bw
+                step = row["decode_s"] / row["decode_steps"]
+                rec = {"round": r, "method": m, "load_avg": os.getloadavg(),
+                       "measured": {k: row[k] for k in (
+                           "decode_tokens_per_s", "mlp_s_per_token", "io_s_per_token",
+                           "reads_per_token", "disk_bytes_per_token", "ram_bytes_per_token",
+                           "hit_rate", "density_measured", "ttft_s", "ram_mlp_bytes",
+                           "dram_budget_bytes", "direct_io")},
+                       "measured_rest_s_per_token": step - row["mlp_s_per_token"],
+                       "simulated": {"flash_s_per_token": sim_flash,
+                                     "mlp_s_per_token": sim["t_mlp_s"],
+                                     "static_s_per_token": sim["t_static_s"],
+                                     "tokens_per_s": sim["tokens_per_s"],
+                                     "hit_rate": sim["hit_rate"],
+                                     "flash_bytes_per_token": sim["mlp_flash_bytes_per_token"],
+                                     "compute_bound_fraction": sim["compute_bound_fraction"]},
+                       "hardware": hw_path, "model": a.model, "density": a.density,
+                       "gamma": a.gamma, "threads": a.threads,
+                       "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                runs[m].append(rec)
+                append_jsonl(a.out, rec)
+                print(f"round {r} {m:7s}: measured {row['decode_tokens_per_s']:.2f} tok/s "
+                      f"(MLP {row['mlp_s_per_token'] * 1e3:.0f} ms, disk "
+                      f"{row['io_s_per_token'] * 1e3:.0f} ms); simulated "
+                      f"{sim['tokens_per_s']:.2f} tok/s (MLP {sim['t_mlp_s'] * 1e3:.0f} ms, flash "
+                      f"{sim_flash * 1e3:.0f} ms)", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
     def med(m, f):

@@ -148,6 +148,18 @@ def test_generate_cli_corrupt_offload(tiny_checkpoint, tmp_path, capsys):
     assert len(err) == 1 and "truncated or corrupt" in err[0]
 
 
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_generate_adapter_dip_on_cuda_is_refused(tiny_checkpoint, tmp_path, capsys,
+                                                 monkeypatch, device):
+    """DIP with LoRA adapters runs its MLP on the CPU (the adapter terms stay there): a CUDA
+    device, named or picked by 'auto', is a one-line error before the model is loaded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rc = main(["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "2",
+               "--no-stream", "--adapter", str(tmp_path), "--device", device])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--adapter with --method dip" in err[0]
+
+
 def test_sampling_is_seeded(tiny_checkpoint):
     cfg = dict(model=str(tiny_checkpoint), method="dense", prompt="the lazy", max_new_tokens=8,
                stop_at_eos=False, sample=True, temperature=1.5, stream=False)

@@ -4,6 +4,8 @@ within the budget and mirror the simulator's policy, and a run's trace replays t
 from __future__ import annotations
 
 import os
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -13,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dipstream.errors import DipstreamError
 from dipstream.models.arch import describe, mlp_parts
+from dipstream.runtime import _native
 from dipstream.runtime import offload_file as of
 from dipstream.runtime.generate import GenerateConfig, attach_runtime, decode_tokens, detach_runtime
 from dipstream.runtime.offload import OffloadRuntime, offload_capacities, parse_budget
@@ -171,10 +174,12 @@ def _runtime(model, offload_dir, method, density_k, budget, policy="lru", gamma=
 
 def _check_cache_state(rt, parts):
     assert rt.ram_bytes() <= rt.budget
+    assert rt.cached_bytes() == sum(int(c.cached.sum()) * rt.lay.hook(kind)[1]
+                                    for kind, cs in rt.caches.items() for c in cs)
     for kind in ("in", "out"):
         cached_pol = rt.policies[kind].cached()
         for layer, c in enumerate(rt.caches[kind]):
-            assert c.occupancy() <= c.capacity == rt.capacity[f"layers.{layer}.{kind}"]
+            assert c.cached.sum() <= c.capacity == rt.capacity[f"layers.{layer}.{kind}"]
             assert np.array_equal(c.cached, cached_pol[layer])  # physical == the policy's set
             units = np.flatnonzero(c.cached)
             p = parts[layer]
@@ -280,3 +285,53 @@ def test_async_reads_and_read_errors(model, offload_dir):
         assert torch.equal(got, mlp_parts(model)[1].down_weight.t()[:10])
     finally:
         f.close()
+
+
+def _thread_cpu_ticks() -> dict:
+    """{thread id: user + system CPU clock ticks} of this process's threads (Linux /proc)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_async_reads_use_at_most_io_threads(tmp_path):
+    """ds_pread_submit lets ``nthreads`` I/O threads read even when an earlier call with more
+    left a larger pool (it made the whole pool active, so --io-threads stopped being honoured):
+    with nthreads=1 a single pool thread does the reads."""
+    lib = _native.load()
+    if lib is None:
+        pytest.skip("native library unavailable")
+    size, ext = 32 << 20, 256 << 10
+    path = tmp_path / "data.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    buf = of.aligned_bytes(size)
+    off = np.arange(size // ext, dtype=np.int64) * ext
+    ln = np.full(off.size, ext, np.int64)
+    dst = buf.data_ptr() + off
+
+    def read_all(nthreads):
+        assert lib.ds_pread_submit(fd, off.size, off.ctypes.data, ln.ctypes.data,
+                                   dst.ctypes.data, nthreads) == 0
+        time.sleep(0.05)  # the I/O threads read; the waiting caller would join in
+        assert lib.ds_pread_wait(None) == 0
+
+    try:
+        read_all(8)  # a pool of at least 8 I/O threads
+        before = _thread_cpu_ticks()
+        for _ in range(40):
+            read_all(1)
+        after = _thread_cpu_ticks()
+    finally:
+        os.close(fd)
+    main = threading.get_native_id()
+    busy = [t for t, v in after.items() if t != main and v - before.get(t, 0) >= 2]
+    assert len(busy) <= 1, busy
+    assert torch.equal(buf[:4096], torch.from_numpy(np.fromfile(path, np.uint8, 4096)))

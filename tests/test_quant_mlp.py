@@ -7,7 +7,7 @@ import torch
 
 from dipstream.runtime import masked_dense_reference, sparse_mlp
 from dipstream.runtime.quant import QuantizedSparseMLPWeights, quantize_rows
-from tests.test_sparse_mlp import BACKENDS, assert_close_y, hidden, make_mlp
+from tests.test_sparse_mlp import BACKENDS, _kernel_or_skip, assert_close_y, hidden, make_mlp
 
 
 def test_quantize_rows_hand_worked():
@@ -105,3 +105,15 @@ def test_quantized_threaded_large():
             assert torch.equal(sparse_mlp(w, x, 400, 5000), y)  # fixed summation order
     finally:
         torch.set_num_threads(old)
+
+
+def test_quantized_4bit_threaded_group_not_dividing_16():
+    """4-bit rows longer than one column chunk (8192) with a group size that neither divides 16
+    nor is a multiple of it: the threaded kernel's column chunks must start on group bounds."""
+    _kernel_or_skip()
+    d, D, G = 80, 8200, 10
+    Wg, Wu, Wd, x = make_mlp(d, D, seed=11)
+    w = QuantizedSparseMLPWeights(Wg, Wu, Wd, bits=4, group=G)
+    y = sparse_mlp(w, x, d, 4000, backend="native", num_threads=2)
+    y_t = sparse_mlp(w, x, d, 4000, backend="torch")
+    torch.testing.assert_close(y, y_t, rtol=1e-4, atol=1e-4)

@@ -272,6 +272,16 @@ def test_select_topk_abs_rule(native_lib):
                                    select_topk_abs(vec, k, backend="torch")), (n, k)
 
 
+def test_select_topk_abs_stays_on_the_tensors_device(native_lib):
+    """A tensor off the CPU never reaches the C kernel (its pointer is not host memory; before,
+    'auto' passed it and crashed): the torch rule runs on its device ('meta' stands in for
+    CUDA here)."""
+    v = torch.empty(10, device="meta")
+    for k in (0, 3, 10):
+        s = select_topk_abs(v, k)
+        assert s.device.type == "meta" and s.shape == (k,) and s.dtype == torch.int64
+
+
 def test_batch_rows_and_validation():
     d, D = 16, 24
     Wg, Wu, Wd, _ = make_mlp(d, D, seed=2)

@@ -340,7 +340,9 @@ static void gg_parallel_any(const float* W, int64_t ld, const qmat_t* q, int64_t
     j.W = W; j.ld = ld; j.q = q; j.m = m; j.idx = idx; j.c = c; j.k = k; j.out = out; j.partial = NULL;
     int64_t ncol = m <= COL_CHUNK ? 1 : (m + COL_CHUNK - 1) / COL_CHUNK;
     {   /* column chunks: multiples of 16 (and of the group size for 4-bit rows) */
-        int64_t al = (q && q->bits == 4 && q->G > 16) ? q->G : 16;
+        int64_t al = 16;
+        if (q && q->bits == 4)
+            while (al % q->G) al += 16;  /* lcm(16, G) */
         j.col_chunk = (((m + ncol - 1) / ncol) + al - 1) / al * al;
     }
     j.ncol = (int)((m + j.col_chunk - 1) / j.col_chunk);
@@ -475,18 +477,7 @@ DS_API int64_t ds_select_gemv(const float* v, int64_t n, int64_t k, const float*
     return got;
 }
 
-/* Quantized variants: W_q (rows x ldb bytes), scales S (rows x lds floats), group G, bits 8|4. */
-DS_API int ds_gather_gemv_q(const uint8_t* Wq, int64_t rows, int64_t ldb, const float* S,
-                            int64_t lds, int64_t G, int bits, int64_t m, const int64_t* idx,
-                            const float* c, int64_t k, float* out, int nthreads)
-{
-    if (check_idx(idx, k, rows)) return -1;
-    if (m <= 0) return 0;
-    qmat_t q = {Wq, ldb, S, lds, G, bits};
-    gg_parallel_any(NULL, 0, &q, m, idx, c, k, out, nthreads);
-    return 0;
-}
-
+/* Quantized variant: W_q (rows x ldb bytes), scales S (rows x lds floats), group G, bits 8|4. */
 DS_API int64_t ds_select_gemv_q(const float* v, int64_t n, int64_t k, const uint8_t* Wq,
                                 int64_t ldb, const float* S, int64_t lds, int64_t G, int bits,
                                 int64_t m, int64_t* idx, float* coef, float* out, int nthreads)
@@ -659,15 +650,20 @@ DS_API int ds_pread_submit(int fd, int64_t n, const int64_t* off, const int64_t*
     atomic_store(&g_io_end_ns, 0);
     g_io_gen = (g_io_gen + 1) & 0xffffffu;
     if (g_io_gen == 0) g_io_gen = 1;
-    int wake = (int)(n < g_io_nthreads ? n : g_io_nthreads);
+    /* threads 0 .. active-1 may read: nthreads of them, even where an earlier call with a
+     * larger nthreads (ds_pread_batch's or this one's) left more in the pool */
+    int active = nthreads < g_io_nthreads ? nthreads : g_io_nthreads;
+    int wake = (int)(n < active ? n : active);
     pthread_mutex_lock(&g_io_mu);
-    atomic_store(&g_io_active, g_io_nthreads);
+    atomic_store(&g_io_active, active);
     atomic_store(&g_io_state, ((uint64_t)g_io_gen << 40) | ((uint64_t)n << 20));
     pthread_mutex_unlock(&g_io_mu);
     /* wake only as many I/O threads as there are reads (signals after the unlock: the woken
-     * threads do not then queue on the mutex); ds_pread_wait's caller-runs loop covers any
-     * read no thread claimed */
-    for (int w = 0; w < wake; ++w) pthread_cond_signal(&g_io_cv);
+     * threads do not then queue on the mutex); a signal may wake any sleeper, so with threads
+     * beyond the active ones in the pool all are woken and those not active sleep again.
+     * ds_pread_wait's caller-runs loop covers any read no thread claimed */
+    if (active < g_io_nthreads) pthread_cond_broadcast(&g_io_cv);
+    else for (int w = 0; w < wake; ++w) pthread_cond_signal(&g_io_cv);
     return 0;
 }
 
@@ -779,10 +775,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_topk_abs.restype = I64
     lib.ds_select_gemv.argtypes = [P, I64, I64, P, I64, I64, P, P, P, I]
     lib.ds_select_gemv.restype = I64
-    U8 = ctypes.c_void_p
-    lib.ds_gather_gemv_q.argtypes = [U8, I64, I64, P, I64, I64, I, I64, P, P, I64, P, I]
-    lib.ds_gather_gemv_q.restype = I
-    lib.ds_select_gemv_q.argtypes = [P, I64, I64, U8, I64, P, I64, I64, I, I64, P, P, P, I]
+    lib.ds_select_gemv_q.argtypes = [P, I64, I64, P, I64, P, I64, I64, I, I64, P, P, P, I]
     lib.ds_select_gemv_q.restype = I64
     lib.ds_pread_batch.argtypes = [I, I64, P, P, P, I]
     lib.ds_pread_batch.restype = I

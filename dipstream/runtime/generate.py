@@ -10,8 +10,6 @@ the MLP weights live in a file on disk and only ``--dram`` bytes of them in RAM
 from __future__ import annotations
 
 import inspect
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -139,7 +137,7 @@ class InMemoryRuntime:
             raise DipstreamError("LoRA adapters run with --weights float32 only")
         self.record_masks = record_masks
         self.masks = {"in": [[] for _ in range(self.L)], "out": [[] for _ in range(self.L)]}
-        self.mlp_s, self.tokens, self.pos = 0.0, 0, 0
+        self.mlp_s = 0.0
 
     def _run(self, layer, x):
         from dipstream.runtime import sparse_mlp
@@ -182,8 +180,6 @@ class InMemoryRuntime:
         t0 = time.perf_counter()
         y = self._run(layer, x)
         self.mlp_s += time.perf_counter() - t0
-        if layer == self.L - 1:
-            self.tokens += 1
         return y
 
     def prefill(self, layer, X):
@@ -216,28 +212,22 @@ def _act_name(name: str) -> str:
 
 def attach_runtime(model: nn.Module, runtime) -> list:
     """Replace every block's MLP by a RuntimeMLP; returns the originals (for detach_runtime)."""
-    from dipstream.models.arch import arch_spec
+    from dipstream.sparsity.attach import _blocks
 
-    spec = arch_spec(model.config)
-    blocks = model
-    for part in spec.layers.split("."):
-        blocks = getattr(blocks, part)
+    blocks, mlp = _blocks(model)
     originals = []
     for i, block in enumerate(blocks):
-        originals.append(getattr(block, spec.mlp))
-        setattr(block, spec.mlp, RuntimeMLP(runtime, i))
+        originals.append(getattr(block, mlp))
+        setattr(block, mlp, RuntimeMLP(runtime, i))
     return originals
 
 
 def detach_runtime(model: nn.Module, originals: list) -> None:
-    from dipstream.models.arch import arch_spec
+    from dipstream.sparsity.attach import _blocks
 
-    spec = arch_spec(model.config)
-    blocks = model
-    for part in spec.layers.split("."):
-        blocks = getattr(blocks, part)
+    blocks, mlp = _blocks(model)
     for block, orig in zip(blocks, originals):
-        setattr(block, spec.mlp, orig)
+        setattr(block, mlp, orig)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -322,6 +312,7 @@ def _device(cfg: GenerateConfig) -> torch.device:
 
 def run_generate(cfg: GenerateConfig, out=None) -> dict:
     """Generate (streaming to ``out``, default stdout, when cfg.stream) and return a results row."""
+    from dipstream.experiments.evaluate import machine
     from dipstream.models import load_model
     from dipstream.models.arch import mlp_parts
     from dipstream.sparsity.budget import layer_keeps
@@ -334,6 +325,9 @@ def run_generate(cfg: GenerateConfig, out=None) -> dict:
     dev = _device(cfg)
     if dev.type == "cuda" and cfg.weights != "float32":
         raise DipstreamError(f"--weights {cfg.weights} runs on the CPU kernel; add --device cpu")
+    if dev.type == "cuda" and cfg.adapter and cfg.method == "dip":
+        raise DipstreamError("--adapter with --method dip runs on the CPU (the LoRA terms stay "
+                             "there); add --device cpu")
     lm = load_model(cfg.model)
     row_adapter = {}
     if cfg.adapter:
@@ -437,7 +431,7 @@ def run_generate(cfg: GenerateConfig, out=None) -> dict:
             bf.close()
         if originals is not None and not cfg.offload:
             detach_runtime(model, originals)
-    row["machine"] = f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+    row["machine"] = machine()
     row["dipstream"] = __version__
     if cfg.json:
         write_json_atomic(cfg.json, row)

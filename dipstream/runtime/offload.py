@@ -79,17 +79,15 @@ class HookCache:
     def nbytes(self) -> int:
         return self.slab.numel() * 4
 
-    def occupancy(self) -> int:
-        return int(self.cached.sum())
-
     def reset(self) -> None:
         self.slot[:] = -1
         self.cached[:] = False
         self.free = list(range(self.capacity - 1, -1, -1))
 
     def update(self, new_cached: np.ndarray, rows: torch.Tensor, units_in_rows: np.ndarray):
-        """Make the cache hold ``new_cached``: evicted units free their slots, inserted units
-        (which must be among ``units_in_rows``, sorted, whose data are ``rows``) are copied in."""
+        """Make the cache hold ``new_cached`` (kept, not copied: pass an array of its own, as the
+        policies' ``cached()`` gives): evicted units free their slots, inserted units (which must
+        be among ``units_in_rows``, sorted, whose data are ``rows``) are copied in."""
         gone = np.flatnonzero(self.cached & ~new_cached)
         if gone.size:
             self.free.extend(self.slot[gone].tolist())
@@ -106,7 +104,7 @@ class HookCache:
             self.slot[new] = slots
             self.slab.index_copy_(0, torch.from_numpy(slots),
                                   rows.index_select(0, torch.from_numpy(pos)))
-        self.cached = new_cached.copy()
+        self.cached = new_cached
 
 
 @dataclass
@@ -120,7 +118,6 @@ class TokenStats:
     reads: int = 0
     disk_bytes: int = 0
     ram_bytes: int = 0
-    selected_units: int = 0
     selected_bytes: int = 0
     hit_units: int = 0
     hit_rate_sum: float = 0.0
@@ -191,9 +188,10 @@ class OffloadRuntime:
         return sum(c.nbytes for cs in self.caches.values() for c in cs) + self.buffer.numel()
 
     def cached_bytes(self) -> int:
-        """Bytes of units currently cached (<= the slabs' size)."""
-        return sum(c.occupancy() * self.lay.hook(k)[1] for k, cs in self.caches.items()
-                   for c in cs)
+        """Bytes of units currently cached (<= the slabs' size; the caches mirror the policies,
+        which keep the counts)."""
+        return sum(int(pol.occupancy().sum()) * self.lay.hook(k)[1]
+                   for k, pol in self.policies.items())
 
     def reset(self) -> None:
         """A new sequence: empty caches (as the simulator resets per sequence)."""
@@ -265,7 +263,6 @@ class OffloadRuntime:
         st.reads += reads
         st.disk_bytes += miss.size * stride
         st.ram_bytes += hit.size * ub
-        st.selected_units += sel.size
         st.selected_bytes += sel.size * ub
         st.hit_units += hit.size
         if sel.size:

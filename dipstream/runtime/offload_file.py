@@ -39,7 +39,8 @@ from dipstream.errors import DipstreamError
 from dipstream.io import atomic_path, write_json_atomic
 from dipstream.runtime import _native
 
-__all__ = ["Layout", "BundledFile", "ExtentReader", "open_direct", "write_offload",
+__all__ = ["Layout", "BundledFile", "ExtentReader", "open_direct", "open_for_reads",
+           "write_offload",
            "open_offload", "ensure_offload", "read_manifest", "aligned_bytes", "fingerprint",
            "FORMAT", "DATA_NAME", "MANIFEST_NAME"]
 
@@ -136,9 +137,10 @@ def _layer_records(p, lay: Layout) -> tuple[np.ndarray, np.ndarray]:
     return rin, rout
 
 
-def write_offload(directory, parts, model: str) -> dict:
+def write_offload(directory, parts, model: str, fingerprint_: str | None = None) -> dict:
     """Write the MLP weights of ``parts`` (``mlp_parts(model)``) to ``directory`` in the bundled
-    layout, atomically; returns the manifest."""
+    layout, atomically; returns the manifest.  ``fingerprint_``: ``fingerprint(parts)`` if the
+    caller has it already."""
     for p in parts:
         if p.gate_bias is not None or p.up_bias is not None or p.down_bias is not None:
             raise DipstreamError("offloading needs bias-free MLP projections")
@@ -161,7 +163,8 @@ def write_offload(directory, parts, model: str) -> dict:
         fh.write(bytes(pad))
         digest.update(bytes(pad))
     _drop_page_cache(directory / DATA_NAME)
-    manifest = {"format": FORMAT, "model": model, "fingerprint": fingerprint(parts),
+    manifest = {"format": FORMAT, "model": model,
+                "fingerprint": fingerprint_ or fingerprint(parts),
                 "n_layers": lay.n_layers, "d": d, "D": D, "dtype": "float32",
                 "record_align": lay.align, "region_align": REGION_ALIGN,
                 "in_stride": lay.in_stride, "out_stride": lay.out_stride,
@@ -201,6 +204,19 @@ def open_direct(path, align: int = REGION_ALIGN) -> int | None:
     except OSError:
         os.close(fd)
         return None
+
+
+def open_for_reads(path, direct: bool, align: int = REGION_ALIGN) -> tuple[int, bool]:
+    """(fd, is_direct): ``path`` opened with O_DIRECT when ``direct`` and the filesystem allows
+    it; else through the page cache, after one RuntimeWarning if direct I/O was asked for."""
+    fd = open_direct(path, align) if direct else None
+    if fd is not None:
+        return fd, True
+    if direct:
+        warnings.warn(f"direct I/O (O_DIRECT) is not supported for {path}; reading through the "
+                      "OS page cache, so measured speeds include the page cache, not just the "
+                      "disk", RuntimeWarning, stacklevel=3)
+    return os.open(path, os.O_RDONLY), False
 
 
 class ExtentReader:
@@ -402,6 +418,12 @@ def open_offload(directory, *, model: str | None = None, shape: tuple | None = N
     if m is None:
         raise DipstreamError(f"{directory} has no {MANIFEST_NAME}: not an offload directory "
                              "(dipstream generate --offload DIR writes one)")
+    return _open_checked(directory, m, model, shape, fingerprint_, direct, io_threads, verify)
+
+
+def _open_checked(directory: Path, m: dict, model, shape, fingerprint_, direct, io_threads,
+                  verify) -> BundledFile:
+    """open_offload with the manifest ``m`` of ``directory`` in hand."""
     data = directory / DATA_NAME
     rebuild = f"delete {directory} and run again to rebuild it from the model"
     if model is not None and m.get("model") != model:
@@ -424,14 +446,7 @@ def open_offload(directory, *, model: str | None = None, shape: tuple | None = N
     if actual != m["size"]:
         raise DipstreamError(f"{data} is truncated or corrupt: {actual} bytes, expected "
                              f"{m['size']}; {rebuild}")
-    fd = open_direct(data, max(lay.align, REGION_ALIGN)) if direct else None
-    if direct and fd is None:
-        warnings.warn(f"direct I/O (O_DIRECT) is not supported for {data}; reading through the "
-                      "OS page cache, so measured speeds include the page cache, not just the "
-                      "disk", RuntimeWarning, stacklevel=2)
-    is_direct = fd is not None
-    if fd is None:
-        fd = os.open(data, os.O_RDONLY)
+    fd, is_direct = open_for_reads(data, direct, max(lay.align, REGION_ALIGN))
     try:
         if verify and _checksum(fd if is_direct else None, data, m["size"]) != m["sha256"]:
             raise DipstreamError(f"{data} is corrupt: its sha256 does not match the manifest; "
@@ -442,19 +457,22 @@ def open_offload(directory, *, model: str | None = None, shape: tuple | None = N
     return BundledFile(directory, m, fd, is_direct, io_threads)
 
 
-def ensure_offload(directory, parts, model: str, **kw) -> tuple[BundledFile, bool]:
+def ensure_offload(directory, parts, model: str, *, direct: bool = True, io_threads: int = 8,
+                   verify: bool = True) -> tuple[BundledFile, bool]:
     """Open the offload file of ``parts`` in ``directory``, writing it first if the directory
     has none.  Returns (file, whether it was written now)."""
     directory = Path(directory)
-    written = False
-    if read_manifest(directory) is None:
+    fp = fingerprint(parts)
+    m = read_manifest(directory)
+    written = m is None
+    if written:
         if (directory / DATA_NAME).exists():
             raise DipstreamError(f"{directory / DATA_NAME} exists without its manifest; delete "
                                  f"{directory} and run again to rebuild it")
-        write_offload(directory, parts, model)
-        written = True
+        m = write_offload(directory, parts, model, fp)
     d, D = parts[0].d_model, parts[0].d_ff
-    f = open_offload(directory, model=model, shape=(len(parts), d, D),
-                     fingerprint_=fingerprint(parts), **kw)
+    # a file written just now was hashed while writing: no second sha256 pass (size still checked)
+    f = _open_checked(directory, m, model, (len(parts), d, D), fp, direct, io_threads,
+                      verify and not written)
     return f, written
 

@@ -105,14 +105,11 @@ def measure_gemv(repeats: int, n: int = 4096, m: int = 14336) -> tuple[float, fl
 
 def _chunk_sizes(cfg: ProbeConfig) -> list[int]:
     if cfg.model:
-        from transformers import AutoConfig
-
-        from dipstream.models.loading import resolve_checkpoint
+        from dipstream.experiments.simulate import _shape_of
         from dipstream.runtime.offload_file import Layout
 
-        c = AutoConfig.from_pretrained(resolve_checkpoint(cfg.model)[1])
-        c = getattr(c, "text_config", None) or c
-        lay = Layout(1, c.hidden_size, c.intermediate_size)
+        shape = _shape_of(cfg.model)
+        lay = Layout(1, shape.d_model, shape.d_ff)
         return [lay.in_stride, lay.out_stride]
     try:
         sizes = [int(s) for s in cfg.chunks.split(",") if s.strip()]
@@ -143,19 +140,12 @@ def _test_file(directory: Path, size: int) -> Path:
 def measure_disk(path: Path, cfg: ProbeConfig, chunks: list[int]) -> dict:
     """Sequential and random read figures through the runtime's reader."""
     from dipstream.runtime.offload_file import ExtentReader, _drop_page_cache, aligned_bytes, \
-        open_direct
+        open_for_reads
 
     size = path.stat().st_size
-    fd = open_direct(path) if cfg.direct_io else None
-    direct = fd is not None
-    if fd is None:
-        if cfg.direct_io:
-            import warnings
-
-            warnings.warn(f"direct I/O (O_DIRECT) is not supported for {path}; the disk figures "
-                          "include the OS page cache", RuntimeWarning, stacklevel=2)
+    fd, direct = open_for_reads(path, cfg.direct_io)
+    if not direct:
         _drop_page_cache(path)
-        fd = os.open(path, os.O_RDONLY)
     res = {"direct_io": direct, "file_bytes": size, "io_threads": cfg.io_threads}
     rng = np.random.default_rng(1)
     rd = ExtentReader(fd, cfg.io_threads, str(path))
@@ -163,14 +153,11 @@ def measure_disk(path: Path, cfg: ProbeConfig, chunks: list[int]) -> dict:
         # sequential: the whole file in seq_chunk reads, one at a time (the runtime reads a
         # run of consecutive missed units, e.g. dense streaming's, as one read)
         seq = cfg.seq_chunk
-        batch = 1
-        buf = aligned_bytes(batch * seq)
+        buf = aligned_bytes(seq)
         offs = np.arange(0, size - seq + 1, seq, dtype=np.int64)
         t = time.perf_counter()
-        for a in range(0, len(offs), batch):
-            o = offs[a:a + batch]
-            rd.read_extents(o, np.full(len(o), seq), buf.data_ptr() + np.arange(len(o)) * seq,
-                            buf)
+        for o in offs:
+            rd.read_extents([o], [seq], [buf.data_ptr()], buf)
         res["seq_bw"] = len(offs) * seq / (time.perf_counter() - t)
         res["seq_chunk"] = seq
         res["random"] = {}

@@ -231,19 +231,20 @@ def _select_topk_abs_torch(v: torch.Tensor, k: int) -> torch.Tensor:
     n = v.numel()
     k = _check_k(k, n, "k")
     if k >= n:
-        return torch.arange(n, dtype=torch.int64)
+        return torch.arange(n, dtype=torch.int64, device=v.device)
     if k == 0:
-        return torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.int64, device=v.device)
     order = torch.sort(v.abs(), descending=True, stable=True).indices[:k]
     return order.sort().values
 
 
 def select_topk_abs(v: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Tensor:
-    """Ascending int64 indices of the k largest |v| (ties: lower index first; NaN largest)."""
+    """Ascending int64 indices of the k largest |v| (ties: lower index first; NaN largest), on
+    v's device (the C kernel serves CPU tensors, torch the others)."""
     v = v.reshape(-1)
     n = v.numel()
     k = _check_k(k, n, "k")
-    lib = _use_native(backend)
+    lib = _use_native(backend) if v.device.type == "cpu" else None
     if lib is None:
         return _select_topk_abs_torch(v, k)
     v32 = v.detach().to(torch.float32).contiguous()
@@ -374,13 +375,22 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
     k_in = _check_k(k_in, weights.d, "k_in")
     k_out = _check_k(k_out, weights.D, "k_out")
     dev = getattr(weights, "device", torch.device("cpu"))
-    if backend == "triton" or (backend == "auto" and dev.type == "cuda"):
-        return _sparse_mlp_triton(weights, x, k_in, k_out, act, return_indices)
-    if getattr(weights, "dtype", torch.float32) != torch.float32 or dev.type != "cpu":
-        if backend == "native":
-            raise ValueError("the C kernel needs float32 weights on the CPU")
-        backend = "torch"
-    lib = _use_native(backend)
+    triton = backend == "triton" or (backend == "auto" and dev.type == "cuda")
+    lib = None
+    if triton:
+        from dipstream.runtime import triton_gemv
+
+        if not hasattr(weights, "gate_up_t"):
+            raise ValueError("the Triton kernel takes SparseMLPWeights (float32/bf16/fp16)")
+        if not triton_gemv.available():
+            raise RuntimeError("the Triton kernel needs triton and a CUDA device "
+                               "(or TRITON_INTERPRET=1 for CPU tensors)")
+    else:
+        if getattr(weights, "dtype", torch.float32) != torch.float32 or dev.type != "cpu":
+            if backend == "native":
+                raise ValueError("the C kernel needs float32 weights on the CPU")
+            backend = "torch"
+        lib = _use_native(backend)
     xd = x.detach()
     if xd.dtype != torch.float32:
         xd = xd.to(torch.float32)
@@ -388,7 +398,10 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
         xt = xd.reshape(weights.d)
         if not xt.is_contiguous():
             xt = xt.contiguous()
-        if lib is None:
+        if triton:
+            y, s_in, s_out = triton_gemv.sparse_mlp_triton(weights, xt.to(dev), k_in, k_out,
+                                                           lambda g: _act_torch(g, act))
+        elif lib is None:
             y, s_in, s_out = _sparse_token_torch(weights, xt, k_in, k_out, act)
         else:
             y, s_in, s_out = _sparse_token_native(lib, weights, xt, k_in, k_out, act,
@@ -405,28 +418,6 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
         s_outs.append(s_out)
     y = torch.stack(ys)
     return (y, s_ins, s_outs) if return_indices else y
-
-
-def _sparse_mlp_triton(weights, x, k_in, k_out, act, return_indices):
-    from dipstream.runtime import triton_gemv
-
-    if not hasattr(weights, "gate_up_t"):
-        raise ValueError("the Triton kernel takes SparseMLPWeights (float32/bf16/fp16)")
-    if not triton_gemv.available():
-        raise RuntimeError("the Triton kernel needs triton and a CUDA device "
-                           "(or TRITON_INTERPRET=1 for CPU tensors)")
-    xd = x.detach().to(weights.device)
-    rows = [xd.reshape(weights.d)] if x.dim() == 1 or x.shape[0] == 1 else list(xd)
-    out = [triton_gemv.sparse_mlp_triton(weights, r, k_in, k_out, lambda g: _act_torch(g, act))
-           for r in rows]
-    y = torch.stack([o[0] for o in out]) if x.dim() == 2 else out[0][0]
-    if not return_indices:
-        return y
-    if x.dim() == 2 and x.shape[0] == 1:
-        return y, out[0][1], out[0][2]
-    if x.dim() == 1:
-        return y, out[0][1], out[0][2]
-    return y, [o[1] for o in out], [o[2] for o in out]
 
 
 # --------------------------------------------------------------------------- references

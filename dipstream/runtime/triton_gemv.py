@@ -4,9 +4,9 @@ Same layout as the CPU kernel (:class:`~dipstream.runtime.SparseMLPWeights` buil
 ``device="cuda"``): every selected unit is one contiguous row, so the kernel streams exactly the
 selected rows once.  Grid: (column tiles of ``block_m``) x (``splits`` blocks of selected rows);
 each program accumulates ``block_k`` rows at a time in float32 and writes one partial row,
-and the partials are summed in a fixed order (deterministic, no atomics).  Selection uses
-``torch.topk`` on the device (ties in an unspecified order, unlike the CPU kernel's
-lower-index rule); indices are sorted ascending before the gather.
+and the partials are summed in a fixed order (deterministic, no atomics).  Selection is
+:func:`~dipstream.runtime.select_topk_abs` on the device (the CPU kernel's rule: ties to the
+lower index; ascending indices).
 
 Status: checked for correctness with Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors)
 in the test suite.  The development machine has no GPU, so the real-GPU tests and
@@ -19,7 +19,9 @@ import os
 
 import torch
 
-__all__ = ["available", "gather_gemv_triton", "sparse_mlp_triton", "topk_abs_indices"]
+from dipstream.runtime.sparse_mlp import select_topk_abs
+
+__all__ = ["available", "gather_gemv_triton", "sparse_mlp_triton"]
 
 try:  # triton is an optional dependency (pip install dipstream[gpu])
     import triton
@@ -97,25 +99,15 @@ def gather_gemv_triton(Wt: torch.Tensor, idx: torch.Tensor, coeffs: torch.Tensor
     return part[0] if splits == 1 else part.sum(0)
 
 
-def topk_abs_indices(v: torch.Tensor, k: int) -> torch.Tensor:
-    """Ascending indices of the k largest |v| (torch.topk on the device; ties unspecified)."""
-    n = v.numel()
-    if k >= n:
-        return torch.arange(n, device=v.device)
-    if k <= 0:
-        return torch.empty(0, dtype=torch.int64, device=v.device)
-    return torch.topk(v.abs().float(), k, sorted=False).indices.sort().values
-
-
 def sparse_mlp_triton(weights, x: torch.Tensor, k_in: int, k_out: int, act_fn, **kernel_kw):
     """One token of the DIP MLP with the Triton gather-GEMV; returns (y float32 (d,), S_in,
     S_out).  ``weights``: a SparseMLPWeights (any float dtype, on the kernel's device);
     ``act_fn``: the activation as a torch function (applied in float32)."""
     xv = x.reshape(-1)
-    s_in = topk_abs_indices(xv, k_in)
+    s_in = select_topk_abs(xv, k_in)
     gu = gather_gemv_triton(weights.gate_up_t, s_in, xv.index_select(0, s_in), **kernel_kw)
     D = weights.D
     h = act_fn(gu[:D]) * gu[D:]
-    s_out = topk_abs_indices(h, k_out)
+    s_out = select_topk_abs(h, k_out)
     y = gather_gemv_triton(weights.down_t, s_out, h.index_select(0, s_out), **kernel_kw)
     return y, s_in, s_out
