@@ -25,6 +25,27 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
+def shape_of(model):
+    """The simulator's ModelShape of a loaded model."""
+    from dataclasses import asdict
+
+    from dipstream.models.arch import describe
+    from dipstream.simulator import ModelShape
+
+    return ModelShape.from_dict(asdict(describe(model)))
+
+
+def decode_with_runtime(model, rt, ids, cfg):
+    """Token ids decoded by `model` with the decode runtime `rt` attached (detached after)."""
+    from dipstream.runtime.generate import attach_runtime, decode_tokens, detach_runtime
+
+    orig = attach_runtime(model, rt)
+    try:
+        return decode_tokens(model, ids, cfg)["ids"]
+    finally:
+        detach_runtime(model, orig)
+
+
 def tiny_model(arch: str, seed: int = 0):
     """A tiny random CausalLM in eval mode, float32, weights large enough to make masks matter."""
     torch.manual_seed(seed)

@@ -7,34 +7,18 @@ import pytest
 import torch
 
 from dipstream.cli.main import main
-from dipstream.models.arch import describe, mlp_parts
-from dipstream.runtime.generate import (GenerateConfig, InMemoryRuntime, attach_runtime,
-                                        decode_tokens, detach_runtime, run_generate)
+from dipstream.models.arch import mlp_parts
+from dipstream.runtime.generate import (GenerateConfig, InMemoryRuntime, decode_tokens, run_generate)
 from dipstream.runtime.offload import OffloadRuntime
 from dipstream.runtime.offload_file import ensure_offload
-from dipstream.simulator import ModelShape
 from dipstream.sparsity import attach, build_method
-from tests.conftest import tiny_model
+from tests.conftest import decode_with_runtime, shape_of, tiny_model
 
 CFG = GenerateConfig(max_new_tokens=12, stop_at_eos=False)
 
 
 def _ids(seed=1):
     return torch.randint(1, 96, (1, 6), generator=torch.Generator().manual_seed(seed))
-
-
-def _shape(model):
-    i = describe(model)
-    return ModelShape(i.n_layers, i.d_model, i.d_ff, i.vocab, i.n_heads, i.n_kv_heads,
-                      i.tied_embeddings)
-
-
-def _with_runtime(model, rt, ids, cfg=CFG):
-    orig = attach_runtime(model, rt)
-    try:
-        return decode_tokens(model, ids, cfg)["ids"]
-    finally:
-        detach_runtime(model, orig)
 
 
 def test_density_one_equals_dense_token_for_token(arch, tmp_path):
@@ -45,15 +29,15 @@ def test_density_one_equals_dense_token_for_token(arch, tmp_path):
     dense = decode_tokens(model, ids, CFG)["ids"]
     parts = mlp_parts(model)
     L, d, D = len(parts), parts[0].d_model, parts[0].d_ff
-    assert _with_runtime(model, InMemoryRuntime(parts, [d] * L, [D] * L), ids) == dense
+    assert decode_with_runtime(model, InMemoryRuntime(parts, [d] * L, [D] * L), ids, CFG) == dense
     f, written = ensure_offload(tmp_path / "off", parts, "tiny")
     assert written
     try:
         for method in ("dense", "dip", "dip-ca"):
             rt = OffloadRuntime(f, parts[0].act_name, method, [d] * L, [D] * L, 60_000,
-                                _shape(model), 32, gamma=1.0)
+                                shape_of(model), 32, gamma=1.0)
             assert 0 < rt.capacity["layers.0.in"] < d  # a partial cache: reads really happen
-            assert _with_runtime(model, rt, ids) == dense, method
+            assert decode_with_runtime(model, rt, ids, CFG) == dense, method
             assert rt.stats.reads > 0
     finally:
         f.close()
@@ -72,11 +56,11 @@ def test_sparse_decode_equals_masked_dip(tmp_path):
     finally:
         sm.detach()
     parts = mlp_parts(model)
-    assert _with_runtime(model, InMemoryRuntime(parts, k_in, k_out), ids) == masked
+    assert decode_with_runtime(model, InMemoryRuntime(parts, k_in, k_out), ids, CFG) == masked
     f, _ = ensure_offload(tmp_path / "off", parts, "tiny")
     try:
-        rt = OffloadRuntime(f, "silu", "dip", k_in, k_out, 50_000, _shape(model), 32)
-        assert _with_runtime(model, rt, ids) == masked
+        rt = OffloadRuntime(f, "silu", "dip", k_in, k_out, 50_000, shape_of(model), 32)
+        assert decode_with_runtime(model, rt, ids, CFG) == masked
         assert 0.3 < rt.stats.selected_bytes / rt.stats.tokens / (2 * 3 * 32 * 48 * 4) < 0.55
     finally:
         f.close()
@@ -89,7 +73,7 @@ def test_quantized_weights_generate(tmp_path):
     dense = decode_tokens(model, ids, CFG)["ids"]
     parts = mlp_parts(model)
     rt = InMemoryRuntime(parts, [32, 32], [48, 48], weights="int8")
-    got = _with_runtime(model, rt, ids)
+    got = decode_with_runtime(model, rt, ids, CFG)
     assert got[:4] == dense[:4]
 
 
@@ -184,7 +168,7 @@ def test_generate_with_lora_adapters_equals_masked_dip(arch):
     parts = mlp_parts(model)
     L, d, D = len(parts), parts[0].d_model, parts[0].d_ff
     dense = decode_tokens(model, ids, CFG)["ids"]
-    assert _with_runtime(model, InMemoryRuntime(parts, [d] * L, [D] * L), ids) == dense
+    assert decode_with_runtime(model, InMemoryRuntime(parts, [d] * L, [D] * L), ids, CFG) == dense
     sm = attach(model, build_method("dip", 0.5))
     try:
         masked = decode_tokens(model, ids, CFG)["ids"]
@@ -193,6 +177,6 @@ def test_generate_with_lora_adapters_equals_masked_dip(arch):
     finally:
         sm.detach()
     assert masked != dense
-    assert _with_runtime(model, InMemoryRuntime(parts, k_in, k_out), ids) == masked
+    assert decode_with_runtime(model, InMemoryRuntime(parts, k_in, k_out), ids, CFG) == masked
     with pytest.raises(Exception, match="float32 only"):
         InMemoryRuntime(parts, k_in, k_out, weights="int8")

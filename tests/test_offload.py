@@ -14,12 +14,13 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dipstream.errors import DipstreamError
-from dipstream.models.arch import describe, mlp_parts
+from dipstream.models.arch import mlp_parts
 from dipstream.runtime import _native
 from dipstream.runtime import offload_file as of
-from dipstream.runtime.generate import GenerateConfig, attach_runtime, decode_tokens, detach_runtime
+from dipstream.runtime.generate import GenerateConfig
 from dipstream.runtime.offload import OffloadRuntime, offload_capacities, parse_budget
 from dipstream.simulator import Hardware, ModelShape, simulate
+from tests.conftest import decode_with_runtime, shape_of
 from dipstream.simulator.hardware import KINDS
 
 
@@ -35,12 +36,6 @@ def small_llama(seed=0):
             if p.dim() == 2:
                 p.normal_(0, 0.2)
     return model
-
-
-def shape_of(model):
-    i = describe(model)
-    return ModelShape(i.n_layers, i.d_model, i.d_ff, i.vocab, i.n_heads, i.n_kv_heads,
-                      i.tied_embeddings)
 
 
 @pytest.fixture
@@ -203,12 +198,10 @@ def test_cache_never_exceeds_budget(model, offload_dir, method, policy):
         _check_cache_state(rt, ref_parts)
         return y
     rt.decode = checked
-    orig = attach_runtime(model, rt)
+    ids = torch.randint(1, 96, (1, 7), generator=torch.Generator().manual_seed(3))
     try:
-        ids = torch.randint(1, 96, (1, 7), generator=torch.Generator().manual_seed(3))
-        decode_tokens(model, ids, GenerateConfig(max_new_tokens=12, stop_at_eos=False))
+        decode_with_runtime(model, rt, ids, GenerateConfig(max_new_tokens=12, stop_at_eos=False))
     finally:
-        detach_runtime(model, orig)
         rt.file.close()
     _check_cache_state(rt, ref_parts)
     assert rt.stats.tokens == 11 and rt.stats.reads > 0 and 0 < rt.stats.hit_units
@@ -242,12 +235,10 @@ def test_trace_replays_to_the_same_hits(model, offload_dir, method):
     lay = of.Layout(2, 64, 256)
     budget = max(lay.d * lay.in_stride, lay.D * lay.out_stride) + int(0.3 * lay.mlp_bytes)
     rt = _runtime(model, offload_dir, method, (38, 90), budget)
-    orig = attach_runtime(model, rt)
+    ids = torch.randint(1, 96, (1, 5), generator=torch.Generator().manual_seed(4))
     try:
-        ids = torch.randint(1, 96, (1, 5), generator=torch.Generator().manual_seed(4))
-        decode_tokens(model, ids, GenerateConfig(max_new_tokens=10, stop_at_eos=False))
+        decode_with_runtime(model, rt, ids, GenerateConfig(max_new_tokens=10, stop_at_eos=False))
     finally:
-        detach_runtime(model, orig)
         rt.file.close()
     trace = rt.trace(5, {"model": "small", "method": method, **shape_of(model).to_dict()})
     hw = Hardware(name="fp32", bits={k: 32 for k in KINDS})

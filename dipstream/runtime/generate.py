@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -350,8 +350,7 @@ def run_generate(cfg: GenerateConfig, out=None) -> dict:
     if ids.shape[1] == 0:
         raise DipstreamError("the prompt is empty after tokenization; give some text")
     P = int(ids.shape[1])
-    info = lm.info
-    shape = ModelShape(L, d, D, info.vocab, info.n_heads, info.n_kv_heads, info.tied_embeddings)
+    shape = ModelShape.from_dict(asdict(lm.info))
     row = {"model": lm.name, "method": cfg.method, "density_requested": cfg.density,
            "weights": cfg.weights, "prompt_tokens": P, "device": str(dev),
            "threads": torch.get_num_threads(), **row_adapter}
