@@ -55,7 +55,7 @@ def plan(config_path: str | Path) -> tuple[dict, list[Run], list[tuple[dict, str
     from dipstream.sparsity import METHODS
 
     raw, given = load_sweep(config_path)
-    runs, skipped, shapes, seen = [], [], {}, set()
+    runs, skipped, shapes, hardwares, seen = [], [], {}, {}, set()
     default_method = run_fields()["method"][2]
     for g in given:
         method = g.get("method", default_method)
@@ -64,7 +64,7 @@ def plan(config_path: str | Path) -> tuple[dict, list[Run], list[tuple[dict, str
             hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(METHODS)}"
             raise DipstreamError(f"{Path(config_path).name}: unknown method '{method}'; {hint}")
         try:
-            run = resolve(g, shapes)
+            run = resolve(g, shapes, hardwares)
         except InvalidRun as exc:
             skipped.append((g, str(exc)))
             continue

@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import itertools
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from dipstream import __version__
 from dipstream.config import _base_type, from_namespace
@@ -38,9 +40,10 @@ SWEEP_KEYS = ("grid", "results", "description")
 OUTPUT_FIELDS = ("json", "save_thresholds", "save_trace", "trace")
 
 
-def leaf_fields(cls) -> dict[str, tuple[type, bool, object]]:
+@functools.cache
+def leaf_fields(cls) -> typing.Mapping[str, tuple[type, bool, object]]:
     """{name: (type, optional?, default)} of every leaf field of dataclass `cls`, nested ones
-    flattened as the command line flattens them."""
+    flattened as the command line flattens them (computed once per class, read-only)."""
     out = {}
 
     def walk(cls):
@@ -54,10 +57,10 @@ def leaf_fields(cls) -> dict[str, tuple[type, bool, object]]:
             out[f.name] = (tp, optional, default)
 
     walk(cls)
-    return out
+    return MappingProxyType(out)
 
 
-def run_fields() -> dict[str, tuple[type, bool, object]]:
+def run_fields() -> typing.Mapping[str, tuple[type, bool, object]]:
     """The keys a sweep config may set: every leaf field of SimulateConfig."""
     return leaf_fields(SimulateConfig)
 
@@ -171,9 +174,9 @@ class Run:
         return f"{p['model']} {p['method']}@{p['density']}{extra} {hw} dram={p['dram']} {p['policy']}"
 
 
-def resolve(given: dict, shapes: dict) -> Run:
+def resolve(given: dict, shapes: dict, hardwares: dict) -> Run:
     """Fill defaults, validate the method, resolve the hardware and the model-run identity.
-    `shapes` caches model shapes by model name."""
+    `shapes` caches model shapes by model name, `hardwares` devices by (hardware, hw_set)."""
     from dataclasses import asdict
 
     from dipstream.experiments.simulate import _shape_of, _sim, hardware_of
@@ -192,7 +195,10 @@ def resolve(given: dict, shapes: dict) -> Run:
         raise InvalidRun(str(exc)) from None
     params["density"] = float(method.density)  # e.g. dense ignores the density it was given
     cfg.eval.density = params["density"]
-    hw = hardware_of(cfg.sim)
+    hw_id = (cfg.sim.hardware, cfg.sim.hw_set)
+    if hw_id not in hardwares:
+        hardwares[hw_id] = hardware_of(cfg.sim)
+    hw = hardwares[hw_id]
     if cfg.eval.model not in shapes:
         shapes[cfg.eval.model] = _shape_of(cfg.eval.model)
     shape = shapes[cfg.eval.model]
@@ -200,7 +206,8 @@ def resolve(given: dict, shapes: dict) -> Run:
     closed = hasattr(method, "configure_cache")
     from dipstream.experiments.evaluate import EvalConfig
 
-    model_keys = [k for k in params if k in leaf_fields(EvalConfig)] + ["batch_size"]
+    eval_fields = leaf_fields(EvalConfig)
+    model_keys = [k for k in params if k in eval_fields] + ["batch_size"]
     model_id = {"run": {k: params[k] for k in sorted(model_keys)}, "dipstream": __version__}
     if closed:  # the masks depend on the cache: its capacities and policy, not on bandwidths
         from dipstream.experiments.simulate import _policy_kwargs
