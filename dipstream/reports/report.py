@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dipstream.errors import DipstreamError
-from dipstream.reports import figures as F
 from dipstream.reports.headline import HeadlineRow, headline, parse_budgets
 from dipstream.reports.table import (CA, DENSE, at_dram, dense_perplexity, dense_streaming, gamma_of,
                                      main_device, mb, models, reference_density)
@@ -119,6 +118,7 @@ def _sweeps(results) -> list[dict]:
 def make_report(results: str | Path, cfg: ReportConfig, command: str | None = None) -> Path:
     """Write report.md and its figures; returns the path of report.md."""
     from dipstream.experiments.results_store import load_results
+    from dipstream.reports import figures as F  # matplotlib: loaded only when a report is made
 
     all_rows = load_results(results)
     budgets = parse_budgets(cfg.ppl_budget)
