@@ -179,8 +179,8 @@ def resolve(given: dict, shapes: dict, hardwares: dict) -> Run:
     `shapes` caches model shapes by model name, `hardwares` devices by (hardware, hw_set)."""
     from dataclasses import asdict
 
-    from dipstream.experiments.simulate import _shape_of, _sim, hardware_of
-    from dipstream.simulator import hook_specs, plan_placement
+    from dipstream.experiments.simulate import (_shape_of, _sim, closed_loop_cache, configure_closed_loop,
+                                                hardware_of, is_closed_loop)
     from dipstream.simulator.simulate import resolve_dram
     from dipstream.sparsity import build_method
 
@@ -202,25 +202,23 @@ def resolve(given: dict, shapes: dict, hardwares: dict) -> Run:
     if cfg.eval.model not in shapes:
         shapes[cfg.eval.model] = _shape_of(cfg.eval.model)
     shape = shapes[cfg.eval.model]
-    dram = _sim(resolve_dram, cfg.sim.dram, hw, shape)
-    closed = hasattr(method, "configure_cache")
+    _sim(resolve_dram, cfg.sim.dram, hw, shape)  # a DRAM size that does not resolve fails the plan
+    closed = is_closed_loop(method)
     from dipstream.experiments.evaluate import EvalConfig
 
     eval_fields = leaf_fields(EvalConfig)
     model_keys = [k for k in params if k in eval_fields] + ["batch_size"]
     model_id = {"run": {k: params[k] for k in sorted(model_keys)}, "dipstream": __version__}
     if closed:  # the masks depend on the cache: its capacities and policy, not on bandwidths
-        from dipstream.experiments.simulate import _policy_kwargs
+        from dipstream.models.adapters import lora_weights_in
 
-        hooks = hook_specs(shape, "dip")
-        plan = _sim(plan_placement, shape, hw, hooks, dram, cfg.eval.seq_len)
-        try:  # refuses policies that cannot steer masks (belady, hot)
-            method.configure_cache({h.name: int(c) for h, c in zip(hooks, plan.capacity)},
-                                   cfg.sim.policy, **_policy_kwargs(cfg.sim))
+        adapter_weights = lora_weights_in(cfg.eval.adapter) if cfg.eval.adapter else 0
+        cache = closed_loop_cache(cfg.sim, hw, shape, cfg.eval.seq_len, adapter_weights)
+        try:
+            configure_closed_loop(method, shape, cache)
         except DipstreamError as exc:
             raise InvalidRun(str(exc)) from None
-        model_id["cache"] = {"capacity": plan.capacity.tolist(), "policy": cfg.sim.policy,
-                             "policy_kwargs": _policy_kwargs(cfg.sim)}
+        model_id["cache"] = cache
     hw_dict = asdict(hw)
     ident = {"run": params, "hardware": hw_dict}
     return Run(params, config_hash({**ident, "dipstream": __version__}), config_hash(ident),
