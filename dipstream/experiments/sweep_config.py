@@ -148,6 +148,11 @@ def load_sweep(path: str | Path) -> tuple[dict, list[dict]]:
     return raw, unique
 
 
+def run_config(params: dict) -> SimulateConfig:
+    """The SimulateConfig of a run's flat params."""
+    return from_namespace(SimulateConfig, argparse.Namespace(**params))
+
+
 class InvalidRun(DipstreamError):
     """A combination the method refuses (e.g. a density below its floor): skipped, not fatal."""
 
@@ -163,9 +168,6 @@ class Run:
     closed_loop: bool                # masks depend on the live cache (dip-ca)
     hardware: dict = field(default_factory=dict)  # resolved Hardware fields
     shape: dict = field(default_factory=dict)     # ModelShape fields
-
-    def config(self) -> SimulateConfig:
-        return from_namespace(SimulateConfig, argparse.Namespace(**self.params))
 
     def label(self) -> str:
         p = self.params
@@ -188,7 +190,7 @@ def resolve(given: dict, shapes: dict, hardwares: dict) -> Run:
     params = {k: d for k, (_, _, d) in fields.items()}
     params.update(given)
     params = {k: v for k, v in params.items() if k not in OUTPUT_FIELDS}
-    cfg = from_namespace(SimulateConfig, argparse.Namespace(**params))
+    cfg = run_config(params)
     try:
         method = build_method(cfg.eval.method, cfg.eval.density, cfg.eval.options)
     except DipstreamError as exc:

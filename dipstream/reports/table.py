@@ -88,11 +88,6 @@ def dense_streaming(rows: list[dict], fraction: float) -> dict | None:
     return {k[len("dense_streaming."):]: v for k, v in rs[0].items() if k.startswith("dense_streaming.")}
 
 
-def label(row: dict) -> str:
-    g = f", γ={row['gamma']}" if row["method"] == CA else ""
-    return f"{row['method']} d={row['density_requested']:g}{g}"
-
-
 def median_value(values: list[float]) -> float:
     v = sorted(values)
     return v[(len(v) - 1) // 2]
