@@ -23,6 +23,8 @@ def _fault_injection(ordinal: int) -> None:
 
 
 def set_threads(threads: int | None) -> None:
+    """torch threads of this worker process, set by the task itself so every executor (pool,
+    Ray) gets them; replays run no torch."""
     if threads:
         import torch
 
