@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from dipstream.errors import DipstreamError
+from dipstream.errors import DipstreamError, did_you_mean
 from dipstream.experiments.evaluate import EvalConfig
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -81,12 +81,9 @@ def run_lm_eval(cfg: LmEvalConfig, log_samples: bool = False) -> dict:
     manager = TaskManager(include_path=cfg.include_path, include_defaults=cfg.builtin_tasks)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise DipstreamError(f"unknown lm-eval task '{unknown[0]}'{hint}; put local task YAML files in a "
-                             "folder and pass it with --include-path")
+        hint = did_you_mean(unknown[0], manager.all_tasks)
+        raise DipstreamError(f"unknown lm-eval task '{unknown[0]}'{f' ({hint})' if hint else ''}; put local "
+                             "task YAML files in a folder and pass it with --include-path")
 
     lm, _ = load_with_adapter(cfg.eval, method)
     sm, _ = attach_calibrated(cfg.eval, lm, method)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import functools
 import itertools
 import json
@@ -31,7 +30,7 @@ from types import MappingProxyType
 
 from dipstream import __version__
 from dipstream.config import _base_type, from_namespace
-from dipstream.errors import DipstreamError
+from dipstream.errors import DipstreamError, did_you_mean
 from dipstream.io import config_hash
 from dipstream.experiments.simulate import SimulateConfig
 
@@ -95,8 +94,7 @@ def _check_key(key: str, fields: dict, where: str) -> str:
                              "results folder, so remove it")
     if norm not in fields:
         valid = sorted(fields) + list(SWEEP_KEYS)
-        close = difflib.get_close_matches(norm, valid, n=1, cutoff=0.5)
-        hint = f"did you mean `{close[0]}`?" if close else "valid keys are the options of " \
+        hint = did_you_mean(norm, valid, quote="`", cutoff=0.5) or "valid keys are the options of " \
             "`dipstream simulate --help` (with _ for -) plus grid, results, description"
         raise DipstreamError(f"{where}: unknown key `{key}`; {hint}")
     return norm
