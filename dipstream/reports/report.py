@@ -10,7 +10,7 @@ from pathlib import Path
 from dipstream.errors import DipstreamError
 from dipstream.reports.headline import HeadlineRow, headline, parse_budgets
 from dipstream.reports.table import (CA, DENSE, at_dram, dense_perplexity, dense_streaming, gamma_of,
-                                     main_device, mb, models, reference_density)
+                                     main_device, mb, models, most_common, reference_density)
 
 
 @dataclass
@@ -134,7 +134,7 @@ def make_report(results: str | Path, cfg: ReportConfig, command: str | None = No
     lines = [f"# {cfg.title or 'dipstream report'}", ""]
     versions = Counter(r.get("dipstream") for r in all_rows)
     n_model_runs = {r["model_run"]: r.get("model_run_seconds") or 0 for r in all_rows}
-    machine = Counter(r.get("machine") for r in all_rows).most_common(1)[0][0]
+    machine = most_common(all_rows, "machine")
     cmd = command or f"dipstream report {shlex.quote(str(results))}"
     sweeps = _sweeps(results)
     if sweeps:
@@ -145,10 +145,9 @@ def make_report(results: str | Path, cfg: ReportConfig, command: str | None = No
               f"wall time; dipstream {', '.join(str(v) for v in versions)}; machine: {machine}).", "",
               f"Figures and headline: {dev.describe()}; {len(rows)} runs. "
               f"Models: {', '.join(ms)}; "
-              f"{Counter(r['tokens'] for r in rows).most_common(1)[0][0]} evaluated tokens per run "
-              f"({Counter(r['windows'] for r in rows).most_common(1)[0][0]} windows of "
-              f"{Counter(r['seq_len'] for r in rows).most_common(1)[0][0]} tokens, corpus "
-              f"`{Counter(r['corpus'] for r in rows).most_common(1)[0][0]}`, every token sparsified). "
+              f"{most_common(rows, 'tokens')} evaluated tokens per run "
+              f"({most_common(rows, 'windows')} windows of {most_common(rows, 'seq_len')} tokens, corpus "
+              f"`{most_common(rows, 'corpus')}`, every token sparsified). "
               "DRAM sizes are fractions of the model's fp16 weight bytes.", ""]
     lines += ["## Headline: DIP-CA vs the dense MLP streamed from Flash", "",
               "Definitions (per model, per DRAM size M of the table, per perplexity budget B):", "",
