@@ -105,29 +105,19 @@ def _runs_table(rows: list[dict], fraction: float) -> list[str]:
     return out
 
 
-def _sweeps(results) -> list[dict]:
-    import json
-
-    path = Path(results) / "sweep.json"
-    try:
-        return json.loads(path.read_text()).get("configs", []) if path.is_file() else []
-    except ValueError:
-        return []
-
-
 def make_report(results: str | Path, cfg: ReportConfig, command: str | None = None) -> Path:
     """Write report.md and its figures; returns the path of report.md."""
-    from dipstream.experiments.results_store import load_results
+    from dipstream.experiments.results_store import load_results, results_folder
     from dipstream.reports import figures as F  # matplotlib: loaded only when a report is made
 
-    all_rows = load_results(results)
+    all_rows, manifest = load_results(results)
     budgets = parse_budgets(cfg.ppl_budget)
     dev = main_device(all_rows, cfg.hardware, cfg.policy, cfg.semantics)
     rows = [r for r in all_rows if dev.holds(r)]
     if not rows:
         raise DipstreamError(f"no runs of {dev.describe()} in '{results}'; pick --hardware, --policy or "
                              "--semantics that the table has")
-    out = Path(cfg.out or Path(results) / "report")
+    out = Path(cfg.out) if cfg.out else results_folder(results) / "report"
     out.mkdir(parents=True, exist_ok=True)
     ref = reference_density(rows, cfg.ref_density)
     ms = models(rows)
@@ -136,7 +126,7 @@ def make_report(results: str | Path, cfg: ReportConfig, command: str | None = No
     n_model_runs = {r["model_run"]: r.get("model_run_seconds") or 0 for r in all_rows}
     machine = most_common(all_rows, "machine")
     cmd = command or f"dipstream report {shlex.quote(str(results))}"
-    sweeps = _sweeps(results)
+    sweeps = manifest.get("configs", [])
     if sweeps:
         lines += ["Runs made by " + ", ".join(f"`dipstream sweep {c['config']}`" + (f" ({c['description']})"
                                                 if c.get("description") else "") for c in sweeps) + ".", ""]
