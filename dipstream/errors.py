@@ -1,5 +1,16 @@
 """The one error type users see: a one-line message that says what is wrong and how to fix it."""
 
+from __future__ import annotations
+
 
 class DipstreamError(Exception):
     """A user-facing error; the CLI prints its message on one line and exits with status 2."""
+
+
+def did_you_mean(word: str, choices, quote: str = "'", cutoff: float = 0.6) -> str:
+    """The hint `did you mean 'x'?` naming the closest of `choices` to a mistyped `word`, or ""
+    when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
+    return f"did you mean {quote}{close[0]}{quote}?" if close else ""

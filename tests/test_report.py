@@ -113,6 +113,18 @@ def test_report_from_a_synthetic_table(tmp_path, capsys):
     assert "| m | +5% | 1x = 100.0 MB | 30.00 | DIP-CA γ=0.3, d=0.9 | 40.00 | +33% |" in md
 
 
+def test_report_given_the_results_jsonl_of_a_folder(tmp_path, capsys):
+    """The results.jsonl of a results folder reports as the folder does: its sweep configs are
+    listed and the report goes to RESULTS/report (not under the file)."""
+    results = write_results(tmp_path / "r", synthetic_rows())
+    man = json.loads((results / "sweep.json").read_text())
+    man["configs"] = [{"config": "experiments/s.yaml", "description": "a study"}]
+    (results / "sweep.json").write_text(json.dumps(man))
+    assert main(["report", str(results / "results.jsonl")]) == 0
+    md = (results / "report" / "report.md").read_text()
+    assert "Runs made by `dipstream sweep experiments/s.yaml` (a study)." in md
+
+
 def test_report_errors(tmp_path, capsys):
     def error(args):
         assert main(args) == 2

@@ -93,6 +93,38 @@ def test_dip_ca_reuses_masks_only_when_the_cache_is_the_same(tiny_checkpoint, te
             assert row[k] == pytest.approx(direct[k], rel=1e-12), k
 
 
+def test_dip_ca_with_an_adapter_is_keyed_by_the_caches_its_model_run_uses(tiny_checkpoint, text_file, tmp_path,
+                                                                         monkeypatch):
+    """A LoRA adapter's weights sit in DRAM and shrink the caches: the sweep keys the model run by
+    the capacities that run then gives DIP-CA (with the adapter's weights), not those without."""
+    from dipstream.experiments.sweep_tasks import record_task
+    from dipstream.models import load_model
+    from dipstream.models.adapters import LoraSettings, add_lora, count_lora_weights, lora_weights_in, save_lora
+    from dipstream.sparsity.cache_aware import DIPCA
+    from dipstream.training.artifacts import model_signature, write_meta
+
+    lm = load_model(str(tiny_checkpoint))
+    peft = add_lora(lm.model, LoraSettings(rank=8))
+    adapter = tmp_path / "adapter"
+    save_lora(peft, adapter)
+    write_meta(adapter, {"model": lm.name, "model_signature": model_signature(lm.info), "method": "dip-ca"})
+    assert lora_weights_in(adapter) == count_lora_weights(peft.model) > 0
+    capacities = []
+    real = DIPCA.configure_cache
+
+    def recording(self, capacity, *args, **kwargs):
+        capacities.append(dict(capacity))
+        return real(self, capacity, *args, **kwargs)
+
+    monkeypatch.setattr(DIPCA, "configure_cache", recording)
+    cfg = write_config(tmp_path / "s.yaml", tiny_checkpoint, text_file,
+                       f"method: dip-ca\ndensity: 0.5\ndram: 0.8x\nadapter: {adapter}\n")
+    _, [run], _ = plan(cfg)
+    record_task(run.params, 0)
+    planned, used = capacities
+    assert planned == used
+
+
 def _sweep_cmd(cfg, results, *extra):
     return [sys.executable, "-m", "dipstream.cli.main", "sweep", str(cfg), "--results", str(results),
             "--no-progress", *extra]

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from dipstream.errors import DipstreamError
+from dipstream.errors import DipstreamError, did_you_mean
 from dipstream.experiments.evaluate import EvalConfig
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -37,14 +37,6 @@ class LmEvalConfig:
         "help": "examples per task (or a fraction if < 1); for quick checks only"})
     lm_batch_size: int = field(default=1, metadata={"help": "lm-eval batch size"})
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-class _Finished(Exception):
-    """Carries lm-eval's results out of `evaluate`'s setup callback (skipping its perplexity)."""
-
-    def __init__(self, payload: dict):
-        super().__init__("finished")
-        self.payload = payload
 
 
 def _import_lm_eval():
@@ -71,7 +63,8 @@ def _scores(results: dict) -> dict:
 
 def run_lm_eval(cfg: LmEvalConfig, log_samples: bool = False) -> dict:
     """Evaluate cfg.eval's sparse model on cfg.tasks; returns a results row ({"scores": ...})."""
-    from dipstream.experiments.evaluate import evaluate
+    from dipstream.experiments.evaluate import attach_calibrated, load_with_adapter
+    from dipstream.experiments.simulate import is_closed_loop
     from dipstream.io import write_json_atomic
     from dipstream.sparsity import build_method
 
@@ -81,43 +74,33 @@ def run_lm_eval(cfg: LmEvalConfig, log_samples: bool = False) -> dict:
     if cfg.include_path and not os.path.isdir(cfg.include_path):
         raise DipstreamError(f"--include-path '{cfg.include_path}' is not a folder of task YAML files")
     method = build_method(cfg.eval.method, cfg.eval.density, cfg.eval.options)
-    if hasattr(method, "configure_cache"):
+    if is_closed_loop(method):
         raise DipstreamError(f"{cfg.eval.method} steers its masks by a simulated DRAM cache, which lm-eval "
                              "has no device for; use dip (its masks at gamma 1) or another open-loop method")
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     manager = TaskManager(include_path=cfg.include_path, include_defaults=cfg.builtin_tasks)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        import difflib
+        hint = did_you_mean(unknown[0], manager.all_tasks)
+        raise DipstreamError(f"unknown lm-eval task '{unknown[0]}'{f' ({hint})' if hint else ''}; put local "
+                             "task YAML files in a folder and pass it with --include-path")
 
-        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise DipstreamError(f"unknown lm-eval task '{unknown[0]}'{hint}; put local task YAML files in a "
-                             "folder and pass it with --include-path")
-
-    def run(lm, sm, windows):
-        start = time.perf_counter()
-        sm.stats.reset()
-        hook = lm.model.register_forward_pre_hook(lambda *_: sm.method.reset())  # one sequence per call
-        try:
-            wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=cfg.lm_batch_size)
-            res = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, num_fewshot=cfg.num_fewshot,
-                                          limit=cfg.limit, task_manager=manager, log_samples=log_samples)
-        finally:
-            hook.remove()
-        raise _Finished({"lm_name": lm.name, "method": sm.method.describe(), "results": res, "seconds": time.perf_counter() - start,
-                         "density_measured": sm.stats.mean("mlp")})
-
+    lm, _ = load_with_adapter(cfg.eval, method)
+    sm, _ = attach_calibrated(cfg.eval, lm, method)
+    sm.stats.reset()
+    start = time.perf_counter()
+    hook = lm.model.register_forward_pre_hook(lambda *_: method.reset())  # one sequence per call
     try:
-        evaluate(cfg.eval, progress=False, on_attached=run)
-    except _Finished as done:
-        out = done.payload
-    else:  # pragma: no cover - evaluate always calls on_attached
-        raise RuntimeError("lm-eval did not run")
-    res = out["results"] or {}
-    row = {"model": out["lm_name"], **out["method"], "density_measured": out["density_measured"],
+        wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=cfg.lm_batch_size)
+        res = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, num_fewshot=cfg.num_fewshot,
+                                      limit=cfg.limit, task_manager=manager, log_samples=log_samples)
+    finally:
+        hook.remove()
+        sm.detach()
+    res = res or {}
+    row = {"model": lm.name, **method.describe(), "density_measured": sm.stats.mean("mlp"),
            "tasks": tasks, "scores": _scores(res), "num_fewshot": cfg.num_fewshot, "limit": cfg.limit,
-           "seconds": out["seconds"], "lm_eval": getattr(lm_eval, "__version__", "?")}
+           "seconds": time.perf_counter() - start, "lm_eval": getattr(lm_eval, "__version__", "?")}
     if log_samples:
         row["samples"] = res.get("samples", {})
     if cfg.eval.json:

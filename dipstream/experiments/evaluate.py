@@ -109,20 +109,36 @@ def _prepare_thresholds(cfg: EvalConfig, lm, sm) -> dict:
     return info
 
 
-def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1, on_attached=None):
-    """Load, attach, calibrate if needed and evaluate; `on_attached(lm, sm, windows)` runs just
-    before evaluation (to add observers or simulated caches). Returns (results row, SparseModel)."""
-    method = build_method(cfg.method, cfg.density, cfg.options)  # fail fast on bad input
+def load_with_adapter(cfg: EvalConfig, method):
+    """The model of `cfg`, with cfg.adapter applied. Returns (model, the adapter's row fields)."""
     lm = load_model(cfg.model)
     adapter = {}
     if cfg.adapter:
         from dipstream.training.artifacts import apply_adapter
 
         adapter = apply_adapter(lm, cfg.adapter, method)
-    windows = eval_windows(cfg, lm)
+    return lm, adapter
+
+
+def attach_calibrated(cfg: EvalConfig, lm, method):
+    """Attach `method` to the model, its thresholds loaded or calibrated when it needs them.
+    Returns (SparseModel, the calibration's row fields); the caller detaches it."""
     sm = attach(lm.model, method)
     try:
-        extra = _prepare_thresholds(cfg, lm, sm) if method.needs_calibration else {}
+        return sm, _prepare_thresholds(cfg, lm, sm) if method.needs_calibration else {}
+    except BaseException:
+        sm.detach()
+        raise
+
+
+def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1, on_attached=None):
+    """Load, attach, calibrate if needed and evaluate; `on_attached(lm, sm, windows)` runs just
+    before evaluation (to add observers or simulated caches). Returns (results row, SparseModel)."""
+    method = build_method(cfg.method, cfg.density, cfg.options)  # fail fast on bad input
+    lm, adapter = load_with_adapter(cfg, method)
+    windows = eval_windows(cfg, lm)
+    sm, extra = attach_calibrated(cfg, lm, method)
+    try:
         if on_attached is not None:
             on_attached(lm, sm, windows)
         sm.stats.reset()

@@ -18,20 +18,13 @@ class WorkerDied(Exception):
     """The process running a task vanished (killed, out of memory)."""
 
 
-def _init_worker(threads: int) -> None:
-    from dipstream.experiments.sweep_tasks import set_threads
-
-    set_threads(threads)
-
-
 class LocalExecutor:
     """A pool of `jobs` fresh Python processes (spawned, so no torch state is forked)."""
 
     def __init__(self, jobs: int):
         self.jobs = jobs
-        self.threads = max(1, (os.cpu_count() or 1) // jobs)
-        self.pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=_init_worker, initargs=(self.threads,))
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)  # torch threads of a model run
+        self.pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
 
     def submit(self, fn, *args):
         try:

@@ -177,11 +177,19 @@ def export_csv(rows: list[dict], path: Path) -> Path:
     return Path(path)
 
 
-def load_results(path: str | Path) -> list[dict]:
-    """Rows of a results folder (or its results.jsonl), the latest row per configuration."""
+def results_folder(path: str | Path) -> Path:
+    """The results folder of `path`: a folder itself, or the folder holding a results.jsonl."""
     path = Path(path).expanduser()
+    return path if path.is_dir() else path.parent
+
+
+def load_results(path: str | Path) -> tuple[list[dict], dict]:
+    """Rows of a results folder (or its results.jsonl), the latest row per configuration, and
+    the folder's manifest ({} for a results.jsonl outside a results folder)."""
+    path = Path(path).expanduser()
+    root = results_folder(path)
+    manifest = check_manifest(root, create=False) if path.is_dir() or (root / MANIFEST).exists() else {}
     if path.is_dir():
-        check_manifest(path, create=False)
         path = path / ROWS
     if not path.exists():
         raise DipstreamError(f"no results at '{path}': run `dipstream sweep CONFIG.yaml` first")
@@ -191,4 +199,4 @@ def load_results(path: str | Path) -> list[dict]:
             latest[r.get("config_key", r["key"])] = r
     if not latest:
         raise DipstreamError(f"'{path}' holds no finished runs yet; run or resume the sweep first")
-    return list(latest.values())
+    return list(latest.values()), manifest

@@ -129,24 +129,45 @@ def _per_layer(names: list[str], rates: list[float]) -> list[float]:
     return [float(np.mean(layers[i])) for i in sorted(layers)]
 
 
-def _evaluate_and_record(ev: EvalConfig, sim: SimConfig, shape, progress):
-    """Evaluate with a mask recorder attached (and, for dip-ca, the live simulated caches)."""
+def is_closed_loop(method) -> bool:
+    """Whether `method` chooses its masks from a live simulated cache (DIP-CA)."""
+    return hasattr(method, "configure_cache")
+
+
+def closed_loop_cache(sim: SimConfig, hw, shape, seq_len: int, adapter_weights: float = 0) -> dict:
+    """The simulated DRAM caches a closed-loop method steers its masks by, as the simulator places
+    them on `sim`'s device (hardware `hw`): {capacity: units per hook of hook_specs(shape, "dip"),
+    policy, policy_kwargs}. Its masks depend on exactly this (a model run's identity)."""
     from dipstream.simulator import hook_specs, plan_placement
     from dipstream.simulator.simulate import resolve_dram
+
+    plan = _sim(plan_placement, shape, hw, hook_specs(shape, "dip"), _sim(resolve_dram, sim.dram, hw, shape),
+                seq_len, adapter_weights=adapter_weights)
+    return {"capacity": plan.capacity.tolist(), "policy": sim.policy, "policy_kwargs": _policy_kwargs(sim)}
+
+
+def configure_closed_loop(method, shape, cache: dict) -> None:
+    """Give a closed-loop method the caches of `closed_loop_cache` (refuses policies that cannot
+    steer masks, e.g. belady, hot)."""
+    from dipstream.simulator import hook_specs
+
+    method.configure_cache({h.name: int(c) for h, c in zip(hook_specs(shape, "dip"), cache["capacity"])},
+                           cache["policy"], **cache["policy_kwargs"])
+
+
+def _evaluate_and_record(ev: EvalConfig, sim: SimConfig, shape, progress):
+    """Evaluate with a mask recorder attached (and, for dip-ca, the live simulated caches)."""
     from dipstream.sparsity.recording import MaskRecorder
 
     recorder = MaskRecorder(shape.d_model, shape.d_ff)
 
     def on_attached(lm, sm, windows):
-        if sm.method.name == "dip-ca":
+        if is_closed_loop(sm.method):
             from dipstream.models.adapters import count_lora_weights
 
-            hw = hardware_of(sim)
-            hooks = hook_specs(shape, "dip")
-            plan = _sim(plan_placement, shape, hw, hooks, _sim(resolve_dram, sim.dram, hw, shape),
-                        windows.input_ids.shape[1], adapter_weights=count_lora_weights(lm.model))
-            sm.method.configure_cache({h.name: int(c) for h, c in zip(hooks, plan.capacity)},
-                                      sim.policy, **_policy_kwargs(sim))
+            cache = closed_loop_cache(sim, hardware_of(sim), shape, windows.input_ids.shape[1],
+                                      count_lora_weights(lm.model))
+            configure_closed_loop(sm.method, shape, cache)
         sm.observers.append(recorder)
 
     row, sm = evaluate(ev, progress, batch_size=sim.batch_size, on_attached=on_attached)

@@ -14,7 +14,6 @@ change bandwidths, latencies or overlap.
 
 from __future__ import annotations
 
-import difflib
 import sys
 import time
 from collections import deque
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dipstream import __version__
-from dipstream.errors import DipstreamError
+from dipstream.errors import DipstreamError, did_you_mean
 from dipstream.experiments.executors import EXECUTORS, WorkerDied, make_executor
 from dipstream.experiments.results_store import ResultsStore, flatten
 from dipstream.experiments.sweep_config import Run, load_sweep, resolve
@@ -55,16 +54,15 @@ def plan(config_path: str | Path) -> tuple[dict, list[Run], list[tuple[dict, str
     from dipstream.sparsity import METHODS
 
     raw, given = load_sweep(config_path)
-    runs, skipped, shapes, seen = [], [], {}, set()
+    runs, skipped, shapes, hardwares, seen = [], [], {}, {}, set()
     default_method = run_fields()["method"][2]
     for g in given:
         method = g.get("method", default_method)
         if method not in METHODS:
-            close = difflib.get_close_matches(method, list(METHODS), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(METHODS)}"
+            hint = did_you_mean(method, METHODS) or f"use one of {', '.join(METHODS)}"
             raise DipstreamError(f"{Path(config_path).name}: unknown method '{method}'; {hint}")
         try:
-            run = resolve(g, shapes)
+            run = resolve(g, shapes, hardwares)
         except InvalidRun as exc:
             skipped.append((g, str(exc)))
             continue

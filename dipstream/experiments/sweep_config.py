@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
+import functools
 import itertools
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from dipstream import __version__
 from dipstream.config import _base_type, from_namespace
-from dipstream.errors import DipstreamError
+from dipstream.errors import DipstreamError, did_you_mean
 from dipstream.io import config_hash
 from dipstream.experiments.simulate import SimulateConfig
 
@@ -38,9 +39,10 @@ SWEEP_KEYS = ("grid", "results", "description")
 OUTPUT_FIELDS = ("json", "save_thresholds", "save_trace", "trace")
 
 
-def leaf_fields(cls) -> dict[str, tuple[type, bool, object]]:
+@functools.cache
+def leaf_fields(cls) -> typing.Mapping[str, tuple[type, bool, object]]:
     """{name: (type, optional?, default)} of every leaf field of dataclass `cls`, nested ones
-    flattened as the command line flattens them."""
+    flattened as the command line flattens them (computed once per class, read-only)."""
     out = {}
 
     def walk(cls):
@@ -54,10 +56,10 @@ def leaf_fields(cls) -> dict[str, tuple[type, bool, object]]:
             out[f.name] = (tp, optional, default)
 
     walk(cls)
-    return out
+    return MappingProxyType(out)
 
 
-def run_fields() -> dict[str, tuple[type, bool, object]]:
+def run_fields() -> typing.Mapping[str, tuple[type, bool, object]]:
     """The keys a sweep config may set: every leaf field of SimulateConfig."""
     return leaf_fields(SimulateConfig)
 
@@ -92,8 +94,7 @@ def _check_key(key: str, fields: dict, where: str) -> str:
                              "results folder, so remove it")
     if norm not in fields:
         valid = sorted(fields) + list(SWEEP_KEYS)
-        close = difflib.get_close_matches(norm, valid, n=1, cutoff=0.5)
-        hint = f"did you mean `{close[0]}`?" if close else "valid keys are the options of " \
+        hint = did_you_mean(norm, valid, quote="`", cutoff=0.5) or "valid keys are the options of " \
             "`dipstream simulate --help` (with _ for -) plus grid, results, description"
         raise DipstreamError(f"{where}: unknown key `{key}`; {hint}")
     return norm
@@ -145,6 +146,11 @@ def load_sweep(path: str | Path) -> tuple[dict, list[dict]]:
     return raw, unique
 
 
+def run_config(params: dict) -> SimulateConfig:
+    """The SimulateConfig of a run's flat params."""
+    return from_namespace(SimulateConfig, argparse.Namespace(**params))
+
+
 class InvalidRun(DipstreamError):
     """A combination the method refuses (e.g. a density below its floor): skipped, not fatal."""
 
@@ -161,9 +167,6 @@ class Run:
     hardware: dict = field(default_factory=dict)  # resolved Hardware fields
     shape: dict = field(default_factory=dict)     # ModelShape fields
 
-    def config(self) -> SimulateConfig:
-        return from_namespace(SimulateConfig, argparse.Namespace(**self.params))
-
     def label(self) -> str:
         p = self.params
         extra = f" gamma={p['gamma']}" if self.closed_loop else ""
@@ -171,13 +174,13 @@ class Run:
         return f"{p['model']} {p['method']}@{p['density']}{extra} {hw} dram={p['dram']} {p['policy']}"
 
 
-def resolve(given: dict, shapes: dict) -> Run:
+def resolve(given: dict, shapes: dict, hardwares: dict) -> Run:
     """Fill defaults, validate the method, resolve the hardware and the model-run identity.
-    `shapes` caches model shapes by model name."""
+    `shapes` caches model shapes by model name, `hardwares` devices by (hardware, hw_set)."""
     from dataclasses import asdict
 
-    from dipstream.experiments.simulate import _shape_of, _sim, hardware_of
-    from dipstream.simulator import hook_specs, plan_placement
+    from dipstream.experiments.simulate import (_shape_of, _sim, closed_loop_cache, configure_closed_loop,
+                                                hardware_of, is_closed_loop)
     from dipstream.simulator.simulate import resolve_dram
     from dipstream.sparsity import build_method
 
@@ -185,35 +188,37 @@ def resolve(given: dict, shapes: dict) -> Run:
     params = {k: d for k, (_, _, d) in fields.items()}
     params.update(given)
     params = {k: v for k, v in params.items() if k not in OUTPUT_FIELDS}
-    cfg = from_namespace(SimulateConfig, argparse.Namespace(**params))
+    cfg = run_config(params)
     try:
         method = build_method(cfg.eval.method, cfg.eval.density, cfg.eval.options)
     except DipstreamError as exc:
         raise InvalidRun(str(exc)) from None
     params["density"] = float(method.density)  # e.g. dense ignores the density it was given
     cfg.eval.density = params["density"]
-    hw = hardware_of(cfg.sim)
+    hw_id = (cfg.sim.hardware, cfg.sim.hw_set)
+    if hw_id not in hardwares:
+        hardwares[hw_id] = hardware_of(cfg.sim)
+    hw = hardwares[hw_id]
     if cfg.eval.model not in shapes:
         shapes[cfg.eval.model] = _shape_of(cfg.eval.model)
     shape = shapes[cfg.eval.model]
-    dram = _sim(resolve_dram, cfg.sim.dram, hw, shape)
-    closed = hasattr(method, "configure_cache")
+    _sim(resolve_dram, cfg.sim.dram, hw, shape)  # a DRAM size that does not resolve fails the plan
+    closed = is_closed_loop(method)
     from dipstream.experiments.evaluate import EvalConfig
 
-    model_keys = [k for k in params if k in leaf_fields(EvalConfig)] + ["batch_size"]
+    eval_fields = leaf_fields(EvalConfig)
+    model_keys = [k for k in params if k in eval_fields] + ["batch_size"]
     model_id = {"run": {k: params[k] for k in sorted(model_keys)}, "dipstream": __version__}
     if closed:  # the masks depend on the cache: its capacities and policy, not on bandwidths
-        from dipstream.experiments.simulate import _policy_kwargs
+        from dipstream.models.adapters import lora_weights_in
 
-        hooks = hook_specs(shape, "dip")
-        plan = _sim(plan_placement, shape, hw, hooks, dram, cfg.eval.seq_len)
-        try:  # refuses policies that cannot steer masks (belady, hot)
-            method.configure_cache({h.name: int(c) for h, c in zip(hooks, plan.capacity)},
-                                   cfg.sim.policy, **_policy_kwargs(cfg.sim))
+        adapter_weights = lora_weights_in(cfg.eval.adapter) if cfg.eval.adapter else 0
+        cache = closed_loop_cache(cfg.sim, hw, shape, cfg.eval.seq_len, adapter_weights)
+        try:
+            configure_closed_loop(method, shape, cache)
         except DipstreamError as exc:
             raise InvalidRun(str(exc)) from None
-        model_id["cache"] = {"capacity": plan.capacity.tolist(), "policy": cfg.sim.policy,
-                             "policy_kwargs": _policy_kwargs(cfg.sim)}
+        model_id["cache"] = cache
     hw_dict = asdict(hw)
     ident = {"run": params, "hardware": hw_dict}
     return Run(params, config_hash({**ident, "dipstream": __version__}), config_hash(ident),

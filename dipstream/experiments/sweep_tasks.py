@@ -5,7 +5,6 @@ one device). Both return plain data; only the sweep's own process writes the res
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import signal
@@ -23,14 +22,9 @@ def _fault_injection(ordinal: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _config(params: dict):
-    from dipstream.config import from_namespace
-    from dipstream.experiments.simulate import SimulateConfig
-
-    return from_namespace(SimulateConfig, argparse.Namespace(**params))
-
-
 def set_threads(threads: int | None) -> None:
+    """torch threads of this worker process, set by the task itself so every executor (pool,
+    Ray) gets them; replays run no torch."""
     if threads:
         import torch
 
@@ -44,10 +38,11 @@ def record_task(params: dict, ordinal: int, threads: int | None = None):
     _fault_injection(ordinal)
     set_threads(threads)
     from dipstream.experiments.simulate import _evaluate_and_record, _shape_of
+    from dipstream.experiments.sweep_config import run_config
     from dipstream.simulator import save_trace
 
     start = time.perf_counter()
-    cfg = _config(params)
+    cfg = run_config(params)
     row, trace = _evaluate_and_record(cfg.eval, cfg.sim, _shape_of(cfg.eval.model), progress=False)
     data = None
     if trace is not None:
@@ -63,10 +58,11 @@ def replay_task(trace, params: dict, shape: dict, ordinal: int):
     Returns (figures, wall seconds)."""
     _fault_injection(ordinal)
     from dipstream.experiments.simulate import _sim, simulate_trace
+    from dipstream.experiments.sweep_config import run_config
     from dipstream.simulator import ModelShape, load_trace
 
     start = time.perf_counter()
-    cfg = _config(params)
+    cfg = run_config(params)
     if trace is not None:
         trace = _sim(load_trace, io.BytesIO(trace) if isinstance(trace, bytes) else trace)
     figures = simulate_trace(trace, ModelShape.from_dict(shape), cfg.sim, cfg.eval.seq_len)

@@ -98,6 +98,22 @@ def count_lora_weights(model: nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n)
 
 
+def lora_weights_in(folder: str | Path) -> int:
+    """The LoRA weights an adapter folder adds to a model (what `count_lora_weights` counts once it
+    is loaded), read from the shapes in its safetensors header without loading anything; 0 for a
+    folder without LoRA files."""
+    import math
+
+    from safetensors import safe_open
+
+    folder = Path(folder).expanduser()
+    if not all((folder / f).exists() for f in LORA_FILES):
+        return 0
+    with safe_open(folder / "adapter_model.safetensors", framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()
+                   if ".lora_A." in k or ".lora_B." in k)
+
+
 def save_lora(peft_model, folder: Path) -> None:
     """Write peft's adapter files into `folder`, each replaced atomically."""
     import os

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 
 from dipstream.reports.table import (CA, DENSE, at_dram, dense_perplexity, dense_streaming, drams,  # noqa: E402
-                                     gamma_of, get, median_value, models)
+                                     gamma_of, median_value, models)
 
 COLORS = {"dense": "black", "dip": "tab:blue", CA: "tab:red", "cats": "tab:orange", "glu": "tab:green",
           "teal": "tab:purple", "up": "tab:brown", "griffin": "tab:pink", "random": "tab:gray"}
@@ -248,9 +248,7 @@ def _same_but_flash(row: dict, base: dict) -> bool:
 def vs_flash(all_rows: list[dict], device, path, ref_density: float) -> str | None:
     """Tokens/s vs Flash bandwidth: rows of the main device's hardware/policy/semantics whose
     hardware differs from the preset only in flash_bw (e.g. hw_set: flash_bw=2GB/s)."""
-    swept = [r for r in all_rows if get(r, "config.hw_set") and get(r, "config.hardware") == device.hardware
-             and get(r, "config.policy") == device.policy
-             and bool(get(r, "config.strict_capacity", False)) == device.strict]
+    swept = [r for r in all_rows if device.holds(r, overridden=True)]
     base_rows = [r for r in all_rows if device.holds(r)]
     if not swept or not base_rows:
         return None

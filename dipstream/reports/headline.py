@@ -67,7 +67,6 @@ class HeadlineRow:
     dram_bytes: float
     dense_tps: float
     dense_ppl: float
-    dense_dram_used: float
     best: dict | None
     match_fraction: float | None  # smallest DRAM where best() reaches dense_tps
     match_bytes: float | None
@@ -120,6 +119,6 @@ def headline(rows: list[dict], model: str, budget: Budget) -> list[HeadlineRow]:
             t_lo, t_hi = best[lo]["tokens_per_s"], best[hi]["tokens_per_s"]
             interp = lo + (hi - lo) * (base["tokens_per_s"] - t_lo) / (t_hi - t_lo)
         out.append(HeadlineRow(model, budget, f, at_dram(rows, f)[0]["dram_bytes"], base["tokens_per_s"],
-                               ppl, base["dram_used_bytes"], best[f], match,
+                               ppl, best[f], match,
                                mrow["dram_bytes"] if mrow else None, mrow, interp))
     return out

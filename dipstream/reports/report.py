@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dipstream.errors import DipstreamError
-from dipstream.reports import figures as F
 from dipstream.reports.headline import HeadlineRow, headline, parse_budgets
 from dipstream.reports.table import (CA, DENSE, at_dram, dense_perplexity, dense_streaming, gamma_of,
-                                     main_device, mb, models, reference_density)
+                                     main_device, mb, models, most_common, reference_density)
 
 
 @dataclass
@@ -106,37 +105,28 @@ def _runs_table(rows: list[dict], fraction: float) -> list[str]:
     return out
 
 
-def _sweeps(results) -> list[dict]:
-    import json
-
-    path = Path(results) / "sweep.json"
-    try:
-        return json.loads(path.read_text()).get("configs", []) if path.is_file() else []
-    except ValueError:
-        return []
-
-
 def make_report(results: str | Path, cfg: ReportConfig, command: str | None = None) -> Path:
     """Write report.md and its figures; returns the path of report.md."""
-    from dipstream.experiments.results_store import load_results
+    from dipstream.experiments.results_store import load_results, results_folder
+    from dipstream.reports import figures as F  # matplotlib: loaded only when a report is made
 
-    all_rows = load_results(results)
+    all_rows, manifest = load_results(results)
     budgets = parse_budgets(cfg.ppl_budget)
     dev = main_device(all_rows, cfg.hardware, cfg.policy, cfg.semantics)
     rows = [r for r in all_rows if dev.holds(r)]
     if not rows:
         raise DipstreamError(f"no runs of {dev.describe()} in '{results}'; pick --hardware, --policy or "
                              "--semantics that the table has")
-    out = Path(cfg.out or Path(results) / "report")
+    out = Path(cfg.out) if cfg.out else results_folder(results) / "report"
     out.mkdir(parents=True, exist_ok=True)
     ref = reference_density(rows, cfg.ref_density)
     ms = models(rows)
     lines = [f"# {cfg.title or 'dipstream report'}", ""]
     versions = Counter(r.get("dipstream") for r in all_rows)
     n_model_runs = {r["model_run"]: r.get("model_run_seconds") or 0 for r in all_rows}
-    machine = Counter(r.get("machine") for r in all_rows).most_common(1)[0][0]
+    machine = most_common(all_rows, "machine")
     cmd = command or f"dipstream report {shlex.quote(str(results))}"
-    sweeps = _sweeps(results)
+    sweeps = manifest.get("configs", [])
     if sweeps:
         lines += ["Runs made by " + ", ".join(f"`dipstream sweep {c['config']}`" + (f" ({c['description']})"
                                                 if c.get("description") else "") for c in sweeps) + ".", ""]
@@ -145,10 +135,9 @@ def make_report(results: str | Path, cfg: ReportConfig, command: str | None = No
               f"wall time; dipstream {', '.join(str(v) for v in versions)}; machine: {machine}).", "",
               f"Figures and headline: {dev.describe()}; {len(rows)} runs. "
               f"Models: {', '.join(ms)}; "
-              f"{Counter(r['tokens'] for r in rows).most_common(1)[0][0]} evaluated tokens per run "
-              f"({Counter(r['windows'] for r in rows).most_common(1)[0][0]} windows of "
-              f"{Counter(r['seq_len'] for r in rows).most_common(1)[0][0]} tokens, corpus "
-              f"`{Counter(r['corpus'] for r in rows).most_common(1)[0][0]}`, every token sparsified). "
+              f"{most_common(rows, 'tokens')} evaluated tokens per run "
+              f"({most_common(rows, 'windows')} windows of {most_common(rows, 'seq_len')} tokens, corpus "
+              f"`{most_common(rows, 'corpus')}`, every token sparsified). "
               "DRAM sizes are fractions of the model's fp16 weight bytes.", ""]
     lines += ["## Headline: DIP-CA vs the dense MLP streamed from Flash", "",
               "Definitions (per model, per DRAM size M of the table, per perplexity budget B):", "",

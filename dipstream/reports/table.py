@@ -36,10 +36,12 @@ class Device:
     policy: str
     strict: bool
 
-    def holds(self, row: dict) -> bool:
+    def holds(self, row: dict, overridden: bool = False) -> bool:
+        """Whether `row` ran on this device; with `overridden`, on this device with `hw_set`
+        overrides of its hardware fields (e.g. another Flash bandwidth)."""
         return (get(row, "config.hardware") == self.hardware and get(row, "config.policy") == self.policy
                 and bool(get(row, "config.strict_capacity", False)) == self.strict
-                and not get(row, "config.hw_set"))
+                and bool(get(row, "config.hw_set")) == overridden)
 
     def describe(self) -> str:
         sem = "strict capacity (no cache ever exceeds its DRAM share)" if self.strict else \
@@ -47,13 +49,18 @@ class Device:
         return f"hardware `{self.hardware}`, policy `{self.policy}`, {sem}"
 
 
+def most_common(rows: list[dict], key: str):
+    """The most common value of `key` in `rows` (the first seen of a tie)."""
+    return Counter(r.get(key) for r in rows).most_common(1)[0][0]
+
+
 def main_device(rows: list[dict], hardware: str | None = None, policy: str | None = None,
                 semantics: str | None = None) -> Device:
     """The given device, else the most common hardware and policy; strict capacity when the
     table has it (memory claims need budgets that hold)."""
     base = [r for r in rows if not get(r, "config.hw_set")] or rows
-    hw = hardware or Counter(get(r, "config.hardware") for r in base).most_common(1)[0][0]
-    pol = policy or Counter(get(r, "config.policy") for r in base).most_common(1)[0][0]
+    hw = hardware or most_common(base, "config.hardware")
+    pol = policy or most_common(base, "config.policy")
     if semantics is None:
         strict = any(get(r, "config.strict_capacity", False) for r in base)
     else:
@@ -86,11 +93,6 @@ def dense_streaming(rows: list[dict], fraction: float) -> dict | None:
     if not rs:
         return None
     return {k[len("dense_streaming."):]: v for k, v in rs[0].items() if k.startswith("dense_streaming.")}
-
-
-def label(row: dict) -> str:
-    g = f", γ={row['gamma']}" if row["method"] == CA else ""
-    return f"{row['method']} d={row['density_requested']:g}{g}"
 
 
 def median_value(values: list[float]) -> float:
