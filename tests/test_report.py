@@ -14,10 +14,11 @@ MB = 1e6
 LAYERS = 3
 
 
-def _row(model, method, density, dram, ppl, tps, gamma=None, flash_bw=1e9, hw_set=None, dense_tps=None):
+def _row(model, method, density, dram, ppl, tps, gamma=None, flash_bw=1e9, hw_set=None, dense_tps=None,
+         split="eval"):
     """A results row with the columns the report reads (as `dipstream sweep` writes them)."""
     dense_tps = dense_tps if dense_tps is not None else {0.5: 10.0, 0.75: 15.0, 1.0: 30.0}[dram]
-    key = f"{model}|{method}|{density}|{dram}|{gamma}|{flash_bw}"
+    key = f"{model}|{method}|{density}|{dram}|{gamma}|{flash_bw}|{split}"
     r = {"key": key, "config_key": key, "model_run": f"{model}|{method}|{density}|{gamma}|{dram}",
          "dipstream": "0.1.0", "model": model, "method": method, "density_requested": density,
          "density_measured": density - 0.001, "perplexity": ppl, "tokens_per_s": tps,
@@ -27,7 +28,9 @@ def _row(model, method, density, dram, ppl, tps, gamma=None, flash_bw=1e9, hw_se
          "dense_streaming.tokens_per_s": dense_tps, "dense_streaming.dram_used_bytes": 100 * MB * dram,
          "tokens": 2044, "windows": 4, "seq_len": 512, "corpus": "wiki", "machine": "test",
          "model_run_seconds": 10.0, "config.hardware": "a18", "config.policy": "lru",
-         "config.strict_capacity": True, "config.hw_set": hw_set, "hw.flash_bw": flash_bw, "hw.dram_bw": 6e10}
+         "config.over_capacity": "random", "config.cache_split": "linear", "config.hw_set": hw_set,
+         "config.method": method, "config.density": density, "config.gamma": gamma,
+         "config.dram": f"{dram}x", "config.split": split, "split": split, "hw.flash_bw": flash_bw, "hw.dram_bw": 6e10}
     if method == "dip-ca":
         r["gamma"] = gamma
     return r
@@ -105,12 +108,35 @@ def test_report_from_a_synthetic_table(tmp_path, capsys):
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
         assert img[..., :3].std() > 0.01  # not a blank canvas
         assert f"]({p.name})" in md
-    assert "strict capacity" in md and "Not drawn" not in md
+    assert "the reference's cache semantics" in md and "Not drawn" not in md
     # the headline table carries the hand-worked figures
     assert "| m | +0.1 | 0.75x = 75.0 MB | 15.00 | DIP-CA γ=0.3, d=0.9 | 20.00 | +33% |" in md
     assert "0.5x = 50.0 MB (DIP-CA γ=0.3, d=0.9) | -33% | -33% |" in md
     assert "1x = 100.0 MB (DIP-CA γ=0.3, d=0.9) | +0% | -12% |" in md
     assert "| m | +5% | 1x = 100.0 MB | 30.00 | DIP-CA γ=0.3, d=0.9 | 40.00 | +33% |" in md
+
+
+def test_headline_chosen_on_val_reported_on_eval(tmp_path):
+    """With validation runs, the setting is chosen there and reported by its eval twin: on val
+    (dense 10.0) gamma 0.1 is within +0.1 (10.05) and faster, so it is chosen at every DRAM size,
+    although its eval perplexity (10.4 at 0.5x) is over the budget; the row says so."""
+    rows = synthetic_rows()
+    for dram in (0.5, 0.75, 1.0):
+        dense_tps = {0.5: 10.0, 0.75: 15.0, 1.0: 30.0}[dram]
+        rows.append(_row("m", "dense", 1.0, dram, 10.0, dense_tps, split="val"))
+        rows.append(_row("m", "dip-ca", 0.9, dram, 10.2, 99.0, gamma=0.3, split="val"))
+        rows.append(_row("m", "dip-ca", 0.9, dram, 10.05, 98.0, gamma=0.1, split="val"))
+    h = {r.dram_fraction: r for r in headline(rows, "m", Budget(0.1, False))}
+    assert all(r.selected_on == "val" for r in h.values())
+    assert h[0.5].chosen["split"] == "val" and h[0.5].best["split"] == "eval"
+    assert h[0.5].best["gamma"] == 0.1 and h[0.5].best["tokens_per_s"] == 25.0  # the eval figures
+    assert h[0.5].within_budget is False  # eval 10.4 > 10.0 + 0.1
+    results = write_results(tmp_path / "r", rows)
+    assert main(["report", str(results), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "chosen on the validation split" in md
+    assert "| m | +0.1 | 0.5x = 50.0 MB | 10.00 | DIP-CA γ=0.1, d=0.9 | 25.00 | +150% | 10.000 -> 10.400 " \
+           "(+0.400) **over budget on eval** |" in md
 
 
 def test_report_given_the_results_jsonl_of_a_folder(tmp_path, capsys):

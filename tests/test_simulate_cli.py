@@ -36,14 +36,19 @@ def test_dip_ca_with_gamma_one_is_dip():
 
 
 def _sim(ckpt, text, method, **kw):
+    # DRAM 0.9x of the tiny model: its static layers (untied 300-token embedding and head) take
+    # 0.73x, so each cache holds part of a token's mask
     ev = EvalConfig(model=str(ckpt), method=method, density=0.5, text=str(text), seq_len=32, tokens=248,
                     options=MethodOptions(gamma=kw.pop("gamma", 0.1)))
-    return run_simulate(SimulateConfig(ev, SimConfig(dram="0.6x", **kw)))
+    return run_simulate(SimulateConfig(ev, SimConfig(dram=kw.pop("dram", "0.9x"), **kw)))
 
 
 def test_dip_ca_raises_hit_rate_at_equal_budget(tiny_checkpoint, text_file):
     dip = _sim(tiny_checkpoint, text_file, "dip")
     ca = _sim(tiny_checkpoint, text_file, "dip-ca", gamma=0.05)
+    for policy in ("none", "lru", "lfu", "window"):  # DIP-CA within the budget, every policy
+        r = _sim(tiny_checkpoint, text_file, "dip-ca", gamma=0.05, policy=policy)
+        assert r["dram_used_bytes"] <= r["dram_bytes"] + 1e-6, policy
     assert ca["density_measured"] == pytest.approx(dip["density_measured"], abs=1e-9)
     assert ca["density_simulated"] == pytest.approx(ca["density_measured"], rel=1e-6)
     assert ca["hit_rate"] > dip["hit_rate"]
@@ -64,11 +69,13 @@ def test_trace_replay_matches_live_run(tiny_checkpoint, text_file, tmp_path, cap
     for k in ("tokens_per_s", "hit_rate", "flash_bytes_per_token", "dram_bytes_per_token"):
         assert a[k] == pytest.approx(b[k], rel=1e-12)
     assert "speed-up vs dense" in capsys.readouterr().out
-    # strict capacity never uses more DRAM than the budget and cannot hit more often
-    assert main(["simulate", *common, "--trace", str(trace), "--json", str(out2), "--strict-capacity"]) == 0
-    strict = json.loads(out2.read_text())
-    assert strict["dram_used_bytes"] <= strict["dram_bytes"] + 1e-6
-    assert strict["hit_rate"] <= a["hit_rate"]
+    # by default (the reference) no cache exceeds its capacity; keep-mask (not the reference)
+    # lets a cache hold a mask larger than its share: more DRAM used, hits at least as often
+    assert a["dram_used_bytes"] <= a["dram_bytes"] + 1e-6
+    assert main(["simulate", *common, "--trace", str(trace), "--json", str(out2),
+                 "--over-capacity", "keep-mask"]) == 0
+    loose = json.loads(out2.read_text())
+    assert loose["dram_used_bytes"] > loose["dram_bytes"] and loose["hit_rate"] >= a["hit_rate"]
     # overlapped DRAM and Flash reads (max instead of sum) can only be faster
     assert main(["simulate", *common, "--trace", str(trace), "--json", str(out2),
                  "--hw-set", "overlap=true"]) == 0
@@ -126,6 +133,11 @@ def test_every_method_records_a_trace(tiny_checkpoint, text_file, tmp_path, meth
     assert row["tokens_per_s"] > 0
     # the simulator prices exactly the weights the evaluation counted
     assert row["density_simulated"] == pytest.approx(row["density_measured"], rel=1e-6)
+    # with the defaults no policy uses more DRAM than the budget, at any size
+    for policy in ("none", "lru", "lfu", "window", "hot", "belady"):
+        for dram in ("0.3x", "0.6x", "0.9x"):
+            r = run_simulate(SimulateConfig(ev, SimConfig(dram=dram, policy=policy, trace=str(trace))))
+            assert r["dram_used_bytes"] <= r["dram_bytes"] + 1e-6, (policy, dram)
 
 
 @pytest.mark.parametrize("gamma,t", [(0.1, 0), (0.1, 3), (0.5, 40), (0.0, 9), (1.0, 7)])

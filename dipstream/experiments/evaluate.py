@@ -32,9 +32,16 @@ class EvalConfig:
         "help": "target fraction of MLP weight bytes a token may read, in (0, 1]"})
     corpus: str = field(default="wiki", metadata={
         "help": "built-in corpus: wiki, shakespeare or wikitext2 (evaluated on its eval split)"})
+    split: str = field(default="eval", metadata={
+        "help": "split of --corpus evaluated: eval (reported figures) or val (to choose settings "
+                "without looking at the eval text)", "choices": ["eval", "val"]})
     text: str | None = field(default=None, metadata={
         "help": "evaluate on this local UTF-8 file instead (calibration still uses --corpus train)",
         "metavar": "PATH"})
+    dtype: str = field(default="float32", metadata={
+        "help": "dtype of the model's weights and activations: float32, float64 (no near-tie noise in "
+                "top-k, about 2x slower on CPU), bfloat16 or float16",
+        "choices": ["float32", "float64", "bfloat16", "float16"]})
     seq_len: int = field(default=512, metadata={"help": "window length in tokens, BOS included"})
     tokens: int | None = field(default=None, metadata={
         "help": "cap on evaluated (predicted) tokens; whole windows only"})
@@ -61,7 +68,7 @@ def machine() -> str:
 def eval_windows(cfg: EvalConfig, lm, tokens: int | None = None):
     """The evaluation windows of `cfg` (--text file, else the corpus's eval split); `tokens`
     overrides cfg.tokens."""
-    text = load_text(path=cfg.text, split="all") if cfg.text else load_text(cfg.corpus, "eval")
+    text = load_text(path=cfg.text, split="all") if cfg.text else load_text(cfg.corpus, cfg.split)
     return make_windows(lm.tokenizer, text, cfg.seq_len, tokens if tokens is not None else cfg.tokens,
                         lm.info.max_positions)
 
@@ -81,6 +88,7 @@ def _adapter_identity(folder: str | None) -> list | None:
 def _calibration_key(cfg: EvalConfig, name: str) -> str:
     blob = json.dumps({"v": __version__, "model": name, "method": cfg.method, "density": cfg.density,
                        "corpus": cfg.corpus, "seq_len": cfg.seq_len, "calib": cfg.calib_tokens,
+                       "dtype": cfg.dtype,
                        "opts": asdict(cfg.options), "adapter": _adapter_identity(cfg.adapter)},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -111,7 +119,7 @@ def _prepare_thresholds(cfg: EvalConfig, lm, sm) -> dict:
 
 def load_with_adapter(cfg: EvalConfig, method):
     """The model of `cfg`, with cfg.adapter applied. Returns (model, the adapter's row fields)."""
-    lm = load_model(cfg.model)
+    lm = load_model(cfg.model, getattr(torch, cfg.dtype))
     adapter = {}
     if cfg.adapter:
         from dipstream.training.artifacts import apply_adapter
@@ -152,9 +160,13 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1,
         "density_measured": stats.mean("mlp"), "density_up": stats.mean("up"),
         "density_gate": stats.mean("gate"), "density_down": stats.mean("down"),
         "perplexity": res.perplexity, "bits_per_byte": res.bits_per_byte, "tokens": res.tokens,
+        # the predictions made at sparsified positions only (GRIFFIN: after its dense prompt)
+        "perplexity_sparsified": res.perplexity_from(method.dense_prefix(cfg.seq_len)),
+        "sparsified_from_position": method.dense_prefix(cfg.seq_len),
         "windows": int(windows.input_ids.shape[0]), "seq_len": cfg.seq_len,
         "dense_prompt_tokens": stats.uncounted, "seconds": res.seconds,
-        "corpus": cfg.text or cfg.corpus, "density_per_layer": stats.per_layer("mlp"),
+        "corpus": cfg.text or cfg.corpus, "split": None if cfg.text else cfg.split, "dtype": cfg.dtype,
+        "density_per_layer": stats.per_layer("mlp"),
         "dipstream": __version__,
         "machine": machine(), **adapter, **extra,
     }

@@ -25,9 +25,19 @@ class SimConfig:
         "metavar": "K=V,..."})
     policy: str = field(default="lru", metadata={
         "help": "cache policy: none, lru, lfu, belady, window, hot"})
-    strict_capacity: bool = field(default=False, metadata={
-        "help": "(beyond the reference) caches never exceed their capacity; by default, as in the "
-                "reference, a cache keeps a whole mask even when that mask alone is larger"})
+    over_capacity: str = field(default="random", metadata={
+        "help": "what a cache keeps when one token's mask alone exceeds its capacity: random (the "
+                "reference: its hits and a seeded random subset of the new units, never above "
+                "capacity); not the reference: keep-mask (the whole mask, above its DRAM share) or "
+                "highest-index (the highest-index units, within capacity)",
+        "choices": ["random", "keep-mask", "highest-index"]})
+    cache_split: str = field(default="linear", metadata={
+        "help": "how the DRAM left after the static layers is split between the caches: linear (the "
+                "reference: one share per masked linear, so a DIP up/gate cache gets 2/3 of a layer's "
+                "and the down cache 1/3); not the reference: hook (one share per cache) or weights "
+                "(in proportion to each cache's weights)", "choices": ["linear", "hook", "weights"]})
+    cache_seed: int = field(default=0, metadata={
+        "help": "seed of the random subset kept when a mask exceeds its cache (--over-capacity random)"})
     window_k: int = field(default=5, metadata={"help": "window policy: tokens whose units are kept"})
     hot_fraction: float = field(default=0.5, metadata={
         "help": "hot policy: share of each cache pinned to the most frequent units"})
@@ -50,7 +60,7 @@ class SimulateConfig:
 
 def _policy_kwargs(sim: SimConfig) -> dict:
     kw = {"window": {"k": sim.window_k}, "hot": {"fraction": sim.hot_fraction}}.get(sim.policy, {})
-    return {**kw, "strict": True} if sim.strict_capacity else kw
+    return {**kw, "over_capacity": sim.over_capacity, "seed": sim.cache_seed}
 
 
 def hardware_of(sim: SimConfig):
@@ -104,9 +114,10 @@ def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512) -> dict:
         r = b
     else:
         res = _sim(simulate, trace, hw, shape, policy=sim.policy, dram_bytes=sim.dram,
-                   **_policy_kwargs(sim))
+                   cache_split=sim.cache_split, **_policy_kwargs(sim))
+        lens = [b - a for a, b in trace.sequences()]
         b = _sim(dense_streaming_baseline, shape, hw, sim.dram, seq_len=res.seq_len,
-                 kv_len_avg=res.kv_len_avg).to_dict()
+                 sequences=list(zip(trace.prompt_len.tolist(), lens))).to_dict()
         r = res.to_dict()
     keys = ("tokens_per_s", "ttft_s", "hit_rate", "dram_bytes_per_token", "flash_bytes_per_token",
             "dram_used_bytes", "density_measured")
@@ -142,7 +153,7 @@ def closed_loop_cache(sim: SimConfig, hw, shape, seq_len: int, adapter_weights: 
     from dipstream.simulator.simulate import resolve_dram
 
     plan = _sim(plan_placement, shape, hw, hook_specs(shape, "dip"), _sim(resolve_dram, sim.dram, hw, shape),
-                seq_len, adapter_weights=adapter_weights)
+                seq_len, cache_split=sim.cache_split, adapter_weights=adapter_weights)
     return {"capacity": plan.capacity.tolist(), "policy": sim.policy, "policy_kwargs": _policy_kwargs(sim)}
 
 

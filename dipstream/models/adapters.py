@@ -61,8 +61,19 @@ class LoraSettings:
     """What LoRA adapters to add."""
 
     rank: int = 16
-    alpha: float = 32.0
+    alpha: float | None = None  # default: 2 x rank (peft init), rank (reference init)
     targets: str = "mlp"  # "mlp" or "mlp+attn"
+    init: str = "peft"  # "peft" or "reference" (A ~ N(0, 1/r^2), B = 0, scaling 1)
+
+    def resolved_alpha(self) -> float:
+        if self.init not in ("peft", "reference"):
+            raise DipstreamError(f"--lora-init '{self.init}' is not one of: peft, reference")
+        if self.init == "reference":
+            if self.alpha is not None and float(self.alpha) != float(self.rank):
+                raise DipstreamError(f"--lora-init reference uses no scaling (alpha = rank = {self.rank}); "
+                                     f"drop --lora-alpha {self.alpha:g} or use --lora-init peft")
+            return float(self.rank)
+        return 2.0 * self.rank if self.alpha is None else float(self.alpha)
 
 
 def target_regex(model: nn.Module, targets: str) -> str:
@@ -88,9 +99,17 @@ def add_lora(model: nn.Module, settings: LoraSettings):
 
     if settings.rank < 1:
         raise DipstreamError(f"--lora-rank {settings.rank} must be at least 1")
-    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
+    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.resolved_alpha(), lora_dropout=0.0,
                      target_modules=target_regex(model, settings.targets))
-    return get_peft_model(model, cfg)
+    pm = get_peft_model(model, cfg)
+    if settings.init == "reference":  # A ~ N(0, 1/r^2), B = 0 (peft's B is zero already)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if ".lora_A." in n:
+                    p.normal_(0.0, 1.0 / settings.rank)
+                elif ".lora_B." in n:
+                    p.zero_()
+    return pm
 
 
 def count_lora_weights(model: nn.Module) -> int:

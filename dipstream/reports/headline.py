@@ -14,11 +14,18 @@ For one model on one device, per DRAM size M of the table and perplexity budget 
   DRAM at which the line between best() at the grid point below M* and at M* crosses dense
   streaming's tokens/s at M: an estimate between two measured sizes, labelled as such;
 * DRAM used: the peak bytes the simulated caches and static layers actually occupy, reported
-  next to it, so a claim can be checked against a budget that holds (strict capacity).
+  next to it, so a claim can be checked against a budget that holds.
+
+Selection without peeking: when the table has runs on the validation split (``split: val``), the
+best setting at each DRAM size is chosen there (within the budget over the dense model's
+validation perplexity) and reported by its run on the eval split (same settings); its eval
+perplexity may then fall outside the budget, which the row says. Without validation runs the
+choice is made on the reported text itself.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from dipstream.errors import DipstreamError
@@ -53,6 +60,17 @@ def parse_budgets(text: str) -> list[Budget]:
     return budgets
 
 
+def split_of(row: dict) -> str:
+    """The split a row was evaluated on (rows written before splits existed: eval)."""
+    return row.get("split") or "eval"
+
+
+def settings_identity(row: dict) -> str:
+    """A run's settings without the evaluated split: a val run and its eval twin share it."""
+    return json.dumps({k: v for k, v in row.items() if k.startswith("config.") and k != "config.split"},
+                      sort_keys=True, default=str)
+
+
 def best_within(rows: list[dict], limit: float) -> dict | None:
     """The fastest DIP-CA (or DIP, gamma 1) row whose perplexity is within `limit`."""
     cands = [r for r in rows if gamma_of(r) is not None and r["perplexity"] <= limit]
@@ -72,6 +90,13 @@ class HeadlineRow:
     match_bytes: float | None
     match_row: dict | None
     interp_fraction: float | None = None  # linear estimate between the grid point below M* and M*
+    selected_on: str = "eval"  # the split the best setting was chosen on
+    chosen: dict | None = None  # the row it was chosen by (the val run, or best itself)
+
+    @property
+    def within_budget(self) -> bool | None:
+        """Whether best's (eval) perplexity is within the budget over the dense eval perplexity."""
+        return self.best["perplexity"] <= self.budget.limit(self.dense_ppl) if self.best else None
 
     @property
     def throughput_change(self) -> float | None:
@@ -98,14 +123,24 @@ class HeadlineRow:
 
 
 def headline(rows: list[dict], model: str, budget: Budget) -> list[HeadlineRow]:
-    """One HeadlineRow per DRAM size of `rows` (one model, one device)."""
+    """One HeadlineRow per DRAM size of `rows` (one model, one device): chosen on the val runs
+    when there are any, reported by the eval runs."""
     rows = [r for r in rows if r["model"] == model]
-    ppl = dense_perplexity(rows)
+    report = [r for r in rows if split_of(r) == "eval"]
+    select = [r for r in rows if split_of(r) == "val"]
+    ppl = dense_perplexity(report)
+    ppl_select = dense_perplexity(select)
     if ppl is None:
         return []
-    limit = budget.limit(ppl)
-    fractions = drams(rows)
-    best = {f: best_within(at_dram(rows, f), limit) for f in fractions}
+    if ppl_select is None:  # no validation runs: choose on the reported text
+        select, ppl_select = report, ppl
+    on = "val" if select is not report else "eval"
+    fractions = drams(report)
+    twin = {settings_identity(r): r for r in report}
+    chosen = {f: best_within(at_dram(select, f), budget.limit(ppl_select)) for f in fractions}
+    best = {f: (c if on == "eval" else twin.get(settings_identity(c))) if c else None
+            for f, c in chosen.items()}
+    rows = report
     out = []
     for f in fractions:
         base = dense_streaming(rows, f)
@@ -120,5 +155,5 @@ def headline(rows: list[dict], model: str, budget: Budget) -> list[HeadlineRow]:
             interp = lo + (hi - lo) * (base["tokens_per_s"] - t_lo) / (t_hi - t_lo)
         out.append(HeadlineRow(model, budget, f, at_dram(rows, f)[0]["dram_bytes"], base["tokens_per_s"],
                                ppl, best[f], match,
-                               mrow["dram_bytes"] if mrow else None, mrow, interp))
+                               mrow["dram_bytes"] if mrow else None, mrow, interp, on, chosen[f]))
     return out

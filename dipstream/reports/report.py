@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dipstream.errors import DipstreamError
-from dipstream.reports.headline import HeadlineRow, headline, parse_budgets
+from dipstream.reports.headline import HeadlineRow, headline, parse_budgets, split_of
 from dipstream.reports.table import (CA, DENSE, at_dram, dense_perplexity, dense_streaming, gamma_of,
                                      main_device, mb, models, most_common, reference_density)
 
@@ -26,9 +26,12 @@ class ReportConfig:
         "help": "device of the figures and headline (default: the most common in the table)"})
     policy: str | None = field(default=None, metadata={
         "help": "cache policy of the figures and headline (default: the most common)"})
-    semantics: str | None = field(default=None, metadata={
-        "help": "strict (caches never exceed their DRAM share) or reference (default: strict when the "
-                "table has it)", "choices": ["strict", "reference"]})
+    over_capacity: str | None = field(default=None, metadata={
+        "help": "runs with this over-capacity rule (default: random, the reference's)",
+        "choices": ["random", "keep-mask", "highest-index"]})
+    cache_split: str | None = field(default=None, metadata={
+        "help": "runs with this cache split (default: linear, the reference's)",
+        "choices": ["linear", "hook", "weights"]})
     ref_density: float = field(default=0.9, metadata={
         "help": "density of the per-method curves vs DRAM and Flash bandwidth and of the heat map "
                 "(falls back to the density most methods share)"})
@@ -47,6 +50,8 @@ def _headline_table(rows_by_budget: list[list[HeadlineRow]]) -> list[str]:
         for h in hrows:
             b = h.best
             ppl = f"{h.dense_ppl:.3f} -> {b['perplexity']:.3f} ({h.ppl_change:+.3f})" if b else "-"
+            if b and not h.within_budget:
+                ppl += " **over budget on eval**"
             match = (f"{h.match_fraction:g}x = {mb(h.match_bytes):.1f} MB ({h.setting(h.match_row)})"
                      if h.match_row else "none in the table")
             used = f"{mb(h.match_row['dram_used_bytes']):.1f} MB" if h.match_row else "-"
@@ -112,11 +117,14 @@ def make_report(results: str | Path, cfg: ReportConfig, command: str | None = No
 
     all_rows, manifest = load_results(results)
     budgets = parse_budgets(cfg.ppl_budget)
-    dev = main_device(all_rows, cfg.hardware, cfg.policy, cfg.semantics)
-    rows = [r for r in all_rows if dev.holds(r)]
+    dev = main_device(all_rows, cfg.hardware, cfg.policy, cfg.over_capacity, cfg.cache_split)
+    device_rows = [r for r in all_rows if dev.holds(r)]
+    rows = [r for r in device_rows if split_of(r) == "eval"]  # figures: the eval split only
+    selected_on_val = any(split_of(r) == "val" for r in device_rows)
+    all_rows_eval = [r for r in all_rows if split_of(r) == "eval"]
     if not rows:
-        raise DipstreamError(f"no runs of {dev.describe()} in '{results}'; pick --hardware, --policy or "
-                             "--semantics that the table has")
+        raise DipstreamError(f"no runs of {dev.describe()} in '{results}'; pick --hardware, --policy, "
+                             "--over-capacity or --cache-split that the table has")
     out = Path(cfg.out) if cfg.out else results_folder(results) / "report"
     out.mkdir(parents=True, exist_ok=True)
     ref = reference_density(rows, cfg.ref_density)
@@ -143,7 +151,12 @@ def make_report(results: str | Path, cfg: ReportConfig, command: str | None = No
               "Definitions (per model, per DRAM size M of the table, per perplexity budget B):", "",
               "- *best DIP-CA within budget*: the fastest DIP-CA run (any density and γ; plain DIP counts as "
               "γ = 1, which gives the same masks) at DRAM M whose perplexity is at most the dense "
-              "model's plus B (B absolute, or a percentage);",
+              "model's plus B (B absolute, or a percentage). "
+              + ("It is **chosen on the validation split** (perplexity within B of the dense model's "
+                 "validation perplexity) and **reported by its run on the eval split**, with the same "
+                 "settings; an eval perplexity that falls outside the budget is marked *over budget on "
+                 "eval*;" if selected_on_val else
+                 "It is chosen on the same text it is reported on (the table has no validation runs);"),
               "- *throughput vs dense*: its tokens/s over dense streaming's at the same DRAM M, minus 1;",
               "- *memory vs dense*: M*/M - 1, where M* is the smallest DRAM size of the table at which the "
               "best DIP-CA within budget reaches at least dense streaming's tokens/s at M (nominal budgets "
@@ -153,15 +166,15 @@ def make_report(results: str | Path, cfg: ReportConfig, command: str | None = No
               "DIP-CA within budget at the next smaller size and at M* reaches dense streaming's tokens/s "
               "at M;",
               "- *DRAM used*: the peak bytes the static layers and caches of that run occupy. "
-              + ("Under strict capacity it never exceeds the nominal budget, so the memory figures are "
-                 "budgets that hold." if dev.strict else
-                 "Under the reference semantics a cache keeps a whole mask even when that mask alone "
-                 "exceeds its share, so DRAM used can exceed the nominal budget: check this column "
-                 "before reading the memory figures as budgets that hold."), ""]
+              + ("No cache ever exceeds its share, so it never exceeds the nominal budget and the "
+                 "memory figures are budgets that hold." if dev.within_budget else
+                 "With keep-mask a cache keeps a whole mask even when that mask alone exceeds its "
+                 "share, so DRAM used can exceed the nominal budget: check this column before reading "
+                 "the memory figures as budgets that hold."), ""]
     sentences = []
     tables = []
     for b in budgets:
-        hrows = [headline(rows, m, b) for m in ms]
+        hrows = [headline(device_rows, m, b) for m in ms]
         tables.append([h for hr in hrows for h in hr])
         sentences += [s for s in (headline_sentence(hr) for hr in hrows) if s]
     if sentences:
@@ -175,7 +188,7 @@ def make_report(results: str | Path, cfg: ReportConfig, command: str | None = No
             ("Throughput vs DRAM size", "throughput_vs_dram.png",
              lambda p: F.vs_dram(rows, p, ref, budgets[0])),
             ("Throughput vs Flash bandwidth", "throughput_vs_flash.png",
-             lambda p: F.vs_flash(all_rows, dev, p, ref)),
+             lambda p: F.vs_flash(all_rows_eval, dev, p, ref)),
             ("Hit rate per layer", "hit_rate_per_layer.png", lambda p: F.layer_heatmap(rows, p, ref))]
     lines += ["## Figures", ""]
     for title, name, draw in figs:

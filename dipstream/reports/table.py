@@ -1,8 +1,9 @@
 """The results table as plain rows, and the slices the report draws from.
 
 A *main device* is one simulated device setting: hardware preset, policy, cache semantics
-(strict capacity or the reference's), with no `hw_set` override. Figures and the headline
-compare methods on it; rows with `hw_set` overrides feed the Flash-bandwidth figure.
+(what a cache keeps when a mask exceeds it, and how DRAM is split between the caches; the
+reference's by default), with no `hw_set` override. Figures and the headline compare methods on
+it; rows with `hw_set` overrides feed the Flash-bandwidth figure.
 """
 
 from __future__ import annotations
@@ -30,22 +31,36 @@ def mb(x: float) -> float:
     return x / 1e6
 
 
+REFERENCE_OVER_CAPACITY, REFERENCE_SPLIT = "random", "linear"
+
+
 @dataclass
 class Device:
     hardware: str
     policy: str
-    strict: bool
+    over_capacity: str = REFERENCE_OVER_CAPACITY
+    cache_split: str = REFERENCE_SPLIT
 
     def holds(self, row: dict, overridden: bool = False) -> bool:
         """Whether `row` ran on this device; with `overridden`, on this device with `hw_set`
         overrides of its hardware fields (e.g. another Flash bandwidth)."""
         return (get(row, "config.hardware") == self.hardware and get(row, "config.policy") == self.policy
-                and bool(get(row, "config.strict_capacity", False)) == self.strict
+                and get(row, "config.over_capacity", REFERENCE_OVER_CAPACITY) == self.over_capacity
+                and get(row, "config.cache_split", REFERENCE_SPLIT) == self.cache_split
                 and bool(get(row, "config.hw_set")) == overridden)
 
+    @property
+    def within_budget(self) -> bool:
+        """Whether no cache can exceed its DRAM share (every over-capacity rule but keep-mask)."""
+        return self.over_capacity != "keep-mask"
+
     def describe(self) -> str:
-        sem = "strict capacity (no cache ever exceeds its DRAM share)" if self.strict else \
-            "reference cache semantics (a cache may exceed its share when one mask alone is larger)"
+        if (self.over_capacity, self.cache_split) == (REFERENCE_OVER_CAPACITY, REFERENCE_SPLIT):
+            sem = ("the reference's cache semantics (DRAM split per masked linear; a cache never "
+                   "exceeds its share: a mask larger than its cache keeps its hits and a random subset)")
+        else:
+            sem = (f"cache semantics not the reference's: over-capacity `{self.over_capacity}`, cache "
+                   f"split `{self.cache_split}`")
         return f"hardware `{self.hardware}`, policy `{self.policy}`, {sem}"
 
 
@@ -55,17 +70,13 @@ def most_common(rows: list[dict], key: str):
 
 
 def main_device(rows: list[dict], hardware: str | None = None, policy: str | None = None,
-                semantics: str | None = None) -> Device:
-    """The given device, else the most common hardware and policy; strict capacity when the
-    table has it (memory claims need budgets that hold)."""
+                over_capacity: str | None = None, cache_split: str | None = None) -> Device:
+    """The given device, else the most common hardware and policy, with the reference's cache
+    semantics unless given."""
     base = [r for r in rows if not get(r, "config.hw_set")] or rows
     hw = hardware or most_common(base, "config.hardware")
     pol = policy or most_common(base, "config.policy")
-    if semantics is None:
-        strict = any(get(r, "config.strict_capacity", False) for r in base)
-    else:
-        strict = semantics == "strict"
-    return Device(hw, pol, strict)
+    return Device(hw, pol, over_capacity or REFERENCE_OVER_CAPACITY, cache_split or REFERENCE_SPLIT)
 
 
 def models(rows: list[dict]) -> list[str]:

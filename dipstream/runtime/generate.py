@@ -58,6 +58,9 @@ class GenerateConfig:
         "help": "dip-ca: weight of uncached units' scores in [0, 1] (1 = plain DIP)"})
     n0_frac: float = field(default=0.5, metadata={
         "help": "dip-ca: fraction of k protected as the top-n0 scores"})
+    warmup: bool = field(default=True, metadata={
+        "help": "dip-ca: warm gamma up over the first tokens (the reference's schedule); "
+                "--no-warmup uses gamma from the first token"})
     adapter: str | None = field(default=None, metadata={
         "help": "apply the LoRA adapters of this `dipstream finetune` folder (dense and dip, in RAM)",
         "metavar": "DIR"})
@@ -372,7 +375,8 @@ def run_generate(cfg: GenerateConfig, out=None) -> dict:
             kw = {"k": cfg.window_k} if cfg.policy == "window" else {}
             runtime = OffloadRuntime(bf, _act_name(parts[0].act_name), cfg.method, k_in, k_out,
                                      budget, shape, P + cfg.max_new_tokens, cfg.policy,
-                                     cfg.gamma, cfg.n0_frac, record_masks=True, **kw)
+                                     cfg.gamma, cfg.n0_frac, record_masks=True,
+                                     warmup=cfg.warmup, **kw)
             row.update(ram_mlp_bytes=runtime.ram_bytes(), cache_bytes=runtime.cache_bytes,
                        read_buffer_bytes=runtime.read_bytes,
                        sim_dram_bytes=runtime.sim_dram_bytes, sim_seq_len=runtime.seq_len,

@@ -2,7 +2,7 @@
 
 Units are the simulator's DIP hooks (``layers.<i>.in``: input index j = [W_gate[:, j] | W_up[:, j]],
 ``layers.<i>.out``: hidden index i = W_down[:, i]).  Each hook has a cache of ``capacity`` unit
-slots in RAM, managed by the simulator's policy objects (``make_policy(name, strict=True)``,
+slots in RAM, managed by the simulator's policy objects (``make_policy(name)``,
 stepped with each token's mask, "mask first"); the runtime mirrors the policy's cached set
 physically: units the policy evicts free their slot, units it inserts are copied from the read
 buffer.  Capacities come from the simulator's own placement (:func:`offload_capacities`), so
@@ -54,7 +54,8 @@ def parse_budget(spec, mlp_bytes: int) -> int:
 def offload_capacities(shape, cache_bytes: float, seq_len: int):
     """Per-hook capacities (in units) of the DIP hooks for ``cache_bytes`` of float32 caches,
     computed by the simulator's placement (static layers are added and taken away again, so
-    every hook gets cache_bytes / n_hooks).  Returns (hooks, capacity array, simulator DRAM)."""
+    the caches split cache_bytes per masked linear, as in the simulator: 2/3 of a layer's to
+    the up/gate cache, 1/3 to the down cache).  Returns (hooks, capacity array, simulator DRAM)."""
     from dipstream.simulator import Hardware, hook_specs, plan_placement
     from dipstream.simulator.hardware import KINDS
 
@@ -132,15 +133,17 @@ class OffloadRuntime:
     """The offloaded MLPs of all layers (see the module docstring).
 
     ``method``: 'dense', 'dip' or 'dip-ca'; ``k_in`` / ``k_out``: per-layer counts; ``gamma``,
-    ``n0_frac``: DIP-CA; ``policy``: lru, lfu, window or none (strict capacity); ``budget``:
+    ``n0_frac``: DIP-CA; ``policy``: lru, lfu, window or none (never above capacity); ``budget``:
     bytes of RAM for MLP weights (caches + read buffer); ``shape``: the simulator ModelShape;
     ``seq_len``: the longest sequence (prompt + new tokens), for the placement.
     """
 
     def __init__(self, file: BundledFile, act: str, method: str, k_in, k_out, budget: int,
                  shape, seq_len: int, policy: str = "lru", gamma: float = 0.1,
-                 n0_frac: float = 0.5, record_masks: bool = True, **policy_kwargs):
+                 n0_frac: float = 0.5, record_masks: bool = True, warmup: bool = True,
+                 **policy_kwargs):
         from dipstream.simulator import make_policy
+        from dipstream.simulator.policies import hook_key
 
         if method not in ("dense", "dip", "dip-ca"):
             raise DipstreamError(f"the offloading runtime runs dense, dip or dip-ca, not '{method}'")
@@ -152,7 +155,7 @@ class OffloadRuntime:
         self.L, self.d, self.D = lay.n_layers, lay.d, lay.D
         self.k_in = [int(k) for k in k_in]
         self.k_out = [int(k) for k in k_out]
-        self.gamma, self.n0_frac = float(gamma), float(n0_frac)
+        self.gamma, self.n0_frac, self.warmup = float(gamma), float(n0_frac), bool(warmup)
         self.read_bytes = max(lay.d * lay.in_stride, lay.D * lay.out_stride)
         self.budget = int(budget)
         if self.budget < self.read_bytes:
@@ -165,8 +168,9 @@ class OffloadRuntime:
         hooks, cap, self.sim_dram_bytes = offload_capacities(shape, self.cache_bytes, seq_len)
         self.capacity = {h.name: int(c) for h, c in zip(hooks, cap)}
         self.policy_name = policy
-        self.policies = {kind: make_policy(policy, strict=True, **policy_kwargs).init(
-            self.L, n, [self.capacity[f"layers.{i}.{kind}"] for i in range(self.L)])
+        self.policies = {kind: make_policy(policy, **policy_kwargs).init(
+            self.L, n, [self.capacity[f"layers.{i}.{kind}"] for i in range(self.L)],
+            keys=[hook_key(f"layers.{i}.{kind}") for i in range(self.L)])
             for kind, n in (("in", self.d), ("out", self.D))}
         self.caches = {kind: [HookCache(lay.hook(kind)[0], lay.hook(kind)[1] // 4,
                                         self.capacity[f"layers.{i}.{kind}"])
@@ -226,7 +230,7 @@ class OffloadRuntime:
         c = self.caches[kind][layer].cached if cached is None else cached
         n0 = int(self.n0_frac * k)
         return ca_select(scores.abs()[None], k, torch.from_numpy(c)[None], self.gamma, n0,
-                         t)[0].numpy()
+                         t, warmup=self.warmup)[0].numpy()
 
     # ------------------------------------------------------------------ one hook, one token
     def _hook_decode(self, kind: str, layer: int, v: torch.Tensor, mask: np.ndarray):

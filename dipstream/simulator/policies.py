@@ -8,8 +8,16 @@ Per token (reference "mask first" rule, methods.md section 5)::
     n_evict  = clip(min(|unused|, |m| + |unused| - capacity), 0)
     c        = (c minus the n_evict lowest-priority units of unused) | m
 
-so a cache exceeds its capacity only when one token's mask alone does (and then holds exactly
-that mask). Ties in priority are broken by evicting the lowest unit index first.
+A cache never exceeds its capacity (reference): when one token's mask alone is larger, the
+cache keeps that token's hits and a seeded random subset of its new units, up to capacity (the
+rest were read from Flash for this token and are not kept). ``over_capacity`` names the
+non-reference alternatives: ``keep-mask`` (the cache holds the whole mask, above capacity) and
+``highest-index`` (keep the highest-index units of the mask). Ties in priority are broken by
+evicting the lowest unit index first.
+
+The random subset is a pure function of (seed, hook key, token index in the sequence, unit), so
+a hook gives the same cache whether it is stepped alone, with other hooks, or in another
+process (the closed-loop evaluation and the trace replay agree).
 
 Usage::
 
@@ -25,21 +33,51 @@ one hook at a time across all tokens (every policy but belady). Internally sets 
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 from . import bits
 from .bits import pack, popcount, row_mask, select_lowest, select_smallest, unpack
+
+OVER_CAPACITY = ("random", "keep-mask", "highest-index")
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_G1, _G2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xD6E8FEB86659FD93)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def hook_key(name: str) -> int:
+    """Stable per-hook key of the random over-capacity fill (crc32 of the hook name)."""
+    return zlib.crc32(str(name).encode())
+
+
+def unit_priority(seed: int, key: int, t: int, units: np.ndarray) -> np.ndarray:
+    """Pseudo-random uint64 priority of ``units`` for hook ``key`` at token ``t`` (uniform, seeded)."""
+    base = _mix(np.array([(int(seed) * 0x9E3779B1 + int(key)) & 0xFFFFFFFFFFFFFFFF], np.uint64)
+                ^ (np.array([int(t) & 0xFFFFFFFFFFFFFFFF], np.uint64) * _G1))
+    return _mix(base + (np.asarray(units, np.uint64) + np.uint64(1)) * _G2)
 
 
 class CachePolicy:
     """Base class: mask-first update with policy-specific eviction order."""
 
     name = "base"
-    strict = False  # beyond the reference: never hold more than capacity (see make_policy)
-    _row0 = ("C", "cap", "t", "ncached")  # state arrays with the hook axis first
-    _row1: tuple = ()                      # state arrays with the hook axis second
+    over_capacity = "random"  # see the module docstring and make_policy
+    seed = 0
+    _row0 = ("C", "cap", "t", "ncached", "key")  # state arrays with the hook axis first
+    _row1: tuple = ()                             # state arrays with the hook axis second
 
-    def init(self, n_hooks: int, n_units: int, capacity, **_ignored) -> "CachePolicy":
+    def init(self, n_hooks: int, n_units: int, capacity, keys=None, **_ignored) -> "CachePolicy":
+        """``keys``: per row, the hook key of the random over-capacity fill (``hook_key(name)``;
+        default 0: rows that are windows of one hook share it)."""
         self.H, self.N, self.W = int(n_hooks), int(n_units), bits.n_words(n_units)
         cap = np.broadcast_to(np.asarray(capacity, np.int64), (self.H,)).copy()
         self.cap = np.maximum(cap, 0)
@@ -47,6 +85,7 @@ class CachePolicy:
         self.C = np.zeros((self.H, self.W), bits.WORD)
         self.t = np.zeros(self.H, np.int64)
         self.ncached = np.zeros(self.H, np.int64)
+        self.key = np.broadcast_to(np.asarray(0 if keys is None else keys, np.int64), (self.H,)).copy()
         self._init_state()
         return self
 
@@ -133,14 +172,29 @@ class CachePolicy:
         self._after_evict(full, n_ev)
         self.C = U | M
         self.ncached = nU - n_ev + nM
-        if self.strict:  # the mask alone exceeds capacity: only `cap` of its units stay cached
+        if self.over_capacity != "keep-mask":  # the mask alone exceeds capacity
             over = np.maximum(self.ncached - self.cap, 0)
             if over.any():
-                self.C ^= select_lowest(self.C, over)
+                if self.over_capacity == "random":
+                    self.C ^= self._random_new(M ^ MC, over)
+                else:  # highest-index
+                    self.C ^= select_lowest(self.C, over)
                 self.ncached -= over
         self._update(M)
         self.t += 1
         return nM, hit
+
+    def _random_new(self, new: np.ndarray, over: np.ndarray) -> np.ndarray:
+        """Per row, ``over`` units of ``new`` (this token's misses) chosen at random (seeded):
+        the ones not kept, so that the cache holds its hits plus a random subset of the rest."""
+        drop = np.zeros_like(new)
+        for r in np.flatnonzero(over):
+            units = np.flatnonzero(unpack(new[r], self.N))
+            pr = unit_priority(self.seed, int(self.key[r]), int(self.t[r]), units)
+            m = np.zeros(self.N, bool)
+            m[units[np.argpartition(pr, int(over[r]) - 1)[:int(over[r])]]] = True
+            drop[r] = pack(m)
+        return drop
 
     def _select(self, U, need, part):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -287,12 +341,12 @@ class Hot(LRU):
             raise ValueError(f"hot fraction must be in [0, 1], got {fraction}")
         self.fraction, self.frequency = float(fraction), frequency
 
-    def init(self, n_hooks, n_units, capacity, frequency=None, **kw):
+    def init(self, n_hooks, n_units, capacity, frequency=None, keys=None, **kw):
         freq = self.frequency if frequency is None else frequency
         if freq is None:
             raise ValueError("policy 'hot' needs frequency= (n_hooks, n_units) usage counts "
                              "from a calibration trace")
-        super().init(n_hooks, n_units, capacity)
+        super().init(n_hooks, n_units, capacity, keys)
         freq = np.broadcast_to(np.asarray(freq, np.float64), (self.H, self.N))
         nhot = np.minimum(np.floor(self.fraction * self.capacity).astype(np.int64), self.N)
         order = np.argsort(-freq, axis=1, kind="stable")  # most frequent first, low index on ties
@@ -327,11 +381,11 @@ class Belady(CachePolicy):
 
     name = "belady"
 
-    def init(self, n_hooks, n_units, capacity, future=None, seq_starts=None, **kw):
+    def init(self, n_hooks, n_units, capacity, future=None, seq_starts=None, keys=None, **kw):
         if future is None:
             raise ValueError("policy 'belady' is an offline oracle: pass future= the full "
                              "(T, n_hooks, n_units) masks")
-        super().init(n_hooks, n_units, capacity)
+        super().init(n_hooks, n_units, capacity, keys)
         f = np.asarray(future)
         self.F = f if f.dtype == bits.WORD else pack(f.astype(bool, copy=False))
         if self.F.shape[1:] != (self.H, self.W):
@@ -418,9 +472,10 @@ POLICIES = {c.name: c for c in (NoCache, LRU, LFU, Belady, Window, Hot)}
 def make_policy(name: str, **kwargs) -> CachePolicy:
     """Policy by name: none, lru, lfu, belady, window (k=5), hot (fraction=0.5, frequency=...).
 
-    ``strict=True`` (beyond the reference, lru/lfu/window): when one token's mask alone exceeds
-    a cache's capacity, only ``capacity`` of its units (the highest indices) stay cached, so
-    DRAM use never exceeds the budget; the reference keeps the whole mask."""
+    ``over_capacity``: what a cache keeps when one token's mask alone exceeds its capacity:
+    ``random`` (the reference: its hits and a random subset of the new units, seeded by
+    ``seed``), or, not the reference, ``keep-mask`` (the whole mask, above capacity) or
+    ``highest-index`` (the highest-index units of the cache)."""
     if isinstance(name, CachePolicy):
         return name
     try:
@@ -428,9 +483,10 @@ def make_policy(name: str, **kwargs) -> CachePolicy:
     except KeyError:
         raise ValueError(f"unknown cache policy {name!r}; available: "
                          f"{', '.join(POLICIES)}") from None
-    strict = bool(kwargs.pop("strict", False))
-    if strict and name in ("belady", "hot"):
-        raise ValueError(f"strict capacity is not supported by policy '{name}'; use lru, lfu or window")
+    over = kwargs.pop("over_capacity", "random")
+    if over not in OVER_CAPACITY:
+        raise ValueError(f"over_capacity must be one of {', '.join(OVER_CAPACITY)}, got {over!r}")
+    seed = int(kwargs.pop("seed", 0))
     pol = cls(**kwargs)
-    pol.strict = strict
+    pol.over_capacity, pol.seed = over, seed
     return pol

@@ -1,16 +1,23 @@
-"""Trace-driven DRAM/Flash simulator (reference semantics: methods.md section 5).
+"""Trace-driven DRAM/Flash simulator (reference semantics: docs/methods.md, "The simulator").
 
 Placement: static layers (attention, embedding, lm_head - once if tied -, predictors, LoRA adapters, MLP
 weights no hook covers, KV cache at the full ``seq_len``) take DRAM first; what is left is split
-uniformly across the hooks' caches (``cache_split="hook"``; ``"weights"`` splits it in
-proportion to each hook's weights instead); per hook, capacity = floor(share / unit bytes).
-Static bytes that do not fit (``overflow``) are streamed from Flash every token.
+uniformly per masked *linear* (``cache_split="linear"``, the reference): a hook whose mask is
+shared by n linears gets n shares (DIP: up/gate hook 2, down hook 1; neuron hooks 2 or 3).
+Not the reference: ``"hook"`` (one share per hook) and ``"weights"`` (in proportion to each
+hook's weights; the same as ``"linear"`` for gated MLPs). Per hook, capacity =
+floor(share / unit bytes). Static bytes that do not fit (``overflow``) are streamed from Flash
+every token.
 
 Per decoded token and hook with mask m and cache c: DRAM bytes = |m & c| * unit bytes, Flash
 bytes = |m & ~c| * unit bytes, t = comb(DRAM / dram_bw, Flash / flash_bw) (comb = max when
 ``overlap`` else sum). Static per token: every static byte is read, the KV cache at the average
-KV length of the decoded tokens; the overflow part comes from Flash, the rest from DRAM
-(dram = max(0, static_read - overflow)). tokens_per_s = 1 / (t_static + mean_t sum_h t).
+length (P + S) / 2 of the sequence (P prompt tokens of S); the overflow part comes from Flash,
+the rest from DRAM (dram = max(0, static_read - overflow)). Per sequence, tokens/s = 1 /
+(t_static + mean over its decoded tokens of sum_h t); ``tokens_per_s`` is the mean over
+sequences (the reference), ``time_per_token_s`` the mean of the per-sequence times. Hit rate:
+the mean over tokens and hooks of |m & c| / |m|, hooks weighted by their number of linears
+(the reference); per hook, unweighted.
 
 Prompt tokens (the first ``prompt_len`` tokens of a sequence) step the caches like every token
 but are left out of the decode statistics. TTFT, averaged over sequences: with a prompt, the
@@ -36,8 +43,10 @@ import numpy as np
 from . import bits
 from .hardware import Hardware, load_hardware, parse_dram
 from .model_shape import ModelShape, get_shape
-from .policies import CachePolicy, make_policy
+from .policies import CachePolicy, hook_key, make_policy
 from .trace import READS_PER_UNIT, HookSpec, MaskTrace, check_trace_matches
+
+CACHE_SPLITS = ("linear", "hook", "weights")
 
 
 @dataclass
@@ -54,6 +63,7 @@ class Placement:
     n_units: np.ndarray
     capacity: np.ndarray          # per hook, units (may exceed n_units)
     reads_per_unit: np.ndarray
+    n_linears: np.ndarray         # per hook: linears sharing its mask (cache shares, hit-rate weights)
     uncovered_mlp_weights: float
     predictor_weights: float
     adapter_weights: float
@@ -68,9 +78,16 @@ def resolve_dram(dram_bytes, hardware: Hardware, shape: ModelShape) -> float:
     return float(parse_dram(spec, shape.weight_bytes(hardware.bits)))
 
 
+def n_linears(hook, shape: ModelShape) -> int:
+    """Linears that share ``hook``'s mask: in 2 (up, gate), out 1 (down), neuron 2 or 3, dense 1."""
+    if hook.kind == "neuron":
+        return max(1, int(hook.unit_weights) // shape.d_model)
+    return READS_PER_UNIT[hook.kind]
+
+
 def plan_placement(shape: ModelShape, hardware: Hardware, hooks, dram_bytes: float,
                    seq_len: int, predictor_weights: float = 0,
-                   cache_split: str = "hook", adapter_weights: float = 0) -> Placement:
+                   cache_split: str = "linear", adapter_weights: float = 0) -> Placement:
     """Static placement and per-hook cache capacities (see module docstring)."""
     b = {k: v / 8 for k, v in hardware.bits.items()}
     hooks = list(hooks)
@@ -99,20 +116,21 @@ def plan_placement(shape: ModelShape, hardware: Hardware, hooks, dram_bytes: flo
     else:
         overflow, resident, cache = 0.0, static, dram - static
     ub = uw * b["mlp"]
+    nl = np.array([n_linears(h, shape) for h in hooks], np.int64)
     if not hooks:
         share = np.zeros(0)
+    elif cache_split == "linear":
+        share = cache * nl / nl.sum()
     elif cache_split == "hook":
         share = np.full(len(hooks), cache / len(hooks))
     elif cache_split == "weights":
         share = cache * (uw * nu) / covered
     else:
-        raise ValueError(f"cache_split must be 'hook' or 'weights', got {cache_split!r}")
+        raise ValueError(f"cache_split must be one of {', '.join(CACHE_SPLITS)}, got {cache_split!r}")
     cap = np.floor(share / ub * (1 + 1e-12)).astype(np.int64)
-    rpu = np.array([1 if hardware.bundle else
-                    (h.unit_weights // shape.d_model if h.kind == "neuron" else READS_PER_UNIT[h.kind])
-                    for h in hooks], np.int64)
+    rpu = np.ones(len(hooks), np.int64) if hardware.bundle else nl.copy()
     return Placement(dram, int(seq_len), parts, static, resident, overflow, cache, ub, uw, nu,
-                     cap, rpu, uncovered, float(predictor_weights), float(adapter_weights),
+                     cap, rpu, nl, uncovered, float(predictor_weights), float(adapter_weights),
                      np.zeros(len(hooks), np.int64))
 
 
@@ -222,11 +240,15 @@ class _Timing:
         return float(self.roofline(t, flops))
 
 
-def _summarize(timing: _Timing, sel, hit, kv_lens, ttft, *, names, policy, meta,
-               occ_peak_bytes, n_sequences, runs=None) -> SimResult:
+def _summarize(timing: _Timing, sel, hit, seq_of, kv_seq, ttft, *, names, policy, meta,
+               occ_peak_bytes, runs=None) -> SimResult:
+    """Figures of the decoded tokens: ``sel``/``hit`` (T, H) per token and hook, ``seq_of`` (T,)
+    the sequence of each token, ``kv_seq`` the average KV length (P + S) / 2 of every sequence."""
     pl, hw, shape = timing.plan, timing.hw, timing.shape
     sel = np.asarray(sel, np.float64).reshape(-1, len(names))
     hit = np.asarray(hit, np.float64).reshape(-1, len(names))
+    seq_of = np.asarray(seq_of, np.int64).reshape(-1)
+    kv_seq = np.asarray(kv_seq, np.float64).reshape(-1)
     if runs is not None:
         runs = np.asarray(runs, np.float64).reshape(-1, len(names))
     T = sel.shape[0]
@@ -234,21 +256,28 @@ def _summarize(timing: _Timing, sel, hit, kv_lens, ttft, *, names, policy, meta,
         ratio = np.where(sel > 0, hit / np.where(sel > 0, sel, 1), np.nan)
     nanmean = (lambda a, **k: np.nan if np.all(np.isnan(a)) else np.nanmean(a, **k))
     per_hook = [nanmean(ratio[:, j]) for j in range(len(names))] if T else [np.nan] * len(names)
-    kv_avg = float(np.mean(kv_lens)) if T else 0.0
-    sd, sf = timing.static_io(kv_avg)
-    t_static = timing.static_time(kv_avg)
+    w = np.broadcast_to(pl.n_linears.astype(np.float64), ratio.shape)
+    valid = ~np.isnan(ratio)
+    hit_rate = float((np.where(valid, ratio, 0) * w).sum() / (w * valid).sum()) if valid.any() else np.nan
     t_h = timing.hook_times(sel, hit, runs)
     t_mlp = t_h.sum(axis=1)
     mlp_used_w = (sel * pl.unit_weights).sum(axis=1)
-    if T == 0:
-        t_tok, cb = np.nan, 0.0
-    elif hw.compute_flops:
-        io = t_static + t_mlp
-        fl = timing.static_flops(kv_avg) + 2 * mlp_used_w
-        t_tok = float(np.mean(timing.roofline(io, fl)))
-        cb = float(np.mean(fl / hw.compute_flops > io))
-    else:
-        t_tok, cb = t_static + float(t_mlp.mean()), 0.0
+    seqs = np.unique(seq_of)
+    t_seq, t_stat, cb_seq = [], [], []
+    for q in seqs:  # the reference: tokens/s per sequence, then the mean over sequences
+        i = seq_of == q
+        kv = float(kv_seq[q])
+        io = timing.static_time(kv) + t_mlp[i]
+        if hw.compute_flops:
+            fl = timing.static_flops(kv) + 2 * mlp_used_w[i]
+            t_seq.append(float(np.mean(timing.roofline(io, fl))))
+            cb_seq.append(float(np.mean(fl / hw.compute_flops > io)))
+        else:
+            t_seq.append(float(np.mean(io)))
+            cb_seq.append(0.0)
+        t_stat.append(timing.static_time(kv))
+    kv_avg = float(np.mean(kv_seq[seqs])) if T else 0.0
+    sd, sf = timing.static_io(kv_avg)
     mean = (lambda a: float(np.mean(a)) if T else np.nan)
     mlp_d = mean((hit * pl.unit_bytes).sum(axis=1))
     mlp_f = mean(((sel - hit) * pl.unit_bytes).sum(axis=1))
@@ -259,15 +288,16 @@ def _summarize(timing: _Timing, sel, hit, kv_lens, ttft, *, names, policy, meta,
         dram_used_bytes=pl.static_resident_bytes + occ_peak_bytes,
         static_bytes=pl.static_bytes, static_overflow_bytes=pl.overflow_bytes,
         cache_bytes=pl.cache_bytes, seq_len=pl.seq_len, kv_len_avg=kv_avg, n_tokens=T,
-        n_sequences=n_sequences, hook_names=list(names), n_units=pl.n_units.tolist(),
+        n_sequences=len(seqs), hook_names=list(names), n_units=pl.n_units.tolist(),
         capacity_units=np.minimum(pl.capacity, pl.n_units).tolist(),
-        hit_rate=nanmean(ratio) if T else np.nan, hit_rate_per_hook=per_hook,
+        hit_rate=hit_rate, hit_rate_per_hook=per_hook,
         density_requested=meta.get("density"),
         density_measured=mean((mlp_used_w + pl.uncovered_mlp_weights) / mlp_total),
         dram_bytes_per_token=sd + mlp_d, flash_bytes_per_token=sf + mlp_f,
         mlp_dram_bytes_per_token=mlp_d, mlp_flash_bytes_per_token=mlp_f,
-        t_static_s=t_static, t_mlp_s=mean(t_mlp), time_per_token_s=t_tok,
-        tokens_per_s=1.0 / t_tok if T else np.nan, ttft_s=ttft, compute_bound_fraction=cb)
+        t_static_s=mean(t_stat), t_mlp_s=mean(t_mlp), time_per_token_s=mean(t_seq),
+        tokens_per_s=mean(1.0 / np.asarray(t_seq)) if T else np.nan, ttft_s=ttft,
+        compute_bound_fraction=mean(cb_seq))
 
 
 class _Log:
@@ -334,7 +364,7 @@ class ClosedLoop:
     """
 
     def __init__(self, hooks, shape, hardware, policy="lru", dram_bytes=None, seq_len=2048,
-                 cache_split="hook", reset_per_sequence=True, predictor_weights=0, adapter_weights=0,
+                 cache_split="linear", reset_per_sequence=True, predictor_weights=0, adapter_weights=0,
                  metadata=None, future=None, future_seq_starts=None, frequency=None,
                  **policy_kwargs):
         self.hw = load_hardware(hardware)
@@ -371,7 +401,8 @@ class ClosedLoop:
             pol = (copy.deepcopy(policy) if isinstance(policy, CachePolicy)
                    else make_policy(policy, **policy_kwargs))
             self._policies.append(pol.init(len(ix), int(self.hooks[ix[0]].n_units),
-                                           self.plan.capacity[ix], **kw))
+                                           self.plan.capacity[ix],
+                                           keys=[hook_key(self.names[i]) for i in ix], **kw))
             self._logs.append(_Log(len(ix)))
         self._starts, self._prompts, self._occ0 = [], [], []
 
@@ -465,10 +496,11 @@ class ClosedLoop:
         ends = np.append(starts[1:], T)
         prompts = np.array(self._prompts or [0])
         decode = np.zeros(T, bool)
-        pos = np.zeros(T, np.int64)
-        for a, b, p in zip(starts, ends, prompts):
+        seq_of = np.zeros(T, np.int64)
+        for q, (a, b, p) in enumerate(zip(starts, ends, prompts)):
             decode[a + p:b] = True
-            pos[a:b] = np.arange(b - a)
+            seq_of[a:b] = q
+        kv_seq = (prompts + (ends - starts)) / 2  # the reference: (P + S) / 2
         tm, pl = self.timing, self.plan
         ttfts = []
         for s, (a, b, p) in enumerate(zip(starts, ends, prompts)):
@@ -480,25 +512,26 @@ class ClosedLoop:
                 fl = tm.static_flops(1) + 2 * float((sel[a] * pl.unit_weights).sum())
                 ttfts.append(float(tm.roofline(io, fl)))
         occ_peak = float((occ * pl.unit_bytes).sum(axis=1).max()) if T else 0.0
-        return _summarize(tm, sel[decode], hit[decode], pos[decode] + 1,
+        return _summarize(tm, sel[decode], hit[decode], seq_of[decode], kv_seq,
                           float(np.mean(ttfts)) if ttfts else np.nan, names=self.names,
                           policy=self.policy_name, meta=self.meta,
-                          occ_peak_bytes=occ_peak, n_sequences=len(starts),
-                          runs=None if runs is None else runs[decode])
+                          occ_peak_bytes=occ_peak, runs=None if runs is None else runs[decode])
 
 
 def simulate(trace: MaskTrace, hardware, shape=None, policy="lru", dram_bytes=None,
-             seq_len: int = None, cache_split: str = "hook", reset_per_sequence: bool = True,
+             seq_len: int = None, cache_split: str = "linear", reset_per_sequence: bool = True,
              **policy_kwargs) -> SimResult:
     """Replay ``trace`` through per-hook DRAM caches managed by ``policy``.
 
     ``hardware``: Hardware or preset name/path; ``shape``: ModelShape or preset name (default:
     from the trace metadata); ``dram_bytes``: bytes or spec ('0.5x', '4GB'; default
     ``hardware.dram_bytes``); ``seq_len``: KV length used for placement (default: longest
-    sequence in the trace); ``cache_split``: "hook" (reference) or "weights";
+    sequence in the trace); ``cache_split``: "linear" (the reference), "hook" or "weights";
     ``reset_per_sequence=False`` keeps caches warm across sequences (beyond the reference).
-    Policy kwargs: ``k`` (window), ``fraction`` and ``frequency`` (hot; frequency = {hook:
-    counts} or a calibration MaskTrace, default: this trace's own counts, which is optimistic).
+    Policy kwargs: ``over_capacity`` ("random", the reference; "keep-mask", "highest-index") and
+    ``seed`` (see ``make_policy``), ``k`` (window), ``fraction`` and ``frequency`` (hot;
+    frequency = {hook: counts} or a calibration MaskTrace, default: this trace's own counts,
+    which is optimistic).
     """
     hw = load_hardware(hardware)
     shape = get_shape(shape) if shape is not None else trace.shape()
@@ -528,14 +561,16 @@ def simulate(trace: MaskTrace, hardware, shape=None, policy="lru", dram_bytes=No
 
 
 def dense_streaming_baseline(shape, hardware, dram_bytes=None, seq_len: int = 2048,
-                             kv_len_avg: float = None, prompt_len: int = 0) -> SimResult:
+                             sequences=None, prompt_len: int = 0) -> SimResult:
     """Dense MLP streamed from Flash every token (the reference headline baseline).
 
     Static placement as in ``simulate``; DRAM left after the static layers is split uniformly
     over the L layers' MLPs, each keeping a fixed set of floor(share / (3*d*bytes)) neurons (up
     row + gate row + down column) resident; the other neurons are read from Flash every token,
     as contiguous matrix reads (3 reads per layer, 1 with ``bundle``, for the latency model).
-    ``kv_len_avg`` defaults to (seq_len + 1) / 2.
+    ``sequences``: [(P, S)] prompt and total length of each sequence (default one sequence of
+    ``prompt_len`` and ``seq_len``): the KV cache is charged at (P + S) / 2 per sequence and
+    tokens/s averaged over sequences, as in ``simulate``.
     """
     hw, shape = load_hardware(hardware), get_shape(shape)
     L, D, d = shape.n_layers, shape.d_ff, shape.d_model
@@ -545,13 +580,16 @@ def dense_streaming_baseline(shape, hardware, dram_bytes=None, seq_len: int = 20
     plan.reads_per_unit = np.zeros(L, np.int64)  # contiguous matrix reads, not per unit
     plan.fixed_reads = np.full(L, 1 if hw.bundle or hw.coalesce else 3, np.int64)
     tm = _Timing(shape, hw, plan)
-    kv = (seq_len + 1) / 2 if kv_len_avg is None else kv_len_avg
-    sel, hit = np.full((1, L), D), r[None, :]
-    res = _summarize(tm, sel, hit, [kv], 0.0, names=[h.name for h in hooks],
-                     policy="static", meta={"model": "", "method": "dense", "density": 1.0},
-                     occ_peak_bytes=float((r * plan.unit_bytes).sum()), n_sequences=1)
-    if prompt_len > 0:
-        res.ttft_s = tm.prefill_time(prompt_len, r)
+    seqs = [(int(prompt_len), int(seq_len))] if sequences is None else [(int(p), int(n)) for p, n in sequences]
+    n = len(seqs)
+    sel, hit = np.full((n, L), D), np.broadcast_to(r[None, :], (n, L))
+    res = _summarize(tm, sel, hit, np.arange(n), [(p + q) / 2 for p, q in seqs], 0.0,
+                     names=[h.name for h in hooks], policy="static",
+                     meta={"model": "", "method": "dense", "density": 1.0},
+                     occ_peak_bytes=float((r * plan.unit_bytes).sum()))
+    p0 = seqs[0][0]
+    if p0 > 0:
+        res.ttft_s = tm.prefill_time(p0, r)
     else:
         io = tm.static_time(1) + float(tm.hook_times(sel[0], hit[0]).sum())
         fl = tm.static_flops(1) + 2 * float((sel[0] * plan.unit_weights).sum())

@@ -87,6 +87,11 @@ class Method:
     def reset(self) -> None:
         """Forget per-sequence state (caches, prompt statistics) before a new sequence."""
 
+    def dense_prefix(self, seq_len: int) -> int:
+        """Leading positions of a teacher-forced window computed densely (GRIFFIN's prompt); the
+        predictions made there are left out of `perplexity_sparsified`."""
+        return 0
+
     def describe(self) -> dict:
         return {"method": self.name, "density_requested": self.density}
 

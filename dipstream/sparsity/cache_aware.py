@@ -12,19 +12,19 @@ from __future__ import annotations
 import torch
 
 from dipstream.errors import DipstreamError
-from dipstream.simulator.policies import make_policy
+from dipstream.simulator.policies import hook_key, make_policy
 from dipstream.sparsity.base import register, sequence_dims
 from dipstream.sparsity.methods import DIP
 from dipstream.sparsity.ops import topk_mask
 
 
 def ca_select(scores: torch.Tensor, k: int, cached: torch.Tensor, gamma: float, n0: int, t: int,
-              protected: torch.Tensor | None = None) -> torch.Tensor:
+              protected: torch.Tensor | None = None, warmup: bool = True) -> torch.Tensor:
     """The DIP-CA mask for one token of each row (lean form of `cache_aware_select`): the top-n0
     scores (`protected`, computed here when not given) keep their value, scores of uncached units
-    are scaled by gamma_t, then top-k. gamma_t = 1 - (1 - gamma)(1 - gamma^(t/4)); when it is 1
-    this is DIP's top-k exactly."""
-    g = 1.0 - (1.0 - gamma) * (1.0 - gamma ** (t / 4.0))
+    are scaled by gamma_t, then top-k. gamma_t = 1 - (1 - gamma)(1 - gamma^(t/4)) with the
+    warm-up, else gamma from the first token; when it is 1 this is DIP's top-k exactly."""
+    g = 1.0 - (1.0 - gamma) * (1.0 - gamma ** (t / 4.0)) if warmup else float(gamma)
     if g >= 1.0:
         return topk_mask(scores, k)
     keep = cached | (topk_mask(scores, n0) if protected is None else protected)
@@ -76,7 +76,8 @@ class DIPCA(DIP):
             if self.capacity is None:
                 raise DipstreamError("dip-ca needs a simulated DRAM cache: run it with `dipstream "
                                      "simulate` (or call configure_cache) ")
-            c = make_policy(self.policy, **self.policy_kwargs).init(rows, n_units, self.capacity[hook])
+            c = make_policy(self.policy, **self.policy_kwargs).init(rows, n_units, self.capacity[hook],
+                                                                   keys=hook_key(hook))
             self._caches[hook], self._pos[hook] = c, 0
         return c
 
@@ -91,7 +92,7 @@ class DIPCA(DIP):
         protected = topk_mask(scores, n0).view(B, T, n)  # depends on scores only: all tokens at once
         for t in range(T):
             m = ca_select(s[:, t], k, torch.from_numpy(cache.cached()), self.options.gamma, n0, t0 + t,
-                          protected[:, t])
+                          protected[:, t], self.options.warmup)
             cache.step(m.numpy())
             out[:, t] = m
         self._pos[hook] = t0 + T
@@ -105,4 +106,4 @@ class DIPCA(DIP):
 
     def describe(self):
         return {**super().describe(), "gamma": self.options.gamma, "n0_frac": self.options.n0_frac,
-                "policy": self.policy}
+                "warmup": self.options.warmup, "policy": self.policy}

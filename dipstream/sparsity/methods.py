@@ -33,6 +33,9 @@ class MethodOptions:
         "help": "dip-ca: weight of uncached units' scores in [0, 1] (1 = plain DIP)"})
     n0_frac: float = field(default=0.5, metadata={
         "help": "dip-ca: fraction of k protected as the top-n0 scores, never down-weighted"})
+    warmup: bool = field(default=True, metadata={
+        "help": "dip-ca: warm gamma up over a sequence's first tokens, gamma_t = 1 - (1 - gamma)(1 - "
+                "gamma^(t/4)) (the reference's schedule); --no-warmup uses gamma from the first token"})
 
 
 @register
@@ -220,7 +223,7 @@ class GLU(Method):
         self.keep = _neuron_keep(self.density, 2, self.name)
 
     def prepare(self, parts):
-        self.k = int(round(self.keep * parts[0].d_ff))
+        self.k = int(self.keep * parts[0].d_ff)
 
     def mlp(self, layer, p, x, batch_shape):
         h = p.act(part_linear(p, "gate", x)) * part_linear(p, "up", x)
@@ -241,7 +244,7 @@ class UpPruning(Method):
         self.keep = _neuron_keep(self.density, 1, self.name)
 
     def prepare(self, parts):
-        self.k = int(round(self.keep * parts[0].d_ff))
+        self.k = int(self.keep * parts[0].d_ff)
 
     def mlp(self, layer, p, x, batch_shape):
         u = part_linear(p, "up", x)
@@ -269,10 +272,13 @@ class Griffin(Method):
         self.sets: dict[int, torch.Tensor] = {}
 
     def prepare(self, parts):
-        self.k = int(round(self.density * parts[0].d_ff))
+        self.k = int(self.density * parts[0].d_ff)
 
     def reset(self):
         self.sets.clear()
+
+    def dense_prefix(self, seq_len):
+        return max(1, int(seq_len * self.options.prompt_frac))
 
     def mlp(self, layer, p, x, batch_shape):
         B, T = sequence_dims(batch_shape, x.shape[0])
@@ -282,7 +288,7 @@ class Griffin(Method):
             return down_from_h(p, h, rows), Selection(up_rows=rows, gate_rows=rows, down_cols=rows)
         # teacher-forced window: the prompt part needs up and gate densely anyway
         h = p.act(part_linear(p, "gate", x)) * part_linear(p, "up", x)
-        P = max(1, int(T * self.options.prompt_frac))
+        P = self.dense_prefix(T)
         z = h.view(B, T, -1)[:, :P]
         z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         self.sets[layer] = topk_mask(z.norm(dim=1), self.k)  # (B, D)

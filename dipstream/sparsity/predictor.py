@@ -85,7 +85,7 @@ class PredictorMethod(Method):
         if len(self.predictors) != len(parts):
             raise DipstreamError(f"the predictors cover {len(self.predictors)} layers, the model has "
                                  f"{len(parts)}; they were trained for another model")
-        self.k = int(round(self.density * parts[0].d_ff))
+        self.k = int(self.density * parts[0].d_ff)
 
     def logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.predictors[layer](x)

@@ -33,7 +33,7 @@ class _ReluSwap(Method):
         self.penalty_terms: list[torch.Tensor] | None = None  # set to [] to collect mean |h| per call
 
     def prepare(self, parts):
-        self.k = int(round(self.density * parts[0].d_ff))
+        self.k = int(self.density * parts[0].d_ff)
 
     def mlp(self, layer, p, x, batch_shape):
         g, u = part_linear(p, "gate", x), part_linear(p, "up", x)

@@ -23,7 +23,12 @@ class TrainOptions:
                 "masks and adapters off)", "choices": ["ce", "kd"]})
     kd_temperature: float = field(default=1.0, metadata={"help": "kd: softmax temperature"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scaling = alpha / rank)"})
+    lora_alpha: float | None = field(default=None, metadata={
+        "help": "LoRA alpha (scaling = alpha / rank); default 2 x rank with --lora-init peft, rank "
+                "(scaling 1) with --lora-init reference"})
+    lora_init: str = field(default="peft", metadata={
+        "help": "initialisation of the adapters: peft (peft's: Kaiming-uniform A, B = 0) or reference "
+                "(the DIP reference's: A ~ N(0, 1/r^2), B = 0, no scaling)", "choices": ["peft", "reference"]})
     lora_targets: str = field(default="mlp", metadata={
         "help": "linears that get adapters: mlp (the masked linears) or mlp+attn",
         "choices": ["mlp", "mlp+attn"]})

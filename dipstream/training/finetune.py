@@ -63,6 +63,9 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise DipstreamError(NOTHING_TO_TRAIN[ev.method])
     if ev.adapter:
         raise DipstreamError("finetune trains a new adapter; --adapter is for eval and simulate")
+    if ev.dtype != "float32":
+        raise DipstreamError(f"finetune trains in float32; --dtype {ev.dtype} applies to eval and simulate")
+    LoraSettings(tr.lora_rank, tr.lora_alpha, tr.lora_targets, tr.lora_init).resolved_alpha()
     for name in ("lora_rank", "val_every", "patience", "predictor_rank", "predictor_epochs", "val_tokens"):
         if getattr(tr, name) < 1:
             raise DipstreamError(f"--{name.replace('_', '-')} {getattr(tr, name)} must be at least 1")
@@ -105,7 +108,8 @@ class _Run:
                                     self.lm.info.max_positions)
         self.eval_windows = eval_windows(ev, self.lm, ev.tokens or DEFAULT_EVAL_TOKENS)
         torch.manual_seed(tr.train_seed)
-        self.peft = add_lora(self.lm.model, LoraSettings(tr.lora_rank, tr.lora_alpha, tr.lora_targets))
+        self.peft = add_lora(self.lm.model, LoraSettings(tr.lora_rank, tr.lora_alpha, tr.lora_targets,
+                                                         tr.lora_init))
         n_trainable = sum(p.numel() for p in self.lm.model.parameters() if p.requires_grad)
         need = estimate_step_bytes(self.lm.info, sum(p.numel() for p in self.lm.model.parameters()),
                                    n_trainable, tr.batch_size, ev.seq_len, tr.loss == "kd")
@@ -247,7 +251,9 @@ def _train_lora(cfg: FinetuneConfig, out: Path, key: dict, state: dict | None, p
         "model": run.lm.name, "method": cfg.eval.method, "trained_with": run.method.name,
         "density_requested": cfg.eval.density, "density_measured": after["density_measured"],
         "density_per_layer": after["density_per_layer"],
-        "loss": tr.loss, "lora_rank": tr.lora_rank, "lora_alpha": tr.lora_alpha, "lora_targets": tr.lora_targets,
+        "loss": tr.loss, "lora_rank": tr.lora_rank,
+        "lora_alpha": LoraSettings(tr.lora_rank, tr.lora_alpha, tr.lora_targets, tr.lora_init).resolved_alpha(),
+        "lora_init": tr.lora_init, "lora_targets": tr.lora_targets,
         "lr": tr.lr, "steps_done": state["step"], "steps": tr.steps, "batch_size": tr.batch_size,
         "seq_len": cfg.eval.seq_len, "train_tokens": state["step"] * tr.batch_size * (cfg.eval.seq_len - 1),
         "stopped_early": state["stopped_early"], "best_step": state.get("best_step"),

@@ -84,7 +84,7 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     lm = load_model(ev.model)
     lm.model.to(device)
     info = lm.info
-    k = int(round(ev.density * info.d_ff))
+    k = int(ev.density * info.d_ff)
     seq = ev.seq_len
     n_windows = max(1, tr.predictor_tokens // (seq - 1))
     data = load_train_data(lm.tokenizer, ev.corpus, tr.train_text, seq, n_windows, 1, 1.0, tr.val_tokens,

@@ -1,12 +1,17 @@
 """Slow, obviously-correct reference cache (one hook, Python sets), for cross-checking the
 vectorised policies. Same rule: evict n_evict = clip(min(|unused|, |m| + |unused| - cap), 0)
-lowest-priority cached-but-unused units (ties: lowest index first), then insert the mask."""
+lowest-priority cached-but-unused units (ties: lowest index first), then insert the mask; when
+the mask alone exceeds the capacity, keep its hits and the new units of highest random
+priority up to capacity ("random", the reference), or the whole mask ("keep-mask"), or the
+highest indices ("highest-index")."""
 from __future__ import annotations
 
 import math
 
+from dipstream.simulator.policies import unit_priority
 
-def naive_run(policy, masks, cap, k=5, hot=(), future_end=None):
+
+def naive_run(policy, masks, cap, k=5, hot=(), future_end=None, over="random", seed=0, hook_key=0):
     """masks: list of sets (one per token). Returns (list of cached sets before each token,
     list of hits, final cache)."""
     cache, last, count = set(), {}, {}
@@ -40,7 +45,15 @@ def naive_run(policy, masks, cap, k=5, hot=(), future_end=None):
         elif policy == "belady":
             key = lambda u: (-nxt(u), u)
         ev = sorted(unused, key=key)[:n_ev]
+        hits_mm = mm & cache
         cache = (cache - set(ev)) | mm
+        extra = len(cache) - max(cap_l, 0)
+        if extra > 0 and over == "random":
+            new = sorted(mm - hits_mm)
+            pr = unit_priority(seed, hook_key, t, new)
+            cache -= {u for _, u in sorted(zip(pr.tolist(), new))[:extra]}
+        elif extra > 0 and over == "highest-index":
+            cache -= set(sorted(cache)[:extra])
         for u in m:
             last[u] = t
             count[u] = count.get(u, 0) + 1

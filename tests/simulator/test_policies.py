@@ -89,10 +89,40 @@ def test_none_caches_nothing():
 
 
 def test_mask_larger_than_capacity():
-    # cap 1: t0 {0,1,2} inserted whole (n_ev = min(0, .) = 0) -> exceeds capacity
+    # cap 1, the reference: t0 {0,1,2} (3 new units) -> one of them, at random, stays
+    # t1 {0,1,2} again: hits the one cached unit; the other two are new and dropped
+    pol = make_policy("lru").init(1, N, 1)
+    after, hits = run(pol, [{0, 1, 2}, {0, 1, 2}])
+    assert len(after[0]) == 1 and after[0] <= {0, 1, 2} and after[1] == after[0] and hits == [0, 1]
+    # keep-mask (not the reference): t0 inserted whole, above capacity
     # t1 {1,5}: hit 1; unused {0,2}; n_ev = min(2, 2+2-1) = 2 -> cache = the mask {1,5}
-    after, hits = run(make_policy("lru").init(1, N, 1), [{0, 1, 2}, {1, 5}])
+    after, hits = run(make_policy("lru", over_capacity="keep-mask").init(1, N, 1), [{0, 1, 2}, {1, 5}])
     assert after == [{0, 1, 2}, {1, 5}] and hits == [0, 1]
+
+
+def test_random_fill_keeps_hits_and_is_uniform_over_new_units():
+    # cache {0,2}; mask {0,1,3} (cap 2): hit 0 stays, unit 2 is evicted, and one of the new units
+    # 1, 3 at random; highest-index (not the reference) drops the lowest index, the hit 0
+    seq = [{0, 2}, {0, 1, 3}, {0}]
+    kept = {1: 0, 3: 0}
+    for seed in range(400):
+        after, hits = run(make_policy("lru", seed=seed).init(1, N, 2), seq)
+        assert 0 in after[1] and len(after[1]) == 2 and hits[2] == 1
+        kept[(after[1] - {0}).pop()] += 1
+    assert 150 < kept[1] < 250  # binomial(400, 1/2): 5 standard deviations either side
+    after, hits = run(make_policy("lru", over_capacity="highest-index").init(1, N, 2), seq)
+    assert after[1] == {1, 3} and hits[2] == 0
+
+
+def test_random_fill_is_seeded_and_keyed():
+    m = np.ones((1, 64), bool)
+    a = make_policy("lru", seed=3).init(1, 64, 8, keys=[5])
+    b = make_policy("lru", seed=3).init(1, 64, 8, keys=[5])
+    c = make_policy("lru", seed=4).init(1, 64, 8, keys=[5])
+    a.step(m), b.step(m), c.step(m)
+    assert (a.cached() == b.cached()).all() and not (a.cached() == c.cached()).all()
+    with pytest.raises(ValueError, match="over_capacity must be one of"):
+        make_policy("lru", over_capacity="strict")
 
 
 def test_first_token_all_misses_and_repeat_all_hits():
@@ -138,18 +168,19 @@ def cases(draw):
     return masks, caps, freq
 
 
-def make(pol, H, n, caps, masks, freq):
+def make(pol, H, n, caps, masks, freq, over="random"):
     kw = {"k": 3} if pol == "window" else {}
-    return make_policy(pol, **kw).init(H, n, caps, future=masks, frequency=freq)
+    return make_policy(pol, over_capacity=over, **kw).init(H, n, caps, keys=np.arange(H) * 7,
+                                                          future=masks, frequency=freq)
 
 
 @settings(max_examples=150, deadline=None)
-@given(cases())
-def test_matches_naive_and_invariants(case):
+@given(cases(), st.sampled_from(["random", "keep-mask", "highest-index"]))
+def test_matches_naive_and_invariants(case, over):
     masks, caps, freq = case
     T, H, n = masks.shape
     for pol in POLS:
-        p = make(pol, H, n, caps, masks, freq)
+        p = make(pol, H, n, caps, masks, freq, over)
         got = []
         for t in range(T):
             before = p.cached()
@@ -159,13 +190,22 @@ def test_matches_naive_and_invariants(case):
             assert (hit == (masks[t] & before).sum(1)).all()
             after = p.cached()
             if pol != "none":
-                assert after[masks[t]].all()  # the whole mask is inserted
+                fits = masks[t].sum(1) <= np.maximum(caps, 0)
+                if over == "keep-mask":
+                    assert after[masks[t]].all()  # the whole mask is inserted
+                elif pol != "hot":
+                    assert after[masks[t] & fits[:, None]].all()  # a mask that fits is inserted
+                if over == "random":  # the hits are kept
+                    assert after[masks[t] & before].all()
             size = after.sum(1)
             big = size > np.maximum(caps, 0)
-            # only a token whose mask alone exceeds capacity overfills (then cache == mask)
-            # (hot: the cache is hot units + an LRU part sized for the rest)
-            if pol != "hot":
-                assert (after[big] == masks[t][big]).all()
+            if over == "keep-mask":
+                # only a token whose mask alone exceeds capacity overfills (then cache == mask)
+                # (hot: the cache is hot units + an LRU part sized for the rest)
+                if pol != "hot":
+                    assert (after[big] == masks[t][big]).all()
+            else:
+                assert not big.any()  # never above capacity
             got.append(before)
         for h in range(H):
             hot = ()
@@ -173,7 +213,8 @@ def test_matches_naive_and_invariants(case):
                 nh = min(int(np.floor(0.5 * caps[h])), n)
                 hot = set(np.argsort(-freq[h], kind="stable")[:nh].tolist())
             ref, _, _ = naive_run(pol, [set(np.nonzero(masks[t, h])[0].tolist())
-                                        for t in range(T)], int(caps[h]), k=3, hot=hot)
+                                        for t in range(T)], int(caps[h]), k=3, hot=hot, over=over,
+                                  hook_key=7 * h)
             for t in range(T):
                 assert set(np.nonzero(got[t][h])[0].tolist()) == ref[t], (pol, h, t)
 
@@ -181,11 +222,12 @@ def test_matches_naive_and_invariants(case):
 @settings(max_examples=150, deadline=None)
 @given(cases())
 def test_belady_dominates(case):
+    # with keep-mask: with the random fill, an oversized mask keeps units whatever their next use
     masks, caps, freq = case
     T, H, n = masks.shape
     total = {}
     for pol in ("lru", "lfu", "belady", "window"):
-        p = make(pol, H, n, caps, masks, freq)
+        p = make(pol, H, n, caps, masks, freq, "keep-mask")
         total[pol] = sum(p.step(masks[t])[1] for t in range(T))
     assert (total["belady"] >= total["lru"]).all()
     assert (total["belady"] >= total["lfu"]).all()

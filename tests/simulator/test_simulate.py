@@ -31,14 +31,19 @@ def tiny_trace():
 
 
 def test_placement_capacity_split():
-    # static at seq_len 2: 16 + 6 + 6 + 4*2 = 36; DRAM 56 leaves 20 -> 10 per hook
-    # in: floor(10 / 8) = 1 unit; out: floor(10 / 2) = 5 units (more than its 4)
+    # static at seq_len 2: 16 + 6 + 6 + 4*2 = 36; DRAM 56 leaves 20, split per linear (the
+    # reference): in (up + gate) 2/3 = 13.33 -> floor(13.33 / 8) = 1 unit; out 6.67 / 2 -> 3
     pl = plan_placement(SHAPE, hw(), tiny_trace().hooks, 56, seq_len=2)
     assert pl.static_bytes == 36 and pl.cache_bytes == 20 and pl.overflow_bytes == 0
-    assert pl.capacity.tolist() == [1, 5]
-    # split in proportion to weights instead: in 16/24*20 = 13.33 -> 1; out 6.67/2 -> 3
+    assert pl.capacity.tolist() == [1, 3]
+    # in proportion to weights: the same for a gated MLP (in 16 of 24 weights)
     pl = plan_placement(SHAPE, hw(), tiny_trace().hooks, 56, seq_len=2, cache_split="weights")
     assert pl.capacity.tolist() == [1, 3]
+    # one share per hook (not the reference): 10 each -> in 1, out 5 (more than its 4)
+    pl = plan_placement(SHAPE, hw(), tiny_trace().hooks, 56, seq_len=2, cache_split="hook")
+    assert pl.capacity.tolist() == [1, 5]
+    with pytest.raises(ValueError, match="cache_split must be one of linear, hook, weights"):
+        plan_placement(SHAPE, hw(), tiny_trace().hooks, 56, seq_len=2, cache_split="even")
 
 
 def test_timing_serial():
@@ -46,22 +51,22 @@ def test_timing_serial():
     # token 0: in miss 1 -> 8 B Flash = 0.8 s; out miss 2 -> 4 B Flash = 0.4 s
     # token 1: in hit -> 8 B DRAM = 0.08 s; out hit {1} 2 B DRAM 0.02 + miss {2} 2 B Flash 0.2
     # mean sum_h t = (1.2 + 0.3) / 2 = 0.75
-    # static per token: KV at mean length (1+2)/2 = 1.5 -> 6 B; 16+6+6+6 = 34 B DRAM = 0.34 s
-    assert r.kv_len_avg == 1.5
-    assert r.t_static_s == pytest.approx(0.34)
+    # static per token: KV at (P + S) / 2 = (0 + 2) / 2 = 1 -> 4 B; 16+6+6+4 = 32 B DRAM = 0.32 s
+    assert r.kv_len_avg == 1.0
+    assert r.t_static_s == pytest.approx(0.32)
     assert r.t_mlp_s == pytest.approx(0.75)
-    assert r.tokens_per_s == pytest.approx(1 / 1.09)
-    # hit rate: (0/1 + 0/2 + 1/1 + 1/2) / 4
-    assert r.hit_rate == pytest.approx(0.375)
+    assert r.tokens_per_s == pytest.approx(1 / 1.07)
+    # hit rate, hooks weighted by linears (in 2, out 1): (2 (0/1 + 1/1) + (0/2 + 1/2)) / (2*2 + 2)
+    assert r.hit_rate == pytest.approx(2.5 / 6)
     assert r.hit_rate_per_hook == pytest.approx([0.5, 0.25])
-    assert r.dram_bytes_per_token == pytest.approx(34 + (0 + 10) / 2)
+    assert r.dram_bytes_per_token == pytest.approx(32 + (0 + 10) / 2)
     assert r.flash_bytes_per_token == pytest.approx((12 + 2) / 2)
     assert r.density_measured == pytest.approx(0.5)  # (8 + 2*2) / 24 both tokens
     # TTFT (no prompt): first token, KV length 1: (16+6+6+4)/100 + 1.2
     assert r.ttft_s == pytest.approx(1.52)
     # peak occupancy after token 1: in {0} 8 B + out {0,1,2} 6 B, plus 36 B static
     assert r.dram_used_bytes == 50
-    assert r.capacity_units == [1, 4]
+    assert r.capacity_units == [1, 3]
 
 
 def test_adapters_and_predictors_are_static_dram_weights():
@@ -70,11 +75,11 @@ def test_adapters_and_predictors_are_static_dram_weights():
     tr.metadata.update(adapter_weights=4, predictor_weights=2)
     pl = plan_placement(SHAPE, hw(), tr.hooks, 62, seq_len=2, predictor_weights=2, adapter_weights=4)
     assert pl.static_parts["adapters"] == 4 and pl.static_parts["predictors"] == 2
-    assert pl.static_bytes == 42 and pl.capacity.tolist() == [1, 5]
+    assert pl.static_bytes == 42 and pl.capacity.tolist() == [1, 3]
     r = simulate(tr, hw(), SHAPE, "lru", dram_bytes=62)
-    # every token also reads the 6 extra static bytes from DRAM: 0.34 + 0.06 s static
-    assert r.t_static_s == pytest.approx(0.40)
-    assert r.tokens_per_s == pytest.approx(1 / (0.40 + 0.75))
+    # every token also reads the 6 extra static bytes from DRAM: 0.32 + 0.06 s static
+    assert r.t_static_s == pytest.approx(0.38)
+    assert r.tokens_per_s == pytest.approx(1 / (0.38 + 0.75))
     assert r.dram_used_bytes == 56
 
 
@@ -82,7 +87,7 @@ def test_timing_overlapped():
     r = simulate(tiny_trace(), hw(overlap=True), SHAPE, "lru", dram_bytes=56)
     # token 0: max(0, 0.8) + max(0, 0.4) = 1.2; token 1: 0.08 + max(0.02, 0.2) = 0.28
     assert r.t_mlp_s == pytest.approx(0.74)
-    assert r.tokens_per_s == pytest.approx(1 / (0.34 + 0.74))
+    assert r.tokens_per_s == pytest.approx(1 / (0.32 + 0.74))
 
 
 def test_no_cache_all_flash():
@@ -95,9 +100,12 @@ def test_static_overflow_streamed():
     # DRAM 30 < static 36: overflow 6 B streamed from Flash every token, no cache space
     r = simulate(tiny_trace(), hw(), SHAPE, "lru", dram_bytes=30)
     assert r.static_overflow_bytes == 6 and r.cache_bytes == 0 and r.capacity_units == [0, 0]
-    # static per token: 34 B read, 6 from Flash (0.6 s), 28 from DRAM (0.28 s)
-    assert r.t_static_s == pytest.approx(0.88)
-    # capacity 0 under the reference rule still keeps the last mask: same hits as above
+    # static per token: 32 B read, 6 from Flash (0.6 s), 26 from DRAM (0.26 s)
+    assert r.t_static_s == pytest.approx(0.86)
+    # capacity 0: the caches never hold a unit (reference), every unit from Flash: 1.2 s
+    assert r.t_mlp_s == pytest.approx(1.2) and r.hit_rate == 0
+    # keep-mask (not the reference) keeps the last mask even at capacity 0: the hits of above
+    r = simulate(tiny_trace(), hw(), SHAPE, "lru", dram_bytes=30, over_capacity="keep-mask")
     assert r.t_mlp_s == pytest.approx(0.75)
 
 
@@ -116,22 +124,22 @@ def test_dram_relative_and_missing():
 
 def test_dense_baseline_hand():
     # DRAM 56: static 36, 20 B left for the one layer; neuron = 3d = 6 B -> 3 of 4 resident
-    # per token: MLP 18 B DRAM (0.18 s) + 6 B Flash (0.6 s); static KV at (2+1)/2 -> 34 B
+    # per token: MLP 18 B DRAM (0.18 s) + 6 B Flash (0.6 s); static KV at (0+2)/2 -> 32 B
     r = dense_streaming_baseline(SHAPE, hw(), dram_bytes=56, seq_len=2)
     assert r.capacity_units == [3]
     assert r.mlp_dram_bytes_per_token == 18 and r.mlp_flash_bytes_per_token == 6
-    assert r.tokens_per_s == pytest.approx(1 / (0.34 + 0.78))
+    assert r.tokens_per_s == pytest.approx(1 / (0.32 + 0.78))
     assert r.hit_rate == pytest.approx(0.75) and r.density_measured == 1.0
     # DRAM only for the static layers: the whole MLP streams (24 B Flash = 2.4 s)
     r = dense_streaming_baseline(SHAPE, hw(), dram_bytes=36, seq_len=2)
-    assert r.tokens_per_s == pytest.approx(1 / (0.34 + 2.4))
+    assert r.tokens_per_s == pytest.approx(1 / (0.32 + 2.4))
 
 
 def test_roofline_and_latency_switches():
     # compute: flops/token = 2*(16 + 6) static weights + 4*kv*d*L + 2*MLP weights used (12)
-    # token 0 -> 44 + 4*1.5*2 + 24 = 80; at 40 FLOP/s that is 2 s > I/O 1.54 s
+    # per token 44 + 4*1*2 + 24 = 76; at 40 FLOP/s that is 1.9 s > I/O (1.52 s, 0.62 s)
     r = simulate(tiny_trace(), hw(compute_flops=40), SHAPE, "lru", dram_bytes=56)
-    assert r.time_per_token_s == pytest.approx(2.0) and r.compute_bound_fraction == 1.0
+    assert r.time_per_token_s == pytest.approx(1.9) and r.compute_bound_fraction == 1.0
     # latency 0.1 s per read, queue depth 2: token 0 reads in 2 (one unit x up+gate), out 2
     # -> +0.1 +0.1; token 1: out 1 read -> +0.05; mean extra (0.2 + 0.05)/2
     r = simulate(tiny_trace(), hw(flash_read_latency_s=0.1, flash_queue_depth=2), SHAPE,
@@ -146,8 +154,8 @@ def test_prompt_ttft():
     tr = tiny_trace()
     tr.prompt_len = np.array([1])
     r = simulate(tr, hw(), SHAPE, "lru", dram_bytes=56)
-    # decode statistics over token 1 only (KV length 2 -> 8 B): static 36 B = 0.36 s
-    assert r.n_tokens == 1 and r.t_static_s == pytest.approx(0.36)
+    # decode statistics over token 1 only; KV at (P + S) / 2 = 1.5 -> 6 B: static 34 B = 0.34 s
+    assert r.n_tokens == 1 and r.t_static_s == pytest.approx(0.34)
     assert r.t_mlp_s == pytest.approx(0.3)
     # prefill of 1 token: static with KV 1 (32 B, 0.32 s) + whole MLP from Flash (2.4 s)
     assert r.ttft_s == pytest.approx(2.72)
