@@ -6,6 +6,14 @@ from __future__ import annotations
 class DipstreamError(Exception):
     """A user-facing error; the CLI prints its message on one line and exits with status 2."""
 
+    exit_code = 2
+
+
+class Interrupted(DipstreamError):
+    """Stopped by the user (Ctrl-C, SIGTERM) after saving what was finished; exit status 130."""
+
+    exit_code = 130
+
 
 def did_you_mean(word: str, choices, quote: str = "'", cutoff: float = 0.6) -> str:
     """The hint `did you mean 'x'?` naming the closest of `choices` to a mistyped `word`, or ""

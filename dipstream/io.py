@@ -52,6 +52,56 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
+@contextmanager
+def folder_lock(folder: str | Path, what: str, wait: bool = False):
+    """Hold an exclusive lock on `folder` (a `.lock` file in it, created with the folder) for one
+    writer at a time; a second writer gets a one-line error instead of interleaving its output
+    (or, with `wait`, waits for the first). The lock goes with the process, also when it is
+    killed."""
+    import fcntl
+
+    from dipstream.errors import DipstreamError
+
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise DipstreamError(f"{folder} is in use by {holder}; wait for it to finish or use another "
+                             f"folder for this {what}") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"dipstream {what} (pid {os.getpid()})\n")
+        fh.flush()
+        yield folder
+    finally:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
+
+
+def clean_temps(folder: str | Path, names=(), patterns=()) -> int:
+    """Remove what an interrupted writer left in `folder`: `atomic_path` temporaries of the files
+    `names` (`.NAME.*`) and anything matching `patterns` (globs). Call it holding the folder's
+    lock, when no other writer can be mid-write. Returns how many were removed."""
+    import shutil
+
+    folder = Path(folder)
+    n = 0
+    for pattern in [f".{name}.*" for name in names] + list(patterns):
+        for p in folder.glob(pattern):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def config_hash(obj) -> str:
     """Short stable hash of a JSON-able description of a run (its identity in result tables)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

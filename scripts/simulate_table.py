@@ -1,5 +1,6 @@
 """Simulated device table on one model: dense streaming vs DIP vs DIP-CA (several gammas) vs GLU
-vs CATS, same hardware and DRAM. Each finished run is appended to a JSONL file (re-runs skip it).
+vs CATS, same hardware and DRAM, the reference's cache semantics unless told otherwise. Each
+finished run is appended to a JSONL file (re-runs skip it).
 
     python scripts/simulate_table.py --model smollm2-135m --hardware a18 --dram 0.5x --tokens 8176
 """
@@ -33,11 +34,16 @@ def main() -> int:
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--tokens", type=int, default=8176)
     ap.add_argument("--batch-size", type=int, default=4, help="windows per forward (README tables: 4)")
-    ap.add_argument("--strict-capacity", action="store_true",
-                    help="caches never exceed their capacity (beyond the reference)")
-    ap.add_argument("--out", default=None, help="JSONL results (default: results/simulate_table[_strict].jsonl)")
+    ap.add_argument("--over-capacity", default="random", choices=["random", "keep-mask", "highest-index"],
+                    help="what a cache keeps when a mask exceeds it (random: the reference)")
+    ap.add_argument("--cache-split", default="linear", choices=["linear", "hook", "weights"],
+                    help="how DRAM is split between the caches (linear: the reference)")
+    ap.add_argument("--out", default=None, help="JSONL results (default: results/simulate_table.jsonl, "
+                                                "with the semantics in the name when not the reference's)")
     a = ap.parse_args()
-    a.out = a.out or f"results/simulate_table{'_strict' if a.strict_capacity else ''}.jsonl"
+    ref = (a.over_capacity, a.cache_split) == ("random", "linear")
+    a.out = a.out or ("results/simulate_table.jsonl" if ref else
+                      f"results/simulate_table_{a.over_capacity}_{a.cache_split}.jsonl")
     done = {r["key"]: r for r in read_jsonl(a.out)}
     for method, density, gamma in RUNS:
         key = _key(method, density, gamma)
@@ -46,8 +52,8 @@ def main() -> int:
         ev = EvalConfig(model=a.model, method=method, density=density, tokens=a.tokens,
                         options=MethodOptions(gamma=gamma if gamma is not None else 0.1))
         try:
-            sim = SimConfig(hardware=a.hardware, dram=a.dram, policy=a.policy,
-                            strict_capacity=a.strict_capacity, batch_size=a.batch_size)
+            sim = SimConfig(hardware=a.hardware, dram=a.dram, policy=a.policy, over_capacity=a.over_capacity,
+                            cache_split=a.cache_split, batch_size=a.batch_size)
             row = run_simulate(SimulateConfig(ev, sim), progress=False)
         except DipstreamError as exc:
             print(f"skip {key}: {exc}", file=sys.stderr)
@@ -65,7 +71,8 @@ def main() -> int:
     dense_ppl = done.get(_key("dense", 1.0, None), {}).get("perplexity", float("nan"))
     print(f"\n{a.model} on {a.hardware}, DRAM {a.dram} of the fp16 model "
           f"({rows[0]['dram_bytes'] / 1e6:.1f} MB), policy {a.policy}"
-          f"{', strict capacity' if a.strict_capacity else ''}, {rows[0]['tokens']} tokens")
+          f", {'the reference cache semantics' if ref else f'over-capacity {a.over_capacity}, split {a.cache_split}'}"
+          f", {rows[0]['tokens']} tokens")
     print("| method | density (measured) | gamma | perplexity | tokens/s | hit rate | flash MB/token | "
           "DRAM used MB | x dense streaming |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -132,6 +132,45 @@ def test_generate_cli_corrupt_offload(tiny_checkpoint, tmp_path, capsys):
     assert len(err) == 1 and "truncated or corrupt" in err[0]
 
 
+def test_generate_trace_in_memory_replays(tiny_checkpoint, tmp_path, capsys):
+    """--trace without --offload: the in-RAM sparse run records its masks (prompt included) as a
+    simulator trace whose measured density is the run's."""
+    from dipstream.simulator import load_trace, simulate
+
+    trace = tmp_path / "t.npz"
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "the quick brown", "--method", "dip",
+                 "--density", "0.5", "--max-new-tokens", "5", "--no-stop-at-eos", "--no-stream",
+                 "--trace", str(trace)]) == 0
+    capsys.readouterr()
+    tr = load_trace(trace)
+    P = int(tr.prompt_len[0])
+    assert tr.n_tokens == P + 5 - 1 and P > 0  # the last new token is not run through the model
+    assert all(h.masks.sum(1).min() > 0 for h in tr.hooks)
+    res = simulate(tr, "a18", tr.shape(), dram_bytes="0.8x")
+    assert 0.45 < res.density_measured < 0.5
+
+
+@pytest.mark.parametrize("key,value", [("record_align", 1024), ("in_stride", 123), ("size", None),
+                                       ("d", "32")])
+def test_tampered_offload_manifest_is_refused(tiny_checkpoint, tmp_path, capsys, key, value):
+    import json
+
+    off = tmp_path / "off"
+    base = ["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "2", "--no-stream",
+            "--offload", str(off), "--dram", "60kB"]
+    assert main(base) == 0
+    m = json.loads((off / "mlp.json").read_text())
+    if value is None:
+        del m[key]
+    else:
+        m[key] = value
+    (off / "mlp.json").write_text(json.dumps(m))  # size and sha256 still those of the data
+    capsys.readouterr()
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dipstream: error:") and "rebuild" in err[0]
+
+
 @pytest.mark.parametrize("device", ["cuda", "auto"])
 def test_generate_adapter_dip_on_cuda_is_refused(tiny_checkpoint, tmp_path, capsys,
                                                  monkeypatch, device):

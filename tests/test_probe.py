@@ -43,7 +43,7 @@ def test_probe_writes_a_hardware_file_the_simulator_accepts(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--chunks", "1000"], "multiples of 512"),
     (["--size", "100kB"], "too small"),
-    (["--file", "/nonexistent/x.bin"], "is not a file"),
+    (["--file", "/nonexistent/x.bin"], "does not exist"),
     (["--gemv-shape", "big"], "ROWSxCOLS"),
 ])
 def test_probe_cli_errors(tmp_path, capsys, extra, message):

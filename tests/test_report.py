@@ -161,5 +161,5 @@ def test_report_errors(tmp_path, capsys):
     assert "not a dipstream results folder" in error(["report", str(tmp_path)])
     assert "no results at" in error(["report", str(tmp_path / "missing.jsonl")])
     results = write_results(tmp_path / "r", synthetic_rows())
-    assert "is not a number or a percentage" in error(["report", str(results), "--ppl-budget", "lots"])
+    assert "is not a non-negative number or percentage" in error(["report", str(results), "--ppl-budget", "lots"])
     assert "no runs of hardware `laptop`" in error(["report", str(results), "--hardware", "laptop"])

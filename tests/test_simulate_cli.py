@@ -94,7 +94,7 @@ def test_simulate_bad_input(tiny_checkpoint, text_file, tmp_path, capsys):
          "--tokens", "62"]
     assert "nope" in _error([*m, "--hardware", "nope"], capsys)
     assert "unknown cache policy 'fifo'" in _error([*m, "--policy", "fifo"], capsys)
-    assert "--gamma 1.5 is outside [0, 1]" in _error([*m, "--method", "dip-ca", "--gamma", "1.5"], capsys)
+    assert "--gamma 1.5 must be <= 1" in _error([*m, "--method", "dip-ca", "--gamma", "1.5"], capsys)
     bad_hw = tmp_path / "hw.json"
     bad_hw.write_text(json.dumps({"name": "x", "dram_bw": 0, "flash_bw": 1e9}))
     assert "positive" in _error([*m, "--hardware", str(bad_hw)], capsys)

@@ -79,6 +79,21 @@ def test_finished_run_is_reported_not_retrained(finished, tiny_checkpoint, text_
     assert again["perplexity_after"] == row["perplexity_after"]
 
 
+def test_finished_run_that_lost_its_adapter_is_not_reported(finished, tiny_checkpoint, text_file, tmp_path):
+    import shutil
+
+    out, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "adapter_model.safetensors").unlink()
+    with pytest.raises(DipstreamError, match="has lost adapter_model.safetensors; pass --restart"):
+        run_finetune(_cfg(tiny_checkpoint, text_file, copy))
+    # and eval refuses the folder rather than running without the adapter
+    with pytest.raises(DipstreamError, match="has no adapter_model.safetensors"):
+        run_eval(EvalConfig(model=str(tiny_checkpoint), text=str(text_file), seq_len=SEQ, tokens=SEQ - 1,
+                            adapter=str(copy)))
+
+
 @pytest.mark.parametrize("crash, at", [(KeyboardInterrupt, 3), (Crash, 5)])
 def test_interrupted_run_resumes_to_the_same_adapter(finished, tiny_checkpoint, text_file, tmp_path, crash, at):
     """Ctrl-C checkpoints the current step; a hard crash loses only the steps since the last

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dipstream import __version__
@@ -103,10 +104,10 @@ def cmd_lm_eval(ns) -> int:
 
 
 def cmd_models(ns) -> int:
-    from dipstream.models.loading import BUILTIN_MODELS, cache_root
+    from dipstream.models.loading import BUILTIN_MODELS, _cache_complete, cache_root
 
     for m in BUILTIN_MODELS.values():
-        cached = (cache_root() / "models" / m.name / "config.json").exists()
+        cached = _cache_complete(cache_root() / "models" / m.name)
         print(f"{m.name:<14} {'cached' if cached else 'not converted yet':<18} {m.description}")
     print("or any local Hugging Face checkpoint folder of: llama, mistral, qwen2, qwen3, phi3, "
           "gemma, gemma2, gemma3")
@@ -222,11 +223,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.func(ns)
     except DipstreamError as exc:
-        print(f"dipstream: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"dipstream: error: {_one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("dipstream: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permission denied, ... outside the checked paths
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"dipstream: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback only on request
+        if os.environ.get("DIPSTREAM_DEBUG"):
+            raise
+        print(f"dipstream: error: internal error ({type(exc).__name__}: {_one_line(str(exc))[:200]}); "
+              "run again with DIPSTREAM_DEBUG=1 for the traceback and please report it", file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -68,6 +68,12 @@ def run_lm_eval(cfg: LmEvalConfig, log_samples: bool = False) -> dict:
     from dipstream.io import write_json_atomic
     from dipstream.sparsity import build_method
 
+    from dipstream.validation import at_least, finite, output_file
+
+    finite("limit", cfg.limit, lo=0, lo_open=True, optional=True)
+    at_least("num_fewshot", cfg.num_fewshot, 0, optional=True)
+    at_least("lm_batch_size", cfg.lm_batch_size, 1)
+    output_file("json", cfg.eval.json)
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     if not tasks:
         raise DipstreamError("give --tasks, e.g. --tasks arc_easy or a task of --include-path")

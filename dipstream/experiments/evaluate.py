@@ -13,6 +13,7 @@ import torch
 
 from dipstream import __version__
 from dipstream.data import load_text, make_windows
+from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
 from dipstream.io import write_json_atomic
 from dipstream.models import load_model
@@ -59,6 +60,33 @@ class EvalConfig:
         "help": "write the result as one JSON object to this file", "metavar": "PATH"})
     options: MethodOptions = field(default_factory=MethodOptions)
 
+    def validate(self) -> None:
+        """Check every option, input file and output path before anything is loaded or run."""
+        from dipstream.sparsity import METHODS
+        from dipstream.sparsity.budget import check_density
+        from dipstream.validation import at_least, input_dir, input_file, output_file
+
+        check_density(self.density)
+        if self.method not in METHODS:
+            build_method(self.method, self.density)  # the one-line "unknown method" error
+        at_least("seq_len", self.seq_len, 2)
+        at_least("tokens", self.tokens, 1, optional=True)
+        at_least("calib_tokens", self.calib_tokens, 1)
+        if METHODS[self.method].needs_calibration and not self.thresholds \
+                and self.calib_tokens < self.seq_len - 1:
+            raise DipstreamError(f"--calib-tokens {self.calib_tokens} is less than one calibration window "
+                                 f"of {self.seq_len - 1} tokens; raise it or lower --seq-len")
+        self.options.validate()
+        input_file("text", self.text, "UTF-8 text file")
+        input_file("thresholds", self.thresholds, "thresholds JSON file")
+        if self.adapter:
+            from dipstream.training.artifacts import check_files, read_meta
+
+            folder = input_dir("adapter", self.adapter, "finetune --out folder")
+            check_files(folder, read_meta(folder))
+        output_file("json", self.json)
+        output_file("save_thresholds", self.save_thresholds)
+
 
 def machine() -> str:
     """Where a run ran, for results rows."""
@@ -98,11 +126,14 @@ def _prepare_thresholds(cfg: EvalConfig, lm, sm) -> dict:
     """Load, reuse from the cache, or calibrate the thresholds of a threshold method."""
     method = sm.method
     if cfg.thresholds:
-        load_thresholds(cfg.thresholds, method, len(sm.parts))
+        load_thresholds(cfg.thresholds, method, len(sm.parts), lm.name)
         return {"thresholds_from": cfg.thresholds, "calibration_seconds": 0.0}
-    cached = cache_root() / "calibration" / f"{lm.name}-{cfg.method}-{_calibration_key(cfg, lm.name)}.json"
+    from dipstream.validation import private_dir
+
+    cached = private_dir(cache_root() / "calibration") / \
+        f"{lm.name}-{cfg.method}-{_calibration_key(cfg, lm.name)}.json"
     if cached.exists():
-        load_thresholds(cached, method, len(sm.parts))
+        load_thresholds(cached, method, len(sm.parts), lm.name)
         info = {"thresholds_from": str(cached), "calibration_seconds": 0.0}
     else:
         start = time.perf_counter()
@@ -142,6 +173,7 @@ def attach_calibrated(cfg: EvalConfig, lm, method):
 def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1, on_attached=None):
     """Load, attach, calibrate if needed and evaluate; `on_attached(lm, sm, windows)` runs just
     before evaluation (to add observers or simulated caches). Returns (results row, SparseModel)."""
+    cfg.validate()
     method = build_method(cfg.method, cfg.density, cfg.options)  # fail fast on bad input
     lm, adapter = load_with_adapter(cfg, method)
     windows = eval_windows(cfg, lm)
@@ -175,6 +207,12 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1,
 
 def run_eval(cfg: EvalConfig, progress: bool | None = None) -> dict:
     """Run one evaluation and return its results row (also written to cfg.json when set)."""
+    from dipstream.sparsity import METHODS
+
+    cfg.validate()
+    if hasattr(METHODS[cfg.method], "configure_cache"):
+        raise DipstreamError(f"{cfg.method} chooses its masks from a simulated DRAM cache; run it with "
+                             "`dipstream simulate` (which sets up that cache)")
     row, _ = evaluate(cfg, progress)
     if cfg.json:
         write_json_atomic(cfg.json, row)

@@ -18,13 +18,40 @@ class WorkerDied(Exception):
     """The process running a task vanished (killed, out of memory)."""
 
 
+def die_with_parent(parent: int) -> None:
+    """Pool worker initializer: exit as soon as the sweep process `parent` is gone (killed with
+    SIGKILL included), instead of waiting forever on the pool's pipes. A daemon thread polls the
+    parent pid; on Linux the kernel also sends SIGKILL when the parent dies (PR_SET_PDEATHSIG)."""
+    import threading
+    import time
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)
+
+    def watch():
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="dipstream-die-with-parent", daemon=True).start()
+
+
 class LocalExecutor:
-    """A pool of `jobs` fresh Python processes (spawned, so no torch state is forked)."""
+    """A pool of `jobs` fresh Python processes (spawned, so no torch state is forked) that exit
+    when the sweep process does."""
 
     def __init__(self, jobs: int):
         self.jobs = jobs
         self.threads = max(1, (os.cpu_count() or 1) // jobs)  # torch threads of a model run
-        self.pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=die_with_parent, initargs=(os.getpid(),))
 
     def submit(self, fn, *args):
         try:

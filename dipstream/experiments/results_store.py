@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dipstream import __version__
 from dipstream.errors import DipstreamError
-from dipstream.io import append_jsonl, read_jsonl, write_bytes_atomic, write_json_atomic
+from dipstream.io import append_jsonl, clean_temps, read_jsonl, write_bytes_atomic, write_json_atomic
 
 FORMAT = "dipstream-results/1"  # bump when rows or the folder layout change incompatibly
 ROWS, CSV_NAME, MANIFEST = "results.jsonl", "results.csv", "sweep.json"
@@ -84,6 +84,7 @@ class ResultsStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
         self._lock = None
+        self.damaged: list[str] = []  # model runs whose stored trace could not be read
 
     def __enter__(self):
         self.root.mkdir(parents=True, exist_ok=True)
@@ -91,6 +92,10 @@ class ResultsStore:
         check_manifest(self.root, create=True)
         (self.root / "model_runs").mkdir(exist_ok=True)
         (self.root / "traces").mkdir(exist_ok=True)
+        # writes cut short by a killed sweep (we hold the lock: nobody else is writing)
+        clean_temps(self.root, (CSV_NAME, MANIFEST))
+        clean_temps(self.root / "model_runs", patterns=(".*.json.*",))
+        clean_temps(self.root / "traces", patterns=(".*.npz.*",))
         gi = self.root / ".gitignore"
         if not gi.exists():
             gi.write_text("# mask traces are large and can be recomputed\ntraces/\n.lock\n")
@@ -136,17 +141,29 @@ class ResultsStore:
     def trace_path(self, model_run: str) -> Path:
         return self.root / "traces" / f"{model_run}.npz"
 
-    def model_run(self, model_run: str) -> dict | None:
-        """The stored evaluation row of a finished model run (None when missing or incomplete)."""
+    def model_run(self, model_run: str, check_trace: bool = False) -> dict | None:
+        """The stored evaluation row of a finished model run (None when missing or incomplete;
+        with `check_trace`, also when its trace does not load, which `damaged` then lists)."""
         path = self.root / "model_runs" / f"{model_run}.json"
         if not path.exists():
             return None
         try:
             rec = json.loads(path.read_text())
-        except ValueError:
+            assert isinstance(rec, dict) and isinstance(rec.get("eval"), dict)
+        except (ValueError, AssertionError):
             return None
-        if rec.get("has_trace") and not self.trace_path(model_run).exists():
-            return None
+        if rec.get("has_trace"):
+            trace = self.trace_path(model_run)
+            if not trace.exists():
+                return None
+            if check_trace:
+                from dipstream.simulator import load_trace
+
+                try:
+                    load_trace(trace)
+                except ValueError:
+                    self.damaged.append(model_run)
+                    return None
         return rec
 
     def save_model_run(self, model_run: str, eval_row: dict, trace_bytes: bytes | None,
@@ -161,6 +178,13 @@ class ResultsStore:
 
     def export_csv(self) -> Path:
         return export_csv(self.rows(), self.root / CSV_NAME)
+
+
+def read_stored(root: Path) -> tuple[set, set]:
+    """(finished run keys, stored model-run keys) of a results folder, read only."""
+    done = {r["key"] for r in read_jsonl(root / ROWS) if isinstance(r, dict) and "key" in r}
+    runs = {p.stem for p in (root / "model_runs").glob("*.json")} if (root / "model_runs").is_dir() else set()
+    return done, runs
 
 
 def export_csv(rows: list[dict], path: Path) -> Path:

@@ -49,6 +49,31 @@ class SimConfig:
         "help": "windows evaluated together (each window keeps its own cache); larger batches "
                 "amortise DIP-CA's per-token cache scan but need more memory for the logits"})
 
+    def validate(self) -> None:
+        """Check the device (hardware file, overrides, DRAM size, policy) and the files before any
+        model is loaded; returns nothing, raises one-line errors."""
+        from dipstream.simulator.hardware import parse_dram
+        from dipstream.simulator.policies import OVER_CAPACITY, POLICIES
+        from dipstream.simulator.simulate import CACHE_SPLITS
+        from dipstream.validation import at_least, finite, input_file, output_file
+
+        if self.policy not in POLICIES:
+            raise DipstreamError(f"unknown cache policy '{self.policy}'; use one of {', '.join(POLICIES)}")
+        if self.over_capacity not in OVER_CAPACITY:
+            raise DipstreamError(f"--over-capacity {self.over_capacity} is not one of {', '.join(OVER_CAPACITY)}")
+        if self.cache_split not in CACHE_SPLITS:
+            raise DipstreamError(f"--cache-split {self.cache_split} is not one of {', '.join(CACHE_SPLITS)}")
+        at_least("window_k", self.window_k, 1)
+        finite("hot_fraction", self.hot_fraction, lo=0, hi=1)
+        at_least("batch_size", self.batch_size, 1)
+        try:
+            parse_dram(self.dram, 1.0)
+        except ValueError as exc:
+            raise DipstreamError(f"--dram: {exc}") from None
+        hardware_of(self)
+        input_file("trace", self.trace, "mask trace (.npz)")
+        output_file("save_trace", self.save_trace)
+
 
 @dataclass
 class SimulateConfig:
@@ -195,13 +220,24 @@ def _evaluate_and_record(ev: EvalConfig, sim: SimConfig, shape, progress):
 def run_simulate(cfg: SimulateConfig, progress: bool | None = None) -> dict:
     """Evaluate (or replay a trace) and simulate it; returns one results row."""
     sim, ev = cfg.sim, cfg.eval
-    if sim.batch_size < 1:
-        raise DipstreamError(f"--batch-size {sim.batch_size} must be at least 1")
+    sim.validate()
+    if not sim.trace and ev.method == "dip-ca" and sim.policy in ("belady", "hot"):
+        raise DipstreamError(f"dip-ca steers its masks by the live cache, which policy '{sim.policy}' "
+                             "cannot provide here; use lru, lfu, window or none")
+    if sim.trace:
+        from dipstream.validation import output_file
+
+        output_file("json", ev.json)
+    else:
+        ev.validate()
     shape = _shape_of(ev.model)
     if sim.trace:
         from dipstream.simulator import load_trace
 
+        from dipstream.simulator import check_trace_matches
+
         trace = _sim(load_trace, sim.trace)
+        _sim(check_trace_matches, trace, shape, ev.model)
         row = {"model": ev.model, "method": trace.metadata.get("method"),
                "density_requested": trace.metadata.get("density"), "trace": sim.trace}
     else:

@@ -14,14 +14,16 @@ change bandwidths, latencies or overlap.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dipstream import __version__
-from dipstream.errors import DipstreamError, did_you_mean
+from dipstream.errors import DipstreamError, Interrupted, did_you_mean
 from dipstream.experiments.executors import EXECUTORS, WorkerDied, make_executor
 from dipstream.experiments.results_store import ResultsStore, flatten
 from dipstream.experiments.sweep_config import Run, load_sweep, resolve
@@ -66,6 +68,8 @@ def plan(config_path: str | Path) -> tuple[dict, list[Run], list[tuple[dict, str
         except InvalidRun as exc:
             skipped.append((g, str(exc)))
             continue
+        except DipstreamError as exc:
+            raise DipstreamError(f"{Path(config_path).name}: {exc}") from None
         if run.key not in seen:
             seen.add(run.key)
             runs.append(run)
@@ -111,19 +115,67 @@ def make_row(run: Run, rec: dict, figures: dict, shared: bool, replay_s: float) 
             "model_run_seconds": rec.get("seconds"), "replay_seconds": replay_s}
 
 
+def _dry_run(runs: list[Run], results: Path) -> dict:
+    """What is left to do, read from an existing results folder without writing anything."""
+    from dipstream.experiments.results_store import check_manifest, read_stored
+
+    done, stored = set(), {}
+    if (results / "sweep.json").exists():
+        check_manifest(results, create=False)
+        done, stored = read_stored(results)
+    pending = [r for r in runs if r.key not in done]
+    groups: dict[str, list[Run]] = {}
+    for r in pending:
+        groups.setdefault(r.model_run, []).append(r)
+    need = [mk for mk in groups if mk not in stored]
+    print(f"{len(runs)} runs: {len(runs) - len(pending)} done before, {len(pending)} to do "
+          f"({len(need)} model runs to evaluate) -> {results} (dry run: nothing written)", file=sys.stderr)
+    for mk, g in groups.items():
+        print(f"model run {mk} ({'stored' if mk in stored else 'to evaluate'}): "
+              + "; ".join(r.label() for r in g))
+    return {"runs": len(runs), "done_before": len(runs) - len(pending), "finished": 0, "failed": 0,
+            "model_runs": 0, "results": str(results), "dry_run": True}
+
+
+@contextmanager
+def _stop_on_sigterm():
+    """SIGTERM stops a sweep the way Ctrl-C does: workers stopped, finished runs kept, a message
+    saying how to resume."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run_sweep(config_path: str | Path, opts: SweepOptions) -> dict:
     """Run (or resume) a sweep; returns counts {runs, done_before, finished, failed, seconds}."""
     from tqdm.auto import tqdm
 
     from dipstream.experiments import sweep_tasks as tasks
 
+    from dipstream.validation import at_least, output_dir
+
     start = time.perf_counter()
+    at_least("jobs", opts.jobs, 1, optional=True)
     raw, runs, skipped = plan(config_path)
-    results = Path(opts.results or raw.get("results") or Path("results") / Path(config_path).stem)
+    given = opts.results or raw.get("results")
+    if given is not None and not isinstance(given, str):
+        raise DipstreamError(f"{Path(config_path).name}: `results` must be one folder name, got {given!r}")
+    results = Path(given or Path("results") / Path(config_path).stem)
+    output_dir("results", results)
     for why in dict.fromkeys(why for _, why in skipped):
         n = sum(1 for _, w in skipped if w == why)
         print(f"dipstream: skipping {n} run(s): {why}", file=sys.stderr)
-    with ResultsStore(results) as store:
+    if opts.dry_run:
+        return _dry_run(runs, results)
+    with ResultsStore(results) as store, _stop_on_sigterm():
         store.note_config(config_path, raw.get("description"))
         done = store.done_keys()
         pending = [r for r in runs if r.key not in done]
@@ -132,7 +184,10 @@ def run_sweep(config_path: str | Path, opts: SweepOptions) -> dict:
             groups.setdefault(r.model_run, []).append(r)
         todo = {mk: [r for r in g if r.key not in done] for mk, g in groups.items()}
         todo = {mk: g for mk, g in todo.items() if g}
-        stored = {mk: store.model_run(mk) for mk in todo}
+        stored = {mk: store.model_run(mk, check_trace=True) for mk in todo}
+        for mk in store.damaged:
+            print(f"dipstream: the stored trace of model run {mk} is damaged; recording it again",
+                  file=sys.stderr)
         need = [mk for mk in todo if stored[mk] is None]
         print(f"{len(runs)} runs in {len(groups)} model runs: {len(runs) - len(pending)} done before, "
               f"{len(pending)} to do ({len(need)} model runs to evaluate) -> {results}", file=sys.stderr)
@@ -141,11 +196,6 @@ def run_sweep(config_path: str | Path, opts: SweepOptions) -> dict:
                   "is done again", file=sys.stderr)
         summary = {"runs": len(runs), "done_before": len(runs) - len(pending), "finished": 0,
                    "failed": 0, "model_runs": 0, "results": str(results), "skipped": len(skipped)}
-        if opts.dry_run:
-            for mk, g in todo.items():
-                state = "stored" if stored[mk] else "to evaluate"
-                print(f"model run {mk} ({state}): " + "; ".join(r.label() for r in g))
-            return summary
         if not pending:
             store.export_csv()
             return {**summary, "seconds": time.perf_counter() - start}
@@ -224,6 +274,10 @@ def run_sweep(config_path: str | Path, opts: SweepOptions) -> dict:
                         bar.write(f"model run {r.label()}: perplexity {row['perplexity']:.3f}, "
                                   f"density {row['density_measured']:.3f} ({secs:.0f} s)")
                         enqueue_replays(mk)
+        except KeyboardInterrupt:
+            bar.close()
+            raise Interrupted(f"interrupted; {summary['finished']} runs finished now are saved in "
+                              f"{results}: run the same command again to resume") from None
         finally:
             bar.close()
             ex.close()

@@ -193,6 +193,8 @@ def resolve(given: dict, shapes: dict, hardwares: dict) -> Run:
         method = build_method(cfg.eval.method, cfg.eval.density, cfg.eval.options)
     except DipstreamError as exc:
         raise InvalidRun(str(exc)) from None
+    cfg.sim.validate()  # every run's device and options are checked before any run starts
+    cfg.eval.validate()
     params["density"] = float(method.density)  # e.g. dense ignores the density it was given
     cfg.eval.density = params["density"]
     hw_id = (cfg.sim.hardware, cfg.sim.hw_set)

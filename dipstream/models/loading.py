@@ -91,8 +91,24 @@ def _quiet_transformers():
     warnings.filterwarnings("ignore", module="transformers")
 
 
+CACHE_MARKER = "dipstream_cache.json"  # written last: files and sizes of a finished conversion
+
+
+def _cache_complete(target: Path) -> bool:
+    """Whether `target` holds a finished conversion whose files all have their recorded sizes."""
+    import json
+
+    try:
+        files = json.loads((target / CACHE_MARKER).read_text())["files"]
+        return all((target / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def _convert_builtin(builtin: BuiltinModel, target: Path) -> None:
     """Dequantize the GGUF once into float32 safetensors + tokenizer files under `target`."""
+    import json
+
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = builtin.gguf()
@@ -112,6 +128,8 @@ def _convert_builtin(builtin: BuiltinModel, target: Path) -> None:
     try:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / CACHE_MARKER).write_text(json.dumps({"model": builtin.name, "files": files}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)  # atomic: a half-written cache is never picked up
@@ -119,14 +137,34 @@ def _convert_builtin(builtin: BuiltinModel, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _ensure_converted(name: str, force: bool = False) -> Path:
+    """The converted cache of built-in model `name`, converting it (again, with `force`) under a
+    lock, so concurrent runs convert once and a killed conversion's leftovers are removed."""
+    from dipstream.io import folder_lock
+    from dipstream.validation import private_dir
+
+    models = cache_root() / "models"
+    target = models / name
+    if not force and _cache_complete(target):
+        return target
+    try:
+        private_dir(models)
+        with folder_lock(models, "model conversion", wait=True):
+            for stale in models.glob(f".{name}-*"):  # a conversion killed half-way
+                shutil.rmtree(stale, ignore_errors=True)
+            if force or not _cache_complete(target):
+                _quiet_transformers()
+                _convert_builtin(BUILTIN_MODELS[name], target)
+    except OSError as exc:
+        raise DipstreamError(f"the model cache {models} is not writable ({exc.strerror}); make it "
+                             "writable or set DIPSTREAM_CACHE to a folder of your own") from None
+    return target
+
+
 def resolve_checkpoint(name_or_path: str) -> tuple[str, Path]:
     """Map a built-in name or local directory to (display name, checkpoint directory)."""
     if name_or_path in BUILTIN_MODELS:
-        target = cache_root() / "models" / name_or_path
-        if not (target / "config.json").exists():
-            _quiet_transformers()
-            _convert_builtin(BUILTIN_MODELS[name_or_path], target)
-        return name_or_path, target
+        return name_or_path, _ensure_converted(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -142,9 +180,21 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedM
 
     _quiet_transformers()
     name, ckpt = resolve_checkpoint(name_or_path)
-    config = AutoConfig.from_pretrained(ckpt)
-    arch_spec(config)  # refuse non-gated architectures before loading any weights
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    try:
+        config = AutoConfig.from_pretrained(ckpt)
+        arch_spec(config)  # refuse non-gated architectures before loading any weights
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    except DipstreamError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: any library error
+        if name_or_path not in BUILTIN_MODELS:
+            raise DipstreamError(f"cannot load the checkpoint in '{ckpt}' ({type(exc).__name__}: "
+                                 f"{str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ''}); "
+                                 "is it a complete Hugging Face checkpoint folder?") from None
+        log.warning("the converted cache of %s is damaged (%s); converting it again", name, type(exc).__name__)
+        ckpt = _ensure_converted(name_or_path, force=True)
+        config = AutoConfig.from_pretrained(ckpt)
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

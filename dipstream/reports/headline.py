@@ -39,12 +39,17 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> "Budget":
+        import math
+
         t = text.strip()
         try:
-            return cls(float(t[:-1]) / 100, True) if t.endswith("%") else cls(float(t), False)
+            b = cls(float(t[:-1]) / 100, True) if t.endswith("%") else cls(float(t), False)
         except ValueError:
-            raise DipstreamError(f"--ppl-budget '{text}' is not a number or a percentage; use e.g. "
-                                 "0.1 (absolute perplexity) or 5% (relative)") from None
+            b = cls(math.nan, False)
+        if not (math.isfinite(b.value) and b.value >= 0):
+            raise DipstreamError(f"--ppl-budget '{text}' is not a non-negative number or percentage; use "
+                                 "e.g. 0.1 (absolute perplexity) or 5% (relative)")
+        return b
 
     def limit(self, dense_ppl: float) -> float:
         return dense_ppl * (1 + self.value) if self.relative else dense_ppl + self.value

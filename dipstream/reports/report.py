@@ -115,8 +115,11 @@ def make_report(results: str | Path, cfg: ReportConfig, command: str | None = No
     from dipstream.experiments.results_store import load_results, results_folder
     from dipstream.reports import figures as F  # matplotlib: loaded only when a report is made
 
-    all_rows, manifest = load_results(results)
+    from dipstream.validation import output_dir
+
     budgets = parse_budgets(cfg.ppl_budget)
+    output_dir("out", cfg.out)
+    all_rows, manifest = load_results(results)
     dev = main_device(all_rows, cfg.hardware, cfg.policy, cfg.over_capacity, cfg.cache_split)
     device_rows = [r for r in all_rows if dev.holds(r)]
     rows = [r for r in device_rows if split_of(r) == "eval"]  # figures: the eval split only

@@ -710,6 +710,14 @@ def _build_dir() -> Path:
     return cache_root() / "kernels"
 
 
+def _private(path: Path) -> None:
+    """A library is only loaded from a folder (and file) of this user that nobody else can write:
+    a shared cache folder could otherwise hand us someone else's code."""
+    from dipstream.validation import private_dir
+
+    private_dir(path)
+
+
 def _find_cc(cc: str | None) -> str | None:
     for cand in (cc, os.environ.get("DIPSTREAM_CC"), os.environ.get("CC"), "gcc", "cc"):
         if cand:
@@ -836,6 +844,10 @@ def _try_load(cc: str | None, build_dir: Path | None) -> tuple[ctypes.CDLL | Non
     if compiler is None:
         return None, {"reason": f"no C compiler found (tried {cc or '$DIPSTREAM_CC, $CC, gcc, cc'})"}
     bdir = build_dir or _build_dir()
+    try:
+        _private(bdir)
+    except Exception as e:  # noqa: BLE001 - DipstreamError or OSError: do not load from there
+        return None, {"reason": f"build folder not private: {e}"}
     base_key = "\0".join((C_SOURCE, compiler, _cc_version(compiler), _cpu_signature(),
                           " ".join(_COMMON), sys.platform))
     errors = []
@@ -848,6 +860,10 @@ def _try_load(cc: str | None, build_dir: Path | None) -> tuple[ctypes.CDLL | Non
                 if not ok:
                     errors.append(err)
                     continue
+            st = so.stat()
+            if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+                errors.append(f"{so}: owned by another user or writable by others; not loaded")
+                continue
             lib = ctypes.CDLL(str(so))
             _declare(lib)
             if lib.ds_version() != KERNEL_VERSION or not _self_test(lib):

@@ -188,6 +188,19 @@ class InMemoryRuntime:
     def prefill(self, layer, X):
         return self._run(layer, X)
 
+    def trace(self, prompt_len: int, metadata: dict):
+        """The recorded masks (prompt included) as a simulator MaskTrace of DIP hooks."""
+        import numpy as np
+
+        from dipstream.simulator import Hook, MaskTrace
+
+        hooks = []
+        for i in range(self.L):
+            for kind, n, unit in (("in", self.d, 2 * self.D), ("out", self.D, self.d)):
+                hooks.append(Hook(f"layers.{i}.{kind}", kind, n, unit,
+                                  np.array(self.masks[kind][i], bool).reshape(-1, n)))
+        return MaskTrace(hooks, [0], [prompt_len], metadata)
+
 
 def _adapter_terms(p) -> dict | None:
     """{linear: [(A, B, scale)]} of the LoRA adapters on one MLP block, or None."""
@@ -278,10 +291,33 @@ def decode_tokens(model, input_ids: torch.Tensor, cfg: GenerateConfig, eos_ids=(
 
 
 def _check(cfg: GenerateConfig) -> None:
-    if not 0.0 < cfg.density <= 1.0:
-        raise DipstreamError(f"--density {cfg.density} is outside (0, 1]")
-    if cfg.max_new_tokens < 1:
-        raise DipstreamError("--max-new-tokens must be at least 1")
+    """Every option, file and output path, before the model is loaded."""
+    from dipstream.sparsity.budget import check_density
+    from dipstream.validation import at_least, finite, input_dir, output_file
+
+    check_density(cfg.density)
+    at_least("max_new_tokens", cfg.max_new_tokens, 1)
+    at_least("threads", cfg.threads, 1, optional=True)
+    at_least("io_threads", cfg.io_threads, 1)
+    at_least("window_k", cfg.window_k, 1)
+    at_least("top_k", cfg.top_k, 0)
+    finite("temperature", cfg.temperature, lo=0, lo_open=True)
+    finite("up_keep", cfg.up_keep, lo=0, hi=1, optional=True)
+    finite("down_keep", cfg.down_keep, lo=0, hi=1, optional=True)
+    finite("n0_frac", cfg.n0_frac, lo=0, hi=1)
+    if cfg.offload:
+        from dipstream.simulator.hardware import parse_dram
+
+        try:
+            parse_dram(cfg.dram, 1.0)
+        except ValueError as exc:
+            raise DipstreamError(f"--dram: {exc}") from None
+    if cfg.trace and cfg.method == "dense" and not cfg.offload:
+        raise DipstreamError("--trace records the sparse MLP's masks: a dense run in RAM has none; use "
+                             "--method dip, or --offload DIR for dense streaming's trace")
+    input_dir("adapter", cfg.adapter, "finetune --out folder")
+    output_file("json", cfg.json)
+    output_file("trace", cfg.trace)
     if cfg.method == "dip-ca" and not cfg.offload:
         raise DipstreamError("dip-ca picks its masks from the runtime's RAM cache: run it with "
                              "--offload DIR --dram BUDGET")

@@ -402,7 +402,33 @@ def read_manifest(directory) -> dict | None:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise DipstreamError(f"{p} is not a {FORMAT} manifest; delete {Path(directory)} to "
                              "rebuild it")
+    _check_manifest(m, p, Path(directory))
     return m
+
+
+_INT_KEYS = ("n_layers", "d", "D", "record_align", "region_align", "in_stride", "out_stride",
+             "layer_bytes", "size")
+
+
+def _check_manifest(m: dict, path: Path, directory: Path) -> None:
+    """Every field present, of its type, and describing exactly the layout this version writes
+    (alignment, strides, offsets), so a tampered manifest is refused rather than read askew."""
+    rebuild = f"delete {directory} and run again to rebuild it from the model"
+    for k in _INT_KEYS:
+        if not isinstance(m.get(k), int) or isinstance(m.get(k), bool) or m[k] <= 0:
+            raise DipstreamError(f"{path} lacks a valid '{k}' (a positive integer); {rebuild}")
+    for k in ("model", "fingerprint", "sha256", "dtype"):
+        if not isinstance(m.get(k), str):
+            raise DipstreamError(f"{path} lacks a valid '{k}'; {rebuild}")
+    if m["dtype"] != "float32" or m["record_align"] != RECORD_ALIGN or m["region_align"] != REGION_ALIGN:
+        raise DipstreamError(f"{path} describes another layout (dtype {m['dtype']}, record alignment "
+                             f"{m['record_align']}, region alignment {m['region_align']}) than this "
+                             f"version reads; {rebuild}")
+    lay = Layout(m["n_layers"], m["d"], m["D"])
+    got = (m["in_stride"], m["out_stride"], m["layer_bytes"], m["size"])
+    if got != (lay.in_stride, lay.out_stride, lay.layer_bytes, lay.size):
+        raise DipstreamError(f"{path} is inconsistent (strides or sizes do not follow from its shapes); "
+                             f"{rebuild}")
 
 
 def open_offload(directory, *, model: str | None = None, shape: tuple | None = None,
@@ -461,15 +487,19 @@ def ensure_offload(directory, parts, model: str, *, direct: bool = True, io_thre
                    verify: bool = True) -> tuple[BundledFile, bool]:
     """Open the offload file of ``parts`` in ``directory``, writing it first if the directory
     has none.  Returns (file, whether it was written now)."""
+    from dipstream.io import clean_temps, folder_lock
+
     directory = Path(directory)
     fp = fingerprint(parts)
-    m = read_manifest(directory)
-    written = m is None
-    if written:
-        if (directory / DATA_NAME).exists():
-            raise DipstreamError(f"{directory / DATA_NAME} exists without its manifest; delete "
-                                 f"{directory} and run again to rebuild it")
-        m = write_offload(directory, parts, model, fp)
+    with folder_lock(directory, "offload file", wait=True):  # one writer; readers wait for it
+        clean_temps(directory, (DATA_NAME, MANIFEST_NAME))  # a write killed half-way
+        m = read_manifest(directory)
+        written = m is None
+        if written:
+            if (directory / DATA_NAME).exists():
+                raise DipstreamError(f"{directory / DATA_NAME} exists without its manifest; delete "
+                                     f"{directory} and run again to rebuild it")
+            m = write_offload(directory, parts, model, fp)
     d, D = parts[0].d_model, parts[0].d_ff
     # a file written just now was hashed while writing: no second sha256 pass (size still checked)
     f = _open_checked(directory, m, model, (len(parts), d, D), fp, direct, io_threads,

@@ -202,15 +202,27 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
     from dipstream.simulator import Hardware
     from dipstream.simulator.hardware import KINDS, parse_bytes
 
+    from dipstream.validation import at_least, input_file, output_dir, output_file
+
     try:
         size = int(parse_bytes(cfg.size))
     except ValueError as e:
         raise DipstreamError(f"--size: {e}") from None
+    at_least("ram_mb", cfg.ram_mb, 1)
+    if cfg.seq_chunk < 512 or cfg.seq_chunk % 512:
+        raise DipstreamError(f"--seq-chunk {cfg.seq_chunk} must be a positive multiple of 512 "
+                             "(direct reads are block aligned)")
+    output_file("out", cfg.out)
+    output_file("json", cfg.json)
+    output_dir("dir", cfg.dir)
+    input_file("file", cfg.file, "file to read")
     chunks = _chunk_sizes(cfg)
     try:
         gn, gm = (int(v) for v in cfg.gemv_shape.lower().split("x"))
+        if gn < 1 or gm < 1:
+            raise ValueError
     except ValueError:
-        raise DipstreamError(f"--gemv-shape {cfg.gemv_shape!r}: give ROWSxCOLS, e.g. "
+        raise DipstreamError(f"--gemv-shape {cfg.gemv_shape!r}: give positive ROWSxCOLS, e.g. "
                              "4096x14336") from None
     need = max(64 * max(chunks), 4 * cfg.seq_chunk)
     if cfg.file is None and size < need:

@@ -1,4 +1,5 @@
-"""Hardware simulator for DRAM-cached, Flash-streamed LLM decoding (methods.md sections 4-5).
+"""Hardware simulator for DRAM-cached, Flash-streamed LLM decoding (docs/methods.md,
+"Cache-aware masking" and "The simulator").
 
 Offline::
 

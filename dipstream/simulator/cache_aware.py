@@ -1,4 +1,5 @@
-"""Cache-aware masking (DIP-CA, methods.md section 4), vectorised over rows (hooks/tokens).
+"""Cache-aware masking (DIP-CA, docs/methods.md "Cache-aware masking"), vectorised over rows
+(hooks/tokens).
 
 Per row with scores s (|x| or |h~|, non-negative) and cache state c (True = in DRAM):
 F = the n0 largest s (protected); s'_i = gamma_t * s_i where c_i is False and i not in F, else

@@ -1,7 +1,7 @@
 """Simulated hardware: DRAM (a software-managed cache of Flash-resident weights) and Flash.
 
-Defaults reproduce the reference simulator (methods.md section 5): time is bytes / bandwidth,
-no compute term, no Flash random-read penalty. The switches marked "beyond the reference" are
+Defaults reproduce the reference simulator (docs/methods.md "The simulator"): time is bytes /
+bandwidth, no compute term, no Flash random-read penalty. The switches marked "beyond the reference" are
 off by default.
 """
 from __future__ import annotations
@@ -70,14 +70,15 @@ class Hardware:
                 raise ValueError(f"bits[{k!r}] must be positive, got {b}")
         self.dram_bw = parse_bandwidth(self.dram_bw, "dram_bw")
         self.flash_bw = parse_bandwidth(self.flash_bw, "flash_bw")
-        if self.dram_bytes is not None and not isinstance(self.dram_bytes, (int, float)):
+        if self.dram_bytes is not None:
             self.dram_bytes = parse_bytes(self.dram_bytes)
-        if self.dram_bytes is not None and self.dram_bytes < 0:
+        if self.dram_bytes is not None and not self.dram_bytes >= 0:
             raise ValueError(f"dram_bytes must be >= 0, got {self.dram_bytes}")
-        if self.compute_flops is not None and not float(self.compute_flops) > 0:
-            raise ValueError(f"compute_flops must be positive (or None), got {self.compute_flops}")
-        if self.flash_read_latency_s is not None and float(self.flash_read_latency_s) < 0:
-            raise ValueError("flash_read_latency_s must be >= 0 (or None)")
+        if self.compute_flops is not None and not 0 < _number(self.compute_flops, "compute_flops") < np.inf:
+            raise ValueError(f"compute_flops must be positive and finite (or None), got {self.compute_flops}")
+        if self.flash_read_latency_s is not None and \
+                not 0 <= _number(self.flash_read_latency_s, "flash_read_latency_s") < np.inf:
+            raise ValueError("flash_read_latency_s must be a finite number >= 0 (or None)")
         if self.flash_queue_depth is not None and int(self.flash_queue_depth) < 1:
             raise ValueError("flash_queue_depth must be >= 1 (or None)")
 
@@ -112,6 +113,13 @@ class Hardware:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
+def _number(v, name: str) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {v!r}") from None
+
+
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "t": 1e12, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.I)
@@ -122,12 +130,16 @@ def parse_bytes(spec) -> float:
     if isinstance(spec, bool):
         raise ValueError(f"cannot parse size {spec!r}")
     if isinstance(spec, (int, float)):
+        if not np.isfinite(spec):
+            raise ValueError(f"size {spec!r} is not a finite number of bytes")
         return spec
     m = _SIZE.match(str(spec))
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot parse size {spec!r}: use e.g. '8GB', '512MB', '1.5GiB' or a "
                          "byte count")
     v = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not np.isfinite(v):
+        raise ValueError(f"size {spec!r} is not a finite number of bytes")
     return int(v) if v.is_integer() else v
 
 
@@ -153,8 +165,9 @@ def parse_dram(spec, model_bytes: float) -> float:
             f = float(spec.strip()[:-1])
         except ValueError:
             f = -1.0
-        if f < 0:
-            raise ValueError(f"cannot parse DRAM size {spec!r}: relative sizes look like '0.5x'")
+        if not (np.isfinite(f) and f >= 0):
+            raise ValueError(f"cannot parse DRAM size {spec!r}: relative sizes look like '0.5x' "
+                             "(a finite, non-negative fraction of the model's weight bytes)")
         return f * model_bytes
     try:
         v = parse_bytes(spec)
@@ -183,8 +196,15 @@ def load_hardware(name_or_path, **overrides) -> Hardware:
                              f"{', '.join(available_presets())} (or a .yaml/.json path)")
     if not p.exists():
         raise ValueError(f"hardware file {str(p)!r} does not exist")
-    text = p.read_text()
-    d = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    if not p.is_file():
+        raise ValueError(f"hardware file {str(p)!r} is not a file; give a YAML or JSON file")
+    try:
+        text = p.read_text()
+        d = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"hardware file {str(p)!r} is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}"
+                         f" ({first[:120]})") from None
     if not isinstance(d, dict):
         raise ValueError(f"hardware file {str(p)!r} must hold a mapping of fields")
     d.setdefault("name", p.stem)

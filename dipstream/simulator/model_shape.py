@@ -1,4 +1,4 @@
-"""Model shapes and weight footprints (methods.md section 5), counted in weights.
+"""Model shapes and weight footprints (docs/methods.md "The simulator"), counted in weights.
 
 lm_head or embedding: d*V each (once when tied); mlp: d*D*3*L (gated); attention:
 d^2*(2+2g)*L with g = n_kv_heads/n_heads; kv_cache(seq) = seq*d*2*L*g.

@@ -1,7 +1,7 @@
 """Cache policies for the per-hook DRAM caches, vectorised over the hooks of one kind.
 
 One policy object holds ``n_hooks`` independent caches (rows) over ``n_units`` units each.
-Per token (reference "mask first" rule, methods.md section 5)::
+Per token (reference "mask first" rule, docs/methods.md "The simulator")::
 
     hit      = m & c
     unused   = c & ~m

@@ -537,7 +537,7 @@ def simulate(trace: MaskTrace, hardware, shape=None, policy="lru", dram_bytes=No
     shape = get_shape(shape) if shape is not None else trace.shape()
     if shape is None:
         raise ValueError("pass shape=: the trace metadata does not describe the model shape")
-    check_trace_matches(trace, shape, trace.metadata.get("model"))
+    check_trace_matches(trace, shape)
     seqs = trace.sequences()
     seq_len = seq_len or max(b - a for a, b in seqs)
     kw = dict(policy_kwargs)

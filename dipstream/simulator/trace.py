@@ -187,46 +187,72 @@ def _jsonable(o):
 
 
 def load_trace(path) -> MaskTrace:
-    """Read and validate a trace written by ``save_trace``; ValueError if malformed."""
+    """Read and validate a trace written by ``save_trace``; ValueError if malformed (never
+    unpickles anything: the arrays are read as plain data)."""
     try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read mask trace {str(path)!r}: {e}") from None
-    with z:
-        keys = set(z.files)
-        need = {"format", "meta_json", "n_tokens", "seq_starts", "prompt_len"}
-        if not need <= keys:
-            raise ValueError(f"{path}: not a mask trace (missing {sorted(need - keys)})")
-        if str(z["format"]) != FORMAT:
-            raise ValueError(f"{path}: unsupported trace format {str(z['format'])!r}")
-        meta = json.loads(str(z["meta_json"]))
-        T = int(z["n_tokens"])
-        hooks = []
-        for i, hd in enumerate(meta["hooks"]):
-            k = f"mask_{i}"
-            if k not in keys:
-                raise ValueError(f"{path}: hook {hd['name']} has no {k} array")
-            pk = z[k]
-            want = (T, (int(hd["n_units"]) + 7) // 8)
-            if pk.dtype != np.uint8 or pk.shape != want:
-                raise ValueError(f"{path}: hook {hd['name']} masks are {pk.dtype}{pk.shape}, "
-                                 f"expected uint8{want} for T={T}, n_units={hd['n_units']}")
-            m = np.unpackbits(pk, axis=1, count=int(hd["n_units"]), bitorder="little").view(bool)
-            hooks.append(Hook(hd["name"], hd["kind"], int(hd["n_units"]),
-                              int(hd["unit_weights"]), m))
-        extra = sorted(k for k in keys if k.startswith("mask_")
-                       and not (k[5:].isdigit() and int(k[5:]) < len(hooks)))
-        if extra:
-            raise ValueError(f"{path}: mask arrays {extra} have no hook description")
-        return MaskTrace(hooks, z["seq_starts"], z["prompt_len"], meta["metadata"])
+        if hasattr(path, "read"):  # a file object (e.g. the bytes of a trace)
+            magic = path.read(4)
+            path.seek(0)
+        else:
+            with open(path, "rb") as fh:
+                magic = fh.read(4)
+    except OSError as e:
+        raise ValueError(f"cannot read mask trace {str(path)!r}: {e.strerror or e}") from None
+    if magic != b"PK\x03\x04":
+        raise ValueError(f"{path} is not a mask trace (not an .npz file); give a trace written by "
+                         "`dipstream simulate --save-trace`")
+    try:
+        return _load_trace(path)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or damaged archive, a missing field
+        raise ValueError(f"mask trace {str(path)!r} is damaged or incomplete ({type(e).__name__}); "
+                         "record it again") from None
+
+
+def _load_trace(path) -> MaskTrace:
+    try:  # read every array first: numpy's own errors (damaged zip, object arrays) are data errors
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except ValueError as e:
+        why = "it holds pickled objects, which are never loaded" if "allow_pickle" in str(e) else str(e)
+        raise ValueError(f"mask trace {str(path)!r} is damaged or not a dipstream trace ({why[:100]})") from None
+    keys = set(arrays)
+    need = {"format", "meta_json", "n_tokens", "seq_starts", "prompt_len"}
+    if not need <= keys:
+        raise ValueError(f"{path}: not a mask trace (missing {sorted(need - keys)})")
+    if str(arrays["format"]) != FORMAT:
+        raise ValueError(f"{path}: unsupported trace format {str(arrays['format'])!r}")
+    meta = json.loads(str(arrays["meta_json"]))
+    T = int(arrays["n_tokens"])
+    hooks = []
+    for i, hd in enumerate(meta["hooks"]):
+        k = f"mask_{i}"
+        if k not in keys:
+            raise ValueError(f"{path}: hook {hd['name']} has no {k} array")
+        pk = arrays[k]
+        want = (T, (int(hd["n_units"]) + 7) // 8)
+        if pk.dtype != np.uint8 or pk.shape != want:
+            raise ValueError(f"{path}: hook {hd['name']} masks are {pk.dtype}{pk.shape}, "
+                             f"expected uint8{want} for T={T}, n_units={hd['n_units']}")
+        m = np.unpackbits(pk, axis=1, count=int(hd["n_units"]), bitorder="little").view(bool)
+        hooks.append(Hook(hd["name"], hd["kind"], int(hd["n_units"]), int(hd["unit_weights"]), m))
+    extra = sorted(k for k in keys if k.startswith("mask_")
+                   and not (k[5:].isdigit() and int(k[5:]) < len(hooks)))
+    if extra:
+        raise ValueError(f"{path}: mask arrays {extra} have no hook description")
+    return MaskTrace(hooks, arrays["seq_starts"], arrays["prompt_len"], meta["metadata"])
 
 
 def check_trace_matches(trace: MaskTrace, shape: ModelShape, model: str = None) -> None:
-    """ValueError when ``trace`` was recorded for a different model shape than ``shape``."""
-    model = model or trace.metadata.get("model") or "given"
+    """ValueError when ``trace`` was recorded for a different model shape than ``shape`` (of the
+    model named ``model``, the one the trace is to be replayed for)."""
+    recorded = trace.metadata.get("model")
+    model = f"model {model}" if model else "the given model"
+    where = f" (model {recorded})" if recorded else ""
     for f in SHAPE_FIELDS:
         if f in trace.metadata and int(trace.metadata[f]) != int(getattr(shape, f)):
-            raise ValueError(f"trace was recorded for {f}={trace.metadata[f]} but model {model} "
+            raise ValueError(f"trace was recorded for {f}={trace.metadata[f]}{where} but {model} "
                              f"has {f}={getattr(shape, f)}")
     covered = 0
     for h in trace.hooks:
@@ -238,21 +264,21 @@ def check_trace_matches(trace: MaskTrace, shape: ModelShape, model: str = None) 
             u_f = "d_ff" if h.kind == "in" else "d_model"
             rec = {n_f: h.n_units, u_f: h.unit_weights // {"in": 2, "out": 1, "neuron": 3}[h.kind]}
             bad = n_f if h.n_units != exp[0] else u_f
-            raise ValueError(f"trace was recorded for {bad}={rec[bad]} but model {model} has "
+            raise ValueError(f"trace was recorded for {bad}={rec[bad]}{where} but {model} has "
                              f"{bad}={getattr(shape, bad)} (hook {h.name})")
         parts = h.name.split(".")
         if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit() \
                 and int(parts[1]) >= shape.n_layers:
-            raise ValueError(f"trace was recorded for more layers (hook {h.name}) but model "
+            raise ValueError(f"trace was recorded for more layers (hook {h.name}){where} but "
                              f"{model} has n_layers={shape.n_layers}")
         covered += h.n_units * h.unit_weights
     if covered > shape.mlp_weights():
-        raise ValueError(f"trace hooks cover {covered} MLP weights but model {model} has only "
+        raise ValueError(f"trace hooks cover {covered} MLP weights{where} but {model} has only "
                          f"{shape.mlp_weights()}")
 
 
 def dip_split(keep: float):
-    """Reference DIP density split (methods.md section 3): keep -> (up_keep, down_keep)."""
+    """Reference DIP density split (docs/methods.md, "Methods"): keep -> (up_keep, down_keep)."""
     if keep >= 1:
         return 1.0, 1.0
     if keep <= 0:

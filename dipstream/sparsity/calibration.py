@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -45,8 +46,9 @@ def save_thresholds(path: str | Path, method, model_name: str, meta: dict) -> Pa
     return write_json_atomic(path, doc)
 
 
-def load_thresholds(path: str | Path, method, n_layers: int) -> dict:
-    """Load thresholds into `method`, checking they were made for this method and layer count."""
+def load_thresholds(path: str | Path, method, n_layers: int, model_name: str | None = None) -> dict:
+    """Load thresholds into `method`, checking they were made for this model, method, density
+    and layer count, and hold numbers only."""
     try:
         doc = json.loads(Path(path).read_text())
         th = doc["thresholds"]
@@ -57,10 +59,20 @@ def load_thresholds(path: str | Path, method, n_layers: int) -> dict:
     if doc.get("method") != method.name:
         raise DipstreamError(f"thresholds file '{path}' is for method '{doc.get('method')}', "
                              f"not '{method.name}'")
+    if model_name is not None and doc.get("model") not in (None, model_name):
+        raise DipstreamError(f"thresholds file '{path}' was calibrated on model '{doc.get('model')}', not "
+                             f"'{model_name}'; recalibrate without --thresholds")
+    density = doc.get("density")
+    if not isinstance(density, (int, float)) or abs(float(density) - method.density) > 1e-9:
+        raise DipstreamError(f"thresholds file '{path}' was calibrated for density {density}, not "
+                             f"{method.density:g}; pass --density {density} or recalibrate without --thresholds")
     for name in method.threshold_names:
         vals = th.get(name)
         if not isinstance(vals, list) or len(vals) != n_layers:
             raise DipstreamError(f"thresholds file '{path}' lacks {n_layers} values of '{name}'; "
                                  "it was made for another model")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in vals):
+            raise DipstreamError(f"thresholds file '{path}' holds values of '{name}' that are not numbers; "
+                                 "recalibrate without --thresholds")
     method.thresholds = {k: [float(v) for v in th[k]] for k in method.threshold_names}
     return doc

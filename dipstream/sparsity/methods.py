@@ -37,6 +37,17 @@ class MethodOptions:
         "help": "dip-ca: warm gamma up over a sequence's first tokens, gamma_t = 1 - (1 - gamma)(1 - "
                 "gamma^(t/4)) (the reference's schedule); --no-warmup uses gamma from the first token"})
 
+    def validate(self) -> None:
+        """One-line errors for out-of-range or non-finite values (before any model is loaded)."""
+        from dipstream.validation import finite, input_file
+
+        finite("up_keep", self.up_keep, lo=0, hi=1, optional=True)
+        finite("down_keep", self.down_keep, lo=0, hi=1, optional=True)
+        finite("prompt_frac", self.prompt_frac, lo=0, hi=1, lo_open=True, hi_open=True)
+        finite("gamma", self.gamma, lo=0, hi=1)
+        finite("n0_frac", self.n0_frac, lo=0, hi=1)
+        input_file("keep_file", self.keep_file, "JSON keep file")
+
 
 @register
 class Dense(Method):

@@ -53,6 +53,31 @@ def check_model(meta: dict, info: ModelInfo, folder) -> None:
                              f"shape ({diff}); use an adapter trained for this model")
 
 
+def check_files(folder: Path, meta: dict) -> bool:
+    """Whether the folder holds LoRA adapters; refuses a folder whose weights are missing (it would
+    otherwise run without them) or whose safetensors are not readable."""
+    from safetensors import safe_open
+
+    config, weights = (folder / f for f in LORA_FILES)
+    expects_lora = config.exists() or bool((meta.get("result") or {}).get("adapter_weights"))
+    if expects_lora and not weights.exists():
+        raise DipstreamError(f"adapter '{folder}' has no {weights.name}; copy the whole --out folder of "
+                             "the finetune run, or re-run it")
+    if not expects_lora and not (folder / PREDICTOR_FILE).exists():
+        raise DipstreamError(f"adapter '{folder}' holds neither LoRA adapters nor predictors; give the "
+                             "--out folder of a finished finetune run")
+    for f in (weights, folder / PREDICTOR_FILE):
+        if f.exists():
+            try:
+                with safe_open(f, framework="pt") as fh:
+                    for k in fh.keys():
+                        fh.get_slice(k).get_shape()
+            except Exception as exc:  # noqa: BLE001 - any header or format error
+                raise DipstreamError(f"adapter file '{f}' is not a readable safetensors file "
+                                     f"({type(exc).__name__}); re-run the finetune that wrote it") from None
+    return expects_lora
+
+
 def apply_adapter(lm, folder: str | Path, method) -> dict:
     """Load an adapter folder into `lm.model` (LoRA injected in place) and, for the predictor
     method, hand it the predictors (the method reports their weights itself; other methods
@@ -62,7 +87,7 @@ def apply_adapter(lm, folder: str | Path, method) -> dict:
     folder = Path(folder).expanduser()
     meta = read_meta(folder)
     check_model(meta, lm.info, folder)
-    has_lora = all((folder / f).exists() for f in LORA_FILES)
+    has_lora = check_files(folder, meta)
     n_lora = 0
     if has_lora:
         load_lora(lm.model, folder)

@@ -1,5 +1,7 @@
 """Training checkpoints: one file written atomically, so an interrupted run resumes from the last
-finished checkpoint and never from a half-written one."""
+finished checkpoint and never from a half-written one. Read back as data only
+(``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts), so a crafted
+file cannot run code."""
 
 from __future__ import annotations
 
@@ -26,10 +28,13 @@ def load_checkpoint(folder: Path, run_key: dict) -> dict | None:
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         saved = state["run_key"]
-    except Exception:  # noqa: BLE001 - unreadable is unreadable
-        raise DipstreamError(f"checkpoint '{path}' is unreadable; delete it or pass --restart") from None
+        if not isinstance(saved, dict):
+            raise TypeError("run_key is not a mapping")
+    except Exception:  # noqa: BLE001 - unreadable (or not plain data) is unreadable
+        raise DipstreamError(f"checkpoint '{path}' is unreadable or not a dipstream checkpoint; delete it "
+                             "or pass --restart") from None
     if saved != run_key:
         diff = sorted(k for k in set(saved) | set(run_key) if saved.get(k) != run_key.get(k))
         what = ", ".join(f"{k}: {saved.get(k)} vs {run_key.get(k)}" for k in diff[:3])

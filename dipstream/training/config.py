@@ -47,7 +47,7 @@ class TrainOptions:
     max_epochs: float = field(default=4.0, metadata={
         "help": "refuse runs that would pass over the training text more often than this"})
     train_text: str | None = field(default=None, metadata={
-        "help": "train on this UTF-8 file (first 90%% train, last 10%% validation) instead of the "
+        "help": "train on this UTF-8 file (first 90% train, last 10% validation) instead of the "
                 "corpus's train/val splits", "metavar": "PATH"})
     act_l1: float = field(default=0.0, metadata={
         "help": "drelu/relufied: weight of a mean-|h| penalty pushing activations to zero"})

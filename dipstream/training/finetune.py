@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from dipstream import __version__
 from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
-from dipstream.io import append_jsonl
+from dipstream.io import append_jsonl, clean_temps, folder_lock
 from dipstream.experiments.evaluate import _prepare_thresholds, eval_windows, machine
 from dipstream.models import load_model
 from dipstream.models.adapters import LoraSettings, add_lora, count_lora_weights, save_lora
@@ -58,11 +58,23 @@ def run_key(cfg: FinetuneConfig) -> dict:
 
 
 def _validate(cfg: FinetuneConfig) -> None:
+    from dipstream.validation import at_least, finite, input_file, output_dir
+
     ev, tr = cfg.eval, cfg.train
     if ev.method in NOTHING_TO_TRAIN:
         raise DipstreamError(NOTHING_TO_TRAIN[ev.method])
     if ev.adapter:
         raise DipstreamError("finetune trains a new adapter; --adapter is for eval and simulate")
+    ev.validate()
+    for name, lo, lo_open in (("lr", 0, True), ("kd_temperature", 0, True), ("grad_clip", 0, False),
+                              ("weight_decay", 0, False), ("act_l1", 0, False), ("max_epochs", 0, True)):
+        finite(name, getattr(tr, name), lo=lo, lo_open=lo_open)
+    finite("lora_alpha", tr.lora_alpha, lo=0, lo_open=True, optional=True)
+    for name in ("steps", "batch_size", "predictor_tokens"):
+        at_least(name, getattr(tr, name), 1)
+    at_least("warmup_steps", tr.warmup_steps, 0)
+    input_file("train_text", tr.train_text, "UTF-8 text file")
+    output_dir("out", tr.out)
     if ev.dtype != "float32":
         raise DipstreamError(f"finetune trains in float32; --dtype {ev.dtype} applies to eval and simulate")
     LoraSettings(tr.lora_rank, tr.lora_alpha, tr.lora_targets, tr.lora_init).resolved_alpha()
@@ -294,11 +306,23 @@ def run_finetune(cfg: FinetuneConfig, progress: bool | None = None, on_step=None
         progress = sys.stderr.isatty()
     out = Path(cfg.train.out).expanduser() if cfg.train.out else default_out(cfg)
     key = run_key(cfg)
-    state = None if cfg.train.restart else load_checkpoint(out, key)
-    if state is not None and state.get("finished"):
-        return {**state["result"], "resumed": "already finished"}
-    if cfg.eval.method == "predictor":
-        from dipstream.training.predictor_train import train_predictors
+    with folder_lock(out, "finetune"):
+        clean_temps(out, ("checkpoint.pt", "dipstream_adapter.json", "predictor.safetensors"), (".lora-*",))
+        state = None if cfg.train.restart else load_checkpoint(out, key)
+        if state is not None and state.get("finished"):
+            lost = [f for f in _weight_files(cfg) if not (out / f).is_file()]
+            if lost:
+                raise DipstreamError(f"the finished run in '{out}' has lost {', '.join(lost)}; pass "
+                                     "--restart to train it again")
+            return {**state["result"], "resumed": "already finished"}
+        if cfg.eval.method == "predictor":
+            from dipstream.training.predictor_train import train_predictors
 
-        return train_predictors(cfg, out, key, state, progress, on_step)
-    return _train_lora(cfg, out, key, state, progress, on_step)
+            return train_predictors(cfg, out, key, state, progress, on_step)
+        return _train_lora(cfg, out, key, state, progress, on_step)
+
+
+def _weight_files(cfg: FinetuneConfig) -> list[str]:
+    """The files a finished run of `cfg` leaves in its folder besides its description."""
+    return ["predictor.safetensors"] if cfg.eval.method == "predictor" else \
+        ["adapter_config.json", "adapter_model.safetensors"]

@@ -34,11 +34,12 @@ def test_hook_specs():
 def test_mismatched_shapes_raise(tmp_path):
     tr = synthetic_trace(SMALL, "dip", 0.4, n_tokens=4)
     other = ModelShape(2, 12, 24, 50, 4, 2)
-    with pytest.raises(ValueError, match="trace was recorded for d_ff=20 but model synthetic "
-                                         "has d_ff=24"):
-        check_trace_matches(tr, other)
+    # the message names the model the trace came from and the one it is replayed for
+    with pytest.raises(ValueError, match=r"trace was recorded for d_ff=20 \(model synthetic\) but model "
+                                         "other has d_ff=24"):
+        check_trace_matches(tr, other, "other")
     tr.metadata = {}
-    with pytest.raises(ValueError, match="trace was recorded for d_ff=20 but model given has "
+    with pytest.raises(ValueError, match="trace was recorded for d_ff=20 but the given model has "
                                          "d_ff=24"):
         check_trace_matches(tr, other)
     with pytest.raises(ValueError, match="d_model=12 but model phi3-mini has d_model=3072"):
@@ -62,5 +63,5 @@ def test_bad_masks_raise(tmp_path):
     with pytest.raises(ValueError, match="layers.0.out masks are uint8"):
         load_trace(p)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="cannot read mask trace"):
+    with pytest.raises(ValueError, match=r"is not a mask trace \(not an .npz file\)"):
         load_trace(tmp_path / "junk.npz")

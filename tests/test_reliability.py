@@ -1,0 +1,326 @@
+"""Reliability and safety: nothing read from a user's folder runs code, processes do not outlive
+a killed sweep, stale or damaged state is re-made, one writer per output folder, private caches,
+and a small property-based fuzz of the option parsers and file readers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from dipstream.errors import DipstreamError
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ("the quick brown fox jumps over the lazy dog. pack my box with five dozen jugs. " * 40 + "\n\n") * 3
+
+
+class Payload:
+    """Unpickling this runs `Path(marker).touch()`: a stand-in for any code an attacker wants run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+# ------------------------------------------------------------------------------------ pickles
+def test_crafted_checkpoint_cannot_run_code(tmp_path, tiny_checkpoint, capsys):
+    from dipstream.cli.main import main
+    from dipstream.training.checkpoint import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    out = tmp_path / "ft"
+    out.mkdir()
+    torch.save({"run_key": Payload(marker), "step": 1}, out / "checkpoint.pt")
+    with pytest.raises(DipstreamError, match="unreadable or not a dipstream checkpoint"):
+        load_checkpoint(out, {"a": 1})
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    code = main(["finetune", "--model", str(tiny_checkpoint), "--text", str(text), "--train-text", str(text),
+                 "--seq-len", "32", "--tokens", "62", "--steps", "2", "--out", str(out)])
+    assert code == 2 and "checkpoint" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_crafted_trace_cannot_run_code(tmp_path):
+    from dipstream.simulator import load_trace
+
+    marker = tmp_path / "pwned"
+    arr = np.empty(1, dtype=object)
+    arr[0] = Payload(marker)
+    with open(tmp_path / "t.npz", "wb") as f:
+        np.savez(f, format=np.array("dipstream-mask-trace/1"), meta_json=arr, n_tokens=np.array(1),
+                 seq_starts=np.array([0]), prompt_len=np.array([0]))
+    with pytest.raises(ValueError, match="holds pickled objects, which are never loaded"):
+        load_trace(tmp_path / "t.npz")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------ processes
+def _sweep_config(tmp_path, ckpt) -> Path:
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 20)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"model: {ckpt}\ntext: {text}\nseq_len: 32\ntokens: 2000\nbatch_size: 1\n"
+                   "method: dip-ca\ndensity: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]\ngamma: [0.1, 0.2, 0.3]\n")
+    return cfg
+
+
+def _start_sweep(tmp_path, ckpt):
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "dipstream.cli.main", "sweep", str(_sweep_config(tmp_path, ckpt)),
+                             "--results", str(tmp_path / "r"), "--jobs", "2", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    deadline = time.time() + 120
+    kids = []
+    while time.time() < deadline:
+        kids = [k for k in psutil.Process(proc.pid).children(recursive=True)
+                if "multiprocessing" in " ".join(k.cmdline())]
+        if len(kids) >= 2 and any(p.suffix == ".json" for p in (tmp_path / "r" / "model_runs").glob("*")):
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"sweep ended early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.5)
+    assert len(kids) >= 2, "the pool's workers did not start"
+    return proc, kids
+
+
+def _gone(procs, seconds=20.0) -> bool:
+    import psutil
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        alive = []
+        for p in procs:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_sweep_workers_die_with_a_killed_sweep(tmp_path, tiny_checkpoint):
+    proc, kids = _start_sweep(tmp_path, tiny_checkpoint)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    try:
+        assert _gone(kids), "pool workers outlived kill -9 of the sweep"
+    finally:
+        for k in kids:
+            try:
+                k.kill()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def test_sigterm_stops_a_sweep_cleanly(tmp_path, tiny_checkpoint):
+    proc, kids = _start_sweep(tmp_path, tiny_checkpoint)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == 130, err[-2000:]
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    assert _gone(kids)
+    # what finished is kept: a dry run sees it done
+    rows = (tmp_path / "r" / "results.jsonl").read_text().splitlines() \
+        if (tmp_path / "r" / "results.jsonl").exists() else []
+    assert all(json.loads(r)["key"] for r in rows)
+
+
+# ------------------------------------------------------------------------------------ stale state
+def test_damaged_stored_trace_is_recorded_again(tmp_path, tiny_checkpoint, capsys):
+    from dipstream.experiments.sweep import SweepOptions, run_sweep
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    cfg = tmp_path / "s.yaml"
+    base = f"model: {tiny_checkpoint}\ntext: {text}\nseq_len: 32\ntokens: 62\nmethod: dip\n"
+    cfg.write_text(base + "dram: 0.6x\n")
+    opts = SweepOptions(results=str(tmp_path / "r"), executor="serial", progress=False)
+    assert run_sweep(cfg, opts)["finished"] == 1
+    (trace,) = (tmp_path / "r" / "traces").glob("*.npz")
+    trace.write_bytes(trace.read_bytes()[:200])  # damaged
+    cfg.write_text(base + "dram: [0.6x, 0.7x]\n")  # one more replay of the same model run
+    s = run_sweep(cfg, opts)
+    assert s["finished"] == 1 and s["failed"] == 0 and s["model_runs"] == 1
+    assert "damaged; recording it again" in capsys.readouterr().err
+
+
+def test_leftovers_of_killed_writers_are_removed(tmp_path):
+    from dipstream.experiments.results_store import ResultsStore
+
+    root = tmp_path / "r"
+    with ResultsStore(root):
+        pass
+    junk = [root / ".results.csv.abc", root / "traces" / ".k1.npz.xyz", root / "model_runs" / ".k1.json.q"]
+    for j in junk:
+        j.write_text("half written")
+    keep = root / "notes.txt"
+    keep.write_text("mine")
+    with ResultsStore(root):
+        pass
+    assert not any(j.exists() for j in junk) and keep.exists()
+
+
+def test_dry_run_writes_nothing(tmp_path, tiny_checkpoint):
+    from dipstream.experiments.sweep import SweepOptions, run_sweep
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"model: {tiny_checkpoint}\ntext: {text}\nseq_len: 32\ntokens: 62\nmethod: dip\n")
+    s = run_sweep(cfg, SweepOptions(results=str(tmp_path / "new"), dry_run=True, progress=False))
+    assert s["dry_run"] and not (tmp_path / "new").exists()
+
+
+def test_one_writer_per_folder(tmp_path):
+    from dipstream.io import folder_lock
+
+    with folder_lock(tmp_path / "out", "finetune"):
+        with pytest.raises(DipstreamError, match="in use by dipstream finetune"):
+            with folder_lock(tmp_path / "out", "finetune"):
+                pass
+    with folder_lock(tmp_path / "out", "finetune"):  # released
+        pass
+
+
+def test_killed_conversion_and_damaged_cache_are_remade(tmp_path, monkeypatch, tiny_checkpoint):
+    """A built-in model's cache: leftovers of a killed conversion are removed, a damaged cache
+    is converted again, an unwritable cache is a one-line error."""
+    import shutil
+
+    from dipstream.models import loading
+
+    calls = []
+
+    def fake_convert(builtin, target):  # copies the tiny checkpoint as a "conversion"
+        calls.append(target)
+        tmp = target.parent / f".{builtin.name}-partial"
+        shutil.copytree(tiny_checkpoint, tmp)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / loading.CACHE_MARKER).write_text(json.dumps({"files": files}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+
+    monkeypatch.setenv("DIPSTREAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "_convert_builtin", fake_convert)
+    stale = tmp_path / "cache" / "models" / ".smollm2-135m-abc123"
+    stale.mkdir(parents=True)
+    lm = loading.load_model("smollm2-135m")
+    assert lm.name == "smollm2-135m" and len(calls) == 1 and not stale.exists()
+    assert loading.load_model("smollm2-135m") and len(calls) == 1  # cached
+    weights = next((tmp_path / "cache" / "models" / "smollm2-135m").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged: sizes no longer match
+    loading.load_model("smollm2-135m")
+    assert len(calls) == 2
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("DIPSTREAM_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(DipstreamError, match="not writable|not a folder|File exists|cache"):
+        loading.load_model("smollm2-135m")
+
+
+def test_caches_are_private(tmp_path):
+    from dipstream.runtime import _native
+    from dipstream.validation import private_dir
+
+    p = private_dir(tmp_path / "a" / "b")
+    assert (p.stat().st_mode & 0o777) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(DipstreamError, match="writable by others"):
+        private_dir(shared)
+    lib, info = _native._try_load(None, shared)
+    assert lib is None and "not private" in info["reason"]
+
+
+# ------------------------------------------------------------------------------------ fuzz
+TEXTS = st.one_of(st.text(max_size=30), st.sampled_from(["nan", "inf", "-1", "1e400", "0.5x", "nanx", "-0x",
+                                                         "1e400x", "4GB", "1.5GiB", "60GB/s", "5%", "nan%"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXTS)
+def test_option_parsers_accept_only_finite_values(s):
+    from dipstream.reports.headline import Budget
+    from dipstream.simulator.hardware import parse_bandwidth, parse_bytes, parse_dram
+
+    for fn in (lambda: parse_dram(s, 1e9), lambda: parse_bytes(s), lambda: parse_bandwidth(s)):
+        try:
+            v = fn()
+        except ValueError:
+            continue
+        assert math.isfinite(v) and v >= 0
+    try:
+        b = Budget.parse(s)
+    except DipstreamError:
+        return
+    assert math.isfinite(b.value) and b.value >= 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=600), as_zip=st.booleans())
+def test_trace_reader_refuses_garbage_with_value_errors(data, as_zip, tmp_path_factory):
+    from dipstream.simulator import load_trace
+
+    p = tmp_path_factory.mktemp("fuzz") / "t.npz"
+    p.write_bytes((b"PK\x03\x04" + data) if as_zip else data)
+    with pytest.raises(ValueError):
+        load_trace(p)
+
+
+JSONS = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
+                     lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=12), c, max_size=5)),
+                     max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc=JSONS, fields=st.dictionaries(st.sampled_from(["method", "model", "density", "thresholds"]), JSONS))
+def test_thresholds_and_manifests_refuse_garbage_with_one_line_errors(doc, fields, tmp_path_factory):
+    from dipstream.runtime.offload_file import read_manifest
+    from dipstream.sparsity import build_method
+    from dipstream.sparsity.calibration import load_thresholds
+
+    d = tmp_path_factory.mktemp("fuzz")
+    for candidate in (doc, {**fields, "format": "dipstream-offload/1"} if isinstance(fields, dict) else fields):
+        (d / "th.json").write_text(json.dumps(candidate))
+        try:
+            load_thresholds(d / "th.json", build_method("cats", 0.6), 2, "m")
+        except DipstreamError as e:
+            assert "\n" not in str(e)
+        (d / "mlp.json").write_text(json.dumps(candidate))
+        try:
+            read_manifest(d)
+        except DipstreamError as e:
+            assert "\n" not in str(e)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(max_size=200))
+def test_hardware_files_refuse_garbage_with_value_errors(text, tmp_path_factory):
+    from dipstream.simulator import load_hardware
+
+    p = tmp_path_factory.mktemp("fuzz") / "hw.yaml"
+    p.write_text(text)
+    try:
+        load_hardware(p)
+    except ValueError as e:
+        assert str(e)
