@@ -94,6 +94,16 @@ def test_finished_run_that_lost_its_adapter_is_not_reported(finished, tiny_check
                             adapter=str(copy)))
 
 
+def test_two_finetunes_into_one_folder(tiny_checkpoint, text_file, tmp_path):
+    from dipstream.io import folder_lock
+
+    out = tmp_path / "busy"
+    with folder_lock(out, "finetune"):  # another finetune holds the folder
+        with pytest.raises(DipstreamError, match="in use by dipstream finetune"):
+            run_finetune(_cfg(tiny_checkpoint, text_file, out))
+    assert not (out / "log.jsonl").exists()
+
+
 @pytest.mark.parametrize("crash, at", [(KeyboardInterrupt, 3), (Crash, 5)])
 def test_interrupted_run_resumes_to_the_same_adapter(finished, tiny_checkpoint, text_file, tmp_path, crash, at):
     """Ctrl-C checkpoints the current step; a hard crash loses only the steps since the last
