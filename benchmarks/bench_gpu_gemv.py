@@ -44,8 +44,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_gpu_gemv: needs a CUDA GPU (none found); nothing was measured")
         return 1
-    from dipstream.runtime import SparseMLPWeights, dip_keep_split, keep_to_k, sparse_mlp
-    from dipstream.runtime.triton_gemv import gather_gemv_triton
+    from dipstream.budget import dip_split, keep_to_k
+    from dipstream.kernels import SparseMLPWeights, sparse_mlp
+    from dipstream.kernels.triton_gemv import gather_gemv_triton
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         t_dense = bench(lambda: F.linear(F.silu(F.linear(x, Wg)) * F.linear(x, Wu), W_dn))
         print(f"   whole MLP: dense {t_dense * 1e6:.0f} us")
         for dens in DENSITIES:
-            up, down = dip_keep_split(dens)
+            up, down = dip_split(dens)
             k_in, k_out = keep_to_k(up, D_MODEL), keep_to_k(down, D_FF)
             t = bench(lambda: sparse_mlp(w, x, k_in, k_out))
             print(f"   DIP density {dens:.2f} (k_in {k_in}, k_out {k_out}): {t * 1e6:.0f} us, "

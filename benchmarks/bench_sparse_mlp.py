@@ -1,12 +1,12 @@
 """Sparse (DIP) gated MLP vs dense, batch-1 decode, random fp32 weights.
 
 For SmolLM2-135M (d=576, D=1536) and Llama-3-8B (d=4096, D=14336) layer shapes, times
-dipstream.runtime.sparse_mlp (fused kernel reading only the selected weight rows, including
+dipstream.kernels.sparse_mlp (fused kernel reading only the selected weight rows, including
 both top-k selections) against the dense MLP (three F.linear calls, batch 1) at weight-read
 densities 0.25/0.5/0.75, with the uniform split (up_keep = down_keep = density) and DIP's split.
 Every round runs each variant once (interleaved, fresh random x per round); medians are reported.
 Target: >= 1.7x faster than dense at density 0.5 on the 8B shapes.
-``--dtypes float32,int8,int4`` adds the quantized layouts (dipstream.runtime.quant; DIP split
+``--dtypes float32,int8,int4`` adds the quantized layouts (dipstream.kernels.quant; DIP split
 only), still timed against the float32 dense MLP; their "GB/s" counts the bytes they stream
 (integers + scales).
 
@@ -23,9 +23,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dipstream.runtime import SparseMLPWeights, dip_keep_split, keep_to_k, native_status, sparse_mlp
-from dipstream.runtime.quant import QuantizedSparseMLPWeights
-from dipstream.runtime.sparse_mlp import _alloc
+from dipstream.budget import dip_split, keep_to_k
+from dipstream.kernels import SparseMLPWeights, native_status, sparse_mlp
+from dipstream.kernels.quant import QuantizedSparseMLPWeights
+from dipstream.kernels.sparse_mlp import _alloc
 
 SHAPES = {"smollm2": (576, 1536, 300), "llama3-8b": (4096, 14336, 15)}  # d, D, default rounds
 DENSITIES = (0.25, 0.5, 0.75)
@@ -69,7 +70,7 @@ def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: 
     variants = {"dense": (dense, dense_bytes, None)}
     for split in ("uniform", "dip"):
         for dens in DENSITIES:
-            up, down = (dens, dens) if split == "uniform" else dip_keep_split(dens)
+            up, down = (dens, dens) if split == "uniform" else dip_split(dens)
             k_in, k_out = keep_to_k(up, d), keep_to_k(down, D)
 
             def f(k_in=k_in, k_out=k_out):
@@ -77,7 +78,7 @@ def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: 
             variants[(split, dens)] = (f, w.bytes_read(k_in, k_out), (k_in, k_out))
     for dt, wq in quant.items():
         for dens in DENSITIES:
-            up, down = dip_keep_split(dens)
+            up, down = dip_split(dens)
             k_in, k_out = keep_to_k(up, d), keep_to_k(down, D)
 
             def f(k_in=k_in, k_out=k_out, wq=wq):

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from dipstream.errors import DipstreamError
-from dipstream.experiments.evaluate import EvalConfig, evaluate, machine
+from dipstream.experiments.evaluate import EvalConfig, evaluate
+from dipstream.paths import machine
 from dipstream.io import append_jsonl, read_jsonl
 from dipstream.sparsity import MethodOptions
 

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     import torch
 
     from dipstream.io import append_jsonl
-    from dipstream.models.loading import cache_root
+    from dipstream.paths import cache_root
     from dipstream.runtime.generate import GenerateConfig, run_generate
     from dipstream.runtime.probe import ProbeConfig, run_probe
     from dipstream.simulator import load_hardware, load_trace, simulate

@@ -6,7 +6,8 @@ import torch
 from dipstream.models.arch import GatedMLPParts
 from dipstream.sparsity import Selection, build_method, dip_split, layer_keeps
 from dipstream.sparsity.methods import threshold_for_keep
-from dipstream.sparsity.ops import linear_cols, linear_rows, topk_mask
+from dipstream.selection import topk_mask
+from dipstream.sparsity.ops import linear_cols, linear_rows
 
 
 def test_dip_split_reference_example():

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dipstream.errors import DipstreamError
 from dipstream.models.arch import mlp_parts
-from dipstream.runtime import _native
+from dipstream.kernels import native as _native
 from dipstream.runtime import offload_file as of
 from dipstream.runtime.generate import GenerateConfig
 from dipstream.runtime.offload import OffloadRuntime, offload_capacities, parse_budget

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dipstream.runtime import masked_dense_reference, sparse_mlp
-from dipstream.runtime.quant import QuantizedSparseMLPWeights, quantize_rows
+from dipstream.kernels import masked_dense_reference, sparse_mlp
+from dipstream.kernels.quant import QuantizedSparseMLPWeights, quantize_rows
 from tests.test_sparse_mlp import BACKENDS, _kernel_or_skip, assert_close_y, hidden, make_mlp
 
 

@@ -138,18 +138,3 @@ def test_every_method_records_a_trace(tiny_checkpoint, text_file, tmp_path, meth
         for dram in ("0.3x", "0.6x", "0.9x"):
             r = run_simulate(SimulateConfig(ev, SimConfig(dram=dram, policy=policy, trace=str(trace))))
             assert r["dram_used_bytes"] <= r["dram_bytes"] + 1e-6, (policy, dram)
-
-
-@pytest.mark.parametrize("gamma,t", [(0.1, 0), (0.1, 3), (0.5, 40), (0.0, 9), (1.0, 7)])
-def test_lean_dip_ca_select_matches_reference_select(gamma, t):
-    from dipstream.simulator.cache_aware import cache_aware_select
-    from dipstream.sparsity.cache_aware import ca_select
-
-    g = torch.Generator().manual_seed(t)
-    scores, cached = torch.rand(6, 50, generator=g), torch.rand(6, 50, generator=g) > 0.6
-    ours = ca_select(scores, 20, cached, gamma, 10, t)
-    assert torch.equal(ours, cache_aware_select(scores, 20, cached, gamma, 10, t))
-    assert (ours.sum(-1) == 20).all()
-    from dipstream.sparsity.ops import topk_mask
-
-    assert torch.equal(ca_select(scores, 20, cached, gamma, 10, t, topk_mask(scores, 10)), ours)

@@ -1,4 +1,4 @@
-"""dipstream.runtime.sparse_mlp: the fused DIP MLP equals the masked dense computation."""
+"""dipstream.kernels.sparse_mlp: the fused DIP MLP equals the masked dense computation."""
 
 from __future__ import annotations
 
@@ -12,18 +12,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dipstream.runtime import (
+from dipstream.kernels import (
     SparseMLPWeights,
     dense_mlp_reference,
-    dip_keep_split,
     gather_gemv,
-    keep_to_k,
     masked_dense_reference,
     select_topk_abs,
     sparse_mlp,
 )
-from dipstream.runtime import _native
-from dipstream.runtime.sparse_mlp import _act_torch
+from dipstream.kernels import native as _native
+from dipstream.kernels.sparse_mlp import _act_torch
 
 BACKENDS = ["native", "torch"]
 
@@ -301,17 +299,6 @@ def test_batch_rows_and_validation():
         sparse_mlp(w, torch.randn(d + 1), 1, 3)
     with pytest.raises(TypeError):
         sparse_mlp(w, X[0], 0.5, 3)
-
-
-def test_dip_keep_split():
-    from dipstream.sparsity.budget import dip_split
-
-    for keep in (0.1, 0.25, 0.5, 0.75, 0.9):
-        up, down = dip_keep_split(keep)
-        assert abs(2 / 3 * up + 1 / 3 * down - keep) < 1e-12
-        assert (up, down) == pytest.approx(dip_split(keep))
-    assert dip_keep_split(1.0) == (1.0, 1.0)
-    assert keep_to_k(0.5, 4096) == 2048 and keep_to_k(1.0, 7) == 7 and keep_to_k(0.0, 7) == 0
 
 
 def test_fallback_when_compilation_fails(tmp_path, monkeypatch):

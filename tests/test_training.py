@@ -227,7 +227,7 @@ def test_recall_against_real_topk():
     # logit > 0: row 0 predicts {0, 2} (1 right), row 1 predicts {1, 2} (2 right): 3 of 4 predicted
     assert threshold_scores(logits, targets) == pytest.approx((3 / 4, 3 / 4))
     h = torch.randn(16, 40, generator=torch.Generator().manual_seed(0)).abs()
-    from dipstream.sparsity.ops import topk_mask
+    from dipstream.selection import topk_mask
 
     assert topk_recall(h, topk_mask(h, 10), 10) == 1.0
 

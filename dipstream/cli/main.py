@@ -104,10 +104,11 @@ def cmd_lm_eval(ns) -> int:
 
 
 def cmd_models(ns) -> int:
-    from dipstream.models.loading import BUILTIN_MODELS, _cache_complete, cache_root
+    from dipstream.models.loading import BUILTIN_MODELS, cache_complete
+    from dipstream.paths import cache_root
 
     for m in BUILTIN_MODELS.values():
-        cached = _cache_complete(cache_root() / "models" / m.name)
+        cached = cache_complete(cache_root() / "models" / m.name)
         print(f"{m.name:<14} {'cached' if cached else 'not converted yet':<18} {m.description}")
     print("or any local Hugging Face checkpoint folder of: llama, mistral, qwen2, qwen3, phi3, "
           "gemma, gemma2, gemma3")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -17,7 +15,7 @@ from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
 from dipstream.io import write_json_atomic
 from dipstream.models import load_model
-from dipstream.models.loading import cache_root
+from dipstream.paths import cache_root, machine
 from dipstream.sparsity import MethodOptions, attach, build_method
 from dipstream.sparsity.calibration import calibrate, load_thresholds, save_thresholds
 
@@ -63,7 +61,7 @@ class EvalConfig:
     def validate(self) -> None:
         """Check every option, input file and output path before anything is loaded or run."""
         from dipstream.sparsity import METHODS
-        from dipstream.sparsity.budget import check_density
+        from dipstream.budget import check_density
         from dipstream.validation import at_least, input_dir, input_file, output_file
 
         check_density(self.density)
@@ -86,11 +84,6 @@ class EvalConfig:
             check_files(folder, read_meta(folder))
         output_file("json", self.json)
         output_file("save_thresholds", self.save_thresholds)
-
-
-def machine() -> str:
-    """Where a run ran, for results rows."""
-    return f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
 
 
 def eval_windows(cfg: EvalConfig, lm, tokens: int | None = None):

@@ -16,24 +16,10 @@ from typing import Callable
 import torch
 
 from dipstream.errors import DipstreamError
+from dipstream.paths import cache_root
 from dipstream.models.arch import ModelInfo, arch_spec, describe
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    """Where converted models and calibration artifacts live: $DIPSTREAM_CACHE, else the platform's
-    user cache folder ($XDG_CACHE_HOME or ~/.cache on Linux, ~/Library/Caches on macOS)."""
-    env = os.environ.get("DIPSTREAM_CACHE")
-    if env:
-        return Path(env).expanduser()
-    if os.name == "nt":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    elif os.uname().sysname == "Darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "dipstream"
 
 
 def _package_dir(module: str, install: str) -> Path:
@@ -94,7 +80,7 @@ def _quiet_transformers():
 CACHE_MARKER = "dipstream_cache.json"  # written last: files and sizes of a finished conversion
 
 
-def _cache_complete(target: Path) -> bool:
+def cache_complete(target: Path) -> bool:
     """Whether `target` holds a finished conversion whose files all have their recorded sizes."""
     import json
 
@@ -145,14 +131,14 @@ def _ensure_converted(name: str, force: bool = False) -> Path:
 
     models = cache_root() / "models"
     target = models / name
-    if not force and _cache_complete(target):
+    if not force and cache_complete(target):
         return target
     try:
         private_dir(models)
         with folder_lock(models, "model conversion", wait=True):
             for stale in models.glob(f".{name}-*"):  # a conversion killed half-way
                 shutil.rmtree(stale, ignore_errors=True)
-            if force or not _cache_complete(target):
+            if force or not cache_complete(target):
                 _quiet_transformers()
                 _convert_builtin(BUILTIN_MODELS[name], target)
     except OSError as exc:

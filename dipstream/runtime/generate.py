@@ -118,7 +118,7 @@ class InMemoryRuntime:
 
     def __init__(self, parts, k_in, k_out, weights: str = "float32", device=None,
                  record_masks: bool = False):
-        from dipstream.runtime import QuantizedSparseMLPWeights, SparseMLPWeights
+        from dipstream.kernels import QuantizedSparseMLPWeights, SparseMLPWeights
 
         self.L, self.d, self.D = len(parts), parts[0].d_model, parts[0].d_ff
         self.k_in, self.k_out = list(k_in), list(k_out)
@@ -143,7 +143,7 @@ class InMemoryRuntime:
         self.mlp_s = 0.0
 
     def _run(self, layer, x):
-        from dipstream.runtime import sparse_mlp
+        from dipstream.kernels import sparse_mlp
 
         if self.adapters[layer] is not None:
             y, s_in, s_out = self._run_adapted(layer, x)
@@ -161,7 +161,7 @@ class InMemoryRuntime:
     def _run_adapted(self, layer, x):
         """One token (or rows one by one) of DIP with adapters: the kernel's gather-GEMVs plus
         each adapter's term on the selected inputs."""
-        from dipstream.runtime.sparse_mlp import _act_torch, gather_gemv, select_topk_abs
+        from dipstream.kernels.sparse_mlp import _act_torch, gather_gemv, select_topk_abs
 
         if x.dim() == 2 and x.shape[0] > 1:
             outs = [self._run_adapted(layer, row) for row in x]
@@ -218,7 +218,7 @@ def _lora_on(terms, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | float:
 
 
 def _act_name(name: str) -> str:
-    from dipstream.runtime.sparse_mlp import _ACTS
+    from dipstream.kernels.sparse_mlp import _ACTS
 
     if name not in _ACTS:
         raise DipstreamError(f"the sparse runtime supports the activations {sorted(_ACTS)}, "
@@ -292,7 +292,7 @@ def decode_tokens(model, input_ids: torch.Tensor, cfg: GenerateConfig, eos_ids=(
 
 def _check(cfg: GenerateConfig) -> None:
     """Every option, file and output path, before the model is loaded."""
-    from dipstream.sparsity.budget import check_density
+    from dipstream.budget import check_density
     from dipstream.validation import at_least, finite, input_dir, output_file
 
     check_density(cfg.density)
@@ -351,10 +351,10 @@ def _device(cfg: GenerateConfig) -> torch.device:
 
 def run_generate(cfg: GenerateConfig, out=None) -> dict:
     """Generate (streaming to ``out``, default stdout, when cfg.stream) and return a results row."""
-    from dipstream.experiments.evaluate import machine
+    from dipstream.paths import machine
     from dipstream.models import load_model
     from dipstream.models.arch import mlp_parts
-    from dipstream.sparsity.budget import layer_keeps
+    from dipstream.budget import layer_keeps
     from dipstream.simulator import ModelShape
 
     _check(cfg)

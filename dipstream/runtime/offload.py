@@ -27,7 +27,7 @@ import torch
 
 from dipstream.errors import DipstreamError
 from dipstream.runtime.offload_file import BundledFile, aligned_bytes
-from dipstream.runtime.sparse_mlp import _act_torch, gather_gemv, select_topk_abs
+from dipstream.kernels.sparse_mlp import _act_torch, gather_gemv, select_topk_abs
 
 __all__ = ["OffloadRuntime", "offload_capacities", "HookCache", "parse_budget"]
 

@@ -37,7 +37,7 @@ import torch
 
 from dipstream.errors import DipstreamError
 from dipstream.io import atomic_path, write_json_atomic
-from dipstream.runtime import _native
+from dipstream.kernels import native as _native
 
 __all__ = ["Layout", "BundledFile", "ExtentReader", "open_direct", "open_for_reads",
            "write_offload",

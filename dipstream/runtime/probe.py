@@ -93,7 +93,7 @@ def measure_ram(mb: int, repeats: int) -> float:
 
 def measure_gemv(repeats: int, n: int = 4096, m: int = 14336) -> tuple[float, float]:
     """(FLOP/s, bytes/s) of the fused gather-GEMV over all n rows of an (n, m) float32 matrix."""
-    from dipstream.runtime import gather_gemv
+    from dipstream.kernels import gather_gemv
 
     W = torch.randn(n, m, generator=torch.Generator().manual_seed(0))
     idx = torch.arange(n)
@@ -198,7 +198,7 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
     """Measure, write the hardware YAML (and JSON), return the measurements."""
     import yaml
 
-    from dipstream.models.loading import cache_root
+    from dipstream.paths import cache_root
     from dipstream.simulator import Hardware
     from dipstream.simulator.hardware import KINDS, parse_bytes
 

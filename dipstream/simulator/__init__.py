@@ -14,10 +14,10 @@ Closed loop (masks chosen from the cache state, e.g. DIP-CA)::
     loop.new_sequence(prompt_len=0)
     for t in range(T):
         cached = loop.cached()                            # per hook, bool (n_units,)
-        loop.record([cache_aware_select(s, k, c, gamma, n0, t) for ...])
+        loop.record([my_masks(hook, cached) ...])            # e.g. dipstream.selection.ca_select
     res = loop.result()                                   # == simulate() on the same masks
 
-numpy only, except ``cache_aware`` (torch), which is imported lazily.
+numpy only (no torch).
 """
 from .hardware import (Hardware, available_presets, load_hardware, parse_bandwidth, parse_bytes,
                        parse_dram)
@@ -25,20 +25,13 @@ from .model_shape import SHAPES, ModelShape, get_shape
 from .policies import POLICIES, CachePolicy, make_policy
 from .simulate import (ClosedLoop, HookStepper, Placement, SimResult, dense_streaming_baseline,
                        plan_placement, simulate)
-from .trace import (Hook, HookSpec, MaskTrace, check_trace_matches, dip_split, hook_specs,
+from .trace import (Hook, HookSpec, MaskTrace, check_trace_matches, hook_specs,
                     load_trace, save_trace, synthetic_trace)
-
-
-def __getattr__(name):
-    if name in ("cache_aware_select", "topk_mask", "gamma_schedule"):
-        from . import cache_aware
-        return getattr(cache_aware, name)
-    raise AttributeError(name)
 
 
 __all__ = ["Hardware", "available_presets", "load_hardware", "parse_bandwidth", "parse_bytes",
            "parse_dram", "SHAPES", "ModelShape", "get_shape", "POLICIES", "CachePolicy",
            "make_policy", "ClosedLoop", "HookStepper", "Placement", "SimResult",
            "dense_streaming_baseline", "plan_placement", "simulate", "Hook", "HookSpec",
-           "MaskTrace", "check_trace_matches", "dip_split", "hook_specs", "load_trace",
-           "save_trace", "synthetic_trace", "cache_aware_select", "topk_mask", "gamma_schedule"]
+           "MaskTrace", "check_trace_matches", "hook_specs", "load_trace",
+           "save_trace", "synthetic_trace"]

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dipstream.budget import dip_split, keep_to_k
 from dipstream.io import atomic_path
 
 from . import bits
@@ -277,17 +278,6 @@ def check_trace_matches(trace: MaskTrace, shape: ModelShape, model: str = None) 
                          f"{shape.mlp_weights()}")
 
 
-def dip_split(keep: float):
-    """Reference DIP density split (docs/methods.md, "Methods"): keep -> (up_keep, down_keep)."""
-    if keep >= 1:
-        return 1.0, 1.0
-    if keep <= 0:
-        return 0.0, 0.0
-    lg = np.log(keep / (1 - keep))
-    up = 1 / (1 + np.exp(-(0.9849930711 * lg + 0.2997647759)))
-    return float(up), float(np.clip(3 * (keep - 2 / 3 * up), 0, 1))
-
-
 def synthetic_trace(shape: ModelShape, method: str = "dip", density: float = 0.5,
                     n_tokens: int = 256, rho: float = 0.9, skew: float = 1.0,
                     seq_len: int = None, prompt_len: int = 0, seed: int = 0,
@@ -306,7 +296,7 @@ def synthetic_trace(shape: ModelShape, method: str = "dip", density: float = 0.5
     hooks = []
     for n_units in sorted({s.n_units for s in specs}):
         grp = [s for s in specs if s.n_units == n_units]
-        k = int(keep[grp[0].kind] * n_units)
+        k = keep_to_k(keep[grp[0].kind], n_units)
         H = len(grp)
         bias = rng.normal(0, skew, (H, n_units)).astype(np.float32)
         x = rng.normal(0, 1, (H, n_units)).astype(np.float32)

@@ -2,7 +2,7 @@
 
 from dipstream.sparsity.attach import DensityStats, SparseModel, attach
 from dipstream.sparsity.base import METHODS, Method, Selection, register
-from dipstream.sparsity.budget import dip_split, layer_keeps
+from dipstream.budget import dip_split, layer_keeps
 from dipstream.sparsity.methods import MethodOptions, build_method
 from dipstream.sparsity import cache_aware, predictor, relu  # noqa: F401,E402  (register dip-ca, ...)
 

@@ -15,20 +15,7 @@ from dipstream.errors import DipstreamError
 from dipstream.simulator.policies import hook_key, make_policy
 from dipstream.sparsity.base import register, sequence_dims
 from dipstream.sparsity.methods import DIP
-from dipstream.sparsity.ops import topk_mask
-
-
-def ca_select(scores: torch.Tensor, k: int, cached: torch.Tensor, gamma: float, n0: int, t: int,
-              protected: torch.Tensor | None = None, warmup: bool = True) -> torch.Tensor:
-    """The DIP-CA mask for one token of each row (lean form of `cache_aware_select`): the top-n0
-    scores (`protected`, computed here when not given) keep their value, scores of uncached units
-    are scaled by gamma_t, then top-k. gamma_t = 1 - (1 - gamma)(1 - gamma^(t/4)) with the
-    warm-up, else gamma from the first token; when it is 1 this is DIP's top-k exactly."""
-    g = 1.0 - (1.0 - gamma) * (1.0 - gamma ** (t / 4.0)) if warmup else float(gamma)
-    if g >= 1.0:
-        return topk_mask(scores, k)
-    keep = cached | (topk_mask(scores, n0) if protected is None else protected)
-    return topk_mask(torch.where(keep, scores, scores * g), k)
+from dipstream.selection import ca_select, topk_mask
 
 
 @register

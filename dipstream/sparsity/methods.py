@@ -12,8 +12,9 @@ import torch
 
 from dipstream.errors import DipstreamError
 from dipstream.sparsity.base import Method, Selection, down_from_h, register, sequence_dims
-from dipstream.sparsity.budget import LayerKeeps, check_density, layer_keeps
-from dipstream.sparsity.ops import part_linear, topk_mask
+from dipstream.budget import LayerKeeps, check_density, layer_keeps
+from dipstream.selection import topk_mask
+from dipstream.sparsity.ops import part_linear
 
 
 @dataclass

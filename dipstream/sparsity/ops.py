@@ -15,17 +15,6 @@ from dipstream.models.adapters import LoraView
 from dipstream.models.arch import GatedMLPParts
 
 
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest entries of each row of `scores` (N, n); ties broken by topk."""
-    n = scores.shape[-1]
-    if k >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        mask.scatter_(-1, scores.topk(k, dim=-1, sorted=False).indices, True)
-    return mask
-
-
 def _lora_out(x: torch.Tensor, lora: LoraView | None, a_cols=None, b_rows=None) -> torch.Tensor | None:
     """Sum of the adapters' terms s * B A x, A restricted to columns `a_cols`, B to rows `b_rows`."""
     if lora is None:

@@ -11,8 +11,9 @@ from torch import nn
 
 from dipstream.errors import DipstreamError
 from dipstream.sparsity.base import Method, Selection, down_from_h, register
-from dipstream.sparsity.budget import check_density
-from dipstream.sparsity.ops import part_linear, topk_mask
+from dipstream.budget import check_density
+from dipstream.selection import topk_mask
+from dipstream.sparsity.ops import part_linear
 
 
 class LowRankPredictor(nn.Module):

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from dipstream.sparsity.base import Method, Selection, down_from_h, register
-from dipstream.sparsity.budget import check_density
-from dipstream.sparsity.ops import part_linear, topk_mask
+from dipstream.budget import check_density
+from dipstream.selection import topk_mask
+from dipstream.sparsity.ops import part_linear
 
 
 class _ReluSwap(Method):

@@ -22,7 +22,8 @@ from dipstream import __version__
 from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
 from dipstream.io import append_jsonl, clean_temps, folder_lock
-from dipstream.experiments.evaluate import _prepare_thresholds, eval_windows, machine
+from dipstream.experiments.evaluate import _prepare_thresholds, eval_windows
+from dipstream.paths import machine
 from dipstream.models import load_model
 from dipstream.models.adapters import LoraSettings, add_lora, count_lora_weights, save_lora
 from dipstream.sparsity import attach, build_method

@@ -17,7 +17,8 @@ from dipstream.models import load_model
 from dipstream.models.adapters import PREDICTOR_FILE
 from dipstream.sparsity import attach, build_method
 from dipstream.sparsity.base import Method, Selection
-from dipstream.sparsity.ops import part_linear, topk_mask
+from dipstream.selection import topk_mask
+from dipstream.sparsity.ops import part_linear
 from dipstream.sparsity.predictor import build_predictors, save_predictors
 from dipstream.training.checkpoint import save_checkpoint
 from dipstream.training.config import DEFAULT_EVAL_TOKENS

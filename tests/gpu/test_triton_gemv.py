@@ -41,7 +41,7 @@ def test_gpu_small_checks():
 def test_gpu_llama3_8b_shapes(dtype):
     """Real Llama-3-8B layer shapes: [gate | up]^T rows (4096 x 28672) and W_down^T rows
     (14336 x 4096), densities 0.25 / 0.5 / 0.75 of the rows."""
-    from dipstream.runtime.triton_gemv import gather_gemv_triton
+    from dipstream.kernels.triton_gemv import gather_gemv_triton
 
     g = torch.Generator(device="cuda").manual_seed(0)
     for n, m in ((4096, 2 * 14336), (14336, 4096)):
@@ -58,7 +58,7 @@ def test_gpu_llama3_8b_shapes(dtype):
 @cuda
 def test_gpu_auto_dispatch():
     """CUDA weights take the Triton path automatically (backend='auto')."""
-    from dipstream.runtime import SparseMLPWeights, sparse_mlp
+    from dipstream.kernels import SparseMLPWeights, sparse_mlp
 
     d, D = 512, 1536
     Wg, Wu, Wd = (torch.randn(D, d) * d ** -0.5, torch.randn(D, d) * d ** -0.5,

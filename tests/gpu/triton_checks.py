@@ -11,9 +11,9 @@ import sys
 
 import torch
 
-from dipstream.runtime import SparseMLPWeights, sparse_mlp
-from dipstream.runtime.sparse_mlp import _act_torch
-from dipstream.runtime.triton_gemv import gather_gemv_triton
+from dipstream.kernels import SparseMLPWeights, sparse_mlp
+from dipstream.kernels.sparse_mlp import _act_torch
+from dipstream.kernels.triton_gemv import gather_gemv_triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

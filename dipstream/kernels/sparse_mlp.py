@@ -10,15 +10,15 @@ For one token x (length d) and a gated MLP ``y = W_down (act(W_gate x) * (W_up x
 Gathering columns with torch indexing copies them and is slower than the dense product, so the
 weights are stored transposed (:class:`SparseMLPWeights`): every selected input index is one
 contiguous row ``[gate^T row | up^T row]`` of length 2D, and every selected hidden index one
-contiguous row of ``W_down^T`` (length d).  A fused C kernel (:mod:`dipstream.runtime._native`)
+contiguous row of ``W_down^T`` (length d).  A fused C kernel (:mod:`dipstream.kernels.native`)
 streams exactly those rows once, accumulating in cache (no gathered copy).  Large products are
 split into a grid of column slices x blocks of selected rows (partial sums added in a fixed
 order) shared by the calling thread and a small helper pool (``num_threads``, default
 ``torch.get_num_threads()``).  The activation between the halves runs in torch, so h (and
 hence S_out) is computed exactly like the references compute it.
 
-Selection is deterministic: the k largest |v|, ties broken by the lower index (what a stable
-descending sort gives); NaN ranks above +inf.  Index sets are returned in ascending order.
+Selection is deterministic and the same as everywhere else (:mod:`dipstream.selection`): the k
+largest |v|, NaN counting as +inf, ties broken by the lower index.  Index sets are returned in ascending order.
 If the kernel cannot be built, everything falls back to a pure-torch path (one warning).
 """
 
@@ -33,7 +33,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from dipstream.runtime import _native
+from dipstream.kernels import native as _native
+from dipstream.selection import topk_indices
 
 __all__ = [
     "SparseMLPWeights",
@@ -42,8 +43,6 @@ __all__ = [
     "select_topk_abs",
     "dense_mlp_reference",
     "masked_dense_reference",
-    "dip_keep_split",
-    "keep_to_k",
     "native_status",
 ]
 
@@ -228,18 +227,11 @@ class SparseMLPWeights:
 
 def _select_topk_abs_torch(v: torch.Tensor, k: int) -> torch.Tensor:
     v = v.reshape(-1)
-    n = v.numel()
-    k = _check_k(k, n, "k")
-    if k >= n:
-        return torch.arange(n, dtype=torch.int64, device=v.device)
-    if k == 0:
-        return torch.empty(0, dtype=torch.int64, device=v.device)
-    order = torch.sort(v.abs(), descending=True, stable=True).indices[:k]
-    return order.sort().values
+    return topk_indices(v.abs(), _check_k(k, v.numel(), "k"))
 
 
 def select_topk_abs(v: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Tensor:
-    """Ascending int64 indices of the k largest |v| (ties: lower index first; NaN largest), on
+    """Ascending int64 indices of the k largest |v| (ties: lower index first; NaN as +inf), on
     v's device (the C kernel serves CPU tensors, torch the others)."""
     v = v.reshape(-1)
     n = v.numel()
@@ -271,7 +263,7 @@ def gather_gemv(Wt: torch.Tensor, idx: torch.Tensor, coeffs: torch.Tensor, *,
     ``coeffs`` their weights.  Returns a float32 (m,) tensor (written into ``out`` if given).
     """
     if backend == "triton" or (backend == "auto" and Wt.is_cuda):
-        from dipstream.runtime.triton_gemv import gather_gemv_triton
+        from dipstream.kernels.triton_gemv import gather_gemv_triton
 
         res = gather_gemv_triton(Wt, idx, coeffs)
         return res if out is None else out.copy_(res)
@@ -304,7 +296,7 @@ def gather_gemv(Wt: torch.Tensor, idx: torch.Tensor, coeffs: torch.Tensor, *,
 
 def rows_gemv_torch(rows, idx: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     """``coeffs @ rows[idx]`` in plain torch for a float32 row matrix or a quantized one
-    (:class:`dipstream.runtime.quant.QuantRows`, dequantizing only the selected rows)."""
+    (:class:`dipstream.kernels.quant.QuantRows`, dequantizing only the selected rows)."""
     if idx.numel() == 0:
         return torch.zeros(rows.shape[1], dtype=torch.float32)
     sel = rows.index_select(0, idx).float() if isinstance(rows, torch.Tensor) \
@@ -363,7 +355,7 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
     index tensors (lists of them when T > 1) if ``return_indices``.
     ``backend``: "auto" (CUDA weights: Triton; CPU: the C kernel if it built, else torch),
     "native" (C kernel or error), "torch", "triton" (the Triton kernel, also on CPU tensors under
-    ``TRITON_INTERPRET=1``; see :mod:`dipstream.runtime.triton_gemv`).
+    ``TRITON_INTERPRET=1``; see :mod:`dipstream.kernels.triton_gemv`).
     ``num_threads``: kernel threads (default ``torch.get_num_threads()``).
     """
     if not hasattr(weights, "rows_in"):
@@ -378,7 +370,7 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
     triton = backend == "triton" or (backend == "auto" and dev.type == "cuda")
     lib = None
     if triton:
-        from dipstream.runtime import triton_gemv
+        from dipstream.kernels import triton_gemv
 
         if not hasattr(weights, "gate_up_t"):
             raise ValueError("the Triton kernel takes SparseMLPWeights (float32/bf16/fp16)")
@@ -448,27 +440,3 @@ def masked_dense_reference(W_gate: torch.Tensor, W_up: torch.Tensor, W_down: tor
     hm[s_out] = h[s_out]
     y = F.linear(hm, W_down).reshape(x.shape[:-1] + (W_down.shape[0],))
     return (y, s_in, s_out) if return_indices else y
-
-
-# --------------------------------------------------------------------------- budgets
-
-def dip_keep_split(keep: float) -> tuple[float, float]:
-    """DIP's (up_keep, down_keep) for a weight-read fraction ``keep``:
-    up = sigmoid(0.9849930711 logit(keep) + 0.2997647759), down = 3 (keep - 2/3 up), clipped,
-    so that 2/3 up + 1/3 down = keep (up/gate are 2/3 of the MLP bytes)."""
-    if not 0.0 <= keep <= 1.0:
-        raise ValueError(f"keep must be in [0, 1], got {keep}")
-    if keep >= 1.0:
-        return 1.0, 1.0
-    if keep <= 0.0:
-        return 0.0, 0.0
-    z = 0.9849930711 * math.log(keep / (1.0 - keep)) + 0.2997647759
-    up = 1.0 / (1.0 + math.exp(-z))
-    down = min(1.0, max(0.0, 3.0 * (keep - 2.0 / 3.0 * up)))
-    return up, down
-
-
-def keep_to_k(keep: float, n: int) -> int:
-    """Number of units kept out of n at fraction keep (floor, as the rest of dipstream does)."""
-    return max(0, min(n, int(keep * n)))
-

@@ -5,7 +5,7 @@ Same layout as the CPU kernel (:class:`~dipstream.runtime.SparseMLPWeights` buil
 selected rows once.  Grid: (column tiles of ``block_m``) x (``splits`` blocks of selected rows);
 each program accumulates ``block_k`` rows at a time in float32 and writes one partial row,
 and the partials are summed in a fixed order (deterministic, no atomics).  Selection is
-:func:`~dipstream.runtime.select_topk_abs` on the device (the CPU kernel's rule: ties to the
+:func:`~dipstream.selection.topk_indices` on the device (the CPU kernel's rule: ties to the
 lower index; ascending indices).
 
 Status: checked for correctness with Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors)
@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from dipstream.runtime.sparse_mlp import select_topk_abs
+from dipstream.selection import topk_indices
 
 __all__ = ["available", "gather_gemv_triton", "sparse_mlp_triton"]
 
@@ -104,10 +104,10 @@ def sparse_mlp_triton(weights, x: torch.Tensor, k_in: int, k_out: int, act_fn, *
     S_out).  ``weights``: a SparseMLPWeights (any float dtype, on the kernel's device);
     ``act_fn``: the activation as a torch function (applied in float32)."""
     xv = x.reshape(-1)
-    s_in = select_topk_abs(xv, k_in)
+    s_in = topk_indices(xv.abs(), k_in)
     gu = gather_gemv_triton(weights.gate_up_t, s_in, xv.index_select(0, s_in), **kernel_kw)
     D = weights.D
     h = act_fn(gu[:D]) * gu[D:]
-    s_out = select_topk_abs(h, k_out)
+    s_out = topk_indices(h.abs(), k_out)
     y = gather_gemv_triton(weights.down_t, s_out, h.index_select(0, s_out), **kernel_kw)
     return y, s_in, s_out

@@ -20,7 +20,7 @@ import threading
 
 import torch
 
-from dipstream.runtime.sparse_mlp import SparseMLPWeights
+from dipstream.kernels.sparse_mlp import SparseMLPWeights
 
 __all__ = ["QuantRows", "QuantizedSparseMLPWeights", "quantize_rows"]
 
@@ -90,7 +90,7 @@ class QuantizedSparseMLPWeights:
     """:class:`SparseMLPWeights` with int8 (``bits=8``) or 4-bit (``bits=4``) rows.
 
     ``group``: columns per scale (default: int8 one scale per row and matrix, 4-bit 32); it must
-    divide d and D.  Use with :func:`dipstream.runtime.sparse_mlp`; ``dense_weights()`` gives
+    divide d and D.  Use with :func:`dipstream.kernels.sparse_mlp`; ``dense_weights()`` gives
     the dequantized (W_gate, W_up, W_down) that results are exact against.
     """
 

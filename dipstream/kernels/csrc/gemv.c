@@ -1,0 +1,416 @@
+/* Compute kernels of the sparse MLP: the fused gather-GEMV over selected rows (float32 and
+ * int8 / 4-bit group-quantized), top-k |v| selection, and the caller-runs thread pool that
+ * shares the work. */
+#include "common.h"
+
+/* o[0:n] = sum_i c[i] * W[idx[i]*ld + 0:n]   (W already offset to the first column).
+ * Reads each selected row segment exactly once; 4 rows per pass so the accumulator (L1/L2
+ * resident) is loaded/stored once per 4 streamed rows. */
+static void gg_range(const float* restrict W, int64_t ld, const int64_t* restrict idx,
+                     const float* restrict c, int64_t k, float* restrict o, int64_t n)
+{
+    for (int64_t j = 0; j < n; ++j) o[j] = 0.0f;
+    int64_t i = 0;
+    for (; i + 4 <= k; i += 4) {
+        const float* restrict r0 = W + idx[i] * ld;
+        const float* restrict r1 = W + idx[i + 1] * ld;
+        const float* restrict r2 = W + idx[i + 2] * ld;
+        const float* restrict r3 = W + idx[i + 3] * ld;
+        const float c0 = c[i], c1 = c[i + 1], c2 = c[i + 2], c3 = c[i + 3];
+        for (int64_t j = 0; j < n; ++j) {
+            float a = o[j];
+            a += c0 * r0[j];
+            a += c1 * r1[j];
+            a += c2 * r2[j];
+            a += c3 * r3[j];
+            o[j] = a;
+        }
+    }
+    for (; i < k; ++i) {
+        const float* restrict r0 = W + idx[i] * ld;
+        const float c0 = c[i];
+        for (int64_t j = 0; j < n; ++j) o[j] += c0 * r0[j];
+    }
+}
+
+/* Quantized rows (int8 or packed 4-bit), one float scale per (row, group of G columns).
+ * int8:  w = s * q (q signed).  4-bit: in every group of G columns, byte j (j < G/2) holds column
+ * j in its low nibble and column j + G/2 in its high nibble; w = s * (nibble - 8).
+ * Row r starts at W + r*ldb (bytes); its scales at S + r*lds. */
+typedef struct {
+    const uint8_t* W; int64_t ldb; const float* S; int64_t lds; int64_t G; int bits;
+} qmat_t;
+
+/* o[0:b-a] = sum_i c[i] * dequant(row idx[i])[a:b].  For 4-bit, a and b are multiples of G
+ * (or b = the row length).  Rows 4 at a time; a missing 4th row repeats a selected row with
+ * coefficient 0, so only selected rows are ever read. */
+static void gq_range(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
+                     const float* restrict c, int64_t k, float* restrict o)
+{
+    const int64_t n = b - a, G = q->G;
+    for (int64_t j = 0; j < n; ++j) o[j] = 0.0f;
+    for (int64_t i = 0; i < k; i += 4) {
+        const uint8_t* r[4];
+        const float* s[4];
+        float cc[4];
+        for (int t = 0; t < 4; ++t) {
+            int ok = i + t < k;
+            int64_t row = idx[ok ? i + t : i];
+            r[t] = q->W + row * q->ldb;
+            s[t] = q->S + row * q->lds;
+            cc[t] = ok ? c[i + t] : 0.0f;
+        }
+        for (int64_t g0 = (a / G) * G; g0 < b; g0 += G) {
+            const int64_t lo = g0 > a ? g0 : a, hi = g0 + G < b ? g0 + G : b, g = g0 / G;
+            const float c0 = cc[0] * s[0][g], c1 = cc[1] * s[1][g];
+            const float c2 = cc[2] * s[2][g], c3 = cc[3] * s[3][g];
+            float* restrict og = o + (lo - a);
+            if (q->bits == 8) {
+                const int8_t* restrict p0 = (const int8_t*)r[0] + lo;
+                const int8_t* restrict p1 = (const int8_t*)r[1] + lo;
+                const int8_t* restrict p2 = (const int8_t*)r[2] + lo;
+                const int8_t* restrict p3 = (const int8_t*)r[3] + lo;
+                const int64_t len = hi - lo;
+                for (int64_t j = 0; j < len; ++j)
+                    og[j] += c0 * (float)p0[j] + c1 * (float)p1[j]
+                           + c2 * (float)p2[j] + c3 * (float)p3[j];
+            } else {
+                const int64_t h = G / 2;
+                const uint8_t* restrict p0 = r[0] + g0 / 2;
+                const uint8_t* restrict p1 = r[1] + g0 / 2;
+                const uint8_t* restrict p2 = r[2] + g0 / 2;
+                const uint8_t* restrict p3 = r[3] + g0 / 2;
+                float* restrict oh = og + h;
+                /* sum_t c_t (q_t - 8) = sum_t c_t q_t - 8 sum_t c_t */
+                const float off = -8.0f * (c0 + c1 + c2 + c3);
+                int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+                {
+                    const __m256 v0 = _mm256_set1_ps(c0), v1 = _mm256_set1_ps(c1);
+                    const __m256 v2 = _mm256_set1_ps(c2), v3 = _mm256_set1_ps(c3);
+                    const __m256 voff = _mm256_set1_ps(off);
+                    const __m256i m15 = _mm256_set1_epi32(15);
+                    for (; j + 8 <= h; j += 8) {
+                        __m256i w0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p0 + j)));
+                        __m256i w1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p1 + j)));
+                        __m256i w2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p2 + j)));
+                        __m256i w3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p3 + j)));
+                        __m256 lo = _mm256_add_ps(_mm256_loadu_ps(og + j), voff);
+                        __m256 hi = _mm256_add_ps(_mm256_loadu_ps(oh + j), voff);
+                        lo = _mm256_fmadd_ps(v0, _mm256_cvtepi32_ps(_mm256_and_si256(w0, m15)), lo);
+                        hi = _mm256_fmadd_ps(v0, _mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 4)), hi);
+                        lo = _mm256_fmadd_ps(v1, _mm256_cvtepi32_ps(_mm256_and_si256(w1, m15)), lo);
+                        hi = _mm256_fmadd_ps(v1, _mm256_cvtepi32_ps(_mm256_srli_epi32(w1, 4)), hi);
+                        lo = _mm256_fmadd_ps(v2, _mm256_cvtepi32_ps(_mm256_and_si256(w2, m15)), lo);
+                        hi = _mm256_fmadd_ps(v2, _mm256_cvtepi32_ps(_mm256_srli_epi32(w2, 4)), hi);
+                        lo = _mm256_fmadd_ps(v3, _mm256_cvtepi32_ps(_mm256_and_si256(w3, m15)), lo);
+                        hi = _mm256_fmadd_ps(v3, _mm256_cvtepi32_ps(_mm256_srli_epi32(w3, 4)), hi);
+                        _mm256_storeu_ps(og + j, lo);
+                        _mm256_storeu_ps(oh + j, hi);
+                    }
+                }
+#endif
+                for (; j < h; ++j) {
+                    og[j] += c0 * (float)(p0[j] & 15) + c1 * (float)(p1[j] & 15)
+                           + c2 * (float)(p2[j] & 15) + c3 * (float)(p3[j] & 15) + off;
+                    oh[j] += c0 * (float)(p0[j] >> 4) + c1 * (float)(p1[j] >> 4)
+                           + c2 * (float)(p2[j] >> 4) + c3 * (float)(p3[j] >> 4) + off;
+                }
+            }
+        }
+    }
+}
+
+static void range_any(const float* W, int64_t ld, const qmat_t* q, int64_t a, int64_t b,
+                      const int64_t* idx, const float* c, int64_t k, float* o)
+{
+    if (q) gq_range(q, a, b, idx, c, k, o);
+    else gg_range(W + a, ld, idx, c, k, o, b - a);
+}
+
+/* ---------------------------------------------------------------- caller-runs thread pool
+ * A job is a grid of chunks (column slice x block of selected rows).  The calling thread
+ * publishes the job and works through the chunks itself; helper threads that are awake claim
+ * chunks too (lock-free, one CAS per chunk).  The caller never waits for a helper that has not
+ * claimed anything, so a descheduled helper (busy machine) costs parallelism, not a stall. */
+#define MAX_HELPERS 63
+#define SERIAL_WORK (1 << 20)  /* floats to read below which one thread does it all (4 MiB) */
+#define COL_CHUNK 8192         /* max floats of a row one chunk streams */
+#define SPIN_NS 100000         /* helpers spin this long for the next job before sleeping */
+#define CHUNKS_PER_THREAD 16   /* small chunks: a preempted helper delays the end less */
+
+typedef struct {
+    const float* W; int64_t ld; const qmat_t* q; int64_t m;
+    const int64_t* idx; const float* c; int64_t k;
+    float* out; float* partial;
+    int64_t col_chunk, row_block;
+    int ncol, nrow;
+} job_t;
+
+static job_t g_job;
+static _Atomic uint64_t g_state;   /* generation:32 | nchunks:16 | next chunk:16 */
+static _Atomic int g_done;         /* chunks finished in the current job */
+static _Atomic int g_active;       /* helpers with id < g_active may work on it */
+static _Atomic int g_sleepers;
+static uint32_t g_gen;
+static int g_nhelpers;
+static int g_atfork;
+static pthread_mutex_t g_sleep_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_sleep_cv = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t g_call_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t g_init_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void run_chunk(const job_t* j, int ch)
+{
+    int cc = ch % j->ncol, rr = ch / j->ncol;
+    int64_t a = (int64_t)cc * j->col_chunk, b = a + j->col_chunk;
+    if (b > j->m) b = j->m;
+    int64_t r0 = (int64_t)rr * j->row_block, r1 = r0 + j->row_block;
+    if (r1 > j->k) r1 = j->k;
+    if (r0 > r1) r0 = r1;
+    float* dst = j->nrow == 1 ? j->out + a : j->partial + (int64_t)rr * j->m + a;
+    range_any(j->W, j->ld, j->q, a, b, j->idx + r0, j->c + r0, r1 - r0, dst);
+}
+
+static int try_claim(void)
+{
+    uint64_t s = atomic_load(&g_state);
+    for (;;) {
+        uint32_t n = (uint32_t)(s >> 16) & 0xffffu, next = (uint32_t)s & 0xffffu;
+        if (next >= n) return -1;
+        if (atomic_compare_exchange_weak(&g_state, &s, s + 1)) return (int)next;
+    }
+}
+
+static int has_work(int id)
+{
+    uint64_t s = atomic_load(&g_state);
+    return id < atomic_load(&g_active) &&
+           ((uint32_t)s & 0xffffu) < ((uint32_t)(s >> 16) & 0xffffu);
+}
+
+static void* helper_main(void* arg)
+{
+    int id = (int)(intptr_t)arg;
+    for (;;) {
+        int ch;
+        if (id < atomic_load(&g_active) && (ch = try_claim()) >= 0) {
+            run_chunk(&g_job, ch);
+            atomic_fetch_add(&g_done, 1);
+            continue;
+        }
+        uint64_t s0 = atomic_load(&g_state);
+        int64_t t0 = now_ns();
+        int changed = 0;
+        for (int i = 1; ; ++i) {
+            CPU_RELAX();
+            if (atomic_load_explicit(&g_state, memory_order_relaxed) != s0) { changed = 1; break; }
+            if ((i & 63) == 0 && now_ns() - t0 > SPIN_NS) break;
+        }
+        if (changed) continue;
+        pthread_mutex_lock(&g_sleep_mu);
+        atomic_fetch_add(&g_sleepers, 1);
+        while (!has_work(id)) pthread_cond_wait(&g_sleep_cv, &g_sleep_mu);
+        atomic_fetch_sub(&g_sleepers, 1);
+        pthread_mutex_unlock(&g_sleep_mu);
+    }
+    return NULL;
+}
+
+static void atfork_child(void)
+{   /* the helpers do not exist in a forked child: start over */
+    g_nhelpers = 0;
+    atomic_store(&g_active, 0);
+    atomic_store(&g_sleepers, 0);
+    atomic_store(&g_state, 0);
+    pthread_mutex_init(&g_sleep_mu, NULL);
+    pthread_cond_init(&g_sleep_cv, NULL);
+    pthread_mutex_init(&g_call_mu, NULL);
+    pthread_mutex_init(&g_init_mu, NULL);
+}
+
+static void ensure_helpers(int nh)
+{
+    if (g_nhelpers >= nh) return;
+    pthread_mutex_lock(&g_init_mu);
+    if (!g_atfork) { pthread_atfork(NULL, NULL, atfork_child); g_atfork = 1; }
+    while (g_nhelpers < nh && spawn_detached(helper_main, g_nhelpers, 1 << 20) == 0)
+        g_nhelpers++;
+    pthread_mutex_unlock(&g_init_mu);
+}
+
+/* out[0:m] = sum_i c[i] * W[idx[i], 0:m] on up to nthreads threads.  The chunk grid depends only
+ * on (m, k, nthreads), and partial sums are added in a fixed order. */
+static void gg_parallel_any(const float* W, int64_t ld, const qmat_t* q, int64_t m,
+                            const int64_t* idx, const float* c, int64_t k, float* out,
+                            int nthreads)
+{
+    if (m <= 0) return;
+    if (nthreads > MAX_HELPERS + 1) nthreads = MAX_HELPERS + 1;
+    if (nthreads <= 1 || m * (k > 0 ? k : 1) < SERIAL_WORK || k < 8) {
+        range_any(W, ld, q, 0, m, idx, c, k, out);
+        return;
+    }
+    if (pthread_mutex_trylock(&g_call_mu) != 0) {  /* another thread is using the pool */
+        range_any(W, ld, q, 0, m, idx, c, k, out);
+        return;
+    }
+    ensure_helpers(nthreads - 1);
+    job_t j;
+    j.W = W; j.ld = ld; j.q = q; j.m = m; j.idx = idx; j.c = c; j.k = k; j.out = out; j.partial = NULL;
+    int64_t ncol = m <= COL_CHUNK ? 1 : (m + COL_CHUNK - 1) / COL_CHUNK;
+    {   /* column chunks: multiples of 16 (and of the group size for 4-bit rows) */
+        int64_t al = 16;
+        if (q && q->bits == 4)
+            while (al % q->G) al += 16;  /* lcm(16, G) */
+        j.col_chunk = (((m + ncol - 1) / ncol) + al - 1) / al * al;
+    }
+    j.ncol = (int)((m + j.col_chunk - 1) / j.col_chunk);
+    int64_t target = CHUNKS_PER_THREAD * (int64_t)nthreads;
+    int64_t nrow = (target + j.ncol - 1) / j.ncol;
+    if (nrow > k / 32) nrow = k / 32;
+    if (nrow < 1) nrow = 1;
+    j.row_block = (k + nrow - 1) / nrow;
+    j.nrow = (int)((k + j.row_block - 1) / j.row_block);
+    if (j.nrow > 1) {
+        j.partial = (float*)malloc((size_t)j.nrow * (size_t)m * sizeof(float));
+        if (!j.partial) { j.nrow = 1; j.row_block = k; }
+    }
+    int nchunks = j.ncol * j.nrow;
+    if (nchunks > 0xffff) {  /* cannot happen with the limits above; stay safe */
+        free(j.partial);
+        pthread_mutex_unlock(&g_call_mu);
+        range_any(W, ld, q, 0, m, idx, c, k, out);
+        return;
+    }
+    g_job = j;
+    atomic_store(&g_done, 0);
+    atomic_store(&g_active, nthreads - 1);
+    g_gen++;
+    atomic_store(&g_state, ((uint64_t)g_gen << 32) | ((uint64_t)nchunks << 16));
+    if (atomic_load(&g_sleepers) > 0) {
+        pthread_mutex_lock(&g_sleep_mu);
+        pthread_cond_broadcast(&g_sleep_cv);
+        pthread_mutex_unlock(&g_sleep_mu);
+    }
+    int ch;
+    while ((ch = try_claim()) >= 0) {
+        run_chunk(&g_job, ch);
+        atomic_fetch_add(&g_done, 1);
+    }
+    for (int spins = 0; atomic_load(&g_done) < nchunks; ++spins) {
+        if (spins < 4096) CPU_RELAX(); else sched_yield();
+    }
+    atomic_store(&g_active, 0);
+    if (j.nrow > 1) {
+        for (int64_t q = 0; q < m; ++q) {
+            float s = j.partial[q];
+            for (int r = 1; r < j.nrow; ++r) s += j.partial[(int64_t)r * m + q];
+            out[q] = s;
+        }
+        free(j.partial);
+    }
+    pthread_mutex_unlock(&g_call_mu);
+}
+
+#define gg_parallel(W, ld, m, idx, c, k, out, nt) gg_parallel_any(W, ld, NULL, m, idx, c, k, out, nt)
+
+static int check_idx(const int64_t* idx, int64_t k, int64_t n)
+{
+    for (int64_t i = 0; i < k; ++i)
+        if (idx[i] < 0 || idx[i] >= n) return -1;
+    return 0;
+}
+
+DS_API int ds_gather_gemv(const float* W, int64_t rows, int64_t ld, int64_t m,
+                          const int64_t* idx, const float* c, int64_t k, float* out, int nthreads)
+{
+    if (check_idx(idx, k, rows)) return -1;
+    gg_parallel(W, ld, m, idx, c, k, out, nthreads);
+    return 0;
+}
+
+/* |v| as an order-preserving unsigned key; every NaN maps to one key above +inf. */
+static inline uint32_t abs_key(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    u &= 0x7fffffffu;
+    if (u > 0x7f800000u) u = 0x7f800000u;  /* NaN counts as +inf */
+    return u;
+}
+
+/* The k entries of largest |v|, ties broken by lower index (= a stable descending sort),
+ * written to out in ascending index order.  Radix select, 8 bits per pass.  Returns the count
+ * written (min(max(k,0),n)) or -1 when out of memory. */
+DS_API int64_t ds_topk_abs(const float* v, int64_t n, int64_t k, int64_t* out)
+{
+    if (k <= 0 || n <= 0) return 0;
+    if (k >= n) {
+        for (int64_t i = 0; i < n; ++i) out[i] = i;
+        return n;
+    }
+    uint32_t* cand = (uint32_t*)malloc((size_t)n * sizeof(uint32_t));
+    if (!cand) return -1;
+    for (int64_t i = 0; i < n; ++i) cand[i] = abs_key(v[i]);
+    int64_t nc = n, rem = k;
+    uint32_t thr = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        int64_t hist[256];
+        memset(hist, 0, sizeof(hist));
+        for (int64_t i = 0; i < nc; ++i) hist[(cand[i] >> shift) & 255u]++;
+        int b;
+        int64_t cum = 0;
+        for (b = 255; b > 0; --b) {
+            if (cum + hist[b] >= rem) break;
+            cum += hist[b];
+        }
+        rem -= cum;
+        thr |= (uint32_t)b << shift;
+        int64_t m = 0;
+        for (int64_t i = 0; i < nc; ++i)
+            if (((cand[i] >> shift) & 255u) == (uint32_t)b) cand[m++] = cand[i];
+        nc = m;
+    }
+    free(cand);
+    /* rem (>= 1) entries equal to thr are taken, lowest indices first. */
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t key = abs_key(v[i]);
+        if (key > thr) out[m++] = i;
+        else if (key == thr && rem > 0) { out[m++] = i; --rem; }
+    }
+    return m;
+}
+
+/* Top-k_sel of |v| (ds_topk_abs rule) -> idx (ascending), then
+ * out[0:m] = sum_{i in idx} v[i] * W[i, 0:m].  One half of a DIP MLP: v = x with W = the
+ * [gate|up]^T layout, or v = h with W = W_down^T.  coef: work buffer of >= k floats.
+ * Returns the number selected, or -1 when out of memory. */
+DS_API int64_t ds_select_gemv(const float* v, int64_t n, int64_t k, const float* W, int64_t ld,
+                              int64_t m, int64_t* idx, float* coef, float* out, int nthreads)
+{
+    int64_t got = ds_topk_abs(v, n, k, idx);
+    if (got < 0) return -1;
+    for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
+    gg_parallel(W, ld, m, idx, coef, got, out, nthreads);
+    return got;
+}
+
+/* Quantized variant: W_q (rows x ldb bytes), scales S (rows x lds floats), group G, bits 8|4. */
+DS_API int64_t ds_select_gemv_q(const float* v, int64_t n, int64_t k, const uint8_t* Wq,
+                                int64_t ldb, const float* S, int64_t lds, int64_t G, int bits,
+                                int64_t m, int64_t* idx, float* coef, float* out, int nthreads)
+{
+    int64_t got = ds_topk_abs(v, n, k, idx);
+    if (got < 0) return -1;
+    for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
+    if (m <= 0) return got;
+    qmat_t q = {Wq, ldb, S, lds, G, bits};
+    gg_parallel_any(NULL, 0, &q, m, idx, coef, got, out, nthreads);
+    return got;
+}
+
+DS_API int ds_threads(void) { return MAX_HELPERS + 1; }
+
+DS_API int ds_version(void) { return KERNEL_VERSION; }

@@ -1,0 +1,241 @@
+"""Build and load the small C library behind :mod:`dipstream.kernels.sparse_mlp` and the offload
+file's reads: the C sources in ``csrc/`` (``gemv.c``: compute kernels, ``pread.c``: the read
+pool, ``common.h``: what they share), shipped as package data.
+
+The library is plain C11 + pthreads, compiled once with the system C compiler (``$DIPSTREAM_CC``,
+``$CC``, ``gcc`` or ``cc``) into a per-user cache directory and loaded with :mod:`ctypes`, so it
+needs no Python build dependency (no ninja, no numba).  Calls go through ctypes, which releases
+the GIL.  Threading is a small caller-runs pool of its own (not OpenMP): the calling thread does
+the work and helper threads that are awake share it, so a busy machine never makes a call wait
+for a descheduled helper (an OpenMP barrier would).
+
+Anything that goes wrong (no compiler, compile error, failed self-test) makes :func:`load` return
+``None`` after one :class:`RuntimeWarning`; the callers then use their pure-torch path.
+
+Environment:
+    DIPSTREAM_NATIVE=0        never build or load the kernel (pure-torch path)
+    DIPSTREAM_BUILD_DIR=DIR   where compiled libraries are cached
+                              (default: kernels/ in dipstream's cache, $DIPSTREAM_CACHE)
+    DIPSTREAM_CC=PATH         C compiler to use
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from dipstream.paths import cache_root
+from dipstream.validation import private_dir
+
+__all__ = ["load", "status", "sources"]
+
+KERNEL_VERSION = 9
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("gemv.c", "pread.c")
+
+
+def sources() -> dict[str, str]:
+    """{file name: text} of the C sources and headers (what the build is keyed by)."""
+    return {p.name: p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h")}
+
+# Tried in order; the first that compiles and passes the self-test wins.
+_FLAG_SETS = (
+    ("-O3", "-march=native"),
+    ("-O3",),
+)
+_COMMON = ("-std=gnu11", "-shared", "-fPIC", "-pthread", "-fno-math-errno",
+           "-fvisibility=hidden")
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "lib": None, "info": {}}
+
+
+def _build_dir() -> Path:
+    env = os.environ.get("DIPSTREAM_BUILD_DIR")
+    if env:
+        return Path(env)
+    return cache_root() / "kernels"
+
+
+def _private(path: Path) -> None:
+    """A library is only loaded from a folder (and file) of this user that nobody else can write:
+    a shared cache folder could otherwise hand us someone else's code."""
+    private_dir(path)
+
+
+def _find_cc(cc: str | None) -> str | None:
+    for cand in (cc, os.environ.get("DIPSTREAM_CC"), os.environ.get("CC"), "gcc", "cc"):
+        if cand:
+            path = shutil.which(cand)
+            if path:
+                return path
+            if cc is not None and cand == cc:
+                return None  # an explicitly requested compiler that does not exist
+    return None
+
+
+def _cpu_signature() -> str:
+    """Something that changes when -march=native would produce different code."""
+    sig = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    sig += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return sig
+
+
+def _cc_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _compile(cc: str, flags: tuple[str, ...], out: Path) -> tuple[bool, str]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_so = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *flags, *_COMMON, f"-DKERNEL_VERSION={KERNEL_VERSION}", f"-I{CSRC}",
+               *(str(CSRC / s) for s in SOURCES), "-o", tmp_so, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            return False, f"{' '.join(cmd)}\n{proc.stderr[-2000:]}"
+        os.replace(tmp_so, out)  # atomic: concurrent builders never see a partial file
+        return True, ""
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, f"{type(e).__name__}: {e}"
+    finally:
+        try:
+            os.unlink(tmp_so)
+        except OSError:
+            pass
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.ds_gather_gemv.argtypes = [P, I64, I64, I64, P, P, I64, P, I]
+    lib.ds_gather_gemv.restype = I
+    lib.ds_topk_abs.argtypes = [P, I64, I64, P]
+    lib.ds_topk_abs.restype = I64
+    lib.ds_select_gemv.argtypes = [P, I64, I64, P, I64, I64, P, P, P, I]
+    lib.ds_select_gemv.restype = I64
+    lib.ds_select_gemv_q.argtypes = [P, I64, I64, P, I64, P, I64, I64, I, I64, P, P, P, I]
+    lib.ds_select_gemv_q.restype = I64
+    lib.ds_pread_batch.argtypes = [I, I64, P, P, P, I]
+    lib.ds_pread_batch.restype = I
+    lib.ds_pread_submit.argtypes = [I, I64, P, P, P, I]
+    lib.ds_pread_submit.restype = I
+    lib.ds_pread_wait.argtypes = [P]
+    lib.ds_pread_wait.restype = I
+    lib.ds_threads.restype = I
+    lib.ds_version.restype = I
+
+
+def _self_test(lib: ctypes.CDLL) -> bool:
+    """A tiny known-answer check, so a miscompiled library is never used."""
+    g = torch.Generator().manual_seed(1234)
+    W = torch.randn(37, 300, generator=g)
+    idx = torch.tensor([0, 3, 4, 9, 17, 36], dtype=torch.int64)
+    c = torch.randn(idx.numel(), generator=g)
+    out = torch.empty(300)
+    if lib.ds_gather_gemv(W.data_ptr(), 37, 300, 300, idx.data_ptr(), c.data_ptr(), idx.numel(),
+                          out.data_ptr(), max(1, torch.get_num_threads())) != 0:
+        return False
+    ref = (c.double() @ W.double()[idx]).float()
+    if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5):
+        return False
+    v = torch.tensor([1.0, -3.0, 2.0, 3.0, -2.0, 0.5], dtype=torch.float32)
+    sel = torch.empty(3, dtype=torch.int64)
+    n = lib.ds_topk_abs(v.data_ptr(), 6, 3, sel.data_ptr())
+    return n == 3 and sel.tolist() == [1, 2, 3]
+
+
+def load(*, force: bool = False, cc: str | None = None, build_dir: str | os.PathLike | None = None,
+         quiet: bool = False) -> ctypes.CDLL | None:
+    """The compiled kernel library, building it if needed; ``None`` (plus one warning) if that fails.
+
+    ``force`` rebuilds the load decision (not the cache); ``cc`` / ``build_dir`` override the
+    environment (used by tests to exercise the fallback).
+    """
+    with _lock:
+        if _state["tried"] and not force:
+            return _state["lib"]
+        _state["tried"] = True
+        _state["lib"] = None
+        lib, info = _try_load(cc, Path(build_dir) if build_dir is not None else None)
+        _state["lib"], _state["info"] = lib, info
+        if lib is None and not quiet and info.get("reason") != "disabled":
+            warnings.warn(f"dipstream.runtime: native sparse-MLP kernel unavailable "
+                          f"({info.get('reason')}); using the slower pure-torch path.",
+                          RuntimeWarning, stacklevel=3)
+        return lib
+
+
+def _try_load(cc: str | None, build_dir: Path | None) -> tuple[ctypes.CDLL | None, dict]:
+    if os.environ.get("DIPSTREAM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, {"reason": "disabled"}
+    if not sys.platform.startswith(("linux", "darwin", "freebsd")):
+        return None, {"reason": f"unsupported platform {sys.platform}"}
+    compiler = _find_cc(cc)
+    if compiler is None:
+        return None, {"reason": f"no C compiler found (tried {cc or '$DIPSTREAM_CC, $CC, gcc, cc'})"}
+    bdir = build_dir or _build_dir()
+    try:
+        _private(bdir)
+    except Exception as e:  # noqa: BLE001 - DipstreamError or OSError: do not load from there
+        return None, {"reason": f"build folder not private: {e}"}
+    try:
+        code = "\0".join(f"{name}\0{text}" for name, text in sources().items())
+    except OSError as e:
+        return None, {"reason": f"C sources unreadable: {e}"}
+    base_key = "\0".join((code, str(KERNEL_VERSION), compiler, _cc_version(compiler), _cpu_signature(),
+                          " ".join(_COMMON), sys.platform))
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256((base_key + " ".join(flags)).encode()).hexdigest()[:16]
+        so = bdir / f"dipstream_sparse_mlp_v{KERNEL_VERSION}_{key}.so"
+        try:
+            if not so.exists():
+                ok, err = _compile(compiler, flags, so)
+                if not ok:
+                    errors.append(err)
+                    continue
+            st = so.stat()
+            if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+                errors.append(f"{so}: owned by another user or writable by others; not loaded")
+                continue
+            lib = ctypes.CDLL(str(so))
+            _declare(lib)
+            if lib.ds_version() != KERNEL_VERSION or not _self_test(lib):
+                errors.append(f"{so}: self-test failed")
+                continue
+        except OSError as e:  # unreadable build dir, bad library, ...
+            errors.append(f"{type(e).__name__}: {e}")
+            continue
+        return lib, {"reason": None, "path": str(so), "compiler": compiler, "flags": flags}
+    short = errors[0].strip().splitlines()[-1] if errors else "unknown error"
+    return None, {"reason": f"build failed: {short}", "errors": errors}
+
+
+def status() -> dict:
+    """How the kernel was (or was not) loaded: path, compiler, flags, or reason."""
+    load()
+    return dict(_state["info"], available=_state["lib"] is not None)

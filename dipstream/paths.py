@@ -1,0 +1,31 @@
+"""Where dipstream keeps what it computes once: converted models, calibration thresholds,
+compiled kernels, probe files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """$DIPSTREAM_CACHE, else the platform's user cache folder ($XDG_CACHE_HOME or ~/.cache on
+    Linux, ~/Library/Caches on macOS) / dipstream."""
+    env = os.environ.get("DIPSTREAM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    if os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif os.uname().sysname == "Darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "dipstream"
+
+
+def machine() -> str:
+    """Where a run ran, for results rows."""
+    import platform
+
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
