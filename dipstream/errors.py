@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 class DipstreamError(Exception):
     """A user-facing error; the CLI prints its message on one line and exits with status 2."""
@@ -13,6 +15,16 @@ class Interrupted(DipstreamError):
     """Stopped by the user (Ctrl-C, SIGTERM) after saving what was finished; exit status 130."""
 
     exit_code = 130
+
+
+@contextmanager
+def user_errors():
+    """Inside this block a ValueError (the simulator's and the parsers' way to say "bad input")
+    becomes a one-line DipstreamError."""
+    try:
+        yield
+    except ValueError as exc:
+        raise DipstreamError(" ".join(str(exc).split())) from None
 
 
 def did_you_mean(word: str, choices, quote: str = "'", cutoff: float = 0.6) -> str:

@@ -27,12 +27,9 @@ def tiny_config(arch: str):
 
 def shape_of(model):
     """The simulator's ModelShape of a loaded model."""
-    from dataclasses import asdict
-
     from dipstream.models.arch import describe
-    from dipstream.simulator import ModelShape
 
-    return ModelShape.from_dict(asdict(describe(model)))
+    return describe(model).shape
 
 
 def decode_with_runtime(model, rt, ids, cfg):

@@ -36,13 +36,13 @@ def write_config(path, ckpt, text, body: str) -> Path:
 @pytest.fixture
 def count_model_runs(monkeypatch):
     calls = []
-    real = simulate_mod._evaluate_and_record
+    real = simulate_mod.evaluate_and_record
 
     def counting(ev, sim, shape, progress):
         calls.append((ev.method, ev.density, ev.options.gamma, sim.dram))
         return real(ev, sim, shape, progress)
 
-    monkeypatch.setattr(simulate_mod, "_evaluate_and_record", counting)
+    monkeypatch.setattr(simulate_mod, "evaluate_and_record", counting)
     return calls
 
 

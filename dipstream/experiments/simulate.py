@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dipstream.errors import DipstreamError
+from dipstream.errors import DipstreamError, user_errors
 from dipstream.experiments.evaluate import EvalConfig, evaluate
 from dipstream.io import write_json_atomic
+from dipstream.models.loading import shape_of
 
 
 @dataclass
@@ -100,32 +101,8 @@ def hardware_of(sim: SimConfig):
         if not sep:
             raise DipstreamError(f"--hw-set item '{item}' is not KEY=VALUE")
         overrides[key.strip()] = yaml.safe_load(value)
-    return _sim(load_hardware, sim.hardware, **overrides)
-
-
-def _shape_of(model: str):
-    from dipstream.simulator import ModelShape, get_shape
-    from dipstream.simulator.model_shape import SHAPES
-
-    if model in SHAPES:
-        return get_shape(model)
-    from transformers import AutoConfig
-
-    from dipstream.models.loading import resolve_checkpoint
-
-    cfg = AutoConfig.from_pretrained(resolve_checkpoint(model)[1])
-    cfg = getattr(cfg, "text_config", None) or cfg
-    return ModelShape(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size,
-                      cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None)
-                      or cfg.num_attention_heads, bool(getattr(cfg, "tie_word_embeddings", False)))
-
-
-def _sim(fn, *args, **kwargs):
-    """Simulator errors (ValueError) become one-line user errors."""
-    try:
-        return fn(*args, **kwargs)
-    except ValueError as exc:
-        raise DipstreamError(str(exc)) from None
+    with user_errors():
+        return load_hardware(sim.hardware, **overrides)
 
 
 def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512) -> dict:
@@ -134,16 +111,17 @@ def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512) -> dict:
     from dipstream.simulator import dense_streaming_baseline, simulate
 
     hw = hardware_of(sim)
-    if trace is None:  # a dense run has no masks: it is the dense-streaming baseline itself
-        b = _sim(dense_streaming_baseline, shape, hw, sim.dram, seq_len=seq_len).to_dict()
-        r = b
-    else:
-        res = _sim(simulate, trace, hw, shape, policy=sim.policy, dram_bytes=sim.dram,
-                   cache_split=sim.cache_split, **_policy_kwargs(sim))
-        lens = [b - a for a, b in trace.sequences()]
-        b = _sim(dense_streaming_baseline, shape, hw, sim.dram, seq_len=res.seq_len,
-                 sequences=list(zip(trace.prompt_len.tolist(), lens))).to_dict()
-        r = res.to_dict()
+    with user_errors():
+        if trace is None:  # a dense run has no masks: it is the dense-streaming baseline itself
+            b = dense_streaming_baseline(shape, hw, sim.dram, seq_len=seq_len).to_dict()
+            r = b
+        else:
+            res = simulate(trace, hw, shape, policy=sim.policy, dram_bytes=sim.dram,
+                           cache_split=sim.cache_split, **_policy_kwargs(sim))
+            lens = [b - a for a, b in trace.sequences()]
+            b = dense_streaming_baseline(shape, hw, sim.dram, seq_len=res.seq_len,
+                                         sequences=list(zip(trace.prompt_len.tolist(), lens))).to_dict()
+            r = res.to_dict()
     keys = ("tokens_per_s", "ttft_s", "hit_rate", "dram_bytes_per_token", "flash_bytes_per_token",
             "dram_used_bytes", "density_measured")
     out = {k: r[k] for k in keys if k != "density_measured"}
@@ -177,8 +155,9 @@ def closed_loop_cache(sim: SimConfig, hw, shape, seq_len: int, adapter_weights: 
     from dipstream.simulator import hook_specs, plan_placement
     from dipstream.simulator.simulate import resolve_dram
 
-    plan = _sim(plan_placement, shape, hw, hook_specs(shape, "dip"), _sim(resolve_dram, sim.dram, hw, shape),
-                seq_len, cache_split=sim.cache_split, adapter_weights=adapter_weights)
+    with user_errors():
+        plan = plan_placement(shape, hw, hook_specs(shape, "dip"), resolve_dram(sim.dram, hw, shape), seq_len,
+                              cache_split=sim.cache_split, adapter_weights=adapter_weights)
     return {"capacity": plan.capacity.tolist(), "policy": sim.policy, "policy_kwargs": _policy_kwargs(sim)}
 
 
@@ -191,7 +170,7 @@ def configure_closed_loop(method, shape, cache: dict) -> None:
                            cache["policy"], **cache["policy_kwargs"])
 
 
-def _evaluate_and_record(ev: EvalConfig, sim: SimConfig, shape, progress):
+def evaluate_and_record(ev: EvalConfig, sim: SimConfig, shape, progress):
     """Evaluate with a mask recorder attached (and, for dip-ca, the live simulated caches)."""
     from dipstream.sparsity.recording import MaskRecorder
 
@@ -230,18 +209,19 @@ def run_simulate(cfg: SimulateConfig, progress: bool | None = None) -> dict:
         output_file("json", ev.json)
     else:
         ev.validate()
-    shape = _shape_of(ev.model)
+    shape = shape_of(ev.model)
     if sim.trace:
         from dipstream.simulator import load_trace
 
         from dipstream.simulator import check_trace_matches
 
-        trace = _sim(load_trace, sim.trace)
-        _sim(check_trace_matches, trace, shape, ev.model)
+        with user_errors():
+            trace = load_trace(sim.trace)
+            check_trace_matches(trace, shape, ev.model)
         row = {"model": ev.model, "method": trace.metadata.get("method"),
                "density_requested": trace.metadata.get("density"), "trace": sim.trace}
     else:
-        row, trace = _evaluate_and_record(ev, sim, shape, progress)
+        row, trace = evaluate_and_record(ev, sim, shape, progress)
         if sim.save_trace and trace is not None:
             from dipstream.simulator import save_trace
 

@@ -30,7 +30,7 @@ from types import MappingProxyType
 
 from dipstream import __version__
 from dipstream.config import _base_type, from_namespace
-from dipstream.errors import DipstreamError, did_you_mean
+from dipstream.errors import DipstreamError, did_you_mean, user_errors
 from dipstream.io import config_hash
 from dipstream.experiments.simulate import SimulateConfig
 
@@ -179,8 +179,8 @@ def resolve(given: dict, shapes: dict, hardwares: dict) -> Run:
     `shapes` caches model shapes by model name, `hardwares` devices by (hardware, hw_set)."""
     from dataclasses import asdict
 
-    from dipstream.experiments.simulate import (_shape_of, _sim, closed_loop_cache, configure_closed_loop,
-                                                hardware_of, is_closed_loop)
+    from dipstream.experiments.simulate import closed_loop_cache, configure_closed_loop, hardware_of, is_closed_loop
+    from dipstream.models.loading import shape_of
     from dipstream.simulator.simulate import resolve_dram
     from dipstream.sparsity import build_method
 
@@ -202,9 +202,10 @@ def resolve(given: dict, shapes: dict, hardwares: dict) -> Run:
         hardwares[hw_id] = hardware_of(cfg.sim)
     hw = hardwares[hw_id]
     if cfg.eval.model not in shapes:
-        shapes[cfg.eval.model] = _shape_of(cfg.eval.model)
+        shapes[cfg.eval.model] = shape_of(cfg.eval.model)
     shape = shapes[cfg.eval.model]
-    _sim(resolve_dram, cfg.sim.dram, hw, shape)  # a DRAM size that does not resolve fails the plan
+    with user_errors():  # a DRAM size that does not resolve fails the plan
+        resolve_dram(cfg.sim.dram, hw, shape)
     closed = is_closed_loop(method)
     from dipstream.experiments.evaluate import EvalConfig
 

@@ -37,13 +37,14 @@ def record_task(params: dict, ordinal: int, threads: int | None = None):
     for a run without masks, wall seconds)."""
     _fault_injection(ordinal)
     set_threads(threads)
-    from dipstream.experiments.simulate import _evaluate_and_record, _shape_of
+    from dipstream.experiments.simulate import evaluate_and_record
+    from dipstream.models.loading import shape_of
     from dipstream.experiments.sweep_config import run_config
     from dipstream.simulator import save_trace
 
     start = time.perf_counter()
     cfg = run_config(params)
-    row, trace = _evaluate_and_record(cfg.eval, cfg.sim, _shape_of(cfg.eval.model), progress=False)
+    row, trace = evaluate_and_record(cfg.eval, cfg.sim, shape_of(cfg.eval.model), progress=False)
     data = None
     if trace is not None:
         with tempfile.TemporaryDirectory(prefix="dipstream-trace-") as tmp:
@@ -57,13 +58,15 @@ def replay_task(trace, params: dict, shape: dict, ordinal: int):
     """Simulate one device on a recorded trace (a path, the .npz bytes, or None for a dense run).
     Returns (figures, wall seconds)."""
     _fault_injection(ordinal)
-    from dipstream.experiments.simulate import _sim, simulate_trace
+    from dipstream.errors import user_errors
+    from dipstream.experiments.simulate import simulate_trace
     from dipstream.experiments.sweep_config import run_config
     from dipstream.simulator import ModelShape, load_trace
 
     start = time.perf_counter()
     cfg = run_config(params)
     if trace is not None:
-        trace = _sim(load_trace, io.BytesIO(trace) if isinstance(trace, bytes) else trace)
+        with user_errors():
+            trace = load_trace(io.BytesIO(trace) if isinstance(trace, bytes) else trace)
     figures = simulate_trace(trace, ModelShape.from_dict(shape), cfg.sim, cfg.eval.seq_len)
     return figures, time.perf_counter() - start

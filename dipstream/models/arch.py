@@ -10,6 +10,7 @@ from transformers.activations import ACT2FN
 
 from dipstream.errors import DipstreamError
 from dipstream.models.adapters import LoraView, lora_view
+from dipstream.simulator.model_shape import ModelShape
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ def mlp_parts(model: nn.Module) -> list[GatedMLPParts]:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Shapes the simulator and reports need."""
+    """A loaded model's architecture, its shape (``shape``: the simulator's ModelShape) and what
+    the runs need besides (context length, activation)."""
 
     model_type: str
     n_layers: int
@@ -152,14 +154,21 @@ class ModelInfo:
     max_positions: int
     act: str
 
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(self.n_layers, self.d_model, self.d_ff, self.vocab, self.n_heads,
+                          self.n_kv_heads, self.tied_embeddings)
+
 
 def describe(model: nn.Module) -> ModelInfo:
-    """Shape summary of a supported CausalLM."""
-    cfg = _text_config(model.config)
+    """Summary of a supported CausalLM: its config's shape, checked against its MLP weights."""
     parts = mlp_parts(model)
-    return ModelInfo(
-        model_type=model.config.model_type, n_layers=len(parts), d_model=parts[0].d_model,
-        d_ff=parts[0].d_ff, vocab=cfg.vocab_size, n_heads=cfg.num_attention_heads,
-        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)),
-        max_positions=getattr(cfg, "max_position_embeddings", 2048), act=parts[0].act_name)
+    s = ModelShape.from_hf_config(model.config)
+    if (s.n_layers, s.d_model, s.d_ff) != (len(parts), parts[0].d_model, parts[0].d_ff):
+        raise DipstreamError(f"model config says {s.n_layers} layers of {s.d_model} x {s.d_ff} but its MLP "
+                             f"weights are {len(parts)} layers of {parts[0].d_model} x {parts[0].d_ff}")
+    return ModelInfo(model_type=model.config.model_type, n_layers=s.n_layers, d_model=s.d_model, d_ff=s.d_ff,
+                     vocab=s.vocab, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads,
+                     tied_embeddings=s.tied_embeddings,
+                     max_positions=getattr(_text_config(model.config), "max_position_embeddings", 2048),
+                     act=parts[0].act_name)

@@ -18,6 +18,7 @@ import torch
 from dipstream.errors import DipstreamError
 from dipstream.paths import cache_root
 from dipstream.models.arch import ModelInfo, arch_spec, describe
+from dipstream.simulator.model_shape import SHAPES, ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,16 @@ def _ensure_converted(name: str, force: bool = False) -> Path:
         raise DipstreamError(f"the model cache {models} is not writable ({exc.strerror}); make it "
                              "writable or set DIPSTREAM_CACHE to a folder of your own") from None
     return target
+
+
+def shape_of(name_or_path: str) -> ModelShape:
+    """The shape of a model by name: a simulator preset (e.g. llama3-8b), a built-in model, or a
+    local checkpoint folder, read from its config without loading weights."""
+    from transformers import AutoConfig
+
+    if name_or_path in SHAPES:
+        return SHAPES[name_or_path]
+    return ModelShape.from_hf_config(AutoConfig.from_pretrained(resolve_checkpoint(name_or_path)[1]))
 
 
 def resolve_checkpoint(name_or_path: str) -> tuple[str, Path]:

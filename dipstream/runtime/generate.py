@@ -355,7 +355,6 @@ def run_generate(cfg: GenerateConfig, out=None) -> dict:
     from dipstream.models import load_model
     from dipstream.models.arch import mlp_parts
     from dipstream.budget import layer_keeps
-    from dipstream.simulator import ModelShape
 
     _check(cfg)
     out = out or sys.stdout
@@ -389,7 +388,7 @@ def run_generate(cfg: GenerateConfig, out=None) -> dict:
     if ids.shape[1] == 0:
         raise DipstreamError("the prompt is empty after tokenization; give some text")
     P = int(ids.shape[1])
-    shape = ModelShape.from_dict(asdict(lm.info))
+    shape = lm.info.shape
     row = {"model": lm.name, "method": cfg.method, "density_requested": cfg.density,
            "weights": cfg.weights, "prompt_tokens": P, "device": str(dev),
            "threads": torch.get_num_threads(), **row_adapter}

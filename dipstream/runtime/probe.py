@@ -105,10 +105,10 @@ def measure_gemv(repeats: int, n: int = 4096, m: int = 14336) -> tuple[float, fl
 
 def _chunk_sizes(cfg: ProbeConfig) -> list[int]:
     if cfg.model:
-        from dipstream.experiments.simulate import _shape_of
+        from dipstream.models.loading import shape_of
         from dipstream.runtime.offload_file import Layout
 
-        shape = _shape_of(cfg.model)
+        shape = shape_of(cfg.model)
         lay = Layout(1, shape.d_model, shape.d_ff)
         return [lay.in_stride, lay.out_stride]
     try:

@@ -65,6 +65,16 @@ class ModelShape:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @classmethod
+    def from_hf_config(cls, config) -> "ModelShape":
+        """The shape of a Hugging Face model config (a multimodal config's text part), read from
+        its fields only: nothing is loaded."""
+        cfg = getattr(config, "text_config", None) or config
+        heads = cfg.num_attention_heads
+        return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, heads,
+                   getattr(cfg, "num_key_value_heads", None) or heads,
+                   bool(getattr(config, "tie_word_embeddings", False)))
+
 
 SHAPES = {
     "phi3-medium": ModelShape(40, 5120, 17920, 32064, 40, 10),
