@@ -28,6 +28,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from dipstream.config import flat
     from dipstream.runtime.generate import GenerateConfig, run_generate
 
     configs = [("dense", 1.0, "float32")] + [
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     for r in range(a.rounds):
         order = configs[r % len(configs):] + configs[:r % len(configs)]
         for c in order:
-            row = run_generate(GenerateConfig(
+            row = run_generate(flat(GenerateConfig, 
                 model=a.model, method=c[0], density=c[1], weights=c[2], prompt=a.prompt,
                 max_new_tokens=a.tokens, stop_at_eos=False, stream=False, threads=a.threads,
                 device="cpu"))

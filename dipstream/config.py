@@ -39,6 +39,25 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -
                                 **kwargs)
 
 
+def leaf_names(cls) -> set[str]:
+    """Names of every leaf field of dataclass `cls`, nested dataclasses flattened."""
+    hints = typing.get_type_hints(cls)
+    out = set()
+    for f in dataclasses.fields(cls):
+        tp, _ = _base_type(hints[f.name])
+        out |= leaf_names(tp) if dataclasses.is_dataclass(tp) else {f.name}
+    return out
+
+
+def flat(cls, **values):
+    """Build dataclass `cls` from flat keyword values, as the command line does (nested configs
+    filled from their own fields); an unknown key is an error."""
+    unknown = set(values) - leaf_names(cls)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    return from_namespace(cls, argparse.Namespace(**values))
+
+
 def from_namespace(cls, ns: argparse.Namespace, prefix: str = ""):
     """Build dataclass `cls` from parsed options; options not given keep the field defaults."""
     hints = typing.get_type_hints(cls)

@@ -55,6 +55,7 @@ def main(argv=None) -> int:
 
     from dipstream.io import append_jsonl
     from dipstream.paths import cache_root
+    from dipstream.config import flat
     from dipstream.runtime.generate import GenerateConfig, run_generate
     from dipstream.runtime.probe import ProbeConfig, run_probe
     from dipstream.simulator import load_hardware, load_trace, simulate
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     offload = Path(a.offload or cache_root() / "offload" / a.model)
     # the offload file is written first (if needed): the probe measures reads of that file
-    run_generate(GenerateConfig(model=a.model, method="dense", max_new_tokens=1, stream=False,
+    run_generate(flat(GenerateConfig, model=a.model, method="dense", max_new_tokens=1, stream=False,
                                 offload=str(offload), dram=a.dram))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
             order = METHODS[r % 3:] + METHODS[:r % 3]  # rotate the order every round
             for m in order:
                 trace = tmp / f"{m}-{r}.npz"
-                row = run_generate(GenerateConfig(
+                row = run_generate(flat(GenerateConfig, 
                     model=a.model, method=m, density=1.0 if m == "dense" else a.density,
                     prompt=a.prompt, max_new_tokens=a.tokens, stop_at_eos=False, stream=False,
                     gamma=a.gamma, offload=str(offload), dram=a.dram, io_threads=a.io_threads,

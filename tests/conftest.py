@@ -34,7 +34,7 @@ def shape_of(model):
 
 def decode_with_runtime(model, rt, ids, cfg):
     """Token ids decoded by `model` with the decode runtime `rt` attached (detached after)."""
-    from dipstream.runtime.generate import attach_runtime, decode_tokens, detach_runtime
+    from dipstream.runtime.decode import attach_runtime, decode_tokens, detach_runtime
 
     orig = attach_runtime(model, rt)
     try:

@@ -8,13 +8,16 @@ import torch
 
 from dipstream.cli.main import main
 from dipstream.models.arch import mlp_parts
-from dipstream.runtime.generate import (GenerateConfig, InMemoryRuntime, decode_tokens, run_generate)
+from dipstream.config import flat
+from dipstream.runtime.decode import DecodeOptions, decode_tokens
+from dipstream.runtime.generate import GenerateConfig, run_generate
+from dipstream.runtime.in_memory import InMemoryRuntime
 from dipstream.runtime.offload import OffloadRuntime
 from dipstream.runtime.offload_file import ensure_offload
-from dipstream.sparsity import attach, build_method
+from dipstream.sparsity import MethodOptions, attach, build_method
 from tests.conftest import decode_with_runtime, shape_of, tiny_model
 
-CFG = GenerateConfig(max_new_tokens=12, stop_at_eos=False)
+CFG = DecodeOptions(max_new_tokens=12, stop_at_eos=False)
 
 
 def _ids(seed=1):
@@ -34,11 +37,11 @@ def test_density_one_equals_dense_token_for_token(arch, tmp_path):
     assert written
     try:
         for method in ("dense", "dip", "dip-ca"):
-            rt = OffloadRuntime(f, parts[0].act_name, method, [d] * L, [D] * L, 60_000,
-                                shape_of(model), 32, gamma=1.0)
+            rt = OffloadRuntime(f, parts[0].act_name, build_method(method, 1.0, MethodOptions(gamma=1.0)),
+                                [d] * L, [D] * L, 60_000, shape_of(model), 32)
             assert 0 < rt.capacity["layers.0.in"] < d  # a partial cache: reads really happen
             assert decode_with_runtime(model, rt, ids, CFG) == dense, method
-            assert rt.stats.reads > 0
+            assert rt.counters.reads > 0
     finally:
         f.close()
 
@@ -59,9 +62,9 @@ def test_sparse_decode_equals_masked_dip(tmp_path):
     assert decode_with_runtime(model, InMemoryRuntime(parts, k_in, k_out), ids, CFG) == masked
     f, _ = ensure_offload(tmp_path / "off", parts, "tiny")
     try:
-        rt = OffloadRuntime(f, "silu", "dip", k_in, k_out, 50_000, shape_of(model), 32)
+        rt = OffloadRuntime(f, "silu", build_method("dip", 0.5), k_in, k_out, 50_000, shape_of(model), 32)
         assert decode_with_runtime(model, rt, ids, CFG) == masked
-        assert 0.3 < rt.stats.selected_bytes / rt.stats.tokens / (2 * 3 * 32 * 48 * 4) < 0.55
+        assert 0.3 < rt.counters.selected_bytes / rt.counters.tokens / (2 * 3 * 32 * 48 * 4) < 0.55
     finally:
         f.close()
 
@@ -87,7 +90,7 @@ def test_generate_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
     assert main(args + ["--method", "dense"]) == 0
     dense_out = capsys.readouterr()
     assert dense_out.out.startswith("the quick brown") and "decode_tokens_per_s" in dense_out.err
-    off = ["--offload", str(tmp_path / "off"), "--dram", "60kB"]
+    off = ["--offload", str(tmp_path / "off"), "--dram", "150kB"]
     assert main(args + ["--method", "dip-ca", "--density", "1.0", "--gamma", "1.0", *off,
                         "--json", str(out), "--trace", str(trace)]) == 0
     ca_out = capsys.readouterr()
@@ -104,7 +107,8 @@ def test_generate_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--method", "dip-ca"], "dip-ca picks its masks"),
-    (["--offload", "OFF", "--dram", "1kB"], "smaller than one token's working set"),
+    (["--offload", "OFF", "--dram", "1kB"], "smaller than the static layers and KV cache"),
+    (["--offload", "OFF", "--dram", "115kB"], "less than one token's working set"),
     (["--offload", "OFF", "--weights", "int8"], "float32 weights on disk"),
     (["--density", "1.5"], "outside (0, 1]"),
     (["--method", "dense", "--weights", "int4"], "applies to the sparse kernel"),
@@ -122,7 +126,7 @@ def test_generate_cli_errors(tiny_checkpoint, tmp_path, capsys, extra, message):
 def test_generate_cli_corrupt_offload(tiny_checkpoint, tmp_path, capsys):
     off = tmp_path / "off"
     base = ["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "2", "--no-stream",
-            "--offload", str(off), "--dram", "60kB"]
+            "--offload", str(off), "--dram", "150kB"]
     assert main(base) == 0
     data = off / "mlp.bin"
     data.write_bytes(data.read_bytes()[:-512])
@@ -157,7 +161,7 @@ def test_tampered_offload_manifest_is_refused(tiny_checkpoint, tmp_path, capsys,
 
     off = tmp_path / "off"
     base = ["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "2", "--no-stream",
-            "--offload", str(off), "--dram", "60kB"]
+            "--offload", str(off), "--dram", "150kB"]
     assert main(base) == 0
     m = json.loads((off / "mlp.json").read_text())
     if value is None:
@@ -186,10 +190,10 @@ def test_generate_adapter_dip_on_cuda_is_refused(tiny_checkpoint, tmp_path, caps
 def test_sampling_is_seeded(tiny_checkpoint):
     cfg = dict(model=str(tiny_checkpoint), method="dense", prompt="the lazy", max_new_tokens=8,
                stop_at_eos=False, sample=True, temperature=1.5, stream=False)
-    a = run_generate(GenerateConfig(**cfg, sample_seed=1))["ids"]
-    b = run_generate(GenerateConfig(**cfg, sample_seed=1))["ids"]
-    greedy = run_generate(GenerateConfig(**{**cfg, "sample": False}))["ids"]
-    others = [run_generate(GenerateConfig(**cfg, sample_seed=s))["ids"] for s in (2, 3)]
+    a = run_generate(flat(GenerateConfig, **cfg, sample_seed=1))["ids"]
+    b = run_generate(flat(GenerateConfig, **cfg, sample_seed=1))["ids"]
+    greedy = run_generate(flat(GenerateConfig, **{**cfg, "sample": False}))["ids"]
+    others = [run_generate(flat(GenerateConfig, **cfg, sample_seed=s))["ids"] for s in (2, 3)]
     assert a == b and any(o != a for o in others + [greedy])
 
 

@@ -17,7 +17,8 @@ from dipstream.errors import DipstreamError
 from dipstream.models.arch import mlp_parts
 from dipstream.kernels import native as _native
 from dipstream.runtime import offload_file as of
-from dipstream.runtime.generate import GenerateConfig
+from dipstream.runtime.decode import DecodeOptions
+from dipstream.sparsity import MethodOptions, build_method
 from dipstream.runtime.offload import OffloadRuntime, offload_capacities, parse_budget
 from dipstream.simulator import Hardware, ModelShape, simulate
 from tests.conftest import decode_with_runtime, shape_of
@@ -163,8 +164,8 @@ def _runtime(model, offload_dir, method, density_k, budget, policy="lru", gamma=
     L = len(parts)
     f = of.open_offload(offload_dir, model="small")
     kin, kout = density_k
-    return OffloadRuntime(f, parts[0].act_name, method, [kin] * L, [kout] * L, budget,
-                          shape_of(model), 64, policy, gamma)
+    return OffloadRuntime(f, parts[0].act_name, build_method(method, 1.0, MethodOptions(gamma=gamma)),
+                          [kin] * L, [kout] * L, budget, shape_of(model), 64, policy)
 
 
 def _check_cache_state(rt, parts):
@@ -172,10 +173,10 @@ def _check_cache_state(rt, parts):
     assert rt.cached_bytes() == sum(int(c.cached.sum()) * rt.lay.hook(kind)[1]
                                     for kind, cs in rt.caches.items() for c in cs)
     for kind in ("in", "out"):
-        cached_pol = rt.policies[kind].cached()
         for layer, c in enumerate(rt.caches[kind]):
             assert c.cached.sum() <= c.capacity == rt.capacity[f"layers.{layer}.{kind}"]
-            assert np.array_equal(c.cached, cached_pol[layer])  # physical == the policy's set
+            # physical == the simulated cache's set
+            assert np.array_equal(c.cached, rt.cacheset.cached(f"layers.{layer}.{kind}")[0])
             units = np.flatnonzero(c.cached)
             p = parts[layer]
             ref = (torch.cat([p.gate_weight.t(), p.up_weight.t()], 1) if kind == "in"
@@ -200,17 +201,17 @@ def test_cache_never_exceeds_budget(model, offload_dir, method, policy):
     rt.decode = checked
     ids = torch.randint(1, 96, (1, 7), generator=torch.Generator().manual_seed(3))
     try:
-        decode_with_runtime(model, rt, ids, GenerateConfig(max_new_tokens=12, stop_at_eos=False))
+        decode_with_runtime(model, rt, ids, DecodeOptions(max_new_tokens=12, stop_at_eos=False))
     finally:
         rt.file.close()
     _check_cache_state(rt, ref_parts)
-    assert rt.stats.tokens == 11 and rt.stats.reads > 0 and 0 < rt.stats.hit_units
+    assert rt.counters.tokens == 11 and rt.counters.reads > 0 and 0 < rt.counters.hit_units
 
 
 def test_budget_too_small_and_bad_budget(model, offload_dir):
     lay = of.Layout(2, 64, 256)
     need = max(lay.d * lay.in_stride, lay.D * lay.out_stride)
-    with pytest.raises(DipstreamError, match="smaller than one token's working set"):
+    with pytest.raises(DipstreamError, match="less than one token's working set"):
         _runtime(model, offload_dir, "dip", (32, 128), need - 1)
     rt = _runtime(model, offload_dir, "dip", (32, 128), need)  # exactly the buffer: no cache
     assert rt.cache_bytes == 0 and rt.capacity["layers.0.in"] == 0
@@ -241,18 +242,18 @@ def test_trace_replays_to_the_same_hits(model, offload_dir, method):
     rt = _runtime(model, offload_dir, method, (38, 90), budget)
     ids = torch.randint(1, 96, (1, 5), generator=torch.Generator().manual_seed(4))
     try:
-        decode_with_runtime(model, rt, ids, GenerateConfig(max_new_tokens=10, stop_at_eos=False))
+        decode_with_runtime(model, rt, ids, DecodeOptions(max_new_tokens=10, stop_at_eos=False))
     finally:
         rt.file.close()
     trace = rt.trace(5, {"model": "small", "method": method, **shape_of(model).to_dict()})
     hw = Hardware(name="fp32", bits={k: 32 for k in KINDS})
     res = simulate(trace, hw, shape_of(model), policy="lru", dram_bytes=rt.sim_dram_bytes,
                    seq_len=rt.seq_len)
-    n = rt.stats.tokens
+    n = rt.counters.tokens
     assert res.n_tokens == n == 9
-    assert res.mlp_dram_bytes_per_token == pytest.approx(rt.stats.ram_bytes / n)
+    assert res.mlp_dram_bytes_per_token == pytest.approx(rt.counters.ram_bytes / n)
     assert res.mlp_flash_bytes_per_token == pytest.approx(
-        (rt.stats.selected_bytes - rt.stats.ram_bytes) / n)
+        (rt.counters.selected_bytes - rt.counters.ram_bytes) / n)
     assert res.capacity_units == [rt.capacity[h] for h in res.hook_names]
 
 

@@ -21,7 +21,7 @@ from dipstream.kernels import (
     sparse_mlp,
 )
 from dipstream.kernels import native as _native
-from dipstream.kernels.sparse_mlp import _act_torch
+from dipstream.kernels.sparse_mlp import activation
 
 BACKENDS = ["native", "torch"]
 
@@ -65,7 +65,7 @@ def make_mlp(d, D, seed=0, scaled=True):
 def hidden(Wg, Wu, x, s_in, act):
     xm = torch.zeros_like(x)
     xm[s_in] = x[s_in]
-    return _act_torch(xm @ Wg.T, act) * (xm @ Wu.T)
+    return activation(xm @ Wg.T, act) * (xm @ Wu.T)
 
 
 def assert_close_y(y, y_ref, Wd, h, s_out):

@@ -101,7 +101,7 @@ def test_dip_ca_with_an_adapter_is_keyed_by_the_caches_its_model_run_uses(tiny_c
     from dipstream.models import load_model
     from dipstream.models.adapters import LoraSettings, add_lora, count_lora_weights, lora_weights_in, save_lora
     from dipstream.sparsity.cache_aware import DIPCA
-    from dipstream.training.artifacts import model_signature, write_meta
+    from dipstream.models.adapter_folder import model_signature, write_meta
 
     lm = load_model(str(tiny_checkpoint))
     peft = add_lora(lm.model, LoraSettings(rank=8))

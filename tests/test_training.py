@@ -252,11 +252,12 @@ def test_simulate_counts_adapter_weights_as_static_dram(finished, tiny_checkpoin
 
 
 def test_generate_with_a_finetuned_adapter(finished, tiny_checkpoint, tmp_path, capsys):
+    from dipstream.config import flat
     from dipstream.runtime.generate import GenerateConfig, run_generate
 
     out, row = finished
-    got = run_generate(GenerateConfig(model=str(tiny_checkpoint), adapter=str(out), max_new_tokens=4,
-                                      stop_at_eos=False, stream=False, prompt="the quick"))
+    got = run_generate(flat(GenerateConfig, model=str(tiny_checkpoint), adapter=str(out), max_new_tokens=4,
+                            stop_at_eos=False, stream=False, prompt="the quick"))
     assert got["adapter_weights"] == row["adapter_weights"] and got["new_tokens"] == 4
     rc = main(["generate", "--model", str(tiny_checkpoint), "--adapter", str(out), "--offload",
                str(tmp_path / "off")])

@@ -78,7 +78,7 @@ class EvalConfig:
         input_file("text", self.text, "UTF-8 text file")
         input_file("thresholds", self.thresholds, "thresholds JSON file")
         if self.adapter:
-            from dipstream.training.artifacts import check_files, read_meta
+            from dipstream.models.adapter_folder import check_files, read_meta
 
             folder = input_dir("adapter", self.adapter, "finetune --out folder")
             check_files(folder, read_meta(folder))
@@ -146,7 +146,7 @@ def load_with_adapter(cfg: EvalConfig, method):
     lm = load_model(cfg.model, getattr(torch, cfg.dtype))
     adapter = {}
     if cfg.adapter:
-        from dipstream.training.artifacts import apply_adapter
+        from dipstream.models.adapter_folder import apply_adapter
 
         adapter = apply_adapter(lm, cfg.adapter, method)
     return lm, adapter

@@ -9,12 +9,13 @@ import numpy as np
 from dipstream.errors import DipstreamError, user_errors
 from dipstream.experiments.evaluate import EvalConfig, evaluate
 from dipstream.io import write_json_atomic
+from dipstream.simulator.policies import CacheOptions
 from dipstream.models.loading import shape_of
 
 
 @dataclass
-class SimConfig:
-    """Hardware, DRAM size and cache policy of a simulated device."""
+class SimConfig(CacheOptions):
+    """Hardware, DRAM size and caches of a simulated device."""
 
     hardware: str = field(default="a18", metadata={
         "help": "hardware preset (a18, android-ufs4, laptop) or a YAML/JSON file"})
@@ -24,24 +25,6 @@ class SimConfig:
         "help": "override hardware fields, comma-separated, e.g. 'overlap=true,compute_flops=2e12,"
                 "flash_read_latency_s=1e-4,flash_queue_depth=8,bundle=true' (see Hardware)",
         "metavar": "K=V,..."})
-    policy: str = field(default="lru", metadata={
-        "help": "cache policy: none, lru, lfu, belady, window, hot"})
-    over_capacity: str = field(default="random", metadata={
-        "help": "what a cache keeps when one token's mask alone exceeds its capacity: random (the "
-                "reference: its hits and a seeded random subset of the new units, never above "
-                "capacity); not the reference: keep-mask (the whole mask, above its DRAM share) or "
-                "highest-index (the highest-index units, within capacity)",
-        "choices": ["random", "keep-mask", "highest-index"]})
-    cache_split: str = field(default="linear", metadata={
-        "help": "how the DRAM left after the static layers is split between the caches: linear (the "
-                "reference: one share per masked linear, so a DIP up/gate cache gets 2/3 of a layer's "
-                "and the down cache 1/3); not the reference: hook (one share per cache) or weights "
-                "(in proportion to each cache's weights)", "choices": ["linear", "hook", "weights"]})
-    cache_seed: int = field(default=0, metadata={
-        "help": "seed of the random subset kept when a mask exceeds its cache (--over-capacity random)"})
-    window_k: int = field(default=5, metadata={"help": "window policy: tokens whose units are kept"})
-    hot_fraction: float = field(default=0.5, metadata={
-        "help": "hot policy: share of each cache pinned to the most frequent units"})
     trace: str | None = field(default=None, metadata={
         "help": "replay this mask trace (.npz) instead of running the model", "metavar": "PATH"})
     save_trace: str | None = field(default=None, metadata={
@@ -51,21 +34,13 @@ class SimConfig:
                 "amortise DIP-CA's per-token cache scan but need more memory for the logits"})
 
     def validate(self) -> None:
-        """Check the device (hardware file, overrides, DRAM size, policy) and the files before any
-        model is loaded; returns nothing, raises one-line errors."""
+        """Check the device (hardware file, overrides, DRAM size, caches) and the files before any
+        model is loaded; one-line errors."""
         from dipstream.simulator.hardware import parse_dram
-        from dipstream.simulator.policies import OVER_CAPACITY, POLICIES
-        from dipstream.simulator.simulate import CACHE_SPLITS
-        from dipstream.validation import at_least, finite, input_file, output_file
+        from dipstream.validation import at_least, input_file, output_file
 
-        if self.policy not in POLICIES:
-            raise DipstreamError(f"unknown cache policy '{self.policy}'; use one of {', '.join(POLICIES)}")
-        if self.over_capacity not in OVER_CAPACITY:
-            raise DipstreamError(f"--over-capacity {self.over_capacity} is not one of {', '.join(OVER_CAPACITY)}")
-        if self.cache_split not in CACHE_SPLITS:
-            raise DipstreamError(f"--cache-split {self.cache_split} is not one of {', '.join(CACHE_SPLITS)}")
-        at_least("window_k", self.window_k, 1)
-        finite("hot_fraction", self.hot_fraction, lo=0, hi=1)
+        with user_errors():
+            CacheOptions.validate(self)
         at_least("batch_size", self.batch_size, 1)
         try:
             parse_dram(self.dram, 1.0)
@@ -82,11 +57,6 @@ class SimulateConfig:
 
     eval: EvalConfig = field(default_factory=EvalConfig)
     sim: SimConfig = field(default_factory=SimConfig)
-
-
-def _policy_kwargs(sim: SimConfig) -> dict:
-    kw = {"window": {"k": sim.window_k}, "hot": {"fraction": sim.hot_fraction}}.get(sim.policy, {})
-    return {**kw, "over_capacity": sim.over_capacity, "seed": sim.cache_seed}
 
 
 def hardware_of(sim: SimConfig):
@@ -117,7 +87,7 @@ def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512) -> dict:
             r = b
         else:
             res = simulate(trace, hw, shape, policy=sim.policy, dram_bytes=sim.dram,
-                           cache_split=sim.cache_split, **_policy_kwargs(sim))
+                           cache_split=sim.cache_split, **sim.policy_kwargs())
             lens = [b - a for a, b in trace.sequences()]
             b = dense_streaming_baseline(shape, hw, sim.dram, seq_len=res.seq_len,
                                          sequences=list(zip(trace.prompt_len.tolist(), lens))).to_dict()
@@ -158,7 +128,7 @@ def closed_loop_cache(sim: SimConfig, hw, shape, seq_len: int, adapter_weights: 
     with user_errors():
         plan = plan_placement(shape, hw, hook_specs(shape, "dip"), resolve_dram(sim.dram, hw, shape), seq_len,
                               cache_split=sim.cache_split, adapter_weights=adapter_weights)
-    return {"capacity": plan.capacity.tolist(), "policy": sim.policy, "policy_kwargs": _policy_kwargs(sim)}
+    return {"capacity": plan.capacity.tolist(), "policy": sim.policy, "policy_kwargs": sim.policy_kwargs()}
 
 
 def configure_closed_loop(method, shape, cache: dict) -> None:

@@ -46,19 +46,19 @@ __all__ = [
     "native_status",
 ]
 
-_ACTS = {"silu": 0, "swish": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
+ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 
 
 def _act_code(act: str) -> int:
     try:
-        return _ACTS[act]
+        return ACTIVATIONS[act]
     except KeyError:
-        raise ValueError(f"unknown activation {act!r}; expected one of {sorted(_ACTS)}") from None
+        raise ValueError(f"unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}") from None
 
 
-def _act_torch(g: torch.Tensor, act: str) -> torch.Tensor:
+def activation(g: torch.Tensor, act: str) -> torch.Tensor:
     code = _act_code(act)
     if code == 0:
         return F.silu(g)
@@ -323,9 +323,33 @@ def rows_select_gemv(lib, rows, v: torch.Tensor, k: int, idx: torch.Tensor, coef
 def _sparse_token_torch(w, x: torch.Tensor, k_in: int, k_out: int, act: str):
     s_in = _select_topk_abs_torch(x, k_in)
     gu = rows_gemv_torch(w.rows_in, s_in, x.index_select(0, s_in))
-    h = _act_torch(gu[:w.D], act) * gu[w.D:]
+    h = activation(gu[:w.D], act) * gu[w.D:]
     s_out = _select_topk_abs_torch(h, k_out)
     y = rows_gemv_torch(w.rows_out, s_out, h.index_select(0, s_out))
+    return y, s_in, s_out
+
+
+def _adapter_term(terms, v: torch.Tensor, idx: torch.Tensor):
+    """sum of s * B (A[:, idx] v) over LoRA terms [(A, B, s)]: v holds the selected inputs only."""
+    out = 0.0
+    for A, B, scale in terms:
+        out = out + scale * (B @ (A.index_select(1, idx) @ v))
+    return out
+
+
+def _sparse_token_adapted(w, x: torch.Tensor, k_in: int, k_out: int, act: str, adapters: dict,
+                          gemv):
+    """The DIP token with LoRA terms added to the selected inputs' products (A reads only the
+    selected columns), so an adapter adds no dense read; `gemv(rows, idx, coeffs)`."""
+    s_in = select_topk_abs(x, k_in)
+    xs = x.index_select(0, s_in)
+    gu = gemv(w.rows_in, s_in, xs)
+    g = gu[:w.D] + _adapter_term(adapters.get("gate", ()), xs, s_in)
+    u = gu[w.D:] + _adapter_term(adapters.get("up", ()), xs, s_in)
+    h = activation(g, act) * u
+    s_out = select_topk_abs(h, k_out)
+    hs = h.index_select(0, s_out)
+    y = gemv(w.rows_out, s_out, hs) + _adapter_term(adapters.get("down", ()), hs, s_out)
     return y, s_in, s_out
 
 
@@ -339,15 +363,18 @@ def _sparse_token_native(lib, w, x: torch.Tensor, k_in: int, k_out: int,
     rows_select_gemv(lib, w.rows_in, x, k_in, idx_in, b.coef, b.gu, nthreads)
     # the activation runs in torch, bit-identical to the references (selection of S_out
     # depends on it, e.g. on which saturated GELU/SiLU values round to exactly 0)
-    torch.mul(_act_torch(b.gu[:w.D], act), b.gu[w.D:], out=b.h)
+    torch.mul(activation(b.gu[:w.D], act), b.gu[w.D:], out=b.h)
     rows_select_gemv(lib, w.rows_out, b.h, k_out, idx_out, b.coef, y, nthreads)
     return y, idx_in, idx_out
 
 
 def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int,
                act: str = "silu", *, return_indices: bool = False, backend: str = "auto",
-               num_threads: int | None = None):
+               num_threads: int | None = None, adapters: dict | None = None):
     """DIP gated MLP on one token (``x`` of shape (d,) or (1, d)); rows of (T, d) one by one.
+
+    ``adapters``: LoRA terms {"gate" | "up" | "down": [(A, B, scale)]} added with A fed the same
+    selected inputs as the host rows (float32 weights on the CPU).
 
     ``k_in`` / ``k_out`` are clamped to d / D (``k = d, D`` is the dense MLP; ``k = 0`` gives 0).
     ``act``: "silu" (= "swish"), "gelu_tanh" (= "gelu_pytorch_tanh", "gelu_new") or "gelu" (erf).
@@ -390,9 +417,15 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
         xt = xd.reshape(weights.d)
         if not xt.is_contiguous():
             xt = xt.contiguous()
-        if triton:
+        if adapters:
+            if triton or getattr(weights, "dtype", torch.float32) != torch.float32:
+                raise ValueError("LoRA adapters run with float32 weights on the CPU")
+            y, s_in, s_out = _sparse_token_adapted(
+                weights, xt, k_in, k_out, act, adapters,
+                lambda rows, idx, c: gather_gemv(rows, idx, c, backend=backend, num_threads=num_threads))
+        elif triton:
             y, s_in, s_out = triton_gemv.sparse_mlp_triton(weights, xt.to(dev), k_in, k_out,
-                                                           lambda g: _act_torch(g, act))
+                                                           lambda g: activation(g, act))
         elif lib is None:
             y, s_in, s_out = _sparse_token_torch(weights, xt, k_in, k_out, act)
         else:
@@ -404,7 +437,7 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
     ys, s_ins, s_outs = [], [], []
     for t in range(xd.shape[0]):
         y, s_in, s_out = sparse_mlp(weights, xd[t], k_in, k_out, act, return_indices=True,
-                                    backend=backend, num_threads=num_threads)
+                                    backend=backend, num_threads=num_threads, adapters=adapters)
         ys.append(y)
         s_ins.append(s_in)
         s_outs.append(s_out)
@@ -417,7 +450,7 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
 def dense_mlp_reference(W_gate: torch.Tensor, W_up: torch.Tensor, W_down: torch.Tensor,
                         x: torch.Tensor, act: str = "silu") -> torch.Tensor:
     """The unpruned gated MLP: ``W_down (act(W_gate x) * (W_up x))`` (plain torch)."""
-    return F.linear(_act_torch(F.linear(x, W_gate), act) * F.linear(x, W_up), W_down)
+    return F.linear(activation(F.linear(x, W_gate), act) * F.linear(x, W_up), W_down)
 
 
 def masked_dense_reference(W_gate: torch.Tensor, W_up: torch.Tensor, W_down: torch.Tensor,
@@ -434,7 +467,7 @@ def masked_dense_reference(W_gate: torch.Tensor, W_up: torch.Tensor, W_down: tor
     s_in = _select_topk_abs_torch(xv, k_in)
     xm = torch.zeros_like(xv)
     xm[s_in] = xv[s_in]
-    h = _act_torch(F.linear(xm, W_gate), act) * F.linear(xm, W_up)
+    h = activation(F.linear(xm, W_gate), act) * F.linear(xm, W_up)
     s_out = _select_topk_abs_torch(h, k_out)
     hm = torch.zeros_like(h)
     hm[s_out] = h[s_out]

@@ -66,6 +66,24 @@ def _get(obj, dotted: str):
     return obj
 
 
+def replace_mlps(model: nn.Module, make) -> list[nn.Module]:
+    """Put `make(layer, original_mlp)` in place of every decoder block's MLP module (the one swap
+    behind sparse methods and the decode runtimes); returns the originals for `restore_mlps`."""
+    spec = arch_spec(model.config)
+    originals = []
+    for i, block in enumerate(_get(model, spec.layers)):
+        originals.append(getattr(block, spec.mlp))
+        setattr(block, spec.mlp, make(i, originals[-1]))
+    return originals
+
+
+def restore_mlps(model: nn.Module, originals: list[nn.Module]) -> None:
+    """Undo `replace_mlps`."""
+    spec = arch_spec(model.config)
+    for block, orig in zip(_get(model, spec.layers), originals):
+        setattr(block, spec.mlp, orig)
+
+
 @dataclass
 class GatedMLPParts:
     """The weights of one gated MLP block, viewed generically (no copies).

@@ -27,7 +27,10 @@ import torch
 
 from dipstream.errors import DipstreamError
 from dipstream.runtime.offload_file import BundledFile, aligned_bytes
-from dipstream.kernels.sparse_mlp import _act_torch, gather_gemv, select_topk_abs
+from dipstream.kernels.sparse_mlp import activation, gather_gemv
+from dipstream.simulator import Hardware, MaskTrace, Hook, hook_specs, plan_placement
+from dipstream.simulator.caches import CacheSet
+from dipstream.simulator.hardware import KINDS
 
 __all__ = ["OffloadRuntime", "offload_capacities", "HookCache", "parse_budget"]
 
@@ -51,18 +54,23 @@ def parse_budget(spec, mlp_bytes: int) -> int:
         raise DipstreamError(f"--dram: {e}") from None
 
 
+FP32 = Hardware(name="fp32", bits={k: 32 for k in KINDS})  # how the runtime holds every weight
+
+
+def static_ram_bytes(shape, seq_len: int) -> float:
+    """RAM the static layers take in the runtime (float32 attention, embeddings and head, the KV
+    cache at ``seq_len``), as the simulator places them: what --dram holds before any MLP cache."""
+    return plan_placement(shape, FP32, hook_specs(shape, "dip"), 0.0, seq_len).static_bytes
+
+
 def offload_capacities(shape, cache_bytes: float, seq_len: int):
     """Per-hook capacities (in units) of the DIP hooks for ``cache_bytes`` of float32 caches,
     computed by the simulator's placement (static layers are added and taken away again, so
     the caches split cache_bytes per masked linear, as in the simulator: 2/3 of a layer's to
     the up/gate cache, 1/3 to the down cache).  Returns (hooks, capacity array, simulator DRAM)."""
-    from dipstream.simulator import Hardware, hook_specs, plan_placement
-    from dipstream.simulator.hardware import KINDS
-
-    hw = Hardware(name="fp32", bits={k: 32 for k in KINDS})
     hooks = hook_specs(shape, "dip")
-    static = plan_placement(shape, hw, hooks, 0.0, seq_len).static_bytes
-    plan = plan_placement(shape, hw, hooks, static + cache_bytes, seq_len)
+    static = static_ram_bytes(shape, seq_len)
+    plan = plan_placement(shape, FP32, hooks, static + cache_bytes, seq_len)
     return hooks, np.minimum(plan.capacity, plan.n_units), static + cache_bytes
 
 
@@ -132,21 +140,19 @@ class TokenStats:
 class OffloadRuntime:
     """The offloaded MLPs of all layers (see the module docstring).
 
-    ``method``: 'dense', 'dip' or 'dip-ca'; ``k_in`` / ``k_out``: per-layer counts; ``gamma``,
-    ``n0_frac``: DIP-CA; ``policy``: lru, lfu, window or none (never above capacity); ``budget``:
+    ``method``: a Method that runs in the decode runtimes (``decodes``: dense, dip, dip-ca) and
+    chooses each token's masks; ``k_in`` / ``k_out``: per-layer counts; ``policy``: lru, lfu,
+    window or none (never above capacity); ``budget``:
     bytes of RAM for MLP weights (caches + read buffer); ``shape``: the simulator ModelShape;
     ``seq_len``: the longest sequence (prompt + new tokens), for the placement.
     """
 
-    def __init__(self, file: BundledFile, act: str, method: str, k_in, k_out, budget: int,
-                 shape, seq_len: int, policy: str = "lru", gamma: float = 0.1,
-                 n0_frac: float = 0.5, record_masks: bool = True, warmup: bool = True,
+    def __init__(self, file: BundledFile, act: str, method, k_in, k_out, budget: int,
+                 shape, seq_len: int, policy: str = "lru", record_masks: bool = True, min_dram: int = 0,
                  **policy_kwargs):
-        from dipstream.simulator import make_policy
-        from dipstream.simulator.policies import hook_key
-
-        if method not in ("dense", "dip", "dip-ca"):
-            raise DipstreamError(f"the offloading runtime runs dense, dip or dip-ca, not '{method}'")
+        if not getattr(method, "decodes", False):
+            raise DipstreamError(f"the offloading runtime runs the methods that decode (dense, dip, dip-ca), "
+                                 f"not '{getattr(method, 'name', method)}'")
         if policy in ("belady", "hot"):
             raise DipstreamError(f"policy '{policy}' needs the future or calibration counts; the "
                                  "runtime supports lru, lfu, window and none")
@@ -155,23 +161,20 @@ class OffloadRuntime:
         self.L, self.d, self.D = lay.n_layers, lay.d, lay.D
         self.k_in = [int(k) for k in k_in]
         self.k_out = [int(k) for k in k_out]
-        self.gamma, self.n0_frac, self.warmup = float(gamma), float(n0_frac), bool(warmup)
         self.read_bytes = max(lay.d * lay.in_stride, lay.D * lay.out_stride)
         self.budget = int(budget)
         if self.budget < self.read_bytes:
             raise DipstreamError(
-                f"--dram {fmt_bytes(self.budget)} is smaller than one token's working set of one "
-                f"layer ({fmt_bytes(self.read_bytes)}: the read buffer for a whole hook of this "
-                f"model); give at least --dram {self.read_bytes}")
+                f"--dram leaves {fmt_bytes(self.budget)} for the MLP, less than one token's working set of "
+                f"one layer ({fmt_bytes(self.read_bytes)}: the read buffer for a whole hook of this "
+                f"model); give at least --dram {int(min_dram + self.read_bytes)}")
         self.cache_bytes = self.budget - self.read_bytes
         self.seq_len = int(seq_len)
         hooks, cap, self.sim_dram_bytes = offload_capacities(shape, self.cache_bytes, seq_len)
         self.capacity = {h.name: int(c) for h, c in zip(hooks, cap)}
         self.policy_name = policy
-        self.policies = {kind: make_policy(policy, **policy_kwargs).init(
-            self.L, n, [self.capacity[f"layers.{i}.{kind}"] for i in range(self.L)],
-            keys=[hook_key(f"layers.{i}.{kind}") for i in range(self.L)])
-            for kind, n in (("in", self.d), ("out", self.D))}
+        self.cacheset = CacheSet(hooks, [self.capacity[h.name] for h in hooks], policy, grouping="hook",
+                                 **policy_kwargs)
         self.caches = {kind: [HookCache(lay.hook(kind)[0], lay.hook(kind)[1] // 4,
                                         self.capacity[f"layers.{i}.{kind}"])
                               for i in range(self.L)] for kind in ("in", "out")}
@@ -180,7 +183,7 @@ class OffloadRuntime:
         self.record_masks = record_masks
         self.max_read = 64 << 20  # one read per run (as the simulator counts; measured faster)
         self.masks = {kind: [[] for _ in range(self.L)] for kind in ("in", "out")}
-        self.stats = TokenStats()
+        self.counters = TokenStats()
         self.pos = 0  # tokens of the current sequence already through the model
         used = self.ram_bytes()
         if used > self.budget:  # cannot happen: capacities are floor(share / unit bytes)
@@ -194,13 +197,12 @@ class OffloadRuntime:
     def cached_bytes(self) -> int:
         """Bytes of units currently cached (<= the slabs' size; the caches mirror the policies,
         which keep the counts)."""
-        return sum(int(pol.occupancy().sum()) * self.lay.hook(k)[1]
-                   for k, pol in self.policies.items())
+        return sum(int(self.cacheset.occupancy(f"layers.{i}.{k}")[0]) * self.lay.hook(k)[1]
+                   for i in range(self.L) for k in ("in", "out"))
 
     def reset(self) -> None:
         """A new sequence: empty caches (as the simulator resets per sequence)."""
-        for pol in self.policies.values():
-            pol.reset()
+        self.cacheset.reset()
         for cs in self.caches.values():
             for c in cs:
                 c.reset()
@@ -217,20 +219,9 @@ class OffloadRuntime:
                 cached: np.ndarray | None = None) -> np.ndarray:
         """bool mask over the hook's units for token t of the sequence; DIP-CA steers by
         ``cached`` (default: the cache's current contents)."""
-        n = scores.numel()
         k = self.k_in[layer] if kind == "in" else self.k_out[layer]
-        if self.method == "dense" or k >= n:
-            return np.ones(n, bool)
-        if self.method == "dip":
-            m = np.zeros(n, bool)
-            m[select_topk_abs(scores, k).numpy()] = True
-            return m
-        from dipstream.sparsity.cache_aware import ca_select
-
         c = self.caches[kind][layer].cached if cached is None else cached
-        n0 = int(self.n0_frac * k)
-        return ca_select(scores.abs()[None], k, torch.from_numpy(c)[None], self.gamma, n0,
-                         t, warmup=self.warmup)[0].numpy()
+        return self.method.decode_mask(scores.abs(), k, t, c)
 
     # ------------------------------------------------------------------ one hook, one token
     def _hook_decode(self, kind: str, layer: int, v: torch.Tensor, mask: np.ndarray):
@@ -249,9 +240,9 @@ class OffloadRuntime:
             if hit.size:
                 gather_gemv(cache.slab, torch.from_numpy(cache.slot[hit]),
                             v[torch.from_numpy(hit)], out=out)
-            pol = self.policies[kind]
-            pol.step(mask[None], rows=[layer])
-            new_cached = pol.cached(rows=[layer])[0]
+            hook = f"layers.{layer}.{kind}"
+            self.cacheset.step(hook, mask[None])
+            new_cached = self.cacheset.cached(hook)[0]
         finally:  # always collect the reads (the buffer must not be reused while in flight)
             if fut is not None:
                 t0 = time.perf_counter()
@@ -261,7 +252,7 @@ class OffloadRuntime:
         if miss.size:
             out += gather_gemv(rows, torch.arange(miss.size), v[torch.from_numpy(miss)])
         cache.update(new_cached, rows, miss)
-        st, ub, stride = self.stats, self.lay.hook(kind)[1], self.lay.hook(kind)[2]
+        st, ub, stride = self.counters, self.lay.hook(kind)[1], self.lay.hook(kind)[2]
         st.io_s += t_io
         st.io_wait_s += t_wait
         st.reads += reads
@@ -281,17 +272,17 @@ class OffloadRuntime:
         t = self.pos
         m_in = self._select("in", layer, x, t)
         gu = self._hook_decode("in", layer, x, m_in)
-        h = _act_torch(gu[:self.D], self.act) * gu[self.D:]
+        h = activation(gu[:self.D], self.act) * gu[self.D:]
         m_out = self._select("out", layer, h, t)
         y = self._hook_decode("out", layer, h, m_out).clone()
         if self.record_masks:
             self.masks["in"][layer].append(m_in)
             self.masks["out"][layer].append(m_out)
-        self.stats.mlp_s += time.perf_counter() - t0
+        self.counters.mlp_s += time.perf_counter() - t0
         if layer == self.L - 1:
             self.pos += 1
-            self.stats.tokens += 1
-            self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.cached_bytes())
+            self.counters.tokens += 1
+            self.counters.peak_cache_bytes = max(self.counters.peak_cache_bytes, self.cached_bytes())
         return y
 
     # ------------------------------------------------------------------ the prompt pass
@@ -301,17 +292,17 @@ class OffloadRuntime:
         n_units = self.lay.hook(kind)[0]
         t0 = time.perf_counter()
         self.file.read_region(kind, layer, self.buffer, self.max_read)
-        self.stats.prefill_io_s += time.perf_counter() - t0
-        self.stats.prefill_disk_bytes += n_units * self.lay.hook(kind)[2]
+        self.counters.prefill_io_s += time.perf_counter() - t0
+        self.counters.prefill_disk_bytes += n_units * self.lay.hook(kind)[2]
         rows = self._rows(kind, n_units)
-        pol, cache = self.policies[kind], self.caches[kind][layer]
+        hook, cache = f"layers.{layer}.{kind}", self.caches[kind][layer]
         masks = np.zeros((V.shape[0], n_units), bool)
         for t in range(V.shape[0]):
-            cached = pol.cached(rows=[layer])[0] if self.method == "dip-ca" else None
+            cached = self.cacheset.cached(hook)[0]
             masks[t] = self._select(kind, layer, V[t], self.pos + t, cached)
-            pol.step(masks[t][None], rows=[layer])
+            self.cacheset.step(hook, masks[t][None])
         # the buffer holds every unit: copy in what the policy keeps
-        new = pol.cached(rows=[layer])[0]
+        new = self.cacheset.cached(hook)[0]
         out = (V * torch.from_numpy(masks)) @ rows
         cache.update(new, rows, np.arange(n_units))
         return out, masks
@@ -321,21 +312,19 @@ class OffloadRuntime:
         t0 = time.perf_counter()
         X = X.detach().to(torch.float32)
         gu, m_in = self._hook_prefill("in", layer, X)
-        H = _act_torch(gu[:, :self.D], self.act) * gu[:, self.D:]
+        H = activation(gu[:, :self.D], self.act) * gu[:, self.D:]
         y, m_out = self._hook_prefill("out", layer, H)
         if self.record_masks:
             self.masks["in"][layer].extend(m_in)
             self.masks["out"][layer].extend(m_out)
-        self.stats.prefill_s += time.perf_counter() - t0
+        self.counters.prefill_s += time.perf_counter() - t0
         if layer == self.L - 1:
             self.pos += X.shape[0]
         return y
 
-    # ------------------------------------------------------------------ trace
-    def trace(self, prompt_len: int, metadata: dict):
+    # ------------------------------------------------------------------ results
+    def trace(self, prompt_len: int, metadata: dict) -> MaskTrace:
         """The masks of this sequence as a simulator MaskTrace (DIP hooks, prompt included)."""
-        from dipstream.simulator import Hook, MaskTrace
-
         hooks = []
         for i in range(self.L):
             for kind in ("in", "out"):
@@ -343,3 +332,16 @@ class OffloadRuntime:
                 hooks.append(Hook(f"layers.{i}.{kind}", kind, n, ub // 4,
                                   np.array(self.masks[kind][i], bool).reshape(-1, n)))
         return MaskTrace(hooks, [0], [prompt_len], metadata)
+
+    def stats(self, steps: int) -> dict:
+        """Per decoded token figures of the run so far (`steps` decoded tokens)."""
+        n, s = max(steps, 1), self.counters
+        return {"mlp_s_per_token": s.mlp_s / n, "io_s_per_token": s.io_s / n,
+                "io_wait_s_per_token": s.io_wait_s / n,
+                "reads_per_token": s.reads / n, "disk_bytes_per_token": s.disk_bytes / n,
+                "ram_bytes_per_token": s.ram_bytes / n,
+                "hit_rate": s.hit_rate_sum / s.hit_rate_n if s.hit_rate_n else None,
+                "density_measured": s.selected_bytes / n / self.lay.mlp_bytes,
+                "prefill_mlp_s": s.prefill_s, "prefill_io_s": s.prefill_io_s,
+                "prefill_disk_bytes": s.prefill_disk_bytes,
+                "peak_cached_bytes": s.peak_cache_bytes, "ram_mlp_bytes_max": self.ram_bytes()}

@@ -34,6 +34,7 @@ one hook at a time across all tokens (every policy but belady). Internally sets 
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -467,6 +468,49 @@ class Belady(CachePolicy):
 
 
 POLICIES = {c.name: c for c in (NoCache, LRU, LFU, Belady, Window, Hot)}
+
+
+@dataclass
+class CacheOptions:
+    """The DRAM caches: policy and semantics (the reference's by default). Shared by `simulate`,
+    sweeps and the offloading runtime of `generate`."""
+
+    policy: str = field(default="lru", metadata={
+        "help": "cache policy: none, lru, lfu, belady, window, hot"})
+    window_k: int = field(default=5, metadata={"help": "window policy: tokens whose units are kept"})
+    hot_fraction: float = field(default=0.5, metadata={
+        "help": "hot policy: share of each cache pinned to the most frequent units"})
+    over_capacity: str = field(default="random", metadata={
+        "help": "what a cache keeps when one token's mask alone exceeds its capacity: random (the "
+                "reference: its hits and a seeded random subset of the new units, never above "
+                "capacity); not the reference: keep-mask (the whole mask, above its DRAM share) or "
+                "highest-index (the highest-index units, within capacity)",
+        "choices": list(OVER_CAPACITY)})
+    cache_split: str = field(default="linear", metadata={
+        "help": "how the DRAM left after the static layers is split between the caches: linear (the "
+                "reference: one share per masked linear, so a DIP up/gate cache gets 2/3 of a layer's "
+                "and the down cache 1/3); not the reference: hook (one share per cache) or weights "
+                "(in proportion to each cache's weights)", "choices": ["linear", "hook", "weights"]})
+    cache_seed: int = field(default=0, metadata={
+        "help": "seed of the random subset kept when a mask exceeds its cache (--over-capacity random)"})
+
+    def validate(self) -> None:
+        """ValueError for a policy, rule or number that cannot work."""
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown cache policy '{self.policy}'; use one of {', '.join(POLICIES)}")
+        if self.over_capacity not in OVER_CAPACITY:
+            raise ValueError(f"--over-capacity {self.over_capacity} is not one of {', '.join(OVER_CAPACITY)}")
+        if self.cache_split not in ("linear", "hook", "weights"):
+            raise ValueError(f"--cache-split {self.cache_split} is not one of linear, hook, weights")
+        if int(self.window_k) < 1:
+            raise ValueError(f"--window-k {self.window_k} must be at least 1")
+        if not 0.0 <= float(self.hot_fraction) <= 1.0:
+            raise ValueError(f"--hot-fraction {self.hot_fraction} must be in [0, 1]")
+
+    def policy_kwargs(self) -> dict:
+        """The `make_policy` arguments of these options."""
+        kw = {"window": {"k": self.window_k}, "hot": {"fraction": self.hot_fraction}}.get(self.policy, {})
+        return {**kw, "over_capacity": self.over_capacity, "seed": self.cache_seed}
 
 
 def make_policy(name: str, **kwargs) -> CachePolicy:

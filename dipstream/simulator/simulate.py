@@ -35,7 +35,6 @@ used + 4 * kv_len * d * L (prefill: every prompt token, causal attention); Flash
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -43,7 +42,7 @@ import numpy as np
 from . import bits
 from .hardware import Hardware, load_hardware, parse_dram
 from .model_shape import ModelShape, get_shape
-from .policies import CachePolicy, hook_key, make_policy
+from .caches import CacheSet
 from .trace import READS_PER_UNIT, HookSpec, MaskTrace, check_trace_matches
 
 CACHE_SPLITS = ("linear", "hook", "weights")
@@ -308,18 +307,13 @@ class _Log:
         self.pos = np.zeros(rows, np.int64)
 
     def write(self, rows, sel, hit, occ, runs=0):
-        """rows: index array, or None for all rows (which then share one position)."""
-        p = self.pos if rows is None else self.pos[rows]
+        """One token of the hooks `rows` (an index array)."""
+        p = self.pos[rows]
         while int(p.max()) >= self.a.shape[1]:
             self.a = np.concatenate([self.a, np.zeros_like(self.a)], axis=1)
-        if rows is None:
-            self.a[:3, int(p[0]), :] = (sel, hit, occ)
-            self.a[3, int(p[0]), :] = runs
-            self.pos += 1
-        else:
-            self.a[:3, p, rows] = (sel, hit, occ)
-            self.a[3, p, rows] = runs
-            self.pos[rows] += 1
+        self.a[:3, p, rows] = (sel, hit, occ)
+        self.a[3, p, rows] = runs
+        self.pos[rows] += 1
 
 
 class HookStepper:
@@ -327,28 +321,25 @@ class HookStepper:
 
     def __init__(self, loop: "ClosedLoop", index: int):
         self.loop, self.index = loop, index
-        self.g, self.r = loop._row_of[index]
         self.spec = loop.hooks[index]
 
     def cached(self) -> np.ndarray:
         """bool (n_units,): units in DRAM before this hook's next token."""
-        return self.loop._policies[self.g].cached(rows=[self.r])[0]
+        return self.loop.caches.cached(self.index)[0]
 
     def record(self, mask) -> None:
         """This hook's mask (bool (n_units,)) for its next token."""
-        self.loop._ensure_sequence()
-        pol = self.loop._policies[self.g]
+        loop = self.loop
+        loop._ensure_sequence()
         w = bits.pack(np.asarray(mask, bool).reshape(1, -1))
-        runs = 0
-        if self.loop.hw.coalesce:
-            runs = bits.run_count(w & ~pol.cached_packed(rows=[self.r]))
-        sel, hit = pol.step_packed(w, rows=[self.r])
-        self.loop._logs[self.g].write(np.array([self.r]), sel, hit,
-                                      pol.occupancy()[[self.r]], runs)
+        runs = bits.run_count(w & ~loop.caches.cached_packed(self.index)) if loop.hw.coalesce else 0
+        sel, hit = loop.caches.step(self.index, w)
+        loop._log.write(np.array([self.index]), sel, hit, loop.caches.occupancy(self.index), runs)
 
 
 class ClosedLoop:
-    """Drive the hooks' caches token by token, e.g. when masks depend on the cache (DIP-CA).
+    """Drive the hooks' caches token by token, e.g. when masks depend on the cache (DIP-CA), and
+    account for every token as ``simulate`` does.
 
     Token-major: ``cached()`` -> list of bool (n_units,) per hook, then ``record(masks)`` with a
     list (hook order) or dict (name -> mask) of bool masks (numpy, or CPU torch tensors).
@@ -358,9 +349,10 @@ class ClosedLoop:
     the ``SimResult`` that ``simulate`` gives for a trace of the same masks.
 
     ``hooks``: HookSpec/Hook objects or (name, kind, n_units, unit_weights) tuples; other
-    arguments as in ``simulate``. Policy extras: ``frequency`` (hot: {name: counts} or a list
-    in hook order), ``future`` + ``future_seq_starts`` (belady: the masks to come, as a
-    MaskTrace or per-hook (T, n_units) arrays; token-major stepping only).
+    arguments as in ``simulate``; the caches are a ``CacheSet`` (``caches``). Policy extras:
+    ``frequency`` (hot: {name: counts} or a list in hook order), ``future`` +
+    ``future_seq_starts`` (belady: the masks to come, as a MaskTrace or per-hook (T, n_units)
+    arrays; token-major stepping only).
     """
 
     def __init__(self, hooks, shape, hardware, policy="lru", dram_bytes=None, seq_len=2048,
@@ -379,40 +371,18 @@ class ClosedLoop:
                                    predictor_weights, cache_split, adapter_weights)
         self.timing = _Timing(self.shape, self.hw, self.plan)
         self.reset_per_sequence = reset_per_sequence
-        groups = {}
-        for i, h in enumerate(self.hooks):
-            groups.setdefault(h.n_units, []).append(i)
-        self.group_index = [np.array(ix) for ix in groups.values()]
-        self._row_of = {i: (g, r) for g, ix in enumerate(self.group_index)
-                        for r, i in enumerate(ix)}
-        self._policies, self._logs, self.future_groups = [], [], []
-        for ix in self.group_index:
-            kw = {}
-            if frequency is not None:
-                kw["frequency"] = np.stack([np.asarray(self._by_hook(frequency, i), np.float64)
-                                            for i in ix])
-            if isinstance(future, MaskTrace):
-                fg = future.packed_group(ix)
-            elif future is not None:
-                fg = np.stack([self._packed(self._by_hook(future, i)) for i in ix], axis=1)
-            if future is not None:
-                self.future_groups.append(fg)
-                kw["future"], kw["seq_starts"] = fg, future_seq_starts
-            pol = (copy.deepcopy(policy) if isinstance(policy, CachePolicy)
-                   else make_policy(policy, **policy_kwargs))
-            self._policies.append(pol.init(len(ix), int(self.hooks[ix[0]].n_units),
-                                           self.plan.capacity[ix],
-                                           keys=[hook_key(self.names[i]) for i in ix], **kw))
-            self._logs.append(_Log(len(ix)))
+        self.caches = CacheSet(self.hooks, self.plan.capacity, policy, future=future,
+                               future_seq_starts=future_seq_starts, frequency=frequency, **policy_kwargs)
+        self._log = _Log(len(self.hooks))
         self._starts, self._prompts, self._occ0 = [], [], []
 
-    def _by_hook(self, obj, i):
-        return obj[self.names[i]] if isinstance(obj, dict) else obj[i]
+    @property
+    def future_groups(self) -> list:
+        return self.caches.future_groups
 
-    @staticmethod
-    def _packed(a):
-        a = np.asarray(a)
-        return a if a.dtype == bits.WORD else bits.pack(a)
+    @property
+    def group_index(self) -> list:
+        return self.caches.group_index
 
     @property
     def capacity(self) -> dict:
@@ -424,10 +394,13 @@ class ClosedLoop:
         return HookStepper(self, i)
 
     def _counts(self) -> np.ndarray:
-        out = np.zeros(len(self.hooks), np.int64)
-        for ix, log in zip(self.group_index, self._logs):
-            out[ix] = log.pos
-        return out
+        return self._log.pos.copy()
+
+    def _occupancy(self) -> np.ndarray:
+        occ = np.zeros(len(self.hooks), np.int64)
+        for ix, pol in zip(self.caches.group_index, self.caches.policies):
+            occ[ix] = pol.occupancy()
+        return occ
 
     def new_sequence(self, prompt_len: int = 0) -> None:
         c = self._counts()
@@ -438,14 +411,10 @@ class ClosedLoop:
         if self._starts and self._starts[-1] == start:  # previous sequence had no tokens
             self._starts.pop(), self._prompts.pop(), self._occ0.pop()
         if self.reset_per_sequence or not self._starts:
-            for pol in self._policies:
-                pol.reset()
-        occ0 = np.zeros(len(self.hooks), np.int64)
-        for ix, pol in zip(self.group_index, self._policies):
-            occ0[ix] = pol.occupancy()
+            self.caches.reset()
         self._starts.append(start)
         self._prompts.append(int(prompt_len))
-        self._occ0.append(occ0)
+        self._occ0.append(self._occupancy())
 
     def _ensure_sequence(self):
         if not self._starts:
@@ -453,28 +422,24 @@ class ClosedLoop:
 
     def cached(self) -> list:
         """Per hook, bool (n_units,): units in DRAM before the next token."""
-        out = [None] * len(self.hooks)
-        for ix, pol in zip(self.group_index, self._policies):
-            c = pol.cached()
-            for r, i in enumerate(ix):
-                out[i] = c[r]
-        return out
+        return [self.caches.cached(i)[0] for i in range(len(self.hooks))]
 
     def record(self, masks) -> None:
         """Masks of all hooks for one token (list in hook order, or dict name -> mask)."""
         words = []
-        for ix in self.group_index:
-            m = np.stack([np.asarray(self._by_hook(masks, i), bool) for i in ix])
+        for ix in self.caches.group_index:
+            m = np.stack([np.asarray(masks[self.names[i]] if isinstance(masks, dict) else masks[i], bool)
+                          for i in ix])
             words.append(bits.pack(m))
         self.record_packed(words)
 
     def record_packed(self, words) -> None:
         """Fast path: per hook group, uint64 words (rows, n_words) as in ``bits.pack``."""
         self._ensure_sequence()
-        for g, (pol, log) in enumerate(zip(self._policies, self._logs)):
+        for g, (ix, pol) in enumerate(zip(self.caches.group_index, self.caches.policies)):
             runs = bits.run_count(words[g] & ~pol.cached_packed()) if self.hw.coalesce else 0
-            sel, hit = pol.step_packed(words[g])
-            log.write(None, sel, hit, pol.occupancy(), runs)
+            sel, hit = self.caches.step_group(g, words[g])
+            self._log.write(ix, sel, hit, pol.occupancy(), runs)
 
     def logs(self):
         """(sel, hit, occupancy, missed runs) arrays (T, n_hooks) in hook order (runs are counted
@@ -482,11 +447,7 @@ class ClosedLoop:
         c = self._counts()
         if np.any(c != c[0]):
             raise ValueError(f"hooks recorded different numbers of tokens: {sorted(set(c))}")
-        T = int(c[0])
-        out = np.zeros((4, T, len(self.hooks)), np.int64)
-        for ix, log in zip(self.group_index, self._logs):
-            out[:, :, ix] = log.a[:, :T]
-        return out
+        return self._log.a[:, :int(c[0])].copy()
 
     def result(self) -> SimResult:
         sel, hit, occ, runs = self.logs()

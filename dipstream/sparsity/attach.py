@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dipstream.models.arch import GatedMLPParts, arch_spec, mlp_parts
+from dipstream.models.arch import GatedMLPParts, mlp_parts, replace_mlps, restore_mlps
 from dipstream.sparsity.base import Method, Selection
 
 
@@ -81,14 +81,6 @@ class SparseMLP(nn.Module):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _blocks(model: nn.Module):
-    obj = model
-    spec = arch_spec(model.config)
-    for part in spec.layers.split("."):
-        obj = getattr(obj, part)
-    return obj, spec.mlp
-
-
 class SparseModel:
     """Handle of a model with a method attached; `sparse` switches all blocks between the method
     and the original dense MLPs. Observers `fn(layer, selection, x)` see every selection."""
@@ -101,17 +93,11 @@ class SparseModel:
         self.observers: list = []
         self.sparse = True
         method.prepare(self.parts)
-        blocks, attr = _blocks(model)
-        self._originals = []
-        for i, (block, parts) in enumerate(zip(blocks, self.parts)):
-            self._originals.append(getattr(block, attr))
-            setattr(block, attr, SparseMLP(parts, i, self))
+        self._originals = replace_mlps(model, lambda i, _: SparseMLP(self.parts[i], i, self))
 
     def detach(self) -> nn.Module:
         """Restore the original MLP modules; returns the unmodified model."""
-        blocks, attr = _blocks(self.model)
-        for block, orig in zip(blocks, self._originals):
-            setattr(block, attr, orig)
+        restore_mlps(self.model, self._originals)
         self._originals = []
         return self.model
 

@@ -87,6 +87,18 @@ class Method:
     def reset(self) -> None:
         """Forget per-sequence state (caches, prompt statistics) before a new sequence."""
 
+    def load_trained(self, folder, info) -> None:
+        """Take what `dipstream finetune` trained for this method from an adapter folder (the
+        LoRA adapters are loaded into the model separately); most methods have nothing."""
+
+    decodes = False  # whether the decode runtimes can run it (it implements decode_mask)
+
+    def decode_mask(self, scores: torch.Tensor, k: int, t: int, cached=None):
+        """For the decode runtimes: the bool mask (numpy, n units) of one token's hook of n units
+        that keeps k of them, from its scores (|x| or |h|), the token's index t in the sequence
+        and the hook's cached units (bool (n,))."""
+        raise NotImplementedError(f"method '{self.name}' does not run in the decode runtimes")
+
     def dense_prefix(self, seq_len: int) -> int:
         """Leading positions of a teacher-forced window computed densely (GRIFFIN's prompt); the
         predictions made there are left out of `perplexity_sparsified`."""

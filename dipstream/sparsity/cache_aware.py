@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from dipstream.errors import DipstreamError
-from dipstream.simulator.policies import hook_key, make_policy
+from dipstream.simulator.caches import CacheSet
+from dipstream.simulator.trace import HookSpec
 from dipstream.sparsity.base import register, sequence_dims
 from dipstream.sparsity.methods import DIP
 from dipstream.selection import ca_select, topk_mask
@@ -37,9 +38,16 @@ class DIPCA(DIP):
         self.capacity: dict[str, int] | None = None
         self.policy = "lru"
         self.policy_kwargs: dict = {}
-        self._caches: dict[str, object] = {}
+        self.hooks: list[HookSpec] = []
+        self._caches: CacheSet | None = None
         self._pos: dict[str, int] = {}
         self._bt = (1, 1)
+
+    def prepare(self, parts):
+        super().prepare(parts)
+        self.hooks = [h for i, p in enumerate(parts)
+                      for h in (HookSpec(f"layers.{i}.in", "in", p.d_model, 2 * p.d_ff),
+                                HookSpec(f"layers.{i}.out", "out", p.d_ff, p.d_model))]
 
     def configure_cache(self, capacity: dict[str, int], policy: str = "lru", **policy_kwargs) -> None:
         """Cache capacity in units per hook name ('layers.i.in' / 'layers.i.out') and the policy."""
@@ -50,37 +58,36 @@ class DIPCA(DIP):
         self.reset()
 
     def reset(self):
-        self._caches.clear()
+        self._caches = None
         self._pos.clear()
 
     def mlp(self, layer, p, x, batch_shape):
         self._bt = sequence_dims(batch_shape, x.shape[0])
         return super().mlp(layer, p, x, batch_shape)
 
-    def _cache(self, hook: str, rows: int, n_units: int):
-        c = self._caches.get(hook)
-        if c is None:
+    def _cacheset(self, streams: int) -> CacheSet:
+        """The caches of every hook, one per window of the batch (new at each reset)."""
+        if self._caches is None:
             if self.capacity is None:
                 raise DipstreamError("dip-ca needs a simulated DRAM cache: run it with `dipstream "
                                      "simulate` (or call configure_cache) ")
-            c = make_policy(self.policy, **self.policy_kwargs).init(rows, n_units, self.capacity[hook],
-                                                                   keys=hook_key(hook))
-            self._caches[hook], self._pos[hook] = c, 0
-        return c
+            self._caches = CacheSet(self.hooks, [self.capacity[h.name] for h in self.hooks], self.policy,
+                                    n_streams=streams, grouping="hook", **self.policy_kwargs)
+        return self._caches
 
     def _scan(self, hook: str, scores: torch.Tensor, k: int) -> torch.Tensor:
         B, T = self._bt
         n = scores.shape[-1]
-        cache = self._cache(hook, B, n)
+        caches = self._cacheset(B)
         s = scores.view(B, T, n)
         out = torch.empty(B, T, n, dtype=torch.bool)
         n0 = int(self.options.n0_frac * k)
-        t0 = self._pos[hook]
+        t0 = self._pos.get(hook, 0)
         protected = topk_mask(scores, n0).view(B, T, n)  # depends on scores only: all tokens at once
         for t in range(T):
-            m = ca_select(s[:, t], k, torch.from_numpy(cache.cached()), self.options.gamma, n0, t0 + t,
+            m = ca_select(s[:, t], k, torch.from_numpy(caches.cached(hook)), self.options.gamma, n0, t0 + t,
                           protected[:, t], self.options.warmup)
-            cache.step(m.numpy())
+            caches.step(hook, m.numpy())
             out[:, t] = m
         self._pos[hook] = t0 + T
         return out.view(B * T, n)
@@ -90,6 +97,11 @@ class DIPCA(DIP):
 
     def select_out(self, layer, scores):
         return self._scan(f"layers.{layer}.out", scores, self.keeps.k_out(layer, scores.shape[-1]))
+
+    def decode_mask(self, scores, k, t, cached=None):
+        m = ca_select(scores.reshape(1, -1), k, torch.as_tensor(cached).reshape(1, -1), self.options.gamma,
+                      int(self.options.n0_frac * k), t, warmup=self.options.warmup)
+        return m[0].numpy()
 
     def describe(self):
         return {**super().describe(), "gamma": self.options.gamma, "n0_frac": self.options.n0_frac,

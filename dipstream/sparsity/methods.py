@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from dipstream.errors import DipstreamError
+from dipstream.validation import finite, input_file
 from dipstream.sparsity.base import Method, Selection, down_from_h, register, sequence_dims
 from dipstream.budget import LayerKeeps, check_density, layer_keeps
 from dipstream.selection import topk_mask
@@ -18,8 +20,8 @@ from dipstream.sparsity.ops import part_linear
 
 
 @dataclass
-class MethodOptions:
-    """Knobs some methods read (the CLI shows each field's help)."""
+class DipOptions:
+    """How DIP splits its budget between up/gate and down inputs (the reference's by default)."""
 
     up_keep: float | None = field(default=None, metadata={
         "help": "DIP/TEAL/random: fraction of up/gate input columns kept (overrides the reference split)"})
@@ -27,9 +29,17 @@ class MethodOptions:
         "help": "DIP/TEAL/random: fraction of down input columns kept (overrides the reference split)"})
     keep_file: str | None = field(default=None, metadata={
         "help": 'JSON file of per-layer keeps: {"up_keep": [...], "down_keep": [...]}'})
-    prompt_frac: float = field(default=0.5, metadata={
-        "help": "GRIFFIN: fraction of each window treated as the dense prompt"})
-    seed: int = field(default=0, metadata={"help": "random: seed of the random masks"})
+
+    def validate(self) -> None:
+        finite("up_keep", self.up_keep, lo=0, hi=1, optional=True)
+        finite("down_keep", self.down_keep, lo=0, hi=1, optional=True)
+        input_file("keep_file", self.keep_file, "JSON keep file")
+
+
+@dataclass
+class CacheAwareOptions:
+    """DIP-CA's re-weighting of uncached units (docs/methods.md, "Cache-aware masking")."""
+
     gamma: float = field(default=0.1, metadata={
         "help": "dip-ca: weight of uncached units' scores in [0, 1] (1 = plain DIP)"})
     n0_frac: float = field(default=0.5, metadata={
@@ -39,15 +49,23 @@ class MethodOptions:
                 "gamma^(t/4)) (the reference's schedule); --no-warmup uses gamma from the first token"})
 
     def validate(self) -> None:
-        """One-line errors for out-of-range or non-finite values (before any model is loaded)."""
-        from dipstream.validation import finite, input_file
-
-        finite("up_keep", self.up_keep, lo=0, hi=1, optional=True)
-        finite("down_keep", self.down_keep, lo=0, hi=1, optional=True)
-        finite("prompt_frac", self.prompt_frac, lo=0, hi=1, lo_open=True, hi_open=True)
         finite("gamma", self.gamma, lo=0, hi=1)
         finite("n0_frac", self.n0_frac, lo=0, hi=1)
-        input_file("keep_file", self.keep_file, "JSON keep file")
+
+
+@dataclass
+class MethodOptions(DipOptions, CacheAwareOptions):
+    """Knobs some methods read (the CLI shows each field's help)."""
+
+    prompt_frac: float = field(default=0.5, metadata={
+        "help": "GRIFFIN: fraction of each window treated as the dense prompt"})
+    seed: int = field(default=0, metadata={"help": "random: seed of the random masks"})
+
+    def validate(self) -> None:
+        """One-line errors for out-of-range or non-finite values (before any model is loaded)."""
+        DipOptions.validate(self)
+        CacheAwareOptions.validate(self)
+        finite("prompt_frac", self.prompt_frac, lo=0, hi=1, lo_open=True, hi_open=True)
 
 
 @register
@@ -63,6 +81,11 @@ class Dense(Method):
 
     def mlp(self, layer, p, x, batch_shape):
         return p.module(x), Selection()
+
+    decodes = True
+
+    def decode_mask(self, scores, k, t, cached=None):
+        return np.ones(scores.numel(), bool)
 
 
 def _neuron_keep(density: float, dense_linears: int, name: str) -> float:
@@ -110,6 +133,11 @@ class DIP(_KeepsMethod):
         """Mask over the D inputs of down (seam for cache-aware selection)."""
         return topk_mask(scores, self.keeps.k_out(layer, scores.shape[-1]))
 
+    decodes = True
+
+    def decode_mask(self, scores, k, t, cached=None):
+        return topk_mask(scores.reshape(-1), k).numpy()
+
     def mlp(self, layer, p, x, batch_shape):
         m_in = self.select_in(layer, x.abs())
         h = p.act(part_linear(p, "gate", x, cols=m_in)) * part_linear(p, "up", x, cols=m_in)
@@ -122,6 +150,7 @@ class RandomMasks(DIP):
     """Control: DIP-shaped masks (same k_in, k_out) chosen uniformly at random per token."""
 
     name = "random"
+    decodes = False
     summary = "control: random up/gate and down columns at DIP's budget"
     reads = "random k_in up/gate columns; random k_out down columns"
 
@@ -182,6 +211,7 @@ class TEAL(Calibrated, DIP):
     split's fractions. The realised density varies per token."""
 
     name = "teal"
+    decodes = False
     summary = "TEAL (MLP only): calibrated thresholds on |x| and |h~|"
     reads = "up/gate columns where |x| > t_in; down columns where |h~| > t_out"
     threshold_names = ("t_in", "t_out")

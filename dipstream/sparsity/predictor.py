@@ -12,6 +12,7 @@ from torch import nn
 from dipstream.errors import DipstreamError
 from dipstream.sparsity.base import Method, Selection, down_from_h, register
 from dipstream.budget import check_density
+from dipstream.models.adapters import PREDICTOR_FILE
 from dipstream.selection import topk_mask
 from dipstream.sparsity.ops import part_linear
 
@@ -74,6 +75,11 @@ class PredictorMethod(Method):
     summary = "trained low-rank predictor (DejaVu-style): top-k logits -> up/gate rows + down columns"
     reads = "the predictor; up rows, gate rows and down columns of the top-k predicted neurons"
     needs_predictors = True
+
+    def load_trained(self, folder, info) -> None:
+        path = Path(folder) / PREDICTOR_FILE
+        if path.exists():
+            self.predictors = load_predictors(path, info.n_layers, info.d_model, info.d_ff)
 
     def __init__(self, density: float = 1.0, options=None):
         super().__init__(check_density(density))

@@ -27,7 +27,7 @@ from dipstream.paths import machine
 from dipstream.models import load_model
 from dipstream.models.adapters import LoraSettings, add_lora, count_lora_weights, save_lora
 from dipstream.sparsity import attach, build_method
-from dipstream.training.artifacts import model_signature, write_meta
+from dipstream.models.adapter_folder import model_signature, write_meta
 from dipstream.training.checkpoint import load_checkpoint, save_checkpoint
 from dipstream.training.config import DEFAULT_EVAL_TOKENS, FinetuneConfig
 from dipstream.training.data import load_train_data

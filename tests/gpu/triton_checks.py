@@ -12,7 +12,7 @@ import sys
 import torch
 
 from dipstream.kernels import SparseMLPWeights, sparse_mlp
-from dipstream.kernels.sparse_mlp import _act_torch
+from dipstream.kernels.sparse_mlp import activation
 from dipstream.kernels.triton_gemv import gather_gemv_triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -96,7 +96,7 @@ def check_sparse_mlp(device, d=64, D=160, acts=("silu", "gelu_tanh")):
                 assert torch.equal(s_in, s_in.sort().values)
                 xm = torch.zeros(d)
                 xm[s_in] = x[s_in]
-                h = _act_torch(xm.double() @ Wg32.double().T, act).float() * \
+                h = activation(xm.double() @ Wg32.double().T, act).float() * \
                     (xm.double() @ Wu32.double().T).float()
                 if 0 < s_in.numel() < d:  # selected |x| dominate the rest
                     rest = torch.ones(d, dtype=torch.bool)

@@ -79,11 +79,9 @@ def check_files(folder: Path, meta: dict) -> bool:
 
 
 def apply_adapter(lm, folder: str | Path, method) -> dict:
-    """Load an adapter folder into `lm.model` (LoRA injected in place) and, for the predictor
-    method, hand it the predictors (the method reports their weights itself; other methods
-    neither load nor read them). Returns the fields a results row reports."""
-    from dipstream.sparsity.predictor import load_predictors
-
+    """Load an adapter folder into `lm.model` (LoRA injected in place) and hand the method the
+    folder for what it trained there itself (`method.load_trained(folder, info)`: the predictor
+    method's predictors; others have nothing to load). Returns the fields a results row reports."""
     folder = Path(folder).expanduser()
     meta = read_meta(folder)
     check_model(meta, lm.info, folder)
@@ -92,9 +90,7 @@ def apply_adapter(lm, folder: str | Path, method) -> dict:
     if has_lora:
         load_lora(lm.model, folder)
         n_lora = count_lora_weights(lm.model)
-    if getattr(method, "needs_predictors", False) and (folder / PREDICTOR_FILE).exists():
-        method.predictors = load_predictors(folder / PREDICTOR_FILE, lm.info.n_layers,
-                                            lm.info.d_model, lm.info.d_ff)
+    method.load_trained(folder, lm.info)
     trained_for = meta.get("method")
     if trained_for not in (method.name, None) and {trained_for, method.name} != {"dip", "dip-ca"}:
         log.warning("adapter '%s' was trained for method '%s'; evaluating it with '%s'", folder,
