@@ -8,7 +8,7 @@ import types
 import typing
 
 
-def _base_type(tp):
+def base_type(tp):
     """(python type, optional?) of a field annotation like `float | None`."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -21,7 +21,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -
     """Add one --option per field of dataclass `cls` (nested dataclasses are flattened)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, _ = _base_type(hints[f.name])
+        tp, _ = base_type(hints[f.name])
         if dataclasses.is_dataclass(tp):
             add_dataclass_args(parser, tp, prefix)
             continue
@@ -44,7 +44,7 @@ def leaf_names(cls) -> set[str]:
     hints = typing.get_type_hints(cls)
     out = set()
     for f in dataclasses.fields(cls):
-        tp, _ = _base_type(hints[f.name])
+        tp, _ = base_type(hints[f.name])
         out |= leaf_names(tp) if dataclasses.is_dataclass(tp) else {f.name}
     return out
 
@@ -63,7 +63,7 @@ def from_namespace(cls, ns: argparse.Namespace, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
-        tp, _ = _base_type(hints[f.name])
+        tp, _ = base_type(hints[f.name])
         if dataclasses.is_dataclass(tp):
             kwargs[f.name] = from_namespace(tp, ns, prefix)
         elif hasattr(ns, prefix + f.name):

@@ -9,6 +9,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from dipstream.errors import DipstreamError
+
 
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = ""):
@@ -60,7 +62,6 @@ def folder_lock(folder: str | Path, what: str, wait: bool = False):
     killed."""
     import fcntl
 
-    from dipstream.errors import DipstreamError
 
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)

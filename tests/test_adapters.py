@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dipstream.models.adapters import LoraSettings, LoraView, add_lora, count_lora_weights
+from dipstream.models.adapters import LoraSettings, add_lora, count_lora_weights
+from dipstream.models.arch import LoraView
 from dipstream.sparsity import MethodOptions, attach, build_method
 from dipstream.sparsity.calibration import calibrate
 from dipstream.sparsity.ops import linear_cols, linear_rows

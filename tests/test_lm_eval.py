@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("lm_eval")
 
 from dipstream.cli.main import main  # noqa: E402
-from dipstream.evaluation.lm_eval import LmEvalConfig, run_lm_eval  # noqa: E402
+from dipstream.experiments.lm_eval import LmEvalConfig, run_lm_eval  # noqa: E402
 from dipstream.experiments.evaluate import EvalConfig  # noqa: E402
 from dipstream.models import load_model  # noqa: E402
 from dipstream.sparsity import attach, build_method  # noqa: E402

@@ -11,6 +11,7 @@ import pytest
 
 from dipstream.cli.main import main
 from dipstream.experiments import simulate as simulate_mod
+from dipstream.experiments import sweep_tasks
 from dipstream.experiments.evaluate import EvalConfig
 from dipstream.experiments.simulate import SimConfig, SimulateConfig, run_simulate
 from dipstream.experiments.sweep import SweepOptions, plan, run_sweep
@@ -42,7 +43,7 @@ def count_model_runs(monkeypatch):
         calls.append((ev.method, ev.density, ev.options.gamma, sim.dram))
         return real(ev, sim, shape, progress)
 
-    monkeypatch.setattr(simulate_mod, "evaluate_and_record", counting)
+    monkeypatch.setattr(sweep_tasks, "evaluate_and_record", counting)
     return calls
 
 

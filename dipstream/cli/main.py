@@ -92,7 +92,7 @@ def cmd_report(ns) -> int:
 
 
 def cmd_lm_eval(ns) -> int:
-    from dipstream.evaluation.lm_eval import LmEvalConfig, run_lm_eval
+    from dipstream.experiments.lm_eval import LmEvalConfig, run_lm_eval
 
     row = run_lm_eval(from_namespace(LmEvalConfig, ns))
     print(f"{row['model']} {row['method']} @ {row['density_requested']} (measured density "
@@ -164,8 +164,8 @@ def cmd_probe(ns) -> int:
 
 def _configs():
     """The typed config class of each configured subcommand (imported lazily)."""
-    from dipstream.evaluation.lm_eval import LmEvalConfig
     from dipstream.experiments import EvalConfig
+    from dipstream.experiments.lm_eval import LmEvalConfig
     from dipstream.experiments.simulate import SimulateConfig
     from dipstream.experiments.sweep import SweepOptions
     from dipstream.reports import ReportConfig

@@ -7,9 +7,9 @@ is `train` (calibration and fine-tuning), the next 10% `val`, the last 20% `eval
 from __future__ import annotations
 
 import bz2
-import re
 import functools
 import importlib.util
+import re
 from pathlib import Path
 
 from dipstream.errors import DipstreamError
@@ -73,7 +73,7 @@ def wikitext2_documents(split: str) -> tuple[str, ...]:
     return ("".join(ds["text"]),)
 
 
-def _file_documents(path: str) -> tuple[str, ...]:
+def file_documents(path: str) -> tuple[str, ...]:
     p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
@@ -115,7 +115,7 @@ def split_documents(docs: tuple[str, ...], split: str) -> str:
 def load_text(corpus: str = "wiki", split: str = "eval", path: str | None = None) -> str:
     """Text of a built-in corpus (or a local UTF-8 file when `path` is given) for one split."""
     if path is not None:
-        docs = _file_documents(path)
+        docs = file_documents(path)
     elif corpus == "wiki":
         docs = wiki_documents()
     elif corpus == "shakespeare":

@@ -10,14 +10,23 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from dipstream import __version__
+from dipstream.budget import check_density
 from dipstream.data import load_text, make_windows
 from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
 from dipstream.io import write_json_atomic
 from dipstream.models import load_model
+from dipstream.models.adapter_folder import apply_adapter, check_files, read_meta
 from dipstream.paths import cache_root, machine
-from dipstream.sparsity import MethodOptions, attach, build_method
+from dipstream.sparsity import METHODS, MethodOptions, attach, build_method
 from dipstream.sparsity.calibration import calibrate, load_thresholds, save_thresholds
+from dipstream.validation import (
+    at_least,
+    input_dir,
+    input_file,
+    output_file,
+    private_dir,
+)
 
 
 @dataclass
@@ -60,9 +69,6 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Check every option, input file and output path before anything is loaded or run."""
-        from dipstream.sparsity import METHODS
-        from dipstream.budget import check_density
-        from dipstream.validation import at_least, input_dir, input_file, output_file
 
         check_density(self.density)
         if self.method not in METHODS:
@@ -78,7 +84,6 @@ class EvalConfig:
         input_file("text", self.text, "UTF-8 text file")
         input_file("thresholds", self.thresholds, "thresholds JSON file")
         if self.adapter:
-            from dipstream.models.adapter_folder import check_files, read_meta
 
             folder = input_dir("adapter", self.adapter, "finetune --out folder")
             check_files(folder, read_meta(folder))
@@ -115,13 +120,12 @@ def _calibration_key(cfg: EvalConfig, name: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _prepare_thresholds(cfg: EvalConfig, lm, sm) -> dict:
+def prepare_thresholds(cfg: EvalConfig, lm, sm) -> dict:
     """Load, reuse from the cache, or calibrate the thresholds of a threshold method."""
     method = sm.method
     if cfg.thresholds:
         load_thresholds(cfg.thresholds, method, len(sm.parts), lm.name)
         return {"thresholds_from": cfg.thresholds, "calibration_seconds": 0.0}
-    from dipstream.validation import private_dir
 
     cached = private_dir(cache_root() / "calibration") / \
         f"{lm.name}-{cfg.method}-{_calibration_key(cfg, lm.name)}.json"
@@ -146,7 +150,6 @@ def load_with_adapter(cfg: EvalConfig, method):
     lm = load_model(cfg.model, getattr(torch, cfg.dtype))
     adapter = {}
     if cfg.adapter:
-        from dipstream.models.adapter_folder import apply_adapter
 
         adapter = apply_adapter(lm, cfg.adapter, method)
     return lm, adapter
@@ -157,7 +160,7 @@ def attach_calibrated(cfg: EvalConfig, lm, method):
     Returns (SparseModel, the calibration's row fields); the caller detaches it."""
     sm = attach(lm.model, method)
     try:
-        return sm, _prepare_thresholds(cfg, lm, sm) if method.needs_calibration else {}
+        return sm, prepare_thresholds(cfg, lm, sm) if method.needs_calibration else {}
     except BaseException:
         sm.detach()
         raise
@@ -200,7 +203,6 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1,
 
 def run_eval(cfg: EvalConfig, progress: bool | None = None) -> dict:
     """Run one evaluation and return its results row (also written to cfg.json when set)."""
-    from dipstream.sparsity import METHODS
 
     cfg.validate()
     if hasattr(METHODS[cfg.method], "configure_cache"):

@@ -21,7 +21,14 @@ from pathlib import Path
 
 from dipstream import __version__
 from dipstream.errors import DipstreamError
-from dipstream.io import append_jsonl, clean_temps, read_jsonl, write_bytes_atomic, write_json_atomic
+from dipstream.io import (
+    append_jsonl,
+    clean_temps,
+    read_jsonl,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from dipstream.simulator import load_trace
 
 FORMAT = "dipstream-results/1"  # bump when rows or the folder layout change incompatibly
 ROWS, CSV_NAME, MANIFEST = "results.jsonl", "results.csv", "sweep.json"
@@ -157,7 +164,6 @@ class ResultsStore:
             if not trace.exists():
                 return None
             if check_trace:
-                from dipstream.simulator import load_trace
 
                 try:
                     load_trace(trace)

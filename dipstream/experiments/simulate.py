@@ -9,8 +9,23 @@ import numpy as np
 from dipstream.errors import DipstreamError, user_errors
 from dipstream.experiments.evaluate import EvalConfig, evaluate
 from dipstream.io import write_json_atomic
-from dipstream.simulator.policies import CacheOptions
+from dipstream.models.adapters import count_lora_weights
 from dipstream.models.loading import shape_of
+from dipstream.simulator import (
+    check_trace_matches,
+    dense_streaming_baseline,
+    hook_specs,
+    load_hardware,
+    load_trace,
+    plan_placement,
+    save_trace,
+    simulate,
+)
+from dipstream.simulator.hardware import parse_dram
+from dipstream.simulator.policies import CacheOptions
+from dipstream.simulator.simulate import resolve_dram
+from dipstream.sparsity.recording import MaskRecorder
+from dipstream.validation import at_least, input_file, output_file
 
 
 @dataclass
@@ -36,8 +51,6 @@ class SimConfig(CacheOptions):
     def validate(self) -> None:
         """Check the device (hardware file, overrides, DRAM size, caches) and the files before any
         model is loaded; one-line errors."""
-        from dipstream.simulator.hardware import parse_dram
-        from dipstream.validation import at_least, input_file, output_file
 
         with user_errors():
             CacheOptions.validate(self)
@@ -63,7 +76,6 @@ def hardware_of(sim: SimConfig):
     """The Hardware of a SimConfig: preset or file, then --hw-set overrides."""
     import yaml
 
-    from dipstream.simulator import load_hardware
 
     overrides = {}
     for item in filter(None, (sim.hw_set or "").split(",")):
@@ -78,7 +90,6 @@ def hardware_of(sim: SimConfig):
 def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512) -> dict:
     """Simulate a trace and the dense-streaming baseline on the same device; figures and ratios.
     `trace=None` (a dense run) reports the baseline for both."""
-    from dipstream.simulator import dense_streaming_baseline, simulate
 
     hw = hardware_of(sim)
     with user_errors():
@@ -122,8 +133,6 @@ def closed_loop_cache(sim: SimConfig, hw, shape, seq_len: int, adapter_weights: 
     """The simulated DRAM caches a closed-loop method steers its masks by, as the simulator places
     them on `sim`'s device (hardware `hw`): {capacity: units per hook of hook_specs(shape, "dip"),
     policy, policy_kwargs}. Its masks depend on exactly this (a model run's identity)."""
-    from dipstream.simulator import hook_specs, plan_placement
-    from dipstream.simulator.simulate import resolve_dram
 
     with user_errors():
         plan = plan_placement(shape, hw, hook_specs(shape, "dip"), resolve_dram(sim.dram, hw, shape), seq_len,
@@ -134,7 +143,6 @@ def closed_loop_cache(sim: SimConfig, hw, shape, seq_len: int, adapter_weights: 
 def configure_closed_loop(method, shape, cache: dict) -> None:
     """Give a closed-loop method the caches of `closed_loop_cache` (refuses policies that cannot
     steer masks, e.g. belady, hot)."""
-    from dipstream.simulator import hook_specs
 
     method.configure_cache({h.name: int(c) for h, c in zip(hook_specs(shape, "dip"), cache["capacity"])},
                            cache["policy"], **cache["policy_kwargs"])
@@ -142,13 +150,11 @@ def configure_closed_loop(method, shape, cache: dict) -> None:
 
 def evaluate_and_record(ev: EvalConfig, sim: SimConfig, shape, progress):
     """Evaluate with a mask recorder attached (and, for dip-ca, the live simulated caches)."""
-    from dipstream.sparsity.recording import MaskRecorder
 
     recorder = MaskRecorder(shape.d_model, shape.d_ff)
 
     def on_attached(lm, sm, windows):
         if is_closed_loop(sm.method):
-            from dipstream.models.adapters import count_lora_weights
 
             cache = closed_loop_cache(sim, hardware_of(sim), shape, windows.input_ids.shape[1],
                                       count_lora_weights(lm.model))
@@ -174,16 +180,13 @@ def run_simulate(cfg: SimulateConfig, progress: bool | None = None) -> dict:
         raise DipstreamError(f"dip-ca steers its masks by the live cache, which policy '{sim.policy}' "
                              "cannot provide here; use lru, lfu, window or none")
     if sim.trace:
-        from dipstream.validation import output_file
 
         output_file("json", ev.json)
     else:
         ev.validate()
     shape = shape_of(ev.model)
     if sim.trace:
-        from dipstream.simulator import load_trace
 
-        from dipstream.simulator import check_trace_matches
 
         with user_errors():
             trace = load_trace(sim.trace)
@@ -193,7 +196,6 @@ def run_simulate(cfg: SimulateConfig, progress: bool | None = None) -> dict:
     else:
         row, trace = evaluate_and_record(ev, sim, shape, progress)
         if sim.save_trace and trace is not None:
-            from dipstream.simulator import save_trace
 
             save_trace(trace, sim.save_trace)
     row = {**row, **simulate_trace(trace, shape, sim, ev.seq_len)}

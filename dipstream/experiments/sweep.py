@@ -24,9 +24,24 @@ from pathlib import Path
 
 from dipstream import __version__
 from dipstream.errors import DipstreamError, Interrupted, did_you_mean
+from dipstream.experiments import sweep_tasks as tasks
 from dipstream.experiments.executors import EXECUTORS, WorkerDied, make_executor
-from dipstream.experiments.results_store import ResultsStore, flatten
-from dipstream.experiments.sweep_config import Run, load_sweep, resolve
+from dipstream.experiments.results_store import (
+    ResultsStore,
+    check_manifest,
+    flatten,
+    read_stored,
+)
+from dipstream.experiments.sweep_config import (
+    InvalidRun,
+    Run,
+    load_sweep,
+    resolve,
+    run_fields,
+)
+from dipstream.simulator import ModelShape
+from dipstream.sparsity import METHODS
+from dipstream.validation import at_least, output_dir
 
 
 @dataclass
@@ -52,8 +67,6 @@ class SweepOptions:
 
 def plan(config_path: str | Path) -> tuple[dict, list[Run], list[tuple[dict, str]]]:
     """(config, resolved runs, [(given run, why it was left out)]) of a sweep config."""
-    from dipstream.experiments.sweep_config import InvalidRun, run_fields
-    from dipstream.sparsity import METHODS
 
     raw, given = load_sweep(config_path)
     runs, skipped, shapes, hardwares, seen = [], [], {}, {}, set()
@@ -103,7 +116,6 @@ class _Eta:
 def make_row(run: Run, rec: dict, figures: dict, shared: bool, replay_s: float) -> dict:
     """One tidy row: identity, the run's config (config.*), resolved hardware (hw.*), the model
     run's evaluation figures and the simulated figures."""
-    from dipstream.simulator import ModelShape
 
     model_bytes = ModelShape.from_dict(run.shape).weight_bytes(run.hardware["bits"])
     return {"key": run.key, "config_key": run.config_key, "model_run": run.model_run,
@@ -117,7 +129,6 @@ def make_row(run: Run, rec: dict, figures: dict, shared: bool, replay_s: float) 
 
 def _dry_run(runs: list[Run], results: Path) -> dict:
     """What is left to do, read from an existing results folder without writing anything."""
-    from dipstream.experiments.results_store import check_manifest, read_stored
 
     done, stored = set(), {}
     if (results / "sweep.json").exists():
@@ -158,9 +169,7 @@ def run_sweep(config_path: str | Path, opts: SweepOptions) -> dict:
     """Run (or resume) a sweep; returns counts {runs, done_before, finished, failed, seconds}."""
     from tqdm.auto import tqdm
 
-    from dipstream.experiments import sweep_tasks as tasks
 
-    from dipstream.validation import at_least, output_dir
 
     start = time.perf_counter()
     at_least("jobs", opts.jobs, 1, optional=True)

@@ -29,10 +29,21 @@ from pathlib import Path
 from types import MappingProxyType
 
 from dipstream import __version__
-from dipstream.config import _base_type, from_namespace
+from dipstream.config import base_type, from_namespace
 from dipstream.errors import DipstreamError, did_you_mean, user_errors
+from dipstream.experiments.evaluate import EvalConfig
+from dipstream.experiments.simulate import (
+    SimulateConfig,
+    closed_loop_cache,
+    configure_closed_loop,
+    hardware_of,
+    is_closed_loop,
+)
 from dipstream.io import config_hash
-from dipstream.experiments.simulate import SimulateConfig
+from dipstream.models.adapters import lora_weights_in
+from dipstream.models.loading import shape_of
+from dipstream.simulator.simulate import resolve_dram
+from dipstream.sparsity import build_method
 
 SWEEP_KEYS = ("grid", "results", "description")
 # fields that name one run's own output files: a sweep manages its outputs itself
@@ -48,7 +59,7 @@ def leaf_fields(cls) -> typing.Mapping[str, tuple[type, bool, object]]:
     def walk(cls):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            tp, optional = _base_type(hints[f.name])
+            tp, optional = base_type(hints[f.name])
             if dataclasses.is_dataclass(tp):
                 walk(tp)
                 continue
@@ -179,10 +190,6 @@ def resolve(given: dict, shapes: dict, hardwares: dict) -> Run:
     `shapes` caches model shapes by model name, `hardwares` devices by (hardware, hw_set)."""
     from dataclasses import asdict
 
-    from dipstream.experiments.simulate import closed_loop_cache, configure_closed_loop, hardware_of, is_closed_loop
-    from dipstream.models.loading import shape_of
-    from dipstream.simulator.simulate import resolve_dram
-    from dipstream.sparsity import build_method
 
     fields = run_fields()
     params = {k: d for k, (_, _, d) in fields.items()}
@@ -207,13 +214,11 @@ def resolve(given: dict, shapes: dict, hardwares: dict) -> Run:
     with user_errors():  # a DRAM size that does not resolve fails the plan
         resolve_dram(cfg.sim.dram, hw, shape)
     closed = is_closed_loop(method)
-    from dipstream.experiments.evaluate import EvalConfig
 
     eval_fields = leaf_fields(EvalConfig)
     model_keys = [k for k in params if k in eval_fields] + ["batch_size"]
     model_id = {"run": {k: params[k] for k in sorted(model_keys)}, "dipstream": __version__}
     if closed:  # the masks depend on the cache: its capacities and policy, not on bandwidths
-        from dipstream.models.adapters import lora_weights_in
 
         adapter_weights = lora_weights_in(cfg.eval.adapter) if cfg.eval.adapter else 0
         cache = closed_loop_cache(cfg.sim, hw, shape, cfg.eval.seq_len, adapter_weights)

@@ -12,6 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from dipstream.errors import user_errors
+from dipstream.experiments.simulate import evaluate_and_record, simulate_trace
+from dipstream.experiments.sweep_config import run_config
+from dipstream.models.loading import shape_of
+from dipstream.simulator import ModelShape, load_trace, save_trace
+
 KILL_ENV = "DIPSTREAM_SWEEP_KILL_TASK"  # fault injection for tests: the N-th task kills itself
 
 
@@ -37,10 +43,6 @@ def record_task(params: dict, ordinal: int, threads: int | None = None):
     for a run without masks, wall seconds)."""
     _fault_injection(ordinal)
     set_threads(threads)
-    from dipstream.experiments.simulate import evaluate_and_record
-    from dipstream.models.loading import shape_of
-    from dipstream.experiments.sweep_config import run_config
-    from dipstream.simulator import save_trace
 
     start = time.perf_counter()
     cfg = run_config(params)
@@ -58,10 +60,6 @@ def replay_task(trace, params: dict, shape: dict, ordinal: int):
     """Simulate one device on a recorded trace (a path, the .npz bytes, or None for a dense run).
     Returns (figures, wall seconds)."""
     _fault_injection(ordinal)
-    from dipstream.errors import user_errors
-    from dipstream.experiments.simulate import simulate_trace
-    from dipstream.experiments.sweep_config import run_config
-    from dipstream.simulator import ModelShape, load_trace
 
     start = time.perf_counter()
     cfg = run_config(params)

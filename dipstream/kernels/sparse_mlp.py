@@ -25,7 +25,6 @@ If the kernel cannot be built, everything falls back to a pure-torch path (one w
 from __future__ import annotations
 
 import ctypes
-import math
 import operator
 import sys
 import threading

@@ -12,7 +12,13 @@ from pathlib import Path
 
 from dipstream.errors import DipstreamError
 from dipstream.io import write_json_atomic
-from dipstream.models.adapters import LORA_FILES, META_FILE, PREDICTOR_FILE, count_lora_weights, load_lora
+from dipstream.models.adapters import (
+    LORA_FILES,
+    META_FILE,
+    PREDICTOR_FILE,
+    count_lora_weights,
+    load_lora,
+)
 from dipstream.models.arch import ModelInfo
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""LoRA adapters (built with `peft`) seen by the sparse MLP code, and saved/loaded as a folder.
+"""LoRA adapters (built with `peft`): added to a model's masked linears, saved and loaded as files
+(what the sparse MLP code sees of them is `dipstream.models.arch.LoraView`).
 
 `LoraView` is a live, duck-typed view of one peft LoRA layer: the masked linears of
 `dipstream.sparsity.ops` add each active adapter's term B A x to their output, feeding A the same
@@ -16,37 +17,7 @@ import torch
 from torch import nn
 
 from dipstream.errors import DipstreamError
-
-
-@dataclass
-class LoraView:
-    """The active LoRA terms of a peft `LoraLayer`; `out` selects part of its outputs (the gate
-    or up half of a fused gate_up projection)."""
-
-    module: nn.Module
-    out: slice | None = None
-
-    def terms(self) -> list[tuple[torch.Tensor, torch.Tensor, float, nn.Module]]:
-        """[(A (r, in), B (out, r), scaling, dropout)] of the enabled adapters; empty when disabled."""
-        m = self.module
-        if getattr(m, "disable_adapters", False) or getattr(m, "merged", False):
-            return []
-        out = []
-        for name in m.active_adapters:
-            if name not in m.lora_A:
-                continue
-            if getattr(m, "use_dora", {}).get(name, False):
-                raise DipstreamError("DoRA adapters are not supported by the sparse MLP; use plain LoRA")
-            B = m.lora_B[name].weight
-            out.append((m.lora_A[name].weight, B if self.out is None else B[self.out],
-                        float(m.scaling[name]), m.lora_dropout[name]))
-        return out
-
-
-def lora_view(module: nn.Module, out: slice | None = None) -> LoraView | None:
-    """A LoraView when `module` is a peft LoRA layer, else None."""
-    return LoraView(module, out) if hasattr(module, "lora_A") and hasattr(module, "lora_B") else None
-
+from dipstream.models.arch import arch_spec
 
 # ---------------------------------------------------------------------------------------------
 # Adapter folders: peft's LoRA files plus dipstream's own description (and predictor weights).
@@ -79,8 +50,6 @@ class LoraSettings:
 def target_regex(model: nn.Module, targets: str) -> str:
     """peft `target_modules` regex of a model's MLP linears (and attention projections)."""
     import re
-
-    from dipstream.models.arch import arch_spec
 
     spec = arch_spec(model.config)
     if targets not in ("mlp", "mlp+attn"):

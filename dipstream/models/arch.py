@@ -9,8 +9,38 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from dipstream.errors import DipstreamError
-from dipstream.models.adapters import LoraView, lora_view
 from dipstream.simulator.model_shape import ModelShape
+
+
+@dataclass
+class LoraView:
+    """The active LoRA terms of a peft `LoraLayer`; `out` selects part of its outputs (the gate
+    or up half of a fused gate_up projection)."""
+
+    module: nn.Module
+    out: slice | None = None
+
+    def terms(self) -> list[tuple[torch.Tensor, torch.Tensor, float, nn.Module]]:
+        """[(A (r, in), B (out, r), scaling, dropout)] of the enabled adapters; empty when disabled."""
+        m = self.module
+        if getattr(m, "disable_adapters", False) or getattr(m, "merged", False):
+            return []
+        out = []
+        for name in m.active_adapters:
+            if name not in m.lora_A:
+                continue
+            if getattr(m, "use_dora", {}).get(name, False):
+                raise DipstreamError("DoRA adapters are not supported by the sparse MLP; use plain LoRA")
+            B = m.lora_B[name].weight
+            out.append((m.lora_A[name].weight, B if self.out is None else B[self.out],
+                        float(m.scaling[name]), m.lora_dropout[name]))
+        return out
+
+
+def lora_view(module: nn.Module, out: slice | None = None) -> LoraView | None:
+    """A LoraView when `module` is a peft LoRA layer, else None."""
+    return LoraView(module, out) if hasattr(module, "lora_A") and hasattr(module, "lora_B") else None
+
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 
 from dipstream.errors import DipstreamError
-from dipstream.paths import cache_root
 from dipstream.models.arch import ModelInfo, arch_spec, describe
+from dipstream.paths import cache_root
 from dipstream.simulator.model_shape import SHAPES, ModelShape
 
 log = logging.getLogger(__name__)

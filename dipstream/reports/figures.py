@@ -13,8 +13,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 
-from dipstream.reports.table import (CA, DENSE, at_dram, dense_perplexity, dense_streaming, drams,  # noqa: E402
-                                     gamma_of, median_value, models)
+from dipstream.reports.table import (  # noqa: E402
+    CA,
+    DENSE,
+    at_dram,
+    dense_perplexity,
+    dense_streaming,
+    drams,
+    gamma_of,
+    median_value,
+    models,
+)
 
 COLORS = {"dense": "black", "dip": "tab:blue", CA: "tab:red", "cats": "tab:orange", "glu": "tab:green",
           "teal": "tab:purple", "up": "tab:brown", "griffin": "tab:pink", "random": "tab:gray"}

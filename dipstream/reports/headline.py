@@ -29,7 +29,14 @@ import json
 from dataclasses import dataclass
 
 from dipstream.errors import DipstreamError
-from dipstream.reports.table import CA, at_dram, dense_perplexity, dense_streaming, drams, gamma_of
+from dipstream.reports.table import (
+    CA,
+    at_dram,
+    dense_perplexity,
+    dense_streaming,
+    drams,
+    gamma_of,
+)
 
 
 @dataclass(frozen=True)

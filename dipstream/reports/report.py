@@ -9,8 +9,19 @@ from pathlib import Path
 
 from dipstream.errors import DipstreamError
 from dipstream.reports.headline import HeadlineRow, headline, parse_budgets, split_of
-from dipstream.reports.table import (CA, DENSE, at_dram, dense_perplexity, dense_streaming, gamma_of,
-                                     main_device, mb, models, most_common, reference_density)
+from dipstream.reports.table import (
+    CA,
+    DENSE,
+    at_dram,
+    dense_perplexity,
+    dense_streaming,
+    gamma_of,
+    main_device,
+    mb,
+    models,
+    most_common,
+    reference_density,
+)
 
 
 @dataclass
@@ -113,8 +124,9 @@ def _runs_table(rows: list[dict], fraction: float) -> list[str]:
 def make_report(results: str | Path, cfg: ReportConfig, command: str | None = None) -> Path:
     """Write report.md and its figures; returns the path of report.md."""
     from dipstream.experiments.results_store import load_results, results_folder
-    from dipstream.reports import figures as F  # matplotlib: loaded only when a report is made
-
+    from dipstream.reports import (
+        figures as F,  # matplotlib: loaded only when a report is made
+    )
     from dipstream.validation import output_dir
 
     budgets = parse_budgets(cfg.ppl_budget)

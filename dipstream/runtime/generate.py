@@ -24,7 +24,12 @@ from dipstream.models import load_model
 from dipstream.models.adapter_folder import apply_adapter
 from dipstream.models.arch import mlp_parts
 from dipstream.paths import machine
-from dipstream.runtime.decode import DecodeOptions, attach_runtime, decode_tokens, detach_runtime
+from dipstream.runtime.decode import (
+    DecodeOptions,
+    attach_runtime,
+    decode_tokens,
+    detach_runtime,
+)
 from dipstream.runtime.in_memory import InMemoryRuntime, runtime_activation
 from dipstream.runtime.offload import OffloadRuntime, fmt_bytes, static_ram_bytes
 from dipstream.runtime.offload_file import Layout, ensure_offload

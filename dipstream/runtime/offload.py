@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from dipstream.errors import DipstreamError
-from dipstream.runtime.offload_file import BundledFile, aligned_bytes
 from dipstream.kernels.sparse_mlp import activation, gather_gemv
-from dipstream.simulator import Hardware, MaskTrace, Hook, hook_specs, plan_placement
+from dipstream.runtime.offload_file import BundledFile, aligned_bytes
+from dipstream.simulator import Hardware, Hook, MaskTrace, hook_specs, plan_placement
 from dipstream.simulator.caches import CacheSet
-from dipstream.simulator.hardware import KINDS
+from dipstream.simulator.hardware import KINDS, parse_dram
 
 __all__ = ["OffloadRuntime", "offload_capacities", "HookCache", "parse_budget"]
 
@@ -46,7 +46,6 @@ def fmt_bytes(n: float) -> str:
 def parse_budget(spec, mlp_bytes: int) -> int:
     """RAM budget for MLP weights: bytes ('150MB', '1.5GiB', 123) or a fraction of the MLP's
     bytes ('0.5x')."""
-    from dipstream.simulator.hardware import parse_dram
 
     try:
         return int(parse_dram(spec, mlp_bytes))

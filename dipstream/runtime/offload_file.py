@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from dipstream.errors import DipstreamError
-from dipstream.io import atomic_path, write_json_atomic
+from dipstream.io import atomic_path, clean_temps, folder_lock, write_json_atomic
 from dipstream.kernels import native as _native
 
 __all__ = ["Layout", "BundledFile", "ExtentReader", "open_direct", "open_for_reads",
@@ -162,7 +162,7 @@ def write_offload(directory, parts, model: str, fingerprint_: str | None = None)
         pad = lay.size - fh.tell()
         fh.write(bytes(pad))
         digest.update(bytes(pad))
-    _drop_page_cache(directory / DATA_NAME)
+    drop_page_cache(directory / DATA_NAME)
     manifest = {"format": FORMAT, "model": model,
                 "fingerprint": fingerprint_ or fingerprint(parts),
                 "n_layers": lay.n_layers, "d": d, "D": D, "dtype": "float32",
@@ -173,7 +173,7 @@ def write_offload(directory, parts, model: str, fingerprint_: str | None = None)
     return manifest
 
 
-def _drop_page_cache(path: Path) -> None:
+def drop_page_cache(path: Path) -> None:
     """Ask the OS to forget the file's cached pages (best effort)."""
     if hasattr(os, "posix_fadvise"):
         try:
@@ -386,7 +386,7 @@ def _checksum(fd_direct: int | None, path: Path, size: int) -> str:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             h.update(chunk)
-    _drop_page_cache(path)
+    drop_page_cache(path)
     return h.hexdigest()
 
 
@@ -487,7 +487,6 @@ def ensure_offload(directory, parts, model: str, *, direct: bool = True, io_thre
                    verify: bool = True) -> tuple[BundledFile, bool]:
     """Open the offload file of ``parts`` in ``directory``, writing it first if the directory
     has none.  Returns (file, whether it was written now)."""
-    from dipstream.io import clean_temps, folder_lock
 
     directory = Path(directory)
     fp = fingerprint(parts)

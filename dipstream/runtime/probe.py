@@ -36,6 +36,19 @@ import torch
 
 from dipstream.errors import DipstreamError
 from dipstream.io import atomic_path, write_json_atomic, write_text_atomic
+from dipstream.kernels import gather_gemv
+from dipstream.models.loading import shape_of
+from dipstream.paths import cache_root
+from dipstream.runtime.offload_file import (
+    ExtentReader,
+    Layout,
+    aligned_bytes,
+    drop_page_cache,
+    open_for_reads,
+)
+from dipstream.simulator import Hardware
+from dipstream.simulator.hardware import KINDS, parse_bytes
+from dipstream.validation import at_least, input_file, output_dir, output_file
 
 
 @dataclass
@@ -93,7 +106,6 @@ def measure_ram(mb: int, repeats: int) -> float:
 
 def measure_gemv(repeats: int, n: int = 4096, m: int = 14336) -> tuple[float, float]:
     """(FLOP/s, bytes/s) of the fused gather-GEMV over all n rows of an (n, m) float32 matrix."""
-    from dipstream.kernels import gather_gemv
 
     W = torch.randn(n, m, generator=torch.Generator().manual_seed(0))
     idx = torch.arange(n)
@@ -105,8 +117,6 @@ def measure_gemv(repeats: int, n: int = 4096, m: int = 14336) -> tuple[float, fl
 
 def _chunk_sizes(cfg: ProbeConfig) -> list[int]:
     if cfg.model:
-        from dipstream.models.loading import shape_of
-        from dipstream.runtime.offload_file import Layout
 
         shape = shape_of(cfg.model)
         lay = Layout(1, shape.d_model, shape.d_ff)
@@ -139,13 +149,11 @@ def _test_file(directory: Path, size: int) -> Path:
 
 def measure_disk(path: Path, cfg: ProbeConfig, chunks: list[int]) -> dict:
     """Sequential and random read figures through the runtime's reader."""
-    from dipstream.runtime.offload_file import ExtentReader, _drop_page_cache, aligned_bytes, \
-        open_for_reads
 
     size = path.stat().st_size
     fd, direct = open_for_reads(path, cfg.direct_io)
     if not direct:
-        _drop_page_cache(path)
+        drop_page_cache(path)
     res = {"direct_io": direct, "file_bytes": size, "io_threads": cfg.io_threads}
     rng = np.random.default_rng(1)
     rd = ExtentReader(fd, cfg.io_threads, str(path))
@@ -198,11 +206,7 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
     """Measure, write the hardware YAML (and JSON), return the measurements."""
     import yaml
 
-    from dipstream.paths import cache_root
-    from dipstream.simulator import Hardware
-    from dipstream.simulator.hardware import KINDS, parse_bytes
 
-    from dipstream.validation import at_least, input_file, output_dir, output_file
 
     try:
         size = int(parse_bytes(cfg.size))

@@ -40,9 +40,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import bits
+from .caches import CacheSet
 from .hardware import Hardware, load_hardware, parse_dram
 from .model_shape import ModelShape, get_shape
-from .caches import CacheSet
 from .trace import READS_PER_UNIT, HookSpec, MaskTrace, check_trace_matches
 
 CACHE_SPLITS = ("linear", "hook", "weights")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 
 from dipstream.errors import DipstreamError
+from dipstream.selection import ca_select, topk_mask
 from dipstream.simulator.caches import CacheSet
 from dipstream.simulator.trace import HookSpec
 from dipstream.sparsity.base import register, sequence_dims
 from dipstream.sparsity.methods import DIP
-from dipstream.selection import ca_select, topk_mask
 
 
 @register

@@ -11,12 +11,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dipstream.errors import DipstreamError
-from dipstream.validation import finite, input_file
-from dipstream.sparsity.base import Method, Selection, down_from_h, register, sequence_dims
 from dipstream.budget import LayerKeeps, check_density, layer_keeps
+from dipstream.errors import DipstreamError
 from dipstream.selection import topk_mask
+from dipstream.sparsity.base import (
+    METHODS,
+    Method,
+    Selection,
+    down_from_h,
+    register,
+    sequence_dims,
+)
 from dipstream.sparsity.ops import part_linear
+from dipstream.validation import finite, input_file
 
 
 @dataclass
@@ -345,7 +352,6 @@ class Griffin(Method):
 
 def build_method(name: str, density: float = 1.0, options: MethodOptions | None = None) -> Method:
     """A method instance by registry name, or a one-line error listing the known names."""
-    from dipstream.sparsity.base import METHODS
 
     if name not in METHODS:
         raise DipstreamError(f"unknown method '{name}'; use one of {', '.join(METHODS)}")

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dipstream.models.adapters import LoraView
-from dipstream.models.arch import GatedMLPParts
+from dipstream.models.arch import GatedMLPParts, LoraView
 
 
 def _lora_out(x: torch.Tensor, lora: LoraView | None, a_cols=None, b_rows=None) -> torch.Tensor | None:

@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dipstream.errors import DipstreamError
-from dipstream.sparsity.base import Method, Selection, down_from_h, register
 from dipstream.budget import check_density
+from dipstream.errors import DipstreamError
+from dipstream.io import atomic_path
 from dipstream.models.adapters import PREDICTOR_FILE
 from dipstream.selection import topk_mask
+from dipstream.sparsity.base import Method, Selection, down_from_h, register
 from dipstream.sparsity.ops import part_linear
 
 
@@ -40,7 +41,6 @@ def save_predictors(predictors: nn.ModuleList, path: Path) -> None:
     """Write the predictors' weights as safetensors, atomically."""
     from safetensors.torch import save_file
 
-    from dipstream.io import atomic_path
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in predictors.state_dict().items()},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dipstream.simulator.trace import Hook, MaskTrace
 from dipstream.sparsity.base import Selection
 
 
@@ -49,7 +50,6 @@ class MaskRecorder:
 
     def trace(self, seq_starts, prompt_len, metadata: dict):
         """The recorded masks as a `MaskTrace` (hooks in layer order)."""
-        from dipstream.simulator.trace import Hook, MaskTrace
 
         hooks = []
         for name, (kind, n, uw) in self.specs.items():

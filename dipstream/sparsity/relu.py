@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from dipstream.sparsity.base import Method, Selection, down_from_h, register
 from dipstream.budget import check_density
 from dipstream.selection import topk_mask
+from dipstream.sparsity.base import Method, Selection, down_from_h, register
 from dipstream.sparsity.ops import part_linear
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from dipstream.data import load_text, make_windows
-from dipstream.data.corpora import _file_documents
+from dipstream.data.corpora import file_documents
 from dipstream.errors import DipstreamError
 
 
@@ -35,7 +35,7 @@ class TrainData:
 def _texts(corpus: str, train_text: str | None) -> tuple[str, str, str]:
     if train_text is None:
         return load_text(corpus, "train"), load_text(corpus, "val"), f"the {corpus} train split"
-    docs = _file_documents(train_text)
+    docs = file_documents(train_text)
     cut = max(1, int(0.9 * len(docs))) if len(docs) > 1 else None
     if cut is None:  # one paragraph: split its characters
         text = docs[0]

@@ -18,48 +18,30 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dipstream import __version__
 from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
+from dipstream.experiments.evaluate import eval_windows, prepare_thresholds
 from dipstream.io import append_jsonl, clean_temps, folder_lock
-from dipstream.experiments.evaluate import _prepare_thresholds, eval_windows
-from dipstream.paths import machine
 from dipstream.models import load_model
-from dipstream.models.adapters import LoraSettings, add_lora, count_lora_weights, save_lora
+from dipstream.models.adapters import (
+    LoraSettings,
+    add_lora,
+    count_lora_weights,
+    save_lora,
+)
 from dipstream.sparsity import attach, build_method
-from dipstream.models.adapter_folder import model_signature, write_meta
 from dipstream.training.checkpoint import load_checkpoint, save_checkpoint
 from dipstream.training.config import DEFAULT_EVAL_TOKENS, FinetuneConfig
 from dipstream.training.data import load_train_data
 from dipstream.training.memory import available_bytes, check_memory, estimate_step_bytes
+from dipstream.training.predictor_train import train_predictors
+from dipstream.training.run_state import default_out, finish_run, pick_device, run_key
+from dipstream.validation import at_least, finite, input_file, output_dir
 
 NOTHING_TO_TRAIN = {"dense": "dense has no sparsity to recover; fine-tune a sparse method (e.g. --method dip)"}
 
 
-def default_out(cfg: FinetuneConfig) -> Path:
-    ev = cfg.eval
-    return Path("runs") / "finetune" / f"{Path(ev.model).name}-{ev.method}-{ev.density:g}"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DipstreamError("--device cuda but no CUDA device is available; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def run_key(cfg: FinetuneConfig) -> dict:
-    """Everything that changes what a run trains (a checkpoint is resumed only under the same key)."""
-    ev, tr = cfg.eval, cfg.train
-    train = {k: v for k, v in dataclasses.asdict(tr).items() if k not in ("out", "restart", "device")}
-    return {"dipstream": __version__, "model": ev.model, "method": ev.method, "density": ev.density,
-            "options": dataclasses.asdict(ev.options), "corpus": ev.corpus, "seq_len": ev.seq_len,
-            "calib_tokens": ev.calib_tokens, "train": train}
-
-
 def _validate(cfg: FinetuneConfig) -> None:
-    from dipstream.validation import at_least, finite, input_file, output_dir
 
     ev, tr = cfg.eval, cfg.train
     if ev.method in NOTHING_TO_TRAIN:
@@ -134,7 +116,7 @@ class _Run:
         self.method = build_method(train_method, ev.density, ev.options)
         self.sm = attach(self.lm.model, self.method)
         self.params = [p for p in self.lm.model.parameters() if p.requires_grad]
-        self.calibration = (_prepare_thresholds(dataclasses.replace(ev, method=train_method), self.lm, self.sm)
+        self.calibration = (prepare_thresholds(dataclasses.replace(ev, method=train_method), self.lm, self.sm)
                             if self.method.needs_calibration else {})
         self.opt = torch.optim.AdamW(self.params, lr=tr.lr, weight_decay=tr.weight_decay)
 
@@ -278,23 +260,7 @@ def _train_lora(cfg: FinetuneConfig, out: Path, key: dict, state: dict | None, p
         "eval_tokens": run.eval_windows.n_predicted, "train_seconds": state["train_seconds"],
         **run.calibration,
     }
-    return _finish(cfg, out, state, run.lm, result, start)
-
-
-def _finish(cfg, out: Path, state: dict, lm, result: dict, start: float) -> dict:
-    result.update(seconds_this_run=time.perf_counter() - start, machine=machine(), dipstream=__version__,
-                  out=str(out))
-    write_meta(out, {"model": lm.name, "model_signature": model_signature(lm.info), "method": cfg.eval.method,
-                     "density": cfg.eval.density, "config": run_key(cfg), "result": result})
-    if cfg.eval.json:
-        from dipstream.io import write_json_atomic
-
-        write_json_atomic(cfg.eval.json, result)
-    state.update(finished=True, result=result)
-    for k in ("params", "optimizer", "best"):
-        state.pop(k, None)  # the adapter files hold the weights now
-    save_checkpoint(out, state)
-    return result
+    return finish_run(cfg, out, state, run.lm, result, start)
 
 
 def run_finetune(cfg: FinetuneConfig, progress: bool | None = None, on_step=None) -> dict:
@@ -317,7 +283,6 @@ def run_finetune(cfg: FinetuneConfig, progress: bool | None = None, on_step=None
                                      "--restart to train it again")
             return {**state["result"], "resumed": "already finished"}
         if cfg.eval.method == "predictor":
-            from dipstream.training.predictor_train import train_predictors
 
             return train_predictors(cfg, out, key, state, progress, on_step)
         return _train_lora(cfg, out, key, state, progress, on_step)

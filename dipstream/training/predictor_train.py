@@ -11,19 +11,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dipstream.evaluation import perplexity
 from dipstream.experiments.evaluate import eval_windows
 from dipstream.io import append_jsonl
 from dipstream.models import load_model
 from dipstream.models.adapters import PREDICTOR_FILE
+from dipstream.selection import topk_mask
 from dipstream.sparsity import attach, build_method
 from dipstream.sparsity.base import Method, Selection
-from dipstream.selection import topk_mask
 from dipstream.sparsity.ops import part_linear
 from dipstream.sparsity.predictor import build_predictors, save_predictors
 from dipstream.training.checkpoint import save_checkpoint
 from dipstream.training.config import DEFAULT_EVAL_TOKENS
 from dipstream.training.data import load_train_data
 from dipstream.training.memory import available_bytes, check_memory
+from dipstream.training.run_state import finish_run, pick_device
 
 
 class ActivationCapture(Method):
@@ -76,7 +78,6 @@ def threshold_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float
 
 
 def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bool, on_step) -> dict:
-    from dipstream.training.finetune import _finish, pick_device
 
     ev, tr = cfg.eval, cfg.train
     start = time.perf_counter()
@@ -144,7 +145,6 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     # evaluate the predictor method with these predictors
     method.predictors = preds.requires_grad_(False)
     windows = eval_windows(ev, lm, ev.tokens or DEFAULT_EVAL_TOKENS)
-    from dipstream.evaluation import perplexity
 
     sm = attach(lm.model, method)
     try:
@@ -164,4 +164,4 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     }
     state.pop("predictors", None)
     state.pop("optimizer", None)
-    return _finish(cfg, out, state, lm, result, start)
+    return finish_run(cfg, out, state, lm, result, start)

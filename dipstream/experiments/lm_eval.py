@@ -15,7 +15,15 @@ import time
 from dataclasses import dataclass, field
 
 from dipstream.errors import DipstreamError, did_you_mean
-from dipstream.experiments.evaluate import EvalConfig
+from dipstream.experiments.evaluate import (
+    EvalConfig,
+    attach_calibrated,
+    load_with_adapter,
+)
+from dipstream.experiments.simulate import is_closed_loop
+from dipstream.io import write_json_atomic
+from dipstream.sparsity import build_method
+from dipstream.validation import at_least, finite, output_file
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -63,12 +71,7 @@ def _scores(results: dict) -> dict:
 
 def run_lm_eval(cfg: LmEvalConfig, log_samples: bool = False) -> dict:
     """Evaluate cfg.eval's sparse model on cfg.tasks; returns a results row ({"scores": ...})."""
-    from dipstream.experiments.evaluate import attach_calibrated, load_with_adapter
-    from dipstream.experiments.simulate import is_closed_loop
-    from dipstream.io import write_json_atomic
-    from dipstream.sparsity import build_method
 
-    from dipstream.validation import at_least, finite, output_file
 
     finite("limit", cfg.limit, lo=0, lo_open=True, optional=True)
     at_least("num_fewshot", cfg.num_fewshot, 0, optional=True)

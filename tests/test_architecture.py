@@ -1,0 +1,138 @@
+"""The package's structure: imports run one way (utilities and kernels at the bottom, the CLI on
+top), no import cycles, no private names imported across modules, the simulator free of torch,
+and one home for each shared concept. Reads the source (module- and function-level imports)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "dipstream"
+
+# a package may import only from its own layer or below
+LAYERS = {
+    0: ("dipstream", "errors", "io", "validation", "config", "paths", "budget"),
+    1: ("selection", "simulator", "kernels", "data"),
+    2: ("models",),
+    3: ("sparsity",),
+    4: ("evaluation", "runtime"),
+    5: ("experiments",),
+    6: ("training", "reports"),
+    7: ("cli",),
+}
+LAYER = {pkg: n for n, pkgs in LAYERS.items() for pkg in pkgs}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for f in sorted(PKG.rglob("*.py")):
+        parts = f.relative_to(PKG.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return mods
+
+
+MODS = _modules()
+
+
+def _resolve(name: str) -> str:
+    while name and name not in MODS:
+        name = name.rsplit(".", 1)[0] if "." in name else ""
+    return name
+
+
+def _package(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else "dipstream"
+
+
+def _imports(mod: str) -> list[tuple[str, str]]:
+    """(imported module, imported name or '') of every dipstream import in `mod`."""
+    f = MODS[mod]
+    out = []
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            if name.startswith("dipstream"):
+                for a in node.names:
+                    sub = f"{name}.{a.name}"
+                    out.append((sub if sub in MODS else _resolve(name), a.name))
+        elif isinstance(node, ast.Import):
+            out += [(_resolve(a.name), "") for a in node.names if a.name.startswith("dipstream")]
+    return out
+
+
+GRAPH = {m: {d for d, _ in _imports(m) if d and d != m} for m in MODS}
+
+
+def test_every_package_has_a_layer():
+    assert {_package(m) for m in MODS} <= set(LAYER)
+
+
+def test_imports_run_one_way():
+    upward = sorted((m, d) for m, ds in GRAPH.items() for d in ds if LAYER[_package(d)] > LAYER[_package(m)])
+    assert not upward, f"imports from a higher layer: {upward}"
+
+
+def test_no_import_cycles():
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in GRAPH:
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_no_private_names_across_modules():
+    private = [(m, d, n) for m in MODS for d, n in _imports(m)
+               if n.startswith("_") and not n.startswith("__") and d != m]
+    assert not private, f"private names imported across modules: {private}"
+
+
+def test_simulator_and_budget_need_no_torch():
+    for mod, f in MODS.items():
+        if _package(mod) == "simulator" or mod == "dipstream.budget":
+            names = [a.name for node in ast.walk(ast.parse(f.read_text()))
+                     if isinstance(node, (ast.Import, ast.ImportFrom))
+                     for a in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])]
+            assert not any(n.split(".")[0] == "torch" for n in names), mod
+
+
+def test_one_home_per_concept():
+    """Each shared concept is defined once (the copies the architecture review found are gone)."""
+    homes = {"dip_split": "dipstream.budget", "keep_to_k": "dipstream.budget", "gamma_at": "dipstream.budget",
+             "topk_mask": "dipstream.selection", "ca_select": "dipstream.selection",
+             "cache_root": "dipstream.paths", "machine": "dipstream.paths", "shape_of": "dipstream.models.loading",
+             "check_density": "dipstream.budget", "replace_mlps": "dipstream.models.arch"}
+    found = {}
+    for mod, f in MODS.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name in homes:
+                found.setdefault(node.name, []).append(mod)
+    assert found == {name: [home] for name, home in homes.items()}
