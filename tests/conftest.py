@@ -58,6 +58,17 @@ def tiny_model(arch: str, seed: int = 0):
 
 ARCHS = ["llama", "qwen2", "phi3", "gemma3"]
 
+# a small text in three paragraphs (documents), for runs on the tiny checkpoint
+TEXT = ("the quick brown fox jumps over the lazy dog. pack my box with five dozen jugs. " * 40 + "\n\n") * 3
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """TEXT in a file."""
+    f = tmp_path / "text.txt"
+    f.write_text(TEXT)
+    return f
+
 
 @pytest.fixture(params=ARCHS)
 def arch(request):

@@ -7,15 +7,14 @@ artefacts made for other settings, and combinations that cannot work."""
 from __future__ import annotations
 
 import json
-import math
 import struct
 
 import numpy as np
 import pytest
 
 from dipstream.cli.main import build_parser, main
+from tests.conftest import TEXT
 
-TEXT = ("the quick brown fox jumps over the lazy dog. pack my box with five dozen jugs. " * 40 + "\n\n") * 3
 COMMANDS = ["eval", "simulate", "finetune", "sweep", "lm-eval", "report", "generate", "probe", "models",
             "methods"]
 

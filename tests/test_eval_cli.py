@@ -11,16 +11,10 @@ from dipstream.cli.main import main
 from dipstream.data import make_windows
 from dipstream.data.corpora import split_documents
 from dipstream.experiments import EvalConfig, run_eval
-
-TEXT = ("the quick brown fox jumps over the lazy dog. pack my box with five dozen jugs. " * 40 +
-        "\n\n") * 3
+from tests.conftest import TEXT
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    f = tmp_path / "text.txt"
-    f.write_text(TEXT)
-    return f
+
 
 
 def test_dense_perplexity_equals_transformers_loss(tiny_checkpoint, text_file):

@@ -14,14 +14,8 @@ from dipstream.sparsity import MethodOptions, attach, build_method
 from dipstream.sparsity.cache_aware import ca_select
 from tests.conftest import tiny_model
 
-TEXT = ("the quick brown fox jumps over the lazy dog. pack my box with five dozen jugs. " * 40 + "\n\n") * 3
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    f = tmp_path / "text.txt"
-    f.write_text(TEXT)
-    return f
 
 
 def _eval(ckpt, text, **kw):

@@ -19,9 +19,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from dipstream.errors import DipstreamError
+from tests.conftest import TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ("the quick brown fox jumps over the lazy dog. pack my box with five dozen jugs. " * 40 + "\n\n") * 3
 
 
 class Payload:

@@ -12,14 +12,8 @@ from dipstream.sparsity import MethodOptions, attach, build_method
 from tests.conftest import tiny_model
 from tests.test_methods import _configure_dip_ca
 
-TEXT = ("the quick brown fox jumps over the lazy dog. pack my box with five dozen jugs. " * 40 + "\n\n") * 3
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    f = tmp_path / "text.txt"
-    f.write_text(TEXT)
-    return f
 
 
 def test_dip_ca_with_gamma_one_is_dip():
