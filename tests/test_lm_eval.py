@@ -14,7 +14,7 @@ from dipstream.experiments.lm_eval import LmEvalConfig, run_lm_eval  # noqa: E40
 from dipstream.experiments.evaluate import EvalConfig  # noqa: E402
 from dipstream.models import load_model  # noqa: E402
 from dipstream.sparsity import attach, build_method  # noqa: E402
-from tests.test_simulate_cli import TEXT  # noqa: E402
+from tests.conftest import TEXT  # noqa: E402
 
 TASKS = Path(__file__).parent / "data" / "lm_eval"
 

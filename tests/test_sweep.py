@@ -17,7 +17,7 @@ from dipstream.experiments.simulate import SimConfig, SimulateConfig, run_simula
 from dipstream.experiments.sweep import SweepOptions, plan, run_sweep
 from dipstream.io import read_jsonl
 from dipstream.sparsity import MethodOptions
-from tests.test_simulate_cli import TEXT
+from tests.conftest import TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -183,9 +183,10 @@ def test_bad_requests_fail_before_training(tiny_checkpoint, text_file, tmp_path,
 
 def test_memory_estimate_grows_with_batch_and_distillation():
     from dipstream.models.arch import ModelInfo
+    from dipstream.simulator import ModelShape
     from dipstream.training.memory import estimate_step_bytes
 
-    info = ModelInfo("llama", 30, 576, 1536, 49152, 9, 3, True, 8192, "silu")
+    info = ModelInfo("llama", ModelShape(30, 576, 1536, 49152, 9, 3, True), 8192, "silu")
     one = estimate_step_bytes(info, 0, 3_000_000, 1, 512, kd=False)
     assert estimate_step_bytes(info, 0, 3_000_000, 2, 512, kd=False) > 1.9 * (one - 36e6)
     assert estimate_step_bytes(info, 0, 3_000_000, 1, 512, kd=True) > one

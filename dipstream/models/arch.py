@@ -188,24 +188,18 @@ def mlp_parts(model: nn.Module) -> list[GatedMLPParts]:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A loaded model's architecture, its shape (``shape``: the simulator's ModelShape) and what
-    the runs need besides (context length, activation)."""
+    """A loaded model: its architecture, its shape (the simulator's ModelShape, whose fields read
+    through: ``info.d_model`` is ``info.shape.d_model``) and what runs need besides."""
 
     model_type: str
-    n_layers: int
-    d_model: int
-    d_ff: int
-    vocab: int
-    n_heads: int
-    n_kv_heads: int
-    tied_embeddings: bool
+    shape: ModelShape
     max_positions: int
     act: str
 
-    @property
-    def shape(self) -> ModelShape:
-        return ModelShape(self.n_layers, self.d_model, self.d_ff, self.vocab, self.n_heads,
-                          self.n_kv_heads, self.tied_embeddings)
+    def __getattr__(self, name):
+        if name == "shape" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.shape, name)
 
 
 def describe(model: nn.Module) -> ModelInfo:
@@ -215,8 +209,6 @@ def describe(model: nn.Module) -> ModelInfo:
     if (s.n_layers, s.d_model, s.d_ff) != (len(parts), parts[0].d_model, parts[0].d_ff):
         raise DipstreamError(f"model config says {s.n_layers} layers of {s.d_model} x {s.d_ff} but its MLP "
                              f"weights are {len(parts)} layers of {parts[0].d_model} x {parts[0].d_ff}")
-    return ModelInfo(model_type=model.config.model_type, n_layers=s.n_layers, d_model=s.d_model, d_ff=s.d_ff,
-                     vocab=s.vocab, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads,
-                     tied_embeddings=s.tied_embeddings,
+    return ModelInfo(model_type=model.config.model_type, shape=s,
                      max_positions=getattr(_text_config(model.config), "max_position_embeddings", 2048),
                      act=parts[0].act_name)
