@@ -31,7 +31,9 @@ def topk_mask(scores: torch.Tensor, k) -> torch.Tensor:
             return torch.zeros_like(scores, dtype=torch.bool)
     s = scores
     if s.is_floating_point():
-        s = torch.where(torch.isnan(s), torch.full((), float("inf"), dtype=s.dtype, device=s.device), s)
+        nan = torch.isnan(s)
+        if bool(nan.any()):
+            s = torch.where(nan, torch.full((), float("inf"), dtype=s.dtype, device=s.device), s)
     if isinstance(k, torch.Tensor):  # per-row k: the k-th value of each row from its sorted top
         top = s.topk(kk, dim=-1).values
         t = top.gather(-1, (k - 1).clamp_min(0))
@@ -41,6 +43,8 @@ def topk_mask(scores: torch.Tensor, k) -> torch.Tensor:
     above = s > t
     tie = s == t
     need = k - above.sum(-1, keepdim=True)
+    if bool((tie.sum(-1, keepdim=True) <= need).all()):  # no row has surplus ties (the usual case)
+        return above | tie
     return above | (tie & (tie.cumsum(-1) <= need))
 
 
