@@ -30,9 +30,10 @@ def topk_mask(scores: torch.Tensor, k) -> torch.Tensor:
         if kk == 0:
             return torch.zeros_like(scores, dtype=torch.bool)
     s = scores
+    lazy = s.device.type == "meta"  # no values to look at: take the general path throughout
     if s.is_floating_point():
         nan = torch.isnan(s)
-        if bool(nan.any()):
+        if lazy or bool(nan.any()):
             s = torch.where(nan, torch.full((), float("inf"), dtype=s.dtype, device=s.device), s)
     if isinstance(k, torch.Tensor):  # per-row k: the k-th value of each row from its sorted top
         top = s.topk(kk, dim=-1).values
@@ -43,7 +44,7 @@ def topk_mask(scores: torch.Tensor, k) -> torch.Tensor:
     above = s > t
     tie = s == t
     need = k - above.sum(-1, keepdim=True)
-    if bool((tie.sum(-1, keepdim=True) <= need).all()):  # no row has surplus ties (the usual case)
+    if not lazy and bool((tie.sum(-1, keepdim=True) <= need).all()):  # no row has surplus ties (the usual case)
         return above | tie
     return above | (tie & (tie.cumsum(-1) <= need))
 
