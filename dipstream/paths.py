@@ -23,9 +23,9 @@ def cache_root() -> Path:
 
 
 def machine() -> str:
-    """Where a run ran, for results rows."""
+    """Where a run ran, for results rows (the torch version when torch is loaded)."""
     import platform
+    import sys
 
-    import torch
-
-    return f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+    torch = sys.modules.get("torch")
+    return f"{platform.machine()}, {os.cpu_count()} cpus" + (f", torch {torch.__version__}" if torch else "")

@@ -33,14 +33,14 @@ import threading
 import warnings
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from dipstream.paths import cache_root
 from dipstream.validation import private_dir
 
 __all__ = ["load", "status", "sources"]
 
-KERNEL_VERSION = 9
+KERNEL_VERSION = 10
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("gemv.c", "pread.c")
 
@@ -139,6 +139,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_select_gemv.restype = I64
     lib.ds_select_gemv_q.argtypes = [P, I64, I64, P, I64, P, I64, I64, I, I64, P, P, P, I]
     lib.ds_select_gemv_q.restype = I64
+    lib.ds_gather_gemv_q.argtypes = [P, I64, I64, P, I64, I64, I, I64, P, P, I64, P, I]
+    lib.ds_gather_gemv_q.restype = I
     lib.ds_pread_batch.argtypes = [I, I64, P, P, P, I]
     lib.ds_pread_batch.restype = I
     lib.ds_pread_submit.argtypes = [I, I64, P, P, P, I]
@@ -150,21 +152,22 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
-    """A tiny known-answer check, so a miscompiled library is never used."""
-    g = torch.Generator().manual_seed(1234)
-    W = torch.randn(37, 300, generator=g)
-    idx = torch.tensor([0, 3, 4, 9, 17, 36], dtype=torch.int64)
-    c = torch.randn(idx.numel(), generator=g)
-    out = torch.empty(300)
-    if lib.ds_gather_gemv(W.data_ptr(), 37, 300, 300, idx.data_ptr(), c.data_ptr(), idx.numel(),
-                          out.data_ptr(), max(1, torch.get_num_threads())) != 0:
+    """A tiny known-answer check, so a miscompiled library is never used (numpy only: the lean
+    engine loads the library without torch)."""
+    rng = np.random.default_rng(1234)
+    W = rng.standard_normal((37, 300)).astype(np.float32)
+    idx = np.array([0, 3, 4, 9, 17, 36], np.int64)
+    c = rng.standard_normal(idx.size).astype(np.float32)
+    out = np.empty(300, np.float32)
+    if lib.ds_gather_gemv(W.ctypes.data, 37, 300, 300, idx.ctypes.data, c.ctypes.data, idx.size,
+                          out.ctypes.data, 1) != 0:
         return False
-    ref = (c.double() @ W.double()[idx]).float()
-    if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5):
+    ref = (c.astype(np.float64) @ W.astype(np.float64)[idx]).astype(np.float32)
+    if not np.allclose(out, ref, rtol=1e-5, atol=1e-5):
         return False
-    v = torch.tensor([1.0, -3.0, 2.0, 3.0, -2.0, 0.5], dtype=torch.float32)
-    sel = torch.empty(3, dtype=torch.int64)
-    n = lib.ds_topk_abs(v.data_ptr(), 6, 3, sel.data_ptr())
+    v = np.array([1.0, -3.0, 2.0, 3.0, -2.0, 0.5], np.float32)
+    sel = np.empty(3, np.int64)
+    n = lib.ds_topk_abs(v.ctypes.data, 6, 3, sel.ctypes.data)
     return n == 3 and sel.tolist() == [1, 2, 3]
 
 

@@ -84,6 +84,27 @@ def n_linears(hook, shape: ModelShape) -> int:
     return READS_PER_UNIT[hook.kind]
 
 
+def split_cache(hooks, shape: ModelShape, cache_bytes: float, unit_bytes, cache_split: str = "linear") -> np.ndarray:
+    """Units each hook's cache holds when ``cache_bytes`` are split between the hooks (the
+    reference: per masked linear; or per hook, or by weights) and a unit of hook h takes
+    ``unit_bytes[h]`` bytes."""
+    hooks = list(hooks)
+    if not hooks:
+        return np.zeros(0, np.int64)
+    ub = np.asarray(unit_bytes, np.float64)
+    nl = np.array([n_linears(h, shape) for h in hooks], np.int64)
+    if cache_split == "linear":
+        share = cache_bytes * nl / nl.sum()
+    elif cache_split == "hook":
+        share = np.full(len(hooks), cache_bytes / len(hooks))
+    elif cache_split == "weights":
+        w = np.array([h.unit_weights * h.n_units for h in hooks], np.float64)
+        share = cache_bytes * w / w.sum()
+    else:
+        raise ValueError(f"cache_split must be one of {', '.join(CACHE_SPLITS)}, got {cache_split!r}")
+    return np.floor(share / ub * (1 + 1e-12)).astype(np.int64)
+
+
 def plan_placement(shape: ModelShape, hardware: Hardware, hooks, dram_bytes: float,
                    seq_len: int, predictor_weights: float = 0,
                    cache_split: str = "linear", adapter_weights: float = 0) -> Placement:
@@ -116,17 +137,7 @@ def plan_placement(shape: ModelShape, hardware: Hardware, hooks, dram_bytes: flo
         overflow, resident, cache = 0.0, static, dram - static
     ub = uw * b["mlp"]
     nl = np.array([n_linears(h, shape) for h in hooks], np.int64)
-    if not hooks:
-        share = np.zeros(0)
-    elif cache_split == "linear":
-        share = cache * nl / nl.sum()
-    elif cache_split == "hook":
-        share = np.full(len(hooks), cache / len(hooks))
-    elif cache_split == "weights":
-        share = cache * (uw * nu) / covered
-    else:
-        raise ValueError(f"cache_split must be one of {', '.join(CACHE_SPLITS)}, got {cache_split!r}")
-    cap = np.floor(share / ub * (1 + 1e-12)).astype(np.int64)
+    cap = split_cache(hooks, shape, cache, ub, cache_split)
     rpu = np.ones(len(hooks), np.int64) if hardware.bundle else nl.copy()
     return Placement(dram, int(seq_len), parts, static, resident, overflow, cache, ub, uw, nu,
                      cap, rpu, nl, uncovered, float(predictor_weights), float(adapter_weights),

@@ -411,6 +411,18 @@ DS_API int64_t ds_select_gemv_q(const float* v, int64_t n, int64_t k, const uint
     return got;
 }
 
+/* Quantized gather: out[0:m] = sum_i c[i] * dequant(row idx[i]) for given rows (e.g. the cache
+ * slots of the selected units) and coefficients.  -1 when an index is outside [0, rows). */
+DS_API int ds_gather_gemv_q(const uint8_t* Wq, int64_t rows, int64_t ldb, const float* S, int64_t lds,
+                            int64_t G, int bits, int64_t m, const int64_t* idx, const float* c,
+                            int64_t k, float* out, int nthreads)
+{
+    if (check_idx(idx, k, rows)) return -1;
+    qmat_t q = {Wq, ldb, S, lds, G, bits};
+    gg_parallel_any(NULL, 0, &q, m, idx, c, k, out, nthreads);
+    return 0;
+}
+
 DS_API int ds_threads(void) { return MAX_HELPERS + 1; }
 
 DS_API int ds_version(void) { return KERNEL_VERSION; }

@@ -1,0 +1,322 @@
+"""The lean engine's MLP backends: every block's MLP in RAM (dense or DIP), or offloaded to the
+model file with a RAM cache of its units (dense streaming, DIP or DIP-CA).
+
+A unit is one record of the bundled layout: ``layers.i.in`` unit j = [W_gate[:, j] | W_up[:, j]],
+``layers.i.out`` unit i = W_down[:, i]. Per token and layer: choose the ``in`` mask from |x|
+(dense: all; DIP: top-k_in; DIP-CA: the cache-aware choice), compute g and u from those records,
+h = act(g) * u, choose the ``out`` mask from |h|, y from those records.
+
+Offloaded, the caches are the simulator's own (``simulator.caches.CacheSet``: the same policies
+and the same never-above-capacity rule), their capacities the reference's split of the cache RAM
+per masked linear, in record bytes; the RAM slots mirror the cached sets. Missed units are read
+with positioned direct reads of whole runs of consecutive records (rounded out to 512-byte
+blocks) on the native read pool, while the cached units' product is computed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dipstream.engine.model import LeanModel, read_block
+from dipstream.engine.qmatrix import QMatrix, topk_abs
+from dipstream.errors import DipstreamError
+from dipstream.kernels import native
+from dipstream.simulator.caches import CacheSet
+from dipstream.simulator.simulate import split_cache
+from dipstream.simulator.trace import Hook, HookSpec, MaskTrace
+
+KINDS = ("in", "out")
+BLOCK = 512  # direct reads: offsets and lengths in whole blocks
+
+
+@dataclass
+class MlpCounters:
+    """What the MLP read, per decoded token sums (prompt tokens are counted too)."""
+
+    tokens: int = 0
+    ram_bytes: int = 0          # record bytes of cached (hit) units
+    disk_bytes: int = 0         # bytes read from the file (whole blocks)
+    reads: int = 0              # read requests
+    selected_bytes: int = 0     # record bytes of every selected unit
+    hit_rate_sum: float = 0.0
+    hit_rate_n: int = 0
+    io_wait_s: float = 0.0
+    mlp_s: float = 0.0
+    per_layer: list = field(default_factory=list)
+
+
+class MaskChooser:
+    """Each token's masks: `method` dense, dip or dip-ca (with gamma, n0_frac, warmup), the k of
+    every layer; DIP-CA steers by the cached set it is given."""
+
+    def __init__(self, method: str, k_in, k_out, gamma: float = 0.1, n0_frac: float = 0.5,
+                 warmup: bool = True):
+        if method not in ("dense", "dip", "dip-ca"):
+            raise DipstreamError(f"the lean engine runs dense, dip or dip-ca, not '{method}'")
+        self.method, self.k = method, {"in": list(k_in), "out": list(k_out)}
+        self.gamma, self.n0_frac, self.warmup = float(gamma), float(n0_frac), bool(warmup)
+        self._idx = np.empty(max(max(k_in, default=1), max(k_out, default=1), 1) + 1, np.int64)
+
+    def k_of(self, kind: str, layer: int, n: int) -> int:
+        return n if self.method == "dense" else min(n, self.k[kind][layer])
+
+    def mask(self, kind: str, layer: int, v: np.ndarray, t: int, cached: np.ndarray | None = None) -> np.ndarray:
+        """bool (n,) mask for token t of the sequence from scores |v|."""
+        from dipstream.budget import gamma_at
+
+        n = v.size
+        k = self.k_of(kind, layer, n)
+        m = np.zeros(n, bool)
+        if k >= n:
+            m[:] = True
+            return m
+        idx = np.empty(k, np.int64)
+        g = gamma_at(self.gamma, t, self.warmup) if self.method == "dip-ca" else 1.0
+        if g >= 1.0 or cached is None:
+            m[topk_abs(v, k, idx)] = True
+            return m
+        s = np.abs(v)
+        n0 = int(self.n0_frac * k)
+        keep = cached.copy()
+        if n0:
+            keep[topk_abs(s, n0, np.empty(n0, np.int64))] = True
+        m[topk_abs(np.where(keep, s, s * np.float32(g)).astype(np.float32), k, idx)] = True
+        return m
+
+
+class _Recorder:
+    """Masks of every token (prompt included), for a simulator trace."""
+
+    def __init__(self, L: int, record: bool):
+        self.record = record
+        self.masks = {k: [[] for _ in range(L)] for k in KINDS}
+
+    def add(self, kind: str, layer: int, m: np.ndarray) -> None:
+        if self.record:
+            self.masks[kind][layer].append(np.packbits(m, bitorder="little"))
+
+    def trace(self, model: LeanModel, prompt_len: int, metadata: dict) -> MaskTrace:
+        hooks = []
+        for i in range(model.L):
+            for kind, n, unit in (("in", model.d, 2 * model.D), ("out", model.D, model.d)):
+                packed = np.array(self.masks[kind][i], np.uint8).reshape(-1, (n + 7) // 8)
+                m = np.unpackbits(packed, axis=1, count=n, bitorder="little").view(bool)
+                hooks.append(Hook(f"layers.{i}.{kind}", kind, n, unit, m))
+        return MaskTrace(hooks, [0], [prompt_len], metadata)
+
+
+class RamMLP:
+    """Every block's MLP records in RAM: dense, or DIP with the fused select-GEMV."""
+
+    def __init__(self, model: LeanModel, chooser: MaskChooser, record_masks: bool = False):
+        if chooser.method == "dip-ca":
+            raise DipstreamError("dip-ca picks its masks from a RAM cache of an offloaded MLP: run it with "
+                                 "--offload")
+        self.model, self.chooser = model, chooser
+        infos = model.manifest["tensor_info"]
+        self.w = {k: [] for k in KINDS}
+        for i in range(model.L):
+            for kind, name in (("in", "mlp_in"), ("out", "mlp_out")):
+                info = infos[f"layers.{i}.{name}"]
+                self.w[kind].append(QMatrix(read_block(model.fd, info), info.fmt, info.m, info.group))
+        self.bytes = sum(q.nbytes for qs in self.w.values() for q in qs)
+        D, d = model.D, model.d
+        self._gu, self._y = np.empty(2 * D, np.float32), np.empty(d, np.float32)
+        self._idx = {k: np.empty(n, np.int64) for k, n in (("in", d), ("out", D))}
+        self._coef = np.empty(max(d, D), np.float32)
+        self.rec = _Recorder(model.L, record_masks)
+        self.counters = MlpCounters()
+        self.pos = 0
+
+    def new_sequence(self) -> None:
+        self.pos = 0
+
+    def __call__(self, i: int, x: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        m, D = self.model, self.model.D
+        nt = m.nthreads
+        wi, wo = self.w["in"][i], self.w["out"][i]
+        k_in = self.chooser.k_of("in", i, m.d)
+        got = wi.select(x, k_in, self._idx["in"], self._coef, self._gu, nt)
+        h = (m.act(self._gu[:D]) * self._gu[D:]).astype(np.float32)
+        k_out = self.chooser.k_of("out", i, D)
+        got2 = wo.select(h, k_out, self._idx["out"], self._coef, self._y, nt)
+        c = self.counters
+        c.selected_bytes += got * wi.stride + got2 * wo.stride
+        c.ram_bytes += got * wi.stride + got2 * wo.stride
+        if self.rec.record:
+            for kind, idx, n in (("in", self._idx["in"][:got], m.d), ("out", self._idx["out"][:got2], D)):
+                mk = np.zeros(n, bool)
+                mk[idx] = True
+                self.rec.add(kind, i, mk)
+        if i == m.L - 1:
+            c.tokens += 1
+            self.pos += 1
+        c.mlp_s += time.perf_counter() - t0
+        return self._y.copy()
+
+
+class OffloadMLP:
+    """The MLP records stay in the model file; `cache_bytes` of RAM hold cached units (the
+    simulator's caches, split per masked linear), plus scratch slots and one read buffer. Reads
+    use direct I/O unless `direct` is False."""
+
+    def __init__(self, model: LeanModel, chooser: MaskChooser, cache_bytes: int, policy: str = "lru",
+                 io_threads: int = 4, direct: bool = True, record_masks: bool = True, **policy_kwargs):
+        self.model, self.chooser = model, chooser
+        lib = native.load(quiet=True)
+        if lib is None:
+            raise DipstreamError("offloading needs the native read pool, which is unavailable")
+        self.lib, self.io_threads = lib, int(io_threads)
+        infos = model.manifest["tensor_info"]
+        self.info = {k: [infos[f"layers.{i}.mlp_{k}"] for i in range(model.L)] for k in KINDS}
+        fi, fo = self.info["in"][0], self.info["out"][0]
+        self.stride = {"in": fi.stride, "out": fo.stride}
+        self.n = {"in": model.d, "out": model.D}
+        self.q = {k: QMatrix(np.zeros((1, self.stride[k]), np.uint8), self.info[k][0].fmt, self.info[k][0].m,
+                             self.info[k][0].group) for k in KINDS}
+        hooks = [HookSpec(f"layers.{i}.{k}", k, self.n[k], 2 * model.D if k == "in" else model.d)
+                 for i in range(model.L) for k in KINDS]
+        unit_bytes = np.array([self.stride[h.kind] for h in hooks], np.int64)
+        cap = np.minimum(split_cache(hooks, model.arch_shape(), float(max(cache_bytes, 0)), unit_bytes),
+                         [h.n_units for h in hooks])
+        self.capacity = {h.name: int(c) for h, c in zip(hooks, cap)}
+        self.caches = CacheSet(hooks, cap, policy, grouping="hook", **policy_kwargs)
+        # RAM: per hook its cache slots, then scratch slots for units read but not kept
+        self.slab, self.slot, self.free = {}, {}, {}
+        for h in hooks:
+            c = self.capacity[h.name]
+            self.slab[h.name] = np.zeros((c + h.n_units, self.stride[h.kind]), np.uint8)
+            self.slot[h.name] = np.full(h.n_units, -1, np.int64)
+            self.free[h.name] = list(range(c - 1, -1, -1))
+        biggest = max(self.n[k] * self.stride[k] for k in KINDS)
+        self.buf = np.empty(biggest + 4 * BLOCK, np.uint8)
+        off = (-self.buf.ctypes.data) % BLOCK
+        self.buf = self.buf[off:off + biggest + 2 * BLOCK]
+        self.ram_bytes = sum(s.nbytes for s in self.slab.values()) + self.buf.nbytes
+        self.cache_ram = sum(self.capacity[n] * self.stride[n.split(".")[-1]] for n in self.capacity)
+        flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
+        path = model.directory / "model.bin"
+        try:
+            self.fd = os.open(path, flags)
+        except OSError:
+            self.fd = os.open(path, os.O_RDONLY)
+            direct = False
+        self.direct = direct
+        self._gu = np.empty(2 * model.D, np.float32)
+        self._y = np.empty(model.d, np.float32)
+        self.rec = _Recorder(model.L, record_masks)
+        self.counters = MlpCounters()
+        self.pos = 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def new_sequence(self) -> None:
+        self.caches.reset()
+        for name in self.slot:
+            self.slot[name][:] = -1
+            self.free[name] = list(range(self.capacity[name]))
+        self.pos = 0
+
+    # ------------------------------------------------------------------ one hook
+    def _runs(self, miss: np.ndarray):
+        """Runs [a, b) of consecutive unit indices."""
+        if miss.size == 0:
+            return []
+        br = np.flatnonzero(np.diff(miss) != 1)
+        starts = np.concatenate([[0], br + 1])
+        ends = np.concatenate([br + 1, [miss.size]])
+        return [(int(miss[s]), int(miss[e - 1]) + 1) for s, e in zip(starts, ends)]
+
+    def _read(self, kind: str, layer: int, runs: list) -> list:
+        """Read the records of the runs [a, b) of missed units into the read buffer (whole blocks);
+        returns the buffer offset of each run's first record."""
+        info, stride = self.info[kind][layer], self.stride[kind]
+        offs, lens, starts, firsts = [], [], [], []
+        for a, b in runs:  # whole blocks; runs whose blocks touch are one read
+            lo, hi = info.offset + a * stride, info.offset + b * stride
+            alo, ahi = lo - lo % BLOCK, hi + (-hi) % BLOCK
+            if offs and alo <= offs[-1] + lens[-1]:
+                lens[-1] = max(lens[-1], ahi - offs[-1])
+            else:
+                starts.append(starts[-1] + lens[-1] if offs else 0)
+                offs.append(alo)
+                lens.append(ahi - alo)
+            firsts.append(starts[-1] + lo - offs[-1])
+        pos = starts[-1] + lens[-1] if offs else 0
+        if pos > self.buf.nbytes:  # cannot happen: the buffer holds a whole hook plus block slack
+            raise AssertionError("read buffer too small")
+        if offs:
+            o, ln = np.array(offs, np.int64), np.array(lens, np.int64)
+            dst = self.buf.ctypes.data + np.array(starts, np.int64)
+            t0 = time.perf_counter()
+            rc = self.lib.ds_pread_batch(self.fd, o.size, o.ctypes.data, ln.ctypes.data, dst.ctypes.data,
+                                         self.io_threads)
+            self.counters.io_wait_s += time.perf_counter() - t0
+            if rc != 0:
+                raise DipstreamError(f"reading the model file failed: {os.strerror(rc)}")
+            self.counters.disk_bytes += int(ln.sum())
+            self.counters.reads += o.size
+        return firsts
+
+    def _hook(self, kind: str, layer: int, v: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """sum over selected units u of v[u] * record(u): cached units from their RAM slots, the
+        others read from the file (then kept if the cache takes them, else in scratch slots)."""
+        name = f"layers.{layer}.{kind}"
+        cached = self.caches.cached(name)[0]
+        mask = self.chooser.mask(kind, layer, v, self.pos, cached)
+        self.rec.add(kind, layer, mask)
+        sel = np.flatnonzero(mask)
+        hit, miss = sel[cached[sel]], sel[~cached[sel]]
+        runs = self._runs(miss)
+        firsts = self._read(kind, layer, runs)
+        self.caches.step(name, mask[None])
+        now = self.caches.cached(name)[0]
+        slots, slab, stride, cap = self.slot[name], self.slab[name], self.stride[kind], self.capacity[name]
+        free = self.free[name]
+        gone = np.flatnonzero(cached & ~now)
+        if gone.size:  # evicted units free their slots
+            free.extend(slots[gone].tolist())
+            slots[gone] = -1
+        keep = now[miss]
+        n_new = int(keep.sum())
+        dest = np.empty(miss.size, np.int64)
+        if n_new:
+            dest[keep] = free[-n_new:]
+            del free[-n_new:]
+            slots[miss[keep]] = dest[keep]
+        dest[~keep] = cap + np.arange(miss.size - n_new)  # scratch slots
+        j = 0
+        for (a, b), p in zip(runs, firsts):  # one copy per run of consecutive records
+            n = b - a
+            slab[dest[j:j + n]] = self.buf[p:p + n * stride].reshape(n, stride)
+            j += n
+        idx = np.concatenate([slots[hit], dest])
+        coef = np.ascontiguousarray(v[np.concatenate([hit, miss])], np.float32)
+        out[:] = 0
+        if sel.size:
+            self.q[kind].gather(idx, coef, out, self.model.nthreads, rec=slab)
+        c = self.counters
+        c.ram_bytes += hit.size * stride
+        c.selected_bytes += sel.size * stride
+        if sel.size:
+            c.hit_rate_sum += hit.size / sel.size
+            c.hit_rate_n += 1
+        return out
+
+    def __call__(self, i: int, x: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        m, D = self.model, self.model.D
+        gu = self._hook("in", i, x, self._gu)
+        h = (m.act(gu[:D]) * gu[D:]).astype(np.float32)
+        y = self._hook("out", i, h, self._y).copy()
+        if i == m.L - 1:
+            self.pos += 1
+            self.counters.tokens += 1
+        self.counters.mlp_s += time.perf_counter() - t0
+        return y

@@ -1,0 +1,198 @@
+"""The lean decode loop's model: one token at a time, numpy + the native kernels, a preallocated
+KV cache, no Hugging Face module dispatch (and no torch). Families: Llama-style (Llama, Mistral,
+Qwen2 with attention biases, Qwen3 with q/k norms, SmolLM) and Gemma 3 (scaled embeddings,
+(1 + w) norms around attention and MLP, q/k norms, sliding-window layers with their own RoPE
+base). The MLP of each block is a pluggable backend (in RAM, or offloaded to the model file).
+
+Verified token for token against the model's own Hugging Face forward in float32
+(tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dipstream.engine.modelfile import DATA, TensorInfo, read_manifest, verify_sha256
+from dipstream.engine.qmatrix import QMatrix, dequantize_records
+from dipstream.errors import DipstreamError
+from dipstream.simulator.model_shape import ModelShape
+
+
+def read_block(fd: int, info: TensorInfo) -> np.ndarray:
+    """The records of one tensor, read into anonymous RAM (not a mapping of the file)."""
+    buf = np.empty((info.rows, info.stride), np.uint8)
+    view, off, done = memoryview(buf).cast("B"), info.offset, 0
+    while done < buf.nbytes:
+        n = os.preadv(fd, [view[done:]], off + done)
+        if n <= 0:
+            raise DipstreamError("the model file ended early; export the model again")
+        done += n
+    return buf
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x * x * x)))
+
+
+ACTS = {"silu": silu, "swish": silu, "gelu_pytorch_tanh": gelu_tanh, "gelu_tanh": gelu_tanh, "gelu_new": gelu_tanh}
+
+
+class LeanModel:
+    """A model file's static weights in RAM, its KV cache, and `forward(token, pos) -> logits`.
+
+    `mlp`: an object with ``__call__(layer, h (d,)) -> y (d,)`` and ``new_sequence()`` (see
+    :mod:`dipstream.engine.mlp`); set after construction (it may need this model's file)."""
+
+    def __init__(self, directory: str | os.PathLike, max_seq: int, nthreads: int = 1, verify: bool = False):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        if verify:
+            verify_sha256(self.directory, self.manifest)
+        a = self.arch = self.manifest["arch"]
+        self.family = a["family"]
+        self.L, self.d, self.D, self.V = a["n_layers"], a["d"], a["D"], a["vocab"]
+        self.H, self.Hkv, self.hd = a["n_heads"], a["n_kv"], a["head_dim"]
+        if a["act"] not in ACTS:
+            raise DipstreamError(f"the lean engine has no activation '{a['act']}'")
+        self.act = ACTS[a["act"]]
+        self.nthreads = int(nthreads)
+        self.max_seq = int(max_seq)
+        if self.max_seq > a["max_positions"]:
+            raise DipstreamError(f"{self.max_seq} tokens exceed the model's context of {a['max_positions']}")
+        infos = self.manifest["tensor_info"]
+        self.fd = os.open(self.directory / DATA, os.O_RDONLY)
+        self.w: dict[str, QMatrix] = {}
+        self.vec: dict[str, np.ndarray] = {}
+        for name, info in infos.items():
+            if name.endswith(("mlp_in", "mlp_out")):
+                continue  # the MLP backend reads these
+            rec = read_block(self.fd, info)
+            if info.rows == 1 and info.fmt == "float32":
+                self.vec[name] = dequantize_records(rec, "float32", info.m)[0].copy()
+            else:
+                self.w[name] = QMatrix(rec, info.fmt, info.m, info.group)
+        self.static_bytes = sum(q.nbytes for q in self.w.values()) + sum(v.nbytes for v in self.vec.values())
+        # KV cache and RoPE tables, allocated once
+        self.K = np.zeros((self.L, self.Hkv, self.max_seq, self.hd), np.float32)
+        self.Vc = np.zeros_like(self.K)
+        self.kv_bytes = 2 * self.K.nbytes
+        self.rope = {t: self._rope(t) for t in {a["rope_theta"], a["rope_local_theta"]} if t}
+        self.local = [lt == "sliding_attention" for lt in a["layer_types"]]
+        self.window = a["sliding_window"]
+        self.scale = np.float32(a["query_scale"])
+        self.embed_scale = np.float32(self.d ** 0.5) if self.family == "gemma3" else None
+        self._out = {n: np.empty(q.m, np.float32) for n, q in self.w.items()}
+        self._idx = np.empty(max(self.d, self.H * self.hd) + 1, np.int64)
+        self._coef = np.empty_like(self._idx, dtype=np.float32)
+        self.mlp = None
+
+    def _rope(self, theta: float):
+        inv = 1.0 / (theta ** (np.arange(0, self.hd, 2, dtype=np.int64).astype(np.float32) / self.hd))
+        f = np.arange(self.max_seq, dtype=np.float32)[:, None] * inv[None, :].astype(np.float32)
+        emb = np.concatenate([f, f], axis=1)
+        return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def arch_shape(self) -> ModelShape:
+        """The simulator's shape of this model."""
+        a = self.arch
+        return ModelShape(self.L, self.d, self.D, self.V, self.H, self.Hkv, a["tied"])
+
+    # ------------------------------------------------------------------ pieces
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        q = self.w[name]
+        q.select(x, q.rows, self._idx, self._coef, self._out[name], self.nthreads)
+        return self._out[name]
+
+    def norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        y = x * (1.0 / np.sqrt(np.mean(x * x, dtype=np.float32) + np.float32(self.arch["eps"])))
+        return y * (w + np.float32(1.0)) if self.family == "gemma3" else y * w
+
+    def head_norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """RMS norm over each head's last axis (q/k norms)."""
+        r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32) + np.float32(self.arch["eps"]))
+        return (x * r) * ((w + np.float32(1.0)) if self.family == "gemma3" else w)
+
+    def embed(self, tok: int) -> np.ndarray:
+        if "embed" in self.w:
+            e = self.w["embed"]
+            x = dequantize_records(e.rec[tok:tok + 1], e.fmt, e.m, e.group)[0]
+        else:  # tied: column `tok` of the head's records
+            x = _column(self.w["head"], tok)
+        return x * self.embed_scale if self.embed_scale is not None else x.copy()
+
+    def _rot(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        h = self.hd // 2
+        rot = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+        return x * cos + rot * sin
+
+    def attention(self, i: int, h: np.ndarray, pos: int) -> np.ndarray:
+        p = f"layers.{i}."
+        q = self.linear(p + "q", h).copy()
+        k = self.linear(p + "k", h).copy()
+        v = self.linear(p + "v", h).copy()
+        if p + "q_bias" in self.vec:
+            q += self.vec[p + "q_bias"]
+            k += self.vec[p + "k_bias"]
+            v += self.vec[p + "v_bias"]
+        q = q.reshape(self.H, self.hd)
+        k = k.reshape(self.Hkv, self.hd)
+        if p + "q_norm" in self.vec:
+            q = self.head_norm(q, self.vec[p + "q_norm"])
+            k = self.head_norm(k, self.vec[p + "k_norm"])
+        theta = self.arch["rope_local_theta"] if self.local[i] and self.arch["rope_local_theta"] else \
+            self.arch["rope_theta"]
+        cos, sin = self.rope[theta]
+        q = self._rot(q, cos[pos], sin[pos])
+        self.K[i, :, pos] = self._rot(k, cos[pos], sin[pos])
+        self.Vc[i, :, pos] = v.reshape(self.Hkv, self.hd)
+        lo = max(0, pos - self.window + 1) if self.local[i] and self.window else 0
+        g = self.H // self.Hkv
+        s = (q.reshape(self.Hkv, g, self.hd) @ self.K[i, :, lo:pos + 1].transpose(0, 2, 1)) * self.scale
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = (s @ self.Vc[i, :, lo:pos + 1]).reshape(self.H * self.hd)
+        return self.linear(p + "o", o)
+
+    # ------------------------------------------------------------------ one token
+    def forward(self, tok: int, pos: int) -> np.ndarray:
+        """Logits (vocab,) of the next token after `tok` at position `pos` (KV cache updated)."""
+        if pos >= self.max_seq:
+            raise DipstreamError(f"position {pos} is past the KV cache of {self.max_seq} tokens")
+        x = self.embed(int(tok)).astype(np.float32, copy=False)
+        gemma = self.family == "gemma3"
+        for i in range(self.L):
+            p = f"layers.{i}."
+            a = self.attention(i, self.norm(x, self.vec[p + "attn_norm"]), pos)
+            x = x + (self.norm(a, self.vec[p + "post_attn_norm"]) if gemma else a)
+            y = self.mlp(i, self.norm(x, self.vec[p + "mlp_norm"]))
+            x = x + (self.norm(y, self.vec[p + "post_mlp_norm"]) if gemma else y)
+        return self.linear("head", self.norm(x, self.vec["final_norm"])).copy()
+
+    def new_sequence(self) -> None:
+        if self.mlp is not None:
+            self.mlp.new_sequence()
+
+
+def _column(q: QMatrix, j: int) -> np.ndarray:
+    """Output j of every record of q (the tied embedding's row j), dequantized."""
+    rec = q.rec
+    if q.fmt == "float32":
+        return rec[:, 4 * j:4 * j + 4].copy().view(np.float32)[:, 0]
+    G = q.group
+    gi, jj = divmod(j, G)
+    s = rec[:, q.qbytes + 4 * gi:q.qbytes + 4 * gi + 4].copy().view(np.float32)[:, 0]
+    if q.fmt == "int8":
+        return rec[:, j].view(np.int8).astype(np.float32) * s
+    b = rec[:, gi * (G // 2) + jj % (G // 2)]
+    nib = (b & 15) if jj < G // 2 else (b >> 4)
+    return (nib.astype(np.float32) - 8.0) * s

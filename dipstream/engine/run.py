@@ -1,0 +1,201 @@
+"""Running the lean engine: export a model once into its quantized file, size the RAM (a
+whole-process budget), build the model with its MLP backend, generate, and measure perplexity.
+Used by `dipstream export`, `dipstream generate` (the lean engine is the default for the
+families it runs) and the benchmarks."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dipstream.budget import layer_keeps
+from dipstream.engine.mlp import MaskChooser, OffloadMLP, RamMLP
+from dipstream.engine.model import LeanModel
+from dipstream.engine.modelfile import FAMILIES, MANIFEST, arch_of, read_manifest, write_model_file
+from dipstream.engine.qmatrix import FORMATS
+from dipstream.errors import DipstreamError
+from dipstream.io import folder_lock
+from dipstream.paths import cache_root
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MARGIN = 24 << 20  # RAM left for Python's own growth, numpy temporaries and the tokenizer
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process has read from storage (the page cache excluded), or -1."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+@dataclass
+class EngineOptions:
+    """The lean engine (`--engine lean`): weights, the model file, the whole-process budget."""
+
+    engine: str = field(default="auto", metadata={
+        "help": "auto (the lean engine for the families it runs: Llama-style and Gemma 3, without adapters "
+                "or CUDA; else the Hugging Face model), lean or hf", "choices": ("auto", "lean", "hf")})
+    lean_weights: str = field(default="int4", metadata={
+        "help": "lean engine: format of every weight matrix (float32, int8, int4: 4-bit in groups of 32)",
+        "choices": FORMATS})
+    head_weights: str | None = field(default=None, metadata={
+        "help": "lean engine: format of the embedding / output head (default: --lean-weights)",
+        "choices": FORMATS})
+    model_dir: str | None = field(default=None, metadata={
+        "help": "lean engine: folder of the exported model file (default: in dipstream's cache; written "
+                "on first use)", "metavar": "DIR"})
+    memory: str | None = field(default=None, metadata={
+        "help": "lean engine with --offload: RAM budget for the whole process (bytes, e.g. '200MB'): what "
+                "Python, the libraries, the static weights, the KV cache and the buffers leave goes to the "
+                "MLP caches (default: size the caches by --dram as `simulate` does)", "metavar": "BYTES"})
+
+
+def runs_lean(model_type: str) -> bool:
+    return model_type in FAMILIES
+
+
+def default_model_dir(model: str, weights: str, head: str) -> Path:
+    return cache_root() / "engine" / f"{Path(model).name}-{weights}-{head}"
+
+
+def ensure_model_file(model: str, weights: str, head: str | None = None, directory: str | None = None) -> Path:
+    """The exported model file of `model` (built-in name or HF folder) in these formats, written
+    once under a lock (exporting loads the Hugging Face stack; reusing the file does not)."""
+    head = head or weights
+    d = Path(directory) if directory else default_model_dir(model, weights, head)
+    if (d / MANIFEST).exists():
+        m = read_manifest(d)
+        if (m["mlp_fmt"], m["static_fmt"], m["head_fmt"]) != (weights, weights, head):
+            raise DipstreamError(f"{d} holds {m['mlp_fmt']} / {m['head_fmt']} weights, not {weights} / {head}; "
+                                 "use another --model-dir")
+        return d
+    from dipstream.models.loading import resolve_checkpoint
+
+    name, ckpt = resolve_checkpoint(model)
+    with folder_lock(d, "model export", wait=True):
+        if not (d / MANIFEST).exists():
+            write_model_file(ckpt, d, name, weights, weights, head)
+    return d
+
+
+def build(directory: Path, method: str, density: float, max_seq: int, *, offload: bool = False,
+          cache_bytes: int | None = None, memory: int | None = None, policy: str = "lru",
+          policy_kwargs: dict | None = None, up_keep=None, down_keep=None, gamma: float = 0.1,
+          n0_frac: float = 0.5, warmup: bool = True, threads: int = 1, io_threads: int = 4,
+          direct: bool = True, record_masks: bool = False) -> tuple[LeanModel, dict]:
+    """The lean model with its MLP backend and a description of its RAM. With `offload`, the
+    MLP caches get `cache_bytes`, or what `memory` (the whole process) leaves after the RSS now,
+    the static weights, the KV cache, the buffers and a margin."""
+    baseline = rss_bytes()
+    lm = LeanModel(directory, max_seq, threads)
+    a = lm.arch
+    keeps = layer_keeps(density, lm.L, up_keep, down_keep)
+    chooser = MaskChooser(method, [keeps.k_in(i, lm.d) for i in range(lm.L)],
+                          [keeps.k_out(i, lm.D) for i in range(lm.L)], gamma, n0_frac, warmup)
+    info = {"baseline_rss": baseline, "static_bytes": lm.static_bytes, "kv_bytes": lm.kv_bytes,
+            "family": a["family"], "weights": lm.manifest["mlp_fmt"], "head_weights": lm.manifest["head_fmt"]}
+    if not offload:
+        lm.mlp = RamMLP(lm, chooser, record_masks)
+        info.update(mlp_ram_bytes=lm.mlp.bytes)
+        return lm, info
+    if cache_bytes is None:
+        if memory is None:
+            raise DipstreamError("give --memory (or --dram) to size the offloaded MLP's caches")
+        probe = OffloadMLP(lm, chooser, 0, policy, io_threads, direct, False, **(policy_kwargs or {}))
+        fixed = probe.ram_bytes
+        probe.close()
+        cache_bytes = int(memory - rss_bytes() - fixed - MARGIN)
+        if cache_bytes < 0:
+            need = memory - cache_bytes
+            raise DipstreamError(f"--memory {memory / 1e6:.0f} MB is below what the process needs before any MLP "
+                                 f"cache (Python and libraries {baseline / 1e6:.0f} MB, static weights "
+                                 f"{lm.static_bytes / 1e6:.0f} MB, KV cache {lm.kv_bytes / 1e6:.0f} MB, buffers "
+                                 f"{fixed / 1e6:.0f} MB, margin {MARGIN / 1e6:.0f} MB); give at least "
+                                 f"{math.ceil(need / 1e6)}MB")
+    lm.mlp = OffloadMLP(lm, chooser, cache_bytes, policy, io_threads, direct, record_masks, **(policy_kwargs or {}))
+    info.update(cache_bytes=int(cache_bytes), mlp_ram_bytes=lm.mlp.ram_bytes, cache_ram_bytes=lm.mlp.cache_ram,
+                direct_io=lm.mlp.direct, capacity_in=lm.mlp.capacity["layers.0.in"],
+                capacity_out=lm.mlp.capacity["layers.0.out"], memory_budget=memory)
+    return lm, info
+
+
+def pick(logits: np.ndarray, sample: bool, temperature: float, top_k: int, rng) -> int:
+    if not sample:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / max(temperature, 1e-6)
+    if top_k > 0:
+        kth = np.partition(z, -min(top_k, z.size))[-min(top_k, z.size)]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    return int(rng.choice(z.size, p=p / p.sum()))
+
+
+def generate(lm: LeanModel, ids: list[int], max_new: int, eos=(), stop_at_eos: bool = True,
+             sample: bool = False, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
+             on_token=None) -> dict:
+    """Prompt pass (token by token through the same path) and decode. Returns ids and timings."""
+    rng = np.random.default_rng(seed)
+    lm.new_sequence()
+    t0 = time.perf_counter()
+    logits = None
+    for pos, tok in enumerate(ids):
+        logits = lm.forward(tok, pos)
+    nxt = pick(logits, sample, temperature, top_k, rng)
+    ttft = time.perf_counter() - t0
+    out, steps = [nxt], []
+    if on_token:
+        on_token(out)
+    pos = len(ids)
+    while len(out) < max_new and not (stop_at_eos and nxt in eos):
+        t = time.perf_counter()
+        logits = lm.forward(nxt, pos)
+        nxt = pick(logits, sample, temperature, top_k, rng)
+        steps.append(time.perf_counter() - t)
+        pos += 1
+        out.append(nxt)
+        if on_token:
+            on_token(out)
+    return {"ids": out, "ttft_s": ttft, "step_s": steps}
+
+
+def perplexity(lm: LeanModel, windows: np.ndarray) -> tuple[float, int]:
+    """Perplexity over token windows (n, T) (BOS first), every prediction counted, a fresh cache
+    per window. Returns (perplexity, predictions)."""
+    nll, n = 0.0, 0
+    for w in np.asarray(windows):
+        lm.new_sequence()
+        for pos in range(len(w) - 1):
+            z = lm.forward(int(w[pos]), pos).astype(np.float64)
+            zmax = z.max()
+            nll += float(np.log(np.exp(z - zmax).sum()) + zmax - z[int(w[pos + 1])])
+            n += 1
+    return math.exp(nll / n), n
+
+
+def arch_supported(config: dict) -> bool:
+    try:
+        arch_of(config)
+        return True
+    except DipstreamError:
+        return False

@@ -1,0 +1,185 @@
+"""The lean engine: exact against the Hugging Face forward in float32 on every family it runs,
+quantized records round-trip, the offloaded MLP equals the MLP in RAM, reads only what it
+claims, never holds more than its caches, and its trace replays to the same hits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+from dipstream.engine.mlp import MaskChooser, OffloadMLP, RamMLP
+from dipstream.engine.model import LeanModel
+from dipstream.engine.modelfile import read_manifest, write_model_file
+from dipstream.engine.qmatrix import QMatrix, dequantize_records, quantize_records
+from dipstream.engine.run import generate, perplexity
+from dipstream.errors import DipstreamError
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+CONFIGS = {
+    "llama-tied": lambda: LlamaConfig(**TINY, hidden_act="silu", tie_word_embeddings=True),
+    "llama": lambda: LlamaConfig(**TINY, hidden_act="silu"),
+    "qwen2": lambda: Qwen2Config(**TINY, hidden_act="silu"),
+    "gemma3": lambda: Gemma3TextConfig(**TINY, head_dim=16, hidden_activation="gelu_pytorch_tanh", sliding_window=4,
+                                       layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+def hf_model(name: str):
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2 if p.dim() == 2 else 0.3)
+    return m
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{(family, format): (hf model, model folder)}"""
+    out = {}
+    root = tmp_path_factory.mktemp("engine")
+    for name in CONFIGS:
+        m = hf_model(name)
+        m.save_pretrained(root / f"{name}-hf")
+        for fmt in ("float32", "int8", "int4"):
+            write_model_file(root / f"{name}-hf", root / f"{name}-{fmt}", name, fmt, fmt)
+            out[name, fmt] = (m, root / f"{name}-{fmt}")
+    return out
+
+
+IDS = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_float32_equals_the_hugging_face_forward(exported, name):
+    m, d = exported[name, "float32"]
+    lm = LeanModel(d, 16)
+    lm.mlp = RamMLP(lm, MaskChooser("dense", [], []))
+    with torch.no_grad():
+        ref = m(input_ids=IDS).logits[0].numpy()
+    got = np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])])
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    # greedy decoding: the same tokens as transformers' generate
+    hf = m.generate(IDS[:, :5], max_new_tokens=8, do_sample=False)[0, 5:].tolist()
+    assert generate(lm, IDS[0, :5].tolist(), 8, stop_at_eos=False)["ids"] == hf
+
+
+@pytest.mark.parametrize("fmt,tol", [("int8", 0.01), ("int4", 0.15)])
+def test_quantized_records_round_trip(fmt, tol):
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((48, 64)).astype(np.float32)
+    rec = quantize_records(W, fmt)
+    back = dequantize_records(rec, fmt, 64)
+    assert np.linalg.norm(back - W) / np.linalg.norm(W) < tol
+    np.testing.assert_array_equal(quantize_records(back, fmt), rec)  # a fixed point
+    q = QMatrix.from_dense(W.T, fmt)  # y = W^T-stored: the kernels read what dense() returns
+    x = rng.standard_normal(48).astype(np.float32)
+    out = np.empty(64, np.float32)
+    q.select(x, 48, np.empty(48, np.int64), np.empty(48, np.float32), out)
+    np.testing.assert_allclose(out, q.dense() @ x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["dense", "dip"])
+@pytest.mark.parametrize("fmt", ["float32", "int4"])
+def test_offloaded_mlp_equals_the_mlp_in_ram(exported, method, fmt):
+    _, d = exported["llama", fmt]
+    ks = ([40, 40], [50, 50])
+    outs = []
+    for off in (False, True):
+        lm = LeanModel(d, 16)
+        ch = MaskChooser(method, *ks)
+        lm.mlp = OffloadMLP(lm, ch, 20_000, direct=False) if off else RamMLP(lm, ch)
+        outs.append(np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])]))
+        if off:
+            c = lm.mlp.counters
+            assert c.disk_bytes > 0 and c.ram_bytes > 0  # a partial cache: both paths ran
+            assert all(n <= lm.mlp.capacity[h] for h, n in zip(lm.mlp.caches.names,
+                                                                [lm.mlp.caches.occupancy(h)[0]
+                                                                 for h in lm.mlp.caches.names]))
+            lm.mlp.close()
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_unread_records_are_never_used(exported, tmp_path):
+    """NaN in every MLP record the masks do not select: outputs stay finite and unchanged."""
+    import shutil
+
+    _, d = exported["llama", "float32"]
+    poisoned = tmp_path / "p"
+    shutil.copytree(d, poisoned)
+    m = read_manifest(poisoned)
+    lm = LeanModel(d, 16)
+    ch = MaskChooser("dip", [20, 20], [30, 30])
+    rec = []
+    lm.mlp = RamMLP(lm, ch, record_masks=True)  # records which units the masks select
+    ref = [lm.forward(int(t), i) for i, t in enumerate(IDS[0, :6])]
+    used = {(k, i): np.unpackbits(np.array(lm.mlp.rec.masks[k][i]), axis=1, count=lm.d if k == "in" else lm.D,
+                                  bitorder="little").any(0) for k in ("in", "out") for i in range(2)}
+    data = np.fromfile(poisoned / "model.bin", np.uint8)
+    for (k, i), u in used.items():
+        info = m["tensor_info"][f"layers.{i}.mlp_{k}"]
+        recs = data[info.offset:info.offset + info.rows * info.stride].reshape(info.rows, info.stride)
+        recs[~u] = np.frombuffer(np.full(info.stride // 4, np.nan, np.float32).tobytes(), np.uint8)
+        rec.append(int((~u).sum()))
+    data.tofile(poisoned / "model.bin")
+    assert sum(rec) > 0
+    for off in (False, True):
+        lm = LeanModel(poisoned, 16)
+        lm.mlp = OffloadMLP(lm, MaskChooser("dip", [20, 20], [30, 30]), 8_000, direct=False) if off else \
+            RamMLP(lm, MaskChooser("dip", [20, 20], [30, 30]))
+        got = [lm.forward(int(t), i) for i, t in enumerate(IDS[0, :6])]
+        assert all(np.isfinite(g).all() for g in got)
+        np.testing.assert_allclose(np.stack(got), np.stack(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_dip_ca_trace_replays_to_the_same_hits(exported):
+    """The offloaded DIP-CA run's masks through the simulator's caches give the run's hits."""
+    from dipstream.simulator.caches import CacheSet
+
+    _, d = exported["llama", "int8"]
+    lm = LeanModel(d, 16)
+    lm.mlp = OffloadMLP(lm, MaskChooser("dip-ca", [30, 30], [40, 40], gamma=0.2), 15_000, direct=False)
+    generate(lm, IDS[0, :5].tolist(), 6, stop_at_eos=False)
+    tr = lm.mlp.rec.trace(lm, 5, {"model": "tiny", "method": "dip-ca", **lm.arch_shape().to_dict()})
+    caps = [lm.mlp.capacity[h.name] for h in tr.hooks]
+    stride = {k: lm.mlp.stride[k] for k in ("in", "out")}
+    # the run's RAM bytes are its hits times the record sizes
+    per_kind = {k: 0 for k in stride}
+    cs = CacheSet(tr.hooks, caps, "lru", grouping="hook")
+    for t in range(tr.n_tokens):
+        for h in tr.hooks:
+            per_kind[h.kind] += int(cs.step(h.name, h.masks[t][None])[1][0])
+    assert sum(per_kind.values()) > 0
+    assert lm.mlp.counters.ram_bytes == sum(per_kind[k] * stride[k] for k in stride)
+
+
+def test_perplexity_matches_the_forward(exported):
+    m, d = exported["llama", "float32"]
+    lm = LeanModel(d, 16)
+    lm.mlp = RamMLP(lm, MaskChooser("dense", [], []))
+    ppl, n = perplexity(lm, IDS[:, :10].numpy())
+    with torch.no_grad():
+        loss = float(m(input_ids=IDS[:, :10], labels=IDS[:, :10]).loss)
+    assert n == 9 and ppl == pytest.approx(np.exp(loss), rel=1e-4)
+
+
+def test_unsupported_family_and_tampered_manifest(tmp_path, exported):
+    import json
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "g")
+    with pytest.raises(DipstreamError, match="the lean engine runs"):
+        write_model_file(tmp_path / "g", tmp_path / "g-out", "g")
+    _, d = exported["llama", "int4"]
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    man = json.loads((bad / "model.json").read_text())
+    man["tensors"]["layers.0.mlp_in"]["stride"] += 4
+    (bad / "model.json").write_text(json.dumps(man))
+    with pytest.raises(DipstreamError, match="inconsistent"):
+        LeanModel(bad, 16)
