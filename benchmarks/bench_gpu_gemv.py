@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         print("bench_gpu_gemv: needs a CUDA GPU (none found); nothing was measured")
         return 1
     from dipstream.budget import dip_split, keep_to_k
-    from dipstream.kernels import SparseMLPWeights, sparse_mlp
+    from dipstream.kernels.sparse_mlp import SparseMLPWeights, sparse_mlp
     from dipstream.kernels.triton_gemv import gather_gemv_triton
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")

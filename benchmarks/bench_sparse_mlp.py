@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dipstream.budget import dip_split, keep_to_k
-from dipstream.kernels import SparseMLPWeights, native_status, sparse_mlp
+from dipstream.kernels.sparse_mlp import SparseMLPWeights, native_status, sparse_mlp
 from dipstream.kernels.quant import QuantizedSparseMLPWeights
 from dipstream.kernels.sparse_mlp import _alloc
 

@@ -11,10 +11,10 @@ PKG = Path(__file__).resolve().parents[1] / "dipstream"
 
 # a package may import only from its own layer or below
 LAYERS = {
-    0: ("dipstream", "errors", "io", "validation", "config", "paths", "budget"),
+    0: ("dipstream", "errors", "io", "validation", "config", "paths", "budget", "options"),
     1: ("selection", "simulator", "kernels", "data"),
     2: ("models",),
-    3: ("sparsity",),
+    3: ("sparsity", "engine"),
     4: ("evaluation", "runtime"),
     5: ("experiments",),
     6: ("training", "reports"),
@@ -136,3 +136,11 @@ def test_one_home_per_concept():
             if isinstance(node, ast.FunctionDef) and node.name in homes:
                 found.setdefault(node.name, []).append(mod)
     assert found == {name: [home] for name, home in homes.items()}
+
+
+def test_decode_methods_are_the_registrys():
+    """`generate`'s light option list names exactly the registry's methods that decode."""
+    from dipstream.runtime.options import DECODE_METHODS
+    from dipstream.sparsity import METHODS
+
+    assert set(DECODE_METHODS) == {n for n, c in METHODS.items() if c.decodes}

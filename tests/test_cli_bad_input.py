@@ -15,8 +15,8 @@ import pytest
 from dipstream.cli.main import build_parser, main
 from tests.conftest import TEXT
 
-COMMANDS = ["eval", "simulate", "finetune", "sweep", "lm-eval", "report", "generate", "probe", "models",
-            "methods"]
+COMMANDS = ["eval", "simulate", "finetune", "sweep", "lm-eval", "report", "generate", "export", "probe",
+            "models", "methods"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -163,6 +163,17 @@ CASES = [
     ("generate", ["--model", "{ckpt}", "--offload", "{dir}/off", "--io-threads", "0"], "--io-threads"),
     ("generate", ["--model", "{ckpt}", "--json", "{ro}"], "--json"),
     ("generate", ["--model", "{ckpt}", "--trace", "{ro}"], "--trace"),
+    ("generate", ["--model", "{ckpt}", "--engine", "lean", "--adapter", "{noweights}"], "lean engine"),
+    ("generate", ["--model", "{ckpt}", "--engine", "hf", "--memory", "100MB"], "--memory"),
+    ("generate", ["--model", "{ckpt}", "--memory", "lots"], "--memory"),
+    ("generate", ["--model", "{ckpt}", "--engine", "hf", "--offload", "{dir}/off", "--weights", "int4"],
+     "--engine lean"),
+    ("generate", ["--model", "{ckpt}", "--offload", "{dir}/lean1", "--memory", "1MB"], "give more than"),
+    ("generate", ["--model", "{ckpt}", "--offload", "{dir}/lean2", "--dram", "1KB"], "give more than"),
+    ("generate", ["--model", "{ckpt}", "--model-dir", "{ro_dir}"], "--model-dir"),
+    # ----------------------------------------------------------------- export
+    ("export", ["--model", "{ckpt}", "--model-dir", "{ro_dir}"], "--model-dir"),
+    ("export", ["--model", "{missing}"], "missing.json"),
     # ----------------------------------------------------------------- probe
     ("probe", ["--size", "0"], "--size"),
     ("probe", ["--chunks", "0"], "--chunks"),

@@ -183,3 +183,85 @@ def test_unsupported_family_and_tampered_manifest(tmp_path, exported):
     (bad / "model.json").write_text(json.dumps(man))
     with pytest.raises(DipstreamError, match="inconsistent"):
         LeanModel(bad, 16)
+
+
+def _gen(args, tmp_path, name="row.json"):
+    import json
+
+    from dipstream.cli.main import main
+
+    out = tmp_path / name
+    assert main(["generate", "--no-stream", "--no-stop-at-eos", "--max-new-tokens", "6", "--prompt",
+                 "the quick brown", "--threads", "1", "--json", str(out), *args]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("method", ["dense", "dip"])
+def test_lean_cli_equals_the_hugging_face_engine(tiny_checkpoint, tmp_path, method):
+    """Float32: `generate` on the lean engine gives the Hugging Face engine's tokens, in RAM and
+    offloaded (density 1.0 / plain DIP reads change nothing)."""
+    base = ["--model", str(tiny_checkpoint), "--method", method, "--model-dir", str(tmp_path / "m")]
+    hf = _gen([*base, "--engine", "hf"], tmp_path)
+    lean = _gen(base, tmp_path)
+    off = _gen([*base, "--offload", str(tmp_path / "m"), "--dram", "300kB", "--policy", "lfu"], tmp_path)
+    assert lean["engine"] == "lean" and hf["engine"] == "hf"
+    assert lean["ids"] == hf["ids"] == off["ids"]
+    assert off["cache_bytes"] > 0 and off["disk_bytes_per_token"] > 0
+
+
+def test_lean_offload_cli_row_trace_and_errors(tiny_checkpoint, tmp_path, capsys):
+    """DIP-CA offloaded on the lean engine: the row reports the budget it kept, the trace replays in
+    the simulator, a --dram below the static weights and KV cache is one line giving the minimum,
+    and an int4 export of a shape int4 cannot pack is refused with the fix."""
+    from transformers import LlamaConfig
+
+    from dipstream.cli.main import main
+    from dipstream.simulator import load_trace
+
+    trace = tmp_path / "t.npz"
+    row = _gen(["--model", str(tiny_checkpoint), "--method", "dip-ca", "--weights", "int4", "--offload",
+                str(tmp_path / "off"), "--dram", "150kB", "--trace", str(trace)], tmp_path)
+    assert row["weights"] == "int4" and 0 < row["hit_rate"] <= 1 and row["new_tokens"] == 6
+    assert 0.3 < row["density_measured"] < 0.6
+    tr = load_trace(trace)
+    assert tr.n_tokens == row["prompt_tokens"] + 5
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tiny_checkpoint), "--weights", "int4", "--offload",
+                 str(tmp_path / "off"), "--dram", "10kB", "--no-stream"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give more than" in err[0]
+    odd = tmp_path / "odd"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, "vocab_size": 95})).save_pretrained(odd)
+    assert main(["export", "--model", str(odd), "--weights", "int4", "--model-dir", str(tmp_path / "o4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "95 outputs" in err[0] and "--head-weights int8" in err[0]
+    assert main(["export", "--model", str(odd), "--weights", "int4", "--head-weights", "int8", "--model-dir",
+                 str(tmp_path / "o4")]) == 0
+
+
+def test_whole_process_budget_holds_without_torch(tiny_checkpoint, tmp_path):
+    """A lean offloaded run in its own process: no torch or transformers imported, and the peak
+    resident memory of the whole process stays within --memory."""
+    import json
+    import subprocess
+    import sys
+
+    from dipstream.cli.main import main
+
+    d = tmp_path / "m"
+    assert main(["export", "--model", str(tiny_checkpoint), "--weights", "int8", "--model-dir", str(d)]) == 0
+    row_file = tmp_path / "row.json"
+    budget = 160 << 20
+    code = ("import sys, json; from dipstream.cli.main import main; rc = main(sys.argv[1:]); "
+            "json.dump(sorted(m for m in ('torch', 'transformers') if m in sys.modules), open(sys.argv[-1] + '.mods', 'w'));"
+            "sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "generate", "--model", str(tiny_checkpoint), "--weights", "int8",
+                        "--offload", str(d), "--memory", str(budget), "--max-new-tokens", "8", "--no-stream",
+                        "--prompt", "the lazy dog", "--json", str(row_file)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(row_file.read_text())
+    assert json.loads((tmp_path / "row.json.mods").read_text()) == []
+    assert row["peak_rss_bytes"] <= budget and row["cache_bytes"] > 0
+    assert row["baseline_rss"] < row["peak_rss_bytes"]

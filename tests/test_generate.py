@@ -85,7 +85,7 @@ def test_generate_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
     JSON row and trace are written."""
     out = tmp_path / "row.json"
     trace = tmp_path / "t.npz"
-    args = ["generate", "--model", str(tiny_checkpoint), "--prompt", "the quick brown",
+    args = ["generate", "--engine", "hf", "--model", str(tiny_checkpoint), "--prompt", "the quick brown",
             "--max-new-tokens", "6", "--no-stop-at-eos", "--threads", "1"]
     assert main(args + ["--method", "dense"]) == 0
     dense_out = capsys.readouterr()
@@ -109,14 +109,14 @@ def test_generate_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
     (["--method", "dip-ca"], "dip-ca picks its masks"),
     (["--offload", "OFF", "--dram", "1kB"], "smaller than the static layers and KV cache"),
     (["--offload", "OFF", "--dram", "115kB"], "less than one token's working set"),
-    (["--offload", "OFF", "--weights", "int8"], "float32 weights on disk"),
+    (["--offload", "OFF", "--weights", "int8"], "--engine lean"),
     (["--density", "1.5"], "outside (0, 1]"),
-    (["--method", "dense", "--weights", "int4"], "applies to the sparse kernel"),
+    (["--method", "dense", "--weights", "int4"], "use it with --method dip"),
     (["--offload", "OFF", "--dram", "lots"], "--dram"),
 ])
 def test_generate_cli_errors(tiny_checkpoint, tmp_path, capsys, extra, message):
     extra = [str(tmp_path / "off") if a == "OFF" else a for a in extra]
-    rc = main(["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "2",
+    rc = main(["generate", "--engine", "hf", "--model", str(tiny_checkpoint), "--max-new-tokens", "2",
                "--no-stream", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("dipstream: error:")
@@ -125,7 +125,7 @@ def test_generate_cli_errors(tiny_checkpoint, tmp_path, capsys, extra, message):
 
 def test_generate_cli_corrupt_offload(tiny_checkpoint, tmp_path, capsys):
     off = tmp_path / "off"
-    base = ["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "2", "--no-stream",
+    base = ["generate", "--engine", "hf", "--model", str(tiny_checkpoint), "--max-new-tokens", "2", "--no-stream",
             "--offload", str(off), "--dram", "150kB"]
     assert main(base) == 0
     data = off / "mlp.bin"
@@ -142,8 +142,8 @@ def test_generate_trace_in_memory_replays(tiny_checkpoint, tmp_path, capsys):
     from dipstream.simulator import load_trace, simulate
 
     trace = tmp_path / "t.npz"
-    assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "the quick brown", "--method", "dip",
-                 "--density", "0.5", "--max-new-tokens", "5", "--no-stop-at-eos", "--no-stream",
+    assert main(["generate", "--engine", "hf", "--model", str(tiny_checkpoint), "--prompt", "the quick brown",
+                 "--method", "dip", "--density", "0.5", "--max-new-tokens", "5", "--no-stop-at-eos", "--no-stream",
                  "--trace", str(trace)]) == 0
     capsys.readouterr()
     tr = load_trace(trace)
@@ -160,7 +160,7 @@ def test_tampered_offload_manifest_is_refused(tiny_checkpoint, tmp_path, capsys,
     import json
 
     off = tmp_path / "off"
-    base = ["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "2", "--no-stream",
+    base = ["generate", "--engine", "hf", "--model", str(tiny_checkpoint), "--max-new-tokens", "2", "--no-stream",
             "--offload", str(off), "--dram", "150kB"]
     assert main(base) == 0
     m = json.loads((off / "mlp.json").read_text())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dipstream.kernels import masked_dense_reference, sparse_mlp
+from dipstream.kernels.sparse_mlp import masked_dense_reference, sparse_mlp
 from dipstream.kernels.quant import QuantizedSparseMLPWeights, quantize_rows
 from tests.test_sparse_mlp import BACKENDS, _kernel_or_skip, assert_close_y, hidden, make_mlp
 

@@ -128,7 +128,8 @@ def cmd_methods(ns) -> int:
 
 _GEN_KEYS = ("prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "mlp_s_per_token",
              "io_s_per_token", "reads_per_token", "disk_bytes_per_token", "ram_bytes_per_token",
-             "hit_rate", "density_measured", "direct_io", "ram_mlp_bytes", "dram_budget_bytes")
+             "hit_rate", "density_measured", "direct_io", "ram_mlp_bytes", "dram_budget_bytes",
+             "baseline_rss", "static_bytes", "kv_bytes", "cache_bytes", "peak_rss_bytes", "process_disk_read_bytes")
 
 
 def cmd_generate(ns) -> int:
@@ -136,7 +137,7 @@ def cmd_generate(ns) -> int:
 
     row = run_generate(from_namespace(GenerateConfig, ns))
     print(f"-- {row['model']} {row['method']} @ {row['density_requested']} "
-          f"({row['weights']}, {row['device']}, {row['threads']} threads"
+          f"({row.get('engine', 'hf')} engine, {row['weights']}, {row.get('device', 'cpu')}, {row['threads']} threads"
           + (f", offload {row['offload_dir']}, policy {row['policy']}" if row.get("offload_dir")
              else "") + ")", file=sys.stderr)
     for k in _GEN_KEYS:
@@ -144,6 +145,15 @@ def cmd_generate(ns) -> int:
             v = row[k]
             print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}",
                   file=sys.stderr)
+    return 0
+
+
+def cmd_export(ns) -> int:
+    from dipstream.engine.run import ExportConfig, run_export
+
+    r = run_export(from_namespace(ExportConfig, ns))
+    print(f"{r['model_dir']}: {r['family']} model, {r['weights']} weights ({r['head_weights']} head), "
+          f"{r['bytes'] / 1e6:.1f} MB")
     return 0
 
 
@@ -162,20 +172,24 @@ def cmd_probe(ns) -> int:
     return 0
 
 
-def _configs():
-    """The typed config class of each configured subcommand (imported lazily)."""
-    from dipstream.experiments import EvalConfig
-    from dipstream.experiments.lm_eval import LmEvalConfig
-    from dipstream.experiments.simulate import SimulateConfig
-    from dipstream.experiments.sweep import SweepOptions
-    from dipstream.reports import ReportConfig
-    from dipstream.runtime.generate import GenerateConfig
-    from dipstream.runtime.probe import ProbeConfig
-    from dipstream.training import FinetuneConfig
+# the typed config class of each configured subcommand, imported only for the command that runs
+# (a lean `generate` then loads no torch)
+_CONFIGS = {"eval": "dipstream.experiments.evaluate:EvalConfig",
+            "simulate": "dipstream.experiments.simulate:SimulateConfig",
+            "finetune": "dipstream.training.config:FinetuneConfig",
+            "sweep": "dipstream.experiments.sweep:SweepOptions",
+            "lm-eval": "dipstream.experiments.lm_eval:LmEvalConfig",
+            "report": "dipstream.reports.report:ReportConfig",
+            "generate": "dipstream.runtime.options:GenerateConfig",
+            "probe": "dipstream.runtime.probe:ProbeConfig",
+            "export": "dipstream.engine.run:ExportConfig"}
 
-    return {"eval": EvalConfig, "simulate": SimulateConfig, "finetune": FinetuneConfig,
-            "sweep": SweepOptions, "lm-eval": LmEvalConfig, "report": ReportConfig,
-            "generate": GenerateConfig, "probe": ProbeConfig}
+
+def config_class(command: str):
+    import importlib
+
+    module, name = _CONFIGS[command].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # name: (function, help, description or None, positional argument (name, help) or None)
@@ -195,21 +209,25 @@ _COMMANDS = {
                ("results", "results folder written by `dipstream sweep` (or its results.jsonl)")),
     "generate": (cmd_generate, "stream generated text with the real (sparse, optionally offloaded) "
                  "MLP and report tokens/s", None, None),
+    "export": (cmd_export, "write a model's quantized file for the lean engine (done on first use by "
+               "`generate`; do it beforehand for memory-capped runs)", None, None),
     "probe": (cmd_probe, "measure RAM, disk and CPU GEMV speed; write a hardware file for "
               "`dipstream simulate`", None, None),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `dipstream` parser; with `only`, the options of that subcommand alone are added (the
+    others are listed without importing their configs)."""
     parser = argparse.ArgumentParser(prog="dipstream", description=__doc__)
     parser.add_argument("--version", action="version", version=f"dipstream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    configs = _configs()
     for name, (func, help_text, description, positional) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=description)
         if positional:
             p.add_argument(positional[0], help=positional[1])
-        add_dataclass_args(p, configs[name])
+        if only is None or only == name:
+            add_dataclass_args(p, config_class(name))
         p.set_defaults(func=func)
     sub.add_parser("models", help="list built-in models").set_defaults(func=cmd_models)
     sub.add_parser("methods", help="list sparsity methods and what they read").set_defaults(func=cmd_methods)
@@ -217,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command if command in _COMMANDS or command in ("models", "methods") else "")
     ns = parser.parse_args(argv)
     ns.argv = argv
     try:

@@ -135,6 +135,9 @@ class RamMLP:
     def new_sequence(self) -> None:
         self.pos = 0
 
+    def close(self) -> None:
+        pass
+
     def __call__(self, i: int, x: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         m, D = self.model, self.model.D
@@ -162,8 +165,13 @@ class RamMLP:
 
 class OffloadMLP:
     """The MLP records stay in the model file; `cache_bytes` of RAM hold cached units (the
-    simulator's caches, split per masked linear), plus scratch slots and one read buffer. Reads
+    simulator's caches, split per masked linear), plus a scratch area and one read buffer. Reads
     use direct I/O unless `direct` is False."""
+
+    @staticmethod
+    def fixed_bytes(n: dict, stride: dict) -> int:
+        """RAM besides the caches: the scratch area and the read buffer (each the largest hook)."""
+        return 2 * max(n[k] * stride[k] for k in KINDS)
 
     def __init__(self, model: LeanModel, chooser: MaskChooser, cache_bytes: int, policy: str = "lru",
                  io_threads: int = 4, direct: bool = True, record_masks: bool = True, **policy_kwargs):
@@ -186,18 +194,20 @@ class OffloadMLP:
                          [h.n_units for h in hooks])
         self.capacity = {h.name: int(c) for h, c in zip(hooks, cap)}
         self.caches = CacheSet(hooks, cap, policy, grouping="hook", **policy_kwargs)
-        # RAM: per hook its cache slots, then scratch slots for units read but not kept
+        # RAM: per hook its cache slots; one scratch area (units read but not kept) and one read
+        # buffer, each the size of the largest hook
         self.slab, self.slot, self.free = {}, {}, {}
         for h in hooks:
             c = self.capacity[h.name]
-            self.slab[h.name] = np.zeros((c + h.n_units, self.stride[h.kind]), np.uint8)
+            self.slab[h.name] = np.zeros((c, self.stride[h.kind]), np.uint8)
             self.slot[h.name] = np.full(h.n_units, -1, np.int64)
-            self.free[h.name] = list(range(c - 1, -1, -1))
-        biggest = max(self.n[k] * self.stride[k] for k in KINDS)
+            self.free[h.name] = list(range(c))
+        biggest = self.fixed_bytes(self.n, self.stride) // 2
+        self.scratch = np.empty(biggest, np.uint8)
         self.buf = np.empty(biggest + 4 * BLOCK, np.uint8)
         off = (-self.buf.ctypes.data) % BLOCK
         self.buf = self.buf[off:off + biggest + 2 * BLOCK]
-        self.ram_bytes = sum(s.nbytes for s in self.slab.values()) + self.buf.nbytes
+        self.ram_bytes = sum(s.nbytes for s in self.slab.values()) + self.buf.nbytes + self.scratch.nbytes
         self.cache_ram = sum(self.capacity[n] * self.stride[n.split(".")[-1]] for n in self.capacity)
         flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
         path = model.directory / "model.bin"
@@ -209,6 +219,7 @@ class OffloadMLP:
         self.direct = direct
         self._gu = np.empty(2 * model.D, np.float32)
         self._y = np.empty(model.d, np.float32)
+        self._part = {"in": np.empty(2 * model.D, np.float32), "out": np.empty(model.d, np.float32)}
         self.rec = _Recorder(model.L, record_masks)
         self.counters = MlpCounters()
         self.pos = 0
@@ -277,7 +288,7 @@ class OffloadMLP:
         firsts = self._read(kind, layer, runs)
         self.caches.step(name, mask[None])
         now = self.caches.cached(name)[0]
-        slots, slab, stride, cap = self.slot[name], self.slab[name], self.stride[kind], self.capacity[name]
+        slots, slab, stride = self.slot[name], self.slab[name], self.stride[kind]
         free = self.free[name]
         gone = np.flatnonzero(cached & ~now)
         if gone.size:  # evicted units free their slots
@@ -290,17 +301,26 @@ class OffloadMLP:
             dest[keep] = free[-n_new:]
             del free[-n_new:]
             slots[miss[keep]] = dest[keep]
-        dest[~keep] = cap + np.arange(miss.size - n_new)  # scratch slots
+        dest[~keep] = np.arange(miss.size - n_new)  # scratch rows
+        scratch = self.scratch[:self.n[kind] * stride].reshape(self.n[kind], stride)
         j = 0
         for (a, b), p in zip(runs, firsts):  # one copy per run of consecutive records
             n = b - a
-            slab[dest[j:j + n]] = self.buf[p:p + n * stride].reshape(n, stride)
+            rows = self.buf[p:p + n * stride].reshape(n, stride)
+            k = keep[j:j + n]
+            slab[dest[j:j + n][k]] = rows[k]
+            scratch[dest[j:j + n][~k]] = rows[~k]
             j += n
-        idx = np.concatenate([slots[hit], dest])
-        coef = np.ascontiguousarray(v[np.concatenate([hit, miss])], np.float32)
+        in_slab = np.concatenate([hit, miss[keep]])
         out[:] = 0
-        if sel.size:
-            self.q[kind].gather(idx, coef, out, self.model.nthreads, rec=slab)
+        if in_slab.size:
+            self.q[kind].gather(np.concatenate([slots[hit], dest[keep]]),
+                                np.ascontiguousarray(v[in_slab], np.float32), out, self.model.nthreads, rec=slab)
+        if n_new < miss.size:
+            part = self._part[kind]
+            self.q[kind].gather(dest[~keep], np.ascontiguousarray(v[miss[~keep]], np.float32), part,
+                                self.model.nthreads, rec=scratch)
+            out += part
         c = self.counters
         c.ram_bytes += hit.size * stride
         c.selected_bytes += sel.size * stride

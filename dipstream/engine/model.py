@@ -80,8 +80,10 @@ class LeanModel:
                 self.w[name] = QMatrix(rec, info.fmt, info.m, info.group)
         self.static_bytes = sum(q.nbytes for q in self.w.values()) + sum(v.nbytes for v in self.vec.values())
         # KV cache and RoPE tables, allocated once
-        self.K = np.zeros((self.L, self.Hkv, self.max_seq, self.hd), np.float32)
-        self.Vc = np.zeros_like(self.K)
+        self.K = np.empty((self.L, self.Hkv, self.max_seq, self.hd), np.float32)
+        self.Vc = np.empty_like(self.K)
+        self.K.fill(0)  # touched: resident now, so RSS accounts for it
+        self.Vc.fill(0)
         self.kv_bytes = 2 * self.K.nbytes
         self.rope = {t: self._rope(t) for t in {a["rope_theta"], a["rope_local_theta"]} if t}
         self.local = [lt == "sliding_attention" for lt in a["layer_types"]]
@@ -101,6 +103,10 @@ class LeanModel:
 
     def close(self) -> None:
         os.close(self.fd)
+
+    def mlp_stride(self, kind: str) -> int:
+        """Bytes of one MLP record of hook kind "in" or "out"."""
+        return self.manifest["tensor_info"][f"layers.0.mlp_{kind}"].stride
 
     def arch_shape(self) -> ModelShape:
         """The simulator's shape of this model."""

@@ -7,7 +7,8 @@ a sparse method read only the records of the inputs it keeps. A record is float3
 in groups of G consecutive outputs with one float32 scale per group (the kernels' formats):
 
 * int8: q = round(w / s) in [-127, 127], s = max|w| / 127 (G = m unless given);
-* int4: q = round(w / s) + 8 in [1, 15], s = max|w| / 7, G = 32; byte j of a group holds
+* int4: q = round(w / s) + 8 in [1, 15], s = max|w| / 7, G = 32 (or the largest even divisor
+  of m below it); byte j of a group holds
   output j (low nibble) and output j + G/2 (high nibble).
 
 Record layout: [integers | scales] padded to ``stride`` bytes (a multiple of 4), so a record is
@@ -42,9 +43,10 @@ def record_layout(fmt: str, m: int, group: int | None = None) -> tuple[int, int,
         g = group or m
         qb = m
     elif fmt == "int4":
-        g = group or 32
-        if g % 2 or m % g:
-            raise DipstreamError(f"int4 needs records of a multiple of {g} outputs, got {m}")
+        g = group or next((g for g in range(32, 1, -2) if m % g == 0), 0)
+        if not g or g % 2 or m % g:
+            raise DipstreamError(f"int4 packs outputs in pairs within groups: records of {m} outputs cannot be "
+                                 "stored so; use int8 for this matrix (e.g. --head-weights int8)")
         qb = m // 2
     else:
         raise DipstreamError(f"unknown weight format '{fmt}'; use one of {', '.join(FORMATS)}")

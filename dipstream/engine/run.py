@@ -22,6 +22,7 @@ from dipstream.engine.qmatrix import FORMATS
 from dipstream.errors import DipstreamError
 from dipstream.io import folder_lock
 from dipstream.paths import cache_root
+from dipstream.simulator.hardware import fmt_bytes
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MARGIN = 24 << 20  # RAM left for Python's own growth, numpy temporaries and the tokenizer
@@ -34,6 +35,15 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent
+    that started it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -56,11 +66,8 @@ class EngineOptions:
     engine: str = field(default="auto", metadata={
         "help": "auto (the lean engine for the families it runs: Llama-style and Gemma 3, without adapters "
                 "or CUDA; else the Hugging Face model), lean or hf", "choices": ("auto", "lean", "hf")})
-    lean_weights: str = field(default="int4", metadata={
-        "help": "lean engine: format of every weight matrix (float32, int8, int4: 4-bit in groups of 32)",
-        "choices": FORMATS})
     head_weights: str | None = field(default=None, metadata={
-        "help": "lean engine: format of the embedding / output head (default: --lean-weights)",
+        "help": "lean engine: format of the embedding / output head (default: --weights)",
         "choices": FORMATS})
     model_dir: str | None = field(default=None, metadata={
         "help": "lean engine: folder of the exported model file (default: in dipstream's cache; written "
@@ -69,6 +76,31 @@ class EngineOptions:
         "help": "lean engine with --offload: RAM budget for the whole process (bytes, e.g. '200MB'): what "
                 "Python, the libraries, the static weights, the KV cache and the buffers leave goes to the "
                 "MLP caches (default: size the caches by --dram as `simulate` does)", "metavar": "BYTES"})
+
+
+@dataclass
+class ExportConfig:
+    """Export a model into the lean engine's quantized model file."""
+
+    model: str = field(default="smollm2-135m", metadata={
+        "help": "built-in model name (see `dipstream models`) or a local HF checkpoint folder"})
+    weights: str = field(default="float32", metadata={
+        "help": "format of every weight matrix: float32, int8, int4 (4-bit in groups of 32)", "choices": FORMATS})
+    head_weights: str | None = field(default=None, metadata={
+        "help": "format of the embedding / output head (default: --weights)", "choices": FORMATS})
+    model_dir: str | None = field(default=None, metadata={
+        "help": "folder to write (default: in dipstream's cache, where `generate` looks)", "metavar": "DIR"})
+
+
+def run_export(cfg: ExportConfig) -> dict:
+    """Write (or find) the model file; returns {model_dir, bytes, formats}."""
+    from dipstream.validation import output_dir
+
+    output_dir("model_dir", cfg.model_dir)
+    d = ensure_model_file(cfg.model, cfg.weights, cfg.head_weights, cfg.model_dir)
+    m = read_manifest(d)
+    return {"model_dir": str(d), "bytes": int(m["size"]), "weights": m["mlp_fmt"], "head_weights": m["head_fmt"],
+            "family": m["arch"]["family"]}
 
 
 def runs_lean(model_type: str) -> bool:
@@ -102,7 +134,7 @@ def ensure_model_file(model: str, weights: str, head: str | None = None, directo
 def build(directory: Path, method: str, density: float, max_seq: int, *, offload: bool = False,
           cache_bytes: int | None = None, memory: int | None = None, policy: str = "lru",
           policy_kwargs: dict | None = None, up_keep=None, down_keep=None, gamma: float = 0.1,
-          n0_frac: float = 0.5, warmup: bool = True, threads: int = 1, io_threads: int = 4,
+          n0_frac: float = 0.5, warmup: bool = True, keep_file: str | None = None, threads: int = 1, io_threads: int = 4,
           direct: bool = True, record_masks: bool = False) -> tuple[LeanModel, dict]:
     """The lean model with its MLP backend and a description of its RAM. With `offload`, the
     MLP caches get `cache_bytes`, or what `memory` (the whole process) leaves after the RSS now,
@@ -110,7 +142,7 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
     baseline = rss_bytes()
     lm = LeanModel(directory, max_seq, threads)
     a = lm.arch
-    keeps = layer_keeps(density, lm.L, up_keep, down_keep)
+    keeps = layer_keeps(density, lm.L, up_keep, down_keep, keep_file)
     chooser = MaskChooser(method, [keeps.k_in(i, lm.d) for i in range(lm.L)],
                           [keeps.k_out(i, lm.D) for i in range(lm.L)], gamma, n0_frac, warmup)
     info = {"baseline_rss": baseline, "static_bytes": lm.static_bytes, "kv_bytes": lm.kv_bytes,
@@ -122,22 +154,36 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
     if cache_bytes is None:
         if memory is None:
             raise DipstreamError("give --memory (or --dram) to size the offloaded MLP's caches")
-        probe = OffloadMLP(lm, chooser, 0, policy, io_threads, direct, False, **(policy_kwargs or {}))
-        fixed = probe.ram_bytes
-        probe.close()
-        cache_bytes = int(memory - rss_bytes() - fixed - MARGIN)
+        man = lm.manifest
+        n = {"in": lm.d, "out": lm.D}
+        fixed = OffloadMLP.fixed_bytes(n, {k: lm.mlp_stride(k) for k in n})
+        now = rss_bytes()  # Python, libraries, static weights and the (touched) KV cache
+        cache_bytes = int(memory - now - fixed - MARGIN)
         if cache_bytes < 0:
-            need = memory - cache_bytes
-            raise DipstreamError(f"--memory {memory / 1e6:.0f} MB is below what the process needs before any MLP "
-                                 f"cache (Python and libraries {baseline / 1e6:.0f} MB, static weights "
-                                 f"{lm.static_bytes / 1e6:.0f} MB, KV cache {lm.kv_bytes / 1e6:.0f} MB, buffers "
-                                 f"{fixed / 1e6:.0f} MB, margin {MARGIN / 1e6:.0f} MB); give at least "
-                                 f"{math.ceil(need / 1e6)}MB")
+            need = now + fixed + MARGIN
+            raise DipstreamError(f"--memory {fmt_bytes(memory)} is below what the process needs before any MLP "
+                                 f"cache (Python and libraries {fmt_bytes(baseline)}, static weights "
+                                 f"{fmt_bytes(lm.static_bytes)}, KV cache {fmt_bytes(lm.kv_bytes)}, buffers "
+                                 f"{fmt_bytes(fixed)}, margin {fmt_bytes(MARGIN)}); give more than "
+                                 f"{fmt_bytes(need, round_up=True).replace(' ', '')}")
+        info["model_file_bytes"] = int(man["size"])
     lm.mlp = OffloadMLP(lm, chooser, cache_bytes, policy, io_threads, direct, record_masks, **(policy_kwargs or {}))
     info.update(cache_bytes=int(cache_bytes), mlp_ram_bytes=lm.mlp.ram_bytes, cache_ram_bytes=lm.mlp.cache_ram,
                 direct_io=lm.mlp.direct, capacity_in=lm.mlp.capacity["layers.0.in"],
                 capacity_out=lm.mlp.capacity["layers.0.out"], memory_budget=memory)
     return lm, info
+
+
+def ram_before_caches(manifest: dict, max_seq: int) -> int:
+    """Weight and KV bytes an offloaded run holds before any MLP cache: the static weights, the KV
+    cache at `max_seq`, the MLP's scratch area and read buffer."""
+    infos = manifest["tensor_info"]
+    a = manifest["arch"]
+    static = sum(t.nbytes for n, t in infos.items() if not n.endswith(("mlp_in", "mlp_out")))
+    kv = 2 * 4 * a["n_layers"] * a["n_kv"] * max_seq * a["head_dim"]
+    n = {"in": a["d"], "out": a["D"]}
+    stride = {k: infos[f"layers.0.mlp_{k}"].stride for k in n}
+    return int(static + kv + OffloadMLP.fixed_bytes(n, stride))
 
 
 def pick(logits: np.ndarray, sample: bool, temperature: float, top_k: int, rng) -> int:

@@ -16,26 +16,11 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from dipstream.models.arch import replace_mlps, restore_mlps
-
-
-@dataclass
-class DecodeOptions:
-    """How tokens are generated."""
-
-    max_new_tokens: int = field(default=32, metadata={"help": "tokens to generate"})
-    stop_at_eos: bool = field(default=True, metadata={
-        "help": "stop at the end-of-sequence token (--no-stop-at-eos: always max_new_tokens)"})
-    sample: bool = field(default=False, metadata={
-        "help": "sample instead of greedy decoding (with --temperature, --top-k, --sample-seed)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_k: int = field(default=0, metadata={"help": "sample among the top-k tokens (0: all)"})
-    sample_seed: int = field(default=0, metadata={"help": "seed of the sampler"})
+from dipstream.runtime.options import DecodeOptions
 
 
 class RuntimeMLP(nn.Module):

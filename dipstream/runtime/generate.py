@@ -1,286 +1,61 @@
-"""`dipstream generate`: stream text token by token with a KV cache, the MLPs run for real.
-
-Dense runs the model unchanged. ``dip`` runs every block's MLP through the in-RAM runtime (the
-fused sparse kernel reads only the selected weight rows; float32, int8 or 4-bit weights; Triton on
-CUDA). With ``--offload DIR`` the MLP weights live in a file on disk and the MLP caches and one
-read buffer share what ``--dram`` leaves after the static layers, as the simulator places them
-(:mod:`dipstream.runtime.offload`); ``dense``, ``dip`` and ``dip-ca`` all run from that file.
-"""
+"""`dipstream generate`: the run, on the lean engine (:mod:`dipstream.runtime.lean_generate`) for
+the families it runs, else on the Hugging Face model (:mod:`dipstream.runtime.hf_generate`). This
+module and the options stay light (no torch) so a lean run's process holds only what it needs."""
 
 from __future__ import annotations
 
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+import json
+import warnings
+from pathlib import Path
 
-import torch
-from torch import nn
+from dipstream.engine.modelfile import MANIFEST, arch_of
+from dipstream.engine.run import default_model_dir
+from dipstream.errors import DipstreamError
+from dipstream.runtime.options import DECODE_METHODS, DecodeOptions, GenerateConfig
 
-from dipstream import __version__
-from dipstream.budget import check_density, layer_keeps
-from dipstream.errors import DipstreamError, user_errors
-from dipstream.io import write_json_atomic
-from dipstream.models import load_model
-from dipstream.models.adapter_folder import apply_adapter
-from dipstream.models.arch import mlp_parts
-from dipstream.paths import machine
-from dipstream.runtime.decode import (
-    DecodeOptions,
-    attach_runtime,
-    decode_tokens,
-    detach_runtime,
-)
-from dipstream.runtime.in_memory import InMemoryRuntime, runtime_activation
-from dipstream.runtime.offload import OffloadRuntime, fmt_bytes, static_ram_bytes
-from dipstream.runtime.offload_file import Layout, ensure_offload
-from dipstream.simulator import save_trace
-from dipstream.simulator.hardware import parse_dram
-from dipstream.simulator.policies import CacheOptions
-from dipstream.sparsity import METHODS, build_method
-from dipstream.sparsity.methods import CacheAwareOptions, DipOptions, MethodOptions
-from dipstream.validation import at_least, finite, input_dir, output_file
-
-DECODE_METHODS = tuple(name for name, cls in METHODS.items() if cls.decodes)
+__all__ = ["GenerateConfig", "DecodeOptions", "DECODE_METHODS", "run_generate"]
 
 
-@dataclass
-class GenerateConfig:
-    """One generation run: model, method, decoding, and (with --offload) the RAM and its caches."""
+def _model_type(cfg: GenerateConfig) -> tuple[str | None, bool]:
+    """(model_type, runs on the lean engine): from an exported model file when there is one (no
+    heavy imports), else from the checkpoint's config."""
+    o = cfg.lean
+    for d in (cfg.offload, o.model_dir, default_model_dir(cfg.model, cfg.weights, o.head_weights or cfg.weights)):
+        if d and (Path(d) / MANIFEST).exists():
+            return json.loads((Path(d) / MANIFEST).read_text())["arch"]["model_type"], True
+    from dipstream.models.loading import resolve_checkpoint
 
-    model: str = field(default="smollm2-135m", metadata={
-        "help": "built-in model name (see `dipstream models`) or a local HF checkpoint folder"})
-    method: str = field(default="dip", metadata={
-        "help": "a method the runtimes run: " + ", ".join(DECODE_METHODS)
-                + " (dip-ca needs --offload: it follows the runtime's cache)", "choices": DECODE_METHODS})
-    density: float = field(default=0.5, metadata={
-        "help": "fraction of MLP weight bytes a decoded token reads, in (0, 1]"})
-    prompt: str = field(default="The three primary colours are", metadata={
-        "help": "the text to continue"})
-    chat: bool = field(default=False, metadata={
-        "help": "wrap the prompt in the tokenizer's chat template (instruct models)"})
-    decoding: DecodeOptions = field(default_factory=DecodeOptions)
-    weights: str = field(default="float32", metadata={
-        "help": "sparse MLP weight format in RAM: float32, int8 or int4 (not with --offload)",
-        "choices": ("float32", "int8", "int4")})
-    dip: DipOptions = field(default_factory=DipOptions)
-    ca: CacheAwareOptions = field(default_factory=CacheAwareOptions)
-    adapter: str | None = field(default=None, metadata={
-        "help": "apply the LoRA adapters of this `dipstream finetune` folder (dense and dip, in RAM)",
-        "metavar": "DIR"})
-    offload: str | None = field(default=None, metadata={
-        "help": "keep the MLP weights in a file in this directory (written on first use) and "
-                "only what --dram leaves for them in RAM", "metavar": "DIR"})
-    dram: str = field(default="0.7x", metadata={
-        "help": "with --offload: RAM for the model's weights and KV cache, as `simulate` places DRAM: "
-                "bytes ('400MB') or a fraction of the model's weight bytes as stored (float32: '0.7x'); "
-                "attention, embeddings and the KV cache take it first, the rest holds the MLP caches and "
-                "one read buffer"})
-    cache: CacheOptions = field(default_factory=CacheOptions)
-    direct_io: bool = field(default=True, metadata={
-        "help": "with --offload: read with O_DIRECT (bypass the page cache); --no-direct-io reads "
-                "through it"})
-    io_threads: int = field(default=8, metadata={"help": "with --offload: reads in flight"})
-    verify: bool = field(default=True, metadata={
-        "help": "with --offload: check the file's sha256 when opening it"})
-    threads: int | None = field(default=None, metadata={
-        "help": "CPU threads for torch and the sparse kernel (default: torch's)"})
-    device: str = field(default="auto", metadata={
-        "help": "auto (CUDA when present), cpu or cuda", "choices": ("auto", "cpu", "cuda")})
-    stream: bool = field(default=True, metadata={"help": "print the text as it is generated"})
-    trace: str | None = field(default=None, metadata={
-        "help": "write this run's MLP masks (prompt included) as a simulator trace (.npz)",
-        "metavar": "PATH"})
-    json: str | None = field(default=None, metadata={
-        "help": "write the result as one JSON object to this file", "metavar": "PATH"})
-
-    def validate(self) -> None:
-        """Every option, file and output path, before the model is loaded."""
-        check_density(self.density)
-        if self.method not in DECODE_METHODS:
-            raise DipstreamError(f"--method {self.method}: the runtimes run {', '.join(DECODE_METHODS)}")
-        d = self.decoding
-        at_least("max_new_tokens", d.max_new_tokens, 1)
-        at_least("top_k", d.top_k, 0)
-        finite("temperature", d.temperature, lo=0, lo_open=True)
-        at_least("threads", self.threads, 1, optional=True)
-        at_least("io_threads", self.io_threads, 1)
-        self.dip.validate()
-        self.ca.validate()
-        with user_errors():
-            self.cache.validate()
-        if self.cache.policy in ("belady", "hot"):
-            raise DipstreamError(f"policy '{self.cache.policy}' needs the future or calibration counts; the "
-                                 "runtime supports lru, lfu, window and none")
-        if self.offload:
-            try:
-                parse_dram(self.dram, 1.0)
-            except ValueError as exc:
-                raise DipstreamError(f"--dram: {exc}") from None
-        if self.trace and self.method == "dense" and not self.offload:
-            raise DipstreamError("--trace records the sparse MLP's masks: a dense run in RAM has none; use "
-                                 "--method dip, or --offload DIR for dense streaming's trace")
-        if self.method == "dip-ca" and not self.offload:
-            raise DipstreamError("dip-ca picks its masks from the runtime's RAM cache: run it with "
-                                 "--offload DIR --dram BUDGET")
-        if self.offload and self.weights != "float32":
-            raise DipstreamError("--offload keeps float32 weights on disk; drop --weights "
-                                 f"{self.weights} (quantized weights run in RAM only)")
-        if self.weights != "float32" and self.method != "dip":
-            raise DipstreamError(f"--weights {self.weights} applies to the sparse kernel: use it with "
-                                 "--method dip")
-        if self.adapter and self.offload:
-            raise DipstreamError("--adapter runs with the MLP in RAM; drop --offload (the offloading "
-                                 "runtime does not apply adapters)")
-        input_dir("adapter", self.adapter, "finetune --out folder")
-        output_file("json", self.json)
-        output_file("trace", self.trace)
-
-
-def _device(cfg: GenerateConfig) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise DipstreamError("--device cuda: no CUDA device is available")
-        if cfg.offload:
-            if cfg.device == "cuda":
-                raise DipstreamError("the offloading runtime runs on the CPU only (no GPU "
-                                     "variant is implemented); use --device cpu")
-            return torch.device("cpu")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def _prompt_ids(tok, cfg: GenerateConfig) -> torch.Tensor:
-    if cfg.chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": cfg.prompt}],
-                                      add_generation_prompt=True, return_tensors="pt")
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    else:
-        ids = tok(cfg.prompt, return_tensors="pt")["input_ids"]
-    if ids.shape[1] == 0:
-        raise DipstreamError("the prompt is empty after tokenization; give some text")
-    return ids
-
-
-def _eos_ids(tok, model) -> set:
-    eos = set()
-    for e in (getattr(tok, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
-        eos.update(e if isinstance(e, (list, tuple)) else ([] if e is None else [e]))
-    return eos
-
-
-def _offload_runtime(cfg: GenerateConfig, lm, parts, method, k_in, k_out, seq_len: int, row: dict):
-    """The offloading runtime: the MLP file (written on first use) and the RAM --dram leaves for
-    MLP caches after the static layers."""
-    shape = lm.info.shape
-    lay = Layout(len(parts), parts[0].d_model, parts[0].d_ff)
-    dram = parse_dram(cfg.dram, shape.weight_bytes({k: 32 for k in ("attention", "mlp", "lm_head",
-                                                                    "embedding")}))
-    static = static_ram_bytes(shape, seq_len)
-    if dram < static:
-        raise DipstreamError(f"--dram {fmt_bytes(dram)} is smaller than the static layers and KV cache "
-                             f"({fmt_bytes(static)}); give at least {fmt_bytes(static)} plus the MLP's read "
-                             "buffer")
-    t0 = time.perf_counter()
-    bf, written = ensure_offload(cfg.offload, parts, lm.name, direct=cfg.direct_io,
-                                 io_threads=cfg.io_threads, verify=cfg.verify)
+    config = json.loads((resolve_checkpoint(cfg.model)[1] / "config.json").read_text())
     try:
-        runtime = OffloadRuntime(bf, runtime_activation(parts[0].act_name), method, k_in, k_out,
-                                 int(dram - static), shape, seq_len, cfg.cache.policy, record_masks=True,
-                                 min_dram=static, **cfg.cache.policy_kwargs())
-    except BaseException:
-        bf.close()
-        raise
-    row.update(offload_dir=str(cfg.offload), offload_written=written, offload_open_s=time.perf_counter() - t0,
-               direct_io=bf.direct, dram_budget_bytes=dram, static_bytes=static, mlp_bytes=lay.mlp_bytes,
-               policy=cfg.cache.policy, io_threads=cfg.io_threads, ram_mlp_bytes=runtime.ram_bytes(),
-               cache_bytes=runtime.cache_bytes, read_buffer_bytes=runtime.read_bytes,
-               sim_dram_bytes=runtime.sim_dram_bytes, sim_seq_len=runtime.seq_len,
-               capacity_in=runtime.capacity["layers.0.in"], capacity_out=runtime.capacity["layers.0.out"])
-    return runtime, bf
+        return config.get("model_type"), bool(arch_of(config))
+    except DipstreamError:
+        return config.get("model_type"), False
+
+
+def use_lean(cfg: GenerateConfig) -> bool:
+    """The lean engine when asked, or (auto) when the run needs nothing it lacks (LoRA adapters,
+    CUDA) and it runs the model's family; an unsupported family falls back with one warning."""
+    if cfg.lean.engine == "hf" or (cfg.lean.engine == "auto" and (cfg.adapter or cfg.device == "cuda")):
+        return False
+    model_type, ok = _model_type(cfg)
+    if ok:
+        return True
+    if cfg.lean.engine == "lean":
+        raise DipstreamError(f"the lean engine does not run '{model_type}' models; use --engine hf")
+    warnings.warn(f"the lean engine does not run '{model_type}' models: using the Hugging Face model",
+                  RuntimeWarning, stacklevel=2)
+    return False
 
 
 def run_generate(cfg: GenerateConfig, out=None) -> dict:
-    """Generate (streaming to ``out``, default stdout, when cfg.stream) and return a results row."""
+    """Generate (streaming to ``out``, default stdout, when cfg.stream); returns a results row."""
     cfg.validate()
-    out = out or sys.stdout
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dev = _device(cfg)
-    if dev.type == "cuda" and cfg.weights != "float32":
-        raise DipstreamError(f"--weights {cfg.weights} runs on the CPU kernel; add --device cpu")
-    if dev.type == "cuda" and cfg.adapter and cfg.method == "dip":
-        raise DipstreamError("--adapter with --method dip runs on the CPU (the LoRA terms stay "
-                             "there); add --device cpu")
-    method = build_method(cfg.method, cfg.density, MethodOptions(**asdict(cfg.dip), **asdict(cfg.ca)))
-    lm = load_model(cfg.model)
-    row_adapter = apply_adapter(lm, cfg.adapter, method) if cfg.adapter else {}
-    model, tok = lm.model, lm.tokenizer
-    parts = mlp_parts(model)
-    L, d, D = len(parts), parts[0].d_model, parts[0].d_ff
-    keeps = layer_keeps(cfg.density, L, cfg.dip.up_keep, cfg.dip.down_keep, cfg.dip.keep_file)
-    k_in = [keeps.k_in(i, d) for i in range(L)]
-    k_out = [keeps.k_out(i, D) for i in range(L)]
-    ids = _prompt_ids(tok, cfg)
-    P = int(ids.shape[1])
-    row = {"model": lm.name, "method": cfg.method, "density_requested": cfg.density,
-           "weights": cfg.weights, "prompt_tokens": P, "device": str(dev),
-           "threads": torch.get_num_threads(), **row_adapter}
-    runtime, originals, bf = None, None, None
-    try:
-        if cfg.offload:
-            runtime, bf = _offload_runtime(cfg, lm, parts, method, k_in, k_out,
-                                           P + cfg.decoding.max_new_tokens, row)
-            originals = attach_runtime(model, runtime)
-            _release_mlp_weights(parts)
-        elif cfg.method == "dip":
-            runtime = InMemoryRuntime(parts, k_in, k_out, cfg.weights, dev if dev.type == "cuda" else None,
-                                      record_masks=bool(cfg.trace))
-            originals = attach_runtime(model, runtime)
-        if dev.type == "cuda":
-            model.to(dev, torch.bfloat16)
-            ids = ids.to(dev)
-        printed = [""]
+    if use_lean(cfg):
+        cfg.validate_lean()
+        from dipstream.runtime.lean_generate import run_lean
 
-        def on_token(gen_ids):
-            if not cfg.stream:
-                return
-            text = tok.decode(gen_ids, skip_special_tokens=True)
-            out.write(text[len(printed[0]):] if text.startswith(printed[0]) else text)
-            out.flush()
-            printed[0] = text
+        return run_lean(cfg, out)
+    cfg.validate_hf()
+    from dipstream.runtime.hf_generate import run_hf
 
-        if cfg.stream:
-            out.write(cfg.prompt)
-            out.flush()
-        res = decode_tokens(model, ids, cfg.decoding, _eos_ids(tok, model), on_token)
-        if cfg.stream:
-            out.write("\n")
-        steps = res["step_s"]
-        row.update(new_tokens=len(res["ids"]), ttft_s=res["ttft_s"], decode_steps=len(steps),
-                   decode_s=sum(steps), decode_tokens_per_s=(len(steps) / sum(steps)) if steps else None,
-                   ids=res["ids"], text=tok.decode(res["ids"], skip_special_tokens=True))
-        if runtime is not None:
-            row.update(runtime.stats(len(steps)))
-        if cfg.trace and runtime is not None:
-            meta = {"model": lm.name, "method": cfg.method, "density": cfg.density, **lm.info.shape.to_dict()}
-            save_trace(runtime.trace(P, meta), cfg.trace)
-            row["trace"] = cfg.trace
-    finally:
-        if bf is not None:
-            bf.close()
-        if originals is not None and not cfg.offload:
-            detach_runtime(model, originals)
-    row["machine"] = machine()
-    row["dipstream"] = __version__
-    if cfg.json:
-        write_json_atomic(cfg.json, row)
-    return row
-
-
-def _release_mlp_weights(parts) -> None:
-    """Offloading: the MLP weights now live in the file; drop the in-RAM copies."""
-    for p in parts:
-        for lin in p.module.children():
-            if isinstance(lin, nn.Linear):
-                lin.weight = nn.Parameter(torch.empty(0), requires_grad=False)
-        p.gate_weight = p.up_weight = p.down_weight = None
+    return run_hf(cfg, out)

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from dipstream.errors import DipstreamError
-from dipstream.kernels import QuantizedSparseMLPWeights, SparseMLPWeights, sparse_mlp
-from dipstream.kernels.sparse_mlp import ACTIVATIONS
+from dipstream.kernels.quant import QuantizedSparseMLPWeights
+from dipstream.kernels.sparse_mlp import ACTIVATIONS, SparseMLPWeights, sparse_mlp
 from dipstream.simulator import Hook, MaskTrace
 
 

@@ -30,17 +30,9 @@ from dipstream.kernels.sparse_mlp import activation, gather_gemv
 from dipstream.runtime.offload_file import BundledFile, aligned_bytes
 from dipstream.simulator import Hardware, Hook, MaskTrace, hook_specs, plan_placement
 from dipstream.simulator.caches import CacheSet
-from dipstream.simulator.hardware import KINDS, parse_dram
+from dipstream.simulator.hardware import KINDS, fmt_bytes, parse_dram
 
 __all__ = ["OffloadRuntime", "offload_capacities", "HookCache", "parse_budget"]
-
-
-def fmt_bytes(n: float) -> str:
-    """'512 B', '3.2 kB', '1.5 MB', '2.1 GB' (decimal units)."""
-    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= f:
-            return f"{n / f:.3g} {unit}"
-    return f"{int(n)} B"
 
 
 def parse_budget(spec, mlp_bytes: int) -> int:

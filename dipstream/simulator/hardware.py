@@ -7,6 +7,7 @@ off by default.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -122,6 +123,19 @@ def _number(v, name: str) -> float:
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "t": 1e12, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+def fmt_bytes(n: float, round_up: bool = False) -> str:
+    """'512 B', '3.2 kB', '1.5 MB', '2.1 GB' (decimal units, 3 significant digits; `round_up` for
+    minimums a user passes back, which then always suffice)."""
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)):
+        if n >= f or f == 1:
+            x = n / f
+            if round_up and x > 0:
+                scale = 10.0 ** (2 - math.floor(math.log10(x)))
+                x = math.ceil(x * scale - 1e-9) / scale
+            return f"{x:.3g} {unit}" if f > 1 else f"{math.ceil(x) if round_up else int(x)} B"
+    raise AssertionError
+
+
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.I)
 
 

@@ -58,7 +58,7 @@ def test_gpu_llama3_8b_shapes(dtype):
 @cuda
 def test_gpu_auto_dispatch():
     """CUDA weights take the Triton path automatically (backend='auto')."""
-    from dipstream.kernels import SparseMLPWeights, sparse_mlp
+    from dipstream.kernels.sparse_mlp import SparseMLPWeights, sparse_mlp
 
     d, D = 512, 1536
     Wg, Wu, Wd = (torch.randn(D, d) * d ** -0.5, torch.randn(D, d) * d ** -0.5,

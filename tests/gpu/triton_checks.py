@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from dipstream.kernels import SparseMLPWeights, sparse_mlp
+from dipstream.kernels.sparse_mlp import SparseMLPWeights, sparse_mlp
 from dipstream.kernels.sparse_mlp import activation
 from dipstream.kernels.triton_gemv import gather_gemv_triton
 
