@@ -166,6 +166,7 @@ CASES = [
     ("generate", ["--model", "{ckpt}", "--engine", "lean", "--adapter", "{noweights}"], "lean engine"),
     ("generate", ["--model", "{ckpt}", "--engine", "hf", "--memory", "100MB"], "--memory"),
     ("generate", ["--model", "{ckpt}", "--memory", "lots"], "--memory"),
+    ("generate", ["--model", "{ckpt}", "--read-gap", "nan"], "--read-gap"),
     ("generate", ["--model", "{ckpt}", "--engine", "hf", "--offload", "{dir}/off", "--weights", "int4"],
      "--engine lean"),
     ("generate", ["--model", "{ckpt}", "--offload", "{dir}/lean1", "--memory", "1MB"], "give more than"),

@@ -82,16 +82,16 @@ def test_quantized_records_round_trip(fmt, tol):
     np.testing.assert_allclose(out, q.dense() @ x, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["dense", "dip"])
+@pytest.mark.parametrize("method,gap", [("dense", 0), ("dip", 0), ("dip", 1 << 20)])
 @pytest.mark.parametrize("fmt", ["float32", "int4"])
-def test_offloaded_mlp_equals_the_mlp_in_ram(exported, method, fmt):
+def test_offloaded_mlp_equals_the_mlp_in_ram(exported, method, fmt, gap):
     _, d = exported["llama", fmt]
     ks = ([40, 40], [50, 50])
     outs = []
     for off in (False, True):
         lm = LeanModel(d, 16)
         ch = MaskChooser(method, *ks)
-        lm.mlp = OffloadMLP(lm, ch, 20_000, direct=False) if off else RamMLP(lm, ch)
+        lm.mlp = OffloadMLP(lm, ch, 20_000, direct=False, read_gap=gap) if off else RamMLP(lm, ch)
         outs.append(np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])]))
         if off:
             c = lm.mlp.counters
@@ -126,13 +126,30 @@ def test_unread_records_are_never_used(exported, tmp_path):
         rec.append(int((~u).sum()))
     data.tofile(poisoned / "model.bin")
     assert sum(rec) > 0
-    for off in (False, True):
+    for off, gap in ((False, 0), (True, 0), (True, 4096)):  # a gap reads poisoned records, never uses them
         lm = LeanModel(poisoned, 16)
-        lm.mlp = OffloadMLP(lm, MaskChooser("dip", [20, 20], [30, 30]), 8_000, direct=False) if off else \
-            RamMLP(lm, MaskChooser("dip", [20, 20], [30, 30]))
+        lm.mlp = OffloadMLP(lm, MaskChooser("dip", [20, 20], [30, 30]), 8_000, direct=False, read_gap=gap) if off \
+            else RamMLP(lm, MaskChooser("dip", [20, 20], [30, 30]))
         got = [lm.forward(int(t), i) for i, t in enumerate(IDS[0, :6])]
         assert all(np.isfinite(g).all() for g in got)
         np.testing.assert_allclose(np.stack(got), np.stack(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_read_plan_hand_worked(exported):
+    """Records of 48 bytes in 512-byte blocks: units 0, 1 (block 0) and 11 (bytes 528-575, block 1)
+    touch, so one 1024-byte read; unit 40 (bytes 1920-1967, block 3) is a second read, or joins the
+    first (one 2048-byte read) when a gap of 512 bytes (block 2) may be read through."""
+    _, d = exported["llama", "float32"]
+    lm = LeanModel(d, 16)
+    mlp = OffloadMLP(lm, MaskChooser("dip", [8, 8], [8, 8]), 0, direct=False)
+    mlp.stride["x"] = 48
+    miss = np.array([0, 1, 11, 40])
+    offs, lens = mlp.read_plan("x", miss)
+    assert offs.tolist() == [0, 1536] and lens.tolist() == [1024, 512]
+    mlp.read_gap = 512
+    offs, lens = mlp.read_plan("x", miss)
+    assert offs.tolist() == [0] and lens.tolist() == [2048]
+    mlp.close()
 
 
 def test_dip_ca_trace_replays_to_the_same_hits(exported):

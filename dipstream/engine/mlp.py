@@ -9,8 +9,8 @@ h = act(g) * u, choose the ``out`` mask from |h|, y from those records.
 Offloaded, the caches are the simulator's own (``simulator.caches.CacheSet``: the same policies
 and the same never-above-capacity rule), their capacities the reference's split of the cache RAM
 per masked linear, in record bytes; the RAM slots mirror the cached sets. Missed units are read
-with positioned direct reads of whole runs of consecutive records (rounded out to 512-byte
-blocks) on the native read pool, while the cached units' product is computed.
+with positioned direct reads of whole blocks (512 bytes) on the native read pool, requests closer
+than a gap merged, into a buffer laid out like the hook in the file.
 """
 
 from __future__ import annotations
@@ -165,21 +165,24 @@ class RamMLP:
 
 class OffloadMLP:
     """The MLP records stay in the model file; `cache_bytes` of RAM hold cached units (the
-    simulator's caches, split per masked linear), plus a scratch area and one read buffer. Reads
-    use direct I/O unless `direct` is False."""
+    simulator's caches, split per masked linear), plus one read buffer laid out like a hook in the
+    file (a missed unit is computed from where it was read). Reads use direct I/O unless `direct`
+    is False; missed units closer than `read_gap` bytes are read in one request (reading through
+    the gap costs less than another request's latency)."""
 
     @staticmethod
     def fixed_bytes(n: dict, stride: dict) -> int:
-        """RAM besides the caches: the scratch area and the read buffer (each the largest hook)."""
-        return 2 * max(n[k] * stride[k] for k in KINDS)
+        """RAM besides the caches: the read buffer (the largest hook, plus block slack)."""
+        return max(n[k] * stride[k] for k in KINDS) + 3 * BLOCK
 
     def __init__(self, model: LeanModel, chooser: MaskChooser, cache_bytes: int, policy: str = "lru",
-                 io_threads: int = 4, direct: bool = True, record_masks: bool = True, **policy_kwargs):
+                 io_threads: int = 4, direct: bool = True, record_masks: bool = True, read_gap: int = 0,
+                 **policy_kwargs):
         self.model, self.chooser = model, chooser
         lib = native.load(quiet=True)
         if lib is None:
             raise DipstreamError("offloading needs the native read pool, which is unavailable")
-        self.lib, self.io_threads = lib, int(io_threads)
+        self.lib, self.io_threads, self.read_gap = lib, int(io_threads), int(read_gap)
         infos = model.manifest["tensor_info"]
         self.info = {k: [infos[f"layers.{i}.mlp_{k}"] for i in range(model.L)] for k in KINDS}
         fi, fo = self.info["in"][0], self.info["out"][0]
@@ -194,20 +197,18 @@ class OffloadMLP:
                          [h.n_units for h in hooks])
         self.capacity = {h.name: int(c) for h, c in zip(hooks, cap)}
         self.caches = CacheSet(hooks, cap, policy, grouping="hook", **policy_kwargs)
-        # RAM: per hook its cache slots; one scratch area (units read but not kept) and one read
-        # buffer, each the size of the largest hook
+        # RAM: per hook its cache slots, and one block-aligned read buffer
         self.slab, self.slot, self.free = {}, {}, {}
         for h in hooks:
             c = self.capacity[h.name]
             self.slab[h.name] = np.zeros((c, self.stride[h.kind]), np.uint8)
             self.slot[h.name] = np.full(h.n_units, -1, np.int64)
             self.free[h.name] = list(range(c))
-        biggest = self.fixed_bytes(self.n, self.stride) // 2
-        self.scratch = np.empty(biggest, np.uint8)
-        self.buf = np.empty(biggest + 4 * BLOCK, np.uint8)
-        off = (-self.buf.ctypes.data) % BLOCK
-        self.buf = self.buf[off:off + biggest + 2 * BLOCK]
-        self.ram_bytes = sum(s.nbytes for s in self.slab.values()) + self.buf.nbytes + self.scratch.nbytes
+        size = self.fixed_bytes(self.n, self.stride) - BLOCK
+        raw = np.empty(size + BLOCK, np.uint8)
+        off = (-raw.ctypes.data) % BLOCK
+        self.buf = raw[off:off + size]
+        self.ram_bytes = sum(s.nbytes for s in self.slab.values()) + raw.nbytes
         self.cache_ram = sum(self.capacity[n] * self.stride[n.split(".")[-1]] for n in self.capacity)
         flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
         path = model.directory / "model.bin"
@@ -235,93 +236,74 @@ class OffloadMLP:
         self.pos = 0
 
     # ------------------------------------------------------------------ one hook
-    def _runs(self, miss: np.ndarray):
-        """Runs [a, b) of consecutive unit indices."""
+    def read_plan(self, kind: str, miss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, lengths) within the hook of the reads that fetch the units `miss` (ascending):
+        their records rounded out to whole blocks, requests closer than `read_gap` merged."""
         if miss.size == 0:
-            return []
-        br = np.flatnonzero(np.diff(miss) != 1)
-        starts = np.concatenate([[0], br + 1])
-        ends = np.concatenate([br + 1, [miss.size]])
-        return [(int(miss[s]), int(miss[e - 1]) + 1) for s, e in zip(starts, ends)]
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        stride = self.stride[kind]
+        lo = miss.astype(np.int64) * stride
+        hi = lo + stride
+        lo -= lo % BLOCK
+        hi += (-hi) % BLOCK
+        new = np.ones(miss.size, bool)
+        new[1:] = lo[1:] > hi[:-1] + self.read_gap
+        first = np.flatnonzero(new)
+        last = np.append(first[1:], miss.size) - 1
+        return lo[first], hi[last] - lo[first]
 
-    def _read(self, kind: str, layer: int, runs: list) -> list:
-        """Read the records of the runs [a, b) of missed units into the read buffer (whole blocks);
-        returns the buffer offset of each run's first record."""
+    def _read(self, kind: str, layer: int, miss: np.ndarray) -> np.ndarray:
+        """Read the records of the units `miss` into the read buffer at their offsets within the
+        hook; returns the buffer as the hook's (units, stride) records (only `miss` valid)."""
         info, stride = self.info[kind][layer], self.stride[kind]
-        offs, lens, starts, firsts = [], [], [], []
-        for a, b in runs:  # whole blocks; runs whose blocks touch are one read
-            lo, hi = info.offset + a * stride, info.offset + b * stride
-            alo, ahi = lo - lo % BLOCK, hi + (-hi) % BLOCK
-            if offs and alo <= offs[-1] + lens[-1]:
-                lens[-1] = max(lens[-1], ahi - offs[-1])
-            else:
-                starts.append(starts[-1] + lens[-1] if offs else 0)
-                offs.append(alo)
-                lens.append(ahi - alo)
-            firsts.append(starts[-1] + lo - offs[-1])
-        pos = starts[-1] + lens[-1] if offs else 0
-        if pos > self.buf.nbytes:  # cannot happen: the buffer holds a whole hook plus block slack
-            raise AssertionError("read buffer too small")
-        if offs:
-            o, ln = np.array(offs, np.int64), np.array(lens, np.int64)
-            dst = self.buf.ctypes.data + np.array(starts, np.int64)
+        offs, lens = self.read_plan(kind, miss)
+        if offs.size:
+            dst = self.buf.ctypes.data + offs
+            fo = info.offset + offs
             t0 = time.perf_counter()
-            rc = self.lib.ds_pread_batch(self.fd, o.size, o.ctypes.data, ln.ctypes.data, dst.ctypes.data,
+            rc = self.lib.ds_pread_batch(self.fd, offs.size, fo.ctypes.data, lens.ctypes.data, dst.ctypes.data,
                                          self.io_threads)
             self.counters.io_wait_s += time.perf_counter() - t0
             if rc != 0:
                 raise DipstreamError(f"reading the model file failed: {os.strerror(rc)}")
-            self.counters.disk_bytes += int(ln.sum())
-            self.counters.reads += o.size
-        return firsts
+            self.counters.disk_bytes += int(lens.sum())
+            self.counters.reads += offs.size
+        return self.buf[:self.n[kind] * stride].reshape(self.n[kind], stride)
 
     def _hook(self, kind: str, layer: int, v: np.ndarray, out: np.ndarray) -> np.ndarray:
         """sum over selected units u of v[u] * record(u): cached units from their RAM slots, the
-        others read from the file (then kept if the cache takes them, else in scratch slots)."""
+        others from the read buffer (and copied into the cache when it takes them)."""
         name = f"layers.{layer}.{kind}"
         cached = self.caches.cached(name)[0]
         mask = self.chooser.mask(kind, layer, v, self.pos, cached)
         self.rec.add(kind, layer, mask)
         sel = np.flatnonzero(mask)
         hit, miss = sel[cached[sel]], sel[~cached[sel]]
-        runs = self._runs(miss)
-        firsts = self._read(kind, layer, runs)
+        read = self._read(kind, layer, miss)
         self.caches.step(name, mask[None])
         now = self.caches.cached(name)[0]
-        slots, slab, stride = self.slot[name], self.slab[name], self.stride[kind]
-        free = self.free[name]
+        slots, slab, free = self.slot[name], self.slab[name], self.free[name]
         gone = np.flatnonzero(cached & ~now)
         if gone.size:  # evicted units free their slots
             free.extend(slots[gone].tolist())
             slots[gone] = -1
-        keep = now[miss]
-        n_new = int(keep.sum())
-        dest = np.empty(miss.size, np.int64)
-        if n_new:
-            dest[keep] = free[-n_new:]
-            del free[-n_new:]
-            slots[miss[keep]] = dest[keep]
-        dest[~keep] = np.arange(miss.size - n_new)  # scratch rows
-        scratch = self.scratch[:self.n[kind] * stride].reshape(self.n[kind], stride)
-        j = 0
-        for (a, b), p in zip(runs, firsts):  # one copy per run of consecutive records
-            n = b - a
-            rows = self.buf[p:p + n * stride].reshape(n, stride)
-            k = keep[j:j + n]
-            slab[dest[j:j + n][k]] = rows[k]
-            scratch[dest[j:j + n][~k]] = rows[~k]
-            j += n
-        in_slab = np.concatenate([hit, miss[keep]])
+        kept = miss[now[miss]]
+        if kept.size:
+            dest = np.array(free[-kept.size:], np.int64)
+            del free[-kept.size:]
+            slots[kept] = dest
+            slab[dest] = read[kept]
         out[:] = 0
-        if in_slab.size:
-            self.q[kind].gather(np.concatenate([slots[hit], dest[keep]]),
-                                np.ascontiguousarray(v[in_slab], np.float32), out, self.model.nthreads, rec=slab)
-        if n_new < miss.size:
+        if hit.size:
+            self.q[kind].gather(slots[hit], np.ascontiguousarray(v[hit], np.float32), out, self.model.nthreads,
+                                rec=slab)
+        if miss.size:
             part = self._part[kind]
-            self.q[kind].gather(dest[~keep], np.ascontiguousarray(v[miss[~keep]], np.float32), part,
-                                self.model.nthreads, rec=scratch)
+            self.q[kind].gather(miss.astype(np.int64), np.ascontiguousarray(v[miss], np.float32), part,
+                                self.model.nthreads, rec=read)
             out += part
         c = self.counters
+        stride = self.stride[kind]
         c.ram_bytes += hit.size * stride
         c.selected_bytes += sel.size * stride
         if sel.size:

@@ -25,7 +25,7 @@ from dipstream.paths import cache_root
 from dipstream.simulator.hardware import fmt_bytes
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-MARGIN = 24 << 20  # RAM left for Python's own growth, numpy temporaries and the tokenizer
+MARGIN = 4 << 20  # RAM left for Python's own growth and numpy temporaries (peak RSS is checked in tests)
 
 
 def rss_bytes() -> int:
@@ -72,6 +72,9 @@ class EngineOptions:
     model_dir: str | None = field(default=None, metadata={
         "help": "lean engine: folder of the exported model file (default: in dipstream's cache; written "
                 "on first use)", "metavar": "DIR"})
+    read_gap: str = field(default="32kB", metadata={
+        "help": "lean engine with --offload: missed units closer than this in the file are read in one request "
+                "(reading through the gap is cheaper than another request; 0: exact reads)", "metavar": "BYTES"})
     memory: str | None = field(default=None, metadata={
         "help": "lean engine with --offload: RAM budget for the whole process (bytes, e.g. '200MB'): what "
                 "Python, the libraries, the static weights, the KV cache and the buffers leave goes to the "
@@ -135,7 +138,7 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
           cache_bytes: int | None = None, memory: int | None = None, policy: str = "lru",
           policy_kwargs: dict | None = None, up_keep=None, down_keep=None, gamma: float = 0.1,
           n0_frac: float = 0.5, warmup: bool = True, keep_file: str | None = None, threads: int = 1, io_threads: int = 4,
-          direct: bool = True, record_masks: bool = False) -> tuple[LeanModel, dict]:
+          direct: bool = True, record_masks: bool = False, read_gap: int = 0) -> tuple[LeanModel, dict]:
     """The lean model with its MLP backend and a description of its RAM. With `offload`, the
     MLP caches get `cache_bytes`, or what `memory` (the whole process) leaves after the RSS now,
     the static weights, the KV cache, the buffers and a margin."""
@@ -167,7 +170,8 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
                                  f"{fmt_bytes(fixed)}, margin {fmt_bytes(MARGIN)}); give more than "
                                  f"{fmt_bytes(need, round_up=True).replace(' ', '')}")
         info["model_file_bytes"] = int(man["size"])
-    lm.mlp = OffloadMLP(lm, chooser, cache_bytes, policy, io_threads, direct, record_masks, **(policy_kwargs or {}))
+    lm.mlp = OffloadMLP(lm, chooser, cache_bytes, policy, io_threads, direct, record_masks, read_gap,
+                        **(policy_kwargs or {}))
     info.update(cache_bytes=int(cache_bytes), mlp_ram_bytes=lm.mlp.ram_bytes, cache_ram_bytes=lm.mlp.cache_ram,
                 direct_io=lm.mlp.direct, capacity_in=lm.mlp.capacity["layers.0.in"],
                 capacity_out=lm.mlp.capacity["layers.0.out"], memory_budget=memory)
@@ -176,7 +180,7 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
 
 def ram_before_caches(manifest: dict, max_seq: int) -> int:
     """Weight and KV bytes an offloaded run holds before any MLP cache: the static weights, the KV
-    cache at `max_seq`, the MLP's scratch area and read buffer."""
+    cache at `max_seq` and the MLP's read buffer."""
     infos = manifest["tensor_info"]
     a = manifest["arch"]
     static = sum(t.nbytes for n, t in infos.items() if not n.endswith(("mlp_in", "mlp_out")))
@@ -200,9 +204,11 @@ def pick(logits: np.ndarray, sample: bool, temperature: float, top_k: int, rng) 
 def generate(lm: LeanModel, ids: list[int], max_new: int, eos=(), stop_at_eos: bool = True,
              sample: bool = False, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
              on_token=None) -> dict:
-    """Prompt pass (token by token through the same path) and decode. Returns ids and timings."""
+    """Prompt pass (token by token through the same path) and decode. Returns ids, timings and
+    the bytes this process read from storage in each phase (-1 where unknown)."""
     rng = np.random.default_rng(seed)
     lm.new_sequence()
+    rb0 = disk_read_bytes()
     t0 = time.perf_counter()
     logits = None
     for pos, tok in enumerate(ids):
@@ -210,6 +216,7 @@ def generate(lm: LeanModel, ids: list[int], max_new: int, eos=(), stop_at_eos: b
     nxt = pick(logits, sample, temperature, top_k, rng)
     ttft = time.perf_counter() - t0
     out, steps = [nxt], []
+    rb1 = disk_read_bytes()
     if on_token:
         on_token(out)
     pos = len(ids)
@@ -222,7 +229,10 @@ def generate(lm: LeanModel, ids: list[int], max_new: int, eos=(), stop_at_eos: b
         out.append(nxt)
         if on_token:
             on_token(out)
-    return {"ids": out, "ttft_s": ttft, "step_s": steps}
+    rb2 = disk_read_bytes()
+    ok = min(rb0, rb1, rb2) >= 0
+    return {"ids": out, "ttft_s": ttft, "step_s": steps, "prompt_read_bytes": rb1 - rb0 if ok else -1,
+            "decode_read_bytes": rb2 - rb1 if ok else -1}
 
 
 def perplexity(lm: LeanModel, windows: np.ndarray) -> tuple[float, int]:

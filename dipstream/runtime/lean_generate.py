@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dipstream import __version__
 from dipstream.engine.modelfile import read_manifest
+from dipstream.engine.text import encode_and_release
 from dipstream.engine.run import (build, disk_read_bytes, ensure_model_file, generate, peak_rss_bytes,
                                   ram_before_caches, rss_bytes)
 from dipstream.errors import DipstreamError
@@ -31,10 +32,8 @@ def _tokenizer(directory: Path, cfg):
         ids = tok.apply_chat_template([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         return list(ids), (lambda t: tok.decode(t, skip_special_tokens=True))
-    import tokenizers
-
-    tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
-    return tok.encode(cfg.prompt).ids, (lambda t: tok.decode(t, skip_special_tokens=True))
+    ids, text = encode_and_release(directory / "tokenizer.json", cfg.prompt)
+    return ids, text.decode
 
 
 def _eos(directory: Path, arch: dict) -> set:
@@ -58,7 +57,8 @@ def run_lean(cfg, out=None) -> dict:
     seq = len(ids) + d.max_new_tokens
     kw = dict(policy=cfg.cache.policy, policy_kwargs=cfg.cache.policy_kwargs(), up_keep=cfg.dip.up_keep,
               down_keep=cfg.dip.down_keep, keep_file=cfg.dip.keep_file, gamma=cfg.ca.gamma, n0_frac=cfg.ca.n0_frac, warmup=cfg.ca.warmup,
-              threads=threads, io_threads=cfg.io_threads, direct=cfg.direct_io, record_masks=bool(cfg.trace))
+              threads=threads, io_threads=cfg.io_threads, direct=cfg.direct_io, record_masks=bool(cfg.trace),
+              read_gap=int(parse_bytes(o.read_gap)))
     cache_bytes = None
     memory = parse_bytes(o.memory) if o.memory else None
     if cfg.offload and memory is None:  # --dram: weights and KV cache, static first (as simulate)
@@ -108,7 +108,9 @@ def run_lean(cfg, out=None) -> dict:
                    hit_rate=c.hit_rate_sum / c.hit_rate_n if c.hit_rate_n else None,
                    density_measured=c.selected_bytes / tokens / (lm.L * (lm.d * lm.mlp_stride("in")
                                                                        + lm.D * lm.mlp_stride("out"))),
-                   rss_bytes=rss_bytes(), peak_rss_bytes=peak_rss_bytes(), decode_steps_timed=n)
+                   rss_bytes=rss_bytes(), peak_rss_bytes=peak_rss_bytes(), decode_steps_timed=n,
+                   prompt_read_bytes=res["prompt_read_bytes"],
+                   decode_read_bytes_per_token=res["decode_read_bytes"] / n if res["decode_read_bytes"] >= 0 else None)
         rb1 = disk_read_bytes()
         if rb0 >= 0 and rb1 >= 0:
             row["process_disk_read_bytes"] = rb1 - rb0

@@ -117,11 +117,12 @@ class GenerateConfig:
         output_file("json", self.json)
         output_file("trace", self.trace)
         output_dir("model_dir", self.lean.model_dir)
-        if self.lean.memory is not None:
+        for flag, value in (("--memory", self.lean.memory), ("--read-gap", self.lean.read_gap)):
             try:
-                parse_bytes(self.lean.memory)
+                if value is not None:
+                    parse_bytes(value)
             except ValueError as exc:
-                raise DipstreamError(f"--memory: {exc}") from None
+                raise DipstreamError(f"{flag}: {exc}") from None
 
     def validate_hf(self) -> None:
         """What the Hugging Face engine cannot do."""
