@@ -37,6 +37,13 @@ def _load(gguf: str, threads: int, n_ctx: int, logits_all: bool = False):
                  use_mmap=True, verbose=False)
 
 
+def _last_logits(llm):
+    """The last evaluated token's logits (llama-cpp-python 0.3 keeps none without logits_all)."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+
+
 def generate(gguf: str, threads: int, spec: dict) -> dict:
     """Greedy decoding of spec["new_tokens"] tokens (EOS not stopping), token by token."""
     import numpy as np
@@ -48,14 +55,14 @@ def generate(gguf: str, threads: int, spec: dict) -> dict:
     rb0 = _read_bytes()
     t0 = time.perf_counter()
     llm.eval(ids)
-    nxt = int(np.argmax(llm._scores[-1]))
+    nxt = int(np.argmax(_last_logits(llm)))
     ttft = time.perf_counter() - t0
     out, steps = [nxt], []
     rb1 = _read_bytes()
     while len(out) < spec["new_tokens"]:
         t = time.perf_counter()
         llm.eval([nxt])
-        nxt = int(np.argmax(llm._scores[-1]))
+        nxt = int(np.argmax(_last_logits(llm)))
         steps.append(time.perf_counter() - t)
         out.append(nxt)
     rb2 = _read_bytes()

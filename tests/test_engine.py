@@ -135,6 +135,30 @@ def test_unread_records_are_never_used(exported, tmp_path):
         np.testing.assert_allclose(np.stack(got), np.stack(ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["dense", "dip", "dip-ca"])
+def test_prefetch_never_changes_the_output(exported, method):
+    """The same tokens with and without prefetching give identical logits and masks; dense
+    streaming's prefetch is exact (every miss after the first layer's up/gate read ahead)."""
+    _, d = exported["llama", "int4"]
+    runs = []
+    for pf in (False, True):
+        lm = LeanModel(d, 16)
+        cache = 0 if method == "dense" else 30_000  # dense: no cache, every unit of every hook missed
+        lm.mlp = OffloadMLP(lm, MaskChooser(method, [30, 30], [40, 40], gamma=0.2), cache, direct=False,
+                            prefetch=pf)
+        logits = np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])])
+        runs.append((logits, lm.mlp.rec.masks, lm.mlp.counters))
+        lm.mlp.close()
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert all(np.array_equal(a, b) for k in ("in", "out") for la, lb in zip(runs[0][1][k], runs[1][1][k])
+               for a, b in zip(la, lb))
+    c = runs[1][2]
+    assert runs[0][2].prefetch_bytes == 0 and c.prefetch_bytes > 0
+    if method == "dense":  # 12 tokens x 2 layers x (64 + 96) units; layer 0's 64 inputs are not read ahead
+        assert c.missed_units == 12 * 2 * (64 + 96) and c.prefetch_useful == c.prefetch_units
+        assert c.prefetch_served == c.missed_units - 12 * 64
+
+
 def test_read_plan_hand_worked(exported):
     """Records of 48 bytes in 512-byte blocks: units 0, 1 (block 0) and 11 (bytes 528-575, block 1)
     touch, so one 1024-byte read; unit 40 (bytes 1920-1967, block 3) is a second read, or joins the
@@ -282,3 +306,21 @@ def test_whole_process_budget_holds_without_torch(tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "row.json.mods").read_text()) == []
     assert row["peak_rss_bytes"] <= budget and row["cache_bytes"] > 0
     assert row["baseline_rss"] < row["peak_rss_bytes"]
+
+
+def test_token_text_equals_the_tokenizer(tiny_checkpoint):
+    """The lean engine's ids->text table decodes as `tokenizers` does (skipping special tokens);
+    the real vocabularies are checked in tests/test_generate_real.py."""
+    import tokenizers
+
+    from dipstream.engine.text import TokenText, encode_and_release
+
+    f = tiny_checkpoint / "tokenizer.json"
+    tok = tokenizers.Tokenizer.from_file(str(f))
+    table = TokenText.from_tokenizer(tok)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = rng.integers(0, tok.get_vocab_size(), 12).tolist()
+        assert table.decode(ids) == tok.decode(ids, skip_special_tokens=True)
+    ids, text = encode_and_release(f, "the quick brown fox, déjà vu")
+    assert ids == tok.encode("the quick brown fox, déjà vu").ids and text.decode(ids) == tok.decode(ids)

@@ -46,6 +46,11 @@ class MlpCounters:
     hit_rate_n: int = 0
     io_wait_s: float = 0.0
     mlp_s: float = 0.0
+    prefetch_bytes: int = 0     # bytes read ahead of the hook that used them
+    prefetch_units: int = 0     # units predicted (not cached) and read ahead
+    prefetch_useful: int = 0    # ... of which the hook selected
+    missed_units: int = 0       # selected units not in the cache
+    prefetch_served: int = 0    # ... of which the prefetch had read
     per_layer: list = field(default_factory=list)
 
 
@@ -138,7 +143,7 @@ class RamMLP:
     def close(self) -> None:
         pass
 
-    def __call__(self, i: int, x: np.ndarray) -> np.ndarray:
+    def __call__(self, i: int, x: np.ndarray, resid: np.ndarray | None = None) -> np.ndarray:
         t0 = time.perf_counter()
         m, D = self.model, self.model.D
         nt = m.nthreads
@@ -165,24 +170,33 @@ class RamMLP:
 
 class OffloadMLP:
     """The MLP records stay in the model file; `cache_bytes` of RAM hold cached units (the
-    simulator's caches, split per masked linear), plus one read buffer laid out like a hook in the
-    file (a missed unit is computed from where it was read). Reads use direct I/O unless `direct`
-    is False; missed units closer than `read_gap` bytes are read in one request (reading through
-    the gap costs less than another request's latency)."""
+    simulator's caches, split per masked linear), plus two read buffers laid out like a hook in
+    the file (a missed unit is computed from where it was read). Reads use direct I/O unless
+    `direct` is False; missed units closer than `read_gap` bytes are read in one request (reading
+    through the gap costs less than another request's latency).
+
+    With `prefetch`, the reads of the next hook are started before this hook's product is
+    computed, for the units it will probably select and not find cached: the next layer's
+    up/gate inputs chosen from the current residual stream (normed as that layer will norm it;
+    exact for dense streaming), a layer's down inputs from the previous token's choice there.
+    After the wait, the hook reads whatever it selected that the prefetch did not bring; the
+    output never depends on the prediction (tested)."""
 
     @staticmethod
     def fixed_bytes(n: dict, stride: dict) -> int:
-        """RAM besides the caches: the read buffer (the largest hook, plus block slack)."""
-        return max(n[k] * stride[k] for k in KINDS) + 3 * BLOCK
+        """RAM besides the caches: two read buffers (the largest hook, plus block slack)."""
+        size = max(n[k] * stride[k] for k in KINDS) + 2 * BLOCK
+        return 2 * (size + (-size) % BLOCK) + BLOCK
 
     def __init__(self, model: LeanModel, chooser: MaskChooser, cache_bytes: int, policy: str = "lru",
                  io_threads: int = 4, direct: bool = True, record_masks: bool = True, read_gap: int = 0,
-                 **policy_kwargs):
+                 prefetch: bool = True, **policy_kwargs):
         self.model, self.chooser = model, chooser
         lib = native.load(quiet=True)
         if lib is None:
             raise DipstreamError("offloading needs the native read pool, which is unavailable")
         self.lib, self.io_threads, self.read_gap = lib, int(io_threads), int(read_gap)
+        self.prefetch = bool(prefetch)
         infos = model.manifest["tensor_info"]
         self.info = {k: [infos[f"layers.{i}.mlp_{k}"] for i in range(model.L)] for k in KINDS}
         fi, fo = self.info["in"][0], self.info["out"][0]
@@ -197,17 +211,22 @@ class OffloadMLP:
                          [h.n_units for h in hooks])
         self.capacity = {h.name: int(c) for h, c in zip(hooks, cap)}
         self.caches = CacheSet(hooks, cap, policy, grouping="hook", **policy_kwargs)
-        # RAM: per hook its cache slots, and one block-aligned read buffer
+        # RAM: per hook its cache slots; a block-aligned read buffer per hook kind (an "in" hook
+        # computes from one while the next "out" hook's prefetch fills the other)
         self.slab, self.slot, self.free = {}, {}, {}
         for h in hooks:
             c = self.capacity[h.name]
             self.slab[h.name] = np.zeros((c, self.stride[h.kind]), np.uint8)
             self.slot[h.name] = np.full(h.n_units, -1, np.int64)
             self.free[h.name] = list(range(c))
-        size = self.fixed_bytes(self.n, self.stride) - BLOCK
-        raw = np.empty(size + BLOCK, np.uint8)
+        size = max(self.n[k] * self.stride[k] for k in KINDS) + 2 * BLOCK
+        size += (-size) % BLOCK  # both buffers block-aligned (direct I/O)
+        raw = np.empty(2 * size + BLOCK, np.uint8)
         off = (-raw.ctypes.data) % BLOCK
-        self.buf = raw[off:off + size]
+        self.buf = {k: raw[off + j * size:off + (j + 1) * size] for j, k in enumerate(KINDS)}
+        self.valid = {k: np.zeros(self.n[k], bool) for k in KINDS}
+        self.pending = None  # the prefetch in flight: (kind, layer, offsets, lengths, file offsets, dst)
+        self.prev_out = [None] * model.L
         self.ram_bytes = sum(s.nbytes for s in self.slab.values()) + raw.nbytes
         self.cache_ram = sum(self.capacity[n] * self.stride[n.split(".")[-1]] for n in self.capacity)
         flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
@@ -226,60 +245,117 @@ class OffloadMLP:
         self.pos = 0
 
     def close(self) -> None:
+        self._wait()
         os.close(self.fd)
 
     def new_sequence(self) -> None:
+        self._wait()
         self.caches.reset()
         for name in self.slot:
             self.slot[name][:] = -1
             self.free[name] = list(range(self.capacity[name]))
+        self.prev_out = [None] * self.model.L
         self.pos = 0
 
-    # ------------------------------------------------------------------ one hook
-    def read_plan(self, kind: str, miss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(offsets, lengths) within the hook of the reads that fetch the units `miss` (ascending):
-        their records rounded out to whole blocks, requests closer than `read_gap` merged."""
-        if miss.size == 0:
+    # ------------------------------------------------------------------ reads
+    def read_plan(self, kind: str, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, lengths) within the hook of the reads that fetch `units` (ascending): their
+        records rounded out to whole blocks, requests closer than `read_gap` merged."""
+        if units.size == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         stride = self.stride[kind]
-        lo = miss.astype(np.int64) * stride
+        lo = units.astype(np.int64) * stride
         hi = lo + stride
         lo -= lo % BLOCK
         hi += (-hi) % BLOCK
-        new = np.ones(miss.size, bool)
+        new = np.ones(units.size, bool)
         new[1:] = lo[1:] > hi[:-1] + self.read_gap
         first = np.flatnonzero(new)
-        last = np.append(first[1:], miss.size) - 1
+        last = np.append(first[1:], units.size) - 1
         return lo[first], hi[last] - lo[first]
 
-    def _read(self, kind: str, layer: int, miss: np.ndarray) -> np.ndarray:
-        """Read the records of the units `miss` into the read buffer at their offsets within the
-        hook; returns the buffer as the hook's (units, stride) records (only `miss` valid)."""
-        info, stride = self.info[kind][layer], self.stride[kind]
-        offs, lens = self.read_plan(kind, miss)
-        if offs.size:
-            dst = self.buf.ctypes.data + offs
-            fo = info.offset + offs
-            t0 = time.perf_counter()
-            rc = self.lib.ds_pread_batch(self.fd, offs.size, fo.ctypes.data, lens.ctypes.data, dst.ctypes.data,
-                                         self.io_threads)
-            self.counters.io_wait_s += time.perf_counter() - t0
-            if rc != 0:
-                raise DipstreamError(f"reading the model file failed: {os.strerror(rc)}")
-            self.counters.disk_bytes += int(lens.sum())
-            self.counters.reads += offs.size
-        return self.buf[:self.n[kind] * stride].reshape(self.n[kind], stride)
+    def _covered(self, kind: str, offs: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """Units whose whole record lies inside the extents (offs, lens) (sorted, disjoint)."""
+        stride, n = self.stride[kind], self.n[kind]
+        lo = np.arange(n, dtype=np.int64) * stride
+        j = np.searchsorted(offs, lo, side="right") - 1
+        ok = j >= 0
+        jj = np.maximum(j, 0)
+        return ok & (lo + stride <= offs[jj] + lens[jj])
 
-    def _hook(self, kind: str, layer: int, v: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def _extents(self, kind: str, layer: int, units: np.ndarray):
+        offs, lens = self.read_plan(kind, units)
+        fo = self.info[kind][layer].offset + offs
+        dst = self.buf[kind].ctypes.data + offs
+        return offs, lens, fo, dst
+
+    def _read_now(self, kind: str, layer: int, units: np.ndarray) -> None:
+        """Read the records of `units` into the kind's buffer and wait."""
+        offs, lens, fo, dst = self._extents(kind, layer, units)
+        if not offs.size:
+            return
+        t0 = time.perf_counter()
+        rc = self.lib.ds_pread_batch(self.fd, offs.size, fo.ctypes.data, lens.ctypes.data, dst.ctypes.data,
+                                     self.io_threads)
+        self.counters.io_wait_s += time.perf_counter() - t0
+        if rc != 0:
+            raise DipstreamError(f"reading the model file failed: {os.strerror(rc)}")
+        self.counters.disk_bytes += int(lens.sum())
+        self.counters.reads += offs.size
+        self.valid[kind] |= self._covered(kind, offs, lens)
+
+    def _start_prefetch(self, kind: str, layer: int, units: np.ndarray) -> None:
+        """Start reading `units` of hook (kind, layer) into the kind's buffer (not waited)."""
+        self.valid[kind][:] = False
+        offs, lens, fo, dst = self._extents(kind, layer, units)
+        if not offs.size:
+            return
+        rc = self.lib.ds_pread_submit(self.fd, offs.size, fo.ctypes.data, lens.ctypes.data, dst.ctypes.data,
+                                      self.io_threads)
+        if rc != 0:
+            raise DipstreamError(f"reading the model file failed: {os.strerror(rc)}")
+        self.pending = (kind, layer, offs, lens, fo, dst, units)
+
+    def _wait(self):
+        """Finish the prefetch in flight; returns (kind, layer, units) it was for, or None."""
+        if self.pending is None:
+            return None
+        kind, layer, offs, lens, fo, dst, units = self.pending
+        self.pending = None
+        t0 = time.perf_counter()
+        rc = self.lib.ds_pread_wait(None)
+        c = self.counters
+        c.io_wait_s += time.perf_counter() - t0
+        if rc != 0:
+            raise DipstreamError(f"reading the model file failed: {os.strerror(rc)}")
+        c.disk_bytes += int(lens.sum())
+        c.prefetch_bytes += int(lens.sum())
+        c.reads += offs.size
+        self.valid[kind] = self._covered(kind, offs, lens)
+        return kind, layer, units
+
+    # ------------------------------------------------------------------ one hook
+    def _hook(self, kind: str, layer: int, v: np.ndarray, out: np.ndarray, next_hook=None) -> np.ndarray:
         """sum over selected units u of v[u] * record(u): cached units from their RAM slots, the
-        others from the read buffer (and copied into the cache when it takes them)."""
+        others from the read buffer (and copied into the cache when it takes them). `next_hook`:
+        (kind, layer, predicted mask) whose reads start before this hook's product."""
         name = f"layers.{layer}.{kind}"
+        done = self._wait()
+        if done is None or done[:2] != (kind, layer):
+            self.valid[kind][:] = False
         cached = self.caches.cached(name)[0]
         mask = self.chooser.mask(kind, layer, v, self.pos, cached)
         self.rec.add(kind, layer, mask)
         sel = np.flatnonzero(mask)
         hit, miss = sel[cached[sel]], sel[~cached[sel]]
-        read = self._read(kind, layer, miss)
+        c = self.counters
+        if done is not None and done[:2] == (kind, layer):
+            c.prefetch_units += done[2].size
+            c.prefetch_useful += int(mask[done[2]].sum())
+            c.prefetch_served += int(self.valid[kind][miss].sum())
+        c.missed_units += miss.size
+        self._read_now(kind, layer, miss[~self.valid[kind][miss]])
+        read = self.buf[kind][:self.n[kind] * self.stride[kind]].reshape(self.n[kind], self.stride[kind])
         self.caches.step(name, mask[None])
         now = self.caches.cached(name)[0]
         slots, slab, free = self.slot[name], self.slab[name], self.free[name]
@@ -293,6 +369,10 @@ class OffloadMLP:
             del free[-kept.size:]
             slots[kept] = dest
             slab[dest] = read[kept]
+        if next_hook is not None and self.prefetch:
+            nk, nl, nmask = next_hook
+            ncached = self.caches.cached(f"layers.{nl}.{nk}")[0]
+            self._start_prefetch(nk, nl, np.flatnonzero(nmask & ~ncached))
         out[:] = 0
         if hit.size:
             self.q[kind].gather(slots[hit], np.ascontiguousarray(v[hit], np.float32), out, self.model.nthreads,
@@ -302,21 +382,33 @@ class OffloadMLP:
             self.q[kind].gather(miss.astype(np.int64), np.ascontiguousarray(v[miss], np.float32), part,
                                 self.model.nthreads, rec=read)
             out += part
-        c = self.counters
         stride = self.stride[kind]
         c.ram_bytes += hit.size * stride
         c.selected_bytes += sel.size * stride
         if sel.size:
             c.hit_rate_sum += hit.size / sel.size
             c.hit_rate_n += 1
+        if kind == "out":
+            self.prev_out[layer] = mask
         return out
 
-    def __call__(self, i: int, x: np.ndarray) -> np.ndarray:
+    def __call__(self, i: int, x: np.ndarray, resid: np.ndarray | None = None) -> np.ndarray:
+        """The MLP of layer i on its normed input x; `resid` (the residual stream) lets the next
+        layer's reads start early."""
         t0 = time.perf_counter()
         m, D = self.model, self.model.D
-        gu = self._hook("in", i, x, self._gu)
+        nxt_out = None
+        if self.prefetch:
+            guess = self.prev_out[i] if self.chooser.method != "dense" else np.ones(D, bool)
+            nxt_out = ("out", i, guess) if guess is not None else None
+        gu = self._hook("in", i, x, self._gu, nxt_out)
         h = (m.act(gu[:D]) * gu[D:]).astype(np.float32)
-        y = self._hook("out", i, h, self._y).copy()
+        nxt_in = None
+        if self.prefetch and resid is not None and i + 1 < m.L:
+            xn = m.norm(resid, m.vec[f"layers.{i + 1}.mlp_norm"])
+            cached = self.caches.cached(f"layers.{i + 1}.in")[0]
+            nxt_in = ("in", i + 1, self.chooser.mask("in", i + 1, xn, self.pos, cached))
+        y = self._hook("out", i, h, self._y, nxt_in).copy()
         if i == m.L - 1:
             self.pos += 1
             self.counters.tokens += 1

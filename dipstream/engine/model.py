@@ -180,7 +180,7 @@ class LeanModel:
             p = f"layers.{i}."
             a = self.attention(i, self.norm(x, self.vec[p + "attn_norm"]), pos)
             x = x + (self.norm(a, self.vec[p + "post_attn_norm"]) if gemma else a)
-            y = self.mlp(i, self.norm(x, self.vec[p + "mlp_norm"]))
+            y = self.mlp(i, self.norm(x, self.vec[p + "mlp_norm"]), x)
             x = x + (self.norm(y, self.vec[p + "post_mlp_norm"]) if gemma else y)
         return self.linear("head", self.norm(x, self.vec["final_norm"])).copy()
 

@@ -75,6 +75,9 @@ class EngineOptions:
     read_gap: str = field(default="32kB", metadata={
         "help": "lean engine with --offload: missed units closer than this in the file are read in one request "
                 "(reading through the gap is cheaper than another request; 0: exact reads)", "metavar": "BYTES"})
+    prefetch: bool = field(default=True, metadata={
+        "help": "lean engine with --offload: start the next hook's reads (predicted units) before this hook's "
+                "product (--no-prefetch: read each hook's units when it needs them)"})
     memory: str | None = field(default=None, metadata={
         "help": "lean engine with --offload: RAM budget for the whole process (bytes, e.g. '200MB'): what "
                 "Python, the libraries, the static weights, the KV cache and the buffers leave goes to the "
@@ -138,7 +141,8 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
           cache_bytes: int | None = None, memory: int | None = None, policy: str = "lru",
           policy_kwargs: dict | None = None, up_keep=None, down_keep=None, gamma: float = 0.1,
           n0_frac: float = 0.5, warmup: bool = True, keep_file: str | None = None, threads: int = 1, io_threads: int = 4,
-          direct: bool = True, record_masks: bool = False, read_gap: int = 0) -> tuple[LeanModel, dict]:
+          direct: bool = True, record_masks: bool = False, read_gap: int = 0,
+          prefetch: bool = True) -> tuple[LeanModel, dict]:
     """The lean model with its MLP backend and a description of its RAM. With `offload`, the
     MLP caches get `cache_bytes`, or what `memory` (the whole process) leaves after the RSS now,
     the static weights, the KV cache, the buffers and a margin."""
@@ -170,7 +174,7 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
                                  f"{fmt_bytes(fixed)}, margin {fmt_bytes(MARGIN)}); give more than "
                                  f"{fmt_bytes(need, round_up=True).replace(' ', '')}")
         info["model_file_bytes"] = int(man["size"])
-    lm.mlp = OffloadMLP(lm, chooser, cache_bytes, policy, io_threads, direct, record_masks, read_gap,
+    lm.mlp = OffloadMLP(lm, chooser, cache_bytes, policy, io_threads, direct, record_masks, read_gap, prefetch,
                         **(policy_kwargs or {}))
     info.update(cache_bytes=int(cache_bytes), mlp_ram_bytes=lm.mlp.ram_bytes, cache_ram_bytes=lm.mlp.cache_ram,
                 direct_io=lm.mlp.direct, capacity_in=lm.mlp.capacity["layers.0.in"],

@@ -58,7 +58,7 @@ def run_lean(cfg, out=None) -> dict:
     kw = dict(policy=cfg.cache.policy, policy_kwargs=cfg.cache.policy_kwargs(), up_keep=cfg.dip.up_keep,
               down_keep=cfg.dip.down_keep, keep_file=cfg.dip.keep_file, gamma=cfg.ca.gamma, n0_frac=cfg.ca.n0_frac, warmup=cfg.ca.warmup,
               threads=threads, io_threads=cfg.io_threads, direct=cfg.direct_io, record_masks=bool(cfg.trace),
-              read_gap=int(parse_bytes(o.read_gap)))
+              read_gap=int(parse_bytes(o.read_gap)), prefetch=o.prefetch)
     cache_bytes = None
     memory = parse_bytes(o.memory) if o.memory else None
     if cfg.offload and memory is None:  # --dram: weights and KV cache, static first (as simulate)
@@ -105,6 +105,9 @@ def run_lean(cfg, out=None) -> dict:
                    text=decode(res["ids"]), mlp_s_per_token=c.mlp_s / tokens,
                    disk_bytes_per_token=c.disk_bytes / tokens, reads_per_token=c.reads / tokens,
                    ram_bytes_per_token=c.ram_bytes / tokens, io_wait_s_per_token=c.io_wait_s / tokens,
+                   prefetch_bytes_per_token=c.prefetch_bytes / tokens,
+                   prefetch_precision=c.prefetch_useful / c.prefetch_units if c.prefetch_units else None,
+                   prefetch_recall=c.prefetch_served / c.missed_units if c.missed_units else None,
                    hit_rate=c.hit_rate_sum / c.hit_rate_n if c.hit_rate_n else None,
                    density_measured=c.selected_bytes / tokens / (lm.L * (lm.d * lm.mlp_stride("in")
                                                                        + lm.D * lm.mlp_stride("out"))),
