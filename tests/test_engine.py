@@ -324,3 +324,26 @@ def test_token_text_equals_the_tokenizer(tiny_checkpoint):
         assert table.decode(ids) == tok.decode(ids, skip_special_tokens=True)
     ids, text = encode_and_release(f, "the quick brown fox, déjà vu")
     assert ids == tok.encode("the quick brown fox, déjà vu").ids and text.decode(ids) == tok.decode(ids)
+
+
+def test_probe_lean_writes_hardware_the_simulator_replays(tiny_checkpoint, tmp_path):
+    """`dipstream probe --lean-model` on an exported model writes a hardware file with the engine's
+    precision (int4 in groups of 32 with float32 scales: 5 bits per weight) and a host time; the
+    simulator replays a lean run's trace with it."""
+    from dipstream.cli.main import main
+    from dipstream.simulator import load_hardware, load_trace, simulate
+
+    _export = tmp_path / "m"
+    hfdir = tiny_checkpoint
+    write_model_file(hfdir, _export, "tiny", "int4", "int4")
+    out = tmp_path / "hw.yaml"
+    assert main(["probe", "--lean-model", str(_export), "--out", str(out), "--repeats", "1", "--reads", "64"]) == 0
+    hw = load_hardware(out)
+    assert hw.bits["mlp"] == hw.bits["attention"] == 5.0 and hw.bits["kv_cache"] == 32.0
+    assert hw.dram_bw > 0 and hw.host_s_per_token >= 0 and hw.coalesce and hw.overlap and hw.read_gap_bytes == 32000
+    trace = tmp_path / "t.npz"
+    assert main(["generate", "--model", str(hfdir), "--model-dir", str(_export), "--weights", "int4", "--trace",
+                 str(trace), "--no-stream", "--max-new-tokens", "4", "--prompt", "abc"]) == 0
+    tr = load_trace(trace)
+    res = simulate(tr, hw, tr.shape(), policy="hot", fraction=1.0, dram_bytes=1e15, seq_len=16)
+    assert res.hit_rate == 1.0 and res.time_per_token_s >= hw.host_s_per_token

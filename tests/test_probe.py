@@ -4,7 +4,8 @@ fit is hand-checked; bad input gets one-line errors."""
 import pytest
 
 from dipstream.cli.main import main
-from dipstream.runtime.probe import ProbeConfig, fit_flash, run_probe
+from dipstream.runtime.probe import ProbeConfig, run_probe
+from dipstream.simulator.hardware import fit_flash
 from dipstream.simulator import load_hardware
 
 SMALL = dict(size="4MB", chunks="4096,12288", seq_chunk=1 << 18, io_threads=2, reads=64,

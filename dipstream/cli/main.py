@@ -163,8 +163,12 @@ def cmd_probe(ns) -> int:
     out = run_probe(from_namespace(ProbeConfig, ns), log=lambda m: print(m, file=sys.stderr))
     hw, fit = out["hardware"], out["fit"]
     print(f"wrote {out['out']}")
-    print(f"  dram_bw {hw['dram_bw'] / 1e9:.2f} GB/s, compute_flops {hw['compute_flops'] / 1e9:.2f} "
-          f"GFLOP/s (fused GEMV {out['gemv_bw'] / 1e9:.2f} GB/s)")
+    if "host_s_per_token" in out:
+        print(f"  dram_bw {hw['dram_bw'] / 1e9:.2f} GB/s (the engine's products), host "
+              f"{out['host_s_per_token'] * 1e3:.2f} ms/token")
+    else:
+        print(f"  dram_bw {hw['dram_bw'] / 1e9:.2f} GB/s, compute_flops {hw['compute_flops'] / 1e9:.2f} "
+              f"GFLOP/s (fused GEMV {out['gemv_bw'] / 1e9:.2f} GB/s)")
     print(f"  flash_bw {hw['flash_bw'] / 1e9:.3f} GB/s (direct I/O: {out['disk']['direct_io']}), "
           f"read latency {fit['latency_qd1_s'] * 1e6:.1f} us at 1 in flight, "
           f"{fit['per_read_s'] * 1e6:.1f} us/read at {out['disk']['io_threads']} "

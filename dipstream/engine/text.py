@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dipstream.errors import DipstreamError
+
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -78,6 +80,9 @@ def encode_and_release(tokenizer_file: Path, prompt: str) -> tuple[list[int], To
     """The prompt's ids and the decoding table; the tokenizer itself is freed."""
     import tokenizers
 
+    if not Path(tokenizer_file).is_file():
+        raise DipstreamError(f"{tokenizer_file} is missing: the model needs a fast tokenizer (tokenizer.json) "
+                             "in its checkpoint folder; export it from a checkpoint that has one")
     tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
     ids = tok.encode(prompt).ids
     text = TokenText.from_tokenizer(tok)

@@ -47,7 +47,7 @@ from dipstream.runtime.offload_file import (
     open_for_reads,
 )
 from dipstream.simulator import Hardware
-from dipstream.simulator.hardware import KINDS, parse_bytes
+from dipstream.simulator.hardware import KINDS, fit_flash, parse_bytes
 from dipstream.validation import at_least, input_file, output_dir, output_file
 
 
@@ -86,6 +86,13 @@ class ProbeConfig:
         "help": "keep the disk test file (reused by the next probe of the same size)"})
     json: str | None = field(default=None, metadata={
         "help": "also write all raw measurements as JSON", "metavar": "PATH"})
+    lean_model: str | None = field(default=None, metadata={
+        "help": "measure for the lean engine on this exported model folder (`dipstream export`): its "
+                "products' speed, reads of its file while the CPU computes, the per-token host time "
+                "(the other disk and GEMV options do not apply)", "metavar": "DIR"})
+    threads: int = field(default=1, metadata={"help": "with --lean-model: compute threads (as generate --threads)"})
+    read_gap: str = field(default="32kB", metadata={
+        "help": "with --lean-model: the read gap the runs will use (as generate --read-gap)"})
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -189,23 +196,12 @@ def measure_disk(path: Path, cfg: ProbeConfig, chunks: list[int]) -> dict:
     return res
 
 
-def fit_flash(disk: dict, io_threads: int) -> dict:
-    """flash_bw, flash_read_latency_s, flash_queue_depth from the disk figures (module doc)."""
-    bw = disk["seq_bw"]
-    lat1, latq = [], []
-    for c, r in disk["random"].items():
-        lat1.append(max(r["s_per_read_qd1"] - int(c) / bw, 0.0))
-        latq.append(max(r[f"s_per_read_qd{io_threads}"] - int(c) / bw, 0.0))
-    lat, per_read = float(np.mean(lat1)), float(np.mean(latq))
-    qd = max(1, int(round(lat / per_read))) if per_read > 0 else io_threads
-    return {"flash_bw": bw, "flash_read_latency_s": per_read * qd if per_read > 0 else lat,
-            "flash_queue_depth": qd, "latency_qd1_s": lat, "per_read_s": per_read}
-
-
 def run_probe(cfg: ProbeConfig, log=print) -> dict:
     """Measure, write the hardware YAML (and JSON), return the measurements."""
     import yaml
 
+    if cfg.lean_model is not None:
+        return _run_probe_lean(cfg, log)
 
 
     try:
@@ -299,6 +295,48 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
         write_json_atomic(cfg.json, out)
     return out
 
+
+
+def _run_probe_lean(cfg: ProbeConfig, log) -> dict:
+    import yaml
+
+    from dipstream.engine.calibrate import probe_lean
+    from dipstream.engine.modelfile import read_manifest
+    from dipstream.validation import input_dir
+
+    input_dir("lean_model", cfg.lean_model, "exported model folder (dipstream export --model-dir)")
+    read_manifest(cfg.lean_model)  # a one-line error unless it is a lean-engine model folder
+    at_least("threads", cfg.threads, 1)
+    at_least("io_threads", cfg.io_threads, 1)
+    at_least("repeats", cfg.repeats, 1)
+    try:
+        gap = int(parse_bytes(cfg.read_gap))
+    except ValueError as e:
+        raise DipstreamError(f"--read-gap: {e}") from None
+    output_file("out", cfg.out)
+    output_file("json", cfg.json)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    out = probe_lean(cfg.lean_model, cfg.threads, cfg.io_threads, gap, cfg.repeats, max(cfg.reads, 64), log=log)
+    out.update(host=socket.gethostname(), cpu=_cpu_name(), cpus=os.cpu_count(), load_avg=load,
+               date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    d, fit, disk = out["hardware"], out["fit"], out["disk"]
+    d["name"] = f"probe-lean-{out['host']}"
+    lines = [f"# measured by `dipstream probe --lean-model {cfg.lean_model}` on {out['host']} ({out['cpu']}, "
+             f"{out['cpus']} cpus, {cfg.threads} compute threads) at {out['date']}; load average "
+             f"{', '.join(f'{v:.2f}' for v in load or [])}",
+             f"# the engine's {out['weights']} products on isolated matrices: {out['product_rate'] / 1e9:.2f} GB/s "
+             f"of records; decodes in RAM: dense {out['decode']['dense_step_s'] * 1e3:.1f} ms/token "
+             f"({out['decode']['dense_bytes'] / 1e6:.1f} MB), DIP 0.5 {out['decode']['dip_step_s'] * 1e3:.1f} ms "
+             f"({out['decode']['dip_bytes'] / 1e6:.1f} MB) -> dram_bw {out['decode']['rate'] / 1e9:.2f} GB/s, "
+             f"host_s_per_token {out['host_s_per_token'] * 1e3:.2f} ms ({out['decode']['fit']})",
+             f"# reads of its file while the CPU computes, direct I/O {disk['direct_io']}: whole hooks "
+             f"{disk['seq_bw'] / 1e9:.3f} GB/s; latency {fit['latency_qd1_s'] * 1e6:.1f} us at one read in "
+             f"flight, {fit['per_read_s'] * 1e6:.1f} us per read with {cfg.io_threads} in flight"]
+    text = "\n".join(lines) + "\n" + yaml.safe_dump(d, sort_keys=False)
+    out["out"] = str(write_text_atomic(cfg.out, text))
+    if cfg.json:
+        write_json_atomic(cfg.json, out)
+    return out
 
 
 def _cpu_name() -> str:

@@ -47,6 +47,21 @@ def run_count(words: np.ndarray) -> np.ndarray:
     return popcount(w & ~((w << np.uint64(1)) | carry))
 
 
+def close_gaps(words: np.ndarray, n_units: int, gap) -> np.ndarray:
+    """The sets with every gap of at most ``gap`` unset units between two set units filled in
+    (reads that merge requests less than a gap apart). ``gap``: int, or one per row."""
+    g = np.broadcast_to(np.asarray(gap, np.int64).reshape(-1, *([1] * (np.ndim(words) - 1))) if np.ndim(gap)
+                        else np.asarray(gap, np.int64), np.shape(words)[:-1] + (1,))
+    if not np.any(g > 0):
+        return words
+    m = unpack(words, n_units)
+    pos = np.arange(n_units, dtype=np.int64)
+    prev = np.maximum.accumulate(np.where(m, pos, -1), axis=-1)
+    nxt = np.flip(np.minimum.accumulate(np.flip(np.where(m, pos, n_units), -1), axis=-1), -1)
+    fill = ~m & (prev >= 0) & (nxt < n_units) & (nxt - prev - 1 <= g)
+    return pack(m | fill)
+
+
 def _lowest_bits_table() -> np.ndarray:
     t = np.zeros((256, 9), np.uint8)
     for v in range(256):

@@ -57,6 +57,14 @@ class Hardware:
                 "other on Flash (bundled, as in dipstream's offload file) and are read in one "
                 "request: Flash reads per hook and token = runs of consecutive missed units "
                 "instead of one per unit; only matters with flash_read_latency_s"})
+    read_gap_bytes: float = field(default=0.0, metadata={
+        "help": "(beyond the reference) with coalesce: missed units at most this many bytes apart "
+                "are read in one request and the gap is read too (dipstream's lean engine, "
+                "--read-gap); 0 = runs of consecutive units only"})
+    host_s_per_token: float = field(default=0.0, metadata={
+        "help": "(beyond the reference) per-token time outside weight reads: the runtime's own "
+                "overhead (interpreter, norms, attention softmax), measured once per machine by "
+                "`dipstream probe --lean-model`"})
     embedding_lookup: bool = field(default=False, metadata={
         "help": "(beyond the reference) per token read one row of an untied embedding table "
                 "instead of the whole table"})
@@ -82,6 +90,9 @@ class Hardware:
             raise ValueError("flash_read_latency_s must be a finite number >= 0 (or None)")
         if self.flash_queue_depth is not None and int(self.flash_queue_depth) < 1:
             raise ValueError("flash_queue_depth must be >= 1 (or None)")
+        for name in ("read_gap_bytes", "host_s_per_token"):
+            if not 0 <= _number(getattr(self, name), name) < np.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
 
     def comb(self, t_dram, t_flash):
         """Combine DRAM and Flash read times (max if overlapped, else sum); numpy-friendly."""
@@ -123,6 +134,24 @@ def _number(v, name: str) -> float:
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "t": 1e12, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+def fit_flash(disk: dict, io_threads: int) -> dict:
+    """flash_bw, flash_read_latency_s, flash_queue_depth from measured reads: ``disk["seq_bw"]``
+    (bytes/s of long reads) and ``disk["random"][chunk bytes]`` with ``s_per_read_qd1`` and
+    ``s_per_read_qd{io_threads}``. Latency = time per read at one in flight minus its transfer;
+    the per-read cost at ``io_threads`` in flight (minus transfer) is latency / queue depth; the
+    latency written is that cost times the (integer) queue depth, so the simulator's per-read
+    term equals what was measured."""
+    bw = disk["seq_bw"]
+    lat1, latq = [], []
+    for c, r in disk["random"].items():
+        lat1.append(max(r["s_per_read_qd1"] - int(c) / bw, 0.0))
+        latq.append(max(r[f"s_per_read_qd{io_threads}"] - int(c) / bw, 0.0))
+    lat, per_read = float(np.mean(lat1)), float(np.mean(latq))
+    qd = max(1, int(round(lat / per_read))) if per_read > 0 else io_threads
+    return {"flash_bw": bw, "flash_read_latency_s": per_read * qd if per_read > 0 else lat,
+            "flash_queue_depth": qd, "latency_qd1_s": lat, "per_read_s": per_read}
+
+
 def fmt_bytes(n: float, round_up: bool = False) -> str:
     """'512 B', '3.2 kB', '1.5 MB', '2.1 GB' (decimal units, 3 significant digits; `round_up` for
     minimums a user passes back, which then always suffice)."""

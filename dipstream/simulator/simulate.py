@@ -221,11 +221,12 @@ class _Timing:
     def static_flops(self, kv_len):
         return 2 * self.static_w + 4 * kv_len * self.shape.d_model * self.shape.n_layers
 
-    def hook_times(self, sel, hit, runs=None):
+    def hook_times(self, sel, hit, runs=None, read=None):
         """Per token and hook times (T, H) for selected / hit unit counts; ``runs`` (given with
-        ``coalesce``): Flash reads = runs of consecutive missed units."""
+        ``coalesce``): Flash reads = runs of consecutive missed units; ``read``: units read from
+        Flash (the missed ones and, with ``read_gap_bytes``, the gaps read through)."""
         pl, hw = self.plan, self.hw
-        miss = sel - hit
+        miss = sel - hit if read is None else read
         if runs is not None:
             reads = runs
         else:
@@ -241,7 +242,7 @@ class _Timing:
     def prefill_time(self, p: int, occ0: np.ndarray) -> float:
         """Dense prompt pass of p tokens; occ0 = cached units per hook at the sequence start."""
         pl, hw = self.plan, self.hw
-        t = self.static_time(p, prefill=True)
+        t = self.static_time(p, prefill=True) + p * self.hw.host_s_per_token
         t += float(np.sum(hw.comb(occ0 * pl.unit_bytes / hw.dram_bw,
                                   (pl.n_units - occ0) * pl.unit_bytes / hw.flash_bw)))
         L, d = self.shape.n_layers, self.shape.d_model
@@ -251,7 +252,7 @@ class _Timing:
 
 
 def _summarize(timing: _Timing, sel, hit, seq_of, kv_seq, ttft, *, names, policy, meta,
-               occ_peak_bytes, runs=None) -> SimResult:
+               occ_peak_bytes, runs=None, read=None) -> SimResult:
     """Figures of the decoded tokens: ``sel``/``hit`` (T, H) per token and hook, ``seq_of`` (T,)
     the sequence of each token, ``kv_seq`` the average KV length (P + S) / 2 of every sequence."""
     pl, hw, shape = timing.plan, timing.hw, timing.shape
@@ -261,6 +262,7 @@ def _summarize(timing: _Timing, sel, hit, seq_of, kv_seq, ttft, *, names, policy
     kv_seq = np.asarray(kv_seq, np.float64).reshape(-1)
     if runs is not None:
         runs = np.asarray(runs, np.float64).reshape(-1, len(names))
+    read = sel - hit if read is None else np.asarray(read, np.float64).reshape(-1, len(names))
     T = sel.shape[0]
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(sel > 0, hit / np.where(sel > 0, sel, 1), np.nan)
@@ -269,7 +271,7 @@ def _summarize(timing: _Timing, sel, hit, seq_of, kv_seq, ttft, *, names, policy
     w = np.broadcast_to(pl.n_linears.astype(np.float64), ratio.shape)
     valid = ~np.isnan(ratio)
     hit_rate = float((np.where(valid, ratio, 0) * w).sum() / (w * valid).sum()) if valid.any() else np.nan
-    t_h = timing.hook_times(sel, hit, runs)
+    t_h = timing.hook_times(sel, hit, runs, read)
     t_mlp = t_h.sum(axis=1)
     mlp_used_w = (sel * pl.unit_weights).sum(axis=1)
     seqs = np.unique(seq_of)
@@ -277,7 +279,7 @@ def _summarize(timing: _Timing, sel, hit, seq_of, kv_seq, ttft, *, names, policy
     for q in seqs:  # the reference: tokens/s per sequence, then the mean over sequences
         i = seq_of == q
         kv = float(kv_seq[q])
-        io = timing.static_time(kv) + t_mlp[i]
+        io = timing.static_time(kv) + t_mlp[i] + hw.host_s_per_token
         if hw.compute_flops:
             fl = timing.static_flops(kv) + 2 * mlp_used_w[i]
             t_seq.append(float(np.mean(timing.roofline(io, fl))))
@@ -290,7 +292,7 @@ def _summarize(timing: _Timing, sel, hit, seq_of, kv_seq, ttft, *, names, policy
     sd, sf = timing.static_io(kv_avg)
     mean = (lambda a: float(np.mean(a)) if T else np.nan)
     mlp_d = mean((hit * pl.unit_bytes).sum(axis=1))
-    mlp_f = mean(((sel - hit) * pl.unit_bytes).sum(axis=1))
+    mlp_f = mean((read * pl.unit_bytes).sum(axis=1))
     mlp_total = shape.mlp_weights()
     return SimResult(
         model=str(meta.get("model", "")), method=str(meta.get("method", "")), policy=policy,
@@ -314,16 +316,18 @@ class _Log:
     """Growable (T, rows) int64 log with a write position per row."""
 
     def __init__(self, rows: int):
-        self.a = np.zeros((4, 256, rows), np.int64)  # sel, hit, occupancy after, missed runs
+        # sel, hit, occupancy after, missed runs, units read from Flash
+        self.a = np.zeros((5, 256, rows), np.int64)
         self.pos = np.zeros(rows, np.int64)
 
-    def write(self, rows, sel, hit, occ, runs=0):
+    def write(self, rows, sel, hit, occ, runs=0, read=None):
         """One token of the hooks `rows` (an index array)."""
         p = self.pos[rows]
         while int(p.max()) >= self.a.shape[1]:
             self.a = np.concatenate([self.a, np.zeros_like(self.a)], axis=1)
         self.a[:3, p, rows] = (sel, hit, occ)
         self.a[3, p, rows] = runs
+        self.a[4, p, rows] = np.asarray(sel) - np.asarray(hit) if read is None else read
         self.pos[rows] += 1
 
 
@@ -343,9 +347,9 @@ class HookStepper:
         loop = self.loop
         loop._ensure_sequence()
         w = bits.pack(np.asarray(mask, bool).reshape(1, -1))
-        runs = bits.run_count(w & ~loop.caches.cached_packed(self.index)) if loop.hw.coalesce else 0
+        runs, read = loop._reads(np.array([self.index]), w & ~loop.caches.cached_packed(self.index))
         sel, hit = loop.caches.step(self.index, w)
-        loop._log.write(np.array([self.index]), sel, hit, loop.caches.occupancy(self.index), runs)
+        loop._log.write(np.array([self.index]), sel, hit, loop.caches.occupancy(self.index), runs, read)
 
 
 class ClosedLoop:
@@ -448,20 +452,31 @@ class ClosedLoop:
         """Fast path: per hook group, uint64 words (rows, n_words) as in ``bits.pack``."""
         self._ensure_sequence()
         for g, (ix, pol) in enumerate(zip(self.caches.group_index, self.caches.policies)):
-            runs = bits.run_count(words[g] & ~pol.cached_packed()) if self.hw.coalesce else 0
+            runs, read = self._reads(ix, words[g] & ~pol.cached_packed())
             sel, hit = self.caches.step_group(g, words[g])
-            self._log.write(ix, sel, hit, pol.occupancy(), runs)
+            self._log.write(ix, sel, hit, pol.occupancy(), runs, read)
+
+    def _reads(self, ix, missed):
+        """(Flash reads, units read) of hooks `ix` for their missed units (packed rows): with
+        ``coalesce``, runs of consecutive units (gaps of at most ``read_gap_bytes`` read through);
+        else (0, None: one read per unit, the missed units)."""
+        if not self.hw.coalesce:
+            return 0, None
+        if self.hw.read_gap_bytes > 0:
+            gap = np.floor(self.hw.read_gap_bytes / self.plan.unit_bytes[ix]).astype(np.int64)
+            missed = bits.close_gaps(missed, int(self.hooks[ix[0]].n_units), gap)
+        return bits.run_count(missed), bits.popcount(missed)
 
     def logs(self):
-        """(sel, hit, occupancy, missed runs) arrays (T, n_hooks) in hook order (runs are counted
-        with ``coalesce`` only)."""
+        """(sel, hit, occupancy, missed runs, units read) arrays (T, n_hooks) in hook order (runs
+        are counted with ``coalesce`` only)."""
         c = self._counts()
         if np.any(c != c[0]):
             raise ValueError(f"hooks recorded different numbers of tokens: {sorted(set(c))}")
         return self._log.a[:, :int(c[0])].copy()
 
     def result(self) -> SimResult:
-        sel, hit, occ, runs = self.logs()
+        sel, hit, occ, runs, read = self.logs()
         runs = runs if self.hw.coalesce else None
         T = sel.shape[0]
         starts = np.array(self._starts or [0])
@@ -479,15 +494,16 @@ class ClosedLoop:
             if p > 0:
                 ttfts.append(tm.prefill_time(int(p), self._occ0[s] if self._occ0 else 0))
             elif b > a:
-                io = tm.static_time(1) + float(tm.hook_times(
-                    sel[a], hit[a], None if runs is None else runs[a]).sum())
+                io = tm.static_time(1) + self.hw.host_s_per_token + float(tm.hook_times(
+                    sel[a], hit[a], None if runs is None else runs[a], read[a]).sum())
                 fl = tm.static_flops(1) + 2 * float((sel[a] * pl.unit_weights).sum())
                 ttfts.append(float(tm.roofline(io, fl)))
         occ_peak = float((occ * pl.unit_bytes).sum(axis=1).max()) if T else 0.0
         return _summarize(tm, sel[decode], hit[decode], seq_of[decode], kv_seq,
                           float(np.mean(ttfts)) if ttfts else np.nan, names=self.names,
                           policy=self.policy_name, meta=self.meta,
-                          occ_peak_bytes=occ_peak, runs=None if runs is None else runs[decode])
+                          occ_peak_bytes=occ_peak, runs=None if runs is None else runs[decode],
+                          read=read[decode])
 
 
 def simulate(trace: MaskTrace, hardware, shape=None, policy="lru", dram_bytes=None,

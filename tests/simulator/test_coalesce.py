@@ -47,3 +47,31 @@ def test_runs_count_only_misses():
     # token 0 (the prompt) fills big caches; token 1 hits everything: no reads at all
     res = simulate(tr2, hw, SHAPE, policy="lru", dram_bytes=1e6, seq_len=2)
     assert res.hit_rate == 1.0 and res.t_mlp_s == pytest.approx((3 * 16 + 5 * 4) / 1e12)
+
+
+def test_close_gaps_hand_worked():
+    from dipstream.simulator.bits import close_gaps, unpack
+
+    m = np.zeros((2, 70), bool)
+    m[0, [0, 2, 3, 7, 66]] = True   # gaps of 1, 3 and 58 units
+    m[1, [1, 69]] = True
+    got = unpack(close_gaps(pack(m), 70, np.array([1, 67])), 70)
+    want = m.copy()
+    want[0, 1] = True               # row 0, gap <= 1: only the gap between 0 and 2 closes
+    want[1, 1:70] = True            # row 1, gap <= 67: the one gap of 67 closes (never past the ends)
+    assert (got == want).all()
+
+
+@pytest.mark.parametrize("gap,reads,units_in,units_out", [(0, 2 + 3, 3, 5), (4, 2 + 2, 3, 6), (8, 2 + 1, 3, 8),
+                                                          (16, 1 + 1, 4, 8)])
+def test_read_gap_reads_through_gaps(gap, reads, units_in, units_out):
+    """in hook 1 1 0 1 (16 B units: one gap of 16 B), out hook 1 0 1 1 1 0 0 1 (4 B units: gaps of
+    4 and 8 B). A gap of 4 B merges the out hook's first two runs (reading unit 1 too), 8 B all
+    three (units 1, 5, 6), 16 B also the in hook's two (unit 2). Plus the per-token host time."""
+    hw = Hardware(name="h", dram_bw=1e9, flash_bw=1e6, bits={k: 8 for k in KINDS}, flash_read_latency_s=1e-3,
+                  flash_queue_depth=1, coalesce=True, read_gap_bytes=gap, host_s_per_token=0.25)
+    res = simulate(_trace(), hw, SHAPE, policy="none", dram_bytes=1e6, seq_len=1)
+    t_mlp = (units_in * 16 + units_out * 4) / 1e6 + reads * 1e-3
+    assert res.t_mlp_s == pytest.approx(t_mlp)
+    assert res.mlp_flash_bytes_per_token == units_in * 16 + units_out * 4
+    assert res.time_per_token_s == pytest.approx(res.t_static_s + t_mlp + 0.25)

@@ -1,0 +1,214 @@
+"""Measure this machine for the lean engine and describe it as simulator hardware, so that
+`dipstream simulate` predicts the engine's tokens/s (`dipstream probe --lean-model DIR`).
+
+* ``dram_bw`` and ``host_s_per_token``: a token of the engine in RAM takes host + bytes / rate,
+  where bytes are the records it multiplies (on a CPU the kernels' rate, not the RAM's
+  bandwidth, bounds a token) and host the time outside the products (interpreter, norms,
+  attention over the KV cache, top-k): fitted to two in-RAM decodes of the model that multiply
+  different bytes (dense, and DIP at density 0.5). The products' rate on isolated matrices (the
+  first layer's MLP and the head) is measured too and used when the two decodes do not separate.
+* Flash: reads of the model file with the engine's reader (direct I/O, ``io_threads`` in
+  flight) **while a second thread runs those kernels**, as during decoding: long reads of a
+  whole hook (``flash_bw``) and reads of single records at one and at ``io_threads`` in flight
+  (latency and queue depth, ``simulator.hardware.fit_flash``).
+* precision: bits per weight of the format's records (int4 in groups of 32 with a float32 scale:
+  5), the KV cache in float32; ``overlap`` (the engine's prefetch overlaps reads with compute),
+  ``bundle``, ``coalesce`` and ``read_gap_bytes`` as the engine reads.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dipstream.engine.mlp import BLOCK, MaskChooser, RamMLP
+from dipstream.engine.model import LeanModel, read_block
+from dipstream.engine.modelfile import read_manifest
+from dipstream.engine.qmatrix import QMatrix
+from dipstream.kernels import native
+from dipstream.simulator.hardware import KINDS, Hardware, fit_flash
+
+
+def _product_rate(model: LeanModel, repeats: int, threads: int) -> float:
+    """Bytes of records per second of the dense product over layer 0's MLP and the head."""
+    infos = model.manifest["tensor_info"]
+    mats = []
+    for name in ("layers.0.mlp_in", "layers.0.mlp_out"):
+        info = infos[name]
+        mats.append(QMatrix(read_block(model.fd, info), info.fmt, info.m, info.group))
+    mats.append(model.w["head"])
+    total_b, total_t = 0, 0.0
+    rng = np.random.default_rng(0)
+    for q in mats:
+        v = rng.standard_normal(q.rows).astype(np.float32)
+        idx, coef, out = np.empty(q.rows, np.int64), np.empty(q.rows, np.float32), np.empty(q.m, np.float32)
+        q.select(v, q.rows, idx, coef, out, threads)  # warm-up
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            q.select(v, q.rows, idx, coef, out, threads)
+            ts.append(time.perf_counter() - t)
+        total_b += q.nbytes
+        total_t += statistics.median(ts)
+    return total_b / total_t
+
+
+class _Busy:
+    """A thread running the engine's product in a loop (ctypes releases the GIL)."""
+
+    def __init__(self, model: LeanModel, threads: int):
+        q = model.w["head"]
+        self.args = (np.random.default_rng(1).standard_normal(q.rows).astype(np.float32), q.rows,
+                     np.empty(q.rows, np.int64), np.empty(q.rows, np.float32), np.empty(q.m, np.float32), threads)
+        self.q, self.stop = q, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.q.select(*self.args)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def _disk(model: LeanModel, io_threads: int, reads: int, rounds: int) -> dict:
+    """Reads of the model file's MLP records with the engine's reader, direct I/O."""
+    lib = native.load(quiet=True)
+    path = model.directory / "model.bin"
+    try:
+        fd, direct = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)), True
+    except OSError:
+        fd, direct = os.open(path, os.O_RDONLY), False
+    infos = model.manifest["tensor_info"]
+    hooks = [infos[f"layers.{i}.mlp_{k}"] for i in range(model.L) for k in KINDS_MLP]
+    big = max(h.rows * h.stride for h in hooks)
+    raw = np.empty(64 * (max(h.stride for h in hooks) + 2 * BLOCK) + big + 2 * BLOCK, np.uint8)
+    base = raw.ctypes.data + (-raw.ctypes.data) % BLOCK
+    res = {"direct_io": direct, "io_threads": io_threads, "random": {}}
+    size = os.fstat(fd).st_size  # a multiple of the file's 4096-byte alignment
+    rng = np.random.default_rng(2)
+
+    def batch(offs, lens, threads):
+        dst = base + np.concatenate([[0], np.cumsum(lens[:-1])]).astype(np.int64)
+        t = time.perf_counter()
+        rc = lib.ds_pread_batch(fd, offs.size, offs.ctypes.data, lens.ctypes.data, dst.ctypes.data, threads)
+        if rc:
+            raise OSError(rc, os.strerror(rc), str(path))
+        return time.perf_counter() - t
+
+    try:
+        # whole hooks, one request each (a dense layer's reads), in file order
+        t, n = 0.0, 0
+        for _ in range(rounds):
+            for h in hooks:
+                ln = h.rows * h.stride + (-(h.rows * h.stride)) % BLOCK
+                t += batch(np.array([h.offset], np.int64), np.array([ln], np.int64), io_threads)
+                n += ln
+        res["seq_bw"] = n / t
+        for kind in KINDS_MLP:
+            h0 = infos[f"layers.0.mlp_{kind}"]
+            ln = h0.stride + (-h0.stride) % BLOCK + BLOCK  # one record, block aligned around it
+            per = {}
+            for threads in (1, io_threads):
+                n = reads if threads > 1 else max(64, reads // 4)
+                tt = 0.0
+                for a in range(0, n, 64):
+                    h = hooks[rng.integers(len(hooks))]
+                    k = min(64, n - a)
+                    u = rng.integers(0, h.rows, k)
+                    offs = ((h.offset + u * h.stride) // BLOCK * BLOCK).astype(np.int64)
+                    tt += batch(offs, np.minimum(ln, size - offs).astype(np.int64), threads)  # never past the end
+                per[threads] = tt / n
+            res["random"][ln] = {"s_per_read_qd1": per[1], f"s_per_read_qd{io_threads}": per[io_threads]}
+    finally:
+        os.close(fd)
+    return res
+
+
+KINDS_MLP = ("in", "out")
+
+
+def _decode(model: LeanModel, method: str, tokens: int) -> tuple[float, float]:
+    """(median in-RAM token time, record bytes multiplied per token) of a decode with `method`."""
+    from dipstream.budget import layer_keeps
+
+    keeps = layer_keeps(0.5, model.L)
+    model.mlp = RamMLP(model, MaskChooser(method, [keeps.k_in(i, model.d) for i in range(model.L)],
+                                          [keeps.k_out(i, model.D) for i in range(model.L)]))
+    model.new_sequence()
+    ts = []
+    for pos in range(tokens):
+        t = time.perf_counter()
+        model.forward(pos % 97 + 3, pos)
+        ts.append(time.perf_counter() - t)
+    c = model.mlp.counters
+    mlp = sum(t.nbytes for n, t in model.manifest["tensor_info"].items() if n.endswith(("mlp_in", "mlp_out")))
+    weights = sum(t.nbytes for t in model.manifest["tensor_info"].values())
+    return statistics.median(ts[2:]), weights - mlp + c.selected_bytes / max(c.tokens, 1)
+
+
+def _fit_decode(model: LeanModel, rate: float, tokens: int) -> dict:
+    """The products' rate and the host time from two in-RAM decodes reading different bytes
+    (dense and DIP at density 0.5): t = host + bytes / rate. Falls back to the measured product
+    rate when the two do not separate (a noisy machine)."""
+    t_dense, b_dense = _decode(model, "dense", tokens)
+    t_dip, b_dip = _decode(model, "dip", tokens)
+    fit_rate = (b_dense - b_dip) / (t_dense - t_dip) if t_dense > t_dip else None
+    if fit_rate is None or t_dense - b_dense / fit_rate < 0:
+        fit_rate, how = rate, "product rate"
+    else:
+        how = "two decodes"
+    return {"dense_step_s": t_dense, "dip_step_s": t_dip, "dense_bytes": b_dense, "dip_bytes": b_dip,
+            "rate": fit_rate, "host_s_per_token": max(t_dense - b_dense / fit_rate, 0.0), "fit": how}
+
+
+def bits_of(manifest: dict) -> dict:
+    """Simulator bits per weight of the model file's formats (scales included)."""
+    infos = manifest["tensor_info"]
+
+    def per_weight(info) -> float:
+        return 8.0 * info.stride / info.m
+
+    mlp = per_weight(infos["layers.0.mlp_in"])
+    attn = per_weight(infos["layers.0.q"])
+    head = per_weight(infos["head"])
+    return {"mlp": mlp, "attention": attn, "lm_head": head, "embedding": head, "kv_cache": 32.0,
+            "predictors": 32.0, "adapters": 32.0}
+
+
+def probe_lean(model_dir: str | Path, threads: int = 1, io_threads: int = 8, read_gap: int = 32768,
+               repeats: int = 5, reads: int = 1024, tokens: int = 24, log=print) -> dict:
+    """Measure the machine for the lean engine on the exported model in `model_dir`; returns the
+    measurements and ``hardware`` (a dict `Hardware` accepts)."""
+    model = LeanModel(Path(model_dir), tokens + 2, threads)
+    try:
+        log("probe: the engine's products on RAM-resident records...")
+        rate = _product_rate(model, repeats, threads)
+        log("probe: reads of the model file while the CPU computes...")
+        with _Busy(model, threads):
+            disk = _disk(model, io_threads, reads, rounds=2)
+        log("probe: per-token time outside the products (dense and DIP decodes in RAM)...")
+        dec = _fit_decode(model, rate, tokens)
+        man = read_manifest(model_dir)
+    finally:
+        model.close()
+    fit = fit_flash(disk, io_threads)
+    hw = Hardware(name="probe-lean", dram_bw=dec["rate"], flash_bw=fit["flash_bw"], overlap=True, bits=bits_of(man),
+                  flash_read_latency_s=fit["flash_read_latency_s"], flash_queue_depth=fit["flash_queue_depth"],
+                  bundle=True, coalesce=True, read_gap_bytes=float(read_gap), host_s_per_token=dec["host_s_per_token"],
+                  stream_static_overflow=True)
+    d = hw.to_dict()
+    d.pop("dram_bytes", None)
+    assert set(d["bits"]) == set(KINDS)
+    return {"product_rate": rate, "disk": disk, "fit": fit, "decode": dec, "host_s_per_token": dec["host_s_per_token"],
+            "threads": threads, "model_dir": str(model_dir), "weights": man["mlp_fmt"], "hardware": d}
