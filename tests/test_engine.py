@@ -326,6 +326,35 @@ def test_token_text_equals_the_tokenizer(tiny_checkpoint):
     assert ids == tok.encode("the quick brown fox, déjà vu").ids and text.decode(ids) == tok.decode(ids)
 
 
+def test_lean_tokenizer_is_written_only_when_it_matches(tiny_checkpoint, tmp_path):
+    """Export writes the lean tokenizer when it reproduces `tokenizers` (the tiny byte-level BPE),
+    and the engine then encodes with it; a tokenizer kind it does not encode gets none."""
+    import json
+    import shutil
+
+    import tokenizers
+
+    from dipstream.engine.text import LEAN_FILE, LeanTokenizer, encode_and_release, write_lean_tokenizer
+
+    d = tmp_path / "t"
+    d.mkdir()
+    shutil.copy(tiny_checkpoint / "tokenizer.json", d)
+    tok = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+    kind = json.loads((d / "tokenizer.json").read_text())["model"]["type"]
+    written = write_lean_tokenizer(d)
+    assert written == (d / LEAN_FILE).exists()
+    if written:
+        lean = LeanTokenizer.load(d)
+        for s in ("the quick brown fox", "naïve café 42", "a  b\tc\n\nd"):
+            assert lean.encode(s) == tok.encode(s).ids
+            assert encode_and_release(d / "tokenizer.json", s)[0] == tok.encode(s).ids
+    else:
+        assert kind != "BPE" or LeanTokenizer.from_json(json.loads((d / "tokenizer.json").read_text()), tok) is None
+    bad = json.loads((d / "tokenizer.json").read_text())
+    bad["model"]["type"] = "WordPiece"
+    assert LeanTokenizer.from_json(bad, tok) is None
+
+
 def test_probe_lean_writes_hardware_the_simulator_replays(tiny_checkpoint, tmp_path):
     """`dipstream probe --lean-model` on an exported model writes a hardware file with the engine's
     precision (int4 in groups of 32 with float32 scales: 5 bits per weight) and a host time; the

@@ -59,17 +59,25 @@ def test_smollm2_lean_engine_float32_equals_hf_and_int4_perplexity(tmp_path):
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
-def test_token_text_on_real_vocabularies(model):
-    """The lean engine's ids->text table equals `tokenizers` on real text and on random ids."""
+def test_lean_tokenizer_on_real_vocabularies(model):
+    """The lean engine's tokenizer (arrays written at export) encodes real text to the ids of
+    `tokenizers`, and its ids->text table decodes real text and random ids as `tokenizers` does."""
+    import json
+
     import numpy as np
     import tokenizers
 
     from dipstream.data import load_text
-    from dipstream.engine.text import TokenText
+    from dipstream.engine.text import LeanTokenizer
     from dipstream.models.loading import resolve_checkpoint
 
-    tok = tokenizers.Tokenizer.from_file(str(resolve_checkpoint(model)[1] / "tokenizer.json"))
-    table = TokenText.from_tokenizer(tok)
+    path = resolve_checkpoint(model)[1] / "tokenizer.json"
+    tok = tokenizers.Tokenizer.from_file(str(path))
+    lean = LeanTokenizer.from_json(json.loads(path.read_text()), tok)
+    assert lean is not None
+    text = load_text("wiki", "eval")[:30000]
+    assert all(lean.encode(text[s:s + 600]) == tok.encode(text[s:s + 600]).ids for s in range(0, 29000, 500))
+    table = lean.text
     ids = tok.encode(load_text("wiki", "eval")[:20000]).ids
     rng = np.random.default_rng(0)
     chunks = [ids[s:s + 40] for s in range(0, len(ids) - 40, 97)]

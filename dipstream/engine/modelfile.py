@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dipstream.errors import DipstreamError
 from dipstream.engine.qmatrix import FORMATS, quantize_records, record_layout
+from dipstream.engine.text import write_lean_tokenizer
+from dipstream.errors import DipstreamError
 from dipstream.io import atomic_path, write_json_atomic
 
 FORMAT = "dipstream-engine/1"
@@ -195,6 +196,7 @@ def write_model_file(ckpt: str | os.PathLike, directory: str | os.PathLike, mode
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (ckpt / name).exists():
             (directory / name).write_bytes((ckpt / name).read_bytes())
+    write_lean_tokenizer(directory)
     write_json_atomic(directory / MANIFEST, manifest)
     return manifest
 

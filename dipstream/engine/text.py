@@ -1,7 +1,14 @@
-"""Text in and out of the lean engine at little resident memory: the prompt is encoded with the
-`tokenizers` library, which is then released (a loaded 50k-vocabulary tokenizer holds ~25 MB);
-generated ids are turned into text from a table of each token's bytes (byte-level BPE and
-SentencePiece-style byte-fallback vocabularies)."""
+"""Text in and out of the lean engine at little resident memory.
+
+The `tokenizers` library holds a loaded BPE vocabulary in a lot of RAM (SmolLM2's 49k tokens:
+~30 MB; Gemma 3's 262k tokens and 515k merges: ~370 MB at peak), more than a memory-capped run
+can give it. So at export the tokenizer is also written as arrays (`LeanTokenizer`): each
+token's bytes (decoding), the merges as sorted (left, right) pair keys with their rank and result
+(encoding), the initial symbols, the added tokens and the template's prefix. It encodes the two
+BPE kinds of the supported families (GPT-2 byte-level with its split pattern; SentencePiece-style
+with the space replaced by U+2581 and byte fallback) and is written only when it gives the
+`tokenizers` library's ids on a sample text; otherwise the engine loads `tokenizers`, encodes the
+prompt and releases it."""
 
 from __future__ import annotations
 
@@ -28,6 +35,12 @@ def _byte_level_decoder() -> dict[str, int]:
             cs.append(256 + n)
             n += 1
     return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's printable stand-in of each byte 0..255."""
+    inv = {b: c for c, b in _byte_level_decoder().items()}
+    return [inv[b] for b in range(256)]
 
 
 def _release_memory() -> None:
@@ -76,8 +89,188 @@ class TokenText:
         return self.bytes_of(ids).decode("utf-8", errors="replace")
 
 
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LEAN_FILE = "tokenizer_lean.npz"
+SAMPLE = ("The history of the city begins with a small settlement of 1,250 people in 1843; its name "
+          "comes from the river.\n\nÉtude n° 3 — naïve café, 東京 and Ελλάδα! Don't we'll they're "
+          "x^2 + y_1 = 42.5%  tabs\tand    spaces, <html> {json: [1, 2]} émigré façade coöperate.")
+
+
+class LeanTokenizer:
+    """BPE encoding and decoding from arrays (see the module docstring)."""
+
+    def __init__(self, arrays: dict, meta: dict):
+        self.meta = meta
+        self.text = TokenText.__new__(TokenText)
+        self.text.offsets, self.text.blob = arrays["offsets"], bytes(arrays["blob"])
+        self.keys, self.rank, self.merged = arrays["pair_keys"], arrays["pair_rank"], arrays["pair_merged"]
+        self.V = int(meta["vocab_size"])
+        sym = arrays["sym_chars"].tobytes().decode("utf-8")
+        self.sym = dict(zip(sym, arrays["sym_ids"].tolist()))
+        self.added = [(c, i) for c, i in meta["added"]]
+        self._split = None
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_json(cls, tok_json: dict, hf_tokenizer) -> "LeanTokenizer | None":
+        """From tokenizer.json (parsed) and the loaded `tokenizers.Tokenizer`; None for a kind
+        it does not encode."""
+        m = tok_json.get("model") or {}
+        if m.get("type") != "BPE" or m.get("dropout") or m.get("continuing_subword_prefix") or \
+                m.get("end_of_word_suffix") or m.get("ignore_merges"):
+            return None
+        pre, norm = tok_json.get("pre_tokenizer") or {}, tok_json.get("normalizer") or {}
+        if pre.get("type") == "ByteLevel" and not norm and not pre.get("add_prefix_space") and pre.get("use_regex", True):
+            kind = "byte_level"
+        elif norm == {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"} and m.get("byte_fallback") \
+                and pre in ({}, {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                                 "invert": False}):
+            kind = "sentencepiece"
+        else:
+            return None
+        vocab = m["vocab"]
+        V = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        merges = [tuple(x.split(" ", 1)) if isinstance(x, str) else tuple(x) for x in m["merges"]]
+        left = np.array([vocab[a] for a, _ in merges], np.int64)
+        right = np.array([vocab[b] for _, b in merges], np.int64)
+        out = np.array([vocab[a + b] for a, b in merges], np.int64)
+        keys = left * V + right
+        order = np.argsort(keys, kind="stable")
+        if kind == "byte_level":
+            chars = list(_byte_level_decoder())
+        else:
+            chars = [t for t in vocab if len(t) == 1]
+        sym_ids = np.array([vocab[c] for c in chars if c in vocab], np.int32)
+        chars = [c for c in chars if c in vocab]
+        prefix = []
+        post = tok_json.get("post_processor") or {}
+        if post.get("type") == "TemplateProcessing":
+            for item in post["single"]:
+                if "SpecialToken" in item:
+                    prefix += post["special_tokens"][item["SpecialToken"]["id"]]["ids"]
+                elif "Sequence" in item:
+                    break
+        elif post and post.get("type") != "ByteLevel":
+            return None
+        added = [(a["content"], a["id"]) for a in tok_json.get("added_tokens", [])
+                 if not a.get("normalized") and not a.get("lstrip") and not a.get("rstrip") and not a.get("single_word")]
+        text = TokenText.from_tokenizer(hf_tokenizer)
+        arrays = {"offsets": text.offsets, "blob": np.frombuffer(text.blob, np.uint8),
+                  "pair_keys": keys[order], "pair_rank": order.astype(np.int32), "pair_merged": out[order].astype(np.int32),
+                  "sym_chars": np.frombuffer("".join(chars).encode("utf-8"), np.uint8), "sym_ids": sym_ids}
+        meta = {"kind": kind, "vocab_size": V, "prefix": prefix, "added": added,
+                "byte_fallback": bool(m.get("byte_fallback")),
+                "byte_ids": [vocab.get(f"<0x{b:02X}>") for b in range(256)] if kind == "sentencepiece" else None}
+        lean = cls(arrays, meta)
+        if lean.encode(SAMPLE) != hf_tokenizer.encode(SAMPLE).ids:
+            return None
+        lean._arrays = arrays
+        return lean
+
+    def save(self, directory: Path) -> None:
+        import json
+
+        from dipstream.io import atomic_path
+
+        with atomic_path(Path(directory) / LEAN_FILE) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, meta=np.frombuffer(json.dumps(self.meta).encode(), np.uint8), **self._arrays)
+
+    @classmethod
+    def load(cls, directory: Path) -> "LeanTokenizer":
+        import json
+
+        with np.load(Path(directory) / LEAN_FILE, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+            meta = json.loads(z["meta"].tobytes().decode())
+        return cls(arrays, meta)
+
+    # ------------------------------------------------------------------ encode
+    def _pieces(self, text: str):
+        """(text, None) pieces to encode and (None, id) added tokens, in order."""
+        if not self.added:
+            return [(text, None)]
+        if self._split is None:
+            import re
+
+            alts = sorted((c for c, _ in self.added), key=len, reverse=True)
+            self._split = (re.compile("|".join(re.escape(c) for c in alts)), dict(self.added))
+        rx, ids = self._split
+        out, pos = [], 0
+        for mt in rx.finditer(text):
+            if mt.start() > pos:
+                out.append((text[pos:mt.start()], None))
+            out.append((None, ids[mt.group()]))
+            pos = mt.end()
+        if pos < len(text):
+            out.append((text[pos:], None))
+        return out
+
+    def _bpe(self, ids: list[int]) -> list[int]:
+        """Merge the lowest-rank adjacent pair (leftmost first) until none merges."""
+        V, keys, rank, merged = self.V, self.keys, self.rank, self.merged
+        while len(ids) > 1:
+            a = np.array(ids, np.int64)
+            k = a[:-1] * V + a[1:]
+            j = np.searchsorted(keys, k)
+            j = np.minimum(j, keys.size - 1)
+            ok = keys[j] == k
+            if not ok.any():
+                break
+            r = np.where(ok, rank[j], np.iinfo(np.int32).max)
+            p = int(np.argmin(r))
+            ids = ids[:p] + [int(merged[j[p]])] + ids[p + 2:]
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        ids = list(self.meta["prefix"])
+        for piece, tid in self._pieces(text):
+            if tid is not None:
+                ids.append(tid)
+            elif self.meta["kind"] == "byte_level":
+                import regex
+
+                byte_char = _byte_chars()
+                for word in regex.findall(GPT2_SPLIT, piece):
+                    ids += self._bpe([self.sym[byte_char[b]] for b in word.encode("utf-8")])
+            else:
+                syms = []
+                for ch in piece.replace(" ", "\u2581"):
+                    if ch in self.sym:
+                        syms.append(self.sym[ch])
+                    else:  # byte fallback
+                        syms += [self.meta["byte_ids"][b] for b in ch.encode("utf-8")]
+                ids += self._bpe(syms)
+        return ids
+
+    def decode(self, ids) -> str:
+        return self.text.decode(ids)
+
+
+def write_lean_tokenizer(directory: Path) -> bool:
+    """At export: write `LEAN_FILE` beside tokenizer.json when the lean encoder reproduces it."""
+    import json
+
+    import tokenizers
+
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return False
+    lean = LeanTokenizer.from_json(json.loads(path.read_text()), tokenizers.Tokenizer.from_file(str(path)))
+    if lean is None:
+        return False
+    lean.save(directory)
+    return True
+
+
 def encode_and_release(tokenizer_file: Path, prompt: str) -> tuple[list[int], TokenText]:
-    """The prompt's ids and the decoding table; the tokenizer itself is freed."""
+    """The prompt's ids and the decoding table: from the lean tokenizer when the export wrote
+    one, else from `tokenizers` (then freed)."""
+    if (Path(tokenizer_file).parent / LEAN_FILE).is_file():
+        lean = LeanTokenizer.load(Path(tokenizer_file).parent)
+        ids, text = lean.encode(prompt), lean.text
+        del lean
+        _release_memory()
+        return ids, text
     import tokenizers
 
     if not Path(tokenizer_file).is_file():
