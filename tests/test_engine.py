@@ -135,13 +135,14 @@ def test_unread_records_are_never_used(exported, tmp_path):
         np.testing.assert_allclose(np.stack(got), np.stack(ref), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["dense", "dip", "dip-ca"])
-def test_prefetch_never_changes_the_output(exported, method):
+@pytest.mark.parametrize("method,mode", [("dense", "auto"), ("dip", "predicted"), ("dip-ca", "predicted"),
+                                         ("dip", "uncached"), ("dip-ca", "uncached")])
+def test_prefetch_never_changes_the_output(exported, method, mode):
     """The same tokens with and without prefetching give identical logits and masks; dense
     streaming's prefetch is exact (every miss after the first layer's up/gate read ahead)."""
     _, d = exported["llama", "int4"]
     runs = []
-    for pf in (False, True):
+    for pf in ("off", mode):
         lm = LeanModel(d, 16)
         cache = 0 if method == "dense" else 30_000  # dense: no cache, every unit of every hook missed
         lm.mlp = OffloadMLP(lm, MaskChooser(method, [30, 30], [40, 40], gamma=0.2), cache, direct=False,

@@ -30,6 +30,7 @@ from dipstream.simulator.simulate import split_cache
 from dipstream.simulator.trace import Hook, HookSpec, MaskTrace
 
 KINDS = ("in", "out")
+PREFETCH = ("auto", "predicted", "uncached", "off")
 BLOCK = 512  # direct reads: offsets and lengths in whole blocks
 
 
@@ -176,17 +177,25 @@ class OffloadMLP:
     through the gap costs less than another request's latency).
 
     With `prefetch`, the reads of the next hook are started before this hook's product is
-    computed, for the units it will probably select and not find cached: the next layer's
-    up/gate inputs chosen from the current residual stream (normed as that layer will norm it;
-    exact for dense streaming), a layer's down inputs from the previous token's choice there.
-    After the wait, the hook reads whatever it selected that the prefetch did not bring; the
-    output never depends on the prediction (tested)."""
+    computed: "predicted" reads the units it will probably select and not find cached (the next
+    layer's up/gate inputs chosen from the current residual stream, normed as that layer will
+    norm it; a layer's down inputs from the previous token's choice there); "uncached" reads
+    every uncached unit (what dense streaming needs); "auto" (the default) reads every uncached
+    unit of a hook kind whose records are at most half `read_gap` (reads through the gaps between
+    selected units would bring most of them anyway), else the predicted ones. After the wait, the
+    hook reads whatever it selected that the prefetch did not bring; the output never depends on
+    the prediction (tested)."""
+
+    @staticmethod
+    def buffer_sizes(n: dict, stride: dict) -> dict:
+        """Bytes of each kind's read buffer: its hook plus block slack, in whole blocks."""
+        size = {k: n[k] * stride[k] + 2 * BLOCK for k in KINDS}
+        return {k: v + (-v) % BLOCK for k, v in size.items()}
 
     @staticmethod
     def fixed_bytes(n: dict, stride: dict) -> int:
-        """RAM besides the caches: two read buffers (the largest hook, plus block slack)."""
-        size = max(n[k] * stride[k] for k in KINDS) + 2 * BLOCK
-        return 2 * (size + (-size) % BLOCK) + BLOCK
+        """RAM besides the caches: the two read buffers (one per hook kind)."""
+        return sum(OffloadMLP.buffer_sizes(n, stride).values()) + BLOCK
 
     def __init__(self, model: LeanModel, chooser: MaskChooser, cache_bytes: int, policy: str = "lru",
                  io_threads: int = 4, direct: bool = True, record_masks: bool = True, read_gap: int = 0,
@@ -196,7 +205,9 @@ class OffloadMLP:
         if lib is None:
             raise DipstreamError("offloading needs the native read pool, which is unavailable")
         self.lib, self.io_threads, self.read_gap = lib, int(io_threads), int(read_gap)
-        self.prefetch = bool(prefetch)
+        self.prefetch = {True: "auto", False: "off"}.get(prefetch, prefetch)
+        if self.prefetch not in PREFETCH:
+            raise DipstreamError(f"prefetch must be one of {', '.join(PREFETCH)}, got {prefetch!r}")
         infos = model.manifest["tensor_info"]
         self.info = {k: [infos[f"layers.{i}.mlp_{k}"] for i in range(model.L)] for k in KINDS}
         fi, fo = self.info["in"][0], self.info["out"][0]
@@ -219,12 +230,16 @@ class OffloadMLP:
             self.slab[h.name] = np.zeros((c, self.stride[h.kind]), np.uint8)
             self.slot[h.name] = np.full(h.n_units, -1, np.int64)
             self.free[h.name] = list(range(c))
-        size = max(self.n[k] * self.stride[k] for k in KINDS) + 2 * BLOCK
-        size += (-size) % BLOCK  # both buffers block-aligned (direct I/O)
-        raw = np.empty(2 * size + BLOCK, np.uint8)
+        size = self.buffer_sizes(self.n, self.stride)  # whole blocks: both buffers block-aligned
+        raw = np.empty(sum(size.values()) + BLOCK, np.uint8)
         off = (-raw.ctypes.data) % BLOCK
-        self.buf = {k: raw[off + j * size:off + (j + 1) * size] for j, k in enumerate(KINDS)}
+        self.buf = {"in": raw[off:off + size["in"]], "out": raw[off + size["in"]:off + size["in"] + size["out"]]}
         self.valid = {k: np.zeros(self.n[k], bool) for k in KINDS}
+        # per hook kind, read ahead every uncached unit (dense streaming; "uncached"; "auto" where
+        # records are small enough that reads through gaps would bring most of them anyway) or
+        # only the predicted ones
+        self._every = {k: chooser.method == "dense" or self.prefetch == "uncached"
+                       or (self.prefetch == "auto" and 2 * self.stride[k] <= self.read_gap) for k in KINDS}
         self.pending = None  # the prefetch in flight: (kind, layer, offsets, lengths, file offsets, dst)
         self.prev_out = [None] * model.L
         self.ram_bytes = sum(s.nbytes for s in self.slab.values()) + raw.nbytes
@@ -369,7 +384,7 @@ class OffloadMLP:
             del free[-kept.size:]
             slots[kept] = dest
             slab[dest] = read[kept]
-        if next_hook is not None and self.prefetch:
+        if next_hook is not None and self.prefetch != "off":
             nk, nl, nmask = next_hook
             ncached = self.caches.cached(f"layers.{nl}.{nk}")[0]
             self._start_prefetch(nk, nl, np.flatnonzero(nmask & ~ncached))
@@ -397,17 +412,21 @@ class OffloadMLP:
         layer's reads start early."""
         t0 = time.perf_counter()
         m, D = self.model, self.model.D
+        every = self._every
         nxt_out = None
-        if self.prefetch:
-            guess = self.prev_out[i] if self.chooser.method != "dense" else np.ones(D, bool)
+        if self.prefetch != "off":
+            guess = np.ones(D, bool) if every["out"] else self.prev_out[i]
             nxt_out = ("out", i, guess) if guess is not None else None
         gu = self._hook("in", i, x, self._gu, nxt_out)
         h = (m.act(gu[:D]) * gu[D:]).astype(np.float32)
         nxt_in = None
-        if self.prefetch and resid is not None and i + 1 < m.L:
-            xn = m.norm(resid, m.vec[f"layers.{i + 1}.mlp_norm"])
-            cached = self.caches.cached(f"layers.{i + 1}.in")[0]
-            nxt_in = ("in", i + 1, self.chooser.mask("in", i + 1, xn, self.pos, cached))
+        if self.prefetch != "off" and resid is not None and i + 1 < m.L:
+            if every["in"]:
+                nxt_in = ("in", i + 1, np.ones(m.d, bool))
+            else:
+                xn = m.norm(resid, m.vec[f"layers.{i + 1}.mlp_norm"])
+                cached = self.caches.cached(f"layers.{i + 1}.in")[0]
+                nxt_in = ("in", i + 1, self.chooser.mask("in", i + 1, xn, self.pos, cached))
         y = self._hook("out", i, h, self._y, nxt_in).copy()
         if i == m.L - 1:
             self.pos += 1

@@ -79,6 +79,8 @@ class LeanModel:
             else:
                 self.w[name] = QMatrix(rec, info.fmt, info.m, info.group)
         self.static_bytes = sum(q.nbytes for q in self.w.values()) + sum(v.nbytes for v in self.vec.values())
+        if hasattr(os, "posix_fadvise"):  # the copies are in RAM now: drop the file's cached pages
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         # KV cache and RoPE tables, allocated once
         self.K = np.empty((self.L, self.Hkv, self.max_seq, self.hd), np.float32)
         self.Vc = np.empty_like(self.K)

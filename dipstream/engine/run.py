@@ -25,7 +25,7 @@ from dipstream.paths import cache_root
 from dipstream.simulator.hardware import fmt_bytes
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-MARGIN = 4 << 20  # RAM left for Python's own growth and numpy temporaries (peak RSS is checked in tests)
+MARGIN = 3 << 19  # RAM left for Python's own growth and numpy temporaries (peak RSS is checked in tests)
 
 
 def rss_bytes() -> int:
@@ -75,9 +75,11 @@ class EngineOptions:
     read_gap: str = field(default="32kB", metadata={
         "help": "lean engine with --offload: missed units closer than this in the file are read in one request "
                 "(reading through the gap is cheaper than another request; 0: exact reads)", "metavar": "BYTES"})
-    prefetch: bool = field(default=True, metadata={
-        "help": "lean engine with --offload: start the next hook's reads (predicted units) before this hook's "
-                "product (--no-prefetch: read each hook's units when it needs them)"})
+    prefetch: str = field(default="auto", metadata={
+        "help": "lean engine with --offload: start the next hook's reads before this hook's product: predicted "
+                "(the units it will probably select), uncached (every unit it does not cache), auto (uncached "
+                "where records are at most half --read-gap, else predicted) or off",
+        "choices": ("auto", "predicted", "uncached", "off")})
     memory: str | None = field(default=None, metadata={
         "help": "lean engine with --offload: RAM budget for the whole process (bytes, e.g. '200MB'): what "
                 "Python, the libraries, the static weights, the KV cache and the buffers leave goes to the "
@@ -142,7 +144,7 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
           policy_kwargs: dict | None = None, up_keep=None, down_keep=None, gamma: float = 0.1,
           n0_frac: float = 0.5, warmup: bool = True, keep_file: str | None = None, threads: int = 1, io_threads: int = 4,
           direct: bool = True, record_masks: bool = False, read_gap: int = 0,
-          prefetch: bool = True) -> tuple[LeanModel, dict]:
+          prefetch: str | bool = "auto") -> tuple[LeanModel, dict]:
     """The lean model with its MLP backend and a description of its RAM. With `offload`, the
     MLP caches get `cache_bytes`, or what `memory` (the whole process) leaves after the RSS now,
     the static weights, the KV cache, the buffers and a margin."""
