@@ -198,6 +198,18 @@ def test_dip_ca_trace_replays_to_the_same_hits(exported):
     assert lm.mlp.counters.ram_bytes == sum(per_kind[k] * stride[k] for k in stride)
 
 
+def test_float16_kv_cache_is_close(exported):
+    """A float16 KV cache (half the bytes) changes the logits by float16 rounding only."""
+    _, d = exported["llama", "float32"]
+    out = []
+    for kv in ("float32", "float16"):
+        lm = LeanModel(d, 16, kv_dtype=kv)
+        lm.mlp = RamMLP(lm, MaskChooser("dense", [], []))
+        out.append(np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])]))
+        assert lm.kv_bytes == 2 * lm.K.nbytes and lm.K.dtype == np.dtype(kv)
+    np.testing.assert_allclose(out[0], out[1], rtol=0, atol=5e-3 * np.abs(out[0]).max())
+
+
 def test_perplexity_matches_the_forward(exported):
     m, d = exported["llama", "float32"]
     lm = LeanModel(d, 16)

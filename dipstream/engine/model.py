@@ -50,7 +50,8 @@ class LeanModel:
     `mlp`: an object with ``__call__(layer, h (d,)) -> y (d,)`` and ``new_sequence()`` (see
     :mod:`dipstream.engine.mlp`); set after construction (it may need this model's file)."""
 
-    def __init__(self, directory: str | os.PathLike, max_seq: int, nthreads: int = 1, verify: bool = False):
+    def __init__(self, directory: str | os.PathLike, max_seq: int, nthreads: int = 1, verify: bool = False,
+                 kv_dtype: str = "float32"):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         if verify:
@@ -82,7 +83,9 @@ class LeanModel:
         if hasattr(os, "posix_fadvise"):  # the copies are in RAM now: drop the file's cached pages
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         # KV cache and RoPE tables, allocated once
-        self.K = np.empty((self.L, self.Hkv, self.max_seq, self.hd), np.float32)
+        if kv_dtype not in ("float32", "float16"):
+            raise DipstreamError(f"KV cache dtype must be float32 or float16, not {kv_dtype!r}")
+        self.K = np.empty((self.L, self.Hkv, self.max_seq, self.hd), np.dtype(kv_dtype))
         self.Vc = np.empty_like(self.K)
         self.K.fill(0)  # touched: resident now, so RSS accounts for it
         self.Vc.fill(0)
@@ -165,10 +168,13 @@ class LeanModel:
         self.Vc[i, :, pos] = v.reshape(self.Hkv, self.hd)
         lo = max(0, pos - self.window + 1) if self.local[i] and self.window else 0
         g = self.H // self.Hkv
-        s = (q.reshape(self.Hkv, g, self.hd) @ self.K[i, :, lo:pos + 1].transpose(0, 2, 1)) * self.scale
+        K, V = self.K[i, :, lo:pos + 1], self.Vc[i, :, lo:pos + 1]
+        if K.dtype != np.float32:  # a float16 cache: products in float32
+            K, V = K.astype(np.float32), V.astype(np.float32)
+        s = (q.reshape(self.Hkv, g, self.hd) @ K.transpose(0, 2, 1)) * self.scale
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
-        o = (s @ self.Vc[i, :, lo:pos + 1]).reshape(self.H * self.hd)
+        o = (s @ V).reshape(self.H * self.hd)
         return self.linear(p + "o", o)
 
     # ------------------------------------------------------------------ one token

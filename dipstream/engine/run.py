@@ -25,7 +25,7 @@ from dipstream.paths import cache_root
 from dipstream.simulator.hardware import fmt_bytes
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-MARGIN = 3 << 19  # RAM left for Python's own growth and numpy temporaries (peak RSS is checked in tests)
+MARGIN = 1 << 20  # RAM left for Python's own growth and numpy temporaries (peak RSS is checked in tests)
 
 
 def rss_bytes() -> int:
@@ -75,6 +75,9 @@ class EngineOptions:
     read_gap: str = field(default="32kB", metadata={
         "help": "lean engine with --offload: missed units closer than this in the file are read in one request "
                 "(reading through the gap is cheaper than another request; 0: exact reads)", "metavar": "BYTES"})
+    kv_cache: str = field(default="float32", metadata={
+        "help": "lean engine: KV cache precision (float16 halves it, as llama.cpp's default; float32 gives the "
+                "Hugging Face model's numbers exactly)", "choices": ("float32", "float16")})
     prefetch: str = field(default="auto", metadata={
         "help": "lean engine with --offload: start the next hook's reads before this hook's product: predicted "
                 "(the units it will probably select), uncached (every unit it does not cache), auto (uncached "
@@ -144,12 +147,12 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
           policy_kwargs: dict | None = None, up_keep=None, down_keep=None, gamma: float = 0.1,
           n0_frac: float = 0.5, warmup: bool = True, keep_file: str | None = None, threads: int = 1, io_threads: int = 4,
           direct: bool = True, record_masks: bool = False, read_gap: int = 0,
-          prefetch: str | bool = "auto") -> tuple[LeanModel, dict]:
+          prefetch: str | bool = "auto", kv_cache: str = "float32") -> tuple[LeanModel, dict]:
     """The lean model with its MLP backend and a description of its RAM. With `offload`, the
     MLP caches get `cache_bytes`, or what `memory` (the whole process) leaves after the RSS now,
     the static weights, the KV cache, the buffers and a margin."""
     baseline = rss_bytes()
-    lm = LeanModel(directory, max_seq, threads)
+    lm = LeanModel(directory, max_seq, threads, kv_dtype=kv_cache)
     a = lm.arch
     keeps = layer_keeps(density, lm.L, up_keep, down_keep, keep_file)
     chooser = MaskChooser(method, [keeps.k_in(i, lm.d) for i in range(lm.L)],
@@ -184,13 +187,13 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
     return lm, info
 
 
-def ram_before_caches(manifest: dict, max_seq: int) -> int:
+def ram_before_caches(manifest: dict, max_seq: int, kv_cache: str = "float32") -> int:
     """Weight and KV bytes an offloaded run holds before any MLP cache: the static weights, the KV
     cache at `max_seq` and the MLP's read buffer."""
     infos = manifest["tensor_info"]
     a = manifest["arch"]
     static = sum(t.nbytes for n, t in infos.items() if not n.endswith(("mlp_in", "mlp_out")))
-    kv = 2 * 4 * a["n_layers"] * a["n_kv"] * max_seq * a["head_dim"]
+    kv = 2 * (2 if kv_cache == "float16" else 4) * a["n_layers"] * a["n_kv"] * max_seq * a["head_dim"]
     n = {"in": a["d"], "out": a["D"]}
     stride = {k: infos[f"layers.0.mlp_{k}"].stride for k in n}
     return int(static + kv + OffloadMLP.fixed_bytes(n, stride))
