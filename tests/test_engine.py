@@ -70,16 +70,43 @@ def test_float32_equals_the_hugging_face_forward(exported, name):
 @pytest.mark.parametrize("fmt,tol", [("int8", 0.01), ("int4", 0.15)])
 def test_quantized_records_round_trip(fmt, tol):
     rng = np.random.default_rng(0)
-    W = rng.standard_normal((48, 64)).astype(np.float32)
-    rec = quantize_records(W, fmt)
-    back = dequantize_records(rec, fmt, 64)
+    W = rng.standard_normal((64, 48)).astype(np.float32)  # 64 records (2 input groups) of 48 outputs
+    rec, hd, hm = quantize_records(W, fmt)
+    assert hd.shape == (2, 48) and (hm is None) == (fmt == "int8")
+    back = dequantize_records(rec, fmt, 48, hd, hm)
     assert np.linalg.norm(back - W) / np.linalg.norm(W) < tol
-    np.testing.assert_array_equal(quantize_records(back, fmt), rec)  # a fixed point
+    again = quantize_records(back, fmt)  # a fixed point: GGUF-grid weights are stored without loss
+    np.testing.assert_array_equal(again[0], rec)
+    np.testing.assert_array_equal(dequantize_records(*again[:1], fmt, 48, *again[1:]), back)
     q = QMatrix.from_dense(W.T, fmt)  # y = W^T-stored: the kernels read what dense() returns
-    x = rng.standard_normal(48).astype(np.float32)
-    out = np.empty(64, np.float32)
-    q.select(x, 48, np.empty(48, np.int64), np.empty(48, np.float32), out)
+    x = rng.standard_normal(64).astype(np.float32)
+    out = np.empty(48, np.float32)
+    q.select(x, 64, np.empty(64, np.int64), np.empty(64, np.float32), out)
     np.testing.assert_allclose(out, q.dense() @ x, rtol=1e-4, atol=1e-4)
+    # records gathered from other slots (a cache) with their units given: the same sum
+    units = np.array([3, 40, 41, 63, 5], np.int64)
+    slots = np.array([4, 0, 2, 1, 3], np.int64)
+    slab = np.zeros((5, q.stride), np.uint8)
+    slab[slots] = q.rec[units]
+    got = q.gather(slots, x[units], np.empty(48, np.float32), rec=slab, units=units)
+    np.testing.assert_allclose(got, q.dense()[:, units] @ x[units], rtol=1e-4, atol=1e-4)
+    for j in (0, 17, 47):
+        np.testing.assert_allclose(q.column(j), q.dense()[j], rtol=1e-6)
+
+
+def test_int4_int8_records_hand_worked():
+    """One input group of 32 records, output 0: w_u = u / 10 (u = 0..31) and output 1 = -w.
+    int4 (Q4_1): offset = min, scale = (max - min) / 15 in float16, nibble = round((w - o) / d);
+    int8 (Q8_0): scale = max|w| / 127, q = round(w / d)."""
+    w = np.stack([np.arange(32) / 10, -np.arange(32) / 10], 1).astype(np.float32)  # 32 records x 2
+    w = np.pad(w, ((0, 0), (0, 30)))  # 32 outputs (int4 packs outputs in pairs within 32)
+    rec, hd, hm = quantize_records(w, "int4")
+    assert hd[0, 0] == np.float16(3.1 / 15) and hm[0, 0] == np.float16(0.0) and hm[0, 1] == np.float16(-3.1)
+    nib = rec[:, 0] & 15  # output 0 in the low nibble of byte 0
+    np.testing.assert_array_equal(nib, np.rint(np.arange(32) / 10 / np.float32(np.float16(3.1 / 15))))
+    rec8, hd8, hm8 = quantize_records(w, "int8")
+    assert hm8 is None and hd8[0, 0] == np.float16(3.1 / 127)
+    assert rec8[31, 0].view(np.int8) == 127 and rec8[31, 1].view(np.int8) == -127
 
 
 @pytest.mark.parametrize("method,gap", [("dense", 0), ("dip", 0), ("dip", 1 << 20)])
@@ -370,7 +397,7 @@ def test_lean_tokenizer_is_written_only_when_it_matches(tiny_checkpoint, tmp_pat
 
 def test_probe_lean_writes_hardware_the_simulator_replays(tiny_checkpoint, tmp_path):
     """`dipstream probe --lean-model` on an exported model writes a hardware file with the engine's
-    precision (int4 in groups of 32 with float32 scales: 5 bits per weight) and a host time; the
+    precision (int4 with a float16 scale and offset per 32 weights: 5 bits per weight) and a host time; the
     simulator replays a lean run's trace with it."""
     from dipstream.cli.main import main
     from dipstream.simulator import load_hardware, load_trace, simulate

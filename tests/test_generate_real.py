@@ -34,8 +34,10 @@ def test_smollm2_sparse_density_one_equals_dense_and_offload(tmp_path):
 
 
 def test_smollm2_lean_engine_float32_equals_hf_and_int4_perplexity(tmp_path):
-    """The lean engine in float32 gives the Hugging Face model's greedy tokens; its int4 file's
-    perplexity on two eval windows is within 10% of float32's (measured: see docs)."""
+    """The lean engine in float32 gives the Hugging Face model's greedy tokens. SmolLM2's weights
+    come from a Q4_1 GGUF (head Q8_0): the int4 file (int8 head by default) stores them without
+    loss, so its perplexity on two eval windows is float32's to 1e-4 (measured 14.61680 vs
+    14.61681); an int4 head costs ~5%."""
     import numpy as np
 
     from dipstream.data import load_text, make_windows
@@ -55,7 +57,7 @@ def test_smollm2_lean_engine_float32_equals_hf_and_int4_perplexity(tmp_path):
         lm, _ = build(d, "dense", 1.0, w.shape[1])
         ppl[fmt] = perplexity(lm, w)[0]
         lm.close()
-    assert np.isfinite(ppl["int4"]) and ppl["float32"] < ppl["int4"] < 1.1 * ppl["float32"], ppl
+    assert ppl["int4"] == pytest.approx(ppl["float32"], rel=1e-4), ppl
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])

@@ -18,10 +18,9 @@ from dipstream.kernels import (
     gather_gemv,
     masked_dense_reference,
     select_topk_abs,
-    sparse_mlp,
 )
 from dipstream.kernels import native as _native
-from dipstream.kernels.sparse_mlp import activation
+from dipstream.kernels.sparse_mlp import activation, sparse_mlp
 
 BACKENDS = ["native", "torch"]
 

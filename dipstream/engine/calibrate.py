@@ -11,8 +11,8 @@
   flight) **while a second thread runs those kernels**, as during decoding: long reads of a
   whole hook (``flash_bw``) and reads of single records at one and at ``io_threads`` in flight
   (latency and queue depth, ``simulator.hardware.fit_flash``).
-* precision: bits per weight of the format's records (int4 in groups of 32 with a float32 scale:
-  5), the KV cache in float32; ``overlap`` (the engine's prefetch overlaps reads with compute),
+* precision: bits per weight of the format's records and headers (int4: 4 bits and a float16
+  scale and offset per 32 weights: 5), the KV cache in float32; ``overlap`` (the engine's prefetch overlaps reads with compute),
   ``bundle``, ``coalesce`` and ``read_gap_bytes`` as the engine reads.
 """
 
@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from dipstream.engine.mlp import BLOCK, MaskChooser, RamMLP
-from dipstream.engine.model import LeanModel, read_block
+from dipstream.engine.model import LeanModel, load_matrix
 from dipstream.engine.modelfile import read_manifest
-from dipstream.engine.qmatrix import QMatrix
 from dipstream.kernels import native
 from dipstream.simulator.hardware import KINDS, Hardware, fit_flash
 
@@ -40,7 +39,7 @@ def _product_rate(model: LeanModel, repeats: int, threads: int) -> float:
     mats = []
     for name in ("layers.0.mlp_in", "layers.0.mlp_out"):
         info = infos[name]
-        mats.append(QMatrix(read_block(model.fd, info), info.fmt, info.m, info.group))
+        mats.append(load_matrix(model.fd, info))
     mats.append(model.w["head"])
     total_b, total_t = 0, 0.0
     rng = np.random.default_rng(0)
@@ -177,7 +176,7 @@ def bits_of(manifest: dict) -> dict:
     infos = manifest["tensor_info"]
 
     def per_weight(info) -> float:
-        return 8.0 * info.stride / info.m
+        return 8.0 * (info.stride * info.rows + info.header_bytes) / (info.rows * info.m)
 
     mlp = per_weight(infos["layers.0.mlp_in"])
     attn = per_weight(infos["layers.0.q"])

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dipstream.engine.model import LeanModel, read_block
+from dipstream.engine.model import LeanModel, load_matrix, read_headers
 from dipstream.engine.qmatrix import QMatrix, topk_abs
 from dipstream.errors import DipstreamError
 from dipstream.kernels import native
@@ -128,7 +128,7 @@ class RamMLP:
         for i in range(model.L):
             for kind, name in (("in", "mlp_in"), ("out", "mlp_out")):
                 info = infos[f"layers.{i}.{name}"]
-                self.w[kind].append(QMatrix(read_block(model.fd, info), info.fmt, info.m, info.group))
+                self.w[kind].append(load_matrix(model.fd, info))
         self.bytes = sum(q.nbytes for qs in self.w.values() for q in qs)
         D, d = model.D, model.d
         self._gu, self._y = np.empty(2 * D, np.float32), np.empty(d, np.float32)
@@ -193,9 +193,10 @@ class OffloadMLP:
         return {k: v + (-v) % BLOCK for k, v in size.items()}
 
     @staticmethod
-    def fixed_bytes(n: dict, stride: dict) -> int:
-        """RAM besides the caches: the two read buffers (one per hook kind)."""
-        return sum(OffloadMLP.buffer_sizes(n, stride).values()) + BLOCK
+    def fixed_bytes(n: dict, stride: dict, header_bytes: int = 0) -> int:
+        """RAM besides the caches: the two read buffers (one per hook kind) and the records'
+        headers."""
+        return sum(OffloadMLP.buffer_sizes(n, stride).values()) + BLOCK + header_bytes
 
     def __init__(self, model: LeanModel, chooser: MaskChooser, cache_bytes: int, policy: str = "lru",
                  io_threads: int = 4, direct: bool = True, record_masks: bool = True, read_gap: int = 0,
@@ -213,8 +214,12 @@ class OffloadMLP:
         fi, fo = self.info["in"][0], self.info["out"][0]
         self.stride = {"in": fi.stride, "out": fo.stride}
         self.n = {"in": model.d, "out": model.D}
-        self.q = {k: QMatrix(np.zeros((1, self.stride[k]), np.uint8), self.info[k][0].fmt, self.info[k][0].m,
-                             self.info[k][0].group) for k in KINDS}
+        # per layer and kind: the records' float16 headers (static, in RAM) over a stand-in record
+        self.q = {k: [QMatrix(np.zeros((1, self.stride[k]), np.uint8), f.fmt, f.m, *read_headers(model.fd, f),
+                              units=f.rows) for f in self.info[k]] for k in KINDS}
+        self.header_bytes = sum(q.header_bytes for qs in self.q.values() for q in qs)
+        if hasattr(os, "posix_fadvise"):  # the headers are copied: drop their pages from the page cache
+            os.posix_fadvise(model.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         hooks = [HookSpec(f"layers.{i}.{k}", k, self.n[k], 2 * model.D if k == "in" else model.d)
                  for i in range(model.L) for k in KINDS]
         unit_bytes = np.array([self.stride[h.kind] for h in hooks], np.int64)
@@ -242,7 +247,7 @@ class OffloadMLP:
                        or (self.prefetch == "auto" and 2 * self.stride[k] <= self.read_gap) for k in KINDS}
         self.pending = None  # the prefetch in flight: (kind, layer, offsets, lengths, file offsets, dst)
         self.prev_out = [None] * model.L
-        self.ram_bytes = sum(s.nbytes for s in self.slab.values()) + raw.nbytes
+        self.ram_bytes = sum(s.nbytes for s in self.slab.values()) + raw.nbytes + self.header_bytes
         self.cache_ram = sum(self.capacity[n] * self.stride[n.split(".")[-1]] for n in self.capacity)
         flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
         path = model.directory / "model.bin"
@@ -390,12 +395,12 @@ class OffloadMLP:
             self._start_prefetch(nk, nl, np.flatnonzero(nmask & ~ncached))
         out[:] = 0
         if hit.size:
-            self.q[kind].gather(slots[hit], np.ascontiguousarray(v[hit], np.float32), out, self.model.nthreads,
-                                rec=slab)
+            self.q[kind][layer].gather(slots[hit], np.ascontiguousarray(v[hit], np.float32), out,
+                                       self.model.nthreads, rec=slab, units=hit)
         if miss.size:
             part = self._part[kind]
-            self.q[kind].gather(miss.astype(np.int64), np.ascontiguousarray(v[miss], np.float32), part,
-                                self.model.nthreads, rec=read)
+            self.q[kind][layer].gather(miss.astype(np.int64), np.ascontiguousarray(v[miss], np.float32), part,
+                                       self.model.nthreads, rec=read)
             out += part
         stride = self.stride[kind]
         c.ram_bytes += hit.size * stride

@@ -33,6 +33,25 @@ def read_block(fd: int, info: TensorInfo) -> np.ndarray:
     return buf
 
 
+def read_headers(fd: int, info: TensorInfo) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The float16 scale and offset headers of a quantized tensor (None where it has none)."""
+    out = []
+    for off in (info.hd_offset, info.hm_offset):
+        if off < 0:
+            out.append(None)
+            continue
+        h = np.empty(info.header_shape, np.float16)
+        if os.preadv(fd, [memoryview(h).cast("B")], off) != h.nbytes:
+            raise DipstreamError("the model file ended early; export the model again")
+        out.append(h)
+    return out[0], out[1]
+
+
+def load_matrix(fd: int, info: TensorInfo) -> QMatrix:
+    """One tensor's records and headers, in RAM."""
+    return QMatrix(read_block(fd, info), info.fmt, info.m, *read_headers(fd, info))
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
@@ -78,7 +97,7 @@ class LeanModel:
             if info.rows == 1 and info.fmt == "float32":
                 self.vec[name] = dequantize_records(rec, "float32", info.m)[0].copy()
             else:
-                self.w[name] = QMatrix(rec, info.fmt, info.m, info.group)
+                self.w[name] = QMatrix(rec, info.fmt, info.m, *read_headers(self.fd, info))
         self.static_bytes = sum(q.nbytes for q in self.w.values()) + sum(v.nbytes for v in self.vec.values())
         if hasattr(os, "posix_fadvise"):  # the copies are in RAM now: drop the file's cached pages
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -136,9 +155,9 @@ class LeanModel:
     def embed(self, tok: int) -> np.ndarray:
         if "embed" in self.w:
             e = self.w["embed"]
-            x = dequantize_records(e.rec[tok:tok + 1], e.fmt, e.m, e.group)[0]
+            x = dequantize_records(e.rec[tok:tok + 1], e.fmt, e.m, e.hd, e.hm, e.gi, first=tok)[0]
         else:  # tied: column `tok` of the head's records
-            x = _column(self.w["head"], tok)
+            x = self.w["head"].column(tok)
         return x * self.embed_scale if self.embed_scale is not None else x.copy()
 
     def _rot(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -195,18 +214,3 @@ class LeanModel:
     def new_sequence(self) -> None:
         if self.mlp is not None:
             self.mlp.new_sequence()
-
-
-def _column(q: QMatrix, j: int) -> np.ndarray:
-    """Output j of every record of q (the tied embedding's row j), dequantized."""
-    rec = q.rec
-    if q.fmt == "float32":
-        return rec[:, 4 * j:4 * j + 4].copy().view(np.float32)[:, 0]
-    G = q.group
-    gi, jj = divmod(j, G)
-    s = rec[:, q.qbytes + 4 * gi:q.qbytes + 4 * gi + 4].copy().view(np.float32)[:, 0]
-    if q.fmt == "int8":
-        return rec[:, j].view(np.int8).astype(np.float32) * s
-    b = rec[:, gi * (G // 2) + jj % (G // 2)]
-    nib = (b & 15) if jj < G // 2 else (b >> 4)
-    return (nib.astype(np.float32) - 8.0) * s

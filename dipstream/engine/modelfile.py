@@ -26,16 +26,22 @@ from pathlib import Path
 
 import numpy as np
 
-from dipstream.engine.qmatrix import FORMATS, quantize_records, record_layout
+from dipstream.engine.qmatrix import FORMATS, input_group, quantize_records, record_layout
 from dipstream.engine.text import write_lean_tokenizer
 from dipstream.errors import DipstreamError
 from dipstream.io import atomic_path, write_json_atomic
 
-FORMAT = "dipstream-engine/1"
+FORMAT = "dipstream-engine/2"  # 2: int8/int4 grouped along inputs, float16 headers
 DATA, MANIFEST = "model.bin", "model.json"
 ALIGN = 4096
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "smollm3": "llama",
             "gemma3": "gemma3", "gemma3_text": "gemma3"}
+
+
+def default_head(weights: str) -> str:
+    """The embedding / head format that goes with `weights`: int8 beside int4 (as GGUF Q4 files
+    keep token_embd in Q8_0; a 4-bit head costs SmolLM2 5% perplexity), else the same."""
+    return "int8" if weights == "int4" else weights
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,16 @@ class TensorInfo:
     fmt: str
     group: int
     stride: int
+    hd_offset: int = -1  # float16 headers (quantized formats): scales, then (int4) offsets
+    hm_offset: int = -1
+
+    @property
+    def header_shape(self) -> tuple[int, int]:
+        return (self.rows // input_group(self.rows), self.m)
+
+    @property
+    def header_bytes(self) -> int:
+        return 2 * self.header_shape[0] * self.m * ((self.hd_offset >= 0) + (self.hm_offset >= 0))
 
     @property
     def nbytes(self) -> int:
@@ -125,27 +141,36 @@ class _Writer:
             self.fh.write(bytes(pad))
             self.digest.update(bytes(pad))
 
-    def add(self, name: str, rows_by_input: np.ndarray, fmt: str, group: int | None = None) -> None:
-        """A tensor stored as records of its rows (rows x m float32)."""
+    def _write(self, data: bytes) -> int:
         self._pad()
-        m = rows_by_input.shape[1]
-        g, _, stride = record_layout(fmt, m, group)
         off = self.fh.tell()
-        rec = quantize_records(rows_by_input, fmt, group).tobytes()
-        self.fh.write(rec)
-        self.digest.update(rec)
-        self.tensors[name] = {"offset": off, "rows": int(rows_by_input.shape[0]), "m": int(m), "fmt": fmt,
-                              "group": int(g), "stride": int(stride)}
+        self.fh.write(data)
+        self.digest.update(data)
+        return off
+
+    def add(self, name: str, rows_by_input: np.ndarray, fmt: str) -> None:
+        """A tensor stored as records of its rows (rows x m float32), then its headers."""
+        m = rows_by_input.shape[1]
+        g, _, stride = record_layout(fmt, m)
+        rec, hd, hm = quantize_records(rows_by_input, fmt)
+        t = {"offset": self._write(rec.tobytes()), "rows": int(rows_by_input.shape[0]), "m": int(m), "fmt": fmt,
+             "group": int(g), "stride": int(stride)}
+        if hd is not None:
+            t["hd_offset"] = self._write(hd.tobytes())
+        if hm is not None:
+            t["hm_offset"] = self._write(hm.tobytes())
+        self.tensors[name] = t
 
 
 def write_model_file(ckpt: str | os.PathLike, directory: str | os.PathLike, model: str,
                      static_fmt: str = "int4", mlp_fmt: str = "int4", head_fmt: str | None = None) -> dict:
     """Convert a HF checkpoint folder (config.json + *.safetensors) into DIR/model.bin + model.json,
     reading one tensor at a time. `static_fmt`: attention projections; `head_fmt` (default
-    static_fmt): the embedding / head; `mlp_fmt`: the MLP records. Returns the manifest."""
+    default_head(static_fmt)): the embedding / head; `mlp_fmt`: the MLP records. Returns the manifest."""
     from safetensors import safe_open
 
-    for f in (static_fmt, mlp_fmt, head_fmt or static_fmt):
+    head_fmt = head_fmt or default_head(static_fmt)
+    for f in (static_fmt, mlp_fmt, head_fmt):
         if f not in FORMATS:
             raise DipstreamError(f"unknown weight format '{f}'; use one of {', '.join(FORMATS)}")
     ckpt, directory = Path(ckpt), Path(directory)
@@ -164,7 +189,6 @@ def write_model_file(ckpt: str | os.PathLike, directory: str | os.PathLike, mode
 
     directory.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    head_fmt = head_fmt or static_fmt
     with atomic_path(directory / DATA) as tmp, open(tmp, "wb") as fh:
         w = _Writer(fh, digest)
         E = get("model.embed_tokens.weight")  # (V, d)
@@ -185,7 +209,7 @@ def write_model_file(ckpt: str | os.PathLike, directory: str | os.PathLike, mode
                 if key in n:
                     w.add(f"layers.{i}.{key}", get(n[key])[None], "float32")
             gate_up = np.concatenate([get(n["gate"]).T, get(n["up"]).T], axis=1)  # d x 2D
-            w.add(f"layers.{i}.mlp_in", gate_up, mlp_fmt, arch["D"] if mlp_fmt == "int8" else None)
+            w.add(f"layers.{i}.mlp_in", gate_up, mlp_fmt)
             del gate_up
             w.add(f"layers.{i}.mlp_out", np.ascontiguousarray(get(n["down"]).T), mlp_fmt)  # D x d
             layers.append(i)
@@ -219,10 +243,16 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         size = int(m["size"])
         infos = {}
         for name, t in tensors.items():
-            g, _, stride = record_layout(t["fmt"], int(t["m"]), int(t["group"]))
-            if stride != t["stride"] or t["offset"] % ALIGN or t["offset"] + t["rows"] * stride > size:
+            g, _, stride = record_layout(t["fmt"], int(t["m"]))
+            info = TensorInfo(name, int(t["offset"]), int(t["rows"]), int(t["m"]), t["fmt"], g, stride,
+                              int(t.get("hd_offset", -1)), int(t.get("hm_offset", -1)))
+            hbytes = 2 * info.header_shape[0] * info.m
+            quant = t["fmt"] != "float32"
+            if stride != t["stride"] or g != t["group"] or info.offset % ALIGN or info.offset + info.nbytes > size \
+                    or (info.hd_offset >= 0) != quant or (info.hm_offset >= 0) != (t["fmt"] == "int4") \
+                    or any(o >= 0 and (o % ALIGN or o + hbytes > size) for o in (info.hd_offset, info.hm_offset)):
                 raise ValueError(name)
-            infos[name] = TensorInfo(name, int(t["offset"]), int(t["rows"]), int(t["m"]), t["fmt"], g, stride)
+            infos[name] = info
         L, d, D = int(arch["n_layers"]), int(arch["d"]), int(arch["D"])
         for i in range(L):
             if (infos[f"layers.{i}.mlp_in"].rows, infos[f"layers.{i}.mlp_in"].m) != (d, 2 * D) or \

@@ -1,18 +1,21 @@
 """Weight matrices of the lean engine, stored by input rows and read with the native kernels
 (numpy and ctypes only: no torch).
 
-A linear map y = W x (W: out x in) is stored as its transpose, one *record* per input index i
-holding W[:, i] (length m = out): y = sum_i x_i record_i, which reads each weight once and lets
-a sparse method read only the records of the inputs it keeps. A record is float32, or quantized
-in groups of G consecutive outputs with one float32 scale per group (the kernels' formats):
+A linear map y = W x (W: out x in) is stored as its transpose, one *record* per input index u
+holding W[:, u] (length m = out): y = sum_u x_u record_u, which reads each weight once and lets
+a sparse method read only the records of the inputs it keeps. A record is float32 or integers;
+quantized records are grouped *along the inputs*, as GGUF's Q8_0 / Q4_1 blocks are: the records
+of units u with the same u // GI (GI = 32) share, per output j, a float16 scale d and (int4) a
+float16 offset o, kept in a small header (groups x m) that stays in RAM:
 
-* int8: q = round(w / s) in [-127, 127], s = max|w| / 127 (G = m unless given);
-* int4: q = round(w / s) + 8 in [1, 15], s = max|w| / 7, G = 32 (or the largest even divisor
-  of m below it); byte j of a group holds
-  output j (low nibble) and output j + G/2 (high nibble).
+* int8: w = d q, q in [-127, 127], d = max|w| / 127 over the group (Q8_0);
+* int4: w = d q + o, q in [0, 15], o = min w, d = (max w - o) / 15 (Q4_1); in every block of
+  G = 32 outputs (or the largest even divisor of m below), byte j holds output j (low nibble)
+  and output j + G/2 (high nibble).
 
-Record layout: [integers | scales] padded to ``stride`` bytes (a multiple of 4), so a record is
-one contiguous read and the kernels address row r at ``base + r * stride``.
+So a model whose weights came from such a GGUF is stored without loss, at the GGUF's bytes
+(int8 1.0625, int4 0.625 bytes per weight). Records are padded to ``stride`` bytes (a multiple of
+4): a record is one contiguous read, and the kernels address record r at ``base + r * stride``.
 """
 
 from __future__ import annotations
@@ -35,112 +38,150 @@ def _lib():
     return lib
 
 
-def record_layout(fmt: str, m: int, group: int | None = None) -> tuple[int, int, int]:
-    """(group, bytes of integers, stride in bytes) of one record of m outputs."""
+def record_layout(fmt: str, m: int) -> tuple[int, int, int]:
+    """(output block G, bytes of integers, stride in bytes) of one record of m outputs."""
     if fmt == "float32":
         return m, 4 * m, 4 * m
     if fmt == "int8":
-        g = group or m
-        qb = m
+        g, qb = m, m
     elif fmt == "int4":
-        g = group or next((g for g in range(32, 1, -2) if m % g == 0), 0)
-        if not g or g % 2 or m % g:
-            raise DipstreamError(f"int4 packs outputs in pairs within groups: records of {m} outputs cannot be "
-                                 "stored so; use int8 for this matrix (e.g. --head-weights int8)")
+        g = next((g for g in range(32, 1, -2) if m % g == 0), 0)
+        if not g:
+            raise DipstreamError(f"int4 packs outputs in pairs: records of {m} outputs cannot be stored so; "
+                                 "use int8 for this matrix (e.g. --head-weights int8)")
         qb = m // 2
     else:
         raise DipstreamError(f"unknown weight format '{fmt}'; use one of {', '.join(FORMATS)}")
-    if m % g:
-        raise DipstreamError(f"{fmt} groups of {g} do not divide records of {m} outputs")
-    return g, qb, qb + 4 * (m // g) + (-(qb + 4 * (m // g))) % 4
+    return g, qb, qb + (-qb) % 4
 
 
-def quantize_records(Wt: np.ndarray, fmt: str, group: int | None = None) -> np.ndarray:
-    """Records (rows, stride) uint8 of the float32 rows Wt (rows, m)."""
+def input_group(rows: int) -> int:
+    """GI: records per header group (32, or the largest divisor of `rows` below it)."""
+    return next(g for g in range(32, 0, -1) if rows % g == 0)
+
+
+def quantize_records(Wt: np.ndarray, fmt: str):
+    """(records (rows, stride) uint8, scales d (rows/GI, m) float16 or None, offsets o or None)
+    of the float32 rows Wt (rows, m)."""
     Wt = np.ascontiguousarray(Wt, np.float32)
     rows, m = Wt.shape
-    g, qb, stride = record_layout(fmt, m, group)
+    g, qb, stride = record_layout(fmt, m)
     out = np.zeros((rows, stride), np.uint8)
     if fmt == "float32":
         out[:] = Wt.view(np.uint8).reshape(rows, stride)
-        return out
-    w = Wt.reshape(rows, m // g, g)
-    amax = np.abs(w).max(-1)
-    levels = 127.0 if fmt == "int8" else 7.0
-    s = (amax / levels).astype(np.float32)
-    safe = np.where(s > 0, s, 1.0)[..., None]
-    q = np.clip(np.rint(w / safe), -levels, levels).astype(np.int32)
+        return out, None, None
+    if not np.isfinite(Wt).all() or np.abs(Wt).max(initial=0) > 6e4:
+        raise DipstreamError("weights are not finite or exceed float16's range; use --weights float32")
+    gi = input_group(rows)
+    w = Wt.reshape(rows // gi, gi, m)
     if fmt == "int8":
-        out[:, :qb] = q.reshape(rows, m).astype(np.int8).view(np.uint8)
-    else:
-        u = (q + 8).astype(np.uint8)
-        h = g // 2
-        out[:, :qb] = (u[..., :h] | (u[..., h:] << 4)).reshape(rows, qb)
-    out[:, qb:qb + 4 * (m // g)] = s.view(np.uint8).reshape(rows, -1)
-    return out
+        d = (np.abs(w).max(1) / 127.0).astype(np.float16)
+        safe = np.where(d > 0, d.astype(np.float32), 1.0)[:, None]
+        q = np.clip(np.rint(w / safe), -127, 127).astype(np.int8)
+        out[:, :qb] = q.reshape(rows, m).view(np.uint8)
+        return out, d, None
+    lo = w.min(1).astype(np.float16)
+    d = ((w.max(1) - lo.astype(np.float32)) / 15.0).astype(np.float16)
+    safe = np.where(d > 0, d.astype(np.float32), 1.0)[:, None]
+    u = np.clip(np.rint((w - lo.astype(np.float32)[:, None]) / safe), 0, 15).astype(np.uint8)
+    u = u.reshape(rows, m // g, g)
+    out[:, :qb] = (u[..., :g // 2] | (u[..., g // 2:] << 4)).reshape(rows, qb)
+    return out, d, lo
 
 
-def dequantize_records(rec: np.ndarray, fmt: str, m: int, group: int | None = None) -> np.ndarray:
-    """float32 rows (rows, m) of records."""
-    g, qb, stride = record_layout(fmt, m, group)
+def dequantize_records(rec: np.ndarray, fmt: str, m: int, hd=None, hm=None, gi: int = 32,
+                       first: int = 0) -> np.ndarray:
+    """float32 rows (rows, m) of records with headers hd / hm of groups of `gi` units; `first`:
+    the unit of rec[0]."""
+    g, qb, stride = record_layout(fmt, m)
     rows = rec.shape[0]
     if fmt == "float32":
         return np.ascontiguousarray(rec[:, :4 * m]).view(np.float32).reshape(rows, m)
-    s = np.ascontiguousarray(rec[:, qb:qb + 4 * (m // g)]).view(np.float32).reshape(rows, m // g, 1)
+    grp = (first + np.arange(rows)) // gi
+    d = hd[grp].astype(np.float32)
     if fmt == "int8":
-        q = rec[:, :qb].view(np.int8).astype(np.float32).reshape(rows, m // g, g)
-    else:
-        b = rec[:, :qb].reshape(rows, m // g, g // 2)
-        q = np.concatenate([(b & 15), (b >> 4)], axis=-1).astype(np.float32) - 8.0
-    return (q * s).reshape(rows, m)
+        return rec[:, :qb].view(np.int8).astype(np.float32).reshape(rows, m) * d
+    b = rec[:, :qb].reshape(rows, m // g, g // 2)
+    q = np.concatenate([(b & 15), (b >> 4)], axis=-1).astype(np.float32).reshape(rows, m)
+    return q * d + hm[grp].astype(np.float32)
 
 
 class QMatrix:
-    """A matrix W (m x rows) as `rows` records of m outputs (see the module docstring), over a
-    uint8 buffer (rows, stride) in RAM."""
+    """A matrix W (m x rows) as `rows` records of m outputs over a uint8 buffer (rows, stride) in
+    RAM, with its headers (see the module docstring)."""
 
-    def __init__(self, records: np.ndarray, fmt: str, m: int, group: int | None = None):
-        self.fmt, self.m = fmt, int(m)
-        self.group, self.qbytes, self.stride = record_layout(fmt, m, group)
-        if records.dtype != np.uint8 or records.ndim != 2 or records.shape[1] != self.stride:
-            raise ValueError(f"records must be uint8 (rows, {self.stride}), got {records.dtype}{records.shape}")
-        self.rec = np.ascontiguousarray(records)
-        self.rows = self.rec.shape[0]
+    def __init__(self, records: np.ndarray, fmt: str, m: int, hd: np.ndarray | None = None,
+                 hm: np.ndarray | None = None, units: int | None = None):
+        self.rec, self.fmt, self.m = records, fmt, int(m)
+        self.group, self.qbytes, self.stride = record_layout(fmt, m)
+        self.units = int(units if units is not None else records.shape[0])  # rows of the whole matrix
+        self.gi = input_group(self.units) if fmt != "float32" else 0
+        if fmt != "float32":
+            want = (self.units // self.gi, self.m)
+            if hd is None or hd.shape != want or hd.dtype != np.float16 or \
+                    (fmt == "int4") != (hm is not None) or (hm is not None and hm.shape != want):
+                raise DipstreamError(f"{fmt} records need float16 headers of shape {want}")
+        self.hd = None if hd is None else np.ascontiguousarray(hd)
+        self.hm = None if hm is None else np.ascontiguousarray(hm)
         self.bits = {"int8": 8, "int4": 4}.get(fmt, 32)
         self._lib = _lib()
 
     @classmethod
-    def from_dense(cls, W: np.ndarray, fmt: str, group: int | None = None) -> "QMatrix":
-        """From a float32 weight W (out x in), stored by input rows."""
+    def from_dense(cls, W: np.ndarray, fmt: str) -> "QMatrix":
+        """From a float32 W (m x rows)."""
         Wt = np.ascontiguousarray(np.asarray(W, np.float32).T)
-        return cls(quantize_records(Wt, fmt, group), fmt, Wt.shape[1], group)
+        rec, hd, hm = quantize_records(Wt, fmt)
+        return cls(rec, fmt, Wt.shape[1], hd, hm)
+
+    @property
+    def rows(self) -> int:
+        return self.rec.shape[0]
+
+    @property
+    def header_bytes(self) -> int:
+        return sum(h.nbytes for h in (self.hd, self.hm) if h is not None)
 
     @property
     def nbytes(self) -> int:
-        return self.rec.nbytes
+        return self.rec.nbytes + self.header_bytes
 
     def dense(self) -> np.ndarray:
         """float32 W (m x rows), for tests."""
-        return dequantize_records(self.rec, self.fmt, self.m, self.group).T
+        return dequantize_records(self.rec, self.fmt, self.m, self.hd, self.hm, self.gi or 1).T
 
-    def _args(self, rec: np.ndarray):
-        base = rec.ctypes.data
+    def column(self, j: int) -> np.ndarray:
+        """Output j of every record (a tied embedding's row j), dequantized."""
         if self.fmt == "float32":
-            return base
-        return base, self.stride, base + self.qbytes, self.stride // 4, self.group, self.bits
+            return self.rec[:, 4 * j:4 * j + 4].copy().view(np.float32)[:, 0]
+        grp = np.arange(self.rows) // self.gi
+        d = self.hd[grp, j].astype(np.float32)
+        if self.fmt == "int8":
+            return self.rec[:, j].view(np.int8).astype(np.float32) * d
+        G = self.group
+        gb, jj = divmod(j, G)
+        b = self.rec[:, gb * (G // 2) + jj % (G // 2)]
+        nib = (b & 15) if jj < G // 2 else (b >> 4)
+        return nib.astype(np.float32) * d + self.hm[grp, j].astype(np.float32)
+
+    def _hp(self):
+        return (self.hd.ctypes.data, None if self.hm is None else self.hm.ctypes.data, self.gi)
 
     def gather(self, idx: np.ndarray, coef: np.ndarray, out: np.ndarray, nthreads: int = 1,
-               rec: np.ndarray | None = None) -> np.ndarray:
-        """out = sum_i coef[i] * record idx[i] (of `rec`, default this matrix's records)."""
+               rec: np.ndarray | None = None, units: np.ndarray | None = None) -> np.ndarray:
+        """out = sum_i coef[i] * record idx[i] of `rec` (default this matrix's records); `units`:
+        the unit of each of those records (for its header), when rec is not laid out by unit."""
         rec = self.rec if rec is None else rec
         k = idx.size
         if self.fmt == "float32":
             rc = self._lib.ds_gather_gemv(rec.ctypes.data, rec.shape[0], self.m, self.m, idx.ctypes.data,
                                           coef.ctypes.data, k, out.ctypes.data, nthreads)
         else:
-            b, ldb, s, lds, g, bits = self._args(rec)
-            rc = self._lib.ds_gather_gemv_q(b, rec.shape[0], ldb, s, lds, g, bits, self.m, idx.ctypes.data,
-                                            coef.ctypes.data, k, out.ctypes.data, nthreads)
+            if units is None and rec.shape[0] > self.units:
+                raise IndexError("records beyond the matrix need their units")
+            rc = self._lib.ds_gather_gemv_qg(rec.ctypes.data, rec.shape[0], self.stride, self.group, self.bits,
+                                             *self._hp(), self.units, self.m, idx.ctypes.data,
+                                             None if units is None else units.ctypes.data, coef.ctypes.data, k,
+                                             out.ctypes.data, nthreads)
         if rc != 0:
             raise IndexError("record index out of range")
         return out
@@ -153,9 +194,9 @@ class QMatrix:
             got = self._lib.ds_select_gemv(v.ctypes.data, self.rows, k, self.rec.ctypes.data, self.m, self.m,
                                            idx.ctypes.data, coef.ctypes.data, out.ctypes.data, nthreads)
         else:
-            b, ldb, s, lds, g, bits = self._args(self.rec)
-            got = self._lib.ds_select_gemv_q(v.ctypes.data, self.rows, k, b, ldb, s, lds, g, bits, self.m,
-                                             idx.ctypes.data, coef.ctypes.data, out.ctypes.data, nthreads)
+            got = self._lib.ds_select_gemv_qg(v.ctypes.data, self.rows, k, self.rec.ctypes.data, self.stride,
+                                              self.group, self.bits, *self._hp(), self.m, idx.ctypes.data,
+                                              coef.ctypes.data, out.ctypes.data, nthreads)
         if got < 0:
             raise MemoryError("native select-gemv failed")
         return int(got)

@@ -17,7 +17,8 @@ import numpy as np
 from dipstream.budget import layer_keeps
 from dipstream.engine.mlp import MaskChooser, OffloadMLP, RamMLP
 from dipstream.engine.model import LeanModel
-from dipstream.engine.modelfile import FAMILIES, MANIFEST, arch_of, read_manifest, write_model_file
+from dipstream.engine.modelfile import (FAMILIES, FORMAT, MANIFEST, arch_of, default_head, read_manifest,
+                                        write_model_file)
 from dipstream.engine.qmatrix import FORMATS
 from dipstream.errors import DipstreamError
 from dipstream.io import folder_lock
@@ -67,7 +68,8 @@ class EngineOptions:
         "help": "auto (the lean engine for the families it runs: Llama-style and Gemma 3, without adapters "
                 "or CUDA; else the Hugging Face model), lean or hf", "choices": ("auto", "lean", "hf")})
     head_weights: str | None = field(default=None, metadata={
-        "help": "lean engine: format of the embedding / output head (default: --weights)",
+        "help": "lean engine: format of the embedding / output head (default: --weights; int8 with int4, "
+                "as GGUF Q4 files keep it in Q8_0)",
         "choices": FORMATS})
     model_dir: str | None = field(default=None, metadata={
         "help": "lean engine: folder of the exported model file (default: in dipstream's cache; written "
@@ -98,7 +100,8 @@ class ExportConfig:
     weights: str = field(default="float32", metadata={
         "help": "format of every weight matrix: float32, int8, int4 (4-bit in groups of 32)", "choices": FORMATS})
     head_weights: str | None = field(default=None, metadata={
-        "help": "format of the embedding / output head (default: --weights)", "choices": FORMATS})
+        "help": "format of the embedding / output head (default: --weights; int8 with int4)",
+        "choices": FORMATS})
     model_dir: str | None = field(default=None, metadata={
         "help": "folder to write (default: in dipstream's cache, where `generate` looks)", "metavar": "DIR"})
 
@@ -119,13 +122,13 @@ def runs_lean(model_type: str) -> bool:
 
 
 def default_model_dir(model: str, weights: str, head: str) -> Path:
-    return cache_root() / "engine" / f"{Path(model).name}-{weights}-{head}"
+    return cache_root() / "engine" / f"{Path(model).name}-{weights}-{head}-{FORMAT.split('/')[-1]}"
 
 
 def ensure_model_file(model: str, weights: str, head: str | None = None, directory: str | None = None) -> Path:
     """The exported model file of `model` (built-in name or HF folder) in these formats, written
     once under a lock (exporting loads the Hugging Face stack; reusing the file does not)."""
-    head = head or weights
+    head = head or default_head(weights)
     d = Path(directory) if directory else default_model_dir(model, weights, head)
     if (d / MANIFEST).exists():
         m = read_manifest(d)
@@ -168,7 +171,8 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
             raise DipstreamError("give --memory (or --dram) to size the offloaded MLP's caches")
         man = lm.manifest
         n = {"in": lm.d, "out": lm.D}
-        fixed = OffloadMLP.fixed_bytes(n, {k: lm.mlp_stride(k) for k in n})
+        hb = sum(t.header_bytes for name, t in man["tensor_info"].items() if name.endswith(("mlp_in", "mlp_out")))
+        fixed = OffloadMLP.fixed_bytes(n, {k: lm.mlp_stride(k) for k in n}, hb)
         now = rss_bytes()  # Python, libraries, static weights and the (touched) KV cache
         cache_bytes = int(memory - now - fixed - MARGIN)
         if cache_bytes < 0:

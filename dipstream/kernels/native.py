@@ -40,7 +40,7 @@ from dipstream.validation import private_dir
 
 __all__ = ["load", "status", "sources"]
 
-KERNEL_VERSION = 10
+KERNEL_VERSION = 11
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("gemv.c", "pread.c")
 
@@ -141,6 +141,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_select_gemv_q.restype = I64
     lib.ds_gather_gemv_q.argtypes = [P, I64, I64, P, I64, I64, I, I64, P, P, I64, P, I]
     lib.ds_gather_gemv_q.restype = I
+    lib.ds_select_gemv_qg.argtypes = [P, I64, I64, P, I64, I64, I, P, P, I64, I64, P, P, P, I]
+    lib.ds_select_gemv_qg.restype = I64
+    lib.ds_gather_gemv_qg.argtypes = [P, I64, I64, I64, I, P, P, I64, I64, I64, P, P, P, I64, P, I]
+    lib.ds_gather_gemv_qg.restype = I
     lib.ds_pread_batch.argtypes = [I, I64, P, P, P, I]
     lib.ds_pread_batch.restype = I
     lib.ds_pread_submit.argtypes = [I, I64, P, P, P, I]

@@ -8,7 +8,7 @@ import json
 import warnings
 from pathlib import Path
 
-from dipstream.engine.modelfile import MANIFEST, arch_of
+from dipstream.engine.modelfile import MANIFEST, arch_of, default_head
 from dipstream.engine.run import default_model_dir
 from dipstream.errors import DipstreamError
 from dipstream.runtime.options import DECODE_METHODS, DecodeOptions, GenerateConfig
@@ -20,7 +20,7 @@ def _model_type(cfg: GenerateConfig) -> tuple[str | None, bool]:
     """(model_type, runs on the lean engine): from an exported model file when there is one (no
     heavy imports), else from the checkpoint's config."""
     o = cfg.lean
-    for d in (cfg.offload, o.model_dir, default_model_dir(cfg.model, cfg.weights, o.head_weights or cfg.weights)):
+    for d in (cfg.offload, o.model_dir, default_model_dir(cfg.model, cfg.weights, o.head_weights or default_head(cfg.weights))):
         if d and (Path(d) / MANIFEST).exists():
             return json.loads((Path(d) / MANIFEST).read_text())["arch"]["model_type"], True
     from dipstream.models.loading import resolve_checkpoint

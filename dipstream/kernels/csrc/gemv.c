@@ -39,13 +39,52 @@ static void gg_range(const float* restrict W, int64_t ld, const int64_t* restric
  * Row r starts at W + r*ldb (bytes); its scales at S + r*lds. */
 typedef struct {
     const uint8_t* W; int64_t ldb; const float* S; int64_t lds; int64_t G; int bits;
+    /* Input-grouped rows (GI > 0, the GGUF Q8_0 / Q4_1 grouping): rows carry no scales; the
+     * rows of units u with the same u / GI share, per column j, a scale HD[(u/GI)*m + j] and (4-bit)
+     * an offset HM[...] (float16; HM NULL means 0): w = HD * q + HM, q the int8 or the raw nibble
+     * (0..15).  `unit[i]` is the unit of selected row i (NULL: idx[i] itself). */
+    const uint16_t* HD; const uint16_t* HM; int64_t GI; int64_t m; const int64_t* unit;
 } qmat_t;
+
+/* IEEE half -> float (portable; the F16C path below converts 8 at a time). */
+static inline float h2f(uint16_t h)
+{
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, f = h & 1023u, u;
+    if (e == 31) u = s | 0x7f800000u | (f << 13);
+    else if (e) u = s | ((e + 112u) << 23) | (f << 13);
+    else if (!f) u = s;
+    else {  /* subnormal: normalise */
+        e = 113;
+        while (!(f & 1024u)) { f <<= 1; --e; }
+        u = s | (e << 23) | ((f & 1023u) << 13);
+    }
+    float r;
+    memcpy(&r, &u, 4);
+    return r;
+}
+
+/* o[0:n] += hd[0:n] * acc[0:n] + hm[0:n] * sc   (hd, hm float16; hm may be NULL). */
+static void flush_group(float* restrict o, const float* restrict acc, const uint16_t* restrict hd,
+                        const uint16_t* restrict hm, float sc, int64_t n)
+{
+    int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    const __m256 vs = _mm256_set1_ps(sc);
+    for (; j + 8 <= n; j += 8) {
+        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hd + j)));
+        __m256 r = _mm256_fmadd_ps(d, _mm256_loadu_ps(acc + j), _mm256_loadu_ps(o + j));
+        if (hm) r = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hm + j))), vs, r);
+        _mm256_storeu_ps(o + j, r);
+    }
+#endif
+    for (; j < n; ++j) o[j] += h2f(hd[j]) * acc[j] + (hm ? h2f(hm[j]) * sc : 0.0f);
+}
 
 /* o[0:b-a] = sum_i c[i] * dequant(row idx[i])[a:b].  For 4-bit, a and b are multiples of G
  * (or b = the row length).  Rows 4 at a time; a missing 4th row repeats a selected row with
  * coefficient 0, so only selected rows are ever read. */
-static void gq_range(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
-                     const float* restrict c, int64_t k, float* restrict o)
+static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
+                    const float* restrict c, int64_t k, float* restrict o, int raw)
 {
     const int64_t n = b - a, G = q->G;
     for (int64_t j = 0; j < n; ++j) o[j] = 0.0f;
@@ -57,13 +96,13 @@ static void gq_range(const qmat_t* q, int64_t a, int64_t b, const int64_t* restr
             int ok = i + t < k;
             int64_t row = idx[ok ? i + t : i];
             r[t] = q->W + row * q->ldb;
-            s[t] = q->S + row * q->lds;
+            s[t] = raw ? NULL : q->S + row * q->lds;
             cc[t] = ok ? c[i + t] : 0.0f;
         }
         for (int64_t g0 = (a / G) * G; g0 < b; g0 += G) {
             const int64_t lo = g0 > a ? g0 : a, hi = g0 + G < b ? g0 + G : b, g = g0 / G;
-            const float c0 = cc[0] * s[0][g], c1 = cc[1] * s[1][g];
-            const float c2 = cc[2] * s[2][g], c3 = cc[3] * s[3][g];
+            const float c0 = raw ? cc[0] : cc[0] * s[0][g], c1 = raw ? cc[1] : cc[1] * s[1][g];
+            const float c2 = raw ? cc[2] : cc[2] * s[2][g], c3 = raw ? cc[3] : cc[3] * s[3][g];
             float* restrict og = o + (lo - a);
             if (q->bits == 8) {
                 const int8_t* restrict p0 = (const int8_t*)r[0] + lo;
@@ -82,7 +121,7 @@ static void gq_range(const qmat_t* q, int64_t a, int64_t b, const int64_t* restr
                 const uint8_t* restrict p3 = r[3] + g0 / 2;
                 float* restrict oh = og + h;
                 /* sum_t c_t (q_t - 8) = sum_t c_t q_t - 8 sum_t c_t */
-                const float off = -8.0f * (c0 + c1 + c2 + c3);
+                const float off = raw ? 0.0f : -8.0f * (c0 + c1 + c2 + c3);
                 int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
                 {
@@ -121,10 +160,37 @@ static void gq_range(const qmat_t* q, int64_t a, int64_t b, const int64_t* restr
     }
 }
 
-static void range_any(const float* W, int64_t ld, const qmat_t* q, int64_t a, int64_t b,
-                      const int64_t* idx, const float* c, int64_t k, float* o)
+#define ACC_CHUNK 1024  /* columns of one input group's accumulator (a multiple of 32) */
+
+/* Input-grouped rows: for each run of selected rows in one input group, acc = sum c q (raw
+ * integers), then o += HD * acc + HM * sum c.  Runs need not be sorted; sorted units make
+ * the fewest flushes.  `unit` is offset like idx. */
+static void gq_grouped(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
+                       const int64_t* restrict unit, const float* restrict c, int64_t k, float* restrict o)
 {
-    if (q) gq_range(q, a, b, idx, c, k, o);
+    float acc[ACC_CHUNK];
+    for (int64_t j = a; j < b; ++j) o[j - a] = 0.0f;
+    const int64_t step = q->bits == 4 ? (ACC_CHUNK / q->G) * q->G : ACC_CHUNK;  /* 4-bit: whole groups */
+    for (int64_t a2 = a; a2 < b; a2 += step) {
+        const int64_t b2 = a2 + step < b ? a2 + step : b;
+        for (int64_t i0 = 0; i0 < k;) {
+            const int64_t g = unit[i0] / q->GI;
+            int64_t i1 = i0 + 1;
+            float sc = c[i0];
+            while (i1 < k && unit[i1] / q->GI == g) sc += c[i1++];
+            gq_core(q, a2, b2, idx + i0, c + i0, i1 - i0, acc, 1);
+            flush_group(o + (a2 - a), acc, q->HD + g * q->m + a2, q->HM ? q->HM + g * q->m + a2 : NULL,
+                        sc, b2 - a2);
+            i0 = i1;
+        }
+    }
+}
+
+static void range_any(const float* W, int64_t ld, const qmat_t* q, int64_t a, int64_t b,
+                      const int64_t* idx, const int64_t* unit, const float* c, int64_t k, float* o)
+{
+    if (q && q->GI > 0) gq_grouped(q, a, b, idx, unit ? unit : idx, c, k, o);
+    else if (q) gq_core(q, a, b, idx, c, k, o, 0);
     else gg_range(W + a, ld, idx, c, k, o, b - a);
 }
 
@@ -169,7 +235,8 @@ static void run_chunk(const job_t* j, int ch)
     if (r1 > j->k) r1 = j->k;
     if (r0 > r1) r0 = r1;
     float* dst = j->nrow == 1 ? j->out + a : j->partial + (int64_t)rr * j->m + a;
-    range_any(j->W, j->ld, j->q, a, b, j->idx + r0, j->c + r0, r1 - r0, dst);
+    range_any(j->W, j->ld, j->q, a, b, j->idx + r0, j->q && j->q->unit ? j->q->unit + r0 : NULL,
+              j->c + r0, r1 - r0, dst);
 }
 
 static int try_claim(void)
@@ -248,11 +315,11 @@ static void gg_parallel_any(const float* W, int64_t ld, const qmat_t* q, int64_t
     if (m <= 0) return;
     if (nthreads > MAX_HELPERS + 1) nthreads = MAX_HELPERS + 1;
     if (nthreads <= 1 || m * (k > 0 ? k : 1) < SERIAL_WORK || k < 8) {
-        range_any(W, ld, q, 0, m, idx, c, k, out);
+        range_any(W, ld, q, 0, m, idx, q ? q->unit : NULL, c, k, out);
         return;
     }
     if (pthread_mutex_trylock(&g_call_mu) != 0) {  /* another thread is using the pool */
-        range_any(W, ld, q, 0, m, idx, c, k, out);
+        range_any(W, ld, q, 0, m, idx, q ? q->unit : NULL, c, k, out);
         return;
     }
     ensure_helpers(nthreads - 1);
@@ -280,7 +347,7 @@ static void gg_parallel_any(const float* W, int64_t ld, const qmat_t* q, int64_t
     if (nchunks > 0xffff) {  /* cannot happen with the limits above; stay safe */
         free(j.partial);
         pthread_mutex_unlock(&g_call_mu);
-        range_any(W, ld, q, 0, m, idx, c, k, out);
+        range_any(W, ld, q, 0, m, idx, q ? q->unit : NULL, c, k, out);
         return;
     }
     g_job = j;
@@ -406,7 +473,7 @@ DS_API int64_t ds_select_gemv_q(const float* v, int64_t n, int64_t k, const uint
     if (got < 0) return -1;
     for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
     if (m <= 0) return got;
-    qmat_t q = {Wq, ldb, S, lds, G, bits};
+    qmat_t q = {Wq, ldb, S, lds, G, bits, NULL, NULL, 0, m, NULL};
     gg_parallel_any(NULL, 0, &q, m, idx, coef, got, out, nthreads);
     return got;
 }
@@ -418,7 +485,35 @@ DS_API int ds_gather_gemv_q(const uint8_t* Wq, int64_t rows, int64_t ldb, const 
                             int64_t k, float* out, int nthreads)
 {
     if (check_idx(idx, k, rows)) return -1;
-    qmat_t q = {Wq, ldb, S, lds, G, bits};
+    qmat_t q = {Wq, ldb, S, lds, G, bits, NULL, NULL, 0, m, NULL};
+    gg_parallel_any(NULL, 0, &q, m, idx, c, k, out, nthreads);
+    return 0;
+}
+
+/* Input-grouped variants (qmat_t's HD / HM / GI): select-GEMV over all units, and gather with
+ * each selected row's unit given (rows may be cache slots).  unit NULL: the rows are the units. */
+DS_API int64_t ds_select_gemv_qg(const float* v, int64_t n, int64_t k, const uint8_t* Wq, int64_t ldb,
+                                 int64_t G, int bits, const uint16_t* HD, const uint16_t* HM, int64_t GI,
+                                 int64_t m, int64_t* idx, float* coef, float* out, int nthreads)
+{
+    if (GI <= 0) return -1;
+    int64_t got = ds_topk_abs(v, n, k, idx);
+    if (got < 0) return -1;
+    for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
+    if (m <= 0) return got;
+    qmat_t q = {Wq, ldb, NULL, 0, G, bits, HD, HM, GI, m, NULL};
+    gg_parallel_any(NULL, 0, &q, m, idx, coef, got, out, nthreads);
+    return got;
+}
+
+DS_API int ds_gather_gemv_qg(const uint8_t* Wq, int64_t rows, int64_t ldb, int64_t G, int bits,
+                             const uint16_t* HD, const uint16_t* HM, int64_t GI, int64_t units,
+                             int64_t m, const int64_t* idx, const int64_t* unit, const float* c,
+                             int64_t k, float* out, int nthreads)
+{
+    if (GI <= 0 || check_idx(idx, k, rows) || (unit && check_idx(unit, k, units)) || (!unit && rows > units))
+        return -1;
+    qmat_t q = {Wq, ldb, NULL, 0, G, bits, HD, HM, GI, m, unit};
     gg_parallel_any(NULL, 0, &q, m, idx, c, k, out, nthreads);
     return 0;
 }
