@@ -130,6 +130,28 @@ def test_offloaded_mlp_equals_the_mlp_in_ram(exported, method, fmt, gap):
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("fmt", ["float32", "int8", "int4"])
+def test_streamed_head_equals_the_head_in_ram(exported, name, fmt):
+    """The head (and embedding) read from the file each token give the logits of the head in RAM,
+    and its records no longer count as static RAM."""
+    _, d = exported[name, fmt]
+    outs, static = [], []
+    for place in ("ram", "stream"):
+        lm = LeanModel(d, 16, head=place)
+        lm.mlp = RamMLP(lm, MaskChooser("dense", [], []))
+        outs.append(np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])]))
+        static.append(lm.static_bytes)
+        if place == "stream":
+            infos = lm.manifest["tensor_info"]
+            assert lm.head.disk_bytes >= len(IDS[0]) * infos["head"].nbytes
+            records = sum(infos[n].nbytes for n in ("head", "embed") if n in infos)
+            buffers = lm.head.buf[0].nbytes + lm.head.buf[1].nbytes
+        lm.close()
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max())
+    assert static[0] - static[1] >= records - buffers - 4096  # records leave RAM; buffers (+ alignment) come
+
+
 def test_unread_records_are_never_used(exported, tmp_path):
     """NaN in every MLP record the masks do not select: outputs stay finite and unchanged."""
     import shutil
@@ -314,11 +336,12 @@ def test_lean_offload_cli_row_trace_and_errors(tiny_checkpoint, tmp_path, capsys
     odd = tmp_path / "odd"
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, "vocab_size": 95})).save_pretrained(odd)
-    assert main(["export", "--model", str(odd), "--weights", "int4", "--model-dir", str(tmp_path / "o4")]) == 2
+    assert main(["export", "--model", str(odd), "--weights", "int4", "--head-weights", "int4", "--model-dir",
+                 str(tmp_path / "o4")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "95 outputs" in err[0] and "--head-weights int8" in err[0]
-    assert main(["export", "--model", str(odd), "--weights", "int4", "--head-weights", "int8", "--model-dir",
-                 str(tmp_path / "o4")]) == 0
+    # the default head beside int4 is int8 (as GGUF Q4 files keep token_embd in Q8_0)
+    assert main(["export", "--model", str(odd), "--weights", "int4", "--model-dir", str(tmp_path / "o4")]) == 0
 
 
 def test_whole_process_budget_holds_without_torch(tiny_checkpoint, tmp_path):

@@ -38,7 +38,6 @@ def test_smollm2_lean_engine_float32_equals_hf_and_int4_perplexity(tmp_path):
     come from a Q4_1 GGUF (head Q8_0): the int4 file (int8 head by default) stores them without
     loss, so its perplexity on two eval windows is float32's to 1e-4 (measured 14.61680 vs
     14.61681); an int4 head costs ~5%."""
-    import numpy as np
 
     from dipstream.data import load_text, make_windows
     from dipstream.engine.run import build, ensure_model_file, perplexity

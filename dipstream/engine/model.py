@@ -15,10 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dipstream.engine.head import StreamedHead
 from dipstream.engine.modelfile import DATA, TensorInfo, read_manifest, verify_sha256
 from dipstream.engine.qmatrix import QMatrix, dequantize_records
 from dipstream.errors import DipstreamError
 from dipstream.simulator.model_shape import ModelShape
+
+
+HEAD_PLACES = ("ram", "stream")
 
 
 def read_block(fd: int, info: TensorInfo) -> np.ndarray:
@@ -70,7 +74,7 @@ class LeanModel:
     :mod:`dipstream.engine.mlp`); set after construction (it may need this model's file)."""
 
     def __init__(self, directory: str | os.PathLike, max_seq: int, nthreads: int = 1, verify: bool = False,
-                 kv_dtype: str = "float32"):
+                 kv_dtype: str = "float32", head: str = "ram", io_threads: int = 4):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         if verify:
@@ -90,15 +94,23 @@ class LeanModel:
         self.fd = os.open(self.directory / DATA, os.O_RDONLY)
         self.w: dict[str, QMatrix] = {}
         self.vec: dict[str, np.ndarray] = {}
+        if head not in HEAD_PLACES:
+            raise DipstreamError(f"head placement must be one of {', '.join(HEAD_PLACES)}, not {head!r}")
+        streamed = ("head", "embed") if head == "stream" else ()
         for name, info in infos.items():
-            if name.endswith(("mlp_in", "mlp_out")):
-                continue  # the MLP backend reads these
+            if name.endswith(("mlp_in", "mlp_out")) or name in streamed:
+                continue  # the MLP backend (and a streamed head) reads these
             rec = read_block(self.fd, info)
             if info.rows == 1 and info.fmt == "float32":
                 self.vec[name] = dequantize_records(rec, "float32", info.m)[0].copy()
             else:
                 self.w[name] = QMatrix(rec, info.fmt, info.m, *read_headers(self.fd, info))
-        self.static_bytes = sum(q.nbytes for q in self.w.values()) + sum(v.nbytes for v in self.vec.values())
+        self.head = None
+        if streamed:
+            self.head = StreamedHead(self.directory, infos["head"], infos.get("embed"),
+                                     {n: read_headers(self.fd, infos[n]) for n in streamed if n in infos}, io_threads)
+        self.static_bytes = sum(q.nbytes for q in self.w.values()) + sum(v.nbytes for v in self.vec.values()) \
+            + (self.head.ram_bytes if self.head else 0)
         if hasattr(os, "posix_fadvise"):  # the copies are in RAM now: drop the file's cached pages
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         # KV cache and RoPE tables, allocated once
@@ -115,6 +127,7 @@ class LeanModel:
         self.scale = np.float32(a["query_scale"])
         self.embed_scale = np.float32(self.d ** 0.5) if self.family == "gemma3" else None
         self._out = {n: np.empty(q.m, np.float32) for n, q in self.w.items()}
+        self._out["head"] = np.empty(self.V, np.float32)
         self._idx = np.empty(max(self.d, self.H * self.hd) + 1, np.int64)
         self._coef = np.empty_like(self._idx, dtype=np.float32)
         self.mlp = None
@@ -126,6 +139,8 @@ class LeanModel:
         return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
     def close(self) -> None:
+        if self.head is not None:
+            self.head.close()
         os.close(self.fd)
 
     def mlp_stride(self, kind: str) -> int:
@@ -153,7 +168,9 @@ class LeanModel:
         return (x * r) * ((w + np.float32(1.0)) if self.family == "gemma3" else w)
 
     def embed(self, tok: int) -> np.ndarray:
-        if "embed" in self.w:
+        if self.head is not None:
+            x = self.head.lookup(tok)
+        elif "embed" in self.w:
             e = self.w["embed"]
             x = dequantize_records(e.rec[tok:tok + 1], e.fmt, e.m, e.hd, e.hm, e.gi, first=tok)[0]
         else:  # tied: column `tok` of the head's records
@@ -209,7 +226,10 @@ class LeanModel:
             x = x + (self.norm(a, self.vec[p + "post_attn_norm"]) if gemma else a)
             y = self.mlp(i, self.norm(x, self.vec[p + "mlp_norm"]), x)
             x = x + (self.norm(y, self.vec[p + "post_mlp_norm"]) if gemma else y)
-        return self.linear("head", self.norm(x, self.vec["final_norm"])).copy()
+        xn = self.norm(x, self.vec["final_norm"])
+        if self.head is not None:
+            return self.head.logits(xn, self._out["head"], self.nthreads).copy()
+        return self.linear("head", xn).copy()
 
     def new_sequence(self) -> None:
         if self.mlp is not None:

@@ -149,19 +149,30 @@ class QMatrix:
         """float32 W (m x rows), for tests."""
         return dequantize_records(self.rec, self.fmt, self.m, self.hd, self.hm, self.gi or 1).T
 
-    def column(self, j: int) -> np.ndarray:
-        """Output j of every record (a tied embedding's row j), dequantized."""
+    def column_bytes(self, j: int) -> tuple[int, int]:
+        """(position, width) in a record of the bytes that hold output j."""
         if self.fmt == "float32":
-            return self.rec[:, 4 * j:4 * j + 4].copy().view(np.float32)[:, 0]
-        grp = np.arange(self.rows) // self.gi
+            return 4 * j, 4
+        if self.fmt == "int8":
+            return j, 1
+        gb, jj = divmod(j, self.group)
+        return gb * (self.group // 2) + jj % (self.group // 2), 1
+
+    def decode_column(self, raw: np.ndarray, j: int) -> np.ndarray:
+        """Output j of every record, from the bytes column_bytes(j) of each (rows x width uint8)."""
+        if self.fmt == "float32":
+            return np.ascontiguousarray(raw[:, :4]).view(np.float32)[:, 0].copy()
+        grp = np.arange(raw.shape[0]) // self.gi
         d = self.hd[grp, j].astype(np.float32)
         if self.fmt == "int8":
-            return self.rec[:, j].view(np.int8).astype(np.float32) * d
-        G = self.group
-        gb, jj = divmod(j, G)
-        b = self.rec[:, gb * (G // 2) + jj % (G // 2)]
-        nib = (b & 15) if jj < G // 2 else (b >> 4)
+            return raw[:, 0].view(np.int8).astype(np.float32) * d
+        nib = (raw[:, 0] & 15) if j % self.group < self.group // 2 else (raw[:, 0] >> 4)
         return nib.astype(np.float32) * d + self.hm[grp, j].astype(np.float32)
+
+    def column(self, j: int) -> np.ndarray:
+        """Output j of every record (a tied embedding's row j), dequantized."""
+        pos, width = self.column_bytes(j)
+        return self.decode_column(self.rec[:, pos:pos + width], j)
 
     def _hp(self):
         return (self.hd.ctypes.data, None if self.hm is None else self.hm.ctypes.data, self.gi)

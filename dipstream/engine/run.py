@@ -85,6 +85,10 @@ class EngineOptions:
                 "(the units it will probably select), uncached (every unit it does not cache), auto (uncached "
                 "where records are at most half --read-gap, else predicted) or off",
         "choices": ("auto", "predicted", "uncached", "off")})
+    head: str = field(default="auto", metadata={
+        "help": "lean engine: where the output head (and embedding) lives: ram, stream (read from the model "
+                "file each token: its RAM goes to the MLP caches) or auto (stream only when --memory cannot "
+                "hold it)", "choices": ("auto", "ram", "stream")})
     memory: str | None = field(default=None, metadata={
         "help": "lean engine with --offload: RAM budget for the whole process (bytes, e.g. '200MB'): what "
                 "Python, the libraries, the static weights, the KV cache and the buffers leave goes to the "
@@ -150,18 +154,24 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
           policy_kwargs: dict | None = None, up_keep=None, down_keep=None, gamma: float = 0.1,
           n0_frac: float = 0.5, warmup: bool = True, keep_file: str | None = None, threads: int = 1, io_threads: int = 4,
           direct: bool = True, record_masks: bool = False, read_gap: int = 0,
-          prefetch: str | bool = "auto", kv_cache: str = "float32") -> tuple[LeanModel, dict]:
+          prefetch: str | bool = "auto", kv_cache: str = "float32", head: str = "ram") -> tuple[LeanModel, dict]:
     """The lean model with its MLP backend and a description of its RAM. With `offload`, the
     MLP caches get `cache_bytes`, or what `memory` (the whole process) leaves after the RSS now,
-    the static weights, the KV cache, the buffers and a margin."""
+    the static weights, the KV cache, the buffers and a margin. `head`: ram, stream (read from
+    the file each token) or auto (stream only when a --memory budget cannot hold it)."""
     baseline = rss_bytes()
-    lm = LeanModel(directory, max_seq, threads, kv_dtype=kv_cache)
+    if head == "auto":
+        fits = memory is None or not offload or \
+            baseline + ram_before_caches(read_manifest(directory), max_seq, kv_cache) + MARGIN <= memory
+        head = "ram" if fits else "stream"
+    lm = LeanModel(directory, max_seq, threads, kv_dtype=kv_cache, head=head, io_threads=io_threads)
     a = lm.arch
     keeps = layer_keeps(density, lm.L, up_keep, down_keep, keep_file)
     chooser = MaskChooser(method, [keeps.k_in(i, lm.d) for i in range(lm.L)],
                           [keeps.k_out(i, lm.D) for i in range(lm.L)], gamma, n0_frac, warmup)
     info = {"baseline_rss": baseline, "static_bytes": lm.static_bytes, "kv_bytes": lm.kv_bytes,
-            "family": a["family"], "weights": lm.manifest["mlp_fmt"], "head_weights": lm.manifest["head_fmt"]}
+            "family": a["family"], "weights": lm.manifest["mlp_fmt"], "head_weights": lm.manifest["head_fmt"],
+            "head": head}
     if not offload:
         lm.mlp = RamMLP(lm, chooser, record_masks)
         info.update(mlp_ram_bytes=lm.mlp.bytes)
@@ -191,16 +201,24 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
     return lm, info
 
 
-def ram_before_caches(manifest: dict, max_seq: int, kv_cache: str = "float32") -> int:
-    """Weight and KV bytes an offloaded run holds before any MLP cache: the static weights, the KV
-    cache at `max_seq` and the MLP's read buffer."""
+def ram_before_caches(manifest: dict, max_seq: int, kv_cache: str = "float32", head: str = "ram") -> int:
+    """Weight and KV bytes an offloaded run holds before any MLP cache: the static weights and
+    their headers (a streamed head: its headers and chunk buffers), the KV cache at `max_seq`, the
+    MLP's read buffers and headers."""
     infos = manifest["tensor_info"]
     a = manifest["arch"]
-    static = sum(t.nbytes for n, t in infos.items() if not n.endswith(("mlp_in", "mlp_out")))
+    streamed = ("head", "embed") if head == "stream" else ()
+    static = sum(t.nbytes + t.header_bytes for n, t in infos.items()
+                 if not n.endswith(("mlp_in", "mlp_out")) and n not in streamed)
+    for n in streamed:
+        if n in infos:
+            t = infos[n]
+            static += t.header_bytes + (2 * (32 * t.stride + 2 * 4096) + 4096 if n == "head" else 0)
     kv = 2 * (2 if kv_cache == "float16" else 4) * a["n_layers"] * a["n_kv"] * max_seq * a["head_dim"]
     n = {"in": a["d"], "out": a["D"]}
     stride = {k: infos[f"layers.0.mlp_{k}"].stride for k in n}
-    return int(static + kv + OffloadMLP.fixed_bytes(n, stride))
+    hb = sum(t.header_bytes for name, t in infos.items() if name.endswith(("mlp_in", "mlp_out")))
+    return int(static + kv + OffloadMLP.fixed_bytes(n, stride, hb))
 
 
 def pick(logits: np.ndarray, sample: bool, temperature: float, top_k: int, rng) -> int:

@@ -59,14 +59,14 @@ def run_lean(cfg, out=None) -> dict:
               down_keep=cfg.dip.down_keep, keep_file=cfg.dip.keep_file, gamma=cfg.ca.gamma, n0_frac=cfg.ca.n0_frac, warmup=cfg.ca.warmup,
               threads=threads, io_threads=cfg.io_threads, direct=cfg.direct_io, record_masks=bool(cfg.trace),
               read_gap=int(parse_bytes(o.read_gap)), prefetch=o.prefetch,
-              kv_cache=o.kv_cache)
+              kv_cache=o.kv_cache, head=o.head)
     cache_bytes = None
     memory = parse_bytes(o.memory) if o.memory else None
     if cfg.offload and memory is None:  # --dram: weights and KV cache, static first (as simulate)
         man = read_manifest(directory)
-        weights = sum(t.nbytes for t in man["tensor_info"].values())
+        weights = sum(t.nbytes + t.header_bytes for t in man["tensor_info"].values())
         dram = parse_dram(cfg.dram, weights)
-        need = ram_before_caches(man, seq, o.kv_cache)
+        need = ram_before_caches(man, seq, o.kv_cache, "stream" if o.head == "stream" else "ram")
         cache_bytes = int(dram - need)
         if cache_bytes < 0:
             raise DipstreamError(f"--dram {fmt_bytes(dram)} is below the static weights, KV cache and read "
