@@ -241,7 +241,7 @@ def main(argv=None) -> int:
             f"dipstream: {a.weights} file, {ours_bytes / 1e6:.1f} MB); baselines llama.cpp "
             f"{meta['llama_baseline_rss'] / 1e6:.0f} MB, dipstream {meta['ours_baseline_rss'] / 1e6:.0f} MB; "
             f"{a.rounds} interleaved rounds, medians; {a.new_tokens} new tokens, greedy; density {a.density}, "
-            f"gamma {a.gamma}; dipstream KV cache {a.kv_cache}, read gap 32 kB, prefetch auto\ncommand: python benchmarks/bench_vs_llamacpp.py {' '.join(sys.argv[1:])}\n\n" + table)
+            f"gamma {a.gamma}; dipstream KV cache {a.kv_cache}, read gap 32 kB, prefetch auto, head auto (streamed when the cap cannot hold it)\ncommand: python benchmarks/bench_vs_llamacpp.py {' '.join(sys.argv[1:])}\n\n" + table)
     (out_dir / "table.md").write_text(text + "\n")
     (out_dir / "meta.json").write_text(json.dumps({**meta, "perplexity": {f"{k[0]}|{k[1]}": v for k, v in ppl.items()}}))
     print(text)

@@ -52,6 +52,7 @@ class StreamedHead:
         span = self.rows * head.stride + 2 * BLOCK
         span += (-span) % BLOCK
         raw = np.empty(2 * span + BLOCK, np.uint8)
+        raw.fill(0)  # resident now, so the RSS a budget is taken from counts it
         off = (-raw.ctypes.data) % BLOCK
         self.buf = [raw[off:off + span], raw[off + span:off + 2 * span]]
         self.part = np.empty(head.m, np.float32)

@@ -32,6 +32,7 @@ from dipstream.simulator.trace import Hook, HookSpec, MaskTrace
 KINDS = ("in", "out")
 PREFETCH = ("auto", "predicted", "uncached", "off")
 BLOCK = 512  # direct reads: offsets and lengths in whole blocks
+BOOKKEEPING = 48  # RAM per MLP unit besides its record (SmolLM2: ~2 MB over 30 layers, measured by RSS)
 
 
 @dataclass
@@ -193,10 +194,11 @@ class OffloadMLP:
         return {k: v + (-v) % BLOCK for k, v in size.items()}
 
     @staticmethod
-    def fixed_bytes(n: dict, stride: dict, header_bytes: int = 0) -> int:
-        """RAM besides the caches: the two read buffers (one per hook kind) and the records'
-        headers."""
-        return sum(OffloadMLP.buffer_sizes(n, stride).values()) + BLOCK + header_bytes
+    def fixed_bytes(n: dict, stride: dict, header_bytes: int = 0, layers: int = 0) -> int:
+        """RAM besides the caches: the two read buffers (one per hook kind), the records' headers
+        and per unit of every hook BOOKKEEPING bytes (slot map, policy state, masks; measured)."""
+        return sum(OffloadMLP.buffer_sizes(n, stride).values()) + BLOCK + header_bytes \
+            + BOOKKEEPING * layers * sum(n.values())
 
     def __init__(self, model: LeanModel, chooser: MaskChooser, cache_bytes: int, policy: str = "lru",
                  io_threads: int = 4, direct: bool = True, record_masks: bool = True, read_gap: int = 0,

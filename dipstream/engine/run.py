@@ -154,7 +154,7 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
           policy_kwargs: dict | None = None, up_keep=None, down_keep=None, gamma: float = 0.1,
           n0_frac: float = 0.5, warmup: bool = True, keep_file: str | None = None, threads: int = 1, io_threads: int = 4,
           direct: bool = True, record_masks: bool = False, read_gap: int = 0,
-          prefetch: str | bool = "auto", kv_cache: str = "float32", head: str = "ram") -> tuple[LeanModel, dict]:
+          prefetch: str | bool = "auto", kv_cache: str = "float32", head: str = "auto") -> tuple[LeanModel, dict]:
     """The lean model with its MLP backend and a description of its RAM. With `offload`, the
     MLP caches get `cache_bytes`, or what `memory` (the whole process) leaves after the RSS now,
     the static weights, the KV cache, the buffers and a margin. `head`: ram, stream (read from
@@ -182,7 +182,7 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
         man = lm.manifest
         n = {"in": lm.d, "out": lm.D}
         hb = sum(t.header_bytes for name, t in man["tensor_info"].items() if name.endswith(("mlp_in", "mlp_out")))
-        fixed = OffloadMLP.fixed_bytes(n, {k: lm.mlp_stride(k) for k in n}, hb)
+        fixed = OffloadMLP.fixed_bytes(n, {k: lm.mlp_stride(k) for k in n}, hb, lm.L)
         now = rss_bytes()  # Python, libraries, static weights and the (touched) KV cache
         cache_bytes = int(memory - now - fixed - MARGIN)
         if cache_bytes < 0:
@@ -218,7 +218,7 @@ def ram_before_caches(manifest: dict, max_seq: int, kv_cache: str = "float32", h
     n = {"in": a["d"], "out": a["D"]}
     stride = {k: infos[f"layers.0.mlp_{k}"].stride for k in n}
     hb = sum(t.header_bytes for name, t in infos.items() if name.endswith(("mlp_in", "mlp_out")))
-    return int(static + kv + OffloadMLP.fixed_bytes(n, stride, hb))
+    return int(static + kv + OffloadMLP.fixed_bytes(n, stride, hb, a["n_layers"]))
 
 
 def pick(logits: np.ndarray, sample: bool, temperature: float, top_k: int, rng) -> int:

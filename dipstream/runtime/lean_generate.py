@@ -101,10 +101,12 @@ def run_lean(cfg, out=None) -> dict:
         n = max(len(steps), 1)
         c = lm.mlp.counters
         tokens = max(c.tokens, 1)
+        head_read = lm.head.disk_bytes if lm.head is not None else 0  # a streamed head's reads
         row.update(new_tokens=len(res["ids"]), ttft_s=res["ttft_s"], decode_steps=len(steps), decode_s=sum(steps),
                    decode_tokens_per_s=len(steps) / sum(steps) if steps else None, ids=res["ids"],
                    text=decode(res["ids"]), mlp_s_per_token=c.mlp_s / tokens,
-                   disk_bytes_per_token=c.disk_bytes / tokens, reads_per_token=c.reads / tokens,
+                   disk_bytes_per_token=(c.disk_bytes + head_read) / tokens, reads_per_token=c.reads / tokens,
+                   head_disk_bytes_per_token=head_read / tokens,
                    ram_bytes_per_token=c.ram_bytes / tokens, io_wait_s_per_token=c.io_wait_s / tokens,
                    prefetch_bytes_per_token=c.prefetch_bytes / tokens,
                    prefetch_precision=c.prefetch_useful / c.prefetch_units if c.prefetch_units else None,
