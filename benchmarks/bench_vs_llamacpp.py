@@ -35,16 +35,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from llamacpp_child import _status  # noqa: E402  (standard library only: both interpreters run it)
 CGROUP = Path("/sys/fs/cgroup/memory")
 PROMPT = "The history of the city begins with"
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return -1
 
 
 def cgroup_ok() -> bool:

@@ -35,6 +35,7 @@ from dipstream.runtime.decode import (
 from dipstream.runtime.in_memory import InMemoryRuntime, runtime_activation
 from dipstream.runtime.offload import OffloadRuntime, static_ram_bytes
 from dipstream.runtime.offload_file import Layout, ensure_offload
+from dipstream.runtime.streaming import text_streamer
 from dipstream.simulator import save_trace
 from dipstream.simulator.hardware import fmt_bytes, parse_dram
 from dipstream.sparsity import build_method
@@ -143,19 +144,7 @@ def run_hf(cfg: GenerateConfig, out=None) -> dict:
         if dev.type == "cuda":
             model.to(dev, torch.bfloat16)
             ids = ids.to(dev)
-        printed = [""]
-
-        def on_token(gen_ids):
-            if not cfg.stream:
-                return
-            text = tok.decode(gen_ids, skip_special_tokens=True)
-            out.write(text[len(printed[0]):] if text.startswith(printed[0]) else text)
-            out.flush()
-            printed[0] = text
-
-        if cfg.stream:
-            out.write(cfg.prompt)
-            out.flush()
+        on_token = text_streamer(out, lambda g: tok.decode(g, skip_special_tokens=True), cfg.stream, cfg.prompt)
         res = decode_tokens(model, ids, cfg.decoding, _eos_ids(tok, model), on_token)
         if cfg.stream:
             out.write("\n")

@@ -18,6 +18,7 @@ from dipstream.engine.run import (build, disk_read_bytes, ensure_model_file, gen
 from dipstream.errors import DipstreamError
 from dipstream.io import write_json_atomic
 from dipstream.paths import machine
+from dipstream.runtime.streaming import text_streamer
 from dipstream.simulator import save_trace
 from dipstream.simulator.hardware import fmt_bytes, parse_bytes, parse_dram
 
@@ -78,19 +79,7 @@ def run_lean(cfg, out=None) -> dict:
     load_s = time.perf_counter() - t_load
     row = {"model": cfg.model, "method": cfg.method, "density_requested": cfg.density, "engine": "lean",
            "prompt_tokens": len(ids), "threads": threads, "model_dir": str(directory), "load_s": load_s, **info}
-    printed = [""]
-
-    def on_token(gen):
-        if not cfg.stream:
-            return
-        text = decode(gen)
-        out.write(text[len(printed[0]):] if text.startswith(printed[0]) else text)
-        out.flush()
-        printed[0] = text
-
-    if cfg.stream:
-        out.write(cfg.prompt)
-        out.flush()
+    on_token = text_streamer(out, decode, cfg.stream, cfg.prompt)
     rb0 = disk_read_bytes()
     try:
         res = generate(lm, ids, d.max_new_tokens, _eos(directory, lm.arch), d.stop_at_eos, d.sample,
