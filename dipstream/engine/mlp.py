@@ -132,9 +132,11 @@ class RamMLP:
                 self.w[kind].append(load_matrix(model.fd, info))
         self.bytes = sum(q.nbytes for qs in self.w.values() for q in qs)
         D, d = model.D, model.d
-        self._gu, self._y = np.empty(2 * D, np.float32), np.empty(d, np.float32)
+        self._gu, self._y, self._h = np.empty(2 * D, np.float32), np.empty(d, np.float32), np.empty(D, np.float32)
         self._idx = {k: np.empty(n, np.int64) for k, n in (("in", d), ("out", D))}
         self._coef = np.empty(max(d, D), np.float32)
+        self._sel = {"in": [q.selector(self._idx["in"], self._coef, self._gu) for q in self.w["in"]],
+                     "out": [q.selector(self._idx["out"], self._coef, self._y) for q in self.w["out"]]}
         self.rec = _Recorder(model.L, record_masks)
         self.counters = MlpCounters()
         self.pos = 0
@@ -151,10 +153,10 @@ class RamMLP:
         nt = m.nthreads
         wi, wo = self.w["in"][i], self.w["out"][i]
         k_in = self.chooser.k_of("in", i, m.d)
-        got = wi.select(x, k_in, self._idx["in"], self._coef, self._gu, nt)
-        h = (m.act(self._gu[:D]) * self._gu[D:]).astype(np.float32)
+        got = self._sel["in"][i](x, k_in, nt)
+        h = m.glu(self._gu, self._h)
         k_out = self.chooser.k_of("out", i, D)
-        got2 = wo.select(h, k_out, self._idx["out"], self._coef, self._y, nt)
+        got2 = self._sel["out"][i](h, k_out, nt)
         c = self.counters
         c.selected_bytes += got * wi.stride + got2 * wo.stride
         c.ram_bytes += got * wi.stride + got2 * wo.stride
@@ -260,6 +262,7 @@ class OffloadMLP:
             direct = False
         self.direct = direct
         self._gu = np.empty(2 * model.D, np.float32)
+        self._h = np.empty(model.D, np.float32)
         self._y = np.empty(model.d, np.float32)
         self._part = {"in": np.empty(2 * model.D, np.float32), "out": np.empty(model.d, np.float32)}
         self.rec = _Recorder(model.L, record_masks)
@@ -425,7 +428,7 @@ class OffloadMLP:
             guess = np.ones(D, bool) if every["out"] else self.prev_out[i]
             nxt_out = ("out", i, guess) if guess is not None else None
         gu = self._hook("in", i, x, self._gu, nxt_out)
-        h = (m.act(gu[:D]) * gu[D:]).astype(np.float32)
+        h = m.glu(gu, self._h)
         nxt_in = None
         if self.prefetch != "off" and resid is not None and i + 1 < m.L:
             if every["in"]:

@@ -19,6 +19,7 @@ from dipstream.engine.head import StreamedHead
 from dipstream.engine.modelfile import DATA, TensorInfo, read_manifest, verify_sha256
 from dipstream.engine.qmatrix import QMatrix, dequantize_records
 from dipstream.errors import DipstreamError
+from dipstream.kernels import native
 from dipstream.simulator.model_shape import ModelShape
 
 
@@ -56,15 +57,7 @@ def load_matrix(fd: int, info: TensorInfo) -> QMatrix:
     return QMatrix(read_block(fd, info), info.fmt, info.m, *read_headers(fd, info))
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
-
-
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x * x * x)))
-
-
-ACTS = {"silu": silu, "swish": silu, "gelu_pytorch_tanh": gelu_tanh, "gelu_tanh": gelu_tanh, "gelu_new": gelu_tanh}
+ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu_new": 1}  # ds_glu's codes
 
 
 class LeanModel:
@@ -85,7 +78,7 @@ class LeanModel:
         self.H, self.Hkv, self.hd = a["n_heads"], a["n_kv"], a["head_dim"]
         if a["act"] not in ACTS:
             raise DipstreamError(f"the lean engine has no activation '{a['act']}'")
-        self.act = ACTS[a["act"]]
+        self.act_code = ACTS[a["act"]]
         self.nthreads = int(nthreads)
         self.max_seq = int(max_seq)
         if self.max_seq > a["max_positions"]:
@@ -105,6 +98,13 @@ class LeanModel:
                 self.vec[name] = dequantize_records(rec, "float32", info.m)[0].copy()
             else:
                 self.w[name] = QMatrix(rec, info.fmt, info.m, *read_headers(self.fd, info))
+        for i in range(self.L):  # q, k and v in one product where their records lie side by side
+            names = [f"layers.{i}.{n}" for n in "qkv"]
+            qkv = QMatrix.concat_outputs([self.w[n] for n in names])
+            if qkv is not None:
+                self.w[f"layers.{i}.qkv"] = qkv
+                for n in names:
+                    del self.w[n]
         self.head = None
         if streamed:
             self.head = StreamedHead(self.directory, infos["head"], infos.get("embed"),
@@ -128,8 +128,14 @@ class LeanModel:
         self.embed_scale = np.float32(self.d ** 0.5) if self.family == "gemma3" else None
         self._out = {n: np.empty(q.m, np.float32) for n, q in self.w.items()}
         self._out["head"] = np.empty(self.V, np.float32)
+        self._att = np.empty(self.H * self.hd, np.float32)
+        self._lib = native.load(quiet=True)
+        if self._lib is None:
+            raise DipstreamError(f"the lean engine needs the native kernel library, which is unavailable "
+                                 f"({native.status().get('reason')}); install a C compiler (gcc) or use --engine hf")
         self._idx = np.empty(max(self.d, self.H * self.hd) + 1, np.int64)
         self._coef = np.empty_like(self._idx, dtype=np.float32)
+        self._sel = {n: (q.selector(self._idx, self._coef, self._out[n]), q.rows) for n, q in self.w.items()}
         self.mlp = None
 
     def _rope(self, theta: float):
@@ -154,9 +160,15 @@ class LeanModel:
 
     # ------------------------------------------------------------------ pieces
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
-        q = self.w[name]
-        q.select(x, q.rows, self._idx, self._coef, self._out[name], self.nthreads)
+        f, rows = self._sel[name]
+        f(x, rows, self.nthreads)
         return self._out[name]
+
+    def glu(self, gu: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out = act(gate) * up of the MLP's [gate | up] product (float32, contiguous)."""
+        if self._lib.ds_glu(gu.ctypes.data, out.size, self.act_code, out.ctypes.data) != 0:
+            raise ValueError("ds_glu failed")
+        return out
 
     def norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         y = x * (1.0 / np.sqrt(np.mean(x * x, dtype=np.float32) + np.float32(self.arch["eps"])))
@@ -177,16 +189,16 @@ class LeanModel:
             x = self.w["head"].column(tok)
         return x * self.embed_scale if self.embed_scale is not None else x.copy()
 
-    def _rot(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        h = self.hd // 2
-        rot = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-        return x * cos + rot * sin
-
     def attention(self, i: int, h: np.ndarray, pos: int) -> np.ndarray:
         p = f"layers.{i}."
-        q = self.linear(p + "q", h).copy()
-        k = self.linear(p + "k", h).copy()
-        v = self.linear(p + "v", h).copy()
+        if p + "qkv" in self.w:
+            nq, nk = self.H * self.hd, self.Hkv * self.hd
+            qkv = self.linear(p + "qkv", h)
+            q, k, v = qkv[:nq].copy(), qkv[nq:nq + nk].copy(), qkv[nq + nk:].copy()
+        else:
+            q = self.linear(p + "q", h).copy()
+            k = self.linear(p + "k", h).copy()
+            v = self.linear(p + "v", h).copy()
         if p + "q_bias" in self.vec:
             q += self.vec[p + "q_bias"]
             k += self.vec[p + "k_bias"]
@@ -199,18 +211,16 @@ class LeanModel:
         theta = self.arch["rope_local_theta"] if self.local[i] and self.arch["rope_local_theta"] else \
             self.arch["rope_theta"]
         cos, sin = self.rope[theta]
-        q = self._rot(q, cos[pos], sin[pos])
-        self.K[i, :, pos] = self._rot(k, cos[pos], sin[pos])
-        self.Vc[i, :, pos] = v.reshape(self.Hkv, self.hd)
         lo = max(0, pos - self.window + 1) if self.local[i] and self.window else 0
-        g = self.H // self.Hkv
-        K, V = self.K[i, :, lo:pos + 1], self.Vc[i, :, lo:pos + 1]
-        if K.dtype != np.float32:  # a float16 cache: products in float32
-            K, V = K.astype(np.float32), V.astype(np.float32)
-        s = (q.reshape(self.Hkv, g, self.hd) @ K.transpose(0, 2, 1)) * self.scale
-        s = np.exp(s - s.max(-1, keepdims=True))
-        s /= s.sum(-1, keepdims=True)
-        o = (s @ V).reshape(self.H * self.hd)
+        q, k = np.ascontiguousarray(q, np.float32), np.ascontiguousarray(k, np.float32)
+        v = np.ascontiguousarray(v, np.float32)
+        o = self._att
+        rc = self._lib.ds_attend_token(q.ctypes.data, k.ctypes.data, v.ctypes.data, cos[pos].ctypes.data,
+                                       sin[pos].ctypes.data, self.K[i].ctypes.data, self.Vc[i].ctypes.data, self.H,
+                                       self.Hkv, self.hd, self.max_seq, pos, lo, float(self.scale),
+                                       int(self.K.dtype == np.float16), o.ctypes.data)
+        if rc != 0:
+            raise MemoryError("native attention failed")
         return self.linear(p + "o", o)
 
     # ------------------------------------------------------------------ one token

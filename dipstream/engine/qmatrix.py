@@ -133,6 +133,24 @@ class QMatrix:
         rec, hd, hm = quantize_records(Wt, fmt)
         return cls(rec, fmt, Wt.shape[1], hd, hm)
 
+    @classmethod
+    def concat_outputs(cls, mats: list["QMatrix"]) -> "QMatrix | None":
+        """One matrix whose outputs are those of `mats` in order (same inputs), so one product
+        does all (e.g. q, k and v); None where their records cannot be laid side by side."""
+        fmt, rows = mats[0].fmt, mats[0].rows
+        m = sum(q.m for q in mats)
+        if any(q.fmt != fmt or q.rows != rows or q.units != rows for q in mats):
+            return None
+        if fmt == "int4" and any(q.group != 32 or q.m % 32 for q in mats):
+            return None
+        g, qb, stride = record_layout(fmt, m)
+        if fmt == "int4" and g != 32:
+            return None
+        rec = np.zeros((rows, stride), np.uint8)
+        rec[:, :qb] = np.concatenate([q.rec[:, :q.qbytes] for q in mats], axis=1)
+        cat = (lambda hs: None if hs[0] is None else np.concatenate(hs, axis=1))
+        return cls(rec, fmt, m, cat([q.hd for q in mats]), cat([q.hm for q in mats]))
+
     @property
     def rows(self) -> int:
         return self.rec.shape[0]
@@ -196,6 +214,26 @@ class QMatrix:
         if rc != 0:
             raise IndexError("record index out of range")
         return out
+
+    def selector(self, idx: np.ndarray, coef: np.ndarray, out: np.ndarray):
+        """`select` over fixed work buffers with their pointers taken once (a decode loop calls it
+        hundreds of times per token): returns f(v, k, nthreads) -> count selected."""
+        n = self.rows
+        if self.fmt == "float32":
+            fn = self._lib.ds_select_gemv
+            rest = (self.rec.ctypes.data, self.m, self.m, idx.ctypes.data, coef.ctypes.data, out.ctypes.data)
+        else:
+            fn = self._lib.ds_select_gemv_qg
+            rest = (self.rec.ctypes.data, self.stride, self.group, self.bits, *self._hp(), self.m, idx.ctypes.data,
+                    coef.ctypes.data, out.ctypes.data)
+
+        def run(v: np.ndarray, k: int, nthreads: int = 1) -> int:
+            got = fn(v.ctypes.data, n, k, *rest, nthreads)
+            if got < 0:
+                raise MemoryError("native select-gemv failed")
+            return got
+
+        return run
 
     def select(self, v: np.ndarray, k: int, idx: np.ndarray, coef: np.ndarray, out: np.ndarray,
                nthreads: int = 1) -> int:

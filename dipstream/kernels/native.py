@@ -40,9 +40,9 @@ from dipstream.validation import private_dir
 
 __all__ = ["load", "status", "sources"]
 
-KERNEL_VERSION = 11
+KERNEL_VERSION = 12
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("gemv.c", "pread.c")
+SOURCES = ("gemv.c", "pread.c", "decode.c")
 
 
 def sources() -> dict[str, str]:
@@ -145,6 +145,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_select_gemv_qg.restype = I64
     lib.ds_gather_gemv_qg.argtypes = [P, I64, I64, I64, I, P, P, I64, I64, I64, P, P, P, I64, P, I]
     lib.ds_gather_gemv_qg.restype = I
+    lib.ds_attend.argtypes = [P, P, P, I64, I64, I64, I64, I64, I64, ctypes.c_float, I, P]
+    lib.ds_attend.restype = I
+    lib.ds_attend_token.argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, ctypes.c_float, I, P]
+    lib.ds_attend_token.restype = I
+    lib.ds_glu.argtypes = [P, I64, I, P]
+    lib.ds_glu.restype = I
     lib.ds_pread_batch.argtypes = [I, I64, P, P, P, I]
     lib.ds_pread_batch.restype = I
     lib.ds_pread_submit.argtypes = [I, I64, P, P, P, I]
