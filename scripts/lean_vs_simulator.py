@@ -3,7 +3,7 @@
 1. `dipstream probe --lean-model DIR` on the calibration model (default SmolLM2-135M) measures the
    engine's products and the per-token host time (fitted to its in-RAM dense and DIP decodes) and
    the model file's reads while the CPU computes: one hardware file for this machine.
-2. Every configuration (each model; in RAM: dense, DIP; offloaded with --dram F of the model file's
+2. Every configuration (each model; in RAM: DIP; offloaded with --dram F of the model file's
    bytes, static weights and KV cache first: dense streaming, DIP, DIP-CA) runs `dipstream generate`
    in its own process with --trace, greedy, --tokens new tokens, --rounds times (interleaved).
 3. Each run's masks are replayed by `simulate` with that hardware file, the runtime's cache bytes
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     print(f"hardware {hw_path}: products {hw.dram_bw / 1e9:.2f} GB/s, host {hw.host_s_per_token * 1e3:.2f} ms/token, "
           f"flash {hw.flash_bw / 1e9:.3f} GB/s, latency {hw.flash_read_latency_s * 1e6:.1f} us / queue depth "
           f"{hw.flash_queue_depth}", flush=True)
-    configs = [(m, meth, None) for m in models for meth in ("dense", "dip")]
+    configs = [(m, "dip", None) for m in models]  # in RAM (a dense run in RAM has no masks to replay)
     configs += [(m, meth, f) for m in models for f in a.dram.split(",") for meth in ("dense", "dip", "dip-ca")]
     runs = []
     with tempfile.TemporaryDirectory(prefix="dipstream-lvs-") as tmp:

@@ -420,7 +420,7 @@ def test_lean_tokenizer_is_written_only_when_it_matches(tiny_checkpoint, tmp_pat
 
 def test_probe_lean_writes_hardware_the_simulator_replays(tiny_checkpoint, tmp_path):
     """`dipstream probe --lean-model` on an exported model writes a hardware file with the engine's
-    precision (int4 with a float16 scale and offset per 32 weights: 5 bits per weight) and a host time; the
+    precision (an MLP unit is its 4-bit record; static int4 weights carry a float16 scale and offset per 32: 5 bits) and a host time; the
     simulator replays a lean run's trace with it."""
     from dipstream.cli.main import main
     from dipstream.simulator import load_hardware, load_trace, simulate
@@ -431,7 +431,7 @@ def test_probe_lean_writes_hardware_the_simulator_replays(tiny_checkpoint, tmp_p
     out = tmp_path / "hw.yaml"
     assert main(["probe", "--lean-model", str(_export), "--out", str(out), "--repeats", "1", "--reads", "64"]) == 0
     hw = load_hardware(out)
-    assert hw.bits["mlp"] == hw.bits["attention"] == 5.0 and hw.bits["kv_cache"] == 32.0
+    assert hw.bits["mlp"] == 4.0 and hw.bits["attention"] == 5.0 and hw.bits["kv_cache"] == 32.0
     assert hw.dram_bw > 0 and hw.host_s_per_token >= 0 and hw.coalesce and hw.overlap and hw.read_gap_bytes == 32000
     trace = tmp_path / "t.npz"
     assert main(["generate", "--model", str(hfdir), "--model-dir", str(_export), "--weights", "int4", "--trace",

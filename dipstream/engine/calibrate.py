@@ -11,8 +11,9 @@
   flight) **while a second thread runs those kernels**, as during decoding: long reads of a
   whole hook (``flash_bw``) and reads of single records at one and at ``io_threads`` in flight
   (latency and queue depth, ``simulator.hardware.fit_flash``).
-* precision: bits per weight of the format's records and headers (int4: 4 bits and a float16
-  scale and offset per 32 weights: 5), the KV cache in float32; ``overlap`` (the engine's prefetch overlaps reads with compute),
+* precision: bits per weight as the engine holds and reads them: an MLP unit is its record (int4:
+  4 bits; its headers stay in RAM), the static weights include their headers (int4: a float16
+  scale and offset per 32 weights: 5 bits), the KV cache in float32; ``overlap`` (the engine's prefetch overlaps reads with compute),
   ``bundle``, ``coalesce`` and ``read_gap_bytes`` as the engine reads.
 """
 
@@ -175,10 +176,12 @@ def bits_of(manifest: dict) -> dict:
     """Simulator bits per weight of the model file's formats (scales included)."""
     infos = manifest["tensor_info"]
 
-    def per_weight(info) -> float:
-        return 8.0 * (info.stride * info.rows + info.header_bytes) / (info.rows * info.m)
+    def per_weight(info, headers: bool = True) -> float:
+        return 8.0 * (info.stride * info.rows + headers * info.header_bytes) / (info.rows * info.m)
 
-    mlp = per_weight(infos["layers.0.mlp_in"])
+    # an MLP unit's bytes (what its cache slot holds and a miss reads) are its record alone: the
+    # headers stay in RAM beside the static weights
+    mlp = per_weight(infos["layers.0.mlp_in"], headers=False)
     attn = per_weight(infos["layers.0.q"])
     head = per_weight(infos["head"])
     return {"mlp": mlp, "attention": attn, "lm_head": head, "embedding": head, "kv_cache": 32.0,
