@@ -117,7 +117,8 @@ def child_ours(argv: list[str]) -> int:
     windows = np.array(json.loads(Path(spec["windows"]).read_text()))
     lm, info = build(Path(spec["model_dir"]), spec["method"], spec["density"], windows.shape[1],
                      offload=spec["memory"] is not None, memory=spec["memory"], gamma=spec["gamma"],
-                     threads=spec["threads"], kv_cache=spec["kv_cache"], read_gap=32000)
+                     threads=spec["threads"], kv_cache=spec["kv_cache"], read_gap=32000,
+                     activations=spec["activations"])
     try:
         ppl, n = perplexity(lm, windows)
     finally:
@@ -144,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-windows", type=int, default=4, help="eval windows for perplexity (0: skip)")
     ap.add_argument("--ppl-len", type=int, default=256, help="tokens per perplexity window (BOS first)")
     ap.add_argument("--kv-cache", default="float16", help="dipstream's KV cache precision (llama.cpp's default: f16)")
+    ap.add_argument("--activations", default="float32", choices=("float32", "int8"),
+                    help="dipstream's activations in int4 products (llama.cpp quantizes them to 8 bits)")
     ap.add_argument("--out", default="results/vs_llamacpp", help="folder: runs.jsonl and table.md")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -203,7 +206,8 @@ def main(argv=None) -> int:
             cmd = ours_cmd(["generate", "--engine", "lean", "--model", a.model, "--weights", a.weights,
                             "--method", cfg, "--density", str(a.density), "--gamma", str(a.gamma), "--prompt", a.prompt,
                             "--max-new-tokens", str(a.new_tokens), "--no-stop-at-eos", "--no-stream",
-                            "--threads", str(t), "--kv-cache", a.kv_cache, "--json", str(row_file)])
+                            "--threads", str(t), "--kv-cache", a.kv_cache, "--activations", a.activations,
+                            "--json", str(row_file)])
             cmd += ["--offload", str(model_dir), "--memory", str(cap)] if cap else ["--model-dir", str(model_dir)]
         drop_caches()
         load = os.getloadavg()[0]
@@ -235,7 +239,7 @@ def main(argv=None) -> int:
             f"dipstream: {a.weights} file, {ours_bytes / 1e6:.1f} MB); baselines llama.cpp "
             f"{meta['llama_baseline_rss'] / 1e6:.0f} MB, dipstream {meta['ours_baseline_rss'] / 1e6:.0f} MB; "
             f"{a.rounds} interleaved rounds, medians; {a.new_tokens} new tokens, greedy; density {a.density}, "
-            f"gamma {a.gamma}; dipstream KV cache {a.kv_cache}, read gap 32 kB, prefetch auto, head auto (streamed when the cap cannot hold it)\ncommand: python benchmarks/bench_vs_llamacpp.py {' '.join(sys.argv[1:])}\n\n" + table)
+            f"gamma {a.gamma}; dipstream KV cache {a.kv_cache}, activations {a.activations}, read gap 32 kB, prefetch auto, head auto (streamed when the cap cannot hold it)\ncommand: python benchmarks/bench_vs_llamacpp.py {' '.join(sys.argv[1:])}\n\n" + table)
     (out_dir / "table.md").write_text(text + "\n")
     (out_dir / "meta.json").write_text(json.dumps({**meta, "perplexity": {f"{k[0]}|{k[1]}": v for k, v in ppl.items()}}))
     print(text)
@@ -271,7 +275,8 @@ def perplexities(a, gguf: Path, model_dir: Path, configs, scenarios, cap_of) -> 
                     out[c, s] = out[c, "ram"]
                     continue
                 spec = {"windows": str(wfile), "model_dir": str(model_dir), "method": c, "density": a.density,
-                        "memory": cap, "gamma": a.gamma, "threads": 2, "kv_cache": a.kv_cache}
+                        "memory": cap, "gamma": a.gamma, "threads": 2, "kv_cache": a.kv_cache,
+                        "activations": a.activations}
                 r = run_child([sys.executable, __file__, "--child", "ppl", json.dumps(spec)], None)
             out[c, s] = r.get("perplexity")
             print(f"perplexity {c} {s}: {r.get('perplexity', r.get('error'))}", flush=True)

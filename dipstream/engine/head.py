@@ -32,12 +32,13 @@ class StreamedHead:
     """`logits(x)` = head(x) and `lookup(tok)` = the embedding of tok, reading the file each time."""
 
     def __init__(self, directory, head: TensorInfo, embed: TensorInfo | None, headers: dict,
-                 io_threads: int = 4, direct: bool = True):
+                 io_threads: int = 4, direct: bool = True, act8: bool = False):
         lib = native.load(quiet=True)
         if lib is None:
             raise DipstreamError("streaming the head needs the native read pool, which is unavailable")
         self.lib, self.io_threads, self.info, self.embed_info = lib, int(io_threads), head, embed
         self.q = QMatrix(np.zeros((1, head.stride), np.uint8), head.fmt, head.m, *headers["head"], units=head.rows)
+        self.q.act8 = act8
         self.eq = None if embed is None else QMatrix(np.zeros((1, embed.stride), np.uint8), embed.fmt, embed.m,
                                                      *headers["embed"], units=embed.rows)
         path = os.path.join(directory, DATA)

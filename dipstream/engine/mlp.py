@@ -130,6 +130,7 @@ class RamMLP:
             for kind, name in (("in", "mlp_in"), ("out", "mlp_out")):
                 info = infos[f"layers.{i}.{name}"]
                 self.w[kind].append(load_matrix(model.fd, info))
+                self.w[kind][-1].act8 = model.act8
         self.bytes = sum(q.nbytes for qs in self.w.values() for q in qs)
         D, d = model.D, model.d
         self._gu, self._y, self._h = np.empty(2 * D, np.float32), np.empty(d, np.float32), np.empty(D, np.float32)
@@ -221,6 +222,9 @@ class OffloadMLP:
         # per layer and kind: the records' float16 headers (static, in RAM) over a stand-in record
         self.q = {k: [QMatrix(np.zeros((1, self.stride[k]), np.uint8), f.fmt, f.m, *read_headers(model.fd, f),
                               units=f.rows) for f in self.info[k]] for k in KINDS}
+        for qs in self.q.values():
+            for q in qs:
+                q.act8 = model.act8
         self.header_bytes = sum(q.header_bytes for qs in self.q.values() for q in qs)
         if hasattr(os, "posix_fadvise"):  # the headers are copied: drop their pages from the page cache
             os.posix_fadvise(model.fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -24,6 +24,7 @@ from dipstream.simulator.model_shape import ModelShape
 
 
 HEAD_PLACES = ("ram", "stream")
+ACTIVATIONS = ("float32", "int8")  # int8: int4 products with activations quantized per input group
 
 
 def read_block(fd: int, info: TensorInfo) -> np.ndarray:
@@ -67,7 +68,7 @@ class LeanModel:
     :mod:`dipstream.engine.mlp`); set after construction (it may need this model's file)."""
 
     def __init__(self, directory: str | os.PathLike, max_seq: int, nthreads: int = 1, verify: bool = False,
-                 kv_dtype: str = "float32", head: str = "ram", io_threads: int = 4):
+                 kv_dtype: str = "float32", head: str = "ram", io_threads: int = 4, activations: str = "float32"):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         if verify:
@@ -105,10 +106,16 @@ class LeanModel:
                 self.w[f"layers.{i}.qkv"] = qkv
                 for n in names:
                     del self.w[n]
+        if activations not in ACTIVATIONS:
+            raise DipstreamError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {activations!r}")
+        self.act8 = activations == "int8"
+        for q in self.w.values():
+            q.act8 = self.act8
         self.head = None
         if streamed:
             self.head = StreamedHead(self.directory, infos["head"], infos.get("embed"),
-                                     {n: read_headers(self.fd, infos[n]) for n in streamed if n in infos}, io_threads)
+                                     {n: read_headers(self.fd, infos[n]) for n in streamed if n in infos}, io_threads,
+                                     act8=self.act8)
         self.static_bytes = sum(q.nbytes for q in self.w.values()) + sum(v.nbytes for v in self.vec.values()) \
             + (self.head.ram_bytes if self.head else 0)
         if hasattr(os, "posix_fadvise"):  # the copies are in RAM now: drop the file's cached pages

@@ -124,6 +124,7 @@ class QMatrix:
         self.hd = None if hd is None else np.ascontiguousarray(hd)
         self.hm = None if hm is None else np.ascontiguousarray(hm)
         self.bits = {"int8": 8, "int4": 4}.get(fmt, 32)
+        self.act8 = False  # int4: products with each input group's coefficients quantized to int8
         self._lib = _lib()
 
     @classmethod
@@ -210,7 +211,7 @@ class QMatrix:
             rc = self._lib.ds_gather_gemv_qg(rec.ctypes.data, rec.shape[0], self.stride, self.group, self.bits,
                                              *self._hp(), self.units, self.m, idx.ctypes.data,
                                              None if units is None else units.ctypes.data, coef.ctypes.data, k,
-                                             out.ctypes.data, nthreads)
+                                             out.ctypes.data, nthreads, int(self.act8))
         if rc != 0:
             raise IndexError("record index out of range")
         return out
@@ -226,9 +227,10 @@ class QMatrix:
             fn = self._lib.ds_select_gemv_qg
             rest = (self.rec.ctypes.data, self.stride, self.group, self.bits, *self._hp(), self.m, idx.ctypes.data,
                     coef.ctypes.data, out.ctypes.data)
+        act8 = (int(self.act8),) if self.fmt != "float32" else ()
 
         def run(v: np.ndarray, k: int, nthreads: int = 1) -> int:
-            got = fn(v.ctypes.data, n, k, *rest, nthreads)
+            got = fn(v.ctypes.data, n, k, *rest, nthreads, *act8)
             if got < 0:
                 raise MemoryError("native select-gemv failed")
             return got
@@ -245,7 +247,7 @@ class QMatrix:
         else:
             got = self._lib.ds_select_gemv_qg(v.ctypes.data, self.rows, k, self.rec.ctypes.data, self.stride,
                                               self.group, self.bits, *self._hp(), self.m, idx.ctypes.data,
-                                              coef.ctypes.data, out.ctypes.data, nthreads)
+                                              coef.ctypes.data, out.ctypes.data, nthreads, int(self.act8))
         if got < 0:
             raise MemoryError("native select-gemv failed")
         return int(got)

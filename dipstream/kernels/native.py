@@ -40,7 +40,7 @@ from dipstream.validation import private_dir
 
 __all__ = ["load", "status", "sources"]
 
-KERNEL_VERSION = 12
+KERNEL_VERSION = 13
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("gemv.c", "pread.c", "decode.c")
 
@@ -141,9 +141,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_select_gemv_q.restype = I64
     lib.ds_gather_gemv_q.argtypes = [P, I64, I64, P, I64, I64, I, I64, P, P, I64, P, I]
     lib.ds_gather_gemv_q.restype = I
-    lib.ds_select_gemv_qg.argtypes = [P, I64, I64, P, I64, I64, I, P, P, I64, I64, P, P, P, I]
+    lib.ds_select_gemv_qg.argtypes = [P, I64, I64, P, I64, I64, I, P, P, I64, I64, P, P, P, I, I]
     lib.ds_select_gemv_qg.restype = I64
-    lib.ds_gather_gemv_qg.argtypes = [P, I64, I64, I64, I, P, P, I64, I64, I64, P, P, P, I64, P, I]
+    lib.ds_gather_gemv_qg.argtypes = [P, I64, I64, I64, I, P, P, I64, I64, I64, P, P, P, I64, P, I, I]
     lib.ds_gather_gemv_qg.restype = I
     lib.ds_attend.argtypes = [P, P, P, I64, I64, I64, I64, I64, I64, ctypes.c_float, I, P]
     lib.ds_attend.restype = I

@@ -60,7 +60,7 @@ def run_lean(cfg, out=None) -> dict:
               down_keep=cfg.dip.down_keep, keep_file=cfg.dip.keep_file, gamma=cfg.ca.gamma, n0_frac=cfg.ca.n0_frac, warmup=cfg.ca.warmup,
               threads=threads, io_threads=cfg.io_threads, direct=cfg.direct_io, record_masks=bool(cfg.trace),
               read_gap=int(parse_bytes(o.read_gap)), prefetch=o.prefetch,
-              kv_cache=o.kv_cache, head=o.head)
+              kv_cache=o.kv_cache, head=o.head, activations=o.activations)
     cache_bytes = None
     memory = parse_bytes(o.memory) if o.memory else None
     if cfg.offload and memory is None:  # --dram: weights and KV cache, static first (as simulate)

@@ -65,6 +65,10 @@ class Hardware:
         "help": "(beyond the reference) per-token time outside weight reads: the runtime's own "
                 "overhead (interpreter, norms, attention softmax), measured once per machine by "
                 "`dipstream probe --lean-model`"})
+    pipelined: bool = field(default=False, metadata={
+        "help": "(beyond the reference) a hook's Flash reads overlap the compute before it, not only its "
+                "own (dipstream's lean engine reads the next hook ahead): a token takes max(its Flash "
+                "time, its DRAM, static and host time) instead of the per-hook sum"})
     embedding_lookup: bool = field(default=False, metadata={
         "help": "(beyond the reference) per token read one row of an untied embedding table "
                 "instead of the whole table"})

@@ -221,18 +221,31 @@ class _Timing:
     def static_flops(self, kv_len):
         return 2 * self.static_w + 4 * kv_len * self.shape.d_model * self.shape.n_layers
 
-    def hook_times(self, sel, hit, runs=None, read=None):
-        """Per token and hook times (T, H) for selected / hit unit counts; ``runs`` (given with
-        ``coalesce``): Flash reads = runs of consecutive missed units; ``read``: units read from
-        Flash (the missed ones and, with ``read_gap_bytes``, the gaps read through)."""
+    def hook_parts(self, sel, hit, runs=None, read=None):
+        """(DRAM, Flash) times per token and hook (T, H) for selected / hit unit counts; ``runs``
+        (given with ``coalesce``): Flash reads = runs of consecutive missed units; ``read``: units
+        read from Flash (the missed ones and, with ``read_gap_bytes``, the gaps read through)."""
         pl, hw = self.plan, self.hw
         miss = sel - hit if read is None else read
         if runs is not None:
             reads = runs
         else:
             reads = miss * pl.reads_per_unit + (miss > 0) * pl.fixed_reads
-        return hw.comb(hit * pl.unit_bytes / hw.dram_bw,
-                       hw.flash_time(miss * pl.unit_bytes, reads))
+        return hit * pl.unit_bytes / hw.dram_bw, hw.flash_time(miss * pl.unit_bytes, reads)
+
+    def hook_times(self, sel, hit, runs=None, read=None):
+        """Per token and hook times (T, H): DRAM and Flash combined (hw.comb)."""
+        return self.hw.comb(*self.hook_parts(sel, hit, runs, read))
+
+    def token_io(self, kv, sel, hit, runs=None, read=None):
+        """Time per token (T,) outside compute: static reads, the hooks and the host time; with
+        ``pipelined`` the token's Flash reads overlap all of its other time."""
+        hw = self.hw
+        if hw.pipelined:
+            t_dram, t_flash = self.hook_parts(sel, hit, runs, read)
+            return np.maximum(np.sum(t_flash, axis=-1),
+                              self.static_time(kv) + np.sum(t_dram, axis=-1) + hw.host_s_per_token)
+        return self.static_time(kv) + np.sum(self.hook_times(sel, hit, runs, read), axis=-1) + hw.host_s_per_token
 
     def roofline(self, t_io, flops):
         if not self.hw.compute_flops:
@@ -279,7 +292,7 @@ def _summarize(timing: _Timing, sel, hit, seq_of, kv_seq, ttft, *, names, policy
     for q in seqs:  # the reference: tokens/s per sequence, then the mean over sequences
         i = seq_of == q
         kv = float(kv_seq[q])
-        io = timing.static_time(kv) + t_mlp[i] + hw.host_s_per_token
+        io = timing.token_io(kv, sel[i], hit[i], None if runs is None else runs[i], read[i])
         if hw.compute_flops:
             fl = timing.static_flops(kv) + 2 * mlp_used_w[i]
             t_seq.append(float(np.mean(timing.roofline(io, fl))))
@@ -494,8 +507,7 @@ class ClosedLoop:
             if p > 0:
                 ttfts.append(tm.prefill_time(int(p), self._occ0[s] if self._occ0 else 0))
             elif b > a:
-                io = tm.static_time(1) + self.hw.host_s_per_token + float(tm.hook_times(
-                    sel[a], hit[a], None if runs is None else runs[a], read[a]).sum())
+                io = float(tm.token_io(1, sel[a], hit[a], None if runs is None else runs[a], read[a]))
                 fl = tm.static_flops(1) + 2 * float((sel[a] * pl.unit_weights).sum())
                 ttfts.append(float(tm.roofline(io, fl)))
         occ_peak = float((occ * pl.unit_bytes).sum(axis=1).max()) if T else 0.0

@@ -75,3 +75,18 @@ def test_read_gap_reads_through_gaps(gap, reads, units_in, units_out):
     assert res.t_mlp_s == pytest.approx(t_mlp)
     assert res.mlp_flash_bytes_per_token == units_in * 16 + units_out * 4
     assert res.time_per_token_s == pytest.approx(res.t_static_s + t_mlp + 0.25)
+
+
+@pytest.mark.parametrize("host", [0.25, 0.0])
+def test_pipelined_token_time_is_the_larger_of_flash_and_the_rest(host):
+    """The same trace with nothing cached (policy none): 3 in units of 16 B and 5 out units of 4 B
+    from Flash (68 B at 1 MB/s = 68 us, plus 5 reads x 1 ms). Per hook (default) a token takes
+    static + Flash + host; pipelined, the Flash reads overlap the rest: max(Flash, static + host)."""
+    kw = dict(name="h", dram_bw=1e9, flash_bw=1e6, bits={k: 8 for k in KINDS}, flash_read_latency_s=1e-3,
+              flash_queue_depth=1, coalesce=True, host_s_per_token=host)
+    flash = 68 / 1e6 + 5 * 1e-3
+    per_hook = simulate(_trace(), Hardware(**kw), SHAPE, policy="none", dram_bytes=1e6, seq_len=1)
+    piped = simulate(_trace(), Hardware(**kw, pipelined=True), SHAPE, policy="none", dram_bytes=1e6, seq_len=1)
+    assert per_hook.time_per_token_s == pytest.approx(per_hook.t_static_s + flash + host)
+    assert piped.time_per_token_s == pytest.approx(max(flash, piped.t_static_s + host))
+    assert piped.t_static_s == per_hook.t_static_s and piped.mlp_flash_bytes_per_token == 68

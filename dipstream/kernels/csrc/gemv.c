@@ -44,6 +44,9 @@ typedef struct {
      * an offset HM[...] (float16; HM NULL means 0): w = HD * q + HM, q the int8 or the raw nibble
      * (0..15).  `unit[i]` is the unit of selected row i (NULL: idx[i] itself). */
     const uint16_t* HD; const uint16_t* HM; int64_t GI; int64_t m; const int64_t* unit;
+    /* act8 (4-bit input-grouped rows, G = 32): each group's coefficients are quantized to int8
+     * (scale max|c| / 127, as llama.cpp's Q8 activations) and summed with integer products. */
+    int act8;
 } qmat_t;
 
 /* IEEE half -> float (portable; the F16C path below converts 8 at a time). */
@@ -160,6 +163,73 @@ static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
     }
 }
 
+/* acc[0:b-a] = s * sum_i cq_i * nibbles(row idx[i])[a:b] with cq = round(c / s), s = max|c| / 127:
+ * 4-bit rows with G = 32 (a, b multiples of 32, or b the row end), integer products summed
+ * exactly (pairs of rows through u8 x i8 multiply-adds, at most 16 rows per int16 partial), so
+ * the AVX2 and the portable paths give the same numbers. */
+static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
+                    const float* restrict c, int64_t k, float* restrict acc)
+{
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; ++i) amax = fabsf(c[i]) > amax ? fabsf(c[i]) : amax;
+    const int64_t n = b - a;
+    if (amax == 0.0f || k == 0) {
+        for (int64_t j = 0; j < n; ++j) acc[j] = 0.0f;
+        return;
+    }
+    const float s = amax / 127.0f, inv = 127.0f / amax;
+    int8_t cq[64];
+    int64_t kk = k < 64 ? k : 64;  /* a run is one input group: at most GI (<= 32) rows */
+    for (int64_t i = 0; i < kk; ++i) cq[i] = (int8_t)lrintf(c[i] * inv);
+    int64_t j0 = 0;
+#if defined(__AVX2__)
+    for (; j0 + 64 <= n; j0 += 64) {  /* two 32-output blocks: one 32-byte load per row */
+        __m256 f[8];
+        for (int t = 0; t < 8; ++t) f[t] = _mm256_setzero_ps();
+        const __m256i m0f = _mm256_set1_epi8(0x0f);
+        for (int64_t i0 = 0; i0 < kk; i0 += 16) {
+            __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+            const int64_t i1 = i0 + 16 < kk ? i0 + 16 : kk;
+            for (int64_t i = i0; i < i1; i += 2) {
+                const int two = i + 1 < i1;
+                const __m256i va = _mm256_loadu_si256((const __m256i*)(q->W + idx[i] * q->ldb + (a + j0) / 2));
+                const __m256i vb = _mm256_loadu_si256((const __m256i*)(q->W + idx[two ? i + 1 : i] * q->ldb + (a + j0) / 2));
+                const __m256i alo = _mm256_and_si256(va, m0f), ahi = _mm256_and_si256(_mm256_srli_epi16(va, 4), m0f);
+                const __m256i blo = _mm256_and_si256(vb, m0f), bhi = _mm256_and_si256(_mm256_srli_epi16(vb, 4), m0f);
+                const __m256i w = _mm256_set1_epi16((short)((uint16_t)(uint8_t)cq[i]
+                                                    | ((uint16_t)(uint8_t)(two ? cq[i + 1] : 0) << 8)));
+                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(alo, blo), w));
+                s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(alo, blo), w));
+                s2 = _mm256_add_epi16(s2, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ahi, bhi), w));
+                s3 = _mm256_add_epi16(s3, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ahi, bhi), w));
+            }
+            /* lane 0 of s_t: outputs 8t..8t+7 of the first block; lane 1: of the second */
+            const __m256i st[4] = {s0, s1, s2, s3};
+            for (int t = 0; t < 4; ++t) {
+                f[t] = _mm256_add_ps(f[t], _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(st[t]))));
+                f[t + 4] = _mm256_add_ps(f[t + 4], _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(st[t], 1))));
+            }
+        }
+        const __m256 vs = _mm256_set1_ps(s);
+        for (int t = 0; t < 4; ++t) {
+            _mm256_storeu_ps(acc + j0 + 8 * t, _mm256_mul_ps(f[t], vs));
+            _mm256_storeu_ps(acc + j0 + 32 + 8 * t, _mm256_mul_ps(f[t + 4], vs));
+        }
+    }
+#endif
+    for (; j0 < n; j0 += 32) {  /* portable: one 32-output block (byte t: outputs t and t + 16) */
+        int32_t sum[32] = {0};
+        for (int64_t i = 0; i < kk; ++i) {
+            const uint8_t* r = q->W + idx[i] * q->ldb + (a + j0) / 2;
+            for (int t = 0; t < 16; ++t) {
+                sum[t] += cq[i] * (int32_t)(r[t] & 15);
+                sum[t + 16] += cq[i] * (int32_t)(r[t] >> 4);
+            }
+        }
+        for (int t = 0; t < 32 && j0 + t < n; ++t) acc[j0 + t] = s * (float)sum[t];
+    }
+}
+
 #define ACC_CHUNK 1024  /* columns of one input group's accumulator (a multiple of 32) */
 
 /* Input-grouped rows: for each run of selected rows in one input group, acc = sum c q (raw
@@ -178,7 +248,10 @@ static void gq_grouped(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
             int64_t i1 = i0 + 1;
             float sc = c[i0];
             while (i1 < k && unit[i1] / q->GI == g) sc += c[i1++];
-            gq_core(q, a2, b2, idx + i0, c + i0, i1 - i0, acc, 1);
+            if (q->act8 && q->bits == 4 && q->G == 32 && i1 - i0 <= 64)
+                gq_act8(q, a2, b2, idx + i0, c + i0, i1 - i0, acc);
+            else
+                gq_core(q, a2, b2, idx + i0, c + i0, i1 - i0, acc, 1);
             flush_group(o + (a2 - a), acc, q->HD + g * q->m + a2, q->HM ? q->HM + g * q->m + a2 : NULL,
                         sc, b2 - a2);
             i0 = i1;
@@ -473,7 +546,7 @@ DS_API int64_t ds_select_gemv_q(const float* v, int64_t n, int64_t k, const uint
     if (got < 0) return -1;
     for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
     if (m <= 0) return got;
-    qmat_t q = {Wq, ldb, S, lds, G, bits, NULL, NULL, 0, m, NULL};
+    qmat_t q = {Wq, ldb, S, lds, G, bits, NULL, NULL, 0, m, NULL, 0};
     gg_parallel_any(NULL, 0, &q, m, idx, coef, got, out, nthreads);
     return got;
 }
@@ -485,7 +558,7 @@ DS_API int ds_gather_gemv_q(const uint8_t* Wq, int64_t rows, int64_t ldb, const 
                             int64_t k, float* out, int nthreads)
 {
     if (check_idx(idx, k, rows)) return -1;
-    qmat_t q = {Wq, ldb, S, lds, G, bits, NULL, NULL, 0, m, NULL};
+    qmat_t q = {Wq, ldb, S, lds, G, bits, NULL, NULL, 0, m, NULL, 0};
     gg_parallel_any(NULL, 0, &q, m, idx, c, k, out, nthreads);
     return 0;
 }
@@ -494,14 +567,14 @@ DS_API int ds_gather_gemv_q(const uint8_t* Wq, int64_t rows, int64_t ldb, const 
  * each selected row's unit given (rows may be cache slots).  unit NULL: the rows are the units. */
 DS_API int64_t ds_select_gemv_qg(const float* v, int64_t n, int64_t k, const uint8_t* Wq, int64_t ldb,
                                  int64_t G, int bits, const uint16_t* HD, const uint16_t* HM, int64_t GI,
-                                 int64_t m, int64_t* idx, float* coef, float* out, int nthreads)
+                                 int64_t m, int64_t* idx, float* coef, float* out, int nthreads, int act8)
 {
     if (GI <= 0) return -1;
     int64_t got = ds_topk_abs(v, n, k, idx);
     if (got < 0) return -1;
     for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
     if (m <= 0) return got;
-    qmat_t q = {Wq, ldb, NULL, 0, G, bits, HD, HM, GI, m, NULL};
+    qmat_t q = {Wq, ldb, NULL, 0, G, bits, HD, HM, GI, m, NULL, act8};
     gg_parallel_any(NULL, 0, &q, m, idx, coef, got, out, nthreads);
     return got;
 }
@@ -509,11 +582,11 @@ DS_API int64_t ds_select_gemv_qg(const float* v, int64_t n, int64_t k, const uin
 DS_API int ds_gather_gemv_qg(const uint8_t* Wq, int64_t rows, int64_t ldb, int64_t G, int bits,
                              const uint16_t* HD, const uint16_t* HM, int64_t GI, int64_t units,
                              int64_t m, const int64_t* idx, const int64_t* unit, const float* c,
-                             int64_t k, float* out, int nthreads)
+                             int64_t k, float* out, int nthreads, int act8)
 {
     if (GI <= 0 || check_idx(idx, k, rows) || (unit && check_idx(unit, k, units)) || (!unit && rows > units))
         return -1;
-    qmat_t q = {Wq, ldb, NULL, 0, G, bits, HD, HM, GI, m, unit};
+    qmat_t q = {Wq, ldb, NULL, 0, G, bits, HD, HM, GI, m, unit, act8};
     gg_parallel_any(NULL, 0, &q, m, idx, c, k, out, nthreads);
     return 0;
 }
