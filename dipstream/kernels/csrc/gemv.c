@@ -102,6 +102,11 @@ static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
             s[t] = raw ? NULL : q->S + row * q->lds;
             cc[t] = ok ? c[i + t] : 0.0f;
         }
+        for (int t = 0; t < 4 && i + 4 + t < k; ++t) {  /* the next rows' bytes: start their loads now */
+            const uint8_t* nr = q->W + idx[i + 4 + t] * q->ldb;
+            const int64_t lo = q->bits == 8 ? a : a / 2, hi = q->bits == 8 ? b : (b + 1) / 2;
+            for (int64_t x = lo; x < hi; x += 64) __builtin_prefetch(nr + x);
+        }
         for (int64_t g0 = (a / G) * G; g0 < b; g0 += G) {
             const int64_t lo = g0 > a ? g0 : a, hi = g0 + G < b ? g0 + G : b, g = g0 / G;
             const float c0 = raw ? cc[0] : cc[0] * s[0][g], c1 = raw ? cc[1] : cc[1] * s[1][g];
@@ -163,6 +168,9 @@ static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
     }
 }
 
+#define ACC_CHUNK 4096  /* columns of one input group's accumulator (a multiple of 32) */
+#define ACC8_COLS ACC_CHUNK
+
 /* acc[0:b-a] = s * sum_i cq_i * nibbles(row idx[i])[a:b] with cq = round(c / s), s = max|c| / 127:
  * 4-bit rows with G = 32 (a, b multiples of 32, or b the row end), integer products summed
  * exactly (pairs of rows through u8 x i8 multiply-adds, at most 16 rows per int16 partial), so
@@ -183,38 +191,56 @@ static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
     for (int64_t i = 0; i < kk; ++i) cq[i] = (int8_t)lrintf(c[i] * inv);
     int64_t j0 = 0;
 #if defined(__AVX2__)
-    for (; j0 + 64 <= n; j0 += 64) {  /* two 32-output blocks: one 32-byte load per row */
-        __m256 f[8];
-        for (int t = 0; t < 8; ++t) f[t] = _mm256_setzero_ps();
+    /* Rows outer, columns inner (each pair of rows streamed once, as the float path streams its
+     * rows): int16 partial sums of up to 16 rows per 64 columns in `p16` (permuted: lane 0 of
+     * vector t holds columns 8t..8t+7 of the first 32, lane 1 those of the second 32), widened
+     * into float sums after each batch of 16 rows. */
+    const int64_t n64 = n / 64 * 64;
+    if (n64 > 0) {
+        __m256i p16[ACC8_COLS / 16];
+        float f[ACC8_COLS];
         const __m256i m0f = _mm256_set1_epi8(0x0f);
+        for (int64_t j = 0; j < n64; ++j) f[j] = 0.0f;
         for (int64_t i0 = 0; i0 < kk; i0 += 16) {
-            __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
             const int64_t i1 = i0 + 16 < kk ? i0 + 16 : kk;
+            for (int64_t v = 0; v < n64 / 16; ++v) p16[v] = _mm256_setzero_si256();
             for (int64_t i = i0; i < i1; i += 2) {
                 const int two = i + 1 < i1;
-                const __m256i va = _mm256_loadu_si256((const __m256i*)(q->W + idx[i] * q->ldb + (a + j0) / 2));
-                const __m256i vb = _mm256_loadu_si256((const __m256i*)(q->W + idx[two ? i + 1 : i] * q->ldb + (a + j0) / 2));
-                const __m256i alo = _mm256_and_si256(va, m0f), ahi = _mm256_and_si256(_mm256_srli_epi16(va, 4), m0f);
-                const __m256i blo = _mm256_and_si256(vb, m0f), bhi = _mm256_and_si256(_mm256_srli_epi16(vb, 4), m0f);
+                const uint8_t* ra = q->W + idx[i] * q->ldb + a / 2;
+                const uint8_t* rb = q->W + idx[two ? i + 1 : i] * q->ldb + a / 2;
                 const __m256i w = _mm256_set1_epi16((short)((uint16_t)(uint8_t)cq[i]
                                                     | ((uint16_t)(uint8_t)(two ? cq[i + 1] : 0) << 8)));
-                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(alo, blo), w));
-                s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(alo, blo), w));
-                s2 = _mm256_add_epi16(s2, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ahi, bhi), w));
-                s3 = _mm256_add_epi16(s3, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ahi, bhi), w));
+                if (i + 2 < kk) {  /* the next pair's rows: start their loads now */
+                    const uint8_t* na = q->W + idx[i + 2] * q->ldb + a / 2;
+                    const uint8_t* nb = q->W + idx[i + 3 < kk ? i + 3 : i + 2] * q->ldb + a / 2;
+                    for (int64_t j = 0; j < n64 / 2; j += 64) {
+                        __builtin_prefetch(na + j);
+                        __builtin_prefetch(nb + j);
+                    }
+                }
+                for (int64_t j = 0, v = 0; j < n64; j += 64, v += 4) {
+                    const __m256i va = _mm256_loadu_si256((const __m256i*)(ra + j / 2));
+                    const __m256i vb = _mm256_loadu_si256((const __m256i*)(rb + j / 2));
+                    const __m256i alo = _mm256_and_si256(va, m0f), ahi = _mm256_and_si256(_mm256_srli_epi16(va, 4), m0f);
+                    const __m256i blo = _mm256_and_si256(vb, m0f), bhi = _mm256_and_si256(_mm256_srli_epi16(vb, 4), m0f);
+                    p16[v] = _mm256_add_epi16(p16[v], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(alo, blo), w));
+                    p16[v + 1] = _mm256_add_epi16(p16[v + 1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(alo, blo), w));
+                    p16[v + 2] = _mm256_add_epi16(p16[v + 2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ahi, bhi), w));
+                    p16[v + 3] = _mm256_add_epi16(p16[v + 3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ahi, bhi), w));
+                }
             }
-            /* lane 0 of s_t: outputs 8t..8t+7 of the first block; lane 1: of the second */
-            const __m256i st[4] = {s0, s1, s2, s3};
-            for (int t = 0; t < 4; ++t) {
-                f[t] = _mm256_add_ps(f[t], _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(st[t]))));
-                f[t + 4] = _mm256_add_ps(f[t + 4], _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(st[t], 1))));
-            }
+            for (int64_t j = 0, v = 0; j < n64; j += 64, v += 4)
+                for (int t = 0; t < 4; ++t) {
+                    float* lo = f + j + 8 * t;
+                    float* hi = f + j + 32 + 8 * t;
+                    _mm256_storeu_ps(lo, _mm256_add_ps(_mm256_loadu_ps(lo),
+                        _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(p16[v + t])))));
+                    _mm256_storeu_ps(hi, _mm256_add_ps(_mm256_loadu_ps(hi),
+                        _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(p16[v + t], 1)))));
+                }
         }
-        const __m256 vs = _mm256_set1_ps(s);
-        for (int t = 0; t < 4; ++t) {
-            _mm256_storeu_ps(acc + j0 + 8 * t, _mm256_mul_ps(f[t], vs));
-            _mm256_storeu_ps(acc + j0 + 32 + 8 * t, _mm256_mul_ps(f[t + 4], vs));
-        }
+        for (int64_t j = 0; j < n64; ++j) acc[j] = s * f[j];
+        j0 = n64;
     }
 #endif
     for (; j0 < n; j0 += 32) {  /* portable: one 32-output block (byte t: outputs t and t + 16) */
@@ -230,7 +256,6 @@ static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
     }
 }
 
-#define ACC_CHUNK 1024  /* columns of one input group's accumulator (a multiple of 32) */
 
 /* Input-grouped rows: for each run of selected rows in one input group, acc = sum c q (raw
  * integers), then o += HD * acc + HM * sum c.  Runs need not be sorted; sorted units make
