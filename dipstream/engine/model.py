@@ -136,6 +136,7 @@ class LeanModel:
         self._out = {n: np.empty(q.m, np.float32) for n, q in self.w.items()}
         self._out["head"] = np.empty(self.V, np.float32)
         self._att = np.empty(self.H * self.hd, np.float32)
+        self._eps, self._gemma = float(a["eps"]), int(self.family == "gemma3")
         self._lib = native.load(quiet=True)
         if self._lib is None:
             raise DipstreamError(f"the lean engine needs the native kernel library, which is unavailable "
@@ -178,8 +179,12 @@ class LeanModel:
         return out
 
     def norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        y = x * (1.0 / np.sqrt(np.mean(x * x, dtype=np.float32) + np.float32(self.arch["eps"])))
-        return y * (w + np.float32(1.0)) if self.family == "gemma3" else y * w
+        """RMS norm of a vector (native: one call instead of a handful of numpy steps)."""
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.empty_like(x)
+        if self._lib.ds_rmsnorm(x.ctypes.data, x.size, w.ctypes.data, self._eps, self._gemma, out.ctypes.data) != 0:
+            raise ValueError("ds_rmsnorm failed")
+        return out
 
     def head_norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         """RMS norm over each head's last axis (q/k norms)."""

@@ -40,7 +40,7 @@ from dipstream.validation import private_dir
 
 __all__ = ["load", "status", "sources"]
 
-KERNEL_VERSION = 17
+KERNEL_VERSION = 18
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("gemv.c", "pread.c", "decode.c")
 
@@ -149,6 +149,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_attend.restype = I
     lib.ds_attend_token.argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, ctypes.c_float, I, P]
     lib.ds_attend_token.restype = I
+    lib.ds_rmsnorm.argtypes = [P, I64, P, ctypes.c_float, I, P]
+    lib.ds_rmsnorm.restype = I
     lib.ds_glu.argtypes = [P, I64, I, P]
     lib.ds_glu.restype = I
     lib.ds_pread_batch.argtypes = [I, I64, P, P, P, I]

@@ -144,3 +144,15 @@ DS_API int ds_glu(const float* gu, int64_t D, int act, float* h)
     }
     return 0;
 }
+
+/* out = x / sqrt(mean(x^2) + eps) * (w + plus_one)   (RMS norm; Gemma adds 1 to its weights). */
+DS_API int ds_rmsnorm(const float* x, int64_t n, const float* w, float eps, int plus_one, float* out)
+{
+    if (n <= 0) return -1;
+    double ss = 0.0;
+    for (int64_t j = 0; j < n; ++j) ss += (double)x[j] * x[j];
+    const float r = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    const float add = plus_one ? 1.0f : 0.0f;
+    for (int64_t j = 0; j < n; ++j) out[j] = x[j] * r * (w[j] + add);
+    return 0;
+}
