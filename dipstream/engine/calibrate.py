@@ -14,8 +14,9 @@
 * precision: bits per weight as the engine holds and reads them: an MLP unit is its record (int4:
   4 bits; its headers stay in RAM), the static weights include their headers (int4: a float16
   scale and offset per 32 weights: 5 bits), the KV cache in float32; ``overlap`` (the engine's prefetch overlaps reads with compute),
-  ``bundle``, ``coalesce`` and ``read_gap_bytes`` as the engine reads, ``pipelined`` (the next
-  hook's reads overlap this hook's compute and the token's other work).
+  ``bundle``, ``coalesce`` and ``read_gap_bytes`` as the engine reads. ``pipelined`` stays off:
+  the engine reads only one hook ahead, and measured runs sit closer to the per-hook model
+  (`scripts/lean_vs_simulator.py` prints both).
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def probe_lean(model_dir: str | Path, threads: int = 1, io_threads: int = 8, rea
     fit = fit_flash(disk, io_threads)
     hw = Hardware(name="probe-lean", dram_bw=dec["rate"], flash_bw=fit["flash_bw"], overlap=True, bits=bits_of(man),
                   flash_read_latency_s=fit["flash_read_latency_s"], flash_queue_depth=fit["flash_queue_depth"],
-                  bundle=True, coalesce=True, read_gap_bytes=float(read_gap), host_s_per_token=dec["host_s_per_token"], pipelined=True,
+                  bundle=True, coalesce=True, read_gap_bytes=float(read_gap), host_s_per_token=dec["host_s_per_token"],
                   stream_static_overflow=True)
     d = hw.to_dict()
     d.pop("dram_bytes", None)
