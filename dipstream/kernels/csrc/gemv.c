@@ -170,39 +170,40 @@ static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
 
 #define ACC_CHUNK 4096  /* columns of one input group's accumulator (a multiple of 32) */
 #define ACC8_COLS ACC_CHUNK
+#define PF_ROWS 6   /* software prefetch distance in rows */
 
-/* acc[0:b-a] = s * sum_i cq_i * nibbles(row idx[i])[a:b] with cq = round(c / s), s = max|c| / 127:
- * 4-bit rows with G = 32 (a, b multiples of 32, or b the row end), integer products summed
- * exactly (pairs of rows through u8 x i8 multiply-adds, at most 16 rows per int16 partial), so
- * the AVX2 and the portable paths give the same numbers. */
+/* o[0:b-a] += hd * (s * sum_i cq_i * nibbles(row idx[i])[a:b]) + hm * sc, with cq = round(c / s),
+ * s = max|c| / 127 (one input group's rows; 4-bit, G = 32; a, b multiples of 32 or b the row
+ * end; hd / hm this group's float16 headers at column a, hm may be NULL).  Integer products are
+ * summed exactly (pairs of rows through u8 x i8 multiply-adds, at most 16 rows per int16
+ * partial), so the AVX2 and the portable paths give the same numbers; the group's scale and
+ * offset are applied in the same pass that widens the last partial. */
 static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
-                    const float* restrict c, int64_t k, float* restrict acc)
+                    const float* restrict c, int64_t k, float* restrict o,
+                    const uint16_t* restrict hd, const uint16_t* restrict hm, float sc)
 {
     float amax = 0.0f;
     for (int64_t i = 0; i < k; ++i) amax = fabsf(c[i]) > amax ? fabsf(c[i]) : amax;
     const int64_t n = b - a;
-    if (amax == 0.0f || k == 0) {
-        for (int64_t j = 0; j < n; ++j) acc[j] = 0.0f;
-        return;
-    }
-    const float s = amax / 127.0f, inv = 127.0f / amax;
     int8_t cq[64];
-    int64_t kk = k < 64 ? k : 64;  /* a run is one input group: at most GI (<= 32) rows */
+    const int64_t kk = k < 64 ? k : 64;  /* a run is one input group: at most GI (<= 32) rows */
+    const float s = amax > 0.0f ? amax / 127.0f : 0.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     for (int64_t i = 0; i < kk; ++i) cq[i] = (int8_t)lrintf(c[i] * inv);
     int64_t j0 = 0;
-#if defined(__AVX2__)
-    /* Rows outer, columns inner (each pair of rows streamed once, as the float path streams its
-     * rows): int16 partial sums of up to 16 rows per 64 columns in `p16` (permuted: lane 0 of
-     * vector t holds columns 8t..8t+7 of the first 32, lane 1 those of the second 32), widened
-     * into float sums after each batch of 16 rows. */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    /* Rows outer, columns inner (each pair of rows streamed once): int16 partials of up to 16
+     * rows in `p16` (permuted: lane 0 of vector t holds columns 8t..8t+7 of a 64-column block,
+     * lane 1 columns 32+8t..), widened into float sums `f` between batches, and into `o` with
+     * the headers after the last. */
     const int64_t n64 = n / 64 * 64;
     if (n64 > 0) {
         __m256i p16[ACC8_COLS / 16];
         float f[ACC8_COLS];
         const __m256i m0f = _mm256_set1_epi8(0x0f);
-        for (int64_t j = 0; j < n64; ++j) f[j] = 0.0f;
-        for (int64_t i0 = 0; i0 < kk; i0 += 16) {
+        const __m256 vs = _mm256_set1_ps(s), vsc = _mm256_set1_ps(sc);
+        for (int64_t i0 = 0; i0 < kk || i0 == 0; i0 += 16) {
             const int64_t i1 = i0 + 16 < kk ? i0 + 16 : kk;
+            const int first = i0 == 0, last = i1 >= kk;
             for (int64_t v = 0; v < n64 / 16; ++v) p16[v] = _mm256_setzero_si256();
             for (int64_t i = i0; i < i1; i += 2) {
                 const int two = i + 1 < i1;
@@ -210,14 +211,16 @@ static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
                 const uint8_t* rb = q->W + idx[two ? i + 1 : i] * q->ldb + a / 2;
                 const __m256i w = _mm256_set1_epi16((short)((uint16_t)(uint8_t)cq[i]
                                                     | ((uint16_t)(uint8_t)(two ? cq[i + 1] : 0) << 8)));
-                if (i + 2 < kk) {  /* the next pair's rows: start their loads now */
-                    const uint8_t* na = q->W + idx[i + 2] * q->ldb + a / 2;
-                    const uint8_t* nb = q->W + idx[i + 3 < kk ? i + 3 : i + 2] * q->ldb + a / 2;
-                    for (int64_t j = 0; j < n64 / 2; j += 64) {
-                        __builtin_prefetch(na + j);
-                        __builtin_prefetch(nb + j);
-                    }
+                for (int64_t ahead = i + PF_ROWS; ahead < i + PF_ROWS + 2 && ahead < kk; ++ahead) {
+                    /* rows PF_ROWS ahead (scattered rows of a sparse selection need the distance) */
+                    const uint8_t* nr = q->W + idx[ahead] * q->ldb + a / 2;
+                    for (int64_t j = 0; j < n64 / 2; j += 64) __builtin_prefetch(nr + j);
                 }
+                if (i == i0)  /* the first pair: also the rows before that distance */
+                    for (int64_t ahead = i + 2; ahead < i + PF_ROWS && ahead < kk; ++ahead) {
+                        const uint8_t* nr = q->W + idx[ahead] * q->ldb + a / 2;
+                        for (int64_t j = 0; j < n64 / 2; j += 64) __builtin_prefetch(nr + j);
+                    }
                 for (int64_t j = 0, v = 0; j < n64; j += 64, v += 4) {
                     const __m256i va = _mm256_loadu_si256((const __m256i*)(ra + j / 2));
                     const __m256i vb = _mm256_loadu_si256((const __m256i*)(rb + j / 2));
@@ -230,20 +233,25 @@ static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
                 }
             }
             for (int64_t j = 0, v = 0; j < n64; j += 64, v += 4)
-                for (int t = 0; t < 4; ++t) {
-                    float* lo = f + j + 8 * t;
-                    float* hi = f + j + 32 + 8 * t;
-                    _mm256_storeu_ps(lo, _mm256_add_ps(_mm256_loadu_ps(lo),
-                        _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(p16[v + t])))));
-                    _mm256_storeu_ps(hi, _mm256_add_ps(_mm256_loadu_ps(hi),
-                        _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(p16[v + t], 1)))));
+                for (int t = 0; t < 8; ++t) {
+                    const int64_t at = j + (t < 4 ? 8 * t : 32 + 8 * (t - 4));
+                    const __m128i half = t < 4 ? _mm256_castsi256_si128(p16[v + t])
+                                               : _mm256_extracti128_si256(p16[v + t - 4], 1);
+                    __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(half));
+                    if (!first) x = _mm256_add_ps(x, _mm256_loadu_ps(f + at));
+                    if (!last) { _mm256_storeu_ps(f + at, x); continue; }
+                    __m256 r = _mm256_loadu_ps(o + at);
+                    r = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hd + at))),
+                                        _mm256_mul_ps(x, vs), r);
+                    if (hm) r = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hm + at))), vsc, r);
+                    _mm256_storeu_ps(o + at, r);
                 }
+            if (last) break;
         }
-        for (int64_t j = 0; j < n64; ++j) acc[j] = s * f[j];
         j0 = n64;
     }
 #endif
-    for (; j0 < n; j0 += 32) {  /* portable: one 32-output block (byte t: outputs t and t + 16) */
+    for (; j0 < n; j0 += 32) {  /* portable: one 32-column block (byte t: columns t and t + 16) */
         int32_t sum[32] = {0};
         for (int64_t i = 0; i < kk; ++i) {
             const uint8_t* r = q->W + idx[i] * q->ldb + (a + j0) / 2;
@@ -252,10 +260,10 @@ static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
                 sum[t + 16] += cq[i] * (int32_t)(r[t] >> 4);
             }
         }
-        for (int t = 0; t < 32 && j0 + t < n; ++t) acc[j0 + t] = s * (float)sum[t];
+        for (int t = 0; t < 32 && j0 + t < n; ++t)
+            o[j0 + t] += h2f(hd[j0 + t]) * (s * (float)sum[t]) + (hm ? h2f(hm[j0 + t]) * sc : 0.0f);
     }
 }
-
 
 /* Input-grouped rows: for each run of selected rows in one input group, acc = sum c q (raw
  * integers), then o += HD * acc + HM * sum c.  Runs need not be sorted; sorted units make
@@ -273,12 +281,14 @@ static void gq_grouped(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
             int64_t i1 = i0 + 1;
             float sc = c[i0];
             while (i1 < k && unit[i1] / q->GI == g) sc += c[i1++];
-            if (q->act8 && q->bits == 4 && q->G == 32 && i1 - i0 <= 64)
-                gq_act8(q, a2, b2, idx + i0, c + i0, i1 - i0, acc);
-            else
+            const uint16_t* hd = q->HD + g * q->m + a2;
+            const uint16_t* hm = q->HM ? q->HM + g * q->m + a2 : NULL;
+            if (q->act8 && q->bits == 4 && q->G == 32 && i1 - i0 <= 64) {
+                gq_act8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), hd, hm, sc);
+            } else {
                 gq_core(q, a2, b2, idx + i0, c + i0, i1 - i0, acc, 1);
-            flush_group(o + (a2 - a), acc, q->HD + g * q->m + a2, q->HM ? q->HM + g * q->m + a2 : NULL,
-                        sc, b2 - a2);
+                flush_group(o + (a2 - a), acc, hd, hm, sc, b2 - a2);
+            }
             i0 = i1;
         }
     }
