@@ -47,4 +47,21 @@ static inline int spawn_detached(void* (*fn)(void*), int id, size_t stack)
     return rc;
 }
 
+/* IEEE half -> float, portable (the kernels' F16C paths convert 8 at a time). */
+static inline float h2f(uint16_t h)
+{
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, f = h & 1023u, u;
+    if (e == 31) u = s | 0x7f800000u | (f << 13);
+    else if (e) u = s | ((e + 112u) << 23) | (f << 13);
+    else if (!f) u = s;
+    else {  /* subnormal: normalise */
+        e = 113;
+        while (!(f & 1024u)) { f <<= 1; --e; }
+        u = s | (e << 23) | ((f & 1023u) << 13);
+    }
+    float r;
+    memcpy(&r, &u, 4);
+    return r;
+}
+
 #endif

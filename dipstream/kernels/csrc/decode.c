@@ -11,18 +11,7 @@ static inline void row_f16_to_f32(const uint16_t* restrict src, float* restrict 
     for (; j + 8 <= n; j += 8)
         _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + j))));
 #endif
-    for (; j < n; ++j) {
-        uint32_t h = src[j], s = (h & 0x8000u) << 16, e = (h >> 10) & 31u, f = h & 1023u, u;
-        if (e == 31) u = s | 0x7f800000u | (f << 13);
-        else if (e) u = s | ((e + 112u) << 23) | (f << 13);
-        else if (!f) u = s;
-        else {
-            e = 113;
-            while (!(f & 1024u)) { f <<= 1; --e; }
-            u = s | (e << 23) | ((f & 1023u) << 13);
-        }
-        memcpy(dst + j, &u, 4);
-    }
+    for (; j < n; ++j) dst[j] = h2f(src[j]);
 }
 
 /* out[h*hd:(h+1)*hd] = softmax_t(scale * q_h . K[kv, t]) . V[kv, t] over t in [lo, hi), for every

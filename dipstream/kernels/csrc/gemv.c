@@ -49,23 +49,6 @@ typedef struct {
     int act8;
 } qmat_t;
 
-/* IEEE half -> float (portable; the F16C path below converts 8 at a time). */
-static inline float h2f(uint16_t h)
-{
-    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, f = h & 1023u, u;
-    if (e == 31) u = s | 0x7f800000u | (f << 13);
-    else if (e) u = s | ((e + 112u) << 23) | (f << 13);
-    else if (!f) u = s;
-    else {  /* subnormal: normalise */
-        e = 113;
-        while (!(f & 1024u)) { f <<= 1; --e; }
-        u = s | (e << 23) | ((f & 1023u) << 13);
-    }
-    float r;
-    memcpy(&r, &u, 4);
-    return r;
-}
-
 /* o[0:n] += hd[0:n] * acc[0:n] + hm[0:n] * sc   (hd, hm float16; hm may be NULL). */
 static void flush_group(float* restrict o, const float* restrict acc, const uint16_t* restrict hd,
                         const uint16_t* restrict hm, float sc, int64_t n)
@@ -260,8 +243,10 @@ static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
                 sum[t + 16] += cq[i] * (int32_t)(r[t] >> 4);
             }
         }
-        for (int t = 0; t < 32 && j0 + t < n; ++t)
-            o[j0 + t] += h2f(hd[j0 + t]) * (s * (float)sum[t]) + (hm ? h2f(hm[j0 + t]) * sc : 0.0f);
+        float acc[32];
+        const int64_t len = n - j0 < 32 ? n - j0 : 32;
+        for (int t = 0; t < len; ++t) acc[t] = s * (float)sum[t];
+        flush_group(o + j0, acc, hd + j0, hm ? hm + j0 : NULL, sc, len);
     }
 }
 
