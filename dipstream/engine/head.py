@@ -15,9 +15,8 @@ import time
 import numpy as np
 
 from dipstream.engine.modelfile import DATA, TensorInfo
-from dipstream.engine.qmatrix import QMatrix, dequantize_records
+from dipstream.engine.qmatrix import QMatrix, dequantize_records, engine_lib
 from dipstream.errors import DipstreamError
-from dipstream.kernels import native
 
 BLOCK = 4096        # direct reads: offsets, lengths and buffers in whole blocks
 PIECE = 256 << 10   # a chunk is read as pieces of this size, several in flight
@@ -33,12 +32,10 @@ class StreamedHead:
 
     def __init__(self, directory, head: TensorInfo, embed: TensorInfo | None, headers: dict,
                  io_threads: int = 4, direct: bool = True, act8: bool = False):
-        lib = native.load(quiet=True)
-        if lib is None:
-            raise DipstreamError("streaming the head needs the native read pool, which is unavailable")
+        lib = engine_lib()
         self.lib, self.io_threads, self.info, self.embed_info = lib, int(io_threads), head, embed
-        self.q = QMatrix(np.zeros((1, head.stride), np.uint8), head.fmt, head.m, *headers["head"], units=head.rows)
-        self.q.act8 = act8
+        self.q = QMatrix(np.zeros((1, head.stride), np.uint8), head.fmt, head.m, *headers["head"], units=head.rows,
+                         act8=act8)
         self.eq = None if embed is None else QMatrix(np.zeros((1, embed.stride), np.uint8), embed.fmt, embed.m,
                                                      *headers["embed"], units=embed.rows)
         path = os.path.join(directory, DATA)

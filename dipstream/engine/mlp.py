@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dipstream.engine.model import LeanModel, load_matrix, read_headers
-from dipstream.engine.qmatrix import QMatrix, topk_abs
+from dipstream.engine.qmatrix import QMatrix, engine_lib, topk_abs
 from dipstream.errors import DipstreamError
-from dipstream.kernels import native
 from dipstream.simulator.caches import CacheSet
 from dipstream.simulator.simulate import split_cache
 from dipstream.simulator.trace import Hook, HookSpec, MaskTrace
@@ -129,8 +128,7 @@ class RamMLP:
         for i in range(model.L):
             for kind, name in (("in", "mlp_in"), ("out", "mlp_out")):
                 info = infos[f"layers.{i}.{name}"]
-                self.w[kind].append(load_matrix(model.fd, info))
-                self.w[kind][-1].act8 = model.act8
+                self.w[kind].append(load_matrix(model.fd, info, model.act8))
         self.bytes = sum(q.nbytes for qs in self.w.values() for q in qs)
         D, d = model.D, model.d
         self._gu, self._y, self._h = np.empty(2 * D, np.float32), np.empty(d, np.float32), np.empty(D, np.float32)
@@ -207,9 +205,7 @@ class OffloadMLP:
                  io_threads: int = 4, direct: bool = True, record_masks: bool = True, read_gap: int = 0,
                  prefetch: bool = True, **policy_kwargs):
         self.model, self.chooser = model, chooser
-        lib = native.load(quiet=True)
-        if lib is None:
-            raise DipstreamError("offloading needs the native read pool, which is unavailable")
+        lib = engine_lib()
         self.lib, self.io_threads, self.read_gap = lib, int(io_threads), int(read_gap)
         self.prefetch = {True: "auto", False: "off"}.get(prefetch, prefetch)
         if self.prefetch not in PREFETCH:
@@ -221,10 +217,7 @@ class OffloadMLP:
         self.n = {"in": model.d, "out": model.D}
         # per layer and kind: the records' float16 headers (static, in RAM) over a stand-in record
         self.q = {k: [QMatrix(np.zeros((1, self.stride[k]), np.uint8), f.fmt, f.m, *read_headers(model.fd, f),
-                              units=f.rows) for f in self.info[k]] for k in KINDS}
-        for qs in self.q.values():
-            for q in qs:
-                q.act8 = model.act8
+                              units=f.rows, act8=model.act8) for f in self.info[k]] for k in KINDS}
         self.header_bytes = sum(q.header_bytes for qs in self.q.values() for q in qs)
         if hasattr(os, "posix_fadvise"):  # the headers are copied: drop their pages from the page cache
             os.posix_fadvise(model.fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -17,9 +17,8 @@ import numpy as np
 
 from dipstream.engine.head import StreamedHead
 from dipstream.engine.modelfile import DATA, TensorInfo, read_manifest, verify_sha256
-from dipstream.engine.qmatrix import QMatrix, dequantize_records
+from dipstream.engine.qmatrix import QMatrix, dequantize_records, engine_lib
 from dipstream.errors import DipstreamError
-from dipstream.kernels import native
 from dipstream.simulator.model_shape import ModelShape
 
 
@@ -53,9 +52,9 @@ def read_headers(fd: int, info: TensorInfo) -> tuple[np.ndarray | None, np.ndarr
     return out[0], out[1]
 
 
-def load_matrix(fd: int, info: TensorInfo) -> QMatrix:
+def load_matrix(fd: int, info: TensorInfo, act8: bool = False) -> QMatrix:
     """One tensor's records and headers, in RAM."""
-    return QMatrix(read_block(fd, info), info.fmt, info.m, *read_headers(fd, info))
+    return QMatrix(read_block(fd, info), info.fmt, info.m, *read_headers(fd, info), act8=act8)
 
 
 ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu_new": 1}  # ds_glu's codes
@@ -137,10 +136,7 @@ class LeanModel:
         self._out["head"] = np.empty(self.V, np.float32)
         self._att = np.empty(self.H * self.hd, np.float32)
         self._eps, self._gemma = float(a["eps"]), int(self.family == "gemma3")
-        self._lib = native.load(quiet=True)
-        if self._lib is None:
-            raise DipstreamError(f"the lean engine needs the native kernel library, which is unavailable "
-                                 f"({native.status().get('reason')}); install a C compiler (gcc) or use --engine hf")
+        self._lib = engine_lib()
         self._idx = np.empty(max(self.d, self.H * self.hd) + 1, np.int64)
         self._coef = np.empty_like(self._idx, dtype=np.float32)
         self._sel = {n: (q.selector(self._idx, self._coef, self._out[n]), q.rows) for n, q in self.w.items()}

@@ -30,7 +30,8 @@ from dipstream.kernels import native
 FORMATS = ("float32", "int8", "int4")
 
 
-def _lib():
+def engine_lib():
+    """The native kernel library, or a one-line error saying how to get it."""
     lib = native.load(quiet=True)
     if lib is None:
         raise DipstreamError(f"the lean engine needs the native kernel library, which is unavailable "
@@ -111,7 +112,7 @@ class QMatrix:
     RAM, with its headers (see the module docstring)."""
 
     def __init__(self, records: np.ndarray, fmt: str, m: int, hd: np.ndarray | None = None,
-                 hm: np.ndarray | None = None, units: int | None = None):
+                 hm: np.ndarray | None = None, units: int | None = None, act8: bool = False):
         self.rec, self.fmt, self.m = records, fmt, int(m)
         self.group, self.qbytes, self.stride = record_layout(fmt, m)
         self.units = int(units if units is not None else records.shape[0])  # rows of the whole matrix
@@ -124,8 +125,8 @@ class QMatrix:
         self.hd = None if hd is None else np.ascontiguousarray(hd)
         self.hm = None if hm is None else np.ascontiguousarray(hm)
         self.bits = {"int8": 8, "int4": 4}.get(fmt, 32)
-        self.act8 = False  # int4: products with each input group's coefficients quantized to int8
-        self._lib = _lib()
+        self.act8 = bool(act8)  # int4: products with each input group's coefficients quantized to int8
+        self._lib = engine_lib()
 
     @classmethod
     def from_dense(cls, W: np.ndarray, fmt: str) -> "QMatrix":
@@ -241,21 +242,12 @@ class QMatrix:
                nthreads: int = 1) -> int:
         """The top-k |v| rows (ascending into idx) and out = sum v[idx] * record idx; k = rows is
         the dense product. Returns how many were selected."""
-        if self.fmt == "float32":
-            got = self._lib.ds_select_gemv(v.ctypes.data, self.rows, k, self.rec.ctypes.data, self.m, self.m,
-                                           idx.ctypes.data, coef.ctypes.data, out.ctypes.data, nthreads)
-        else:
-            got = self._lib.ds_select_gemv_qg(v.ctypes.data, self.rows, k, self.rec.ctypes.data, self.stride,
-                                              self.group, self.bits, *self._hp(), self.m, idx.ctypes.data,
-                                              coef.ctypes.data, out.ctypes.data, nthreads, int(self.act8))
-        if got < 0:
-            raise MemoryError("native select-gemv failed")
-        return int(got)
+        return int(self.selector(idx, coef, out)(v, k, nthreads))
 
 
 def topk_abs(v: np.ndarray, k: int, out: np.ndarray) -> np.ndarray:
     """Ascending indices of the k largest |v| (dipstream.selection's rule), written to out[:k]."""
-    got = _lib().ds_topk_abs(v.ctypes.data, v.size, int(k), out.ctypes.data)
+    got = engine_lib().ds_topk_abs(v.ctypes.data, v.size, int(k), out.ctypes.data)
     if got < 0:
         raise MemoryError("ds_topk_abs failed")
     return out[:got]
