@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from dipstream.engine.modelfile import DATA, TensorInfo
-from dipstream.engine.qmatrix import QMatrix, dequantize_records, engine_lib
+from dipstream.engine.qmatrix import QMatrix, dequantize_records, engine_lib, input_group
 from dipstream.errors import DipstreamError
 
 BLOCK = 4096        # direct reads: offsets, lengths and buffers in whole blocks
@@ -46,10 +46,9 @@ class StreamedHead:
                 self.dfd, self.direct = os.open(path, os.O_RDONLY | os.O_DIRECT), True
             except OSError:
                 pass
-        self.rows = self.q.gi or 32  # records per chunk: one header group
-        span = self.rows * head.stride + 2 * BLOCK
-        span += (-span) % BLOCK
-        raw = np.empty(2 * span + BLOCK, np.uint8)
+        self.rows = self.chunk_rows(head)
+        raw = np.empty(self.buffer_bytes(head), np.uint8)
+        span = (raw.nbytes - BLOCK) // 2
         raw.fill(0)  # resident now, so the RSS a budget is taken from counts it
         off = (-raw.ctypes.data) % BLOCK
         self.buf = [raw[off:off + span], raw[off + span:off + 2 * span]]
@@ -57,6 +56,17 @@ class StreamedHead:
         self.ram_bytes = raw.nbytes + self.q.header_bytes + (self.eq.header_bytes if self.eq else 0)
         self.disk_bytes = 0
         self.io_wait_s = 0.0
+
+    @staticmethod
+    def chunk_rows(head: TensorInfo) -> int:
+        """Records per chunk: one header group (32 for float32)."""
+        return input_group(head.rows) if head.fmt != "float32" else 32
+
+    @staticmethod
+    def buffer_bytes(head: TensorInfo) -> int:
+        """RAM of the two block-aligned chunk buffers (one being read, one multiplied)."""
+        span = StreamedHead.chunk_rows(head) * head.stride + 2 * BLOCK
+        return 2 * (span + (-span) % BLOCK) + BLOCK
 
     def close(self) -> None:
         if self.dfd != self.fd:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dipstream.budget import layer_keeps
+from dipstream.engine.head import StreamedHead
 from dipstream.engine.mlp import MaskChooser, OffloadMLP, RamMLP
 from dipstream.engine.model import LeanModel
 from dipstream.engine.modelfile import (FAMILIES, FORMAT, MANIFEST, arch_of, default_head, read_manifest,
@@ -187,8 +188,7 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
             raise DipstreamError("give --memory (or --dram) to size the offloaded MLP's caches")
         man = lm.manifest
         n = {"in": lm.d, "out": lm.D}
-        hb = sum(t.header_bytes for name, t in man["tensor_info"].items() if name.endswith(("mlp_in", "mlp_out")))
-        fixed = OffloadMLP.fixed_bytes(n, {k: lm.mlp_stride(k) for k in n}, hb, lm.L)
+        fixed = OffloadMLP.fixed_bytes(n, {k: lm.mlp_stride(k) for k in n}, mlp_header_bytes(man), lm.L)
         now = rss_bytes()  # Python, libraries, static weights and the (touched) KV cache
         cache_bytes = int(memory - now - fixed - MARGIN)
         if cache_bytes < 0:
@@ -219,12 +219,16 @@ def ram_before_caches(manifest: dict, max_seq: int, kv_cache: str = "float32", h
     for n in streamed:
         if n in infos:
             t = infos[n]
-            static += t.header_bytes + (2 * (32 * t.stride + 2 * 4096) + 4096 if n == "head" else 0)
+            static += t.header_bytes + (StreamedHead.buffer_bytes(t) if n == "head" else 0)
     kv = 2 * (2 if kv_cache == "float16" else 4) * a["n_layers"] * a["n_kv"] * max_seq * a["head_dim"]
     n = {"in": a["d"], "out": a["D"]}
     stride = {k: infos[f"layers.0.mlp_{k}"].stride for k in n}
-    hb = sum(t.header_bytes for name, t in infos.items() if name.endswith(("mlp_in", "mlp_out")))
-    return int(static + kv + OffloadMLP.fixed_bytes(n, stride, hb, a["n_layers"]))
+    return int(static + kv + OffloadMLP.fixed_bytes(n, stride, mlp_header_bytes(manifest), a["n_layers"]))
+
+
+def mlp_header_bytes(manifest: dict) -> int:
+    """RAM of the MLP records' headers (resident while the records are offloaded)."""
+    return sum(t.header_bytes for name, t in manifest["tensor_info"].items() if name.endswith(("mlp_in", "mlp_out")))
 
 
 def pick(logits: np.ndarray, sample: bool, temperature: float, top_k: int, rng) -> int:
