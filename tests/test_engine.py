@@ -53,14 +53,25 @@ def exported(tmp_path_factory):
 IDS = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(1))
 
 
+def dense_model(d, **kw) -> LeanModel:
+    """The lean model in folder d with its MLP dense in RAM."""
+    lm = LeanModel(d, 16, **kw)
+    lm.mlp = RamMLP(lm, MaskChooser("dense", [], []))
+    return lm
+
+
+def run_ids(lm: LeanModel) -> np.ndarray:
+    """Logits (12, vocab) of the test sequence IDS, token by token."""
+    return np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])])
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_float32_equals_the_hugging_face_forward(exported, name):
     m, d = exported[name, "float32"]
-    lm = LeanModel(d, 16)
-    lm.mlp = RamMLP(lm, MaskChooser("dense", [], []))
+    lm = dense_model(d)
     with torch.no_grad():
         ref = m(input_ids=IDS).logits[0].numpy()
-    got = np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])])
+    got = run_ids(lm)
     assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
     # greedy decoding: the same tokens as transformers' generate
     hf = m.generate(IDS[:, :5], max_new_tokens=8, do_sample=False)[0, 5:].tolist()
@@ -130,9 +141,7 @@ def test_int8_activations_exact_when_representable_and_close_otherwise(exported)
     _, d = exported["llama", "int4"]
     logits = []
     for acts in ("float32", "int8"):
-        lm = LeanModel(d, 16, activations=acts)
-        lm.mlp = RamMLP(lm, MaskChooser("dense", [], []))
-        logits.append(np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])]))
+        logits.append(run_ids(dense_model(d, activations=acts)))
     err = np.linalg.norm(logits[1] - logits[0]) / np.linalg.norm(logits[0])
     assert 0 < err < 0.05, err
 
@@ -147,7 +156,7 @@ def test_offloaded_mlp_equals_the_mlp_in_ram(exported, method, fmt, gap):
         lm = LeanModel(d, 16)
         ch = MaskChooser(method, *ks)
         lm.mlp = OffloadMLP(lm, ch, 20_000, direct=False, read_gap=gap) if off else RamMLP(lm, ch)
-        outs.append(np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])]))
+        outs.append(run_ids(lm))
         if off:
             c = lm.mlp.counters
             assert c.disk_bytes > 0 and c.ram_bytes > 0  # a partial cache: both paths ran
@@ -166,9 +175,8 @@ def test_streamed_head_equals_the_head_in_ram(exported, name, fmt):
     _, d = exported[name, fmt]
     outs, static = [], []
     for place in ("ram", "stream"):
-        lm = LeanModel(d, 16, head=place)
-        lm.mlp = RamMLP(lm, MaskChooser("dense", [], []))
-        outs.append(np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])]))
+        lm = dense_model(d, head=place)
+        outs.append(run_ids(lm))
         static.append(lm.static_bytes)
         if place == "stream":
             infos = lm.manifest["tensor_info"]
@@ -224,7 +232,7 @@ def test_prefetch_never_changes_the_output(exported, method, mode):
         cache = 0 if method == "dense" else 30_000  # dense: no cache, every unit of every hook missed
         lm.mlp = OffloadMLP(lm, MaskChooser(method, [30, 30], [40, 40], gamma=0.2), cache, direct=False,
                             prefetch=pf)
-        logits = np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])])
+        logits = run_ids(lm)
         runs.append((logits, lm.mlp.rec.masks, lm.mlp.counters))
         lm.mlp.close()
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
@@ -280,18 +288,15 @@ def test_float16_kv_cache_is_close(exported):
     _, d = exported["llama", "float32"]
     out = []
     for kv in ("float32", "float16"):
-        lm = LeanModel(d, 16, kv_dtype=kv)
-        lm.mlp = RamMLP(lm, MaskChooser("dense", [], []))
-        out.append(np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])]))
+        lm = dense_model(d, kv_dtype=kv)
+        out.append(run_ids(lm))
         assert lm.kv_bytes == 2 * lm.K.nbytes and lm.K.dtype == np.dtype(kv)
     np.testing.assert_allclose(out[0], out[1], rtol=0, atol=5e-3 * np.abs(out[0]).max())
 
 
 def test_perplexity_matches_the_forward(exported):
     m, d = exported["llama", "float32"]
-    lm = LeanModel(d, 16)
-    lm.mlp = RamMLP(lm, MaskChooser("dense", [], []))
-    ppl, n = perplexity(lm, IDS[:, :10].numpy())
+    ppl, n = perplexity(dense_model(d), IDS[:, :10].numpy())
     with torch.no_grad():
         loss = float(m(input_ids=IDS[:, :10], labels=IDS[:, :10]).loss)
     assert n == 9 and ppl == pytest.approx(np.exp(loss), rel=1e-4)
