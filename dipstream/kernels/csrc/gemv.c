@@ -543,6 +543,14 @@ DS_API int64_t ds_topk_abs(const float* v, int64_t n, int64_t k, int64_t* out)
     return m;
 }
 
+/* idx = the top-k |v| (ds_topk_abs rule, ascending), coef = v[idx]; returns the count or -1. */
+static int64_t select_coefs(const float* v, int64_t n, int64_t k, int64_t* idx, float* coef)
+{
+    const int64_t got = ds_topk_abs(v, n, k, idx);
+    for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
+    return got;
+}
+
 /* Top-k_sel of |v| (ds_topk_abs rule) -> idx (ascending), then
  * out[0:m] = sum_{i in idx} v[i] * W[i, 0:m].  One half of a DIP MLP: v = x with W = the
  * [gate|up]^T layout, or v = h with W = W_down^T.  coef: work buffer of >= k floats.
@@ -550,9 +558,8 @@ DS_API int64_t ds_topk_abs(const float* v, int64_t n, int64_t k, int64_t* out)
 DS_API int64_t ds_select_gemv(const float* v, int64_t n, int64_t k, const float* W, int64_t ld,
                               int64_t m, int64_t* idx, float* coef, float* out, int nthreads)
 {
-    int64_t got = ds_topk_abs(v, n, k, idx);
+    const int64_t got = select_coefs(v, n, k, idx, coef);
     if (got < 0) return -1;
-    for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
     gg_parallel(W, ld, m, idx, coef, got, out, nthreads);
     return got;
 }
@@ -562,9 +569,8 @@ DS_API int64_t ds_select_gemv_q(const float* v, int64_t n, int64_t k, const uint
                                 int64_t ldb, const float* S, int64_t lds, int64_t G, int bits,
                                 int64_t m, int64_t* idx, float* coef, float* out, int nthreads)
 {
-    int64_t got = ds_topk_abs(v, n, k, idx);
+    const int64_t got = select_coefs(v, n, k, idx, coef);
     if (got < 0) return -1;
-    for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
     if (m <= 0) return got;
     qmat_t q = {Wq, ldb, S, lds, G, bits, NULL, NULL, 0, m, NULL, 0};
     gg_parallel_any(NULL, 0, &q, m, idx, coef, got, out, nthreads);
@@ -590,9 +596,8 @@ DS_API int64_t ds_select_gemv_qg(const float* v, int64_t n, int64_t k, const uin
                                  int64_t m, int64_t* idx, float* coef, float* out, int nthreads, int act8)
 {
     if (GI <= 0) return -1;
-    int64_t got = ds_topk_abs(v, n, k, idx);
+    const int64_t got = select_coefs(v, n, k, idx, coef);
     if (got < 0) return -1;
-    for (int64_t i = 0; i < got; ++i) coef[i] = v[idx[i]];
     if (m <= 0) return got;
     qmat_t q = {Wq, ldb, NULL, 0, G, bits, HD, HM, GI, m, NULL, act8};
     gg_parallel_any(NULL, 0, &q, m, idx, coef, got, out, nthreads);
