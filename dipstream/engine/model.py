@@ -83,12 +83,17 @@ class LeanModel:
         self.max_seq = int(max_seq)
         if self.max_seq > a["max_positions"]:
             raise DipstreamError(f"{self.max_seq} tokens exceed the model's context of {a['max_positions']}")
+        if head not in HEAD_PLACES:
+            raise DipstreamError(f"head placement must be one of {', '.join(HEAD_PLACES)}, not {head!r}")
+        if activations not in ACTIVATIONS:
+            raise DipstreamError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {activations!r}")
+        if kv_dtype not in ("float32", "float16"):
+            raise DipstreamError(f"KV cache dtype must be float32 or float16, not {kv_dtype!r}")
+        self.act8 = activations == "int8"
         infos = self.manifest["tensor_info"]
         self.fd = os.open(self.directory / DATA, os.O_RDONLY)
         self.w: dict[str, QMatrix] = {}
         self.vec: dict[str, np.ndarray] = {}
-        if head not in HEAD_PLACES:
-            raise DipstreamError(f"head placement must be one of {', '.join(HEAD_PLACES)}, not {head!r}")
         streamed = ("head", "embed") if head == "stream" else ()
         for name, info in infos.items():
             if name.endswith(("mlp_in", "mlp_out")) or name in streamed:
@@ -97,7 +102,7 @@ class LeanModel:
             if info.rows == 1 and info.fmt == "float32":
                 self.vec[name] = dequantize_records(rec, "float32", info.m)[0].copy()
             else:
-                self.w[name] = QMatrix(rec, info.fmt, info.m, *read_headers(self.fd, info))
+                self.w[name] = QMatrix(rec, info.fmt, info.m, *read_headers(self.fd, info), act8=self.act8)
         for i in range(self.L):  # q, k and v in one product where their records lie side by side
             names = [f"layers.{i}.{n}" for n in "qkv"]
             qkv = QMatrix.concat_outputs([self.w[n] for n in names])
@@ -105,11 +110,6 @@ class LeanModel:
                 self.w[f"layers.{i}.qkv"] = qkv
                 for n in names:
                     del self.w[n]
-        if activations not in ACTIVATIONS:
-            raise DipstreamError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {activations!r}")
-        self.act8 = activations == "int8"
-        for q in self.w.values():
-            q.act8 = self.act8
         self.head = None
         if streamed:
             self.head = StreamedHead(self.directory, infos["head"], infos.get("embed"),
@@ -120,8 +120,6 @@ class LeanModel:
         if hasattr(os, "posix_fadvise"):  # the copies are in RAM now: drop the file's cached pages
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         # KV cache and RoPE tables, allocated once
-        if kv_dtype not in ("float32", "float16"):
-            raise DipstreamError(f"KV cache dtype must be float32 or float16, not {kv_dtype!r}")
         self.K = np.empty((self.L, self.Hkv, self.max_seq, self.hd), np.dtype(kv_dtype))
         self.Vc = np.empty_like(self.K)
         self.K.fill(0)  # touched: resident now, so RSS accounts for it
@@ -133,7 +131,7 @@ class LeanModel:
         self.scale = np.float32(a["query_scale"])
         self.embed_scale = np.float32(self.d ** 0.5) if self.family == "gemma3" else None
         self._out = {n: np.empty(q.m, np.float32) for n, q in self.w.items()}
-        self._out["head"] = np.empty(self.V, np.float32)
+        self._out.setdefault("head", np.empty(self.V, np.float32))  # a streamed head writes here too
         self._att = np.empty(self.H * self.hd, np.float32)
         self._eps, self._gemma = float(a["eps"]), int(self.family == "gemma3")
         self._lib = engine_lib()

@@ -141,7 +141,7 @@ class QMatrix:
         does all (e.g. q, k and v); None where their records cannot be laid side by side."""
         fmt, rows = mats[0].fmt, mats[0].rows
         m = sum(q.m for q in mats)
-        if any(q.fmt != fmt or q.rows != rows or q.units != rows for q in mats):
+        if any(q.fmt != fmt or q.rows != rows or q.units != rows or q.act8 != mats[0].act8 for q in mats):
             return None
         if fmt == "int4" and any(q.group != 32 or q.m % 32 for q in mats):
             return None
@@ -151,7 +151,7 @@ class QMatrix:
         rec = np.zeros((rows, stride), np.uint8)
         rec[:, :qb] = np.concatenate([q.rec[:, :q.qbytes] for q in mats], axis=1)
         cat = (lambda hs: None if hs[0] is None else np.concatenate(hs, axis=1))
-        return cls(rec, fmt, m, cat([q.hd for q in mats]), cat([q.hm for q in mats]))
+        return cls(rec, fmt, m, cat([q.hd for q in mats]), cat([q.hm for q in mats]), act8=mats[0].act8)
 
     @property
     def rows(self) -> int:
