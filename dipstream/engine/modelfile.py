@@ -40,7 +40,8 @@ FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "ll
 
 def default_head(weights: str) -> str:
     """The embedding / head format that goes with `weights`: int8 beside int4 (as GGUF Q4 files
-    keep token_embd in Q8_0; a 4-bit head costs SmolLM2 5% perplexity), else the same."""
+    keep token_embd in Q8_0; a 4-bit head costs SmolLM2 5% perplexity: tests/test_generate_real.py),
+    else the same."""
     return "int8" if weights == "int4" else weights
 
 
