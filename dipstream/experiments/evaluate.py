@@ -12,6 +12,7 @@ import torch
 from dipstream import __version__
 from dipstream.budget import check_density
 from dipstream.data import load_text, make_windows
+from dipstream.devices import DEVICE_HELP, check_device_name
 from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
 from dipstream.io import write_json_atomic
@@ -39,13 +40,14 @@ class EvalConfig:
     density: float = field(default=0.5, metadata={
         "help": "target fraction of MLP weight bytes a token may read, in (0, 1]"})
     corpus: str = field(default="wiki", metadata={
-        "help": "built-in corpus: wiki, shakespeare or wikitext2 (evaluated on its eval split)"})
+        "help": "built-in corpus: wiki, code, shakespeare or wikitext2 (evaluated on its eval split)"})
     split: str = field(default="eval", metadata={
         "help": "split of --corpus evaluated: eval (reported figures) or val (to choose settings "
                 "without looking at the eval text)", "choices": ["eval", "val"]})
     text: str | None = field(default=None, metadata={
         "help": "evaluate on this local UTF-8 file instead (calibration still uses --corpus train)",
         "metavar": "PATH"})
+    device: str = field(default="auto", metadata={"help": "where the model runs: " + DEVICE_HELP})
     dtype: str = field(default="float32", metadata={
         "help": "dtype of the model's weights and activations: float32, float64 (no near-tie noise in "
                 "top-k, about 2x slower on CPU), bfloat16 or float16",
@@ -71,6 +73,7 @@ class EvalConfig:
         """Check every option, input file and output path before anything is loaded or run."""
 
         check_density(self.density)
+        check_device_name(self.device)
         if self.method not in METHODS:
             build_method(self.method, self.density)  # the one-line "unknown method" error
         at_least("seq_len", self.seq_len, 2)
@@ -147,7 +150,7 @@ def prepare_thresholds(cfg: EvalConfig, lm, sm) -> dict:
 
 def load_with_adapter(cfg: EvalConfig, method):
     """The model of `cfg`, with cfg.adapter applied. Returns (model, the adapter's row fields)."""
-    lm = load_model(cfg.model, getattr(torch, cfg.dtype))
+    lm = load_model(cfg.model, getattr(torch, cfg.dtype), cfg.device)
     adapter = {}
     if cfg.adapter:
 
@@ -194,6 +197,7 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1,
         "windows": int(windows.input_ids.shape[0]), "seq_len": cfg.seq_len,
         "dense_prompt_tokens": stats.uncounted, "seconds": res.seconds,
         "corpus": cfg.text or cfg.corpus, "split": None if cfg.text else cfg.split, "dtype": cfg.dtype,
+        "device": lm.device, "load_seconds": lm.load_seconds, "load_peak_mib": lm.load_peak_bytes / 2**20,
         "density_per_layer": stats.per_layer("mlp"),
         "dipstream": __version__,
         "machine": machine(), **adapter, **extra,

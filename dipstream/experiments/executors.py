@@ -1,6 +1,10 @@
 """Where a sweep's tasks run: a local process pool (default), this process (`serial`, for
 debugging), or a Ray cluster (`ray`, optional dependency). All three give the sweep the same
-four calls: submit, wait for any, result, share a trace file with the workers."""
+four calls: submit, wait for any, result, share a trace file with the workers.
+
+GPUs: each local worker is pinned to one GPU (CUDA_VISIBLE_DEVICES, set before CUDA starts in the
+spawned process), so `--device auto` or `cuda` in a run means that worker's GPU; on Ray, a task
+that runs a model (`fn.runs_model`) requests one GPU when the cluster has any."""
 
 from __future__ import annotations
 
@@ -43,15 +47,37 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="dipstream-die-with-parent", daemon=True).start()
 
 
+def init_worker(parent: int, gpu_queue=None) -> None:
+    """Pool worker initializer: die with the parent and take one GPU index from `gpu_queue`."""
+    die_with_parent(parent)
+    if gpu_queue is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
+
+
+def gpu_count() -> int:
+    """CUDA devices visible to this process (0 without torch or CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 class LocalExecutor:
     """A pool of `jobs` fresh Python processes (spawned, so no torch state is forked) that exit
-    when the sweep process does."""
+    when the sweep process does; with `gpus`, worker i is pinned to GPU i mod gpus."""
 
-    def __init__(self, jobs: int):
-        self.jobs = jobs
+    def __init__(self, jobs: int, gpus: int = 0):
+        self.jobs, self.gpus = jobs, gpus
         self.threads = max(1, (os.cpu_count() or 1) // jobs)  # torch threads of a model run
-        self.pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=die_with_parent, initargs=(os.getpid(),))
+        ctx = multiprocessing.get_context("spawn")
+        queue = None
+        if gpus:
+            queue = ctx.Queue()
+            for i in range(jobs):
+                queue.put(i % gpus)
+        self.pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=init_worker,
+                                           initargs=(os.getpid(), queue))
 
     def submit(self, fn, *args):
         try:
@@ -109,9 +135,9 @@ class SerialExecutor:
 
 
 class RayExecutor:
-    """Tasks as Ray remote functions (one CPU each) on a local or remote cluster. Traces travel
-    through Ray's object store, so remote nodes need no shared filesystem; they need dipstream
-    and its model packages installed."""
+    """Tasks as Ray remote functions (one CPU each, plus one GPU for a task that runs a model when
+    the cluster has GPUs) on a local or remote cluster. Traces travel through Ray's object store,
+    so remote nodes need no shared filesystem; they need dipstream and its model packages."""
 
     def __init__(self, jobs: int | None, address: str | None):
         try:
@@ -129,13 +155,16 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise DipstreamError(f"cannot start or reach the Ray cluster "
                                      f"{address or '(local)'}: {str(exc).splitlines()[0]}") from None
-        self.jobs = jobs or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        resources = ray.cluster_resources()
+        self.gpus = int(resources.get("GPU", 0))
+        self.jobs = jobs or max(1, self.gpus or int(resources.get("CPU", 1)))
         self.threads = 1
         self._remote = {}
 
     def submit(self, fn, *args):
         if fn not in self._remote:
-            self._remote[fn] = self.ray.remote(num_cpus=1, max_retries=0)(fn)
+            gpu = 1 if self.gpus and getattr(fn, "runs_model", False) else 0
+            self._remote[fn] = self.ray.remote(num_cpus=1, num_gpus=gpu, max_retries=0)(fn)
         return self._remote[fn].remote(*args)
 
     def wait(self, handles):
@@ -161,11 +190,20 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-def make_executor(kind: str, jobs: int | None, address: str | None = None):
+def make_executor(kind: str, jobs: int | None, address: str | None = None, gpus: int | None = None):
+    """The executor `kind`; local: `jobs` workers (default one per GPU, else one per CPU), each
+    pinned to one of `gpus` GPUs (default: all visible; 0 keeps the workers off the GPUs)."""
     if jobs is not None and jobs < 1:
         raise DipstreamError(f"--jobs {jobs} must be at least 1 (or leave it out for one per CPU)")
+    if gpus is not None and gpus < 0:
+        raise DipstreamError(f"--gpus {gpus} must be 0 or more (or leave it out to use every visible GPU)")
     if kind == "local":
-        return LocalExecutor(jobs or os.cpu_count() or 1)
+        visible = gpu_count()
+        if gpus is not None and gpus > visible:
+            raise DipstreamError(f"--gpus {gpus}: only {visible} CUDA device(s) are visible here; "
+                                 f"use --gpus {visible} or leave it out")
+        gpus = visible if gpus is None else gpus
+        return LocalExecutor(jobs or gpus or os.cpu_count() or 1, gpus)
     if kind == "serial":
         return SerialExecutor()
     if kind == "ray":

@@ -54,6 +54,9 @@ class SweepOptions:
     jobs: int | None = field(default=None, metadata={
         "help": "runs at a time (default: local: the number of CPUs, each with CPUs/jobs torch "
                 "threads; ray: the cluster's CPUs)"})
+    gpus: int | None = field(default=None, metadata={
+        "help": "local: GPUs to spread the workers over, one per worker (default: every visible GPU, "
+                "and then one worker per GPU unless --jobs says otherwise; 0: none)"})
     executor: str = field(default="local", metadata={
         "help": "local (process pool), serial (in this process) or ray (a Ray cluster; pip install "
                 "ray)", "choices": EXECUTORS})
@@ -208,7 +211,7 @@ def run_sweep(config_path: str | Path, opts: SweepOptions) -> dict:
         if not pending:
             store.export_csv()
             return {**summary, "seconds": time.perf_counter() - start}
-        ex = make_executor(opts.executor, opts.jobs, opts.ray_address)
+        ex = make_executor(opts.executor, opts.jobs, opts.ray_address, opts.gpus)
         eta = _Eta(ex.jobs)
         bar = tqdm(total=len(pending), unit="run", disable=not opts.progress, dynamic_ncols=True,
                    bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} runs "

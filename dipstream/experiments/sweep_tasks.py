@@ -56,6 +56,9 @@ def record_task(params: dict, ordinal: int, threads: int | None = None):
     return row, data, time.perf_counter() - start
 
 
+record_task.runs_model = True  # a Ray cluster with GPUs gives it one
+
+
 def replay_task(trace, params: dict, shape: dict, ordinal: int):
     """Simulate one device on a recorded trace (a path, the .npz bytes, or None for a dense run).
     Returns (figures, wall seconds)."""

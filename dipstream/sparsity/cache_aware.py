@@ -79,18 +79,20 @@ class DIPCA(DIP):
         B, T = self._bt
         n = scores.shape[-1]
         caches = self._cacheset(B)
-        s = scores.view(B, T, n)
+        # the cache lives on the host: on a GPU, one transfer of the layer's scores per batch and one
+        # of its masks back, never one per token
+        s = scores.detach().to("cpu").view(B, T, n)
         out = torch.empty(B, T, n, dtype=torch.bool)
         n0 = int(self.options.n0_frac * k)
         t0 = self._pos.get(hook, 0)
-        protected = topk_mask(scores, n0).view(B, T, n)  # depends on scores only: all tokens at once
+        protected = topk_mask(s.view(B * T, n), n0).view(B, T, n)  # scores only: all tokens at once
         for t in range(T):
             m = ca_select(s[:, t], k, torch.from_numpy(caches.cached(hook)), self.options.gamma, n0, t0 + t,
                           protected[:, t], self.options.warmup)
             caches.step(hook, m.numpy())
             out[:, t] = m
         self._pos[hook] = t0 + T
-        return out.view(B * T, n)
+        return out.view(B * T, n).to(scores.device)
 
     def select_in(self, layer, scores):
         return self._scan(f"layers.{layer}.in", scores, self.keeps.k_in(layer, scores.shape[-1]))

@@ -56,8 +56,6 @@ class TrainOptions:
         "help": "predictor: training tokens (dense activations are collected once)"})
     predictor_epochs: int = field(default=8, metadata={"help": "predictor: passes over those tokens"})
     train_seed: int = field(default=0, metadata={"help": "seed of data order and initialisation"})
-    device: str = field(default="auto", metadata={
-        "help": "auto (cuda when present, else cpu), cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dipstream.devices import pick_device
 from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
 from dipstream.experiments.evaluate import eval_windows, prepare_thresholds
@@ -35,7 +36,7 @@ from dipstream.training.config import DEFAULT_EVAL_TOKENS, FinetuneConfig
 from dipstream.training.data import load_train_data
 from dipstream.training.memory import available_bytes, check_memory, estimate_step_bytes
 from dipstream.training.predictor_train import train_predictors
-from dipstream.training.run_state import default_out, finish_run, pick_device, run_key
+from dipstream.training.run_state import default_out, finish_run, run_key
 from dipstream.validation import at_least, finite, input_file, output_dir
 
 NOTHING_TO_TRAIN = {"dense": "dense has no sparsity to recover; fine-tune a sparse method (e.g. --method dip)"}
@@ -96,7 +97,7 @@ class _Run:
     def __init__(self, cfg: FinetuneConfig):
         self.cfg = cfg
         ev, tr = cfg.eval, cfg.train
-        self.device = pick_device(tr.device)
+        self.device = pick_device(ev.device)
         self.lm = load_model(ev.model)
         self.data = load_train_data(self.lm.tokenizer, ev.corpus, tr.train_text, ev.seq_len, tr.steps,
                                     tr.batch_size, tr.max_epochs, tr.val_tokens, tr.train_seed,

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
-from dipstream.errors import DipstreamError
+from dipstream.devices import available_bytes  # noqa: F401 - re-exported for training
+from dipstream.devices import check_memory as _check
 from dipstream.models.arch import ModelInfo
 
 # Activation floats kept for the backward pass per token and layer, in units of d_model and d_ff,
@@ -26,18 +25,6 @@ def estimate_step_bytes(info: ModelInfo, n_params: int, n_trainable: int, batch:
     return int(bytes_per_float * (n_params + 3 * n_trainable + acts + logits))
 
 
-def available_bytes(device: torch.device) -> int:
-    """Free memory where training runs: GPU memory on CUDA, else the system's available RAM."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
 def check_memory(need: int, available: int, what: str = "training") -> None:
-    """One-line error when the predicted peak does not fit, saying what to lower."""
-    if need > 0.9 * available:
-        raise DipstreamError(
-            f"{what} is predicted to need {need / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB "
-            "is free; lower --batch-size or --seq-len (or --predictor-tokens)")
+    """One-line error when the predicted peak of a training step does not fit."""
+    _check(need, available, what, "lower --batch-size or --seq-len (or --predictor-tokens)")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dipstream.devices import pick_device
 from dipstream.evaluation import perplexity
 from dipstream.experiments.evaluate import eval_windows
 from dipstream.io import append_jsonl
@@ -25,7 +26,7 @@ from dipstream.training.checkpoint import save_checkpoint
 from dipstream.training.config import DEFAULT_EVAL_TOKENS
 from dipstream.training.data import load_train_data
 from dipstream.training.memory import available_bytes, check_memory
-from dipstream.training.run_state import finish_run, pick_device
+from dipstream.training.run_state import finish_run
 
 
 class ActivationCapture(Method):
@@ -81,7 +82,7 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
 
     ev, tr = cfg.eval, cfg.train
     start = time.perf_counter()
-    device = pick_device(tr.device)
+    device = pick_device(ev.device)
     method = build_method("predictor", ev.density, ev.options)  # fail fast on bad input
     lm = load_model(ev.model)
     lm.model.to(device)

@@ -7,10 +7,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
-
 from dipstream import __version__
-from dipstream.errors import DipstreamError
 from dipstream.io import write_json_atomic
 from dipstream.models.adapter_folder import model_signature, write_meta
 from dipstream.paths import machine
@@ -23,18 +20,10 @@ def default_out(cfg: FinetuneConfig) -> Path:
     return Path("runs") / "finetune" / f"{Path(ev.model).name}-{ev.method}-{ev.density:g}"
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DipstreamError("--device cuda but no CUDA device is available; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def run_key(cfg: FinetuneConfig) -> dict:
     """Everything that changes what a run trains (a checkpoint is resumed only under the same key)."""
     ev, tr = cfg.eval, cfg.train
-    train = {k: v for k, v in dataclasses.asdict(tr).items() if k not in ("out", "restart", "device")}
+    train = {k: v for k, v in dataclasses.asdict(tr).items() if k not in ("out", "restart")}
     return {"dipstream": __version__, "model": ev.model, "method": ev.method, "density": ev.density,
             "options": dataclasses.asdict(ev.options), "corpus": ev.corpus, "seq_len": ev.seq_len,
             "calib_tokens": ev.calib_tokens, "train": train}

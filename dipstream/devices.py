@@ -1,0 +1,84 @@
+"""Where a run executes: `--device` and `--dtype` parsed and checked, free memory, and the
+predicted footprint of a model checked before any weight is loaded."""
+
+from __future__ import annotations
+
+import re
+
+from dipstream.errors import DipstreamError
+
+DEVICE_HELP = "auto (cuda when present, else cpu), cpu, cuda or cuda:N"
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
+def check_device_name(name: str) -> None:
+    """One-line error for a --device that is not auto, cpu, cuda or cuda:N (no torch import)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(name)):
+        raise DipstreamError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N; e.g. --device cuda:0")
+
+
+def pick_device(name: str = "auto"):
+    """The torch.device of `name`; a one-line error when CUDA (or that GPU) is absent."""
+    import torch
+
+    check_device_name(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DipstreamError(f"--device {name}: no CUDA device is available here; use --device cpu (or auto)")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise DipstreamError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                                 f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", index)
+    return torch.device(name)
+
+
+def check_dtype(device, dtype: str) -> None:
+    """One-line error for a dtype the device cannot run."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise DipstreamError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if device.type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise DipstreamError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                             "use --dtype float16 or float32")
+
+
+def available_bytes(device) -> int:
+    """Free memory on `device`: GPU memory on CUDA, else the system's available RAM."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(need: int, available: int, what: str, advice: str) -> None:
+    """One-line error when a predicted peak does not fit in 90% of the free memory."""
+    if need > 0.9 * available:
+        raise DipstreamError(f"{what} is predicted to need {need / 2**30:.1f} GiB but only "
+                             f"{available / 2**30:.1f} GiB is free; {advice}")
+
+
+def model_bytes(shape, dtype: str) -> int:
+    """Predicted bytes of a model's weights in `dtype`, from its shape (attention, MLP, head and an
+    untied input embedding)."""
+    return int(sum(shape.weights().values()) * DTYPE_BYTES[dtype])
+
+
+def peak_memory(device) -> int:
+    """The process's peak memory so far: allocated GPU memory on CUDA, else peak resident set."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
