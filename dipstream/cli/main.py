@@ -109,7 +109,10 @@ def cmd_models(ns) -> int:
 
     for m in BUILTIN_MODELS.values():
         cached = cache_complete(cache_root() / "models" / m.name)
-        print(f"{m.name:<14} {'cached' if cached else 'not converted yet':<18} {m.description}")
+        state = "cached" if cached else "not converted yet" if not m.optional else "optional"
+        print(f"{m.name:<19} {state:<18} {m.description}")
+        if m.note:
+            print(f"{'':<19} {'':<18} note: {m.note}")
     print("or any local Hugging Face checkpoint folder of: llama, mistral, qwen2, qwen3, phi3, "
           "gemma, gemma2, gemma3")
     return 0

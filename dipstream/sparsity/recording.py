@@ -46,7 +46,7 @@ class MaskRecorder:
     def __call__(self, layer: int, sel: Selection, x: torch.Tensor) -> None:
         for name, kind, n, uw, m in selection_hooks(layer, sel, self.d, self.D):
             self.specs[name] = (kind, n, uw)
-            self.chunks.setdefault(name, []).append(np.packbits(m.numpy(), axis=1, bitorder="little"))
+            self.chunks.setdefault(name, []).append(np.packbits(m.cpu().numpy(), axis=1, bitorder="little"))
 
     def trace(self, seq_starts, prompt_len, metadata: dict):
         """The recorded masks as a `MaskTrace` (hooks in layer order)."""
