@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                         sims.append(simulate(tr, h, shape, policy="lru", dram_bytes=static + row["cache_bytes"],
                                              seq_len=seq))
                     else:  # in RAM: every unit resident
-                        sims.append(simulate(tr, h, shape, policy="hot", fraction=1.0, dram_bytes=1e15, seq_len=seq))
+                        sims.append(simulate(tr, h, shape, policy="hot-same-trace", fraction=1.0, dram_bytes=1e15, seq_len=seq))
                 sim = sims[0]
                 rec = {"round": r, "model": model, "method": meth, "dram": dram or "ram",
                        "fitted": model == a.calibrate_on and dram is None,

@@ -470,5 +470,5 @@ def test_probe_lean_writes_hardware_the_simulator_replays(tiny_checkpoint, tmp_p
     assert main(["generate", "--model", str(hfdir), "--model-dir", str(_export), "--weights", "int4", "--trace",
                  str(trace), "--no-stream", "--max-new-tokens", "4", "--prompt", "abc"]) == 0
     tr = load_trace(trace)
-    res = simulate(tr, hw, tr.shape(), policy="hot", fraction=1.0, dram_bytes=1e15, seq_len=16)
+    res = simulate(tr, hw, tr.shape(), policy="hot-same-trace", fraction=1.0, dram_bytes=1e15, seq_len=16)
     assert res.hit_rate == 1.0 and res.time_per_token_s >= hw.host_s_per_token

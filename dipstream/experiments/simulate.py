@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,18 +88,26 @@ def hardware_of(sim: SimConfig):
         return load_hardware(sim.hardware, **overrides)
 
 
-def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512) -> dict:
+def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512, ev: EvalConfig | None = None) -> dict:
     """Simulate a trace and the dense-streaming baseline on the same device; figures and ratios.
-    `trace=None` (a dense run) reports the baseline for both."""
+    `trace=None` (a dense run) reports the baseline for both. Policy `hot` pins units by the
+    profile of `ev`'s method on the train split (`hot_profile.hot_frequencies`)."""
 
     hw = hardware_of(sim)
+    kw, profiled = sim.policy_kwargs(), {}
+    if trace is not None and sim.policy == "hot":
+        from dipstream.experiments.hot_profile import hot_frequencies
+
+        if ev is None:
+            raise DipstreamError("policy hot needs the run's model and method to profile them on the train split")
+        kw["frequency"], profiled = hot_frequencies(ev, sim, shape)
     with user_errors():
         if trace is None:  # a dense run has no masks: it is the dense-streaming baseline itself
             b = dense_streaming_baseline(shape, hw, sim.dram, seq_len=seq_len).to_dict()
             r = b
         else:
             res = simulate(trace, hw, shape, policy=sim.policy, dram_bytes=sim.dram,
-                           cache_split=sim.cache_split, **sim.policy_kwargs())
+                           cache_split=sim.cache_split, **kw)
             lens = [b - a for a, b in trace.sequences()]
             b = dense_streaming_baseline(shape, hw, sim.dram, seq_len=res.seq_len,
                                          sequences=list(zip(trace.prompt_len.tolist(), lens))).to_dict()
@@ -114,7 +123,7 @@ def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512) -> dict:
     out["speedup_vs_dense_streaming"] = r["tokens_per_s"] / b["tokens_per_s"]
     out["flash_bytes_ratio_vs_dense_streaming"] = r["flash_bytes_per_token"] / b["flash_bytes_per_token"] \
         if b["flash_bytes_per_token"] else None
-    return out
+    return {**out, **profiled}
 
 
 def _per_layer(names: list[str], rates: list[float]) -> list[float]:
@@ -176,7 +185,7 @@ def run_simulate(cfg: SimulateConfig, progress: bool | None = None) -> dict:
     """Evaluate (or replay a trace) and simulate it; returns one results row."""
     sim, ev = cfg.sim, cfg.eval
     sim.validate()
-    if not sim.trace and ev.method == "dip-ca" and sim.policy in ("belady", "hot"):
+    if not sim.trace and ev.method == "dip-ca" and sim.policy in ("belady", "hot", "hot-same-trace"):
         raise DipstreamError(f"dip-ca steers its masks by the live cache, which policy '{sim.policy}' "
                              "cannot provide here; use lru, lfu, window or none")
     if sim.trace:
@@ -193,12 +202,14 @@ def run_simulate(cfg: SimulateConfig, progress: bool | None = None) -> dict:
             check_trace_matches(trace, shape, ev.model)
         row = {"model": ev.model, "method": trace.metadata.get("method"),
                "density_requested": trace.metadata.get("density"), "trace": sim.trace}
+        if sim.policy == "hot":  # profile the trace's own method and density
+            ev = dataclasses.replace(ev, method=row["method"] or ev.method, density=row["density_requested"] or ev.density)
     else:
         row, trace = evaluate_and_record(ev, sim, shape, progress)
         if sim.save_trace and trace is not None:
 
             save_trace(trace, sim.save_trace)
-    row = {**row, **simulate_trace(trace, shape, sim, ev.seq_len)}
+    row = {**row, **simulate_trace(trace, shape, sim, ev.seq_len, ev)}
     if ev.json:
         write_json_atomic(ev.json, row)
     return row

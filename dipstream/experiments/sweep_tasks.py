@@ -69,5 +69,5 @@ def replay_task(trace, params: dict, shape: dict, ordinal: int):
     if trace is not None:
         with user_errors():
             trace = load_trace(io.BytesIO(trace) if isinstance(trace, bytes) else trace)
-    figures = simulate_trace(trace, ModelShape.from_dict(shape), cfg.sim, cfg.eval.seq_len)
+    figures = simulate_trace(trace, ModelShape.from_dict(shape), cfg.sim, cfg.eval.seq_len, cfg.eval)
     return figures, time.perf_counter() - start

@@ -144,7 +144,7 @@ class OffloadRuntime:
         if not getattr(method, "decodes", False):
             raise DipstreamError(f"the offloading runtime runs the methods that decode (dense, dip, dip-ca), "
                                  f"not '{getattr(method, 'name', method)}'")
-        if policy in ("belady", "hot"):
+        if policy in ("belady", "hot", "hot-same-trace"):
             raise DipstreamError(f"policy '{policy}' needs the future or calibration counts; the "
                                  "runtime supports lru, lfu, window and none")
         lay = file.layout

@@ -99,7 +99,7 @@ class GenerateConfig:
         self.ca.validate()
         with user_errors():
             self.cache.validate()
-        if self.cache.policy in ("belady", "hot"):
+        if self.cache.policy in ("belady", "hot", "hot-same-trace"):
             raise DipstreamError(f"policy '{self.cache.policy}' needs the future or calibration counts; the "
                                  "runtime supports lru, lfu, window and none")
         if self.offload:

@@ -84,7 +84,7 @@ SHAPES = {
     "smollm2-135m": ModelShape(30, 576, 1536, 49152, 9, 3, tied_embeddings=True),
     "gemma3-270m": ModelShape(18, 640, 2048, 262144, 4, 1, tied_embeddings=True),
     "qwen2.5-coder-1.5b": ModelShape(28, 1536, 8960, 151936, 12, 2),
-    "qwen2.5-coder-0.5b": ModelShape(24, 896, 4864, 151936, 14, 2, tied_embeddings=True),
+    "qwen2.5-coder-0.5b": ModelShape(24, 896, 4864, 151936, 14, 2),
 }
 
 

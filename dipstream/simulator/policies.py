@@ -468,6 +468,7 @@ class Belady(CachePolicy):
 
 
 POLICIES = {c.name: c for c in (NoCache, LRU, LFU, Belady, Window, Hot)}
+POLICY_NAMES = (*POLICIES, "hot-same-trace")  # hot pinned by the replayed trace itself (simulate())
 
 
 @dataclass
@@ -476,7 +477,9 @@ class CacheOptions:
     sweeps and the offloading runtime of `generate`."""
 
     policy: str = field(default="lru", metadata={
-        "help": "cache policy: none, lru, lfu, belady, window, hot"})
+        "help": "cache policy: none, lru, lfu, belady, window, hot (units pinned by frequencies profiled "
+                "on the train split), hot-same-trace (pinned by the evaluated text's own frequencies: an "
+                "upper bound, not a deployable policy)"})
     window_k: int = field(default=5, metadata={"help": "window policy: tokens whose units are kept"})
     hot_fraction: float = field(default=0.5, metadata={
         "help": "hot policy: share of each cache pinned to the most frequent units"})
@@ -496,8 +499,8 @@ class CacheOptions:
 
     def validate(self) -> None:
         """ValueError for a policy, rule or number that cannot work."""
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown cache policy '{self.policy}'; use one of {', '.join(POLICIES)}")
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"unknown cache policy '{self.policy}'; use one of {', '.join(POLICY_NAMES)}")
         if self.over_capacity not in OVER_CAPACITY:
             raise ValueError(f"--over-capacity {self.over_capacity} is not one of {', '.join(OVER_CAPACITY)}")
         if self.cache_split not in ("linear", "hook", "weights"):
@@ -509,7 +512,8 @@ class CacheOptions:
 
     def policy_kwargs(self) -> dict:
         """The `make_policy` arguments of these options."""
-        kw = {"window": {"k": self.window_k}, "hot": {"fraction": self.hot_fraction}}.get(self.policy, {})
+        kw = {"window": {"k": self.window_k}, "hot": {"fraction": self.hot_fraction},
+              "hot-same-trace": {"fraction": self.hot_fraction}}.get(self.policy, {})
         return {**kw, "over_capacity": self.over_capacity, "seed": self.cache_seed}
 
 

@@ -529,9 +529,9 @@ def simulate(trace: MaskTrace, hardware, shape=None, policy="lru", dram_bytes=No
     sequence in the trace); ``cache_split``: "linear" (the reference), "hook" or "weights";
     ``reset_per_sequence=False`` keeps caches warm across sequences (beyond the reference).
     Policy kwargs: ``over_capacity`` ("random", the reference; "keep-mask", "highest-index") and
-    ``seed`` (see ``make_policy``), ``k`` (window), ``fraction`` and ``frequency`` (hot;
-    frequency = {hook: counts} or a calibration MaskTrace, default: this trace's own counts,
-    which is optimistic).
+    ``seed`` (see ``make_policy``), ``k`` (window), ``fraction`` and ``frequency`` (hot:
+    {hook: counts} or a calibration MaskTrace, from other text; policy "hot-same-trace" takes this
+    trace's own counts instead, an optimistic upper bound).
     """
     hw = load_hardware(hardware)
     shape = get_shape(shape) if shape is not None else trace.shape()
@@ -541,9 +541,13 @@ def simulate(trace: MaskTrace, hardware, shape=None, policy="lru", dram_bytes=No
     seqs = trace.sequences()
     seq_len = seq_len or max(b - a for a, b in seqs)
     kw = dict(policy_kwargs)
-    if policy == "hot":
+    if policy == "hot-same-trace":  # an upper bound: pinned by the replayed text's own counts
+        policy, kw["frequency"] = "hot", trace.frequencies()
+    elif policy == "hot":
         f = kw.pop("frequency", None)
-        f = trace if f is None else f
+        if f is None:
+            raise ValueError("policy 'hot' needs frequency= (unit counts profiled on other text); "
+                             "'hot-same-trace' pins by the replayed trace's own counts, an upper bound")
         kw["frequency"] = f.frequencies() if isinstance(f, MaskTrace) else f
     if policy == "belady":
         kw["future"] = trace

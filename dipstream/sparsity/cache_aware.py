@@ -51,7 +51,7 @@ class DIPCA(DIP):
 
     def configure_cache(self, capacity: dict[str, int], policy: str = "lru", **policy_kwargs) -> None:
         """Cache capacity in units per hook name ('layers.i.in' / 'layers.i.out') and the policy."""
-        if policy in ("belady", "hot"):
+        if policy in ("belady", "hot", "hot-same-trace"):
             raise DipstreamError(f"dip-ca steers its masks by the live cache, which policy '{policy}' "
                                  "cannot provide here; use lru, lfu, window or none")
         self.capacity, self.policy, self.policy_kwargs = dict(capacity), policy, policy_kwargs
