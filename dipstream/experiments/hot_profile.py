@@ -58,12 +58,12 @@ def load_profile(path: Path) -> tuple[dict, dict]:
                              "delete it to compute it again") from None
 
 
-def hot_frequencies(ev, sim, shape) -> tuple[dict, dict]:
+def hot_frequencies(ev, sim, shape, evaluate_and_record) -> tuple[dict, dict]:
     """({hook: unit counts}, row fields) for the `hot` policy: loaded, or computed once by running
-    `ev`'s method (DIP for DIP-CA) over `ev.calib_tokens` tokens of the corpus's train split."""
+    `ev`'s method (DIP for DIP-CA) over `ev.calib_tokens` tokens of the corpus's train split with
+    `evaluate_and_record(ev, sim, shape, progress)` (simulate's, passed in: no import cycle)."""
     path = profile_path(ev)
     if not path.exists():
-        from dipstream.experiments.simulate import evaluate_and_record
         from dipstream.io import folder_lock
 
         folder = private_dir(path.parent)

@@ -100,7 +100,7 @@ def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512, ev: EvalCon
 
         if ev is None:
             raise DipstreamError("policy hot needs the run's model and method to profile them on the train split")
-        kw["frequency"], profiled = hot_frequencies(ev, sim, shape)
+        kw["frequency"], profiled = hot_frequencies(ev, sim, shape, evaluate_and_record)
     with user_errors():
         if trace is None:  # a dense run has no masks: it is the dense-streaming baseline itself
             b = dense_streaming_baseline(shape, hw, sim.dram, seq_len=seq_len).to_dict()
