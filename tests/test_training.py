@@ -263,3 +263,20 @@ def test_generate_with_a_finetuned_adapter(finished, tiny_checkpoint, tmp_path, 
     rc = main(["generate", "--model", str(tiny_checkpoint), "--adapter", str(out), "--offload",
                str(tmp_path / "off")])
     assert rc == 2 and "drop --offload" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["drelu-predicted", "relufied-predicted"])
+def test_predictors_of_the_zeros_train_and_evaluate(tiny_checkpoint, text_file, tmp_path, name):
+    out = tmp_path / name
+    row = run_finetune(_cfg(tiny_checkpoint, text_file, out, method=name, density=1.0,
+                            predictor_tokens=20 * (SEQ - 1), predictor_epochs=3, predictor_rank=8))
+    assert row["method"] == name and 0 < row["recall"] <= 1 and 0 < row["precision"] <= 1
+    assert row["density_with_predictor"] == pytest.approx(
+        row["density_measured"] + row["predictor_weights"] / (3 * 2 * 32 * 48))
+    ev = run_eval(EvalConfig(model=str(tiny_checkpoint), method=name, density=1.0, text=str(text_file),
+                             seq_len=SEQ, tokens=4 * (SEQ - 1), adapter=str(out)))
+    assert ev["perplexity"] == row["perplexity_after"] and ev["skipping"] == "predicted"
+    assert ev["density_with_predictor"] == pytest.approx(row["density_with_predictor"])
+    oracle = run_eval(EvalConfig(model=str(tiny_checkpoint), method=name.removesuffix("-predicted"), density=1.0,
+                                 text=str(text_file), seq_len=SEQ, tokens=4 * (SEQ - 1)))
+    assert "density_with_predictor" not in oracle

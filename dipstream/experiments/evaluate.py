@@ -202,6 +202,8 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1,
         "dipstream": __version__,
         "machine": machine(), **adapter, **extra,
     }
+    if row.get("predictor_weights"):  # read in full every token: its bytes over the MLP's, at one precision
+        row["density_with_predictor"] = row["density_measured"] + row["predictor_weights"] / lm.info.mlp_weights()
     return row, sm
 
 

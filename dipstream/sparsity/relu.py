@@ -71,3 +71,73 @@ class Relufied(_ReluSwap):
     reads = ("up rows, gate rows, down columns of neurons with ReLU(g)*u != 0 "
              "(at most density*D; skipping up/gate rows needs a predictor of the zeros)")
     both_factors = False
+
+
+class _PredictedSkip(_ReluSwap):
+    """The same activation swap, with the zeros *predicted* (Turbo Sparse / PowerInfer): a trained
+    per-layer low-rank predictor says which neurons are active (logit > 0, at most density*D of
+    them), and only those neurons' up row, gate row and down column are read. A neuron predicted
+    inactive that was in fact active is lost (its contribution is zero). The cost is the predicted
+    set plus the predictor itself (`density_with_predictor` in a results row)."""
+
+    needs_predictors = True
+
+    def __init__(self, density: float = 1.0, options=None):
+        super().__init__(density, options)
+        self.predictors = None
+
+    def load_trained(self, folder, info) -> None:
+        from pathlib import Path
+
+        from dipstream.models.adapters import PREDICTOR_FILE
+        from dipstream.sparsity.predictor import load_predictors
+
+        path = Path(folder) / PREDICTOR_FILE
+        if path.exists():
+            self.predictors = load_predictors(path, info.n_layers, info.d_model, info.d_ff)
+
+    def prepare(self, parts):
+        from dipstream.errors import DipstreamError
+
+        if self.predictors is None:
+            raise DipstreamError(f"method '{self.name}' needs trained predictors of its zeros: run `dipstream "
+                                 f"finetune --method {self.name} --out DIR`, then pass --adapter DIR")
+        if len(self.predictors) != len(parts):
+            raise DipstreamError(f"the predictors cover {len(self.predictors)} layers, the model has "
+                                 f"{len(parts)}; they were trained for another model")
+        super().prepare(parts)
+
+    def mlp(self, layer, p, x, batch_shape):
+        logits = self.predictors[layer](x)
+        read = logits > 0
+        if self.k < read.shape[-1]:
+            read &= topk_mask(logits, self.k)
+        g, u = part_linear(p, "gate", x, rows=read), part_linear(p, "up", x, rows=read)
+        on = ((g > 0) & (u > 0) if self.both_factors else g > 0) & read
+        h = torch.where(on, g * u, g.new_zeros(()))
+        return down_from_h(p, h, read), Selection(up_rows=read, gate_rows=read, down_cols=read)
+
+    def predictor_weights(self) -> int:
+        return 0 if self.predictors is None else sum(t.numel() for t in self.predictors.parameters())
+
+    def describe(self):
+        return {**super().describe(), "skipping": "predicted", "predictor_weights": self.predictor_weights()}
+
+
+@register
+class DReLUPredicted(_PredictedSkip):
+    """dReLU with predicted zeros: a trained predictor picks the neurons read."""
+
+    name = "drelu-predicted"
+    summary = "dReLU with a trained predictor of its zeros (Turbo Sparse's deployed accounting)"
+    reads = "the predictor; up rows, gate rows, down columns of the neurons it predicts active"
+
+
+@register
+class RelufiedPredicted(_PredictedSkip):
+    """ReLUfication with predicted zeros: a trained predictor picks the neurons read."""
+
+    name = "relufied-predicted"
+    summary = "ReLUfication with a trained predictor of its zeros (deployed accounting)"
+    reads = "the predictor; up rows, gate rows, down columns of the neurons it predicts active"
+    both_factors = False

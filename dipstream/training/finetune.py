@@ -30,7 +30,7 @@ from dipstream.models.adapters import (
     count_lora_weights,
     save_lora,
 )
-from dipstream.sparsity import attach, build_method
+from dipstream.sparsity import METHODS, attach, build_method
 from dipstream.training.checkpoint import load_checkpoint, save_checkpoint
 from dipstream.training.config import DEFAULT_EVAL_TOKENS, FinetuneConfig
 from dipstream.training.data import load_train_data
@@ -283,13 +283,18 @@ def run_finetune(cfg: FinetuneConfig, progress: bool | None = None, on_step=None
                 raise DipstreamError(f"the finished run in '{out}' has lost {', '.join(lost)}; pass "
                                      "--restart to train it again")
             return {**state["result"], "resumed": "already finished"}
-        if cfg.eval.method == "predictor":
+        if _trains_predictors(cfg):
 
             return train_predictors(cfg, out, key, state, progress, on_step)
         return _train_lora(cfg, out, key, state, progress, on_step)
 
 
+def _trains_predictors(cfg: FinetuneConfig) -> bool:
+    """predictor, drelu-predicted, relufied-predicted: train predictors, not LoRA adapters."""
+    return bool(getattr(METHODS.get(cfg.eval.method), "needs_predictors", False))
+
+
 def _weight_files(cfg: FinetuneConfig) -> list[str]:
     """The files a finished run of `cfg` leaves in its folder besides its description."""
-    return ["predictor.safetensors"] if cfg.eval.method == "predictor" else \
+    return ["predictor.safetensors"] if _trains_predictors(cfg) else \
         ["adapter_config.json", "adapter_model.safetensors"]

@@ -30,20 +30,29 @@ from dipstream.training.run_state import finish_run
 
 
 class ActivationCapture(Method):
-    """Runs each MLP densely (generic gated form) and keeps its inputs x and top-k(|h|) targets."""
+    """Runs each MLP densely and keeps its inputs x and targets: top-k(|h|) of the model's own
+    activation, or, with `swap` ("drelu" / "relufied"), the exact non-zeros of that swapped
+    activation (which then also feeds the layers above: the model predicted is the swapped one)."""
 
     name = "capture"
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, swap: str | None = None):
         super().__init__(1.0)
-        self.k = k
+        self.k, self.swap = k, swap
         self.x: dict[int, list[torch.Tensor]] = {}
         self.targets: dict[int, list[torch.Tensor]] = {}
 
     def mlp(self, layer, p, x, batch_shape):
-        h = p.act(part_linear(p, "gate", x)) * part_linear(p, "up", x)
+        g, u = part_linear(p, "gate", x), part_linear(p, "up", x)
+        if self.swap:
+            on = (g > 0) & (u > 0) if self.swap == "drelu" else g > 0
+            h = torch.where(on, g * u, g.new_zeros(()))
+            target = h != 0
+        else:
+            h = p.act(g) * u
+            target = topk_mask(h.abs(), self.k)
         self.x.setdefault(layer, []).append(x.detach().clone())
-        self.targets.setdefault(layer, []).append(topk_mask(h.abs(), self.k))
+        self.targets.setdefault(layer, []).append(target)
         return part_linear(p, "down", h), Selection()
 
     def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -51,9 +60,10 @@ class ActivationCapture(Method):
         return [torch.cat(self.x[i]) for i in layers], [torch.cat(self.targets[i]) for i in layers]
 
 
-def collect(model, windows: torch.Tensor, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: MLP inputs (N, d) and top-k targets (N, D) of the dense model on `windows`."""
-    cap = ActivationCapture(k)
+def collect(model, windows: torch.Tensor, k: int, swap: str | None = None) -> tuple[list[torch.Tensor],
+                                                                                   list[torch.Tensor]]:
+    """Per layer: MLP inputs (N, d) and targets (N, D) on `windows` (see ActivationCapture)."""
+    cap = ActivationCapture(k, swap)
     sm = attach(model, cap)
     try:
         with torch.inference_mode():
@@ -83,7 +93,8 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     ev, tr = cfg.eval, cfg.train
     start = time.perf_counter()
     device = pick_device(ev.device)
-    method = build_method("predictor", ev.density, ev.options)  # fail fast on bad input
+    method = build_method(ev.method, ev.density, ev.options)  # fail fast on bad input
+    swap = ev.method.removesuffix("-predicted") if ev.method.endswith("-predicted") else None
     lm = load_model(ev.model)
     lm.model.to(device)
     info = lm.info
@@ -103,8 +114,8 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
         preds.load_state_dict(state["predictors"])
         opt.load_state_dict(state["optimizer"])
     t0 = time.perf_counter()
-    xs, ts = collect(lm.model, data.batch(0, n_windows), k)
-    vx, vt = collect(lm.model, data.val, k)
+    xs, ts = collect(lm.model, data.batch(0, n_windows), k, swap)
+    vx, vt = collect(lm.model, data.val, k, swap)
     n = xs[0].shape[0]
     batch = 128  # tokens per step: many small steps learned far better than few large ones
     bar = tqdm(total=tr.predictor_epochs, initial=state["epoch"], desc="predictors", disable=not progress,
@@ -153,13 +164,17 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     finally:
         sm.detach()
     result = {
-        "model": lm.name, "method": "predictor", "density_requested": ev.density,
+        "model": lm.name, "method": ev.method, "density_requested": ev.density,
         "density_measured": sm.stats.mean("mlp"), "perplexity_after": res.perplexity,
+        "density_with_predictor": sm.stats.mean("mlp") + method.predictor_weights() / (3 * info.n_layers *
+                                                                                       info.d_model * info.d_ff),
         "predictor_rank": tr.predictor_rank, "predictor_weights": method.predictor_weights(),
         "predictor_file_bytes": (out / PREDICTOR_FILE).stat().st_size,
         "predictor_train_tokens": n, "predictor_epochs": state["epoch"],
         "recall_at_k": sum(recall) / len(recall), "recall_at_k_per_layer": recall,
         "threshold_precision_per_layer": [p for p, _ in thr], "threshold_recall_per_layer": [r for _, r in thr],
+        # predicted skipping: of the neurons really active on validation text, the share predicted
+        "recall": sum(r for _, r in thr) / len(thr), "precision": sum(p for p, _ in thr) / len(thr),
         "final_train_loss": state["history"][-1]["loss"] if state["history"] else None,
         "eval_tokens": windows.n_predicted, "train_seconds": state["train_seconds"],
     }
