@@ -10,14 +10,19 @@ from dipstream import __version__
 from dipstream.config import add_dataclass_args, from_namespace
 from dipstream.errors import DipstreamError
 
-_COLUMNS = ("model", "method", "density_requested", "density_measured", "perplexity", "bits_per_byte",
-            "tokens", "seconds")
+_COLUMNS = ("model", "method", "density_requested", "density_measured", "density_with_predictor",
+            "perplexity", "bits_per_byte", "tokens", "seconds")
 
 
 def _print_row(row: dict) -> None:
     for key in _COLUMNS:
         val = row.get(key)
-        print(f"{key:>18}: {val:.4f}" if isinstance(val, float) else f"{key:>18}: {val}")
+        if val is None and key == "density_with_predictor":
+            continue
+        print(f"{key:>22}: {val:.4f}" if isinstance(val, float) else f"{key:>22}: {val}")
+    if "device" in row:
+        print(f"{'loaded':>22}: {row['dtype']} on {row['device']} in {row['load_seconds']:.1f} s, "
+              f"peak memory {row['load_peak_mib']:.0f} MiB")
 
 
 def cmd_eval(ns) -> int:
