@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+from model_args import add_model_args
 
 from dipstream.sparsity import MethodOptions
 
@@ -79,11 +80,7 @@ def random_weights(a) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--random-shape", help="a simulator shape preset, e.g. llama3-8b (random weights)")
-    ap.add_argument("--layers", type=int, help="with --random-shape: fewer layers than the preset")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    add_model_args(ap)
     ap.add_argument("--tokens", type=int, default=8 * 511)
     ap.add_argument("--seq-len", type=int, default=512, help="with --random-shape: window length")
     ap.add_argument("--rounds", type=int, default=2)
