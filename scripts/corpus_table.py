@@ -6,11 +6,11 @@ one `dipstream eval` per cell, each row kept as JSON in --out (resumable), then 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
+
+from run_once import dipstream_json
 
 SETTINGS = [("dense", 1.0), ("dip", 0.9), ("dip", 0.7), ("dip", 0.5)]
 
@@ -28,13 +28,9 @@ def main() -> int:
     for model in a.models.split(","):
         for corpus in a.corpora.split(","):
             for method, d in SETTINGS:
-                f = out / f"{model}-{corpus}-{method}-{d:g}.json"
-                if not f.exists():  # each cell is written atomically by eval --json
-                    cmd = [sys.executable, "-m", "dipstream.cli.main", "eval", "--model", model, "--corpus", corpus,
-                           "--method", method, "--density", str(d), "--tokens", str(a.tokens), "--json", str(f)]
-                    print(" ".join(cmd[2:]), flush=True)
-                    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                rows[model, corpus, method, d] = json.loads(f.read_text())
+                rows[model, corpus, method, d] = dipstream_json(
+                    ["eval", "--model", model, "--corpus", corpus, "--method", method, "--density", str(d),
+                     "--tokens", str(a.tokens)], out / f"{model}-{corpus}-{method}-{d:g}.json")
     print(f"\n{a.tokens} eval-split tokens per cell; {platform.machine()}, float32 on CPU\n")
     print("| model | corpus | dense | DIP d 0.9 | DIP d 0.7 | DIP d 0.5 |")
     print("|---|---|---|---|---|---|")

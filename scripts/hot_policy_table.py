@@ -7,23 +7,15 @@ phone. Each cell is one `dipstream simulate` run kept as JSON in --out (resumabl
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
+
+from run_once import dipstream_json
 
 POLICIES = [("lru", []), ("hot, profile, 50% pinned", ["--policy", "hot", "--hot-fraction", "0.5"]),
             ("hot, profile, 100% pinned", ["--policy", "hot", "--hot-fraction", "1.0"]),
             ("hot-same-trace, 50% (upper bound)", ["--policy", "hot-same-trace", "--hot-fraction", "0.5"]),
             ("hot-same-trace, 100% (upper bound)", ["--policy", "hot-same-trace", "--hot-fraction", "1.0"])]
-
-
-def simulate(args: list[str], out: Path) -> dict:
-    if not out.exists():
-        cmd = [sys.executable, "-m", "dipstream.cli.main", "simulate", *args, "--json", str(out)]
-        print(" ".join(cmd[2:]), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())
 
 
 def main() -> int:
@@ -40,10 +32,10 @@ def main() -> int:
     for d in a.densities.split(","):
         base = ["--model", a.model, "--method", "dip", "--density", d, "--tokens", str(a.tokens), "--dram", a.dram]
         trace = out / f"dip{d}.npz"
-        live = simulate([*base, "--save-trace", str(trace)], out / f"live-{d}.json")
+        live = dipstream_json(["simulate", *base, "--save-trace", str(trace)], out / f"live-{d}.json")
         for name, extra in POLICIES:
             key = name.split(",")[0].replace(" ", "") + "-" + (extra[-1] if extra else "")
-            r = simulate([*base, "--trace", str(trace), *extra], out / f"r-{d}-{key}.json")
+            r = dipstream_json(["simulate", *base, "--trace", str(trace), *extra], out / f"r-{d}-{key}.json")
             lines.append(f"| {d} | {live['perplexity']:.2f} | {name} | {r['hit_rate']:.4f} | {r['tokens_per_s']:.2f} | "
                          f"{r['speedup_vs_dense_streaming']:.3f}x |")
     print(f"\n{a.model}, a18, DRAM {a.dram}, {a.tokens} eval tokens of wiki; profile: DIP at the same density "

@@ -16,9 +16,9 @@ _COLUMNS = ("model", "method", "density_requested", "density_measured", "density
 
 def _print_row(row: dict) -> None:
     for key in _COLUMNS:
-        val = row.get(key)
-        if val is None and key == "density_with_predictor":
+        if key not in row:  # density_with_predictor: only methods that read predictors
             continue
+        val = row[key]
         print(f"{key:>22}: {val:.4f}" if isinstance(val, float) else f"{key:>22}: {val}")
     if "device" in row:
         print(f"{'loaded':>22}: {row['dtype']} on {row['device']} in {row['load_seconds']:.1f} s, "

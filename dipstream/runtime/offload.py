@@ -31,6 +31,7 @@ from dipstream.runtime.offload_file import BundledFile, aligned_bytes
 from dipstream.simulator import Hardware, Hook, MaskTrace, hook_specs, plan_placement
 from dipstream.simulator.caches import CacheSet
 from dipstream.simulator.hardware import KINDS, fmt_bytes, parse_dram
+from dipstream.simulator.policies import OFFLINE_POLICIES
 
 __all__ = ["OffloadRuntime", "offload_capacities", "HookCache", "parse_budget"]
 
@@ -144,7 +145,7 @@ class OffloadRuntime:
         if not getattr(method, "decodes", False):
             raise DipstreamError(f"the offloading runtime runs the methods that decode (dense, dip, dip-ca), "
                                  f"not '{getattr(method, 'name', method)}'")
-        if policy in ("belady", "hot", "hot-same-trace"):
+        if policy in OFFLINE_POLICIES:
             raise DipstreamError(f"policy '{policy}' needs the future or calibration counts; the "
                                  "runtime supports lru, lfu, window and none")
         lay = file.layout

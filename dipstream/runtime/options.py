@@ -11,7 +11,7 @@ from dipstream.engine.run import EngineOptions
 from dipstream.errors import DipstreamError, user_errors
 from dipstream.options import CacheAwareOptions, DipOptions
 from dipstream.simulator.hardware import parse_bytes, parse_dram
-from dipstream.simulator.policies import CacheOptions
+from dipstream.simulator.policies import OFFLINE_POLICIES, CacheOptions
 from dipstream.validation import at_least, finite, input_dir, output_dir, output_file
 
 
@@ -99,7 +99,7 @@ class GenerateConfig:
         self.ca.validate()
         with user_errors():
             self.cache.validate()
-        if self.cache.policy in ("belady", "hot", "hot-same-trace"):
+        if self.cache.policy in OFFLINE_POLICIES:
             raise DipstreamError(f"policy '{self.cache.policy}' needs the future or calibration counts; the "
                                  "runtime supports lru, lfu, window and none")
         if self.offload:

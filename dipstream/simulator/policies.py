@@ -469,6 +469,9 @@ class Belady(CachePolicy):
 
 POLICIES = {c.name: c for c in (NoCache, LRU, LFU, Belady, Window, Hot)}
 POLICY_NAMES = (*POLICIES, "hot-same-trace")  # hot pinned by the replayed trace itself (simulate())
+# policies that need more than the live cache (the future, or unit frequencies): replay only, so
+# neither DIP-CA's closed loop nor the runtime can use them
+OFFLINE_POLICIES = ("belady", "hot", "hot-same-trace")
 
 
 @dataclass

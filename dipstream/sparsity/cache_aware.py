@@ -14,6 +14,7 @@ import torch
 from dipstream.errors import DipstreamError
 from dipstream.selection import ca_select, topk_mask
 from dipstream.simulator.caches import CacheSet
+from dipstream.simulator.policies import OFFLINE_POLICIES
 from dipstream.simulator.trace import HookSpec
 from dipstream.sparsity.base import register, sequence_dims
 from dipstream.sparsity.methods import DIP
@@ -51,7 +52,7 @@ class DIPCA(DIP):
 
     def configure_cache(self, capacity: dict[str, int], policy: str = "lru", **policy_kwargs) -> None:
         """Cache capacity in units per hook name ('layers.i.in' / 'layers.i.out') and the policy."""
-        if policy in ("belady", "hot", "hot-same-trace"):
+        if policy in OFFLINE_POLICIES:
             raise DipstreamError(f"dip-ca steers its masks by the live cache, which policy '{policy}' "
                                  "cannot provide here; use lru, lfu, window or none")
         self.capacity, self.policy, self.policy_kwargs = dict(capacity), policy, policy_kwargs

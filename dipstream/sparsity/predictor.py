@@ -66,32 +66,55 @@ def load_predictors(path: Path, n_layers: int, d_model: int, d_ff: int) -> nn.Mo
     return preds.eval().requires_grad_(False)
 
 
-@register
-class PredictorMethod(Method):
-    """DejaVu-style: per token, the top-k of a trained predictor's logits pick the neurons whose
-    up row, gate row and down column are read; k = density * D."""
+def density_with_predictor(density: float, predictor_weights: int, info) -> float:
+    """A measured MLP density plus the predictor, which is read in full every token: its weights
+    over the MLP's (`info`: a ModelInfo or ModelShape), at one precision."""
+    return density + predictor_weights / info.mlp_weights()
 
-    name = "predictor"
-    summary = "trained low-rank predictor (DejaVu-style): top-k logits -> up/gate rows + down columns"
-    reads = "the predictor; up rows, gate rows and down columns of the top-k predicted neurons"
+
+class TrainedPredictors:
+    """Mixin of the methods that read per-layer predictors trained by `dipstream finetune --method
+    NAME` (`self.predictors`, loaded from an adapter folder), and are charged for them."""
+
     needs_predictors = True
+    predictors: nn.ModuleList | None = None
 
     def load_trained(self, folder, info) -> None:
         path = Path(folder) / PREDICTOR_FILE
         if path.exists():
             self.predictors = load_predictors(path, info.n_layers, info.d_model, info.d_ff)
 
-    def __init__(self, density: float = 1.0, options=None):
-        super().__init__(check_density(density))
-        self.predictors: nn.ModuleList | None = None
-
-    def prepare(self, parts):
+    def check_predictors(self, parts, what: str = "trained predictors") -> None:
+        """One-line errors: no predictors, or predictors of another model."""
         if self.predictors is None:
-            raise DipstreamError("method 'predictor' needs trained predictors: run `dipstream finetune "
-                                 "--method predictor --out DIR`, then pass --adapter DIR")
+            raise DipstreamError(f"method '{self.name}' needs {what}: run `dipstream finetune --method "
+                                 f"{self.name} --out DIR`, then pass --adapter DIR")
         if len(self.predictors) != len(parts):
             raise DipstreamError(f"the predictors cover {len(self.predictors)} layers, the model has "
                                  f"{len(parts)}; they were trained for another model")
+
+    def predictor_weights(self) -> int:
+        return 0 if self.predictors is None else sum(t.numel() for t in self.predictors.parameters())
+
+    def describe(self):
+        return {**super().describe(), "predictor_weights": self.predictor_weights()}
+
+
+@register
+class PredictorMethod(TrainedPredictors, Method):
+    """DejaVu-style: per token, the top-k of a trained predictor's logits pick the neurons whose
+    up row, gate row and down column are read; k = density * D."""
+
+    name = "predictor"
+    summary = "trained low-rank predictor (DejaVu-style): top-k logits -> up/gate rows + down columns"
+    reads = "the predictor; up rows, gate rows and down columns of the top-k predicted neurons"
+
+    def __init__(self, density: float = 1.0, options=None):
+        super().__init__(check_density(density))
+        self.predictors = None
+
+    def prepare(self, parts):
+        self.check_predictors(parts)
         self.k = int(self.density * parts[0].d_ff)
 
     def logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -101,9 +124,3 @@ class PredictorMethod(Method):
         m = topk_mask(self.logits(layer, x), self.k)
         h = p.act(part_linear(p, "gate", x, rows=m)) * part_linear(p, "up", x, rows=m)
         return down_from_h(p, h, m), Selection(up_rows=m, gate_rows=m, down_cols=m)
-
-    def predictor_weights(self) -> int:
-        return 0 if self.predictors is None else sum(t.numel() for t in self.predictors.parameters())
-
-    def describe(self):
-        return {**super().describe(), "predictor_weights": self.predictor_weights()}

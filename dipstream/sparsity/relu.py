@@ -21,6 +21,16 @@ from dipstream.budget import check_density
 from dipstream.selection import topk_mask
 from dipstream.sparsity.base import Method, Selection, down_from_h, register
 from dipstream.sparsity.ops import part_linear
+from dipstream.sparsity.predictor import TrainedPredictors
+
+
+def swapped_h(g: torch.Tensor, u: torch.Tensor, both_factors: bool, among: torch.Tensor | None = None):
+    """h of the swapped activation from the gate and up outputs: g * u where g > 0 (and u > 0 for
+    dReLU), else exactly 0; `among` restricts it to those neurons (the others are 0 too)."""
+    on = (g > 0) & (u > 0) if both_factors else g > 0
+    if among is not None:
+        on &= among
+    return torch.where(on, g * u, g.new_zeros(()))
 
 
 class _ReluSwap(Method):
@@ -37,10 +47,7 @@ class _ReluSwap(Method):
         self.k = int(self.density * parts[0].d_ff)
 
     def mlp(self, layer, p, x, batch_shape):
-        g, u = part_linear(p, "gate", x), part_linear(p, "up", x)
-        on = (g > 0) & (u > 0) if self.both_factors else g > 0
-        zero = g.new_zeros(())
-        h = torch.where(on, g * u, zero)
+        h = swapped_h(part_linear(p, "gate", x), part_linear(p, "up", x), self.both_factors)
         m = h != 0
         if self.k < h.shape[-1]:
             m &= topk_mask(h.abs(), self.k)
@@ -73,38 +80,17 @@ class Relufied(_ReluSwap):
     both_factors = False
 
 
-class _PredictedSkip(_ReluSwap):
+class _PredictedSkip(TrainedPredictors, _ReluSwap):
     """The same activation swap, with the zeros *predicted* (Turbo Sparse / PowerInfer): a trained
     per-layer low-rank predictor says which neurons are active (logit > 0, at most density*D of
     them), and only those neurons' up row, gate row and down column are read. A neuron predicted
     inactive that was in fact active is lost (its contribution is zero). The cost is the predicted
     set plus the predictor itself (`density_with_predictor` in a results row)."""
 
-    needs_predictors = True
-
-    def __init__(self, density: float = 1.0, options=None):
-        super().__init__(density, options)
-        self.predictors = None
-
-    def load_trained(self, folder, info) -> None:
-        from pathlib import Path
-
-        from dipstream.models.adapters import PREDICTOR_FILE
-        from dipstream.sparsity.predictor import load_predictors
-
-        path = Path(folder) / PREDICTOR_FILE
-        if path.exists():
-            self.predictors = load_predictors(path, info.n_layers, info.d_model, info.d_ff)
+    predicts_zeros = True  # its predictors are trained on the swapped activation's non-zeros
 
     def prepare(self, parts):
-        from dipstream.errors import DipstreamError
-
-        if self.predictors is None:
-            raise DipstreamError(f"method '{self.name}' needs trained predictors of its zeros: run `dipstream "
-                                 f"finetune --method {self.name} --out DIR`, then pass --adapter DIR")
-        if len(self.predictors) != len(parts):
-            raise DipstreamError(f"the predictors cover {len(self.predictors)} layers, the model has "
-                                 f"{len(parts)}; they were trained for another model")
+        self.check_predictors(parts, "trained predictors of its zeros")
         super().prepare(parts)
 
     def mlp(self, layer, p, x, batch_shape):
@@ -113,15 +99,11 @@ class _PredictedSkip(_ReluSwap):
         if self.k < read.shape[-1]:
             read &= topk_mask(logits, self.k)
         g, u = part_linear(p, "gate", x, rows=read), part_linear(p, "up", x, rows=read)
-        on = ((g > 0) & (u > 0) if self.both_factors else g > 0) & read
-        h = torch.where(on, g * u, g.new_zeros(()))
+        h = swapped_h(g, u, self.both_factors, read)
         return down_from_h(p, h, read), Selection(up_rows=read, gate_rows=read, down_cols=read)
 
-    def predictor_weights(self) -> int:
-        return 0 if self.predictors is None else sum(t.numel() for t in self.predictors.parameters())
-
     def describe(self):
-        return {**super().describe(), "skipping": "predicted", "predictor_weights": self.predictor_weights()}
+        return {**super().describe(), "skipping": "predicted"}
 
 
 @register

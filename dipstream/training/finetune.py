@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dipstream.devices import pick_device
+from dipstream.devices import available_bytes, pick_device
 from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
 from dipstream.experiments.evaluate import eval_windows, prepare_thresholds
@@ -34,7 +34,7 @@ from dipstream.sparsity import METHODS, attach, build_method
 from dipstream.training.checkpoint import load_checkpoint, save_checkpoint
 from dipstream.training.config import DEFAULT_EVAL_TOKENS, FinetuneConfig
 from dipstream.training.data import load_train_data
-from dipstream.training.memory import available_bytes, check_memory, estimate_step_bytes
+from dipstream.training.memory import check_memory, estimate_step_bytes
 from dipstream.training.predictor_train import train_predictors
 from dipstream.training.run_state import default_out, finish_run, run_key
 from dipstream.validation import at_least, finite, input_file, output_dir

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dipstream.devices import available_bytes  # noqa: F401 - re-exported for training
 from dipstream.devices import check_memory as _check
 from dipstream.models.arch import ModelInfo
 

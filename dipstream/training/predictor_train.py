@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dipstream.devices import pick_device
+from dipstream.devices import available_bytes, pick_device
 from dipstream.evaluation import perplexity
 from dipstream.experiments.evaluate import eval_windows
 from dipstream.io import append_jsonl
@@ -21,22 +21,28 @@ from dipstream.selection import topk_mask
 from dipstream.sparsity import attach, build_method
 from dipstream.sparsity.base import Method, Selection
 from dipstream.sparsity.ops import part_linear
-from dipstream.sparsity.predictor import build_predictors, save_predictors
+from dipstream.sparsity.predictor import (
+    build_predictors,
+    density_with_predictor,
+    save_predictors,
+)
+from dipstream.sparsity.relu import swapped_h
 from dipstream.training.checkpoint import save_checkpoint
 from dipstream.training.config import DEFAULT_EVAL_TOKENS
 from dipstream.training.data import load_train_data
-from dipstream.training.memory import available_bytes, check_memory
+from dipstream.training.memory import check_memory
 from dipstream.training.run_state import finish_run
 
 
 class ActivationCapture(Method):
     """Runs each MLP densely and keeps its inputs x and targets: top-k(|h|) of the model's own
-    activation, or, with `swap` ("drelu" / "relufied"), the exact non-zeros of that swapped
-    activation (which then also feeds the layers above: the model predicted is the swapped one)."""
+    activation, or, with `swap` (the swapped activation's `both_factors`: True for dReLU, False for
+    ReLUfication), the exact non-zeros of that swapped activation (which then also feeds the layers
+    above: the model predicted is the swapped one)."""
 
     name = "capture"
 
-    def __init__(self, k: int, swap: str | None = None):
+    def __init__(self, k: int, swap: bool | None = None):
         super().__init__(1.0)
         self.k, self.swap = k, swap
         self.x: dict[int, list[torch.Tensor]] = {}
@@ -44,9 +50,8 @@ class ActivationCapture(Method):
 
     def mlp(self, layer, p, x, batch_shape):
         g, u = part_linear(p, "gate", x), part_linear(p, "up", x)
-        if self.swap:
-            on = (g > 0) & (u > 0) if self.swap == "drelu" else g > 0
-            h = torch.where(on, g * u, g.new_zeros(()))
+        if self.swap is not None:
+            h = swapped_h(g, u, self.swap)
             target = h != 0
         else:
             h = p.act(g) * u
@@ -60,7 +65,7 @@ class ActivationCapture(Method):
         return [torch.cat(self.x[i]) for i in layers], [torch.cat(self.targets[i]) for i in layers]
 
 
-def collect(model, windows: torch.Tensor, k: int, swap: str | None = None) -> tuple[list[torch.Tensor],
+def collect(model, windows: torch.Tensor, k: int, swap: bool | None = None) -> tuple[list[torch.Tensor],
                                                                                    list[torch.Tensor]]:
     """Per layer: MLP inputs (N, d) and targets (N, D) on `windows` (see ActivationCapture)."""
     cap = ActivationCapture(k, swap)
@@ -94,7 +99,7 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     start = time.perf_counter()
     device = pick_device(ev.device)
     method = build_method(ev.method, ev.density, ev.options)  # fail fast on bad input
-    swap = ev.method.removesuffix("-predicted") if ev.method.endswith("-predicted") else None
+    swap = method.both_factors if getattr(method, "predicts_zeros", False) else None
     lm = load_model(ev.model)
     lm.model.to(device)
     info = lm.info
@@ -166,8 +171,7 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     result = {
         "model": lm.name, "method": ev.method, "density_requested": ev.density,
         "density_measured": sm.stats.mean("mlp"), "perplexity_after": res.perplexity,
-        "density_with_predictor": sm.stats.mean("mlp") + method.predictor_weights() / (3 * info.n_layers *
-                                                                                       info.d_model * info.d_ff),
+        "density_with_predictor": density_with_predictor(sm.stats.mean("mlp"), method.predictor_weights(), info),
         "predictor_rank": tr.predictor_rank, "predictor_weights": method.predictor_weights(),
         "predictor_file_bytes": (out / PREDICTOR_FILE).stat().st_size,
         "predictor_train_tokens": n, "predictor_epochs": state["epoch"],
