@@ -22,7 +22,27 @@ def tiny_config(arch: str):
     if arch == "gemma3":
         return Gemma3TextConfig(**TINY, head_dim=8, hidden_activation="gelu_pytorch_tanh",
                                 sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    return tiny_moe_config(arch)
+
+
+def tiny_moe_config(arch: str, **kw):
+    """Tiny mixture-of-experts configs: 4 routed experts of intermediate size 24, 2 per token;
+    qwen2_moe adds a shared expert of 40."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    moe = dict(num_experts_per_tok=2, hidden_act="silu")
+    if arch == "mixtral":
+        return MixtralConfig(**{**TINY, "intermediate_size": 24}, num_local_experts=4, **moe, **kw)
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(**TINY, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4,
+                              norm_topk_prob=False, **moe, **kw)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(**TINY, moe_intermediate_size=24, num_experts=4, norm_topk_prob=True, head_dim=8,
+                              **moe, **kw)
     raise ValueError(arch)
+
+
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 def shape_of(model):
@@ -49,7 +69,7 @@ def tiny_model(arch: str, seed: int = 0):
     model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # 3D: the fused routed experts of a MoE model
                 p.normal_(0, 0.2)
     for p in model.parameters():
         p.requires_grad_(False)

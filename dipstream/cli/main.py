@@ -11,12 +11,12 @@ from dipstream.config import add_dataclass_args, from_namespace
 from dipstream.errors import DipstreamError
 
 _COLUMNS = ("model", "method", "density_requested", "density_measured", "density_with_predictor",
-            "perplexity", "bits_per_byte", "tokens", "seconds")
+            "density_expert_level", "density_in_experts", "perplexity", "bits_per_byte", "tokens", "seconds")
 
 
 def _print_row(row: dict) -> None:
     for key in _COLUMNS:
-        if key not in row:  # density_with_predictor: only methods that read predictors
+        if key not in row:  # density_with_predictor, the expert levels: only some methods and models
             continue
         val = row[key]
         print(f"{key:>22}: {val:.4f}" if isinstance(val, float) else f"{key:>22}: {val}")

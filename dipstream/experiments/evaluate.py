@@ -17,9 +17,11 @@ from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
 from dipstream.io import write_json_atomic
 from dipstream.models import load_model
+from dipstream.models.loading import is_moe_checkpoint
 from dipstream.models.adapter_folder import apply_adapter, check_files, read_meta
 from dipstream.paths import cache_root, machine
 from dipstream.sparsity import METHODS, MethodOptions, attach, build_method
+from dipstream.sparsity.attach import check_runs_on_experts
 from dipstream.sparsity.calibration import calibrate, load_thresholds, save_thresholds
 from dipstream.sparsity.predictor import density_with_predictor
 from dipstream.validation import (
@@ -175,6 +177,8 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1,
     before evaluation (to add observers or simulated caches). Returns (results row, SparseModel)."""
     cfg.validate()
     method = build_method(cfg.method, cfg.density, cfg.options)  # fail fast on bad input
+    if not method.on_experts and is_moe_checkpoint(cfg.model):
+        check_runs_on_experts(cfg.method)
     lm, adapter = load_with_adapter(cfg, method)
     windows = eval_windows(cfg, lm)
     sm, extra = attach_calibrated(cfg, lm, method)
@@ -203,6 +207,10 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None, batch_size: int = 1,
         "dipstream": __version__,
         "machine": machine(), **adapter, **extra,
     }
+    if "expert" in stats.sums:  # a mixture-of-experts model: the two levels of sparsity
+        row["density_expert_level"] = stats.mean("expert")
+        row["density_in_experts"] = stats.mean("mlp") / stats.mean("expert")
+        row["experts"], row["experts_per_token"] = lm.info.n_experts, lm.info.experts_per_token
     if row.get("predictor_weights"):
         row["density_with_predictor"] = density_with_predictor(row["density_measured"], row["predictor_weights"],
                                                                lm.info)

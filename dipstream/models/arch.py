@@ -56,6 +56,20 @@ class ArchSpec:
     act_attrs: tuple[str, ...] = ("hidden_act",)  # config fields naming the activation, in order
     attn: str = "self_attn"  # attribute of a block holding the attention
     attn_proj: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    moe: "MoeSpec | None" = None  # a mixture-of-experts block in place of the MLP (models/moe.py)
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """Where the parts of a mixture-of-experts block live (transformers 5 layout: routed experts'
+    weights fused into 3D tensors, gate rows first)."""
+
+    router: str = "gate"             # returns (logits, top-k weights, top-k expert indices)
+    experts: str = "experts"
+    gate_up: str = "gate_up_proj"    # (E, 2 D, d)
+    down: str = "down_proj"          # (E, d, D)
+    shared: str | None = None        # an always-on shared expert (a gated MLP), Qwen2-MoE
+    shared_gate: str | None = None   # its sigmoid gate, d -> 1
 
 
 _LLAMA = ArchSpec("model.layers", "mlp", "gate_proj", "up_proj", "down_proj")
@@ -74,6 +88,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma2": _GEMMA,
     "gemma3": _GEMMA,
     "gemma3_text": _GEMMA,
+    "mixtral": ArchSpec("model.layers", "mlp", "gate_proj", "up_proj", "down_proj", moe=MoeSpec()),
+    "qwen3_moe": ArchSpec("model.layers", "mlp", "gate_proj", "up_proj", "down_proj", moe=MoeSpec()),
+    "qwen2_moe": ArchSpec("model.layers", "mlp", "gate_proj", "up_proj", "down_proj",
+                          moe=MoeSpec(shared="shared_expert", shared_gate="shared_expert_gate")),
 }
 
 
@@ -90,7 +108,7 @@ def arch_spec(config) -> ArchSpec:
     return spec
 
 
-def _get(obj, dotted: str):
+def attr_path(obj, dotted: str):
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
@@ -101,7 +119,7 @@ def replace_mlps(model: nn.Module, make) -> list[nn.Module]:
     behind sparse methods and the decode runtimes); returns the originals for `restore_mlps`."""
     spec = arch_spec(model.config)
     originals = []
-    for i, block in enumerate(_get(model, spec.layers)):
+    for i, block in enumerate(attr_path(model, spec.layers)):
         originals.append(getattr(block, spec.mlp))
         setattr(block, spec.mlp, make(i, originals[-1]))
     return originals
@@ -110,7 +128,7 @@ def replace_mlps(model: nn.Module, make) -> list[nn.Module]:
 def restore_mlps(model: nn.Module, originals: list[nn.Module]) -> None:
     """Undo `replace_mlps`."""
     spec = arch_spec(model.config)
-    for block, orig in zip(_get(model, spec.layers), originals):
+    for block, orig in zip(attr_path(model, spec.layers), originals):
         setattr(block, spec.mlp, orig)
 
 
@@ -145,12 +163,23 @@ class GatedMLPParts:
         return self.down_weight.shape[1]
 
 
-def _text_config(config):
+def check_moe_config(config) -> None:
+    """One-line refusal of MoE variants dipstream does not run: some layers with a dense MLP."""
+    cfg = text_config(config)
+    dense_layers = list(getattr(cfg, "mlp_only_layers", None) or [])
+    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
+    if dense_layers or step != 1:
+        raise DipstreamError(
+            f"{config.model_type} with dense-MLP layers (mlp_only_layers={dense_layers}, decoder_sparse_step="
+            f"{step}) is not supported; dipstream runs MoE models whose every layer is a mixture-of-experts block")
+
+
+def text_config(config):
     return getattr(config, "text_config", None) or config
 
 
 def activation_name(config) -> str:
-    cfg = _text_config(config)
+    cfg = text_config(config)
     for attr in arch_spec(config).act_attrs:
         name = getattr(cfg, attr, None)
         if name:
@@ -159,12 +188,16 @@ def activation_name(config) -> str:
 
 
 def mlp_parts(model: nn.Module) -> list[GatedMLPParts]:
-    """The gated MLP of every decoder block of a transformers CausalLM, in layer order."""
+    """The gated MLP of every decoder block of a transformers CausalLM, in layer order (dense-MLP
+    architectures; `models.moe.moe_parts` views mixture-of-experts blocks)."""
     spec = arch_spec(model.config)
+    if spec.moe is not None:
+        raise DipstreamError(f"'{model.config.model_type}' is a mixture-of-experts model, which this command does "
+                             "not run; `dipstream eval`, `simulate` and `sweep` run MoE models")
     act_name = activation_name(model.config)
     act = ACT2FN[act_name]
     parts = []
-    for i, block in enumerate(_get(model, spec.layers)):
+    for i, block in enumerate(attr_path(model, spec.layers)):
         mlp = getattr(block, spec.mlp)
         down = getattr(mlp, spec.down)
         if spec.fused_gate_up:
@@ -203,12 +236,24 @@ class ModelInfo:
 
 
 def describe(model: nn.Module) -> ModelInfo:
-    """Summary of a supported CausalLM: its config's shape, checked against its MLP weights."""
-    parts = mlp_parts(model)
+    """Summary of a supported CausalLM: its config's shape, checked against its MLP weights (for a
+    mixture-of-experts model, one routed expert's and the number of experts)."""
     s = ModelShape.from_hf_config(model.config)
-    if (s.n_layers, s.d_model, s.d_ff) != (len(parts), parts[0].d_model, parts[0].d_ff):
+    spec = arch_spec(model.config)
+    if spec.moe is not None:
+        check_moe_config(model.config)
+        fused = [getattr(getattr(getattr(b, spec.mlp), spec.moe.experts), spec.moe.gate_up)
+                 for b in attr_path(model, spec.layers)]
+        if s.n_experts != fused[0].shape[0]:
+            raise DipstreamError(f"model config says {s.n_experts} experts per layer but its weights hold "
+                                 f"{fused[0].shape[0]}")
+        dims = (len(fused), fused[0].shape[2], fused[0].shape[1] // 2)  # (experts, 2 D, d) each
+    else:
+        parts = mlp_parts(model)
+        dims = (len(parts), parts[0].d_model, parts[0].d_ff)
+    if (s.n_layers, s.d_model, s.d_ff) != dims:
         raise DipstreamError(f"model config says {s.n_layers} layers of {s.d_model} x {s.d_ff} but its MLP "
-                             f"weights are {len(parts)} layers of {parts[0].d_model} x {parts[0].d_ff}")
+                             f"weights are {dims[0]} layers of {dims[1]} x {dims[2]}")
     return ModelInfo(model_type=model.config.model_type, shape=s,
-                     max_positions=getattr(_text_config(model.config), "max_position_embeddings", 2048),
-                     act=parts[0].act_name)
+                     max_positions=getattr(text_config(model.config), "max_position_embeddings", 2048),
+                     act=activation_name(model.config))

@@ -184,6 +184,34 @@ def shape_of(name_or_path: str) -> ModelShape:
     return ModelShape.from_hf_config(AutoConfig.from_pretrained(resolve_checkpoint(name_or_path)[1]))
 
 
+def is_moe_checkpoint(name_or_path: str) -> bool:
+    """Whether a model is a mixture-of-experts one, from its config alone (no weights, no code);
+    the built-in models are not."""
+    if name_or_path in BUILTIN_MODELS:
+        return False
+    from transformers import AutoConfig
+
+    from dipstream.models.moe import is_moe
+
+    path = Path(str(name_or_path)).expanduser()
+    if not (path / "config.json").is_file():
+        return False  # resolve_checkpoint says what is wrong with it
+    try:
+        return is_moe(AutoConfig.from_pretrained(path))
+    except DipstreamError:
+        raise
+    except Exception:  # noqa: BLE001 - a damaged config: load_model gives the error
+        return False
+
+
+def refuse_moe(name_or_path: str, command: str) -> None:
+    """One-line refusal, before anything is loaded, of a mixture-of-experts model in a command
+    that runs dense-MLP models only."""
+    if is_moe_checkpoint(name_or_path):
+        raise DipstreamError(f"`dipstream {command}` does not run mixture-of-experts models yet; evaluate and "
+                             f"simulate {name_or_path} with `dipstream eval` / `simulate` / `sweep`")
+
+
 def resolve_checkpoint(name_or_path: str) -> tuple[str, Path]:
     """Map a built-in name or local directory to (display name, checkpoint directory)."""
     if name_or_path in BUILTIN_MODELS:

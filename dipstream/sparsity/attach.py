@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dipstream.models.arch import GatedMLPParts, mlp_parts, replace_mlps, restore_mlps
-from dipstream.sparsity.base import Method, Selection
+from dipstream.errors import DipstreamError
+from dipstream.models.arch import GatedMLPParts, arch_spec, mlp_parts, replace_mlps, restore_mlps
+from dipstream.models.moe import MoeLayerParts, moe_parts
+from dipstream.sparsity.base import METHODS, Method, Selection
+from dipstream.sparsity.moe import moe_mlp
 
 
 @dataclass
@@ -36,6 +39,9 @@ class DensityStats:
 
     def add(self, layer: int, sel: Selection, n_tokens: int) -> None:
         fr = sel.fractions()
+        for k in fr:  # a MoE block adds "expert": the fraction in the experts its tokens were routed to
+            if k not in self.sums:
+                self.sums[k] = torch.zeros(self.n_layers, dtype=torch.float64)
         counted = sel.counted
         if counted is not None:
             self.uncounted += int((~counted).sum()) if layer == 0 else 0
@@ -60,9 +66,10 @@ class DensityStats:
 
 
 class SparseMLP(nn.Module):
-    """Stands in for one block's MLP: runs `method` on it, or the original when switched to dense."""
+    """Stands in for one block's MLP (or mixture-of-experts block): runs `method` on it (inside
+    each routed expert), or the original when switched to dense."""
 
-    def __init__(self, parts: GatedMLPParts, layer: int, owner: "SparseModel"):
+    def __init__(self, parts: GatedMLPParts | MoeLayerParts, layer: int, owner: "SparseModel"):
         super().__init__()
         self.inner = parts.module
         self.layer = layer
@@ -74,7 +81,11 @@ class SparseMLP(nn.Module):
         if not owner.sparse:
             return self.inner(x)
         flat = x.reshape(-1, x.shape[-1])
-        y, sel = owner.method.mlp(self.layer, self._parts[0], flat, tuple(x.shape[:-1]))
+        p = self._parts[0]
+        if isinstance(p, MoeLayerParts):
+            y, sel = moe_mlp(owner.method, self.layer, p, flat, tuple(x.shape[:-1]))
+        else:
+            y, sel = owner.method.mlp(self.layer, p, flat, tuple(x.shape[:-1]))
         owner.stats.add(self.layer, sel, flat.shape[0])
         for fn in owner.observers:
             fn(self.layer, sel, flat)
@@ -88,12 +99,17 @@ class SparseModel:
     def __init__(self, model: nn.Module, method: Method):
         self.model = model
         self.method = method
-        self.parts = mlp_parts(model)
+        self.blocks = moe_parts(model) if arch_spec(model.config).moe else None
+        if self.blocks is not None:
+            check_runs_on_experts(method.name)
+        # one gated MLP per layer for the method's per-layer set-up (MoE: a routed expert's)
+        self.parts = mlp_parts(model) if self.blocks is None else [b.experts[0] for b in self.blocks]
         self.stats = DensityStats(len(self.parts))
         self.observers: list = []
         self.sparse = True
         method.prepare(self.parts)
-        self._originals = replace_mlps(model, lambda i, _: SparseMLP(self.parts[i], i, self))
+        blocks = self.blocks or self.parts
+        self._originals = replace_mlps(model, lambda i, _: SparseMLP(blocks[i], i, self))
 
     def detach(self) -> nn.Module:
         """Restore the original MLP modules; returns the unmodified model."""
@@ -109,6 +125,16 @@ class SparseModel:
             yield self
         finally:
             self.sparse = prev
+
+
+def check_runs_on_experts(method: str) -> None:
+    """One-line refusal of a method that cannot run inside routed experts (its per-layer state:
+    calibrated thresholds, trained predictors, a simulated cache, prompt statistics)."""
+    cls = METHODS.get(method)
+    if cls is not None and not cls.on_experts:
+        ok = ", ".join(n for n, c in METHODS.items() if c.on_experts)
+        raise DipstreamError(f"method '{method}' does not run on mixture-of-experts models (its per-layer state "
+                             f"does not cover routed experts); use one of {ok}")
 
 
 def attach(model: nn.Module, method: Method) -> SparseModel:

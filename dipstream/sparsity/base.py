@@ -72,6 +72,9 @@ class Method:
     summary = ""
     reads = ""  # which weight rows/columns a token needs, for `dipstream methods`
     needs_calibration = False
+    # whether it runs inside the routed experts of a mixture-of-experts block: its choice for a
+    # token depends on that token and its layer only (no per-layer calibration, cache or prompt state)
+    on_experts = False
 
     def __init__(self, density: float = 1.0):
         self.density = density

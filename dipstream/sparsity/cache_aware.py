@@ -28,6 +28,7 @@ class DIPCA(DIP):
     name = "dip-ca"
     summary = "DIP with cache-aware masking (gamma re-weighting toward DRAM-cached units)"
     reads = "as DIP, with the choice moved toward cached up/gate and down columns"
+    on_experts = False  # one simulated cache per layer hook, not per routed expert
 
     def __init__(self, density=1.0, options=None):
         super().__init__(density, options)

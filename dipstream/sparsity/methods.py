@@ -49,6 +49,7 @@ class Dense(Method):
     name = "dense"
     summary = "no sparsity (the model's own MLP)"
     reads = "all of W_up, W_gate, W_down"
+    on_experts = True
 
     def __init__(self, density: float = 1.0, options: MethodOptions | None = None):
         super().__init__(1.0)
@@ -98,6 +99,7 @@ class DIP(_KeepsMethod):
     name = "dip"
     summary = "Dynamic Input Pruning: top-k |x| -> up/gate columns, top-k |h~| -> down columns"
     reads = "up/gate columns of the top-k_in |x|; down columns of the top-k_out |h~|"
+    on_experts = True
 
     def select_in(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
         """Mask over the d inputs of up/gate (seam for cache-aware selection)."""
@@ -159,6 +161,7 @@ class Calibrated:
     sets its thresholds from the whole calibration batch it sees (upstream layers already sparse)."""
 
     needs_calibration = True
+    on_experts = False  # one threshold per layer, not per routed expert
     threshold_names: tuple[str, ...] = ()
     calibrating = False
 
@@ -233,17 +236,15 @@ class GLU(Method):
     name = "glu"
     summary = "GLU pruning: exact h (dense up+gate), top-k |h| -> down columns"
     reads = "all of W_up and W_gate; down columns of the top-k |h|"
+    on_experts = True
 
     def __init__(self, density=1.0, options=None):
         super().__init__(check_density(density))
         self.keep = _neuron_keep(self.density, 2, self.name)
 
-    def prepare(self, parts):
-        self.k = int(self.keep * parts[0].d_ff)
-
     def mlp(self, layer, p, x, batch_shape):
         h = p.act(part_linear(p, "gate", x)) * part_linear(p, "up", x)
-        m = topk_mask(h.abs(), self.k)
+        m = topk_mask(h.abs(), int(self.keep * p.d_ff))
         return down_from_h(p, h, m), Selection(down_cols=m)
 
 
@@ -254,17 +255,15 @@ class UpPruning(Method):
     name = "up"
     summary = "up pruning: dense up, top-k |up(x)| -> gate rows + down columns"
     reads = "all of W_up; gate rows and down columns of the top-k |W_up x|"
+    on_experts = True
 
     def __init__(self, density=1.0, options=None):
         super().__init__(check_density(density))
         self.keep = _neuron_keep(self.density, 1, self.name)
 
-    def prepare(self, parts):
-        self.k = int(self.keep * parts[0].d_ff)
-
     def mlp(self, layer, p, x, batch_shape):
         u = part_linear(p, "up", x)
-        m = topk_mask(u.abs(), self.k)
+        m = topk_mask(u.abs(), int(self.keep * p.d_ff))
         h = p.act(part_linear(p, "gate", x, rows=m)) * u * m
         return down_from_h(p, h, m), Selection(gate_rows=m, down_cols=m)
 

@@ -77,6 +77,7 @@ class TrainedPredictors:
     NAME` (`self.predictors`, loaded from an adapter folder), and are charged for them."""
 
     needs_predictors = True
+    on_experts = False  # one predictor per layer, not per routed expert
     predictors: nn.ModuleList | None = None
 
     def load_trained(self, folder, info) -> None:

@@ -38,19 +38,21 @@ class _ReluSwap(Method):
 
     both_factors = True
     changes_activation = True  # not the original model even at density 1
+    on_experts = True
 
     def __init__(self, density: float = 1.0, options=None):
         super().__init__(check_density(density))
         self.penalty_terms: list[torch.Tensor] | None = None  # set to [] to collect mean |h| per call
 
-    def prepare(self, parts):
-        self.k = int(self.density * parts[0].d_ff)
+    def cap(self, p) -> int:
+        """At most this many active neurons per token (density * D of this MLP)."""
+        return int(self.density * p.d_ff)
 
     def mlp(self, layer, p, x, batch_shape):
         h = swapped_h(part_linear(p, "gate", x), part_linear(p, "up", x), self.both_factors)
         m = h != 0
-        if self.k < h.shape[-1]:
-            m &= topk_mask(h.abs(), self.k)
+        if self.cap(p) < h.shape[-1]:
+            m &= topk_mask(h.abs(), self.cap(p))
         if self.penalty_terms is not None:
             self.penalty_terms.append(h.abs().mean())
         return down_from_h(p, h, m), Selection(up_rows=m, gate_rows=m, down_cols=m)
@@ -91,13 +93,12 @@ class _PredictedSkip(TrainedPredictors, _ReluSwap):
 
     def prepare(self, parts):
         self.check_predictors(parts, "trained predictors of its zeros")
-        super().prepare(parts)
 
     def mlp(self, layer, p, x, batch_shape):
         logits = self.predictors[layer](x)
         read = logits > 0
-        if self.k < read.shape[-1]:
-            read &= topk_mask(logits, self.k)
+        if self.cap(p) < read.shape[-1]:
+            read &= topk_mask(logits, self.cap(p))
         g, u = part_linear(p, "gate", x, rows=read), part_linear(p, "up", x, rows=read)
         h = swapped_h(g, u, self.both_factors, read)
         return down_from_h(p, h, read), Selection(up_rows=read, gate_rows=read, down_cols=read)

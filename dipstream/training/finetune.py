@@ -24,6 +24,7 @@ from dipstream.evaluation import perplexity
 from dipstream.experiments.evaluate import eval_windows, prepare_thresholds
 from dipstream.io import append_jsonl, clean_temps, folder_lock
 from dipstream.models import load_model
+from dipstream.models.loading import refuse_moe
 from dipstream.models.adapters import (
     LoraSettings,
     add_lora,
@@ -50,6 +51,7 @@ def _validate(cfg: FinetuneConfig) -> None:
     if ev.adapter:
         raise DipstreamError("finetune trains a new adapter; --adapter is for eval and simulate")
     ev.validate()
+    refuse_moe(ev.model, "finetune")
     for name, lo, lo_open in (("lr", 0, True), ("kd_temperature", 0, True), ("grad_clip", 0, False),
                               ("weight_decay", 0, False), ("act_l1", 0, False), ("max_epochs", 0, True)):
         finite(name, getattr(tr, name), lo=lo, lo_open=lo_open)
