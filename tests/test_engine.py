@@ -472,3 +472,41 @@ def test_probe_lean_writes_hardware_the_simulator_replays(tiny_checkpoint, tmp_p
     tr = load_trace(trace)
     res = simulate(tr, hw, tr.shape(), policy="hot-same-trace", fraction=1.0, dram_bytes=1e15, seq_len=16)
     assert res.hit_rate == 1.0 and res.time_per_token_s >= hw.host_s_per_token
+
+
+def test_generate_hot_placement_from_a_train_split_profile(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """`generate --offload --policy hot` profiles DIP on the train split once, pins by it, names the
+    profile in the row and reuses it; bad combinations are one-line errors before any work."""
+    from dipstream.cli.main import main
+    from dipstream.simulator.profile import load_profile, save_profile
+
+    monkeypatch.setenv("DIPSTREAM_CACHE", str(tmp_path / "cache"))
+    base = ["--model", str(tiny_checkpoint), "--offload", str(tmp_path / "off"), "--dram", "150kB"]
+    row = _gen([*base, "--policy", "hot", "--hot-fraction", "1"], tmp_path)
+    assert 0 < row["capacity_in"] < 32 and row["preload_bytes"] > 0  # part of the MLP pinned, read at load
+    prof = row["hot_profile"]
+    assert prof.startswith(str(tmp_path / "cache" / "profiles")) and row["policy"] == "hot"
+    freq, meta = load_profile(prof)
+    assert meta["split"] == "train" and meta["model"] == str(tiny_checkpoint)
+    assert sorted(freq) == sorted(f"layers.{i}.{k}" for i in range(2) for k in ("in", "out"))
+    lru = _gen([*base, "--policy", "lru"], tmp_path)
+    assert row["ids"] == lru["ids"] and 0 < row["hit_rate"] < 1
+    again = _gen([*base, "--policy", "hot", "--hot-fraction", "1", "--hot-profile", prof], tmp_path)
+    assert again["hit_rate"] == row["hit_rate"] and again["hot_profile"] == prof
+    capsys.readouterr()
+
+    def err(args):
+        assert main(["generate", "--no-stream", *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    m = ["--model", str(tiny_checkpoint)]
+    assert "add --offload DIR" in err([*m, "--policy", "hot"])
+    assert "use --method dip" in err([*base, "--method", "dip-ca", "--policy", "hot"])
+    assert "--hot-profile is for --policy hot" in err([*base, "--hot-profile", prof])
+    assert "does not exist" in err([*base, "--policy", "hot", "--hot-profile", str(tmp_path / "none.npz")])
+    assert "hot-same-trace" in err([*base, "--policy", "hot-same-trace"])
+    other = tmp_path / "other.npz"
+    save_profile(other, freq, {**meta, "model": "smollm2-135m"})
+    assert "was made for model smollm2-135m" in err([*base, "--policy", "hot", "--hot-profile", str(other)])

@@ -331,3 +331,38 @@ def test_async_reads_use_at_most_io_threads(tmp_path):
     busy = [t for t, v in after.items() if t != main and v - before.get(t, 0) >= 2]
     assert len(busy) <= 1, busy
     assert torch.equal(buf[:4096], torch.from_numpy(np.fromfile(path, np.uint8, 4096)))
+
+
+def test_hot_placement_pins_the_profiled_units(model, offload_dir):
+    """PowerInfer's placement in the offloading runtime: with hot fraction 1 each cache holds the
+    units of highest profiled count and nothing else (cold units are streamed); the tokens are
+    those of an LRU-cached run (placement never changes the output)."""
+    lay = of.Layout(2, 64, 256)
+    budget = max(lay.d * lay.in_stride, lay.D * lay.out_stride) + int(0.3 * lay.mlp_bytes)
+    rng = np.random.default_rng(0)
+    freq = {f"layers.{i}.{k}": rng.permutation(n).astype(np.int64) for i in range(2) for k, n in (("in", 64), ("out", 256))}
+    parts = mlp_parts(model)
+    f = of.open_offload(offload_dir, model="small")
+    rt = OffloadRuntime(f, parts[0].act_name, build_method("dip", 1.0), [38, 38], [90, 90], budget, shape_of(model),
+                        64, "hot", fraction=1.0, frequency=freq)
+    ids = torch.randint(1, 96, (1, 5), generator=torch.Generator().manual_seed(4))
+    try:
+        out = decode_with_runtime(model, rt, ids, DecodeOptions(max_new_tokens=8, stop_at_eos=False))
+        for kind in ("in", "out"):
+            for layer, c in enumerate(rt.caches[kind]):
+                cap = rt.capacity[f"layers.{layer}.{kind}"]
+                assert 0 < cap < len(c.cached)
+                hot = np.argsort(-freq[f"layers.{layer}.{kind}"], kind="stable")[:cap]
+                assert set(np.flatnonzero(c.cached)) == set(hot.tolist())
+        _check_cache_state(rt, parts)
+    finally:
+        rt.file.close()
+    dense = OffloadRuntime(of.open_offload(offload_dir, model="small"), parts[0].act_name, build_method("dip", 1.0),
+                           [38, 38], [90, 90], budget, shape_of(model), 64, "lru")
+    try:
+        assert out == decode_with_runtime(model, dense, ids, DecodeOptions(max_new_tokens=8, stop_at_eos=False))
+    finally:
+        dense.file.close()
+    with pytest.raises(DipstreamError, match="calibration counts"):
+        OffloadRuntime(of.open_offload(offload_dir, model="small"), parts[0].act_name, build_method("dip", 1.0),
+                       [38, 38], [90, 90], budget, shape_of(model), 64, "hot")

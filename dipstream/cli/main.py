@@ -140,10 +140,38 @@ _GEN_KEYS = ("prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "ml
              "baseline_rss", "static_bytes", "kv_bytes", "cache_bytes", "peak_rss_bytes", "process_disk_read_bytes")
 
 
+def _hot_profile_for(cfg) -> str:
+    """The profile `generate --policy hot` pins by when none is given: DIP at the run's density and
+    keeps over --calib-tokens of the wiki corpus's train split, as `simulate --policy hot` makes it
+    (once; reused from $DIPSTREAM_CACHE/profiles)."""
+    import dataclasses
+
+    from dipstream.experiments import EvalConfig
+    from dipstream.experiments.hot_profile import hot_frequencies
+    from dipstream.experiments.simulate import SimConfig, evaluate_and_record
+    from transformers import AutoConfig
+
+    from dipstream.models.arch import text_config
+    from dipstream.models.loading import resolve_checkpoint, shape_of
+    from dipstream.sparsity import MethodOptions
+
+    context = getattr(text_config(AutoConfig.from_pretrained(resolve_checkpoint(cfg.model)[1])),
+                      "max_position_embeddings", 512)
+    ev = EvalConfig(model=cfg.model, method="dip", density=cfg.density, device="cpu", seq_len=min(512, context),
+                    options=MethodOptions(**dataclasses.asdict(cfg.dip)))
+    print(f"-- profiling DIP on the train split of '{ev.corpus}' for the hot units ({ev.calib_tokens} tokens, once)",
+          file=sys.stderr)
+    return hot_frequencies(ev, SimConfig(), shape_of(cfg.model), evaluate_and_record)[1]["hot_profile"]
+
+
 def cmd_generate(ns) -> int:
     from dipstream.runtime.generate import GenerateConfig, run_generate
 
-    row = run_generate(from_namespace(GenerateConfig, ns))
+    cfg = from_namespace(GenerateConfig, ns)
+    if cfg.cache.policy == "hot" and not cfg.hot_profile:
+        cfg.validate()  # before the profiling run
+        cfg.hot_profile = _hot_profile_for(cfg)
+    row = run_generate(cfg)
     print(f"-- {row['model']} {row['method']} @ {row['density_requested']} "
           f"({row.get('engine', 'hf')} engine, {row['weights']}, {row.get('device', 'cpu')}, {row['threads']} threads"
           + (f", offload {row['offload_dir']}, policy {row['policy']}" if row.get("offload_dir")

@@ -265,6 +265,8 @@ class OffloadMLP:
         self.rec = _Recorder(model.L, record_masks)
         self.counters = MlpCounters()
         self.pos = 0
+        self.preload_bytes = 0
+        self._load_pinned()
 
     def close(self) -> None:
         self._wait()
@@ -273,11 +275,36 @@ class OffloadMLP:
     def new_sequence(self) -> None:
         self._wait()
         self.caches.reset()
-        for name in self.slot:
-            self.slot[name][:] = -1
-            self.free[name] = list(range(self.capacity[name]))
+        for name, slots in self.slot.items():  # units the policy holds from the start (hot) keep their slots
+            slots[~self.caches.cached(name)[0]] = -1
+            used = set(slots[slots >= 0].tolist())
+            self.free[name] = [s for s in range(self.capacity[name]) if s not in used]
+        self._load_pinned()
         self.prev_out = [None] * self.model.L
         self.pos = 0
+
+    def _load_pinned(self) -> None:
+        """Read the units a policy holds before any token (hot: the pinned ones) into their slots,
+        at load time, as PowerInfer preloads its hot neurons; counted in `preload_bytes`, not in
+        the per-token figures."""
+        c = self.counters
+        for name, slots in self.slot.items():
+            _, layer, kind = name.split(".")
+            units = np.flatnonzero(self.caches.cached(name)[0] & (slots < 0))
+            if not units.size:
+                continue
+            before = (c.disk_bytes, c.reads, c.io_wait_s)
+            self._read_now(kind, int(layer), units)
+            self.preload_bytes += c.disk_bytes - before[0]
+            c.disk_bytes, c.reads, c.io_wait_s = before
+            read = self.buf[kind][:self.n[kind] * self.stride[kind]].reshape(self.n[kind], self.stride[kind])
+            free = self.free[name]
+            dest = np.array(free[-units.size:], np.int64)
+            del free[-units.size:]
+            slots[units] = dest
+            self.slab[name][dest] = read[units]
+        for k in KINDS:  # the buffers hold preloaded records now, not a prefetch
+            self.valid[k][:] = False
 
     # ------------------------------------------------------------------ reads
     def read_plan(self, kind: str, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

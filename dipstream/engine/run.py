@@ -203,7 +203,8 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
                         **(policy_kwargs or {}))
     info.update(cache_bytes=int(cache_bytes), mlp_ram_bytes=lm.mlp.ram_bytes, cache_ram_bytes=lm.mlp.cache_ram,
                 direct_io=lm.mlp.direct, capacity_in=lm.mlp.capacity["layers.0.in"],
-                capacity_out=lm.mlp.capacity["layers.0.out"], memory_budget=memory)
+                capacity_out=lm.mlp.capacity["layers.0.out"], memory_budget=memory,
+                preload_bytes=lm.mlp.preload_bytes)
     return lm, info
 
 

@@ -8,15 +8,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from dipstream import __version__
 from dipstream.errors import DipstreamError
 from dipstream.paths import cache_root
+from dipstream.simulator.profile import load_profile, save_profile
 from dipstream.validation import private_dir
 
 
@@ -32,30 +29,6 @@ def profile_path(ev) -> Path:
     """Where the profile of `ev` is kept ($DIPSTREAM_CACHE/profiles)."""
     key = hashlib.sha256(json.dumps(profile_key(ev), sort_keys=True, default=str).encode()).hexdigest()[:16]
     return cache_root() / "profiles" / f"{Path(ev.model).name}-{profile_key(ev)['method']}-{ev.density:g}-{key}.npz"
-
-
-def save_profile(path: Path, freq: dict, meta: dict) -> None:
-    """Write {hook: counts} and its metadata atomically (a killed run leaves no partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, __meta__=np.array(json.dumps(meta)), **{f"hook:{k}": v for k, v in freq.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def load_profile(path: Path) -> tuple[dict, dict]:
-    """({hook: counts}, metadata) of a saved profile (no pickles: plain arrays only)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["__meta__"]))
-            return {k[5:]: z[k] for k in z.files if k.startswith("hook:")}, meta
-    except (OSError, ValueError, KeyError) as exc:
-        raise DipstreamError(f"the hot-policy profile {path} is unreadable ({type(exc).__name__}); "
-                             "delete it to compute it again") from None
 
 
 def hot_frequencies(ev, sim, shape, evaluate_and_record) -> tuple[dict, dict]:

@@ -11,7 +11,6 @@ from pathlib import Path
 from dipstream.engine.modelfile import MANIFEST, arch_of, default_head
 from dipstream.engine.run import default_model_dir
 from dipstream.errors import DipstreamError
-from dipstream.models.loading import refuse_moe
 from dipstream.runtime.options import DECODE_METHODS, DecodeOptions, GenerateConfig
 
 __all__ = ["GenerateConfig", "DecodeOptions", "DECODE_METHODS", "run_generate"]
@@ -51,7 +50,6 @@ def use_lean(cfg: GenerateConfig) -> bool:
 def run_generate(cfg: GenerateConfig, out=None) -> dict:
     """Generate (streaming to ``out``, default stdout, when cfg.stream); returns a results row."""
     cfg.validate()
-    refuse_moe(cfg.model, "generate")
     if use_lean(cfg):
         cfg.validate_lean()
         from dipstream.runtime.lean_generate import run_lean

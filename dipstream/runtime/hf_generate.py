@@ -23,6 +23,7 @@ from dipstream.budget import layer_keeps
 from dipstream.errors import DipstreamError
 from dipstream.io import write_json_atomic
 from dipstream.models import load_model
+from dipstream.models.loading import refuse_moe
 from dipstream.models.adapter_folder import apply_adapter
 from dipstream.models.arch import mlp_parts
 from dipstream.paths import machine
@@ -91,13 +92,13 @@ def _offload_runtime(cfg: GenerateConfig, lm, parts, method, k_in, k_out, seq_le
     try:
         runtime = OffloadRuntime(bf, runtime_activation(parts[0].act_name), method, k_in, k_out,
                                  int(dram - static), shape, seq_len, cfg.cache.policy, record_masks=True,
-                                 min_dram=static, **cfg.cache.policy_kwargs())
+                                 min_dram=static, **cfg.policy_kwargs())
     except BaseException:
         bf.close()
         raise
     row.update(offload_dir=str(cfg.offload), offload_written=written, offload_open_s=time.perf_counter() - t0,
                direct_io=bf.direct, dram_budget_bytes=dram, static_bytes=static, mlp_bytes=lay.mlp_bytes,
-               policy=cfg.cache.policy, io_threads=cfg.io_threads, ram_mlp_bytes=runtime.ram_bytes(),
+               policy=cfg.cache.policy, hot_profile=cfg.hot_profile, io_threads=cfg.io_threads, ram_mlp_bytes=runtime.ram_bytes(),
                cache_bytes=runtime.cache_bytes, read_buffer_bytes=runtime.read_bytes,
                sim_dram_bytes=runtime.sim_dram_bytes, sim_seq_len=runtime.seq_len,
                capacity_in=runtime.capacity["layers.0.in"], capacity_out=runtime.capacity["layers.0.out"])
@@ -117,6 +118,7 @@ def run_hf(cfg: GenerateConfig, out=None) -> dict:
         raise DipstreamError("--adapter with --method dip runs on the CPU (the LoRA terms stay "
                              "there); add --device cpu")
     method = build_method(cfg.method, cfg.density, MethodOptions(**asdict(cfg.dip), **asdict(cfg.ca)))
+    refuse_moe(cfg.model, "generate")  # before loading (the lean engine refuses it by its architecture table)
     lm = load_model(cfg.model)
     row_adapter = apply_adapter(lm, cfg.adapter, method) if cfg.adapter else {}
     model, tok = lm.model, lm.tokenizer

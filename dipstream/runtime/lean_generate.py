@@ -56,7 +56,7 @@ def run_lean(cfg, out=None) -> dict:
     threads = cfg.threads or 1
     d = cfg.decoding
     seq = len(ids) + d.max_new_tokens
-    kw = dict(policy=cfg.cache.policy, policy_kwargs=cfg.cache.policy_kwargs(), up_keep=cfg.dip.up_keep,
+    kw = dict(policy=cfg.cache.policy, policy_kwargs=cfg.policy_kwargs(), up_keep=cfg.dip.up_keep,
               down_keep=cfg.dip.down_keep, keep_file=cfg.dip.keep_file, gamma=cfg.ca.gamma, n0_frac=cfg.ca.n0_frac, warmup=cfg.ca.warmup,
               threads=threads, io_threads=cfg.io_threads, direct=cfg.direct_io, record_masks=bool(cfg.trace),
               read_gap=int(parse_bytes(o.read_gap)), prefetch=o.prefetch,
@@ -79,6 +79,8 @@ def run_lean(cfg, out=None) -> dict:
     load_s = time.perf_counter() - t_load
     row = {"model": cfg.model, "method": cfg.method, "density_requested": cfg.density, "engine": "lean",
            "prompt_tokens": len(ids), "threads": threads, "model_dir": str(directory), "load_s": load_s, **info}
+    if cfg.offload:
+        row.update(policy=cfg.cache.policy, hot_profile=cfg.hot_profile)
     on_token = text_streamer(out, decode, cfg.stream, cfg.prompt)
     rb0 = disk_read_bytes()
     try:

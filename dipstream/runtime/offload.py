@@ -145,9 +145,9 @@ class OffloadRuntime:
         if not getattr(method, "decodes", False):
             raise DipstreamError(f"the offloading runtime runs the methods that decode (dense, dip, dip-ca), "
                                  f"not '{getattr(method, 'name', method)}'")
-        if policy in OFFLINE_POLICIES:
+        if policy in OFFLINE_POLICIES and not (policy == "hot" and policy_kwargs.get("frequency") is not None):
             raise DipstreamError(f"policy '{policy}' needs the future or calibration counts; the "
-                                 "runtime supports lru, lfu, window and none")
+                                 "runtime supports lru, lfu, window, none and hot with a profile's counts")
         lay = file.layout
         self.file, self.lay, self.act, self.method = file, lay, act, method
         self.L, self.d, self.D = lay.n_layers, lay.d, lay.D

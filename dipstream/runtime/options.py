@@ -12,7 +12,7 @@ from dipstream.errors import DipstreamError, user_errors
 from dipstream.options import CacheAwareOptions, DipOptions
 from dipstream.simulator.hardware import parse_bytes, parse_dram
 from dipstream.simulator.policies import OFFLINE_POLICIES, CacheOptions
-from dipstream.validation import at_least, finite, input_dir, output_dir, output_file
+from dipstream.validation import at_least, finite, input_dir, input_file, output_dir, output_file
 
 
 @dataclass
@@ -66,6 +66,11 @@ class GenerateConfig:
                 "attention, embeddings and the KV cache take it first, the rest holds the MLP caches and "
                 "one read buffer"})
     cache: CacheOptions = field(default_factory=CacheOptions)
+    hot_profile: str | None = field(default=None, metadata={
+        "help": "with --offload --policy hot (PowerInfer's placement: the units most read on other text pinned "
+                "in RAM, the rest streamed): the unit counts, a profile .npz of `dipstream simulate --policy "
+                "hot`; without it `dipstream generate` makes one on the corpus's train split",
+        "metavar": "PATH"})
     lean: EngineOptions = field(default_factory=EngineOptions)
     direct_io: bool = field(default=True, metadata={
         "help": "with --offload: read with O_DIRECT (bypass the page cache); --no-direct-io reads "
@@ -99,9 +104,18 @@ class GenerateConfig:
         self.ca.validate()
         with user_errors():
             self.cache.validate()
-        if self.cache.policy in OFFLINE_POLICIES:
-            raise DipstreamError(f"policy '{self.cache.policy}' needs the future or calibration counts; the "
-                                 "runtime supports lru, lfu, window and none")
+        if self.cache.policy == "hot":
+            if not self.offload:
+                raise DipstreamError("policy hot pins units in the RAM of the offloading runtime: add --offload DIR")
+            if self.method != "dip":
+                raise DipstreamError(f"policy hot pins the units DIP reads most often; --method {self.method} "
+                                     "does not run with it (use --method dip)")
+            input_file("hot_profile", self.hot_profile, "unit-frequency profile (.npz)")
+        elif self.cache.policy in OFFLINE_POLICIES:
+            raise DipstreamError(f"policy '{self.cache.policy}' needs the future or the evaluated text's own "
+                                 "counts; the runtime supports lru, lfu, window, none and hot (from a profile)")
+        elif self.hot_profile:
+            raise DipstreamError("--hot-profile is for --policy hot")
         if self.offload:
             try:
                 parse_dram(self.dram, 1.0)
@@ -123,6 +137,19 @@ class GenerateConfig:
                     parse_bytes(value)
             except ValueError as exc:
                 raise DipstreamError(f"{flag}: {exc}") from None
+
+    def policy_kwargs(self) -> dict:
+        """The cache policy's arguments; for hot, the unit counts of --hot-profile."""
+        kw = self.cache.policy_kwargs()
+        if self.cache.policy == "hot":
+            from dipstream.simulator.profile import load_profile
+
+            freq, meta = load_profile(self.hot_profile)
+            if meta.get("model") not in (None, self.model):
+                raise DipstreamError(f"--hot-profile {self.hot_profile} was made for model {meta['model']}, not "
+                                     f"{self.model}; give that model's profile or leave --hot-profile out")
+            kw["frequency"] = freq
+        return kw
 
     def validate_hf(self) -> None:
         """What the Hugging Face engine cannot do."""
