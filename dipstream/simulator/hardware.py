@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 PRESET_DIR = Path(__file__).with_name("presets")
-KINDS = ("mlp", "attention", "kv_cache", "lm_head", "embedding", "predictors", "adapters")
+KINDS = ("mlp", "attention", "kv_cache", "lm_head", "embedding", "predictors", "adapters", "router")
 
 
 def _default_bits() -> dict:

@@ -1,12 +1,20 @@
 """Model shapes and weight footprints (docs/methods.md "The simulator"), counted in weights.
 
 lm_head or embedding: d*V each (once when tied); mlp: d*D*3*L (gated); attention:
-d^2*(2+2g)*L with g = n_kv_heads/n_heads; kv_cache(seq) = seq*d*2*L*g.
-Bytes = weights * bits/8 for the module kind's precision (``Hardware.bits``).
+d^2*(2+2g)*L with g = n_kv_heads/n_heads; kv_cache(seq) = seq*d*2*L*g. With ``head_dim`` = hd
+set (n_heads*hd != d, e.g. Qwen3-MoE): attention d*hd*(2*n_heads + 2*n_kv_heads)*L, kv_cache
+seq*2*n_kv_heads*hd*L.
+
+Mixture of experts (``n_experts`` > 0): ``d_ff`` is one routed expert's intermediate size; mlp
+= 3*d*L*(D*n_experts + shared_d_ff) (every routed expert, plus an always-on shared expert of
+intermediate size ``shared_d_ff``, Qwen2-MoE); router = L*d*(n_experts + 1 if a shared expert,
+its gate). Bytes = weights * bits/8 for the module kind's precision (``Hardware.bits``).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+
+MOE_FIELDS = ("n_experts", "experts_per_token", "shared_d_ff", "head_dim")
 
 
 @dataclass(frozen=True)
@@ -18,16 +26,42 @@ class ModelShape:
     n_heads: int
     n_kv_heads: int
     tied_embeddings: bool = False
+    n_experts: int = 0            # routed experts per layer; 0 = dense MLP
+    experts_per_token: int = 0    # routed experts each token uses (top-k)
+    shared_d_ff: int = 0          # intermediate size of an always-on shared expert; 0 = none
+    head_dim: int = 0             # 0 = d_model // n_heads
 
     def __post_init__(self):
         for f in ("n_layers", "d_model", "d_ff", "vocab", "n_heads", "n_kv_heads"):
             if int(getattr(self, f)) <= 0:
                 raise ValueError(f"ModelShape.{f} must be positive, got {getattr(self, f)}")
+        for f in MOE_FIELDS:
+            if int(getattr(self, f)) < 0:
+                raise ValueError(f"ModelShape.{f} must be >= 0, got {getattr(self, f)}")
+        E, k = int(self.n_experts), int(self.experts_per_token)
+        if E > 0 and not 0 < k <= E:
+            raise ValueError(f"ModelShape.experts_per_token must be in 1..n_experts={E} for a "
+                             f"mixture of experts, got {k}")
+        if E == 0 and (k or self.shared_d_ff):
+            raise ValueError("ModelShape.experts_per_token and shared_d_ff need n_experts > 0; "
+                             "set n_experts or leave them 0 for a dense MLP")
 
     @property
     def g(self) -> float:
         """KV group ratio n_kv_heads / n_heads."""
         return self.n_kv_heads / self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def expert_weights(self) -> int:
+        """Weights of one routed expert (up, gate, down): 3*d*D."""
+        return 3 * self.d_model * self.d_ff
+
+    def router_weights(self) -> int:
+        """Router (and shared-expert gate) weights: L*d*(n_experts + 1 if shared_d_ff); 0 when dense."""
+        return self.n_layers * self.d_model * (self.n_experts + (1 if self.shared_d_ff else 0))
 
     def embedding_weights(self) -> int:
         return self.d_model * self.vocab
@@ -36,21 +70,30 @@ class ModelShape:
         return self.d_model * self.vocab
 
     def mlp_weights(self) -> int:
+        if self.is_moe:
+            return 3 * self.d_model * self.n_layers * (self.d_ff * self.n_experts + self.shared_d_ff)
         return self.d_model * self.d_ff * 3 * self.n_layers
 
     def attention_weights(self) -> float:
+        if self.head_dim:
+            return self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads) * self.n_layers
         return self.d_model ** 2 * (2 + 2 * self.g) * self.n_layers
 
     def kv_cache_weights(self, seq_len: float) -> float:
+        if self.head_dim:
+            return seq_len * 2 * self.n_kv_heads * self.head_dim * self.n_layers
         return seq_len * self.d_model * 2 * self.n_layers * self.g
 
     def weights(self) -> dict:
-        """Weight counts per module kind, no KV cache. Tied embeddings are one matrix, counted
-        once under "lm_head" (it is read in full every token as the output layer)."""
+        """Weight counts per module kind, no KV cache ("router" too for a mixture of experts). Tied
+        embeddings are one matrix, counted once under "lm_head" (read in full every token as the
+        output layer)."""
         out = {"attention": self.attention_weights(), "mlp": self.mlp_weights(),
                "lm_head": self.lm_head_weights()}
         if not self.tied_embeddings:
             out["embedding"] = self.embedding_weights()
+        if self.is_moe:
+            out["router"] = self.router_weights()
         return out
 
     def weight_bytes(self, bits: dict) -> float:
@@ -68,12 +111,29 @@ class ModelShape:
     @classmethod
     def from_hf_config(cls, config) -> "ModelShape":
         """The shape of a Hugging Face model config (a multimodal config's text part), read from
-        its fields only: nothing is loaded."""
+        its fields only: nothing is loaded. Mixture of experts: Mixtral (``num_local_experts``,
+        ``intermediate_size`` = one expert's), Qwen2-MoE / Qwen3-MoE (``num_experts``,
+        ``moe_intermediate_size``, ``shared_expert_intermediate_size``); ``head_dim`` kept when it
+        differs from hidden_size // num_attention_heads."""
         cfg = getattr(config, "text_config", None) or config
         heads = cfg.num_attention_heads
-        return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, heads,
+        hd = int(getattr(cfg, "head_dim", None) or 0)
+        hd = 0 if hd == cfg.hidden_size // heads else hd
+        E = int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
+        moe = {}
+        D = cfg.intermediate_size
+        if E:
+            dense_layers = list(getattr(cfg, "mlp_only_layers", None) or [])
+            step = getattr(cfg, "decoder_sparse_step", None) or 1
+            if dense_layers or step != 1 or (getattr(cfg, "first_k_dense_replace", None) or 0):
+                raise ValueError(f"config mixes dense and MoE layers (mlp_only_layers={dense_layers}, "
+                                 f"decoder_sparse_step={step}); ModelShape describes all-MoE models only")
+            D = getattr(cfg, "moe_intermediate_size", None) or D
+            moe = dict(n_experts=E, experts_per_token=int(getattr(cfg, "num_experts_per_tok", 0) or 0),
+                       shared_d_ff=int(getattr(cfg, "shared_expert_intermediate_size", None) or 0))
+        return cls(cfg.num_hidden_layers, cfg.hidden_size, D, cfg.vocab_size, heads,
                    getattr(cfg, "num_key_value_heads", None) or heads,
-                   bool(getattr(config, "tie_word_embeddings", False)))
+                   bool(getattr(config, "tie_word_embeddings", False)), head_dim=hd, **moe)
 
 
 SHAPES = {
@@ -85,6 +145,19 @@ SHAPES = {
     "gemma3-270m": ModelShape(18, 640, 2048, 262144, 4, 1, tied_embeddings=True),
     "qwen2.5-coder-1.5b": ModelShape(28, 1536, 8960, 151936, 12, 2),
     "qwen2.5-coder-0.5b": ModelShape(24, 896, 4864, 151936, 14, 2),
+    # Mixtral-8x7B (mistralai/Mixtral-8x7B-v0.1 config.json): 32 layers, hidden 4096, expert
+    # intermediate 14336, vocab 32000, 32 heads, 8 KV heads, 8 local experts, 2 per token,
+    # untied: 46.7B weights. TurboSparse-Mixtral-47B swaps the activation (dReLU), not the shape.
+    "mixtral-8x7b": ModelShape(32, 4096, 14336, 32000, 32, 8, n_experts=8, experts_per_token=2),
+    "turbosparse-mixtral-47b": ModelShape(32, 4096, 14336, 32000, 32, 8, n_experts=8, experts_per_token=2),
+    # Qwen3-30B-A3B: 48 layers, hidden 2048, moe_intermediate 768, vocab 151936, 32 heads, 4 KV
+    # heads, head_dim 128, 128 experts, 8 per token, untied: 30.5B weights.
+    "qwen3-30b-a3b": ModelShape(48, 2048, 768, 151936, 32, 4, n_experts=128, experts_per_token=8,
+                                head_dim=128),
+    # Qwen1.5-MoE-A2.7B: 24 layers, hidden 2048, moe_intermediate 1408, shared expert 5632, 60
+    # experts, 4 per token, vocab 151936, 16 heads (no GQA), untied: 14.3B weights.
+    "qwen1.5-moe-a2.7b": ModelShape(24, 2048, 1408, 151936, 16, 16, n_experts=60, experts_per_token=4,
+                                    shared_d_ff=5632),
 }
 
 

@@ -1,9 +1,11 @@
 """Trace-driven DRAM/Flash simulator (reference semantics: docs/methods.md, "The simulator").
 
 Placement: static layers (attention, embedding, lm_head - once if tied -, predictors, LoRA adapters, MLP
-weights no hook covers, KV cache at the full ``seq_len``) take DRAM first; what is left is split
+weights no hook covers, a MoE router, KV cache at the full ``seq_len``) take DRAM first; what is left is split
 uniformly per masked *linear* (``cache_split="linear"``, the reference): a hook whose mask is
-shared by n linears gets n shares (DIP: up/gate hook 2, down hook 1; neuron hooks 2 or 3).
+shared by n linears gets n shares (DIP: up/gate hook 2, down hook 1; neuron hooks 2 or 3; an
+``expert`` hook one per expert linear it covers: n_units * unit_weights / (d * D), so a
+``layers.i.experts`` hook of E whole experts gets 3E).
 Not the reference: ``"hook"`` (one share per hook) and ``"weights"`` (in proportion to each
 hook's weights; the same as ``"linear"`` for gated MLPs). Per hook, capacity =
 floor(share / unit bytes). Static bytes that do not fit (``overflow``) are streamed from Flash
@@ -29,9 +31,15 @@ prompt, the time of the sequence's first token (KV length 1).
 Beyond the reference (``Hardware`` switches, off by default): ``compute_flops`` adds a
 roofline per token: t = max(I/O time of the token, flops / compute_flops), flops = 2 * weights
 used + 4 * kv_len * d * L (prefill: every prompt token, causal attention); Flash read latency
-(per missed unit ``reads_per_unit`` reads: in 2, out 1, neuron 3, dense 1, or 1 when
-``bundle``; with ``coalesce`` one read per run of consecutive missed units of a hook);
-``embedding_lookup``.
+(per missed unit ``reads_per_unit`` reads: in 2, out 1, neuron 3 (2 for a two-matrix unit),
+expert one per matrix (unit_weights / (d * D)), dense 1, or 1 when ``bundle``; with ``coalesce``
+one read per run of consecutive missed units of a hook); ``embedding_lookup``.
+
+Mixture of experts (``ModelShape.n_experts`` > 0; hooks in ``trace``'s docstring): routed experts
+are cached and read through their hooks like any MLP unit; routed experts no hook covers and a
+shared expert without hooks are static (read in full every token). The prefill compute term
+counts every hooked expert for every prompt token (an upper bound; its I/O, every weight read
+once, is exact).
 """
 from __future__ import annotations
 
@@ -77,11 +85,22 @@ def resolve_dram(dram_bytes, hardware: Hardware, shape: ModelShape) -> float:
     return float(parse_dram(spec, shape.weight_bytes(hardware.bits)))
 
 
-def n_linears(hook, shape: ModelShape) -> int:
-    """Linears that share ``hook``'s mask: in 2 (up, gate), out 1 (down), neuron 2 or 3, dense 1."""
+def reads_per_unit(hook, shape: ModelShape) -> int:
+    """Weight vectors (Flash reads) per unit: in 2, out 1, neuron 2 or 3, dense 1, expert one per
+    d*D matrix (3 for a whole expert, 1 for one linear)."""
     if hook.kind == "neuron":
         return max(1, int(hook.unit_weights) // shape.d_model)
+    if hook.kind == "expert":
+        return max(1, int(hook.unit_weights) // (shape.d_model * shape.d_ff))
     return READS_PER_UNIT[hook.kind]
+
+
+def n_linears(hook, shape: ModelShape) -> int:
+    """Linears that share ``hook``'s mask (its cache shares): in 2 (up, gate), out 1 (down), neuron
+    2 or 3, dense 1, expert n_units * unit_weights / (d*D) (every expert linear it covers)."""
+    if hook.kind == "expert":
+        return max(1, int(hook.n_units) * int(hook.unit_weights) // (shape.d_model * shape.d_ff))
+    return reads_per_unit(hook, shape)
 
 
 def split_cache(hooks, shape: ModelShape, cache_bytes: float, unit_bytes, cache_split: str = "linear") -> np.ndarray:
@@ -124,6 +143,7 @@ def plan_placement(shape: ModelShape, hardware: Hardware, hooks, dram_bytes: flo
              "predictors": predictor_weights * b["predictors"],
              "adapters": adapter_weights * b["adapters"],
              "mlp_uncovered": uncovered * b["mlp"],
+             "router": shape.router_weights() * b["router"],
              "kv_cache": shape.kv_cache_weights(seq_len) * b["kv_cache"]}
     static = float(sum(parts.values()))
     dram = float(dram_bytes)
@@ -138,7 +158,7 @@ def plan_placement(shape: ModelShape, hardware: Hardware, hooks, dram_bytes: flo
     ub = uw * b["mlp"]
     nl = np.array([n_linears(h, shape) for h in hooks], np.int64)
     cap = split_cache(hooks, shape, cache, ub, cache_split)
-    rpu = np.ones(len(hooks), np.int64) if hardware.bundle else nl.copy()
+    rpu = np.array([1 if hardware.bundle else reads_per_unit(h, shape) for h in hooks], np.int64)
     return Placement(dram, int(seq_len), parts, static, resident, overflow, cache, ub, uw, nu,
                      cap, rpu, nl, uncovered, float(predictor_weights), float(adapter_weights),
                      np.zeros(len(hooks), np.int64))
@@ -199,7 +219,7 @@ class _Timing:
 
     def __init__(self, shape: ModelShape, hw: Hardware, plan: Placement):
         self.shape, self.hw, self.plan = shape, hw, plan
-        self.static_w = (shape.attention_weights() + shape.lm_head_weights()
+        self.static_w = (shape.attention_weights() + shape.lm_head_weights() + shape.router_weights()
                          + plan.predictor_weights + plan.adapter_weights + plan.uncovered_mlp_weights)
 
     def static_io(self, kv_len: float, prefill: bool = False):
@@ -210,7 +230,7 @@ class _Timing:
         if hw.embedding_lookup and not s.tied_embeddings:
             emb = min(emb, (kv_len if prefill else 1) * s.d_model * hw.bits["embedding"] / 8)
         total = (p["attention"] + p["lm_head"] + emb + p["predictors"] + p["adapters"] + p["mlp_uncovered"]
-                 + s.kv_cache_weights(kv_len) * hw.bits["kv_cache"] / 8)
+                 + p["router"] + s.kv_cache_weights(kv_len) * hw.bits["kv_cache"] / 8)
         flash = self.plan.overflow_bytes
         return max(0.0, total - flash), flash
 
@@ -219,7 +239,12 @@ class _Timing:
         return float(self.hw.comb(d / self.hw.dram_bw, f / self.hw.flash_bw))
 
     def static_flops(self, kv_len):
-        return 2 * self.static_w + 4 * kv_len * self.shape.d_model * self.shape.n_layers
+        return 2 * self.static_w + 4 * kv_len * self.q_dim * self.shape.n_layers
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the attention's queries: n_heads * head_dim (d_model unless head_dim is set)."""
+        return self.shape.n_heads * self.shape.head_dim or self.shape.d_model
 
     def hook_parts(self, sel, hit, runs=None, read=None):
         """(DRAM, Flash) times per token and hook (T, H) for selected / hit unit counts; ``runs``
@@ -258,7 +283,7 @@ class _Timing:
         t = self.static_time(p, prefill=True) + p * self.hw.host_s_per_token
         t += float(np.sum(hw.comb(occ0 * pl.unit_bytes / hw.dram_bw,
                                   (pl.n_units - occ0) * pl.unit_bytes / hw.flash_bw)))
-        L, d = self.shape.n_layers, self.shape.d_model
+        L, d = self.shape.n_layers, self.q_dim
         flops = p * (2 * self.static_w + 2 * float(np.sum(pl.n_units * pl.unit_weights))) \
             + 2 * d * L * p * (p + 1)
         return float(self.roofline(t, flops))
@@ -572,21 +597,32 @@ def dense_streaming_baseline(shape, hardware, dram_bytes=None, seq_len: int = 20
     over the L layers' MLPs, each keeping a fixed set of floor(share / (3*d*bytes)) neurons (up
     row + gate row + down column) resident; the other neurons are read from Flash every token,
     as contiguous matrix reads (3 reads per layer, 1 with ``bundle``, for the latency model).
+    Mixture of experts: every token reads ``experts_per_token`` routed experts of each layer in
+    full (a shared expert is static); the DRAM left is split uniformly over all L*E routed experts,
+    each keeping a fixed set of neurons resident, the rest of a routed expert from Flash (3 reads,
+    1 with ``bundle``). Deterministic: every expert is used with probability k/E, so each hook
+    counts k/E of an expert's units and reads per token (the expected value, no trace needed).
     ``sequences``: [(P, S)] prompt and total length of each sequence (default one sequence of
     ``prompt_len`` and ``seq_len``): the KV cache is charged at (P + S) / 2 per sequence and
     tokens/s averaged over sequences, as in ``simulate``.
     """
     hw, shape = load_hardware(hardware), get_shape(shape)
     L, D, d = shape.n_layers, shape.d_ff, shape.d_model
-    hooks = [HookSpec(f"layers.{i}.neuron", "neuron", D, 3 * d) for i in range(L)]
+    if shape.is_moe:
+        E, use = shape.n_experts, shape.experts_per_token / shape.n_experts
+        hooks = [HookSpec(f"layers.{i}.expert.{e}.neuron", "neuron", D, 3 * d) for i in range(L) for e in range(E)]
+    else:
+        use = 1.0
+        hooks = [HookSpec(f"layers.{i}.neuron", "neuron", D, 3 * d) for i in range(L)]
+    H = len(hooks)
     plan = plan_placement(shape, hw, hooks, resolve_dram(dram_bytes, hw, shape), seq_len)
     r = np.minimum(plan.capacity, D)
-    plan.reads_per_unit = np.zeros(L, np.int64)  # contiguous matrix reads, not per unit
-    plan.fixed_reads = np.full(L, 1 if hw.bundle or hw.coalesce else 3, np.int64)
+    plan.reads_per_unit = np.zeros(H, np.int64)  # contiguous matrix reads, not per unit
+    plan.fixed_reads = np.full(H, (1 if hw.bundle or hw.coalesce else 3) * use)
     tm = _Timing(shape, hw, plan)
     seqs = [(int(prompt_len), int(seq_len))] if sequences is None else [(int(p), int(n)) for p, n in sequences]
     n = len(seqs)
-    sel, hit = np.full((n, L), D), np.broadcast_to(r[None, :], (n, L))
+    sel, hit = np.full((n, H), D * use), np.broadcast_to(r[None, :] * use, (n, H))
     res = _summarize(tm, sel, hit, np.arange(n), [(p + q) / 2 for p, q in seqs], 0.0,
                      names=[h.name for h in hooks], policy="static",
                      meta={"model": "", "method": "dense", "density": 1.0},

@@ -4,7 +4,8 @@ In memory a ``MaskTrace`` holds
 
 * ``metadata``: dict with at least ``model``, ``method``, ``density`` (requested) and the
   ``ModelShape`` fields (``n_layers``, ``d_model``, ``d_ff``, ``vocab``, ``n_heads``,
-  ``n_kv_heads``, ``tied_embeddings``); optional ``predictor_weights`` (weights of
+  ``n_kv_heads``, ``tied_embeddings``, and for MoE ``n_experts``, ``experts_per_token``,
+  ``shared_d_ff``, ``head_dim``); optional ``predictor_weights`` (weights of
   predictors kept in DRAM, e.g. DejaVu) and ``adapter_weights`` (LoRA adapters kept in DRAM).
 * ``hooks``: list of ``Hook(name, kind, n_units, unit_weights, masks)``; ``masks`` is bool
   (T, n_units), True = unit read for that token. Kinds (unit = one mask index):
@@ -16,10 +17,28 @@ In memory a ``MaskTrace`` holds
   out      DIP down hook: a column of W_down               D        d
   neuron   up row + gate row + down column                 D        3*d
            (or two of them, the third read densely: 2*d)
+  expert   MoE: a whole routed expert (``experts`` hook)   E        3*d*D
+           or one linear of expert e read densely          1        d*D
   dense    any (all-True masks), for completeness          any      any
   ======== =============================================== ======== ============
 
-  Names follow ``layers.<i>.<kind>``.
+  Names follow ``layers.<i>.<kind>``. Mixture of experts (``n_experts`` = E > 0, D = one routed
+  expert's d_ff; a hook's n_linears and Flash reads per missed unit are the matrices it covers):
+
+  ================================ ====== =========================================================
+  name                             kind   mask
+  ================================ ====== =========================================================
+  layers.<i>.experts               expert the experts the router picked for the token (a method
+                                          dense inside experts)
+  layers.<i>.expert.<e>.in|out|    in,    the dense hooks inside routed expert e (its d_ff);
+  neuron                           out,   all-False for a token not routed to e
+                                   neuron
+  layers.<i>.expert.<e>.up|gate|   expert (T, 1): that linear of expert e, read densely for the
+  down                                    tokens routed to e
+  layers.<i>.shared.in|out|neuron  in,    the hooks of the always-on shared expert, with
+                                   out,   shared_d_ff for D; a shared expert read densely has no
+                                   neuron hook (static, as any MLP weights no hook covers)
+  ================================ ====== =========================================================
 * ``seq_starts``: int (S,), token index where each sequence starts (first is 0); caches reset
   there. ``prompt_len``: int (S,), leading tokens of each sequence that form the prompt (the
   prefill pass, for TTFT; 0 allowed). All T tokens, prompt included, are in the masks.
@@ -44,9 +63,11 @@ from . import bits
 from .model_shape import ModelShape
 
 FORMAT = "dipstream-mask-trace/1"
-KINDS = ("in", "out", "neuron", "dense")
-READS_PER_UNIT = {"in": 2, "out": 1, "neuron": 3, "dense": 1}  # weight vectors per unit
+KINDS = ("in", "out", "neuron", "expert", "dense")
+# weight vectors per unit; neuron and expert units vary per hook (simulate.reads_per_unit)
+READS_PER_UNIT = {"in": 2, "out": 1, "neuron": 3, "dense": 1}
 SHAPE_FIELDS = ("n_layers", "d_model", "d_ff", "vocab", "n_heads", "n_kv_heads")
+MOE_CHECKED = ("n_experts", "experts_per_token", "shared_d_ff")  # checked when in the metadata
 
 
 @dataclass
@@ -72,19 +93,43 @@ class Hook(HookSpec):
         return HookSpec(self.name, self.kind, self.n_units, self.unit_weights)
 
 
-def expected_unit(kind: str, shape: ModelShape):
-    """(n_units, unit_weights) a hook of ``kind`` must have for ``shape`` (None for dense)."""
-    d, D = shape.d_model, shape.d_ff
+def moe_part(name: str):
+    """("shared", None) for a ``layers.<i>.shared.*`` hook, ("expert", e) for
+    ``layers.<i>.expert.<e>.*``, else (None, None)."""
+    p = str(name).split(".")
+    if len(p) >= 4 and p[0] == "layers" and p[2] == "shared":
+        return "shared", None
+    if len(p) >= 5 and p[0] == "layers" and p[2] == "expert" and p[3].isdigit():
+        return "expert", int(p[3])
+    return None, None
+
+
+def expected_unit(kind: str, shape: ModelShape, name: str = None):
+    """(n_units, unit_weights) a hook of ``kind`` (named ``name``) must have for ``shape``: a shared
+    expert's hooks use shared_d_ff; kind expert: the whole-expert hook (E, 3*d*D); None for dense."""
+    d = shape.d_model
+    D = shape.shared_d_ff if name is not None and moe_part(name)[0] == "shared" else shape.d_ff
+    if kind == "expert":
+        return (shape.n_experts, 3 * d * D)
     return {"in": (d, 2 * D), "out": (D, d), "neuron": (D, 3 * d)}.get(kind)
 
 
 def hook_specs(shape: ModelShape, method: str = "dip") -> list:
-    """Standard hooks: ``dip`` -> layers.i.in + layers.i.out; ``neuron`` -> layers.i.neuron."""
+    """Standard hooks: ``dip`` -> layers.i.in + layers.i.out; ``neuron`` -> layers.i.neuron. For
+    a MoE shape the same hooks inside every routed expert (layers.i.expert.e.*) and the shared
+    expert (layers.i.shared.*), or ``experts`` -> layers.i.experts (whole experts)."""
     kinds = {"dip": ("in", "out"), "neuron": ("neuron",)}.get(method)
+    if method == "experts" and shape.is_moe:
+        return [HookSpec(f"layers.{i}.experts", "expert", *expected_unit("expert", shape))
+                for i in range(shape.n_layers)]
     if kinds is None:
-        raise ValueError(f"method must be 'dip' or 'neuron', got {method!r}")
-    return [HookSpec(f"layers.{i}.{k}", k, *expected_unit(k, shape))
-            for i in range(shape.n_layers) for k in kinds]
+        raise ValueError(f"method must be 'dip' or 'neuron' (or 'experts' for a MoE shape), got {method!r}")
+    if not shape.is_moe:
+        return [HookSpec(f"layers.{i}.{k}", k, *expected_unit(k, shape))
+                for i in range(shape.n_layers) for k in kinds]
+    parts = [f"expert.{e}" for e in range(shape.n_experts)] + (["shared"] if shape.shared_d_ff else [])
+    return [HookSpec(f"layers.{i}.{p}.{k}", k, *expected_unit(k, shape, f"layers.{i}.{p}.{k}"))
+            for i in range(shape.n_layers) for p in parts for k in kinds]
 
 
 @dataclass(eq=False)
@@ -251,18 +296,31 @@ def check_trace_matches(trace: MaskTrace, shape: ModelShape, model: str = None) 
     recorded = trace.metadata.get("model")
     model = f"model {model}" if model else "the given model"
     where = f" (model {recorded})" if recorded else ""
-    for f in SHAPE_FIELDS:
+    for f in SHAPE_FIELDS + MOE_CHECKED:
         if f in trace.metadata and int(trace.metadata[f]) != int(getattr(shape, f)):
             raise ValueError(f"trace was recorded for {f}={trace.metadata[f]}{where} but {model} "
                              f"has {f}={getattr(shape, f)}")
     covered = 0
     for h in trace.hooks:
-        exp = expected_unit(h.kind, shape)
-        if h.kind == "neuron" and (h.n_units, h.unit_weights) == (shape.d_ff, 2 * shape.d_model):
+        part, e = moe_part(h.name)
+        if (part is not None or h.kind == "expert") and not shape.is_moe:
+            raise ValueError(f"trace has mixture-of-experts hooks (hook {h.name}){where} but {model} "
+                             "has n_experts=0 (a dense MLP)")
+        if part == "shared" and not shape.shared_d_ff:
+            raise ValueError(f"trace has shared-expert hooks (hook {h.name}){where} but {model} has "
+                             "shared_d_ff=0 (no shared expert)")
+        if part == "expert" and e >= shape.n_experts:
+            raise ValueError(f"trace was recorded for more experts (hook {h.name}){where} but {model} "
+                             f"has n_experts={shape.n_experts}")
+        if h.kind == "expert":
+            _check_expert_hook(h, shape, where, model)
+        exp = None if h.kind == "expert" else expected_unit(h.kind, shape, h.name)
+        D_f = "shared_d_ff" if part == "shared" else "d_ff"
+        if h.kind == "neuron" and (h.n_units, h.unit_weights) == (getattr(shape, D_f), 2 * shape.d_model):
             exp = None  # neuron unit of two matrices (CATS, up pruning: the third is read densely)
         if exp is not None and (h.n_units, h.unit_weights) != exp:
-            n_f = "d_model" if h.kind == "in" else "d_ff"
-            u_f = "d_ff" if h.kind == "in" else "d_model"
+            n_f = "d_model" if h.kind == "in" else D_f
+            u_f = D_f if h.kind == "in" else "d_model"
             rec = {n_f: h.n_units, u_f: h.unit_weights // {"in": 2, "out": 1, "neuron": 3}[h.kind]}
             bad = n_f if h.n_units != exp[0] else u_f
             raise ValueError(f"trace was recorded for {bad}={rec[bad]}{where} but {model} has "
@@ -278,6 +336,19 @@ def check_trace_matches(trace: MaskTrace, shape: ModelShape, model: str = None) 
                          f"{shape.mlp_weights()}")
 
 
+def _check_expert_hook(h, shape: ModelShape, where: str, model: str) -> None:
+    """An ``expert`` hook: n_units 1 (one expert's linear(s)) or n_experts (whole experts), units of
+    1 to 3 matrices of d_model*d_ff weights."""
+    dD = shape.d_model * shape.d_ff
+    if h.n_units not in (1, shape.n_experts):
+        raise ValueError(f"trace was recorded for n_experts={h.n_units}{where} but {model} has "
+                         f"n_experts={shape.n_experts} (hook {h.name})")
+    if h.unit_weights % dD or not 1 <= h.unit_weights // dD <= 3:
+        k = 3 if h.n_units == shape.n_experts and h.n_units > 1 else 1
+        raise ValueError(f"trace was recorded for d_model*d_ff={h.unit_weights // k}{where} but {model} "
+                         f"has d_model*d_ff={dD} (hook {h.name}: expert units are 1 to 3 such matrices)")
+
+
 def synthetic_trace(shape: ModelShape, method: str = "dip", density: float = 0.5,
                     n_tokens: int = 256, rho: float = 0.9, skew: float = 1.0,
                     seq_len: int = None, prompt_len: int = 0, seed: int = 0,
@@ -288,6 +359,9 @@ def synthetic_trace(shape: ModelShape, method: str = "dip", density: float = 0.5
     correlation ``rho`` between consecutive tokens; each token keeps the top-k units, with k
     from the DIP split of ``density`` (``method="dip"``) or k = density * D (``"neuron"``).
     """
+    if shape.is_moe:
+        raise ValueError("synthetic_trace draws dense-MLP masks; for a mixture-of-experts shape use "
+                         "dipstream.simulator.synthetic_moe.synthetic_moe_trace")
     rng = np.random.default_rng(seed)
     specs = hook_specs(shape, method)
     up, down = dip_split(density) if method == "dip" else (density, density)
