@@ -27,18 +27,18 @@ def tiny_config(arch: str):
 
 def tiny_moe_config(arch: str, **kw):
     """Tiny mixture-of-experts configs: 4 routed experts of intermediate size 24, 2 per token;
-    qwen2_moe adds a shared expert of 40."""
+    qwen2_moe adds a shared expert of 40. `kw` overrides any field."""
     from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
-    moe = dict(num_experts_per_tok=2, hidden_act="silu")
+    base = {**TINY, "num_experts_per_tok": 2, "hidden_act": "silu"}
     if arch == "mixtral":
-        return MixtralConfig(**{**TINY, "intermediate_size": 24}, num_local_experts=4, **moe, **kw)
+        return MixtralConfig(**{**base, "intermediate_size": 24, "num_local_experts": 4, **kw})
     if arch == "qwen2_moe":
-        return Qwen2MoeConfig(**TINY, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4,
-                              norm_topk_prob=False, **moe, **kw)
+        return Qwen2MoeConfig(**{**base, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
+                                 "num_experts": 4, "norm_topk_prob": False, **kw})
     if arch == "qwen3_moe":
-        return Qwen3MoeConfig(**TINY, moe_intermediate_size=24, num_experts=4, norm_topk_prob=True, head_dim=8,
-                              **moe, **kw)
+        return Qwen3MoeConfig(**{**base, "moe_intermediate_size": 24, "num_experts": 4, "norm_topk_prob": True,
+                                 "head_dim": 8, **kw})
     raise ValueError(arch)
 
 
@@ -120,5 +120,21 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     cfg = LlamaConfig(**{**TINY, "vocab_size": 300}, hidden_act="silu")
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    _byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_checkpoint(tmp_path_factory):
+    """A local HF checkpoint folder: tiny Qwen2-MoE (4 experts, 2 per token, a shared expert) with
+    the byte-level tokenizer (vocab 300)."""
+    path = tmp_path_factory.mktemp("tiny-qwen2-moe")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config("qwen2_moe", vocab_size=300))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
     _byte_tokenizer().save_pretrained(path)
     return path

@@ -167,6 +167,33 @@ def test_offloaded_mlp_equals_the_mlp_in_ram(exported, method, fmt, gap):
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+@pytest.mark.parametrize("fmt", ["float32", "int4"])
+def test_hot_placement_equals_the_mlp_in_ram(exported, fmt, fraction):
+    """Pinned units (preloaded at load, never evicted) plus an LRU part give the in-RAM output; the
+    pinned ones are exactly the most frequent of the profile."""
+    _, d = exported["llama", fmt]
+    ks = ([40, 40], [50, 50])
+    ram = LeanModel(d, 16)
+    ram.mlp = RamMLP(ram, MaskChooser("dip", *ks))
+    ref = run_ids(ram)
+    lm = LeanModel(d, 16)
+    rng = np.random.default_rng(1)
+    freq = {f"layers.{i}.{k}": rng.permutation(n) for i in range(lm.L) for k, n in (("in", lm.d), ("out", lm.D))}
+    cache = 20_000 if fmt == "float32" else 4_000  # a part of the MLP either way
+    lm.mlp = OffloadMLP(lm, MaskChooser("dip", *ks), cache, "hot", direct=False, fraction=fraction, frequency=freq)
+    assert lm.mlp.preload_bytes > 0
+    out = run_ids(lm)
+    c = lm.mlp.counters
+    assert c.ram_bytes > 0 and c.disk_bytes > 0
+    for name in lm.mlp.caches.names:
+        cap = lm.mlp.capacity[name]
+        pinned = np.argsort(-freq[name], kind="stable")[:int(fraction * cap)]
+        assert lm.mlp.caches.cached(name)[0][pinned].all()
+    lm.mlp.close()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("fmt", ["float32", "int8", "int4"])
 def test_streamed_head_equals_the_head_in_ram(exported, name, fmt):

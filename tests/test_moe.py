@@ -7,6 +7,7 @@ against hand-worked byte counts.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +186,92 @@ def test_expert_views_share_the_fused_weights():
     assert b.experts[2].gate_weight.data_ptr() == ex.gate_up_proj[2].data_ptr()
     assert b.experts[2].up_weight.data_ptr() == ex.gate_up_proj[2, 24:].data_ptr()
     assert b.experts[2].down_weight.data_ptr() == ex.down_proj[2].data_ptr()
+
+
+# --------------------------------------------------------------------------- traces and the simulator
+
+def _record(arch, method, density, T=16):
+    from dipstream.models.arch import describe
+    from dipstream.sparsity.recording import MaskRecorder
+
+    m = tiny_model(arch, seed=2)
+    shape = describe(m).shape
+    rec, seen = MaskRecorder(shape.d_model, shape.d_ff), _Keep()
+    sm = attach(m, build_method(method, density))
+    sm.observers += [rec, seen]
+    m(_ids(T=T))
+    meta = {"model": arch, "method": method, "density": density, **shape.to_dict()}
+    return rec.trace([0, T], [0, 0], meta), sm, seen, shape
+
+
+def test_expert_hooks_follow_the_routing():
+    """DIP: per routed expert an in and an out hook whose rows are empty for tokens not routed
+    there and hold DIP's k_in / k_out units for those routed; dense: one hook over whole experts
+    whose masks are the router's choices."""
+    trace, sm, seen, shape = _record("mixtral", "dip", 0.5)
+    names = [h.name for h in trace.hooks]
+    assert names[:3] == ["layers.0.expert.0.in", "layers.0.expert.0.out", "layers.0.expert.1.in"]
+    assert len(names) == 2 * 4 * 2
+    routed = seen.sel[1].routed.numpy()  # the last call of each layer (one batch of 2 x 16 tokens)
+    for e in range(4):
+        h_in = trace.hooks[names.index(f"layers.1.expert.{e}.in")]
+        counts = h_in.masks.sum(1)
+        assert (counts[~routed[:, e]] == 0).all()
+        assert (counts[routed[:, e]] == int(0.574 * 32)).all()  # k_in of DIP d 0.5 (up_keep 0.574)
+    dense, _, seen, _ = _record("mixtral", "dense", 1.0)
+    assert [(h.name, h.kind, h.n_units, h.unit_weights) for h in dense.hooks] == \
+        [(f"layers.{i}.experts", "expert", 4, 3 * 32 * 24) for i in range(2)]
+    assert np.array_equal(dense.hooks[1].masks, seen.sel[1].routed.numpy())
+
+
+@pytest.mark.parametrize("arch,method,density", [("mixtral", "dip", 0.5), ("qwen2_moe", "dip", 0.6),
+                                                 ("qwen2_moe", "glu", 0.8), ("mixtral", "dense", 1.0),
+                                                 ("qwen3_moe", "drelu", 1.0), ("qwen2_moe", "up", 0.6)])
+def test_simulated_density_equals_the_measured_one(arch, method, density):
+    """The simulator, reading only the trace's hooks (unhooked MLP weights static: a dense shared
+    expert), counts the same FFN bytes per token as the evaluation's MoeSelection."""
+    from dipstream.simulator import simulate
+
+    trace, sm, _, shape = _record(arch, method, density)
+    res = simulate(trace, "a18", shape, policy="lru", dram_bytes="0.9x")
+    assert res.density_measured == pytest.approx(sm.stats.mean("mlp"), abs=1e-6)
+    assert 0 < res.tokens_per_s
+
+
+# --------------------------------------------------------------------------- the command line
+
+def _err(args, capsys):
+    from dipstream.cli.main import main
+
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_eval_and_simulate_a_moe_checkpoint(tiny_moe_checkpoint, text_file, tmp_path, capsys, monkeypatch):
+    import json
+
+    from dipstream.cli.main import main
+    from dipstream.simulator import load_trace
+
+    monkeypatch.setenv("DIPSTREAM_CACHE", str(tmp_path / "cache"))
+    m = ["--model", str(tiny_moe_checkpoint), "--text", str(text_file), "--seq-len", "32", "--tokens", "124"]
+    assert main(["eval", *m, "--method", "dip", "--density", "0.5", "--json", str(tmp_path / "e.json")]) == 0
+    row = json.loads((tmp_path / "e.json").read_text())
+    assert row["experts"] == 4 and row["experts_per_token"] == 2
+    assert row["density_expert_level"] == pytest.approx((2 * 24 + 40) / (4 * 24 + 40))
+    assert row["density_measured"] == pytest.approx(row["density_expert_level"] * row["density_in_experts"])
+    assert "density_in_experts" in capsys.readouterr().out
+    trace = tmp_path / "t.npz"
+    assert main(["simulate", *m, "--method", "dense", "--dram", "0.9x", "--save-trace", str(trace),
+                 "--json", str(tmp_path / "s.json")]) == 0
+    sim = json.loads((tmp_path / "s.json").read_text())
+    assert [h.kind for h in load_trace(trace).hooks] == ["expert", "expert"]
+    assert 0 < sim["hit_rate"] < 1 and sim["density_simulated"] == pytest.approx(sim["density_measured"])
+    capsys.readouterr()
+    assert "does not run on mixture-of-experts models" in _err(["eval", *m, "--method", "cats"], capsys)
+    assert "does not run mixture-of-experts models yet" in _err(
+        ["generate", "--model", str(tiny_moe_checkpoint), "--engine", "hf", "--no-stream"], capsys)
+    assert "does not run mixture-of-experts models yet" in _err(
+        ["finetune", "--model", str(tiny_moe_checkpoint), "--out", str(tmp_path / "ft")], capsys)

@@ -130,7 +130,8 @@ def cmd_methods(ns) -> int:
     for name, cls in METHODS.items():
         calib = " [calibrated]" if cls.needs_calibration else ""
         trained = " [trained: dipstream finetune]" if getattr(cls, "needs_predictors", False) else ""
-        print(f"{name:<{width}} {cls.summary}{calib}{trained}\n{'':<{width}}   reads: {cls.reads}")
+        moe = " [also inside MoE experts]" if cls.on_experts else ""
+        print(f"{name:<{width}} {cls.summary}{calib}{trained}{moe}\n{'':<{width}}   reads: {cls.reads}")
     return 0
 
 
