@@ -242,9 +242,13 @@ class GLU(Method):
         super().__init__(check_density(density))
         self.keep = _neuron_keep(self.density, 2, self.name)
 
+    def n_kept(self, D: int) -> int:
+        """Neurons kept per token in an MLP of width D (truncated, as the reference)."""
+        return int(self.keep * D)
+
     def mlp(self, layer, p, x, batch_shape):
         h = p.act(part_linear(p, "gate", x)) * part_linear(p, "up", x)
-        m = topk_mask(h.abs(), int(self.keep * p.d_ff))
+        m = topk_mask(h.abs(), self.n_kept(p.d_ff))
         return down_from_h(p, h, m), Selection(down_cols=m)
 
 
@@ -261,9 +265,13 @@ class UpPruning(Method):
         super().__init__(check_density(density))
         self.keep = _neuron_keep(self.density, 1, self.name)
 
+    def n_kept(self, D: int) -> int:
+        """Neurons kept per token in an MLP of width D (truncated, as the reference)."""
+        return int(self.keep * D)
+
     def mlp(self, layer, p, x, batch_shape):
         u = part_linear(p, "up", x)
-        m = topk_mask(u.abs(), int(self.keep * p.d_ff))
+        m = topk_mask(u.abs(), self.n_kept(p.d_ff))
         h = p.act(part_linear(p, "gate", x, rows=m)) * u * m
         return down_from_h(p, h, m), Selection(gate_rows=m, down_cols=m)
 

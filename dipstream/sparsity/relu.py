@@ -44,15 +44,15 @@ class _ReluSwap(Method):
         super().__init__(check_density(density))
         self.penalty_terms: list[torch.Tensor] | None = None  # set to [] to collect mean |h| per call
 
-    def cap(self, p) -> int:
-        """At most this many active neurons per token (density * D of this MLP)."""
-        return int(self.density * p.d_ff)
+    def n_kept(self, D: int) -> int:
+        """At most this many active neurons per token in an MLP of width D (density * D)."""
+        return int(self.density * D)
 
     def mlp(self, layer, p, x, batch_shape):
         h = swapped_h(part_linear(p, "gate", x), part_linear(p, "up", x), self.both_factors)
         m = h != 0
-        if self.cap(p) < h.shape[-1]:
-            m &= topk_mask(h.abs(), self.cap(p))
+        if self.n_kept(p.d_ff) < h.shape[-1]:
+            m &= topk_mask(h.abs(), self.n_kept(p.d_ff))
         if self.penalty_terms is not None:
             self.penalty_terms.append(h.abs().mean())
         return down_from_h(p, h, m), Selection(up_rows=m, gate_rows=m, down_cols=m)
@@ -97,8 +97,8 @@ class _PredictedSkip(TrainedPredictors, _ReluSwap):
     def mlp(self, layer, p, x, batch_shape):
         logits = self.predictors[layer](x)
         read = logits > 0
-        if self.cap(p) < read.shape[-1]:
-            read &= topk_mask(logits, self.cap(p))
+        if self.n_kept(p.d_ff) < read.shape[-1]:
+            read &= topk_mask(logits, self.n_kept(p.d_ff))
         g, u = part_linear(p, "gate", x, rows=read), part_linear(p, "up", x, rows=read)
         h = swapped_h(g, u, self.both_factors, read)
         return down_from_h(p, h, read), Selection(up_rows=read, gate_rows=read, down_cols=read)
