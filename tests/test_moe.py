@@ -15,6 +15,7 @@ from dipstream.errors import DipstreamError
 from dipstream.models.arch import mlp_parts
 from dipstream.models.moe import moe_parts
 from dipstream.sparsity.attach import attach
+from dipstream.sparsity.base import METHODS
 from dipstream.sparsity.methods import build_method
 from tests.conftest import MOE_ARCHS, tiny_model, tiny_moe_config
 
@@ -46,13 +47,21 @@ def test_dense_method_is_the_eager_moe_forward_bit_for_bit(moe_arch):
     assert torch.equal(m(ids).logits, ref)
 
 
-def test_dip_at_density_one_reads_all_of_the_routed_experts(moe_arch):
+@pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items()
+                                        if c.on_experts and not getattr(c, "changes_activation", False)))
+def test_density_one_reads_all_of_the_routed_experts(moe_arch, name):
+    """At density 1 every method inside the experts gives the dense output (the fused gate/up of
+    the experts computed as two products: rounding only, as for Phi-3) and reads all of each
+    routed expert."""
     m = _eager(moe_arch)
     ids = _ids()
     ref = m(ids).logits
-    sm = attach(m, build_method("dip", 1.0))
+    sm = attach(m, build_method(name, 1.0))
     out = m(ids).logits
-    assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+    if name == "dense":
+        assert torch.equal(out, ref)
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # inside the routed experts nothing is skipped: FFN bytes read = those of the routed experts
     assert sm.stats.mean("mlp") == pytest.approx(sm.stats.mean("expert"), abs=1e-12)
 
