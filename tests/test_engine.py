@@ -493,6 +493,7 @@ def test_probe_lean_writes_hardware_the_simulator_replays(tiny_checkpoint, tmp_p
     hw = load_hardware(out)
     assert hw.bits["mlp"] == 4.0 and hw.bits["attention"] == 5.0 and hw.bits["kv_cache"] == 32.0
     assert hw.dram_bw > 0 and hw.host_s_per_token >= 0 and hw.coalesce and hw.overlap and hw.read_gap_bytes == 32000
+    assert hw.dram_bw_static["lm_head"] == hw.dram_bw_static["embedding"] > 0  # the head's own rate
     trace = tmp_path / "t.npz"
     assert main(["generate", "--model", str(hfdir), "--model-dir", str(_export), "--weights", "int4", "--trace",
                  str(trace), "--no-stream", "--max-new-tokens", "4", "--prompt", "abc"]) == 0

@@ -1,12 +1,15 @@
 """Measure this machine for the lean engine and describe it as simulator hardware, so that
 `dipstream simulate` predicts the engine's tokens/s (`dipstream probe --lean-model DIR`).
 
-* ``dram_bw`` and ``host_s_per_token``: a token of the engine in RAM takes host + bytes / rate,
-  where bytes are the records it multiplies (on a CPU the kernels' rate, not the RAM's
-  bandwidth, bounds a token) and host the time outside the products (interpreter, norms,
-  attention over the KV cache, top-k): fitted to two in-RAM decodes of the model that multiply
-  different bytes (dense, and DIP at density 0.5). The products' rate on isolated matrices (the
-  first layer's MLP and the head) is measured too and used when the two decodes do not separate.
+* ``dram_bw``, ``dram_bw_static`` and ``host_s_per_token``: a token of the engine in RAM takes
+  host + bytes / rate + head bytes / head rate, where bytes are the records it multiplies (on a
+  CPU the kernels' rate, not the RAM's bandwidth, bounds a token) and host the time outside the
+  products (interpreter, norms, attention over the KV cache, top-k). The head's rate (its format,
+  often 8-bit, runs at its own speed) is measured on the head alone and given to the simulator as
+  the rate of the `lm_head` / `embedding` bytes; the rate of the rest and the host time are
+  fitted to two in-RAM decodes of the model that multiply different bytes (dense, and DIP at
+  density 0.5). The MLP's product rate on isolated matrices (the first layer's) is used when the
+  two decodes do not separate.
 * Flash: reads of the model file with the engine's reader (direct I/O, ``io_threads`` in
   flight) **while a second thread runs those kernels**, as during decoding: long reads of a
   whole hook (``flash_bw``) and reads of single records at one and at ``io_threads`` in flight
@@ -36,28 +39,32 @@ from dipstream.kernels import native
 from dipstream.simulator.hardware import KINDS, Hardware, fit_flash
 
 
-def _product_rate(model: LeanModel, repeats: int, threads: int) -> float:
-    """Bytes of records per second of the dense product over layer 0's MLP and the head."""
+def _product_rates(model: LeanModel, repeats: int, threads: int) -> dict:
+    """Bytes of records per second of the dense product: over layer 0's MLP (the MLP's format,
+    also the attention's) and over the head (its own format, often 8-bit beside 4-bit), and both
+    together (`all`)."""
     infos = model.manifest["tensor_info"]
-    mats = []
-    for name in ("layers.0.mlp_in", "layers.0.mlp_out"):
-        info = infos[name]
-        mats.append(load_matrix(model.fd, info))
-    mats.append(model.w["head"])
-    total_b, total_t = 0, 0.0
+    groups = {"mlp": [load_matrix(model.fd, infos[n]) for n in ("layers.0.mlp_in", "layers.0.mlp_out")],
+              "head": [model.w["head"]]}
     rng = np.random.default_rng(0)
-    for q in mats:
-        v = rng.standard_normal(q.rows).astype(np.float32)
-        idx, coef, out = np.empty(q.rows, np.int64), np.empty(q.rows, np.float32), np.empty(q.m, np.float32)
-        q.select(v, q.rows, idx, coef, out, threads)  # warm-up
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            q.select(v, q.rows, idx, coef, out, threads)
-            ts.append(time.perf_counter() - t)
-        total_b += q.nbytes
-        total_t += statistics.median(ts)
-    return total_b / total_t
+    sums = {}
+    for key, mats in groups.items():
+        total_b, total_t = 0, 0.0
+        for q in mats:
+            v = rng.standard_normal(q.rows).astype(np.float32)
+            idx, coef, out = np.empty(q.rows, np.int64), np.empty(q.rows, np.float32), np.empty(q.m, np.float32)
+            q.select(v, q.rows, idx, coef, out, threads)  # warm-up
+            ts = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                q.select(v, q.rows, idx, coef, out, threads)
+                ts.append(time.perf_counter() - t)
+            total_b += q.nbytes
+            total_t += statistics.median(ts)
+        sums[key] = (total_b, total_t)
+    out = {k: b / t for k, (b, t) in sums.items()}
+    out["all"] = sum(b for b, _ in sums.values()) / sum(t for _, t in sums.values())
+    return out
 
 
 class _Busy:
@@ -159,19 +166,24 @@ def _decode(model: LeanModel, method: str, tokens: int) -> tuple[float, float]:
     return statistics.median(ts[2:]), weights - mlp + c.selected_bytes / max(c.tokens, 1)
 
 
-def _fit_decode(model: LeanModel, rate: float, tokens: int) -> dict:
+def _fit_decode(model: LeanModel, rates: dict, tokens: int) -> dict:
     """The products' rate and the host time from two in-RAM decodes reading different bytes
-    (dense and DIP at density 0.5): t = host + bytes / rate. Falls back to the measured product
-    rate when the two do not separate (a noisy machine)."""
+    (dense and DIP at density 0.5): t = host + (bytes - head) / rate + head / head rate, the head's
+    rate measured on its own (its format's speed differs; a model with a bigger head would
+    otherwise carry this one's error in its host time). Falls back to the measured product rate
+    when the two decodes do not separate (a noisy machine)."""
     t_dense, b_dense = _decode(model, "dense", tokens)
     t_dip, b_dip = _decode(model, "dip", tokens)
+    head = model.manifest["tensor_info"]["head"].nbytes
+    t_head = head / rates["head"]
     fit_rate = (b_dense - b_dip) / (t_dense - t_dip) if t_dense > t_dip else None
-    if fit_rate is None or t_dense - b_dense / fit_rate < 0:
-        fit_rate, how = rate, "product rate"
+    if fit_rate is None or t_dense - t_head - (b_dense - head) / fit_rate < 0:
+        fit_rate, how = rates["mlp"], "product rate"
     else:
         how = "two decodes"
     return {"dense_step_s": t_dense, "dip_step_s": t_dip, "dense_bytes": b_dense, "dip_bytes": b_dip,
-            "rate": fit_rate, "host_s_per_token": max(t_dense - b_dense / fit_rate, 0.0), "fit": how}
+            "rate": fit_rate, "head_rate": rates["head"],
+            "host_s_per_token": max(t_dense - t_head - (b_dense - head) / fit_rate, 0.0), "fit": how}
 
 
 def bits_of(manifest: dict) -> dict:
@@ -197,22 +209,23 @@ def probe_lean(model_dir: str | Path, threads: int = 1, io_threads: int = 8, rea
     model = LeanModel(Path(model_dir), tokens + 2, threads)
     try:
         log("probe: the engine's products on RAM-resident records...")
-        rate = _product_rate(model, repeats, threads)
+        rates = _product_rates(model, repeats, threads)
         log("probe: reads of the model file while the CPU computes...")
         with _Busy(model, threads):
             disk = _disk(model, io_threads, reads, rounds=2)
         log("probe: per-token time outside the products (dense and DIP decodes in RAM)...")
-        dec = _fit_decode(model, rate, tokens)
+        dec = _fit_decode(model, rates, tokens)
         man = read_manifest(model_dir)
     finally:
         model.close()
     fit = fit_flash(disk, io_threads)
     hw = Hardware(name="probe-lean", dram_bw=dec["rate"], flash_bw=fit["flash_bw"], overlap=True, bits=bits_of(man),
+                  dram_bw_static={"lm_head": dec["head_rate"], "embedding": dec["head_rate"]},
                   flash_read_latency_s=fit["flash_read_latency_s"], flash_queue_depth=fit["flash_queue_depth"],
                   bundle=True, coalesce=True, read_gap_bytes=float(read_gap), host_s_per_token=dec["host_s_per_token"],
                   stream_static_overflow=True)
     d = hw.to_dict()
     d.pop("dram_bytes", None)
     assert set(d["bits"]) == set(KINDS)
-    return {"product_rate": rate, "disk": disk, "fit": fit, "decode": dec, "host_s_per_token": dec["host_s_per_token"],
+    return {"product_rate": rates["all"], "product_rates": rates, "disk": disk, "fit": fit, "decode": dec, "host_s_per_token": dec["host_s_per_token"],
             "threads": threads, "model_dir": str(model_dir), "weights": man["mlp_fmt"], "hardware": d}

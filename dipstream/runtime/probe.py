@@ -324,7 +324,8 @@ def _run_probe_lean(cfg: ProbeConfig, log) -> dict:
     lines = [f"# measured by `dipstream probe --lean-model {cfg.lean_model}` on {out['host']} ({out['cpu']}, "
              f"{out['cpus']} cpus, {cfg.threads} compute threads) at {out['date']}; load average "
              f"{', '.join(f'{v:.2f}' for v in load or [])}",
-             f"# the engine's {out['weights']} products on isolated matrices: {out['product_rate'] / 1e9:.2f} GB/s "
+             f"# the engine's products on isolated matrices: {out['weights']} MLP "
+             f"{out['product_rates']['mlp'] / 1e9:.2f} GB/s, head {out['product_rates']['head'] / 1e9:.2f} GB/s "
              f"of records; decodes in RAM: dense {out['decode']['dense_step_s'] * 1e3:.1f} ms/token "
              f"({out['decode']['dense_bytes'] / 1e6:.1f} MB), DIP 0.5 {out['decode']['dip_step_s'] * 1e3:.1f} ms "
              f"({out['decode']['dip_bytes'] / 1e6:.1f} MB) -> dram_bw {out['decode']['rate'] / 1e9:.2f} GB/s, "

@@ -69,6 +69,10 @@ class Hardware:
         "help": "(beyond the reference) a hook's Flash reads overlap the compute before it, not only its "
                 "own (dipstream's lean engine reads the next hook ahead): a token takes max(its Flash "
                 "time, its DRAM, static and host time) instead of the per-hook sum"})
+    dram_bw_static: dict = field(default_factory=dict, metadata={
+        "help": "(beyond the reference) per module kind, the rate its static bytes are read at from "
+                "DRAM, overriding dram_bw for that kind (a CPU runtime's product rate per weight format, "
+                "e.g. an 8-bit head beside 4-bit layers; measured by `dipstream probe --lean-model`)"})
     embedding_lookup: bool = field(default=False, metadata={
         "help": "(beyond the reference) per token read one row of an untied embedding table "
                 "instead of the whole table"})
@@ -82,6 +86,11 @@ class Hardware:
             if not float(b) > 0:
                 raise ValueError(f"bits[{k!r}] must be positive, got {b}")
         self.dram_bw = parse_bandwidth(self.dram_bw, "dram_bw")
+        self.dram_bw_static = dict(self.dram_bw_static or {})
+        bad = set(self.dram_bw_static) - set(KINDS)
+        if bad:
+            raise ValueError(f"unknown module kind(s) in dram_bw_static: {sorted(bad)}; known: {KINDS}")
+        self.dram_bw_static = {k: parse_bandwidth(v, f"dram_bw_static[{k!r}]") for k, v in self.dram_bw_static.items()}
         self.flash_bw = parse_bandwidth(self.flash_bw, "flash_bw")
         if self.dram_bytes is not None:
             self.dram_bytes = parse_bytes(self.dram_bytes)

@@ -222,21 +222,36 @@ class _Timing:
         self.static_w = (shape.attention_weights() + shape.lm_head_weights() + shape.router_weights()
                          + plan.predictor_weights + plan.adapter_weights + plan.uncovered_mlp_weights)
 
-    def static_io(self, kv_len: float, prefill: bool = False):
-        """(DRAM bytes, Flash bytes) of the static layers for one token at KV length kv_len
-        (prefill: for the whole prompt of kv_len tokens)."""
+    def static_bytes(self, kv_len: float, prefill: bool = False) -> dict:
+        """Bytes of each static part read for one token at KV length kv_len (prefill: for the
+        whole prompt of kv_len tokens), by module kind."""
         p, s, hw = self.plan.static_parts, self.shape, self.hw
         emb = p["embedding"]
         if hw.embedding_lookup and not s.tied_embeddings:
             emb = min(emb, (kv_len if prefill else 1) * s.d_model * hw.bits["embedding"] / 8)
-        total = (p["attention"] + p["lm_head"] + emb + p["predictors"] + p["adapters"] + p["mlp_uncovered"]
-                 + p["router"] + s.kv_cache_weights(kv_len) * hw.bits["kv_cache"] / 8)
+        return {"attention": p["attention"], "lm_head": p["lm_head"], "embedding": emb, "predictors": p["predictors"],
+                "adapters": p["adapters"], "mlp": p["mlp_uncovered"], "router": p["router"],
+                "kv_cache": s.kv_cache_weights(kv_len) * hw.bits["kv_cache"] / 8}
+
+    def static_io(self, kv_len: float, prefill: bool = False):
+        """(DRAM bytes, Flash bytes) of the static layers for one token at KV length kv_len
+        (prefill: for the whole prompt of kv_len tokens)."""
+        total = sum(self.static_bytes(kv_len, prefill).values())
         flash = self.plan.overflow_bytes
         return max(0.0, total - flash), flash
 
     def static_time(self, kv_len, prefill=False):
+        """Time of the static reads; with ``dram_bw_static`` each kind's DRAM bytes at its own rate
+        (the DRAM share of every kind in proportion when some static bytes overflow to Flash)."""
         d, f = self.static_io(kv_len, prefill)
-        return float(self.hw.comb(d / self.hw.dram_bw, f / self.hw.flash_bw))
+        rates = self.hw.dram_bw_static
+        if not rates:
+            t_dram = d / self.hw.dram_bw
+        else:
+            parts = self.static_bytes(kv_len, prefill)
+            total = sum(parts.values())
+            t_dram = (d / total if total else 0.0) * sum(b / rates.get(k, self.hw.dram_bw) for k, b in parts.items())
+        return float(self.hw.comb(t_dram, f / self.hw.flash_bw))
 
     def static_flops(self, kv_len):
         return 2 * self.static_w + 4 * kv_len * self.q_dim * self.shape.n_layers

@@ -69,6 +69,17 @@ def test_timing_serial():
     assert r.capacity_units == [1, 3]
 
 
+def test_static_rates_per_kind():
+    """dram_bw_static: the head's 6 B at 20 B/s instead of 100: static 0.32 s -> 0.26 + 0.3 = 0.56 s
+    (attention 16, embedding 6, KV 4 at 100 B/s; lm_head 6 at 20 B/s); the MLP's hooks unchanged."""
+    r = simulate(tiny_trace(), hw(dram_bw_static={"lm_head": 20}), SHAPE, "lru", dram_bytes=56)
+    assert r.t_static_s == pytest.approx(0.26 + 0.3)
+    assert r.t_mlp_s == pytest.approx(0.75)
+    assert r.tokens_per_s == pytest.approx(1 / (0.56 + 0.75))
+    with pytest.raises(ValueError, match="unknown module kind"):
+        hw(dram_bw_static={"head": 20})
+
+
 def test_adapters_and_predictors_are_static_dram_weights():
     # 4 adapter + 2 predictor weights (8 bits): static 36 + 6 = 42; DRAM 62 leaves the same 20
     tr = tiny_trace()
