@@ -280,3 +280,34 @@ def test_predictors_of_the_zeros_train_and_evaluate(tiny_checkpoint, text_file, 
     oracle = run_eval(EvalConfig(model=str(tiny_checkpoint), method=name.removesuffix("-predicted"), density=1.0,
                                  text=str(text_file), seq_len=SEQ, tokens=4 * (SEQ - 1)))
     assert "density_with_predictor" not in oracle
+
+
+def test_predictors_train_on_a_lora_tuned_swap(tiny_checkpoint, text_file, tmp_path):
+    """`finetune --method relufied-predicted --adapter LORA`: the predictors learn the zeros of the
+    adapted model; the folder holds the LoRA files beside them and `eval --adapter` applies both
+    (the same perplexity as at the end of training, and not the untuned model's)."""
+    lora = tmp_path / "lora"
+    run_finetune(_cfg(tiny_checkpoint, text_file, lora, method="relufied", density=1.0))
+    cfg = _cfg(tiny_checkpoint, text_file, tmp_path / "pred", method="relufied-predicted", density=1.0,
+               predictor_tokens=20 * (SEQ - 1), predictor_epochs=3, predictor_rank=8)
+    cfg.eval.adapter = str(lora)
+    row = run_finetune(cfg)
+    assert row["base_adapter"] == str(lora) and row["adapter_weights"] > 0
+    folder = tmp_path / "pred"
+    assert {"adapter_model.safetensors", "adapter_config.json", "predictor.safetensors"} <= \
+        {p.name for p in folder.iterdir()}
+    ev = run_eval(EvalConfig(model=str(tiny_checkpoint), method="relufied-predicted", density=1.0, text=str(text_file),
+                             seq_len=SEQ, tokens=4 * (SEQ - 1), adapter=str(folder)))
+    assert ev["perplexity"] == row["perplexity_after"] and ev["adapter_weights"] == row["adapter_weights"]
+    plain = run_finetune(_cfg(tiny_checkpoint, text_file, tmp_path / "plain", method="relufied-predicted",
+                              density=1.0, predictor_tokens=20 * (SEQ - 1), predictor_epochs=3, predictor_rank=8))
+    assert plain["perplexity_after"] != row["perplexity_after"]
+    with pytest.raises(DipstreamError, match="--adapter is for eval and simulate"):
+        bad = _cfg(tiny_checkpoint, text_file, tmp_path / "x", method="dip")
+        bad.eval.adapter = str(lora)
+        run_finetune(bad)
+    with pytest.raises(DipstreamError, match="holds no LoRA adapters"):
+        cfg2 = _cfg(tiny_checkpoint, text_file, tmp_path / "y", method="relufied-predicted", density=1.0,
+                    predictor_tokens=20 * (SEQ - 1), predictor_epochs=1, predictor_rank=8)
+        cfg2.eval.adapter = str(tmp_path / "plain")  # predictors only
+        run_finetune(cfg2)

@@ -48,8 +48,9 @@ def _validate(cfg: FinetuneConfig) -> None:
     ev, tr = cfg.eval, cfg.train
     if ev.method in NOTHING_TO_TRAIN:
         raise DipstreamError(NOTHING_TO_TRAIN[ev.method])
-    if ev.adapter:
-        raise DipstreamError("finetune trains a new adapter; --adapter is for eval and simulate")
+    if ev.adapter and not _trains_predictors(cfg):
+        raise DipstreamError("finetune trains a new adapter; --adapter is for eval and simulate (and, with a "
+                             "method that reads predictors, the LoRA adapters to train them on)")
     ev.validate()
     refuse_moe(ev.model, "finetune")
     for name, lo, lo_open in (("lr", 0, True), ("kd_temperature", 0, True), ("grad_clip", 0, False),
@@ -298,5 +299,7 @@ def _trains_predictors(cfg: FinetuneConfig) -> bool:
 
 def _weight_files(cfg: FinetuneConfig) -> list[str]:
     """The files a finished run of `cfg` leaves in its folder besides its description."""
-    return ["predictor.safetensors"] if _trains_predictors(cfg) else \
-        ["adapter_config.json", "adapter_model.safetensors"]
+    lora = ["adapter_config.json", "adapter_model.safetensors"]
+    if _trains_predictors(cfg):  # with --adapter, its LoRA files are copied beside the predictors
+        return ["predictor.safetensors"] + (lora if cfg.eval.adapter else [])
+    return lora

@@ -4,6 +4,7 @@ and precision on validation text, then evaluate the `predictor` method."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -12,11 +13,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dipstream.devices import available_bytes, pick_device
+from dipstream.errors import DipstreamError
 from dipstream.evaluation import perplexity
 from dipstream.experiments.evaluate import eval_windows
-from dipstream.io import append_jsonl
+from dipstream.io import append_jsonl, atomic_path
 from dipstream.models import load_model
-from dipstream.models.adapters import PREDICTOR_FILE
+from dipstream.models.adapter_folder import check_files, check_model, read_meta
+from dipstream.models.adapters import (
+    LORA_FILES,
+    PREDICTOR_FILE,
+    count_lora_weights,
+    load_lora,
+)
 from dipstream.selection import topk_mask
 from dipstream.sparsity import attach, build_method
 from dipstream.sparsity.base import Method, Selection
@@ -93,6 +101,22 @@ def threshold_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float
     return tp / max(1.0, float(pred.sum())), tp / max(1.0, float(targets.sum()))
 
 
+def _load_base_adapter(lm, folder) -> dict:
+    """Inject the LoRA adapters of a finetune folder (e.g. a tuned dReLU / ReLUfication swap) so
+    that the predictors learn the adapted model's zeros; {} without one."""
+    if not folder:
+        return {}
+    folder = Path(folder).expanduser()
+    meta = read_meta(folder)
+    check_model(meta, lm.info, folder)
+    if not check_files(folder, meta):
+        raise DipstreamError(f"--adapter '{folder}' holds no LoRA adapters to train the predictors on; give the "
+                             "--out folder of a LoRA finetune (e.g. --method relufied)")
+    load_lora(lm.model, folder)
+    return {"base_adapter": str(folder), "base_adapter_method": meta.get("method"),
+            "adapter_weights": count_lora_weights(lm.model)}
+
+
 def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bool, on_step) -> dict:
 
     ev, tr = cfg.eval, cfg.train
@@ -101,6 +125,7 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     method = build_method(ev.method, ev.density, ev.options)  # fail fast on bad input
     swap = method.both_factors if getattr(method, "predicts_zeros", False) else None
     lm = load_model(ev.model)
+    base = _load_base_adapter(lm, ev.adapter)
     lm.model.to(device)
     info = lm.info
     k = int(ev.density * info.d_ff)
@@ -157,6 +182,9 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
     thr = [threshold_scores(lg, t) for lg, t in zip(vlog, vt)]
     out.mkdir(parents=True, exist_ok=True)
     save_predictors(preds, out / PREDICTOR_FILE)
+    for f in LORA_FILES if base else ():  # the folder applies the adapters and the predictors together
+        with atomic_path(out / f) as tmp:
+            shutil.copyfile(Path(ev.adapter).expanduser() / f, tmp)
     del xs, ts, vx, vt
 
     # evaluate the predictor method with these predictors
@@ -181,6 +209,7 @@ def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bo
         "recall": sum(r for _, r in thr) / len(thr), "precision": sum(p for p, _ in thr) / len(thr),
         "final_train_loss": state["history"][-1]["loss"] if state["history"] else None,
         "eval_tokens": windows.n_predicted, "train_seconds": state["train_seconds"],
+        **base,
     }
     state.pop("predictors", None)
     state.pop("optimizer", None)

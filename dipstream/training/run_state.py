@@ -26,7 +26,7 @@ def run_key(cfg: FinetuneConfig) -> dict:
     train = {k: v for k, v in dataclasses.asdict(tr).items() if k not in ("out", "restart")}
     return {"dipstream": __version__, "model": ev.model, "method": ev.method, "density": ev.density,
             "options": dataclasses.asdict(ev.options), "corpus": ev.corpus, "seq_len": ev.seq_len,
-            "calib_tokens": ev.calib_tokens, "train": train}
+            "calib_tokens": ev.calib_tokens, "train": train, "base_adapter": ev.adapter}
 
 
 def finish_run(cfg: FinetuneConfig, out: Path, state: dict, lm, result: dict, start: float) -> dict:
