@@ -501,8 +501,12 @@ static inline uint32_t abs_key(float v)
 }
 
 /* The k entries of largest |v|, ties broken by lower index (= a stable descending sort),
- * written to out in ascending index order.  Radix select, 8 bits per pass.  Returns the count
- * written (min(max(k,0),n)) or -1 when out of memory. */
+ * written to out in ascending index order.  Radix select on the order-preserving keys: an
+ * 11-bit first level (the exponent and 3 mantissa bits, scanned down from the largest key's
+ * bin), then two 10-bit levels over the entries that share the threshold's prefix; keys live on
+ * the stack up to 4096 entries (a decode step's vectors), so most calls allocate nothing.
+ * Returns the count written (min(max(k,0),n)) or -1 when out of memory. */
+#define TOPK_STACK 4096
 DS_API int64_t ds_topk_abs(const float* v, int64_t n, int64_t k, int64_t* out)
 {
     if (k <= 0 || n <= 0) return 0;
@@ -510,36 +514,49 @@ DS_API int64_t ds_topk_abs(const float* v, int64_t n, int64_t k, int64_t* out)
         for (int64_t i = 0; i < n; ++i) out[i] = i;
         return n;
     }
-    uint32_t* cand = (uint32_t*)malloc((size_t)n * sizeof(uint32_t));
-    if (!cand) return -1;
-    for (int64_t i = 0; i < n; ++i) cand[i] = abs_key(v[i]);
-    int64_t nc = n, rem = k;
-    uint32_t thr = 0;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        int64_t hist[256];
-        memset(hist, 0, sizeof(hist));
-        for (int64_t i = 0; i < nc; ++i) hist[(cand[i] >> shift) & 255u]++;
-        int b;
-        int64_t cum = 0;
-        for (b = 255; b > 0; --b) {
-            if (cum + hist[b] >= rem) break;
-            cum += hist[b];
-        }
-        rem -= cum;
-        thr |= (uint32_t)b << shift;
-        int64_t m = 0;
-        for (int64_t i = 0; i < nc; ++i)
-            if (((cand[i] >> shift) & 255u) == (uint32_t)b) cand[m++] = cand[i];
-        nc = m;
+    uint32_t sbuf[TOPK_STACK];
+    uint32_t* key = n <= TOPK_STACK ? sbuf : (uint32_t*)malloc((size_t)n * sizeof(uint32_t));
+    if (!key) return -1;
+    uint32_t h1[2048];
+    memset(h1, 0, sizeof(h1));
+    uint32_t kmax = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t u = abs_key(v[i]);
+        key[i] = u;
+        h1[u >> 20]++;
+        kmax = u > kmax ? u : kmax;
     }
-    free(cand);
+    int64_t cum = 0, rem = k;
+    int b = (int)(kmax >> 20);
+    for (; b > 0; --b) {
+        if (cum + h1[b] >= rem) break;
+        cum += h1[b];
+    }
+    rem -= cum;
+    uint32_t thr = (uint32_t)b << 20;
+    for (int shift = 10; shift >= 0; shift -= 10) {  /* the threshold's lower 20 bits, 10 at a time */
+        const uint32_t prefix = ~((1u << (shift + 10)) - 1u);
+        uint32_t h2[1024];
+        memset(h2, 0, sizeof(h2));
+        for (int64_t i = 0; i < n; ++i)
+            if ((key[i] & prefix) == thr) h2[(key[i] >> shift) & 1023u]++;
+        int c = 1023;
+        int64_t cum2 = 0;
+        for (; c > 0; --c) {
+            if (cum2 + h2[c] >= rem) break;
+            cum2 += h2[c];
+        }
+        rem -= cum2;
+        thr |= (uint32_t)c << shift;
+    }
     /* rem (>= 1) entries equal to thr are taken, lowest indices first. */
     int64_t m = 0;
     for (int64_t i = 0; i < n; ++i) {
-        uint32_t key = abs_key(v[i]);
-        if (key > thr) out[m++] = i;
-        else if (key == thr && rem > 0) { out[m++] = i; --rem; }
+        const uint32_t u = key[i];
+        if (u > thr) out[m++] = i;
+        else if (u == thr && rem > 0) { out[m++] = i; --rem; }
     }
+    if (key != sbuf) free(key);
     return m;
 }
 
