@@ -284,3 +284,16 @@ def test_eval_and_simulate_a_moe_checkpoint(tiny_moe_checkpoint, text_file, tmp_
         ["generate", "--model", str(tiny_moe_checkpoint), "--engine", "hf", "--no-stream"], capsys)
     assert "does not run mixture-of-experts models yet" in _err(
         ["finetune", "--model", str(tiny_moe_checkpoint), "--out", str(tmp_path / "ft")], capsys)
+
+
+def test_moe_with_dense_layers_is_refused_before_loading(tmp_path, text_file, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import _byte_tokenizer
+
+    AutoModelForCausalLM.from_config(tiny_moe_config("qwen2_moe", vocab_size=300, mlp_only_layers=[0])) \
+        .save_pretrained(tmp_path / "mixed")
+    _byte_tokenizer().save_pretrained(tmp_path / "mixed")
+    m = ["--model", str(tmp_path / "mixed"), "--text", str(text_file), "--seq-len", "32", "--tokens", "62"]
+    for cmd in ("eval", "simulate"):
+        assert "with dense-MLP layers (mlp_only_layers=[0]" in _err([cmd, *m], capsys)

@@ -163,6 +163,15 @@ class GatedMLPParts:
         return self.down_weight.shape[1]
 
 
+def check_supported(config) -> ArchSpec:
+    """The ArchSpec of a config, or a one-line error: an architecture without a supported gated
+    MLP, or a mixture-of-experts variant dipstream does not run."""
+    spec = arch_spec(config)
+    if spec.moe is not None:
+        check_moe_config(config)
+    return spec
+
+
 def check_moe_config(config) -> None:
     """One-line refusal of MoE variants dipstream does not run: some layers with a dense MLP."""
     cfg = text_config(config)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from dipstream.errors import DipstreamError
-from dipstream.models.arch import ModelInfo, arch_spec, describe
+from dipstream.models.arch import ModelInfo, check_supported, describe
 from dipstream.models.chunked import QWEN25_CODER_05B, QWEN25_CODER_15B
 from dipstream.paths import cache_root
 from dipstream.simulator.model_shape import SHAPES, ModelShape
@@ -181,7 +181,9 @@ def shape_of(name_or_path: str) -> ModelShape:
 
     if name_or_path in SHAPES:
         return SHAPES[name_or_path]
-    return ModelShape.from_hf_config(AutoConfig.from_pretrained(resolve_checkpoint(name_or_path)[1]))
+    config = AutoConfig.from_pretrained(resolve_checkpoint(name_or_path)[1])
+    check_supported(config)
+    return ModelShape.from_hf_config(config)
 
 
 def is_moe_checkpoint(name_or_path: str) -> bool:
@@ -244,7 +246,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
 
     def load(ckpt):
         config = AutoConfig.from_pretrained(ckpt)
-        arch_spec(config)  # refuse non-gated architectures before loading any weights
+        check_supported(config)  # refuse non-gated architectures and unsupported MoE variants before any weight
         need = model_bytes(ModelShape.from_hf_config(config), dtype_name)
         check_memory(need, available_bytes(dev), f"loading {name} in {dtype_name} on {dev}",
                      "use a smaller --dtype (bfloat16 halves float32), another --device or a smaller model")
