@@ -113,9 +113,11 @@ def test_dense_run_is_the_streaming_baseline(tiny_checkpoint, text_file):
 @pytest.mark.parametrize("method,density,kind,unit", [("cats", 0.6, "neuron", 2), ("up", 0.6, "neuron", 2),
                                                        ("glu", 0.8, "out", 1), ("griffin", 0.5, "neuron", 3),
                                                        ("teal", 0.5, "in", None)])
-def test_every_method_records_a_trace(tiny_checkpoint, text_file, tmp_path, method, density, kind, unit):
+def test_every_method_records_a_trace(tiny_checkpoint, text_file, tmp_path, method, density, kind, unit,
+                                      monkeypatch):
     from dipstream.simulator import load_trace
 
+    monkeypatch.setenv("DIPSTREAM_CACHE", str(tmp_path / "cache"))  # policy hot's profiles: not the user's cache
     trace = tmp_path / "t.npz"
     ev = EvalConfig(model=str(tiny_checkpoint), method=method, density=density, text=str(text_file),
                     seq_len=32, tokens=62, calib_tokens=62)
