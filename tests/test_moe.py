@@ -53,10 +53,16 @@ def test_density_one_reads_all_of_the_routed_experts(moe_arch, name):
     """At density 1 every method inside the experts gives the dense output (the fused gate/up of
     the experts computed as two products: rounding only, as for Phi-3) and reads all of each
     routed expert."""
+    from dipstream.models.arch import describe
+    from dipstream.simulator.trace import hook_specs
+
     m = _eager(moe_arch)
     ids = _ids()
     ref = m(ids).logits
+    specs = hook_specs(describe(m).shape, "dip")
     sm = attach(m, build_method(name, 1.0))
+    if name == "dip-ca":  # caches of half of each hook's units
+        sm.method.configure_cache({h.name: h.n_units // 2 for h in specs})
     out = m(ids).logits
     if name == "dense":
         assert torch.equal(out, ref)
@@ -169,7 +175,7 @@ def test_poisoning_a_read_expert_does_change_the_output():
     assert not torch.isfinite(m(ids).logits).all()
 
 
-@pytest.mark.parametrize("method", ["cats", "teal", "griffin", "dip-ca", "predictor", "drelu-predicted"])
+@pytest.mark.parametrize("method", ["cats", "teal", "griffin", "predictor", "drelu-predicted"])
 def test_methods_with_per_layer_state_are_refused_in_one_line(method):
     m = tiny_model("mixtral")
     with pytest.raises(DipstreamError, match=f"method '{method}' does not run on mixture-of-experts"):
@@ -297,3 +303,54 @@ def test_moe_with_dense_layers_is_refused_before_loading(tmp_path, text_file, ca
     m = ["--model", str(tmp_path / "mixed"), "--text", str(text_file), "--seq-len", "32", "--tokens", "62"]
     for cmd in ("eval", "simulate"):
         assert "with dense-MLP layers (mlp_only_layers=[0]" in _err([cmd, *m], capsys)
+
+
+# --------------------------------------------------------------------------- DIP-CA inside experts
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "window"])
+def test_dip_ca_caches_per_expert_are_those_of_the_replay(policy):
+    """DIP-CA keeps one simulated cache per hook of every routed expert and of the shared expert.
+    Its live caches, stepped at every position (with an empty mask where the token went to other
+    experts), end exactly where the recorded trace replayed through the same caches ends."""
+    from dipstream.models.arch import describe
+    from dipstream.simulator.caches import CacheSet
+    from dipstream.simulator.trace import hook_specs
+    from dipstream.sparsity.methods import MethodOptions
+    from dipstream.sparsity.recording import MaskRecorder
+
+    m = tiny_model("qwen2_moe", seed=4)
+    shape = describe(m).shape
+    specs = hook_specs(shape, "dip")
+    caps = {h.name: h.n_units // 3 for h in specs}
+    sm = attach(m, build_method("dip-ca", 0.5, MethodOptions(gamma=0.1)))
+    sm.method.configure_cache(caps, policy)
+    rec = MaskRecorder(shape.d_model, shape.d_ff)
+    sm.observers.append(rec)
+    B, T = 2, 16
+    m(_ids(seed=7, T=T))
+    trace = rec.trace([0, T], [0, 0], {"model": "x", "method": "dip-ca", "density": 0.5, **shape.to_dict()})
+    assert sorted(h.name for h in trace.hooks) == sorted(caps)
+    replay = CacheSet(specs, [caps[h.name] for h in specs], policy, n_streams=B, grouping="hook")
+    for h in trace.hooks:
+        masks = h.masks.reshape(B, T, -1)
+        for t in range(T):
+            replay.step(h.name, masks[:, t])
+        assert np.array_equal(replay.cached(h.name), sm.method._caches.cached(h.name)), h.name
+    # the expert hooks do have positions where the token went elsewhere (the empty steps are exercised)
+    assert all((~h.masks.any(1)).any() for h in trace.hooks if ".expert." in h.name)
+
+
+def test_dip_ca_inside_experts_at_gamma_one_is_dip_and_steers_to_cached_units(tiny_moe_checkpoint, text_file):
+    from dipstream.experiments import EvalConfig
+    from dipstream.experiments.simulate import SimConfig, SimulateConfig, run_simulate
+    from dipstream.sparsity.methods import MethodOptions
+
+    def sim(method, gamma):
+        ev = EvalConfig(model=str(tiny_moe_checkpoint), method=method, density=0.5, text=str(text_file), seq_len=32,
+                        tokens=248, options=MethodOptions(gamma=gamma))
+        return run_simulate(SimulateConfig(ev, SimConfig(dram="0.9x")))
+
+    dip, same, ca = sim("dip", 1.0), sim("dip-ca", 1.0), sim("dip-ca", 0.05)
+    assert same["perplexity"] == dip["perplexity"] and same["hit_rate"] == dip["hit_rate"]
+    assert ca["density_measured"] == pytest.approx(dip["density_measured"], abs=1e-9)
+    assert ca["hit_rate"] > dip["hit_rate"] and ca["tokens_per_s"] > dip["tokens_per_s"]

@@ -108,6 +108,8 @@ class SparseModel:
         self.observers: list = []
         self.sparse = True
         method.prepare(self.parts)
+        if self.blocks is not None:
+            method.prepare_experts(self.blocks)
         blocks = self.blocks or self.parts
         self._originals = replace_mlps(model, lambda i, _: SparseMLP(blocks[i], i, self))
 

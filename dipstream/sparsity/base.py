@@ -82,6 +82,14 @@ class Method:
     def prepare(self, parts: list[GatedMLPParts]) -> None:
         """Called once when attached, with every block's MLP parts (layer order)."""
 
+    # set by a mixture-of-experts block around each expert's call (None otherwise): (the expert's
+    # hook prefix, e.g. "layers.3.expert.5", indices of its tokens in the batch, (B, T)); for
+    # methods that keep state per hook (DIP-CA's caches)
+    in_expert: tuple | None = None
+
+    def prepare_experts(self, blocks) -> None:
+        """Called after `prepare` on a mixture-of-experts model, with every layer's MoeLayerParts."""
+
     def mlp(self, layer: int, p: GatedMLPParts, x: torch.Tensor, batch_shape: tuple[int, ...]
             ) -> tuple[torch.Tensor, Selection]:
         """MLP output for tokens x (N, d) of layer `layer`; batch_shape is x's leading shape (B, T)."""

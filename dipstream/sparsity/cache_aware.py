@@ -20,6 +20,11 @@ from dipstream.sparsity.base import register, sequence_dims
 from dipstream.sparsity.methods import DIP
 
 
+def _dip_hooks(prefix: str, p) -> list[HookSpec]:
+    """DIP's two hooks of one gated MLP (its up/gate input columns, its down input columns)."""
+    return [HookSpec(f"{prefix}.in", "in", p.d_model, 2 * p.d_ff), HookSpec(f"{prefix}.out", "out", p.d_ff, p.d_model)]
+
+
 @register
 class DIPCA(DIP):
     """DIP with cache-aware masking: scores of uncached units (outside the protected top-n0) are
@@ -28,7 +33,7 @@ class DIPCA(DIP):
     name = "dip-ca"
     summary = "DIP with cache-aware masking (gamma re-weighting toward DRAM-cached units)"
     reads = "as DIP, with the choice moved toward cached up/gate and down columns"
-    on_experts = False  # one simulated cache per layer hook, not per routed expert
+    on_experts = True  # inside a MoE block: caches per routed expert (and the shared expert)
 
     def __init__(self, density=1.0, options=None):
         super().__init__(density, options)
@@ -47,9 +52,15 @@ class DIPCA(DIP):
 
     def prepare(self, parts):
         super().prepare(parts)
-        self.hooks = [h for i, p in enumerate(parts)
-                      for h in (HookSpec(f"layers.{i}.in", "in", p.d_model, 2 * p.d_ff),
-                                HookSpec(f"layers.{i}.out", "out", p.d_ff, p.d_model))]
+        self.hooks = [h for i, p in enumerate(parts) for h in _dip_hooks(f"layers.{i}", p)]
+
+    def prepare_experts(self, blocks):
+        """A cache per hook of every routed expert (layers.i.expert.e.in / out) and of the shared
+        expert (layers.i.shared.*), as the simulator's MoE hooks."""
+        self.hooks = [h for i, b in enumerate(blocks)
+                      for prefix, p in [(f"layers.{i}.expert.{e}", x) for e, x in enumerate(b.experts)]
+                      + ([(f"layers.{i}.shared", b.shared)] if b.shared is not None else [])
+                      for h in _dip_hooks(prefix, p)]
 
     def configure_cache(self, capacity: dict[str, int], policy: str = "lru", **policy_kwargs) -> None:
         """Cache capacity in units per hook name ('layers.i.in' / 'layers.i.out') and the policy."""
@@ -78,6 +89,8 @@ class DIPCA(DIP):
         return self._caches
 
     def _scan(self, hook: str, scores: torch.Tensor, k: int) -> torch.Tensor:
+        if self.in_expert is not None:
+            return self._scan_tokens(hook, scores, k)
         B, T = self._bt
         n = scores.shape[-1]
         caches = self._cacheset(B)
@@ -96,11 +109,44 @@ class DIPCA(DIP):
         self._pos[hook] = t0 + T
         return out.view(B * T, n).to(scores.device)
 
+    def _scan_tokens(self, hook: str, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """`_scan` inside a MoE expert: its scores are those of the tokens routed to it (`in_expert`:
+        their indices in the batch of B windows of T). At every position each window's cache steps,
+        with the routed token's mask or with none (a token routed elsewhere reads nothing here, as
+        the expert's hook in the simulator's trace)."""
+        _, tok, (B, T) = self.in_expert
+        n = scores.shape[-1]
+        caches = self._cacheset(B)
+        s = scores.detach().to("cpu")
+        tok = tok.to("cpu")
+        b_of, t_of = tok // T, tok % T
+        out = torch.zeros(tok.shape[0], n, dtype=torch.bool)
+        n0 = int(self.options.n0_frac * k)
+        protected = topk_mask(s, n0)
+        t0 = self._pos.get(hook, 0)
+        for t in range(T):
+            rows = (t_of == t).nonzero().flatten()
+            step = torch.zeros(B, n, dtype=torch.bool)
+            if rows.numel():
+                b = b_of[rows]
+                cached = torch.from_numpy(caches.cached(hook))[b]
+                m = ca_select(s[rows], k, cached, self.options.gamma, n0, t0 + t, protected[rows],
+                              self.options.warmup)
+                step[b] = m
+                out[rows] = m
+            caches.step(hook, step.numpy())
+        self._pos[hook] = t0 + T
+        return out.to(scores.device)
+
+    def _hook(self, layer: int, kind: str) -> str:
+        prefix = self.in_expert[0] if self.in_expert is not None else f"layers.{layer}"
+        return f"{prefix}.{kind}"
+
     def select_in(self, layer, scores):
-        return self._scan(f"layers.{layer}.in", scores, self.keeps.k_in(layer, scores.shape[-1]))
+        return self._scan(self._hook(layer, "in"), scores, self.keeps.k_in(layer, scores.shape[-1]))
 
     def select_out(self, layer, scores):
-        return self._scan(f"layers.{layer}.out", scores, self.keeps.k_out(layer, scores.shape[-1]))
+        return self._scan(self._hook(layer, "out"), scores, self.keeps.k_out(layer, scores.shape[-1]))
 
     def decode_mask(self, scores, k, t, cached=None):
         m = ca_select(scores.reshape(1, -1), k, torch.as_tensor(cached).reshape(1, -1), self.options.gamma,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dipstream.models.moe import MoeLayerParts
-from dipstream.sparsity.base import LINEARS, Method, Selection
+from dipstream.sparsity.base import LINEARS, Method, Selection, sequence_dims
 from dipstream.sparsity.recording import selection_hooks
 
 _MASKS = ("up_rows", "up_cols", "gate_rows", "gate_cols", "down_cols")
@@ -116,17 +116,23 @@ def moe_mlp(method: Method, layer: int, p: MoeLayerParts, x: torch.Tensor, batch
     operations, in the same order, as the transformers eager path) and the shared expert."""
     _, weights, idx = p.router(x)
     N = x.shape[0]
+    bt = sequence_dims(batch_shape, N)
     routed = torch.zeros(N, p.n_experts, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
     y = torch.zeros_like(x)
     picked = {}
-    for e in routed.any(0).nonzero().flatten().tolist():
-        pos, tok = torch.where(idx.T == e)
-        ye, sel = method.mlp(layer, p.experts[e], x[tok], (tok.shape[0],))
-        y.index_add_(0, tok, (ye * weights[tok, pos, None]).to(y.dtype))
-        picked[e] = (tok, sel)
-    shared = None
-    if p.shared is not None:
-        ys, shared = method.mlp(layer, p.shared, x, batch_shape)
-        y = y + torch.sigmoid(p.shared_gate(x)) * ys
+    try:
+        for e in routed.any(0).nonzero().flatten().tolist():
+            pos, tok = torch.where(idx.T == e)
+            method.in_expert = (f"layers.{layer}.expert.{e}", tok, bt)
+            ye, sel = method.mlp(layer, p.experts[e], x[tok], (tok.shape[0],))
+            y.index_add_(0, tok, (ye * weights[tok, pos, None]).to(y.dtype))
+            picked[e] = (tok, sel)
+        shared = None
+        if p.shared is not None:
+            method.in_expert = (f"layers.{layer}.shared", torch.arange(N, device=x.device), bt)
+            ys, shared = method.mlp(layer, p.shared, x, batch_shape)
+            y = y + torch.sigmoid(p.shared_gate(x)) * ys
+    finally:
+        method.in_expert = None
     return y, MoeSelection(routed, picked, shared, p.d_model, p.experts[0].d_ff,
                            p.shared.d_ff if p.shared is not None else 0)
