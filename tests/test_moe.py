@@ -63,6 +63,10 @@ def test_density_one_reads_all_of_the_routed_experts(moe_arch, name):
     sm = attach(m, build_method(name, 1.0))
     if name == "dip-ca":  # caches of half of each hook's units
         sm.method.configure_cache({h.name: h.n_units // 2 for h in specs})
+    if sm.method.needs_calibration:
+        from dipstream.sparsity.calibration import calibrate
+
+        calibrate(sm, _ids(seed=9, T=32))
     out = m(ids).logits
     if name == "dense":
         assert torch.equal(out, ref)
@@ -175,7 +179,7 @@ def test_poisoning_a_read_expert_does_change_the_output():
     assert not torch.isfinite(m(ids).logits).all()
 
 
-@pytest.mark.parametrize("method", ["cats", "teal", "griffin", "predictor", "drelu-predicted"])
+@pytest.mark.parametrize("method", ["griffin", "predictor", "drelu-predicted"])
 def test_methods_with_per_layer_state_are_refused_in_one_line(method):
     m = tiny_model("mixtral")
     with pytest.raises(DipstreamError, match=f"method '{method}' does not run on mixture-of-experts"):
@@ -284,8 +288,16 @@ def test_eval_and_simulate_a_moe_checkpoint(tiny_moe_checkpoint, text_file, tmp_
     sim = json.loads((tmp_path / "s.json").read_text())
     assert [h.kind for h in load_trace(trace).hooks] == ["expert", "expert"]
     assert 0 < sim["hit_rate"] < 1 and sim["density_simulated"] == pytest.approx(sim["density_measured"])
+    # TEAL: thresholds per expert, calibrated on the train split, saved and loaded back
+    th, t1, t2 = tmp_path / "th.json", tmp_path / "t1.json", tmp_path / "t2.json"
+    teal = [*m, "--method", "teal", "--density", "0.6", "--calib-tokens", "248"]
+    assert main(["eval", *teal, "--save-thresholds", str(th), "--json", str(t1)]) == 0
+    assert len(json.loads(th.read_text())["thresholds"]["t_in"]) == 2 * (4 + 1)
+    assert main(["eval", *teal, "--thresholds", str(th), "--json", str(t2)]) == 0
+    a, b = json.loads(t1.read_text()), json.loads(t2.read_text())
+    assert a["thresholds_from"] == "calibrated" and a["perplexity"] == b["perplexity"]
     capsys.readouterr()
-    assert "does not run on mixture-of-experts models" in _err(["eval", *m, "--method", "cats"], capsys)
+    assert "does not run on mixture-of-experts models" in _err(["eval", *m, "--method", "griffin"], capsys)
     assert "does not run mixture-of-experts models yet" in _err(
         ["generate", "--model", str(tiny_moe_checkpoint), "--engine", "hf", "--no-stream"], capsys)
     assert "does not run mixture-of-experts models yet" in _err(
@@ -354,3 +366,47 @@ def test_dip_ca_inside_experts_at_gamma_one_is_dip_and_steers_to_cached_units(ti
     assert same["perplexity"] == dip["perplexity"] and same["hit_rate"] == dip["hit_rate"]
     assert ca["density_measured"] == pytest.approx(dip["density_measured"], abs=1e-9)
     assert ca["hit_rate"] > dip["hit_rate"] and ca["tokens_per_s"] > dip["tokens_per_s"]
+
+
+# --------------------------------------------------------------------------- thresholds per expert
+
+@pytest.mark.parametrize("name", ["teal", "cats"])
+def test_threshold_methods_calibrate_one_threshold_per_expert(name):
+    """TEAL and CATS keep a threshold per routed expert and per shared expert (2 layers x (4 + 1)),
+    each calibrated on the tokens that reach it; inside the experts they keep about their target."""
+    from dipstream.sparsity.calibration import calibrate
+
+    m = tiny_model("qwen2_moe", seed=5)
+    sm = attach(m, build_method(name, 0.6))
+    calibrate(sm, _ids(seed=9, T=32))
+    for vals in sm.method.thresholds.values():
+        assert len(vals) == 2 * 5 and all(t == t for t in vals)
+        assert len({round(t, 7) for t in vals}) == 10  # one per expert, each its own
+    m(_ids(seed=11, T=32))
+    inside = sm.stats.mean("mlp") / sm.stats.mean("expert")
+    assert 0.45 < inside < 0.75
+
+
+def test_threshold_calibration_refuses_experts_it_never_reached():
+    from dipstream.sparsity.calibration import calibrate
+
+    m = tiny_model("mixtral", seed=5)
+    sm = attach(m, build_method("teal", 0.6))
+    with pytest.raises(DipstreamError, match="received no calibration token.*raise --calib-tokens"):
+        calibrate(sm, _ids(seed=9, T=1)[:1])  # one token reaches 2 of the 4 experts
+
+
+def test_teal_inside_experts_never_reads_what_it_skips():
+    from dipstream.sparsity.calibration import calibrate
+
+    m = tiny_model("qwen3_moe", seed=3)
+    sm = attach(m, build_method("teal", 0.5))
+    calibrate(sm, _ids(seed=9, T=32))
+    seen = _Keep()
+    sm.observers.append(seen)
+    ids = _ids(T=1)[:1]
+    ref = m(ids).logits
+    experts, cols = _poison_unread(sm, seen)
+    assert experts > 0 and cols > 0
+    out = m(ids).logits
+    assert torch.isfinite(out).all() and torch.equal(out, ref)

@@ -130,13 +130,13 @@ def prepare_thresholds(cfg: EvalConfig, lm, sm) -> dict:
     """Load, reuse from the cache, or calibrate the thresholds of a threshold method."""
     method = sm.method
     if cfg.thresholds:
-        load_thresholds(cfg.thresholds, method, len(sm.parts), lm.name)
+        load_thresholds(cfg.thresholds, method, sm.n_units, lm.name)
         return {"thresholds_from": cfg.thresholds, "calibration_seconds": 0.0}
 
     cached = private_dir(cache_root() / "calibration") / \
         f"{lm.name}-{cfg.method}-{_calibration_key(cfg, lm.name)}.json"
     if cached.exists():
-        load_thresholds(cached, method, len(sm.parts), lm.name)
+        load_thresholds(cached, method, sm.n_units, lm.name)
         info = {"thresholds_from": str(cached), "calibration_seconds": 0.0}
     else:
         start = time.perf_counter()

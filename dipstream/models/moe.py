@@ -59,6 +59,11 @@ class MoeLayerParts:
         return len(self.experts)
 
     @property
+    def n_units(self) -> int:
+        """Experts the block runs a method in: the routed ones and the shared one."""
+        return len(self.experts) + (self.shared is not None)
+
+    @property
     def d_model(self) -> int:
         return self.experts[0].d_model
 

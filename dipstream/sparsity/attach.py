@@ -113,6 +113,11 @@ class SparseModel:
         blocks = self.blocks or self.parts
         self._originals = replace_mlps(model, lambda i, _: SparseMLP(blocks[i], i, self))
 
+    @property
+    def n_units(self) -> int:
+        """Per-layer (per-expert for a MoE model) state a method may keep: calibrated thresholds."""
+        return len(self.parts) if self.blocks is None else sum(b.n_units for b in self.blocks)
+
     def detach(self) -> nn.Module:
         """Restore the original MLP modules; returns the unmodified model."""
         restore_mlps(self.model, self._originals)

@@ -65,6 +65,19 @@ class Selection:
         return torch.einsum("tj,ti->ji", rows.float(), cols.float()) > 0
 
 
+@dataclass(frozen=True)
+class ExpertCall:
+    """Which expert a method is running inside: its hook prefix ("layers.3.expert.5", or
+    "layers.3.shared"), the indices of its tokens in the batch, the batch's (windows B, tokens per
+    window T), and its unit index over the model's experts (layer * experts per layer + e; the
+    shared expert last in its layer)."""
+
+    prefix: str
+    tokens: torch.Tensor
+    bt: tuple[int, int]
+    unit: int
+
+
 class Method:
     """Base class. Subclasses implement `mlp`; `prepare` receives the model's MLP parts once."""
 
@@ -82,10 +95,9 @@ class Method:
     def prepare(self, parts: list[GatedMLPParts]) -> None:
         """Called once when attached, with every block's MLP parts (layer order)."""
 
-    # set by a mixture-of-experts block around each expert's call (None otherwise): (the expert's
-    # hook prefix, e.g. "layers.3.expert.5", indices of its tokens in the batch, (B, T)); for
-    # methods that keep state per hook (DIP-CA's caches)
-    in_expert: tuple | None = None
+    # set by a mixture-of-experts block around each expert's call (None otherwise), for methods
+    # that keep state per expert (DIP-CA's caches, TEAL's and CATS's thresholds)
+    in_expert: "ExpertCall | None" = None
 
     def prepare_experts(self, blocks) -> None:
         """Called after `prepare` on a mixture-of-experts model, with every layer's MoeLayerParts."""

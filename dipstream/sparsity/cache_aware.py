@@ -114,7 +114,7 @@ class DIPCA(DIP):
         their indices in the batch of B windows of T). At every position each window's cache steps,
         with the routed token's mask or with none (a token routed elsewhere reads nothing here, as
         the expert's hook in the simulator's trace)."""
-        _, tok, (B, T) = self.in_expert
+        tok, (B, T) = self.in_expert.tokens, self.in_expert.bt
         n = scores.shape[-1]
         caches = self._cacheset(B)
         s = scores.detach().to("cpu")
@@ -139,7 +139,7 @@ class DIPCA(DIP):
         return out.to(scores.device)
 
     def _hook(self, layer: int, kind: str) -> str:
-        prefix = self.in_expert[0] if self.in_expert is not None else f"layers.{layer}"
+        prefix = self.in_expert.prefix if self.in_expert is not None else f"layers.{layer}"
         return f"{prefix}.{kind}"
 
     def select_in(self, layer, scores):

@@ -21,6 +21,7 @@ def calibrate(sm: SparseModel, input_ids: torch.Tensor, batch_size: int = 4) -> 
     every calibration token of that batch; thresholds of several batches are averaged."""
     method = sm.method
     sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, torch.Tensor] = {}
     batches = list(torch.split(input_ids, batch_size))
     method.calibrating = True
     try:
@@ -28,14 +29,22 @@ def calibrate(sm: SparseModel, input_ids: torch.Tensor, batch_size: int = 4) -> 
         with torch.inference_mode():
             for batch in batches:
                 method.reset()
+                # a routed expert no token of this batch reached keeps NaN: it is left out of the mean
+                method.thresholds = {k: [float("nan")] * len(v) for k, v in method.thresholds.items()}
                 base(input_ids=batch.to(sm.model.device))
                 for name, vals in method.thresholds.items():
                     v = torch.tensor(vals, dtype=torch.float64)
-                    sums[name] = sums.get(name, 0) + v
+                    seen = ~torch.isnan(v)
+                    sums[name] = sums.get(name, 0) + torch.where(seen, v, 0.0)
+                    counts[name] = counts.get(name, 0) + seen
     finally:
         method.calibrating = False
         sm.stats.reset()
-    method.thresholds = {k: (v / len(batches)).tolist() for k, v in sums.items()}
+    method.thresholds = {k: (v / counts[k]).tolist() for k, v in sums.items()}
+    unseen = [i for v in method.thresholds.values() for i, t in enumerate(v) if t != t]
+    if unseen:
+        raise DipstreamError(f"{len(set(unseen))} routed experts received no calibration token (first: unit "
+                             f"{min(unseen)}); raise --calib-tokens")
     return method.thresholds
 
 
@@ -46,9 +55,9 @@ def save_thresholds(path: str | Path, method, model_name: str, meta: dict) -> Pa
     return write_json_atomic(path, doc)
 
 
-def load_thresholds(path: str | Path, method, n_layers: int, model_name: str | None = None) -> dict:
+def load_thresholds(path: str | Path, method, n_units: int, model_name: str | None = None) -> dict:
     """Load thresholds into `method`, checking they were made for this model, method, density
-    and layer count, and hold numbers only."""
+    and count of layers (experts of a MoE model), and hold numbers only."""
     try:
         doc = json.loads(Path(path).read_text())
         th = doc["thresholds"]
@@ -68,8 +77,8 @@ def load_thresholds(path: str | Path, method, n_layers: int, model_name: str | N
                              f"{method.density:g}; pass --density {density} or recalibrate without --thresholds")
     for name in method.threshold_names:
         vals = th.get(name)
-        if not isinstance(vals, list) or len(vals) != n_layers:
-            raise DipstreamError(f"thresholds file '{path}' lacks {n_layers} values of '{name}'; "
+        if not isinstance(vals, list) or len(vals) != n_units:
+            raise DipstreamError(f"thresholds file '{path}' lacks {n_units} values of '{name}'; "
                                  "it was made for another model")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in vals):
             raise DipstreamError(f"thresholds file '{path}' holds values of '{name}' that are not numbers; "

@@ -157,24 +157,29 @@ def threshold_for_keep(scores: torch.Tensor, keep: float) -> float:
 
 
 class Calibrated:
-    """Mixin for methods with per-layer thresholds calibrated on text. In calibration mode each layer
-    sets its thresholds from the whole calibration batch it sees (upstream layers already sparse)."""
+    """Mixin for methods with thresholds calibrated on text, one per layer (per expert of a
+    mixture-of-experts model: `ExpertCall.unit`). In calibration mode each layer (expert) sets its
+    thresholds from the whole calibration batch it sees (upstream layers already sparse)."""
 
     needs_calibration = True
-    on_experts = False  # one threshold per layer, not per routed expert
+    on_experts = True
     threshold_names: tuple[str, ...] = ()
     calibrating = False
 
-    def init_thresholds(self, n_layers: int) -> None:
+    def init_thresholds(self, n_units: int) -> None:
         if not hasattr(self, "thresholds"):
             self.thresholds = {}
         for name in self.threshold_names:
-            self.thresholds.setdefault(name, [float("nan")] * n_layers)
+            self.thresholds.setdefault(name, [float("nan")] * n_units)
+
+    def prepare_experts(self, blocks):
+        self.thresholds = {name: [float("nan")] * sum(b.n_units for b in blocks) for name in self.threshold_names}
 
     def threshold(self, name: str, layer: int, scores: torch.Tensor, keep: float) -> float:
+        unit = layer if self.in_expert is None else self.in_expert.unit
         if self.calibrating:
-            self.thresholds[name][layer] = threshold_for_keep(scores, keep)
-        t = self.thresholds[name][layer]
+            self.thresholds[name][unit] = threshold_for_keep(scores, keep)
+        t = self.thresholds[name][unit]
         if t != t:  # NaN: never calibrated
             raise DipstreamError(f"method '{self.name}' has no calibrated thresholds; calibrate it first "
                                  "or pass --thresholds FILE")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dipstream.models.moe import MoeLayerParts
-from dipstream.sparsity.base import LINEARS, Method, Selection, sequence_dims
+from dipstream.sparsity.base import LINEARS, ExpertCall, Method, Selection, sequence_dims
 from dipstream.sparsity.recording import selection_hooks
 
 _MASKS = ("up_rows", "up_cols", "gate_rows", "gate_cols", "down_cols")
@@ -123,13 +123,14 @@ def moe_mlp(method: Method, layer: int, p: MoeLayerParts, x: torch.Tensor, batch
     try:
         for e in routed.any(0).nonzero().flatten().tolist():
             pos, tok = torch.where(idx.T == e)
-            method.in_expert = (f"layers.{layer}.expert.{e}", tok, bt)
+            method.in_expert = ExpertCall(f"layers.{layer}.expert.{e}", tok, bt, layer * p.n_units + e)
             ye, sel = method.mlp(layer, p.experts[e], x[tok], (tok.shape[0],))
             y.index_add_(0, tok, (ye * weights[tok, pos, None]).to(y.dtype))
             picked[e] = (tok, sel)
         shared = None
         if p.shared is not None:
-            method.in_expert = (f"layers.{layer}.shared", torch.arange(N, device=x.device), bt)
+            method.in_expert = ExpertCall(f"layers.{layer}.shared", torch.arange(N, device=x.device), bt,
+                                          layer * p.n_units + p.n_experts)
             ys, shared = method.mlp(layer, p.shared, x, batch_shape)
             y = y + torch.sigmoid(p.shared_gate(x)) * ys
     finally:
