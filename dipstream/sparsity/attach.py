@@ -135,8 +135,8 @@ class SparseModel:
 
 
 def check_runs_on_experts(method: str) -> None:
-    """One-line refusal of a method that cannot run inside routed experts (its per-layer state:
-    calibrated thresholds, trained predictors, a simulated cache, prompt statistics)."""
+    """One-line refusal of a method that cannot run inside routed experts (state kept per layer
+    only: trained predictors, a sequence's prompt set)."""
     cls = METHODS.get(method)
     if cls is not None and not cls.on_experts:
         ok = ", ".join(n for n, c in METHODS.items() if c.on_experts)
