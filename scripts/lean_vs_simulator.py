@@ -30,6 +30,12 @@ from dataclasses import replace
 from pathlib import Path
 
 
+# the timing models compared with the probe's (hardware switches)
+OTHER_MODELS = {"per hook": {"pipelined": False, "lookahead": False},
+                "one hook ahead": {"pipelined": False, "lookahead": True},
+                "pipelined": {"pipelined": True, "lookahead": False}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
                 shape = tr.shape()
                 seq = row["prompt_tokens"] + a.tokens
                 sims = []
-                for h in (hw, replace(hw, pipelined=not hw.pipelined)):  # the probe's timing model, and the other
+                for h in [hw] + [replace(hw, **kw) for kw in OTHER_MODELS.values()]:  # the probe's model, then each
                     if dram:
                         static = plan_placement(shape, h, tr.hooks, 1e18, seq).static_bytes
                         sims.append(simulate(tr, h, shape, policy="lru", dram_bytes=static + row["cache_bytes"],
@@ -96,7 +102,8 @@ def main(argv=None) -> int:
                 rec = {"round": r, "model": model, "method": meth, "dram": dram or "ram",
                        "fitted": model == a.calibrate_on and dram is None,
                        "measured_tokens_per_s": row["decode_tokens_per_s"], "simulated_tokens_per_s": sim.tokens_per_s,
-                       "other_model_tokens_per_s": sims[1].tokens_per_s, "pipelined": hw.pipelined,
+                       **{f"{name}_tokens_per_s": x.tokens_per_s for name, x in zip(OTHER_MODELS, sims[1:])},
+                       "pipelined": hw.pipelined, "lookahead": hw.lookahead,
                        "measured_disk_bytes_per_token": row.get("disk_bytes_per_token"),
                        "simulated_flash_bytes_per_token": sim.mlp_flash_bytes_per_token,
                        "measured_hit_rate": row.get("hit_rate"), "simulated_hit_rate": sim.hit_rate,
@@ -107,11 +114,10 @@ def main(argv=None) -> int:
                 print(f"round {r} {model} {meth} {dram or 'ram'}: measured {rec['measured_tokens_per_s']:.2f} tok/s, "
                       f"simulated {rec['simulated_tokens_per_s']:.2f}", flush=True)
     print(f"load average after: {os.getloadavg()}")
-    other = "per hook" if hw.pipelined else "pipelined"
     print("\n| model | method | memory | fitted? | measured tok/s | simulated tok/s | sim / measured | "
-          f"{other}: sim / measured | disk MB/token measured | Flash MB/token simulated | "
-          "hit rate measured / simulated |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          + " | ".join(f"{n}: sim / measured" for n in OTHER_MODELS)
+          + " | disk MB/token measured | Flash MB/token simulated | hit rate measured / simulated |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(OTHER_MODELS) + "---|---|---|")
     worst = 0.0
     for model, meth, dram in configs:
         rs = [x for x in runs if (x["model"], x["method"], x["dram"]) == (model, meth, dram or "ram")]
@@ -119,13 +125,14 @@ def main(argv=None) -> int:
             continue
         med = lambda k: statistics.median(x[k] for x in rs if x[k] is not None)  # noqa: E731
         ratio = statistics.median(x["simulated_tokens_per_s"] / x["measured_tokens_per_s"] for x in rs)
-        ratio2 = statistics.median(x["other_model_tokens_per_s"] / x["measured_tokens_per_s"] for x in rs)
+        others = " | ".join(f"{statistics.median(x[n + '_tokens_per_s'] / x['measured_tokens_per_s'] for x in rs):.2f}"
+                            for n in OTHER_MODELS)
         if not rs[0]["fitted"]:
             worst = max(worst, abs(ratio - 1))
         hit = (f"{med('measured_hit_rate'):.3f} / {med('simulated_hit_rate'):.3f}" if dram else "- / 1.000")
         disk = f"{med('measured_disk_bytes_per_token') / 1e6:.1f}" if dram else "-"
         print(f"| {model} | {meth} | {dram or 'RAM'} | {'fitted' if rs[0]['fitted'] else 'held out'} | "
-              f"{med('measured_tokens_per_s'):.2f} | {med('simulated_tokens_per_s'):.2f} | {ratio:.2f} | {ratio2:.2f} | "
+              f"{med('measured_tokens_per_s'):.2f} | {med('simulated_tokens_per_s'):.2f} | {ratio:.2f} | {others} | "
               f"{disk} | "
               f"{med('simulated_flash_bytes_per_token') / 1e6:.1f} | {hit} |")
     print(f"\nworst held-out error: {worst * 100:.0f}% (target: within 25%)")

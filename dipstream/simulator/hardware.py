@@ -73,6 +73,11 @@ class Hardware:
         "help": "(beyond the reference) per module kind, the rate its static bytes are read at from "
                 "DRAM, overriding dram_bw for that kind (a CPU runtime's product rate per weight format, "
                 "e.g. an 8-bit head beside 4-bit layers; measured by `dipstream probe --lean-model`)"})
+    lookahead: bool = field(default=False, metadata={
+        "help": "(beyond the reference) a hook's Flash reads are issued when the previous hook's product "
+                "starts (dipstream's lean engine reads one hook ahead): a hook waits max(0, its Flash time - "
+                "the previous hook's DRAM time, plus the layer's attention for a layer's first hook) instead "
+                "of overlapping only its own DRAM time"})
     embedding_lookup: bool = field(default=False, metadata={
         "help": "(beyond the reference) per token read one row of an untied embedding table "
                 "instead of the whole table"})
@@ -103,6 +108,8 @@ class Hardware:
             raise ValueError("flash_read_latency_s must be a finite number >= 0 (or None)")
         if self.flash_queue_depth is not None and int(self.flash_queue_depth) < 1:
             raise ValueError("flash_queue_depth must be >= 1 (or None)")
+        if self.lookahead and self.pipelined:
+            raise ValueError("lookahead and pipelined are two timing models; set one of them")
         for name in ("read_gap_bytes", "host_s_per_token"):
             if not 0 <= _number(getattr(self, name), name) < np.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")

@@ -75,6 +75,7 @@ class Placement:
     predictor_weights: float
     adapter_weights: float
     fixed_reads: np.ndarray = None  # Flash reads per token per hook when any unit misses
+    hook_names: list = None       # in hook order
 
 
 def resolve_dram(dram_bytes, hardware: Hardware, shape: ModelShape) -> float:
@@ -161,7 +162,7 @@ def plan_placement(shape: ModelShape, hardware: Hardware, hooks, dram_bytes: flo
     rpu = np.array([1 if hardware.bundle else reads_per_unit(h, shape) for h in hooks], np.int64)
     return Placement(dram, int(seq_len), parts, static, resident, overflow, cache, ub, uw, nu,
                      cap, rpu, nl, uncovered, float(predictor_weights), float(adapter_weights),
-                     np.zeros(len(hooks), np.int64))
+                     np.zeros(len(hooks), np.int64), [h.name for h in hooks])
 
 
 @dataclass
@@ -273,14 +274,35 @@ class _Timing:
             reads = miss * pl.reads_per_unit + (miss > 0) * pl.fixed_reads
         return hit * pl.unit_bytes / hw.dram_bw, hw.flash_time(miss * pl.unit_bytes, reads)
 
+    def _first_of_layer(self) -> np.ndarray:
+        """(H,) 1.0 for the first hook of each layer (hook names layers.<i>.*), in hook order."""
+        layers = [int(n.split(".")[1]) if n.startswith("layers.") else -1 for n in self.plan.hook_names]
+        return np.array([i == 0 or layers[i] != layers[i - 1] for i in range(len(layers))], np.float64)
+
+    def attention_time(self, kv_len: float) -> float:
+        """DRAM time of one layer's attention weights and KV cache (static, read per token)."""
+        parts = self.static_bytes(kv_len)
+        rates = self.hw.dram_bw_static
+        t = sum(parts[k] / rates.get(k, self.hw.dram_bw) for k in ("attention", "kv_cache"))
+        return t / self.shape.n_layers
+
     def hook_times(self, sel, hit, runs=None, read=None):
         """Per token and hook times (T, H): DRAM and Flash combined (hw.comb)."""
         return self.hw.comb(*self.hook_parts(sel, hit, runs, read))
 
     def token_io(self, kv, sel, hit, runs=None, read=None):
         """Time per token (T,) outside compute: static reads, the hooks and the host time; with
-        ``pipelined`` the token's Flash reads overlap all of its other time."""
+        ``pipelined`` the token's Flash reads overlap all of its other time, with ``lookahead``
+        each hook's the previous hook's DRAM time (and its layer's attention, for a layer's first
+        hook), else only its own."""
         hw = self.hw
+        if hw.lookahead:
+            t_dram, t_flash = self.hook_parts(sel, hit, runs, read)
+            t_dram, t_flash = np.atleast_2d(t_dram), np.atleast_2d(t_flash)
+            window = np.concatenate([np.zeros_like(t_dram[:, :1]), t_dram[:, :-1]], axis=1)
+            window = window + self._first_of_layer() * self.attention_time(kv)
+            out = self.static_time(kv) + np.sum(t_dram + np.maximum(t_flash - window, 0.0), axis=-1) + hw.host_s_per_token
+            return out if np.ndim(sel) > 1 else out[0]
         if hw.pipelined:
             t_dram, t_flash = self.hook_parts(sel, hit, runs, read)
             return np.maximum(np.sum(t_flash, axis=-1),

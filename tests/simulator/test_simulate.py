@@ -69,6 +69,19 @@ def test_timing_serial():
     assert r.capacity_units == [1, 3]
 
 
+def test_timing_lookahead():
+    """lookahead: a hook's Flash reads overlap the previous hook's DRAM time (and, for the layer's
+    first hook, the layer's attention: (16 B weights + 4 B KV) / 100 B/s = 0.2 s).
+    token 0: in waits 0.8 - 0.2 = 0.6; out waits 0.4 - 0 (in read nothing from DRAM) = 0.4 -> 1.0
+    token 1: in 0.08 DRAM, no Flash; out 0.02 DRAM + max(0, 0.2 - 0.08) = 0.14 -> 0.22
+    mean 0.61, static 0.32 as in test_timing_serial."""
+    r = simulate(tiny_trace(), hw(lookahead=True), SHAPE, "lru", dram_bytes=56)
+    assert r.t_static_s == pytest.approx(0.32)
+    assert r.tokens_per_s == pytest.approx(1 / (0.32 + 0.61))
+    with pytest.raises(ValueError, match="two timing models"):
+        hw(lookahead=True, pipelined=True)
+
+
 def test_static_rates_per_kind():
     """dram_bw_static: the head's 6 B at 20 B/s instead of 100: static 0.32 s -> 0.26 + 0.3 = 0.56 s
     (attention 16, embedding 6, KV 4 at 100 B/s; lm_head 6 at 20 B/s); the MLP's hooks unchanged."""
