@@ -84,18 +84,25 @@ def check_files(folder: Path, meta: dict) -> bool:
     return expects_lora
 
 
+def inject_lora(lm, folder: str | Path) -> tuple[dict, int]:
+    """Read and check an adapter folder (its description, model shape and files) and inject its
+    LoRA adapters, if it has any, into `lm.model` in place. Returns (its description, the LoRA
+    weights now in the model: 0 without)."""
+    folder = Path(folder).expanduser()
+    meta = read_meta(folder)
+    check_model(meta, lm.info, folder)
+    if not check_files(folder, meta):
+        return meta, 0
+    load_lora(lm.model, folder)
+    return meta, count_lora_weights(lm.model)
+
+
 def apply_adapter(lm, folder: str | Path, method) -> dict:
     """Load an adapter folder into `lm.model` (LoRA injected in place) and hand the method the
     folder for what it trained there itself (`method.load_trained(folder, info)`: the predictor
     method's predictors; others have nothing to load). Returns the fields a results row reports."""
     folder = Path(folder).expanduser()
-    meta = read_meta(folder)
-    check_model(meta, lm.info, folder)
-    has_lora = check_files(folder, meta)
-    n_lora = 0
-    if has_lora:
-        load_lora(lm.model, folder)
-        n_lora = count_lora_weights(lm.model)
+    meta, n_lora = inject_lora(lm, folder)
     method.load_trained(folder, lm.info)
     trained_for = meta.get("method")
     if trained_for not in (method.name, None) and {trained_for, method.name} != {"dip", "dip-ca"}:

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from dipstream.errors import DipstreamError
-from dipstream.simulator.model_shape import ModelShape
+from dipstream.simulator.model_shape import ModelShape, dense_layers_of_moe
 
 
 @dataclass
@@ -174,13 +174,10 @@ def check_supported(config) -> ArchSpec:
 
 def check_moe_config(config) -> None:
     """One-line refusal of MoE variants dipstream does not run: some layers with a dense MLP."""
-    cfg = text_config(config)
-    dense_layers = list(getattr(cfg, "mlp_only_layers", None) or [])
-    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
-    if dense_layers or step != 1:
-        raise DipstreamError(
-            f"{config.model_type} with dense-MLP layers (mlp_only_layers={dense_layers}, decoder_sparse_step="
-            f"{step}) is not supported; dipstream runs MoE models whose every layer is a mixture-of-experts block")
+    mixed = dense_layers_of_moe(text_config(config))
+    if mixed:
+        raise DipstreamError(f"{config.model_type} with dense-MLP layers ({mixed}) is not supported; dipstream "
+                             "runs MoE models whose every layer is a mixture-of-experts block")
 
 
 def text_config(config):

@@ -123,17 +123,28 @@ class ModelShape:
         moe = {}
         D = cfg.intermediate_size
         if E:
-            dense_layers = list(getattr(cfg, "mlp_only_layers", None) or [])
-            step = getattr(cfg, "decoder_sparse_step", None) or 1
-            if dense_layers or step != 1 or (getattr(cfg, "first_k_dense_replace", None) or 0):
-                raise ValueError(f"config mixes dense and MoE layers (mlp_only_layers={dense_layers}, "
-                                 f"decoder_sparse_step={step}); ModelShape describes all-MoE models only")
+            mixed = dense_layers_of_moe(cfg)
+            if mixed:
+                raise ValueError(f"config mixes dense and MoE layers ({mixed}); ModelShape describes all-MoE "
+                                 "models only")
             D = getattr(cfg, "moe_intermediate_size", None) or D
             moe = dict(n_experts=E, experts_per_token=int(getattr(cfg, "num_experts_per_tok", 0) or 0),
                        shared_d_ff=int(getattr(cfg, "shared_expert_intermediate_size", None) or 0))
         return cls(cfg.num_hidden_layers, cfg.hidden_size, D, cfg.vocab_size, heads,
                    getattr(cfg, "num_key_value_heads", None) or heads,
                    bool(getattr(config, "tie_word_embeddings", False)), head_dim=hd, **moe)
+
+
+def dense_layers_of_moe(cfg) -> str | None:
+    """How a mixture-of-experts config (its text part) puts dense-MLP layers among its MoE ones, in
+    its own fields ("mlp_only_layers=[0], decoder_sparse_step=1"), or None when every layer is MoE."""
+    dense_layers = list(getattr(cfg, "mlp_only_layers", None) or [])
+    step = getattr(cfg, "decoder_sparse_step", None) or 1
+    first_dense = getattr(cfg, "first_k_dense_replace", None) or 0
+    if not (dense_layers or step != 1 or first_dense):
+        return None
+    return (f"mlp_only_layers={dense_layers}, decoder_sparse_step={step}"
+            + (f", first_k_dense_replace={first_dense}" if first_dense else ""))
 
 
 SHAPES = {

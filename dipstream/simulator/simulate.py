@@ -222,6 +222,8 @@ class _Timing:
         self.shape, self.hw, self.plan = shape, hw, plan
         self.static_w = (shape.attention_weights() + shape.lm_head_weights() + shape.router_weights()
                          + plan.predictor_weights + plan.adapter_weights + plan.uncovered_mlp_weights)
+        # lookahead: 1.0 for the first hook of each layer (names layers.<i>.*), in hook order
+        self.first_of_layer = _first_of_layer(plan.hook_names) if hw.lookahead else None
 
     def static_bytes(self, kv_len: float, prefill: bool = False) -> dict:
         """Bytes of each static part read for one token at KV length kv_len (prefill: for the
@@ -244,15 +246,21 @@ class _Timing:
     def static_time(self, kv_len, prefill=False):
         """Time of the static reads; with ``dram_bw_static`` each kind's DRAM bytes at its own rate
         (the DRAM share of every kind in proportion when some static bytes overflow to Flash)."""
-        d, f = self.static_io(kv_len, prefill)
-        rates = self.hw.dram_bw_static
-        if not rates:
+        parts = self.static_bytes(kv_len, prefill)
+        total = sum(parts.values())
+        f = self.plan.overflow_bytes
+        d = max(0.0, total - f)
+        if not self.hw.dram_bw_static:
             t_dram = d / self.hw.dram_bw
         else:
-            parts = self.static_bytes(kv_len, prefill)
-            total = sum(parts.values())
-            t_dram = (d / total if total else 0.0) * sum(b / rates.get(k, self.hw.dram_bw) for k, b in parts.items())
+            t_dram = (d / total if total else 0.0) * self._dram_time(parts)
         return float(self.hw.comb(t_dram, f / self.hw.flash_bw))
+
+    def _dram_time(self, parts: dict) -> float:
+        """DRAM read time of static bytes by module kind, each at its ``dram_bw_static`` rate (else
+        ``dram_bw``)."""
+        rates, bw = self.hw.dram_bw_static, self.hw.dram_bw
+        return sum(b / rates.get(k, bw) for k, b in parts.items())
 
     def static_flops(self, kv_len):
         return 2 * self.static_w + 4 * kv_len * self.q_dim * self.shape.n_layers
@@ -274,17 +282,10 @@ class _Timing:
             reads = miss * pl.reads_per_unit + (miss > 0) * pl.fixed_reads
         return hit * pl.unit_bytes / hw.dram_bw, hw.flash_time(miss * pl.unit_bytes, reads)
 
-    def _first_of_layer(self) -> np.ndarray:
-        """(H,) 1.0 for the first hook of each layer (hook names layers.<i>.*), in hook order."""
-        layers = [int(n.split(".")[1]) if n.startswith("layers.") else -1 for n in self.plan.hook_names]
-        return np.array([i == 0 or layers[i] != layers[i - 1] for i in range(len(layers))], np.float64)
-
     def attention_time(self, kv_len: float) -> float:
         """DRAM time of one layer's attention weights and KV cache (static, read per token)."""
         parts = self.static_bytes(kv_len)
-        rates = self.hw.dram_bw_static
-        t = sum(parts[k] / rates.get(k, self.hw.dram_bw) for k in ("attention", "kv_cache"))
-        return t / self.shape.n_layers
+        return self._dram_time({k: parts[k] for k in ("attention", "kv_cache")}) / self.shape.n_layers
 
     def hook_times(self, sel, hit, runs=None, read=None):
         """Per token and hook times (T, H): DRAM and Flash combined (hw.comb)."""
@@ -300,7 +301,7 @@ class _Timing:
             t_dram, t_flash = self.hook_parts(sel, hit, runs, read)
             t_dram, t_flash = np.atleast_2d(t_dram), np.atleast_2d(t_flash)
             window = np.concatenate([np.zeros_like(t_dram[:, :1]), t_dram[:, :-1]], axis=1)
-            window = window + self._first_of_layer() * self.attention_time(kv)
+            window = window + self.first_of_layer * self.attention_time(kv)
             out = self.static_time(kv) + np.sum(t_dram + np.maximum(t_flash - window, 0.0), axis=-1) + hw.host_s_per_token
             return out if np.ndim(sel) > 1 else out[0]
         if hw.pipelined:
@@ -324,6 +325,12 @@ class _Timing:
         flops = p * (2 * self.static_w + 2 * float(np.sum(pl.n_units * pl.unit_weights))) \
             + 2 * d * L * p * (p + 1)
         return float(self.roofline(t, flops))
+
+
+def _first_of_layer(names) -> np.ndarray:
+    """(H,) 1.0 for the first hook of each layer (hook names layers.<i>.*), in hook order."""
+    layers = [int(n.split(".")[1]) if n.startswith("layers.") else -1 for n in names]
+    return np.array([i == 0 or layers[i] != layers[i - 1] for i in range(len(layers))], np.float64)
 
 
 def _summarize(timing: _Timing, sel, hit, seq_of, kv_seq, ttft, *, names, policy, meta,

@@ -234,22 +234,30 @@ class CATS(Calibrated, Method):
         return down_from_h(p, h, m), Selection(up_rows=m, down_cols=m)
 
 
+class _TopNeurons(Method):
+    """Methods that read `dense_linears` of the three linears in full and keep, per token, the top
+    neurons of a score for the rest: keep = (3 density - dense_linears) / (3 - dense_linears)."""
+
+    dense_linears = 0
+    on_experts = True
+
+    def __init__(self, density=1.0, options=None):
+        super().__init__(check_density(density))
+        self.keep = _neuron_keep(self.density, self.dense_linears, self.name)
+
+    def n_kept(self, D: int) -> int:
+        """Neurons kept per token in an MLP of width D (truncated, as the reference)."""
+        return int(self.keep * D)
+
+
 @register
-class GLU(Method):
+class GLU(_TopNeurons):
     """GLU pruning: up and gate are read densely, h is exact; top-k |h| picks down columns."""
 
     name = "glu"
     summary = "GLU pruning: exact h (dense up+gate), top-k |h| -> down columns"
     reads = "all of W_up and W_gate; down columns of the top-k |h|"
-    on_experts = True
-
-    def __init__(self, density=1.0, options=None):
-        super().__init__(check_density(density))
-        self.keep = _neuron_keep(self.density, 2, self.name)
-
-    def n_kept(self, D: int) -> int:
-        """Neurons kept per token in an MLP of width D (truncated, as the reference)."""
-        return int(self.keep * D)
+    dense_linears = 2
 
     def mlp(self, layer, p, x, batch_shape):
         h = p.act(part_linear(p, "gate", x)) * part_linear(p, "up", x)
@@ -258,21 +266,13 @@ class GLU(Method):
 
 
 @register
-class UpPruning(Method):
+class UpPruning(_TopNeurons):
     """Up pruning: up is read densely; top-k |W_up x| keeps gate rows and down columns."""
 
     name = "up"
     summary = "up pruning: dense up, top-k |up(x)| -> gate rows + down columns"
     reads = "all of W_up; gate rows and down columns of the top-k |W_up x|"
-    on_experts = True
-
-    def __init__(self, density=1.0, options=None):
-        super().__init__(check_density(density))
-        self.keep = _neuron_keep(self.density, 1, self.name)
-
-    def n_kept(self, D: int) -> int:
-        """Neurons kept per token in an MLP of width D (truncated, as the reference)."""
-        return int(self.keep * D)
+    dense_linears = 1
 
     def mlp(self, layer, p, x, batch_shape):
         u = part_linear(p, "up", x)

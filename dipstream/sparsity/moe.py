@@ -67,9 +67,8 @@ class MoeSelection:
             hooks.append((f"layers.{layer}.experts", "expert", E, 3 * d * D, self.routed))
         else:
             t_tok, t_sel = next(iter(self.picked.values()))  # every token is routed somewhere
-            none = t_tok[:0]
             for e in range(E):  # an expert no token picked: the same hooks, all masks empty
-                tok, sel = self.picked.get(e) or (none, _take(t_sel, none))
+                tok, sel = self.picked.get(e) or (t_tok[:0], t_sel)
                 hooks += self._expert_hooks(layer, e, tok, sel, N)
         if self.shared is not None:
             hooks += selection_hooks(f"layers.{layer}.shared", self.shared, d, self.shared_d_ff)
@@ -83,7 +82,8 @@ class MoeSelection:
             m = getattr(sel, name)
             if m is not None and id(m) not in full:
                 z = torch.zeros(N, m.shape[1], dtype=torch.bool, device=m.device)
-                z[tok.to(m.device)] = m
+                if tok.numel():  # (no token: the mask's shape only, another expert's selection)
+                    z[tok.to(m.device)] = m
                 full[id(m)] = z
         wide = Selection(**{n: full[id(getattr(sel, n))] if getattr(sel, n) is not None else None for n in _MASKS})
         hooks = selection_hooks(prefix, wide, d, D)
@@ -96,18 +96,6 @@ class MoeSelection:
 
 def _reads_all(sel: Selection) -> bool:
     return all(getattr(sel, n) is None for n in _MASKS)
-
-
-def _take(sel: Selection, rows: torch.Tensor) -> Selection:
-    """`sel` restricted to some of its tokens (shared masks stay shared)."""
-    memo = {}
-    kw = {}
-    for n in _MASKS:
-        m = getattr(sel, n)
-        if m is not None:
-            memo.setdefault(id(m), m[rows])
-            kw[n] = memo[id(m)]
-    return Selection(**kw)
 
 
 def moe_mlp(method: Method, layer: int, p: MoeLayerParts, x: torch.Tensor, batch_shape: tuple[int, ...]

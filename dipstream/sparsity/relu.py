@@ -50,9 +50,9 @@ class _ReluSwap(Method):
 
     def mlp(self, layer, p, x, batch_shape):
         h = swapped_h(part_linear(p, "gate", x), part_linear(p, "up", x), self.both_factors)
-        m = h != 0
-        if self.n_kept(p.d_ff) < h.shape[-1]:
-            m &= topk_mask(h.abs(), self.n_kept(p.d_ff))
+        m, k = h != 0, self.n_kept(p.d_ff)
+        if k < h.shape[-1]:
+            m &= topk_mask(h.abs(), k)
         if self.penalty_terms is not None:
             self.penalty_terms.append(h.abs().mean())
         return down_from_h(p, h, m), Selection(up_rows=m, gate_rows=m, down_cols=m)
@@ -96,9 +96,9 @@ class _PredictedSkip(TrainedPredictors, _ReluSwap):
 
     def mlp(self, layer, p, x, batch_shape):
         logits = self.predictors[layer](x)
-        read = logits > 0
-        if self.n_kept(p.d_ff) < read.shape[-1]:
-            read &= topk_mask(logits, self.n_kept(p.d_ff))
+        read, k = logits > 0, self.n_kept(p.d_ff)
+        if k < read.shape[-1]:
+            read &= topk_mask(logits, k)
         g, u = part_linear(p, "gate", x, rows=read), part_linear(p, "up", x, rows=read)
         h = swapped_h(g, u, self.both_factors, read)
         return down_from_h(p, h, read), Selection(up_rows=read, gate_rows=read, down_cols=read)

@@ -18,12 +18,10 @@ from dipstream.evaluation import perplexity
 from dipstream.experiments.evaluate import eval_windows
 from dipstream.io import append_jsonl, atomic_path
 from dipstream.models import load_model
-from dipstream.models.adapter_folder import check_files, check_model, read_meta
+from dipstream.models.adapter_folder import inject_lora
 from dipstream.models.adapters import (
     LORA_FILES,
     PREDICTOR_FILE,
-    count_lora_weights,
-    load_lora,
 )
 from dipstream.selection import topk_mask
 from dipstream.sparsity import attach, build_method
@@ -107,14 +105,11 @@ def _load_base_adapter(lm, folder) -> dict:
     if not folder:
         return {}
     folder = Path(folder).expanduser()
-    meta = read_meta(folder)
-    check_model(meta, lm.info, folder)
-    if not check_files(folder, meta):
+    meta, n_lora = inject_lora(lm, folder)
+    if not n_lora:
         raise DipstreamError(f"--adapter '{folder}' holds no LoRA adapters to train the predictors on; give the "
                              "--out folder of a LoRA finetune (e.g. --method relufied)")
-    load_lora(lm.model, folder)
-    return {"base_adapter": str(folder), "base_adapter_method": meta.get("method"),
-            "adapter_weights": count_lora_weights(lm.model)}
+    return {"base_adapter": str(folder), "base_adapter_method": meta.get("method"), "adapter_weights": n_lora}
 
 
 def train_predictors(cfg, out: Path, key: dict, state: dict | None, progress: bool, on_step) -> dict:
