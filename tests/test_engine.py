@@ -120,12 +120,14 @@ def test_int4_int8_records_hand_worked():
     assert rec8[31, 0].view(np.int8) == 127 and rec8[31, 1].view(np.int8) == -127
 
 
-def test_int8_activations_exact_when_representable_and_close_otherwise(exported):
-    """int4 products with activations quantized to int8 per input group: exactly the float path's
-    numbers when every group's activations are multiples of max/127 (hand-checkable: integer
-    products summed exactly), and close on a real decode."""
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_int8_activations_exact_when_representable_and_close_otherwise(exported, fmt):
+    """int4 / int8 products with activations quantized to int8 per input group: exactly the float
+    path's numbers when every group's activations are multiples of max/127 (hand-checkable:
+    integer products summed exactly), and close on a real decode."""
     rng = np.random.default_rng(0)
-    q = QMatrix.from_dense(rng.standard_normal((96, 64)).astype(np.float32), "int4")
+    m = 96 if fmt == "int4" else 100  # int8: 3 vector blocks of 32 outputs and a tail of 4
+    q = QMatrix.from_dense(rng.standard_normal((m, 64)).astype(np.float32), fmt)
     k = rng.integers(-127, 128, 64)
     k[0], k[32] = 127, -127  # each group's max |x| is 1: x = k / 127 is on the int8 grid
     x = (k / 127).astype(np.float32)
@@ -133,12 +135,12 @@ def test_int8_activations_exact_when_representable_and_close_otherwise(exported)
     for flag in (False, True):
         q.act8 = flag
         for n in (64, 20):  # dense and a top-20 selection
-            o = np.empty(96, np.float32)
+            o = np.empty(m, np.float32)
             q.select(x, n, np.empty(64, np.int64), np.empty(64, np.float32), o)
             outs.append(o)
     np.testing.assert_allclose(outs[2], outs[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(outs[3], outs[1], rtol=1e-5, atol=1e-5)
-    _, d = exported["llama", "int4"]
+    _, d = exported["llama", fmt]
     logits = []
     for acts in ("float32", "int8"):
         logits.append(run_ids(dense_model(d, activations=acts)))

@@ -15,12 +15,14 @@ than a gap merged, into a buffer laid out like the hook in the file.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from dipstream.engine import blocks
 from dipstream.engine.model import LeanModel, load_matrix, read_headers
 from dipstream.engine.qmatrix import QMatrix, engine_lib, topk_abs
 from dipstream.errors import DipstreamError
@@ -136,6 +138,7 @@ class RamMLP:
         self._coef = np.empty(max(d, D), np.float32)
         self._sel = {"in": [q.selector(self._idx["in"], self._coef, self._gu) for q in self.w["in"]],
                      "out": [q.selector(self._idx["out"], self._coef, self._y) for q in self.w["out"]]}
+        self._blocks()
         self.rec = _Recorder(model.L, record_masks)
         self.counters = MlpCounters()
         self.pos = 0
@@ -146,21 +149,29 @@ class RamMLP:
     def close(self) -> None:
         pass
 
-    def __call__(self, i: int, x: np.ndarray, resid: np.ndarray | None = None) -> np.ndarray:
+    def _blocks(self) -> None:
+        """The native MLP blocks' arguments, one structure per layer (see engine.blocks)."""
+        m, vec = self.model, self.model.vec.get
+        work = [blocks.ptr(a) for a in (self._gu, self._h, self._y, self._idx["in"], self._idx["out"], self._coef)]
+        self.blk = [blocks.DsMlp(blocks.mat(self.w["in"][i]), blocks.mat(self.w["out"][i]),
+                                 blocks.ptr(vec(f"layers.{i}.mlp_norm")), blocks.ptr(vec(f"layers.{i}.post_mlp_norm")),
+                                 self.chooser.k_of("in", i, m.d), self.chooser.k_of("out", i, m.D), *work)
+                    for i in range(m.L)]
+        self._refs = [ctypes.byref(b) for b in self.blk]
+        self._got = np.zeros(2, np.int64)
+
+    def block(self, i: int, x: np.ndarray) -> None:
+        """x += layer i's MLP of norm(x) (post-normed where the family does), one native call."""
         t0 = time.perf_counter()
-        m, D = self.model, self.model.D
-        nt = m.nthreads
-        wi, wo = self.w["in"][i], self.w["out"][i]
-        k_in = self.chooser.k_of("in", i, m.d)
-        got = self._sel["in"][i](x, k_in, nt)
-        h = m.glu(self._gu, self._h)
-        k_out = self.chooser.k_of("out", i, D)
-        got2 = self._sel["out"][i](h, k_out, nt)
+        m = self.model
+        if m._lib.ds_mlp_block(m._ctx_ref, self._refs[i], x.ctypes.data, self._got.ctypes.data) != 0:
+            raise MemoryError("native MLP block failed")
+        got, got2 = int(self._got[0]), int(self._got[1])
         c = self.counters
-        c.selected_bytes += got * wi.stride + got2 * wo.stride
-        c.ram_bytes += got * wi.stride + got2 * wo.stride
+        c.selected_bytes += got * self.w["in"][i].stride + got2 * self.w["out"][i].stride
+        c.ram_bytes += got * self.w["in"][i].stride + got2 * self.w["out"][i].stride
         if self.rec.record:
-            for kind, idx, n in (("in", self._idx["in"][:got], m.d), ("out", self._idx["out"][:got2], D)):
+            for kind, idx, n in (("in", self._idx["in"][:got], m.d), ("out", self._idx["out"][:got2], m.D)):
                 mk = np.zeros(n, bool)
                 mk[idx] = True
                 self.rec.add(kind, i, mk)
@@ -168,7 +179,6 @@ class RamMLP:
             c.tokens += 1
             self.pos += 1
         c.mlp_s += time.perf_counter() - t0
-        return self._y.copy()
 
 
 class OffloadMLP:
@@ -467,3 +477,9 @@ class OffloadMLP:
             self.counters.tokens += 1
         self.counters.mlp_s += time.perf_counter() - t0
         return y
+
+    def block(self, i: int, x: np.ndarray) -> None:
+        """x += layer i's MLP of norm(x) (post-normed where the family does)."""
+        m, p = self.model, f"layers.{i}."
+        y = self(i, m.norm(x, m.vec[p + "mlp_norm"]), x)
+        x += m.norm(y, m.vec[p + "post_mlp_norm"]) if p + "post_mlp_norm" in m.vec else y

@@ -10,11 +10,13 @@ Verified token for token against the model's own Hugging Face forward in float32
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
 import numpy as np
 
+from dipstream.engine import blocks
 from dipstream.engine.head import StreamedHead
 from dipstream.engine.modelfile import DATA, TensorInfo, read_manifest, verify_sha256
 from dipstream.engine.qmatrix import QMatrix, dequantize_records, engine_lib
@@ -23,7 +25,7 @@ from dipstream.simulator.model_shape import ModelShape
 
 
 HEAD_PLACES = ("ram", "stream")
-ACTIVATIONS = ("float32", "int8")  # int8: int4 products with activations quantized per input group
+ACTIVATIONS = ("float32", "int8")  # int8: int4 / int8 products with activations quantized per input group
 
 
 def read_block(fd: int, info: TensorInfo) -> np.ndarray:
@@ -63,7 +65,7 @@ ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu_new
 class LeanModel:
     """A model file's static weights in RAM, its KV cache, and `forward(token, pos) -> logits`.
 
-    `mlp`: an object with ``__call__(layer, h (d,)) -> y (d,)`` and ``new_sequence()`` (see
+    `mlp`: an object with ``block(layer, x (d,))`` (x += the MLP of norm(x)) and ``new_sequence()`` (see
     :mod:`dipstream.engine.mlp`); set after construction (it may need this model's file)."""
 
     def __init__(self, directory: str | os.PathLike, max_seq: int, nthreads: int = 1, verify: bool = False,
@@ -138,6 +140,7 @@ class LeanModel:
         self._idx = np.empty(max(self.d, self.H * self.hd) + 1, np.int64)
         self._coef = np.empty_like(self._idx, dtype=np.float32)
         self._sel = {n: (q.selector(self._idx, self._coef, self._out[n]), q.rows) for n, q in self.w.items()}
+        self._blocks()
         self.mlp = None
 
     def _rope(self, theta: float):
@@ -180,11 +183,6 @@ class LeanModel:
             raise ValueError("ds_rmsnorm failed")
         return out
 
-    def head_norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """RMS norm over each head's last axis (q/k norms)."""
-        r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32) + np.float32(self.arch["eps"]))
-        return (x * r) * ((w + np.float32(1.0)) if self.family == "gemma3" else w)
-
     def embed(self, tok: int) -> np.ndarray:
         if self.head is not None:
             x = self.head.lookup(tok)
@@ -195,39 +193,40 @@ class LeanModel:
             x = self.w["head"].column(tok)
         return x * self.embed_scale if self.embed_scale is not None else x.copy()
 
-    def attention(self, i: int, h: np.ndarray, pos: int) -> np.ndarray:
-        p = f"layers.{i}."
-        if p + "qkv" in self.w:
-            nq, nk = self.H * self.hd, self.Hkv * self.hd
-            qkv = self.linear(p + "qkv", h)
-            q, k, v = qkv[:nq].copy(), qkv[nq:nq + nk].copy(), qkv[nq + nk:].copy()
-        else:
-            q = self.linear(p + "q", h).copy()
-            k = self.linear(p + "k", h).copy()
-            v = self.linear(p + "v", h).copy()
-        if p + "q_bias" in self.vec:
-            q += self.vec[p + "q_bias"]
-            k += self.vec[p + "k_bias"]
-            v += self.vec[p + "v_bias"]
-        q = q.reshape(self.H, self.hd)
-        k = k.reshape(self.Hkv, self.hd)
-        if p + "q_norm" in self.vec:
-            q = self.head_norm(q, self.vec[p + "q_norm"])
-            k = self.head_norm(k, self.vec[p + "k_norm"])
-        theta = self.arch["rope_local_theta"] if self.local[i] and self.arch["rope_local_theta"] else \
-            self.arch["rope_theta"]
-        cos, sin = self.rope[theta]
-        lo = max(0, pos - self.window + 1) if self.local[i] and self.window else 0
-        q, k = np.ascontiguousarray(q, np.float32), np.ascontiguousarray(k, np.float32)
-        v = np.ascontiguousarray(v, np.float32)
-        o = self._att
-        rc = self._lib.ds_attend_token(q.ctypes.data, k.ctypes.data, v.ctypes.data, cos[pos].ctypes.data,
-                                       sin[pos].ctypes.data, self.K[i].ctypes.data, self.Vc[i].ctypes.data, self.H,
-                                       self.Hkv, self.hd, self.max_seq, pos, lo, float(self.scale),
-                                       int(self.K.dtype == np.float16), o.ctypes.data)
-        if rc != 0:
-            raise MemoryError("native attention failed")
-        return self.linear(p + "o", o)
+    def _blocks(self) -> None:
+        """The native attention blocks' arguments, one structure per layer (see engine.blocks)."""
+        nq, nk = self.H * self.hd, self.Hkv * self.hd
+        wide = max(self.d, nq)
+        self._work = {"h": np.empty(self.d, np.float32), "qkv": np.empty(nq + 2 * nk, np.float32),
+                      "o": np.empty(wide, np.float32), "idx": np.empty(wide + 1, np.int64),
+                      "coef": np.empty(wide + 1, np.float32)}
+        w = self._work
+        self.ctx = blocks.DsCtx(self.d, self.H, self.Hkv, self.hd, self.max_seq, self._eps, float(self.scale),
+                                self._gemma, int(self.K.dtype == np.float16), self.nthreads, self.act_code,
+                                *(blocks.ptr(a) for a in (w["h"], w["qkv"], self._att, w["o"], w["idx"],
+                                                          w["coef"])))
+        self.attn = []
+        for i in range(self.L):
+            p, vec = f"layers.{i}.", self.vec.get
+            mats = [self.w[p + "qkv"]] if p + "qkv" in self.w else [self.w[p + n] for n in "qkv"]
+            qkv = (blocks.DsMat * 3)(*(blocks.mat(q) for q in mats))
+            theta = self.arch["rope_local_theta"] if self.local[i] and self.arch["rope_local_theta"] else \
+                self.arch["rope_theta"]
+            cos, sin = self.rope[theta]
+            self.attn.append(blocks.DsAttn(
+                qkv, blocks.mat(self.w[p + "o"]),
+                *(blocks.ptr(vec(p + n)) for n in ("attn_norm", "post_attn_norm", "q_bias", "k_bias", "v_bias",
+                                                   "q_norm", "k_norm")),
+                blocks.ptr(cos), blocks.ptr(sin), blocks.ptr(self.K[i]), blocks.ptr(self.Vc[i]),
+                self.window if self.local[i] and self.window else 0))
+        self._ctx_ref = ctypes.byref(self.ctx)
+        self._attn_ref = [ctypes.byref(a) for a in self.attn]
+
+    def attention_block(self, i: int, x: np.ndarray, pos: int) -> None:
+        """x += layer i's attention of the token at `pos` (post-normed where the family does),
+        in one native call; the token's k and v enter the cache."""
+        if self._lib.ds_attention_block(self._ctx_ref, self._attn_ref[i], x.ctypes.data, pos) != 0:
+            raise MemoryError("native attention block failed")
 
     # ------------------------------------------------------------------ one token
     def forward(self, tok: int, pos: int) -> np.ndarray:
@@ -235,13 +234,10 @@ class LeanModel:
         if pos >= self.max_seq:
             raise DipstreamError(f"position {pos} is past the KV cache of {self.max_seq} tokens")
         x = self.embed(int(tok)).astype(np.float32, copy=False)
-        gemma = self.family == "gemma3"
+        x = np.ascontiguousarray(x, np.float32)
         for i in range(self.L):
-            p = f"layers.{i}."
-            a = self.attention(i, self.norm(x, self.vec[p + "attn_norm"]), pos)
-            x = x + (self.norm(a, self.vec[p + "post_attn_norm"]) if gemma else a)
-            y = self.mlp(i, self.norm(x, self.vec[p + "mlp_norm"]), x)
-            x = x + (self.norm(y, self.vec[p + "post_mlp_norm"]) if gemma else y)
+            self.attention_block(i, x, pos)
+            self.mlp.block(i, x)
         xn = self.norm(x, self.vec["final_norm"])
         if self.head is not None:
             return self.head.logits(xn, self._out["head"], self.nthreads).copy()

@@ -125,7 +125,7 @@ class QMatrix:
         self.hd = None if hd is None else np.ascontiguousarray(hd)
         self.hm = None if hm is None else np.ascontiguousarray(hm)
         self.bits = {"int8": 8, "int4": 4}.get(fmt, 32)
-        self.act8 = bool(act8)  # int4: products with each input group's coefficients quantized to int8
+        self.act8 = bool(act8)  # int4 / int8: products with each input group's coefficients quantized to int8
         self._lib = engine_lib()
 
     @classmethod

@@ -87,8 +87,9 @@ class EngineOptions:
                 "where records are at most half --read-gap, else predicted) or off",
         "choices": ("auto", "predicted", "uncached", "off")})
     activations: str = field(default="float32", metadata={
-        "help": "lean engine: int8 multiplies int4 weights by activations quantized to 8 bits per group of 32 "
-                "inputs (as llama.cpp does; about 2x faster products, a small perplexity cost), float32 exact",
+        "help": "lean engine: int8 multiplies int4 and int8 weights (the head too) by activations quantized to 8 "
+                "bits per group of 32 inputs (as llama.cpp does; integer products, about 2x faster, a small "
+                "perplexity cost), float32 exact",
         "choices": ("float32", "int8")})
     head: str = field(default="auto", metadata={
         "help": "lean engine: where the output head (and embedding) lives: ram, stream (read from the model "

@@ -40,7 +40,7 @@ from dipstream.validation import private_dir
 
 __all__ = ["load", "status", "sources"]
 
-KERNEL_VERSION = 24
+KERNEL_VERSION = 25
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("gemv.c", "pread.c", "decode.c")
 
@@ -153,6 +153,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_rmsnorm.restype = I
     lib.ds_glu.argtypes = [P, I64, I, P]
     lib.ds_glu.restype = I
+    lib.ds_attention_block.argtypes = [P, P, P, I64]  # structs: dipstream.engine.blocks
+    lib.ds_attention_block.restype = I
+    lib.ds_mlp_block.argtypes = [P, P, P, P]
+    lib.ds_mlp_block.restype = I
     lib.ds_pread_batch.argtypes = [I, I64, P, P, P, I]
     lib.ds_pread_batch.restype = I
     lib.ds_pread_submit.argtypes = [I, I64, P, P, P, I]

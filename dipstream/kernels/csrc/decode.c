@@ -14,46 +14,69 @@ static inline void row_f16_to_f32(const uint16_t* restrict src, float* restrict 
     for (; j < n; ++j) dst[j] = h2f(src[j]);
 }
 
+/* a . b over n floats (8-wide partial sums where AVX2 is built, so not the sequential order). */
+static inline float dot(const float* restrict a, const float* restrict b, int64_t n)
+{
+    int64_t j = 0;
+    float r = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+    }
+    for (; j + 8 <= n; j += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+    s0 = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    r = _mm_cvtss_f32(h);
+#endif
+    for (; j < n; ++j) r += a[j] * b[j];
+    return r;
+}
+
 /* out[h*hd:(h+1)*hd] = softmax_t(scale * q_h . K[kv, t]) . V[kv, t] over t in [lo, hi), for every
  * query head h (kv = h / (H / Hkv)).  K and V: (Hkv, ld_seq, hd) of 4-byte floats (f16 = 0) or
- * halves (f16 = 1).  Scores in float32, max-subtracted, as numpy did.  Returns 0, or -1 when the
- * arguments are inconsistent or memory runs out. */
+ * halves (f16 = 1).  Scores in float32, max-subtracted, as numpy did; each cache row is read (and
+ * widened) once for the query heads that share it.  Returns 0, or -1 when the arguments are
+ * inconsistent or memory runs out. */
 DS_API int ds_attend(const float* q, const void* K, const void* V, int64_t H, int64_t Hkv, int64_t hd,
                      int64_t ld_seq, int64_t lo, int64_t hi, float scale, int f16, float* out)
 {
     if (H <= 0 || Hkv <= 0 || H % Hkv || hd <= 0 || lo < 0 || hi <= lo || hi > ld_seq) return -1;
     const int64_t n = hi - lo, g = H / Hkv;
-    float* s = (float*)malloc((size_t)(n + 2 * hd) * sizeof(float));
+    float* s = (float*)malloc((size_t)(g * n + hd) * sizeof(float));
     if (!s) return -1;
-    float* krow = s + n;
-    float* vrow = krow + hd;
-    for (int64_t h = 0; h < H; ++h) {
-        const int64_t kv = h / g;
-        const float* qh = q + h * hd;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < n; ++t) {
+    float* row = s + g * n;
+    for (int64_t kv = 0; kv < Hkv; ++kv) {
+        for (int64_t t = 0; t < n; ++t) {  /* scores of the g heads that share this kv head */
             const int64_t at = (kv * ld_seq + lo + t) * hd;
             const float* kr;
-            if (f16) { row_f16_to_f32((const uint16_t*)K + at, krow, hd); kr = krow; }
+            if (f16) { row_f16_to_f32((const uint16_t*)K + at, row, hd); kr = row; }
             else kr = (const float*)K + at;
-            float d = 0.0f;
-            for (int64_t j = 0; j < hd; ++j) d += qh[j] * kr[j];
-            d *= scale;
-            s[t] = d;
-            if (d > mx) mx = d;
+            for (int64_t a = 0; a < g; ++a) s[a * n + t] = dot(q + (kv * g + a) * hd, kr, hd) * scale;
         }
-        float sum = 0.0f;
-        for (int64_t t = 0; t < n; ++t) { s[t] = expf(s[t] - mx); sum += s[t]; }
-        const float inv = 1.0f / sum;
-        float* o = out + h * hd;
-        for (int64_t j = 0; j < hd; ++j) o[j] = 0.0f;
+        for (int64_t a = 0; a < g; ++a) {  /* softmax per head */
+            float* sa = s + a * n;
+            float mx = -INFINITY, sum = 0.0f;
+            for (int64_t t = 0; t < n; ++t) mx = sa[t] > mx ? sa[t] : mx;
+            for (int64_t t = 0; t < n; ++t) { sa[t] = expf(sa[t] - mx); sum += sa[t]; }
+            const float inv = 1.0f / sum;
+            for (int64_t t = 0; t < n; ++t) sa[t] *= inv;
+            float* o = out + (kv * g + a) * hd;
+            for (int64_t j = 0; j < hd; ++j) o[j] = 0.0f;
+        }
         for (int64_t t = 0; t < n; ++t) {
             const int64_t at = (kv * ld_seq + lo + t) * hd;
             const float* vr;
-            if (f16) { row_f16_to_f32((const uint16_t*)V + at, vrow, hd); vr = vrow; }
+            if (f16) { row_f16_to_f32((const uint16_t*)V + at, row, hd); vr = row; }
             else vr = (const float*)V + at;
-            const float p = s[t] * inv;
-            for (int64_t j = 0; j < hd; ++j) o[j] += p * vr[j];
+            for (int64_t a = 0; a < g; ++a) {
+                const float p = s[a * n + t];
+                float* restrict o = out + (kv * g + a) * hd;
+                for (int64_t j = 0; j < hd; ++j) o[j] += p * vr[j];
+            }
         }
     }
     free(s);
@@ -143,5 +166,111 @@ DS_API int ds_rmsnorm(const float* x, int64_t n, const float* w, float eps, int 
     const float r = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
     const float add = plus_one ? 1.0f : 0.0f;
     for (int64_t j = 0; j < n; ++j) out[j] = x[j] * r * (w[j] + add);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- whole blocks, one call each
+ * A token's pass through one layer in two calls (attention block, RAM-resident MLP block)
+ * instead of a dozen small ones: the same kernels in the same order as the step-by-step path. */
+
+/* One weight matrix as records by input (dipstream.engine.qmatrix): bits 32 (float32 records),
+ * 8 or 4 (input-grouped, float16 headers hd / hm). */
+typedef struct {
+    const uint8_t* rec; const uint16_t* hd; const uint16_t* hm;
+    int64_t rows, m, stride, group, gi;
+    int32_t bits, act8;
+} ds_mat_t;
+
+/* out = the top-k |v| records' combination (k >= rows: the dense product); returns the count. */
+static int64_t mat_select(const ds_mat_t* w, const float* v, int64_t k, int64_t* idx, float* coef,
+                          float* out, int nthreads)
+{
+    if (w->bits == 32)
+        return ds_select_gemv(v, w->rows, k, (const float*)w->rec, w->stride / 4, w->m, idx, coef, out, nthreads);
+    return ds_select_gemv_qg(v, w->rows, k, w->rec, w->stride, w->group, w->bits, w->hd, w->hm, w->gi, w->m,
+                             idx, coef, out, nthreads, w->act8);
+}
+
+/* What every block of a model shares: shapes, norm rule, thread count and work buffers. */
+typedef struct {
+    int64_t d, H, Hkv, hd, max_seq;
+    float eps, scale;
+    int32_t gemma, f16, nthreads, act;
+    float *h, *qkv, *att, *o;   /* work: d, (H + 2 Hkv) hd, H hd, max(d, H hd) */
+    int64_t* idx; float* coef;  /* work: max(d, H hd) + 1 */
+} ds_ctx_t;
+
+/* One layer's attention: its matrices (q, k, v side by side in qkv[0] when qkv[1].rec is NULL),
+ * norms and biases (NULL where the family has none), RoPE tables (max_seq, hd) and KV cache. */
+typedef struct {
+    ds_mat_t qkv[3], o;
+    const float *norm, *post_norm, *q_bias, *k_bias, *v_bias, *q_norm, *k_norm, *cos, *sin;
+    void *K, *V;
+    int64_t window;  /* sliding window in tokens (0: global attention) */
+} ds_attn_t;
+
+/* RMS norm over each of n heads of hd values, in place (q / k norms). */
+static void head_norm(float* x, int64_t n, int64_t hd, const float* w, float eps, int plus_one)
+{
+    for (int64_t a = 0; a < n; ++a)
+        ds_rmsnorm(x + a * hd, hd, w, eps, plus_one, x + a * hd);
+}
+
+static void add_to(float* restrict x, const float* restrict y, int64_t n)
+{
+    for (int64_t j = 0; j < n; ++j) x[j] += y[j];
+}
+
+/* x += [post-norm] o(attention(norm(x))) for the token at `pos` (its k and v enter the cache).
+ * Returns 0, or -1 when a kernel fails. */
+DS_API int ds_attention_block(const ds_ctx_t* c, const ds_attn_t* a, float* x, int64_t pos)
+{
+    const int64_t nq = c->H * c->hd, nk = c->Hkv * c->hd;
+    if (ds_rmsnorm(x, c->d, a->norm, c->eps, c->gemma, c->h)) return -1;
+    if (a->qkv[1].rec == NULL) {
+        if (mat_select(&a->qkv[0], c->h, a->qkv[0].rows, c->idx, c->coef, c->qkv, c->nthreads) < 0) return -1;
+    } else {
+        for (int t = 0; t < 3; ++t)
+            if (mat_select(&a->qkv[t], c->h, a->qkv[t].rows, c->idx, c->coef, c->qkv + (t ? nq + (t - 1) * nk : 0),
+                           c->nthreads) < 0) return -1;
+    }
+    float *q = c->qkv, *k = q + nq, *v = k + nk;
+    if (a->q_bias) { add_to(q, a->q_bias, nq); add_to(k, a->k_bias, nk); add_to(v, a->v_bias, nk); }
+    if (a->q_norm) {
+        head_norm(q, c->H, c->hd, a->q_norm, c->eps, c->gemma);
+        head_norm(k, c->Hkv, c->hd, a->k_norm, c->eps, c->gemma);
+    }
+    const int64_t lo = a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
+    if (ds_attend_token(q, k, v, a->cos + pos * c->hd, a->sin + pos * c->hd, a->K, a->V, c->H, c->Hkv, c->hd,
+                        c->max_seq, pos, lo, c->scale, c->f16, c->att)) return -1;
+    if (mat_select(&a->o, c->att, a->o.rows, c->idx, c->coef, c->o, c->nthreads) < 0) return -1;
+    if (a->post_norm && ds_rmsnorm(c->o, c->d, a->post_norm, c->eps, c->gemma, c->o)) return -1;
+    add_to(x, c->o, c->d);
+    return 0;
+}
+
+/* One layer's MLP with its records in RAM: the top-k_in |norm(x)| records of `in` ([gate | up]
+ * per unit), h = act(gate) * up, the top-k_out |h| records of `out`; idx_in / idx_out receive the
+ * selections (ascending) and got[0..1] their sizes. */
+typedef struct {
+    ds_mat_t in, out;
+    const float *norm, *post_norm;
+    int64_t k_in, k_out;
+    float *gu, *h, *y;            /* work: 2 D, D, d */
+    int64_t *idx_in, *idx_out;    /* work: d, D */
+    float* coef;                  /* work: max(d, D) */
+} ds_mlp_t;
+
+/* x += [post-norm] MLP(norm(x)).  Returns 0, or -1 when a kernel fails. */
+DS_API int ds_mlp_block(const ds_ctx_t* c, const ds_mlp_t* l, float* x, int64_t* got)
+{
+    const int64_t D = l->out.rows;
+    if (ds_rmsnorm(x, c->d, l->norm, c->eps, c->gemma, c->h)) return -1;
+    got[0] = mat_select(&l->in, c->h, l->k_in, l->idx_in, l->coef, l->gu, c->nthreads);
+    if (got[0] < 0 || ds_glu(l->gu, D, c->act, l->h)) return -1;
+    got[1] = mat_select(&l->out, l->h, l->k_out, l->idx_out, l->coef, l->y, c->nthreads);
+    if (got[1] < 0) return -1;
+    if (l->post_norm && ds_rmsnorm(l->y, c->d, l->post_norm, c->eps, c->gemma, l->y)) return -1;
+    add_to(x, l->y, c->d);
     return 0;
 }

@@ -250,6 +250,83 @@ static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
     }
 }
 
+/* The int8 rows' counterpart of gq_act8 (Q8_0 x Q8 activations, as llama.cpp's int8 products):
+ * o[0:b-a] += hd * (s * sum_i cq_i * row idx[i][a:b]) with cq = round(c / s), s = max|c| / 127,
+ * over one input group's rows (no offsets: int8 rows have none).  Rows 4 at a time: their bytes
+ * interleaved per column, signed by their coefficient's sign and multiplied by |cq| (u8 x i8
+ * multiply-adds, exact int32 sums), so the AVX2 and the portable paths give the same numbers. */
+static void gq_act8_i8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
+                       const float* restrict c, int64_t k, float* restrict o, const uint16_t* restrict hd)
+{
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; ++i) amax = fabsf(c[i]) > amax ? fabsf(c[i]) : amax;
+    const int64_t n = b - a, kk = k < 64 ? k : 64;
+    int8_t cq[68];
+    const float s = amax > 0.0f ? amax / 127.0f : 0.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int64_t i = 0; i < kk; ++i) cq[i] = (int8_t)lrintf(c[i] * inv);
+    for (int64_t i = kk; i < kk + 4; ++i) cq[i] = 0;  /* padding rows: coefficient 0 */
+    int64_t j0 = 0;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    const int64_t n32 = n / 32 * 32;
+    if (n32 > 0) {
+        __m256i acc[ACC_CHUNK / 8];
+        for (int64_t v = 0; v < n32 / 8; ++v) acc[v] = _mm256_setzero_si256();
+#if !defined(__AVXVNNI__)
+        const __m256i ones = _mm256_set1_epi16(1);
+#endif
+        for (int64_t i = 0; i < kk; i += 4) {
+            const uint8_t* r[4];
+            for (int t = 0; t < 4; ++t) r[t] = q->W + idx[i + t < kk ? i + t : i] * q->ldb + a;
+            for (int64_t ahead = i + PF_ROWS; ahead < i + PF_ROWS + 4 && ahead < kk; ++ahead) {
+                const uint8_t* nr = q->W + idx[ahead] * q->ldb + a;
+                for (int64_t j = 0; j < n32; j += 64) __builtin_prefetch(nr + j);
+            }
+            const __m256i sg[4] = {_mm256_set1_epi8(cq[i]), _mm256_set1_epi8(cq[i + 1]),
+                                   _mm256_set1_epi8(cq[i + 2]), _mm256_set1_epi8(cq[i + 3])};
+            const __m256i u = _mm256_set1_epi32((int)((uint32_t)(uint8_t)abs(cq[i])
+                                                      | (uint32_t)(uint8_t)abs(cq[i + 1]) << 8
+                                                      | (uint32_t)(uint8_t)abs(cq[i + 2]) << 16
+                                                      | (uint32_t)(uint8_t)abs(cq[i + 3]) << 24));
+            for (int64_t j = 0, v = 0; j < n32; j += 32, v += 4) {
+                const __m256i w0 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(r[0] + j)), sg[0]);
+                const __m256i w1 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(r[1] + j)), sg[1]);
+                const __m256i w2 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(r[2] + j)), sg[2]);
+                const __m256i w3 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(r[3] + j)), sg[3]);
+                const __m256i lo01 = _mm256_unpacklo_epi8(w0, w1), hi01 = _mm256_unpackhi_epi8(w0, w1);
+                const __m256i lo23 = _mm256_unpacklo_epi8(w2, w3), hi23 = _mm256_unpackhi_epi8(w2, w3);
+                /* per 128-bit lane, 4 columns each: lane 0 of x[t] holds columns 4t..4t+3, lane 1 16+4t.. */
+                const __m256i x[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
+                                      _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
+                for (int t = 0; t < 4; ++t)
+#if defined(__AVXVNNI__)
+                    acc[v + t] = _mm256_dpbusd_avx_epi32(acc[v + t], u, x[t]);
+#else
+                    acc[v + t] = _mm256_add_epi32(acc[v + t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, x[t]), ones));
+#endif
+            }
+        }
+        const __m256 vs = _mm256_set1_ps(s);
+        for (int64_t j = 0, v = 0; j < n32; j += 32, v += 4) {
+            const __m256i cols[4] = {_mm256_permute2x128_si256(acc[v], acc[v + 1], 0x20),
+                                     _mm256_permute2x128_si256(acc[v + 2], acc[v + 3], 0x20),
+                                     _mm256_permute2x128_si256(acc[v], acc[v + 1], 0x31),
+                                     _mm256_permute2x128_si256(acc[v + 2], acc[v + 3], 0x31)};
+            for (int t = 0; t < 4; ++t) {
+                const __m256 x = _mm256_mul_ps(_mm256_cvtepi32_ps(cols[t]), vs);
+                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hd + j + 8 * t)));
+                _mm256_storeu_ps(o + j + 8 * t, _mm256_fmadd_ps(d, x, _mm256_loadu_ps(o + j + 8 * t)));
+            }
+        }
+        j0 = n32;
+    }
+#endif
+    for (int64_t j = j0; j < n; ++j) {  /* portable (and the tail): the same integer sums */
+        int32_t sum = 0;
+        for (int64_t i = 0; i < kk; ++i) sum += cq[i] * (int32_t)((const int8_t*)q->W)[idx[i] * q->ldb + a + j];
+        o[j] += h2f(hd[j]) * (s * (float)sum);
+    }
+}
+
 /* Input-grouped rows: for each run of selected rows in one input group, acc = sum c q (raw
  * integers), then o += HD * acc + HM * sum c.  Runs need not be sorted; sorted units make
  * the fewest flushes.  `unit` is offset like idx. */
@@ -270,6 +347,8 @@ static void gq_grouped(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
             const uint16_t* hm = q->HM ? q->HM + g * q->m + a2 : NULL;
             if (q->act8 && q->bits == 4 && q->G == 32 && i1 - i0 <= 64) {
                 gq_act8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), hd, hm, sc);
+            } else if (q->act8 && q->bits == 8 && i1 - i0 <= 64) {
+                gq_act8_i8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), hd);
             } else {
                 gq_core(q, a2, b2, idx + i0, c + i0, i1 - i0, acc, 1);
                 flush_group(o + (a2 - a), acc, hd, hm, sc, b2 - a2);
