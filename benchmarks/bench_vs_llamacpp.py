@@ -142,6 +142,13 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--llama-token-by-token", action="store_true",
+                    help="llama.cpp evaluates prompts and perplexity windows one token at a time (its AMX kernels "
+                         "crash on multi-token batches on some Xeons, ggml-org/llama.cpp#20824; decoding is batch 1 "
+                         "either way, TTFT is slower)")
+    ap.add_argument("--llama-no-repack", action="store_true",
+                    help="llama.cpp keeps only its mmap of the GGUF: no repacked weight copies (extra buffer types, "
+                         "e.g. Q4_K for AVX-512), which live in anonymous memory and do not fit under a cap")
     ap.add_argument("--ppl-windows", type=int, default=4, help="eval windows for perplexity (0: skip)")
     ap.add_argument("--ppl-len", type=int, default=256, help="tokens per perplexity window (BOS first)")
     ap.add_argument("--kv-cache", default="float16", help="dipstream's KV cache precision (llama.cpp's default: f16)")
@@ -199,7 +206,8 @@ def main(argv=None) -> int:
         cap = cap_of(cfg, scen)
         row_file = None
         if cfg == "llama.cpp":
-            spec = {"prompt": a.prompt, "new_tokens": a.new_tokens}
+            spec = {"prompt": a.prompt, "new_tokens": a.new_tokens, "token_by_token": a.llama_token_by_token,
+                    "no_repack": a.llama_no_repack}
             cmd = [a.llama_python, str(HERE / "llamacpp_child.py"), "generate", str(gguf), str(t), json.dumps(spec)]
         else:
             row_file = out_dir / "row.json"
@@ -268,7 +276,7 @@ def perplexities(a, gguf: Path, model_dir: Path, configs, scenarios, cap_of) -> 
                     out[c, s] = out["llama.cpp", "ram"]
                     continue
                 r = run_child([a.llama_python, str(HERE / "llamacpp_child.py"), "perplexity", str(gguf), "2",
-                               str(wfile)], None)
+                               str(wfile), str(int(a.llama_token_by_token))], None)
             else:
                 cap = cap_of(c, s)
                 if c != "dip-ca" and (c, "ram") in out:  # dense and DIP: the cache does not change the result

@@ -30,8 +30,20 @@ def _read_bytes() -> int:
     return -1
 
 
-def _load(gguf: str, threads: int, n_ctx: int, logits_all: bool = False):
+def _load(gguf: str, threads: int, n_ctx: int, logits_all: bool = False, no_repack: bool = False):
     from llama_cpp import Llama
+
+    if no_repack:  # llama-cpp-python has no argument for it: default model params without extra buffers
+        import llama_cpp.llama as L
+
+        default = L.llama_cpp.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        L.llama_cpp.llama_model_default_params = params
 
     return Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=logits_all,
                  use_mmap=True, verbose=False)
@@ -44,17 +56,24 @@ def _last_logits(llm):
     return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
 
 
+def _eval(llm, ids: list[int], token_by_token: bool) -> None:
+    """Evaluate ids as one batch, or one token at a time: llama.cpp's AMX kernels crash on
+    multi-token batches on some Xeons (ggml-org/llama.cpp#20824) while its batch-1 path is fine."""
+    for chunk in ([[t] for t in ids] if token_by_token else [ids]):
+        llm.eval(chunk)
+
+
 def generate(gguf: str, threads: int, spec: dict) -> dict:
     """Greedy decoding of spec["new_tokens"] tokens (EOS not stopping), token by token."""
     import numpy as np
 
     t0 = time.perf_counter()
-    llm = _load(gguf, threads, spec.get("n_ctx", 512))
+    llm = _load(gguf, threads, spec.get("n_ctx", 512), no_repack=spec.get("no_repack", False))
     load_s = time.perf_counter() - t0
     ids = llm.tokenize(spec["prompt"].encode(), add_bos=spec.get("add_bos", False), special=False)
     rb0 = _read_bytes()
     t0 = time.perf_counter()
-    llm.eval(ids)
+    _eval(llm, ids, spec.get("token_by_token", False))
     nxt = int(np.argmax(_last_logits(llm)))
     ttft = time.perf_counter() - t0
     out, steps = [nxt], []
@@ -73,7 +92,7 @@ def generate(gguf: str, threads: int, spec: dict) -> dict:
             "rss_bytes": _status("VmRSS")}
 
 
-def perplexity(gguf: str, threads: int, windows: list[list[int]]) -> dict:
+def perplexity(gguf: str, threads: int, windows: list[list[int]], token_by_token: bool = False) -> dict:
     """Perplexity over token windows (each evaluated from an empty cache; every prediction
     counted), from llama.cpp's logits."""
     import numpy as np
@@ -82,7 +101,7 @@ def perplexity(gguf: str, threads: int, windows: list[list[int]]) -> dict:
     nll, n = 0.0, 0
     for w in windows:
         llm.reset()
-        llm.eval(w)
+        _eval(llm, w, token_by_token)
         z = np.asarray(llm.scores[:len(w) - 1], np.float64)
         zmax = z.max(1, keepdims=True)
         lse = np.log(np.exp(z - zmax).sum(1)) + zmax[:, 0]
@@ -102,7 +121,7 @@ def main(argv: list[str]) -> int:
         res = generate(argv[1], int(argv[2]), json.loads(argv[3]))
     elif mode == "perplexity":
         with open(argv[3]) as f:
-            res = perplexity(argv[1], int(argv[2]), json.load(f))
+            res = perplexity(argv[1], int(argv[2]), json.load(f), len(argv) > 4 and argv[4] == "1")
     else:
         raise SystemExit(f"unknown mode {mode}")
     print(json.dumps(res))

@@ -215,6 +215,16 @@ def test_streamed_head_equals_the_head_in_ram(exported, name, fmt):
         lm.close()
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max())
     assert static[0] - static[1] >= records - buffers - 4096  # records leave RAM; buffers (+ alignment) come
+    # the head in RAM, an untied embedding read from the file (what an offloaded run does)
+    lm = dense_model(d, head="ram", stream_embed=True)
+    np.testing.assert_array_equal(run_ids(lm), outs[0])
+    embed = lm.manifest["tensor_info"].get("embed")
+    if embed is None:  # tied: the head's records are the embedding, in RAM
+        assert lm.embed_reader is None and lm.static_bytes == static[0]
+    else:
+        assert lm.streamed_bytes == len(IDS[0]) * embed.stride
+        assert static[0] - lm.static_bytes == embed.nbytes
+    lm.close()
 
 
 def test_unread_records_are_never_used(exported, tmp_path):
@@ -511,7 +521,7 @@ def test_generate_hot_placement_from_a_train_split_profile(tiny_checkpoint, tmp_
     from dipstream.simulator.profile import load_profile, save_profile
 
     monkeypatch.setenv("DIPSTREAM_CACHE", str(tmp_path / "cache"))
-    base = ["--model", str(tiny_checkpoint), "--offload", str(tmp_path / "off"), "--dram", "150kB"]
+    base = ["--model", str(tiny_checkpoint), "--offload", str(tmp_path / "off"), "--dram", "120kB"]
     row = _gen([*base, "--policy", "hot", "--hot-fraction", "1"], tmp_path)
     assert 0 < row["capacity_in"] < 32 and row["preload_bytes"] > 0  # part of the MLP pinned, read at load
     prof = row["hot_profile"]

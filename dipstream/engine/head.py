@@ -27,17 +27,39 @@ def _check(rc: int) -> None:
         raise DipstreamError(f"reading the model file failed: {os.strerror(rc)}")
 
 
+class EmbeddingReader:
+    """An untied embedding read from the model file: one record per token, its headers in RAM
+    (an offloaded run keeps a vocabulary-sized table out of its budget for a few kB a token)."""
+
+    def __init__(self, directory, info: TensorInfo, headers: tuple):
+        self.info = info
+        self.q = QMatrix(np.zeros((1, info.stride), np.uint8), info.fmt, info.m, *headers, units=info.rows)
+        self.fd = os.open(os.path.join(directory, DATA), os.O_RDONLY)
+        self.ram_bytes = self.q.header_bytes
+        self.disk_bytes = 0
+
+    def lookup(self, tok: int) -> np.ndarray:
+        e = self.info
+        rec = np.empty((1, e.stride), np.uint8)
+        if os.preadv(self.fd, [memoryview(rec).cast("B")], e.offset + tok * e.stride) != e.stride:
+            raise DipstreamError("the model file ended early; export the model again")
+        self.disk_bytes += e.stride
+        return dequantize_records(rec, e.fmt, e.m, self.q.hd, self.q.hm, self.q.gi or 1, first=tok)[0]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class StreamedHead:
     """`logits(x)` = head(x) and `lookup(tok)` = the embedding of tok, reading the file each time."""
 
     def __init__(self, directory, head: TensorInfo, embed: TensorInfo | None, headers: dict,
                  io_threads: int = 4, direct: bool = True, act8: bool = False):
         lib = engine_lib()
-        self.lib, self.io_threads, self.info, self.embed_info = lib, int(io_threads), head, embed
+        self.lib, self.io_threads, self.info = lib, int(io_threads), head
         self.q = QMatrix(np.zeros((1, head.stride), np.uint8), head.fmt, head.m, *headers["head"], units=head.rows,
                          act8=act8)
-        self.eq = None if embed is None else QMatrix(np.zeros((1, embed.stride), np.uint8), embed.fmt, embed.m,
-                                                     *headers["embed"], units=embed.rows)
+        self.embed = None if embed is None else EmbeddingReader(directory, embed, headers["embed"])
         path = os.path.join(directory, DATA)
         self.fd = os.open(path, os.O_RDONLY)  # buffered: the lookup's small reads
         self.dfd, self.direct = self.fd, False
@@ -53,8 +75,8 @@ class StreamedHead:
         off = (-raw.ctypes.data) % BLOCK
         self.buf = [raw[off:off + span], raw[off + span:off + 2 * span]]
         self.part = np.empty(head.m, np.float32)
-        self.ram_bytes = raw.nbytes + self.q.header_bytes + (self.eq.header_bytes if self.eq else 0)
-        self.disk_bytes = 0
+        self.ram_bytes = raw.nbytes + self.q.header_bytes + (self.embed.ram_bytes if self.embed else 0)
+        self._disk_bytes = 0
         self.io_wait_s = 0.0
 
     @staticmethod
@@ -68,7 +90,13 @@ class StreamedHead:
         span = StreamedHead.chunk_rows(head) * head.stride + 2 * BLOCK
         return 2 * (span + (-span) % BLOCK) + BLOCK
 
+    @property
+    def disk_bytes(self) -> int:
+        return self._disk_bytes + (self.embed.disk_bytes if self.embed else 0)
+
     def close(self) -> None:
+        if self.embed is not None:
+            self.embed.close()
         if self.dfd != self.fd:
             os.close(self.dfd)
         os.close(self.fd)
@@ -97,7 +125,7 @@ class StreamedHead:
                 _check(self.lib.ds_pread_batch(self.dfd, fo.size, fo.ctypes.data, lens.ctypes.data, dst.ctypes.data,
                                                self.io_threads))
                 self.io_wait_s += time.perf_counter() - t0
-                self.disk_bytes += int(lens.sum())
+                self._disk_bytes += int(lens.sum())
             else:
                 t0 = time.perf_counter()
                 _check(self.lib.ds_pread_wait(None))
@@ -108,7 +136,7 @@ class StreamedHead:
                 fo, lens, dst, nskip = self._extents(*chunks[c + 1], self.buf[(c + 1) % 2])
                 _check(self.lib.ds_pread_submit(self.dfd, fo.size, fo.ctypes.data, lens.ctypes.data, dst.ctypes.data,
                                                 self.io_threads))
-                self.disk_bytes += int(lens.sum())
+                self._disk_bytes += int(lens.sum())
                 pending = nskip
             rec = buf[skip:skip + (r1 - r0) * st].reshape(r1 - r0, st)
             units = np.arange(r0, r1, dtype=np.int64)
@@ -119,13 +147,8 @@ class StreamedHead:
 
     def lookup(self, tok: int) -> np.ndarray:
         """The embedding of `tok`: its record (untied) or output `tok` of every head record (tied)."""
-        if self.eq is not None:
-            e = self.embed_info
-            rec = np.empty((1, e.stride), np.uint8)
-            if os.preadv(self.fd, [memoryview(rec).cast("B")], e.offset + tok * e.stride) != e.stride:
-                raise DipstreamError("the model file ended early; export the model again")
-            self.disk_bytes += e.stride
-            return dequantize_records(rec, e.fmt, e.m, self.eq.hd, self.eq.hm, self.eq.gi or 1, first=tok)[0]
+        if self.embed is not None:
+            return self.embed.lookup(tok)
         q, info = self.q, self.info
         pos, width = q.column_bytes(tok)
         fo = info.offset + np.arange(info.rows, dtype=np.int64) * info.stride + pos
@@ -134,5 +157,5 @@ class StreamedHead:
         dst = got.ctypes.data + 4 * np.arange(info.rows, dtype=np.int64)
         _check(self.lib.ds_pread_batch(self.fd, info.rows, fo.ctypes.data, lens.ctypes.data, dst.ctypes.data,
                                        self.io_threads))
-        self.disk_bytes += info.rows * width
+        self._disk_bytes += info.rows * width
         return q.decode_column(got[:, :width], tok)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dipstream.engine import blocks
-from dipstream.engine.head import StreamedHead
+from dipstream.engine.head import EmbeddingReader, StreamedHead
 from dipstream.engine.modelfile import DATA, TensorInfo, read_manifest, verify_sha256
 from dipstream.engine.qmatrix import QMatrix, dequantize_records, engine_lib
 from dipstream.errors import DipstreamError
@@ -69,7 +69,8 @@ class LeanModel:
     :mod:`dipstream.engine.mlp`); set after construction (it may need this model's file)."""
 
     def __init__(self, directory: str | os.PathLike, max_seq: int, nthreads: int = 1, verify: bool = False,
-                 kv_dtype: str = "float32", head: str = "ram", io_threads: int = 4, activations: str = "float32"):
+                 kv_dtype: str = "float32", head: str = "ram", io_threads: int = 4, activations: str = "float32",
+                 stream_embed: bool = False):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         if verify:
@@ -96,7 +97,7 @@ class LeanModel:
         self.fd = os.open(self.directory / DATA, os.O_RDONLY)
         self.w: dict[str, QMatrix] = {}
         self.vec: dict[str, np.ndarray] = {}
-        streamed = ("head", "embed") if head == "stream" else ()
+        streamed = ("head", "embed") if head == "stream" else ("embed",) if stream_embed else ()
         for name, info in infos.items():
             if name.endswith(("mlp_in", "mlp_out")) or name in streamed:
                 continue  # the MLP backend (and a streamed head) reads these
@@ -112,13 +113,15 @@ class LeanModel:
                 self.w[f"layers.{i}.qkv"] = qkv
                 for n in names:
                     del self.w[n]
-        self.head = None
-        if streamed:
+        self.head = self.embed_reader = None
+        if head != "stream" and streamed and "embed" in infos:  # untied: one record per token from the file
+            self.embed_reader = EmbeddingReader(self.directory, infos["embed"], read_headers(self.fd, infos["embed"]))
+        elif head == "stream":
             self.head = StreamedHead(self.directory, infos["head"], infos.get("embed"),
                                      {n: read_headers(self.fd, infos[n]) for n in streamed if n in infos}, io_threads,
                                      act8=self.act8)
         self.static_bytes = sum(q.nbytes for q in self.w.values()) + sum(v.nbytes for v in self.vec.values()) \
-            + (self.head.ram_bytes if self.head else 0)
+            + (self.head.ram_bytes if self.head else 0) + (self.embed_reader.ram_bytes if self.embed_reader else 0)
         if hasattr(os, "posix_fadvise"):  # the copies are in RAM now: drop the file's cached pages
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         # KV cache and RoPE tables, allocated once
@@ -150,9 +153,15 @@ class LeanModel:
         return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
     def close(self) -> None:
-        if self.head is not None:
-            self.head.close()
+        for reader in (self.head, self.embed_reader):
+            if reader is not None:
+                reader.close()
         os.close(self.fd)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes a streamed head and embedding have read from the file so far."""
+        return sum(r.disk_bytes for r in (self.head, self.embed_reader) if r is not None)
 
     def mlp_stride(self, kind: str) -> int:
         """Bytes of one MLP record of hook kind "in" or "out"."""
@@ -184,8 +193,8 @@ class LeanModel:
         return out
 
     def embed(self, tok: int) -> np.ndarray:
-        if self.head is not None:
-            x = self.head.lookup(tok)
+        if self.head is not None or self.embed_reader is not None:
+            x = (self.head or self.embed_reader).lookup(tok)
         elif "embed" in self.w:
             e = self.w["embed"]
             x = dequantize_records(e.rec[tok:tok + 1], e.fmt, e.m, e.hd, e.hm, e.gi, first=tok)[0]

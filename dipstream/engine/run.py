@@ -165,14 +165,16 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
     """The lean model with its MLP backend and a description of its RAM. With `offload`, the
     MLP caches get `cache_bytes`, or what `memory` (the whole process) leaves after the RSS now,
     the static weights, the KV cache, the buffers and a margin. `head`: ram, stream (read from
-    the file each token) or auto (stream only when a --memory budget cannot hold it)."""
+    the file each token) or auto (stream only when a --memory budget cannot hold it). Offloaded,
+    an untied embedding is always read from the file (one record per token)."""
     baseline = rss_bytes()
     if head == "auto":
         fits = memory is None or not offload or \
-            baseline + ram_before_caches(read_manifest(directory), max_seq, kv_cache) + MARGIN <= memory
+            baseline + ram_before_caches(read_manifest(directory), max_seq, kv_cache, stream_embed=True) + MARGIN \
+            <= memory
         head = "ram" if fits else "stream"
     lm = LeanModel(directory, max_seq, threads, kv_dtype=kv_cache, head=head, io_threads=io_threads,
-                   activations=activations)
+                   activations=activations, stream_embed=offload)
     a = lm.arch
     keeps = layer_keeps(density, lm.L, up_keep, down_keep, keep_file)
     chooser = MaskChooser(method, [keeps.k_in(i, lm.d) for i in range(lm.L)],
@@ -209,13 +211,14 @@ def build(directory: Path, method: str, density: float, max_seq: int, *, offload
     return lm, info
 
 
-def ram_before_caches(manifest: dict, max_seq: int, kv_cache: str = "float32", head: str = "ram") -> int:
+def ram_before_caches(manifest: dict, max_seq: int, kv_cache: str = "float32", head: str = "ram",
+                      stream_embed: bool = False) -> int:
     """Weight and KV bytes an offloaded run holds before any MLP cache: the static weights and
-    their headers (a streamed head: its headers and chunk buffers), the KV cache at `max_seq`, the
-    MLP's read buffers and headers."""
+    their headers (a streamed head or embedding: its headers and chunk buffers), the KV cache at
+    `max_seq`, the MLP's read buffers and headers."""
     infos = manifest["tensor_info"]
     a = manifest["arch"]
-    streamed = ("head", "embed") if head == "stream" else ()
+    streamed = ("head", "embed") if head == "stream" else ("embed",) if stream_embed else ()
     static = sum(t.nbytes + t.header_bytes for n, t in infos.items()
                  if not n.endswith(("mlp_in", "mlp_out")) and n not in streamed)
     for n in streamed:

@@ -67,7 +67,7 @@ def run_lean(cfg, out=None) -> dict:
         man = read_manifest(directory)
         weights = sum(t.nbytes + t.header_bytes for t in man["tensor_info"].values())
         dram = parse_dram(cfg.dram, weights)
-        need = ram_before_caches(man, seq, o.kv_cache, "stream" if o.head == "stream" else "ram")
+        need = ram_before_caches(man, seq, o.kv_cache, "stream" if o.head == "stream" else "ram", stream_embed=True)
         cache_bytes = int(dram - need)
         if cache_bytes < 0:
             raise DipstreamError(f"--dram {fmt_bytes(dram)} is below the static weights, KV cache and read "
@@ -92,7 +92,7 @@ def run_lean(cfg, out=None) -> dict:
         n = max(len(steps), 1)
         c = lm.mlp.counters
         tokens = max(c.tokens, 1)
-        head_read = lm.head.disk_bytes if lm.head is not None else 0  # a streamed head's reads
+        head_read = lm.streamed_bytes  # a streamed head's and embedding's reads
         row.update(new_tokens=len(res["ids"]), ttft_s=res["ttft_s"], decode_steps=len(steps), decode_s=sum(steps),
                    decode_tokens_per_s=len(steps) / sum(steps) if steps else None, ids=res["ids"],
                    text=decode(res["ids"]), mlp_s_per_token=c.mlp_s / tokens,
