@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     run_probe(ProbeConfig(out=hw_path, lean_model=str(dirs[a.calibrate_on]), threads=a.threads,
                           json=str(Path(a.out).with_name("lean-probe.json"))), log=lambda m: None)
     hw = load_hardware(hw_path)
-    print(f"hardware {hw_path}: products {hw.dram_bw / 1e9:.2f} GB/s, host {hw.host_s_per_token * 1e3:.2f} ms/token, "
+    print(f"hardware {hw_path}: products {hw.dram_bw / 1e9:.2f} GB/s, host {hw.host_s_per_token * 1e3:.2f} ms/token "
+          f"(+{hw.host_s_per_cached_hook * 1e6:.0f} us per cache-managed hook), "
           f"flash {hw.flash_bw / 1e9:.3f} GB/s, latency {hw.flash_read_latency_s * 1e6:.1f} us / queue depth "
           f"{hw.flash_queue_depth}", flush=True)
     configs = [(m, "dip", None) for m in models]  # in RAM (a dense run in RAM has no masks to replay)

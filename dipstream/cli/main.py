@@ -202,7 +202,8 @@ def cmd_probe(ns) -> int:
     print(f"wrote {out['out']}")
     if "host_s_per_token" in out:
         print(f"  dram_bw {hw['dram_bw'] / 1e9:.2f} GB/s (the engine's products), host "
-              f"{out['host_s_per_token'] * 1e3:.2f} ms/token")
+              f"{out['host_s_per_token'] * 1e3:.2f} ms/token, offloaded bookkeeping "
+              f"{hw['host_s_per_cached_hook'] * 1e6:.0f} us per hook and token")
     else:
         print(f"  dram_bw {hw['dram_bw'] / 1e9:.2f} GB/s, compute_flops {hw['compute_flops'] / 1e9:.2f} "
               f"GFLOP/s (fused GEMV {out['gemv_bw'] / 1e9:.2f} GB/s)")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dipstream.engine.mlp import BLOCK, MaskChooser, RamMLP
+from dipstream.engine.mlp import BLOCK, MaskChooser, OffloadMLP, RamMLP
 from dipstream.engine.model import LeanModel, load_matrix
 from dipstream.engine.modelfile import read_manifest
 from dipstream.kernels import native
@@ -147,19 +147,23 @@ def _disk(model: LeanModel, io_threads: int, reads: int, rounds: int) -> dict:
 KINDS_MLP = ("in", "out")
 
 
-def _decode(model: LeanModel, method: str, tokens: int) -> tuple[float, float]:
-    """(median in-RAM token time, record bytes multiplied per token) of a decode with `method`."""
+def _decode(model: LeanModel, method: str, tokens: int, offload: dict | None = None) -> tuple[float, float]:
+    """(median token time, record bytes multiplied per token) of a decode with `method`, its MLP
+    in RAM, or with `offload` (OffloadMLP's keyword arguments) from the file."""
     from dipstream.budget import layer_keeps
 
     keeps = layer_keeps(0.5, model.L)
-    model.mlp = RamMLP(model, MaskChooser(method, [keeps.k_in(i, model.d) for i in range(model.L)],
-                                          [keeps.k_out(i, model.D) for i in range(model.L)]))
+    chooser = MaskChooser(method, [keeps.k_in(i, model.d) for i in range(model.L)],
+                          [keeps.k_out(i, model.D) for i in range(model.L)])
+    model.mlp = RamMLP(model, chooser) if offload is None else OffloadMLP(model, chooser, **offload)
     model.new_sequence()
     ts = []
     for pos in range(tokens):
         t = time.perf_counter()
         model.forward(pos % 97 + 3, pos)
         ts.append(time.perf_counter() - t)
+    if offload is not None:
+        model.mlp.close()
     c = model.mlp.counters
     mlp = sum(t.nbytes for n, t in model.manifest["tensor_info"].items() if n.endswith(("mlp_in", "mlp_out")))
     weights = sum(t.nbytes for t in model.manifest["tensor_info"].values())
@@ -184,6 +188,17 @@ def _fit_decode(model: LeanModel, rates: dict, tokens: int) -> dict:
     return {"dense_step_s": t_dense, "dip_step_s": t_dip, "dense_bytes": b_dense, "dip_bytes": b_dip,
             "rate": fit_rate, "head_rate": rates["head"],
             "host_s_per_token": max(t_dense - t_head - (b_dense - head) / fit_rate, 0.0), "fit": how}
+
+
+def _fit_cache_hooks(model: LeanModel, t_dense: float, tokens: int, io_threads: int, read_gap: int) -> dict:
+    """The offloaded engine's bookkeeping per hook and token (cache policy, read planning, the
+    products split between cache slots and read buffers): a dense decode offloaded with caches that
+    hold the whole MLP (the first token reads every unit, the median leaves it out; DIP would keep
+    meeting units it never selected before), minus the same decode in RAM, over the 2 L hooks."""
+    whole = sum(t.nbytes for n, t in model.manifest["tensor_info"].items() if n.endswith(("mlp_in", "mlp_out")))
+    t_off, _ = _decode(model, "dense", tokens, offload={"cache_bytes": whole, "io_threads": io_threads,
+                                                         "read_gap": read_gap, "record_masks": False})
+    return {"offload_cached_step_s": t_off, "host_s_per_cached_hook": max(t_off - t_dense, 0.0) / (2 * model.L)}
 
 
 def bits_of(manifest: dict) -> dict:
@@ -215,6 +230,8 @@ def probe_lean(model_dir: str | Path, threads: int = 1, io_threads: int = 8, rea
             disk = _disk(model, io_threads, reads, rounds=2)
         log("probe: per-token time outside the products (dense and DIP decodes in RAM)...")
         dec = _fit_decode(model, rates, tokens)
+        log("probe: the offloaded engine's bookkeeping per hook (dense from the file, every unit cached)...")
+        dec.update(_fit_cache_hooks(model, dec["dense_step_s"], tokens, io_threads, read_gap))
         man = read_manifest(model_dir)
     finally:
         model.close()
@@ -223,7 +240,7 @@ def probe_lean(model_dir: str | Path, threads: int = 1, io_threads: int = 8, rea
                   dram_bw_static={"lm_head": dec["head_rate"], "embedding": dec["head_rate"]},
                   flash_read_latency_s=fit["flash_read_latency_s"], flash_queue_depth=fit["flash_queue_depth"],
                   bundle=True, coalesce=True, read_gap_bytes=float(read_gap), host_s_per_token=dec["host_s_per_token"],
-                  stream_static_overflow=True)
+                  host_s_per_cached_hook=dec["host_s_per_cached_hook"], stream_static_overflow=True)
     d = hw.to_dict()
     d.pop("dram_bytes", None)
     assert set(d["bits"]) == set(KINDS)

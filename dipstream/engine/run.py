@@ -94,7 +94,8 @@ class EngineOptions:
     head: str = field(default="auto", metadata={
         "help": "lean engine: where the output head (and embedding) lives: ram, stream (read from the model "
                 "file each token: its RAM goes to the MLP caches) or auto (stream only when --memory cannot "
-                "hold it)", "choices": ("auto", "ram", "stream")})
+                "hold it); with --offload an untied embedding is always read from the file, one row a token",
+        "choices": ("auto", "ram", "stream")})
     memory: str | None = field(default=None, metadata={
         "help": "lean engine with --offload: RAM budget for the whole process (bytes, e.g. '200MB'): what "
                 "Python, the libraries, the static weights, the KV cache and the buffers leave goes to the "

@@ -329,7 +329,9 @@ def _run_probe_lean(cfg: ProbeConfig, log) -> dict:
              f"of records; decodes in RAM: dense {out['decode']['dense_step_s'] * 1e3:.1f} ms/token "
              f"({out['decode']['dense_bytes'] / 1e6:.1f} MB), DIP 0.5 {out['decode']['dip_step_s'] * 1e3:.1f} ms "
              f"({out['decode']['dip_bytes'] / 1e6:.1f} MB) -> dram_bw {out['decode']['rate'] / 1e9:.2f} GB/s, "
-             f"host_s_per_token {out['host_s_per_token'] * 1e3:.2f} ms ({out['decode']['fit']})",
+             f"host_s_per_token {out['host_s_per_token'] * 1e3:.2f} ms ({out['decode']['fit']}); offloaded with "
+             f"every unit cached {out['decode']['offload_cached_step_s'] * 1e3:.1f} ms/token -> "
+             f"host_s_per_cached_hook {out['decode']['host_s_per_cached_hook'] * 1e6:.0f} us",
              f"# reads of its file while the CPU computes, direct I/O {disk['direct_io']}: whole hooks "
              f"{disk['seq_bw'] / 1e9:.3f} GB/s; latency {fit['latency_qd1_s'] * 1e6:.1f} us at one read in "
              f"flight, {fit['per_read_s'] * 1e6:.1f} us per read with {cfg.io_threads} in flight"]

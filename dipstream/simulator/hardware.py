@@ -65,6 +65,10 @@ class Hardware:
         "help": "(beyond the reference) per-token time outside weight reads: the runtime's own "
                 "overhead (interpreter, norms, attention softmax), measured once per machine by "
                 "`dipstream probe --lean-model`"})
+    host_s_per_cached_hook: float = field(default=0.0, metadata={
+        "help": "(beyond the reference) per token and hook whose cache cannot hold all its units: the "
+                "runtime's bookkeeping (cache policy, read planning; dipstream's lean engine offloaded), "
+                "measured once per machine by `dipstream probe --lean-model`"})
     pipelined: bool = field(default=False, metadata={
         "help": "(beyond the reference) a hook's Flash reads overlap the compute before it, not only its "
                 "own (dipstream's lean engine reads the next hook ahead): a token takes max(its Flash "
@@ -110,7 +114,7 @@ class Hardware:
             raise ValueError("flash_queue_depth must be >= 1 (or None)")
         if self.lookahead and self.pipelined:
             raise ValueError("lookahead and pipelined are two timing models; set one of them")
-        for name in ("read_gap_bytes", "host_s_per_token"):
+        for name in ("read_gap_bytes", "host_s_per_token", "host_s_per_cached_hook"):
             if not 0 <= _number(getattr(self, name), name) < np.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
 

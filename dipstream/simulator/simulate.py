@@ -224,6 +224,8 @@ class _Timing:
                          + plan.predictor_weights + plan.adapter_weights + plan.uncovered_mlp_weights)
         # lookahead: 1.0 for the first hook of each layer (names layers.<i>.*), in hook order
         self.first_of_layer = _first_of_layer(plan.hook_names) if hw.lookahead else None
+        # host time per token: the runtime's own, plus its bookkeeping for every cache-managed hook
+        self.host_s = hw.host_s_per_token + hw.host_s_per_cached_hook * int(np.sum(plan.capacity < plan.n_units))
 
     def static_bytes(self, kv_len: float, prefill: bool = False) -> dict:
         """Bytes of each static part read for one token at KV length kv_len (prefill: for the
@@ -302,13 +304,13 @@ class _Timing:
             t_dram, t_flash = np.atleast_2d(t_dram), np.atleast_2d(t_flash)
             window = np.concatenate([np.zeros_like(t_dram[:, :1]), t_dram[:, :-1]], axis=1)
             window = window + self.first_of_layer * self.attention_time(kv)
-            out = self.static_time(kv) + np.sum(t_dram + np.maximum(t_flash - window, 0.0), axis=-1) + hw.host_s_per_token
+            out = self.static_time(kv) + np.sum(t_dram + np.maximum(t_flash - window, 0.0), axis=-1) + self.host_s
             return out if np.ndim(sel) > 1 else out[0]
         if hw.pipelined:
             t_dram, t_flash = self.hook_parts(sel, hit, runs, read)
             return np.maximum(np.sum(t_flash, axis=-1),
-                              self.static_time(kv) + np.sum(t_dram, axis=-1) + hw.host_s_per_token)
-        return self.static_time(kv) + np.sum(self.hook_times(sel, hit, runs, read), axis=-1) + hw.host_s_per_token
+                              self.static_time(kv) + np.sum(t_dram, axis=-1) + self.host_s)
+        return self.static_time(kv) + np.sum(self.hook_times(sel, hit, runs, read), axis=-1) + self.host_s
 
     def roofline(self, t_io, flops):
         if not self.hw.compute_flops:
@@ -318,7 +320,7 @@ class _Timing:
     def prefill_time(self, p: int, occ0: np.ndarray) -> float:
         """Dense prompt pass of p tokens; occ0 = cached units per hook at the sequence start."""
         pl, hw = self.plan, self.hw
-        t = self.static_time(p, prefill=True) + p * self.hw.host_s_per_token
+        t = self.static_time(p, prefill=True) + p * self.host_s
         t += float(np.sum(hw.comb(occ0 * pl.unit_bytes / hw.dram_bw,
                                   (pl.n_units - occ0) * pl.unit_bytes / hw.flash_bw)))
         L, d = self.shape.n_layers, self.q_dim

@@ -90,3 +90,18 @@ def test_pipelined_token_time_is_the_larger_of_flash_and_the_rest(host):
     assert per_hook.time_per_token_s == pytest.approx(per_hook.t_static_s + flash + host)
     assert piped.time_per_token_s == pytest.approx(max(flash, piped.t_static_s + host))
     assert piped.t_static_s == per_hook.t_static_s and piped.mlp_flash_bytes_per_token == 68
+
+
+def test_cache_managed_hooks_add_their_bookkeeping_time():
+    """host_s_per_cached_hook: the same trace costs 2 x 0.1 s more per token when both hooks are
+    cache-managed (LRU in 0.9x of the weights: the static parts first, so each cache holds fewer
+    units than its hook has), and nothing more when DRAM holds every unit (as the engine's MLP in
+    RAM)."""
+    kw = dict(name="h", dram_bw=1e9, flash_bw=1e6, bits={k: 8 for k in KINDS}, host_s_per_token=0.25)
+    for policy, dram, extra in (("lru", "0.9x", 2 * 0.1), ("hot-same-trace", 1e15, 0.0)):
+        pk = {"fraction": 1.0} if policy.startswith("hot") else {}
+        base = simulate(_trace(), Hardware(**kw), SHAPE, policy=policy, dram_bytes=dram, seq_len=1, **pk)
+        more = simulate(_trace(), Hardware(**kw, host_s_per_cached_hook=0.1), SHAPE, policy=policy, dram_bytes=dram,
+                        seq_len=1, **pk)
+        assert more.time_per_token_s == pytest.approx(base.time_per_token_s + extra)
+        assert (base.capacity_units == [2, 4]) == (extra > 0)  # of 4 and 8 units
