@@ -148,6 +148,37 @@ def test_int8_activations_exact_when_representable_and_close_otherwise(exported,
     assert 0 < err < 0.05, err
 
 
+def test_integer_products_portable_build_equals_the_simd_build(tmp_path):
+    """The int8-activation products (int4 and int8 records) of a build without -march=native (the
+    portable loops) give the SIMD build's numbers: the integer sums are exact, only the final
+    scaling may round differently (an FMA against a multiply and an add)."""
+    import ctypes
+    import shutil
+
+    from dipstream.kernels import native
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    so = tmp_path / "portable.so"
+    ok, err = native._compile(cc, ("-O3",), so)
+    assert ok, err
+    portable = ctypes.CDLL(str(so))
+    native._declare(portable)
+    rng = np.random.default_rng(3)
+    for fmt, m in (("int4", 96), ("int8", 100)):
+        q = QMatrix.from_dense(rng.standard_normal((m, 64)).astype(np.float32), fmt)
+        q.act8 = True
+        x = rng.standard_normal(64).astype(np.float32)
+        outs = []
+        for lib in (q._lib, portable):
+            q._lib = lib
+            o = np.empty(m, np.float32)
+            q.select(x, 40, np.empty(64, np.int64), np.empty(64, np.float32), o)
+            outs.append(o)
+        np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6 * np.abs(outs[0]).max())
+
+
 @pytest.mark.parametrize("method,gap", [("dense", 0), ("dip", 0), ("dip", 1 << 20)])
 @pytest.mark.parametrize("fmt", ["float32", "int4"])
 def test_offloaded_mlp_equals_the_mlp_in_ram(exported, method, fmt, gap):
