@@ -59,7 +59,8 @@ def main() -> int:
     print("\n1. the products of one hook of every layer in turn (records in L3), ms for all layers")
     for kind, n, ks in (("in", m.d, k_in), ("out", m.D, k_out)):
         vs = [rng.standard_normal(n).astype(np.float32) for _ in range(m.L)]
-        sel = mlp._sel[kind]
+        idx, coef, out = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(mlp.w[kind][0].m, np.float32)
+        sel = [q.selector(idx, coef, out) for q in mlp.w[kind]]
         dense = _median_ms(lambda: [sel[i](vs[i], n, 1) for i in range(m.L)], a.rounds)
         dip = _median_ms(lambda: [sel[i](vs[i], ks[i], 1) for i in range(m.L)], a.rounds)
         print(f"   {kind:>3} hook: dense {dense:.3f} ms, DIP {dip:.3f} ms ({dip / dense:.2f}x)")

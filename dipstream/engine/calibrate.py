@@ -147,6 +147,11 @@ def _disk(model: LeanModel, io_threads: int, reads: int, rounds: int) -> dict:
 KINDS_MLP = ("in", "out")
 
 
+def _mlp_record_bytes(model: LeanModel) -> int:
+    """Bytes of every MLP record of the model file (both hooks of every layer, headers excluded)."""
+    return sum(t.nbytes for n, t in model.manifest["tensor_info"].items() if n.endswith(("mlp_in", "mlp_out")))
+
+
 def _decode(model: LeanModel, method: str, tokens: int, offload: dict | None = None) -> tuple[float, float]:
     """(median token time, record bytes multiplied per token) of a decode with `method`, its MLP
     in RAM, or with `offload` (OffloadMLP's keyword arguments) from the file."""
@@ -165,9 +170,8 @@ def _decode(model: LeanModel, method: str, tokens: int, offload: dict | None = N
     if offload is not None:
         model.mlp.close()
     c = model.mlp.counters
-    mlp = sum(t.nbytes for n, t in model.manifest["tensor_info"].items() if n.endswith(("mlp_in", "mlp_out")))
     weights = sum(t.nbytes for t in model.manifest["tensor_info"].values())
-    return statistics.median(ts[2:]), weights - mlp + c.selected_bytes / max(c.tokens, 1)
+    return statistics.median(ts[2:]), weights - _mlp_record_bytes(model) + c.selected_bytes / max(c.tokens, 1)
 
 
 def _fit_decode(model: LeanModel, rates: dict, tokens: int) -> dict:
@@ -195,9 +199,9 @@ def _fit_cache_hooks(model: LeanModel, t_dense: float, tokens: int, io_threads: 
     products split between cache slots and read buffers): a dense decode offloaded with caches that
     hold the whole MLP (the first token reads every unit, the median leaves it out; DIP would keep
     meeting units it never selected before), minus the same decode in RAM, over the 2 L hooks."""
-    whole = sum(t.nbytes for n, t in model.manifest["tensor_info"].items() if n.endswith(("mlp_in", "mlp_out")))
-    t_off, _ = _decode(model, "dense", tokens, offload={"cache_bytes": whole, "io_threads": io_threads,
-                                                         "read_gap": read_gap, "record_masks": False})
+    t_off, _ = _decode(model, "dense", tokens, offload={"cache_bytes": _mlp_record_bytes(model),
+                                                         "io_threads": io_threads, "read_gap": read_gap,
+                                                         "record_masks": False})
     return {"offload_cached_step_s": t_off, "host_s_per_cached_hook": max(t_off - t_dense, 0.0) / (2 * model.L)}
 
 

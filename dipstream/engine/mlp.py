@@ -136,8 +136,6 @@ class RamMLP:
         self._gu, self._y, self._h = np.empty(2 * D, np.float32), np.empty(d, np.float32), np.empty(D, np.float32)
         self._idx = {k: np.empty(n, np.int64) for k, n in (("in", d), ("out", D))}
         self._coef = np.empty(max(d, D), np.float32)
-        self._sel = {"in": [q.selector(self._idx["in"], self._coef, self._gu) for q in self.w["in"]],
-                     "out": [q.selector(self._idx["out"], self._coef, self._y) for q in self.w["out"]]}
         self._blocks()
         self.rec = _Recorder(model.L, record_masks)
         self.counters = MlpCounters()
@@ -168,8 +166,9 @@ class RamMLP:
             raise MemoryError("native MLP block failed")
         got, got2 = int(self._got[0]), int(self._got[1])
         c = self.counters
-        c.selected_bytes += got * self.w["in"][i].stride + got2 * self.w["out"][i].stride
-        c.ram_bytes += got * self.w["in"][i].stride + got2 * self.w["out"][i].stride
+        read = got * self.w["in"][i].stride + got2 * self.w["out"][i].stride
+        c.selected_bytes += read
+        c.ram_bytes += read
         if self.rec.record:
             for kind, idx, n in (("in", self._idx["in"][:got], m.d), ("out", self._idx["out"][:got2], m.D)):
                 mk = np.zeros(n, bool)

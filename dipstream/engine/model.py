@@ -114,12 +114,12 @@ class LeanModel:
                 for n in names:
                     del self.w[n]
         self.head = self.embed_reader = None
-        if head != "stream" and streamed and "embed" in infos:  # untied: one record per token from the file
-            self.embed_reader = EmbeddingReader(self.directory, infos["embed"], read_headers(self.fd, infos["embed"]))
-        elif head == "stream":
+        if head == "stream":
             self.head = StreamedHead(self.directory, infos["head"], infos.get("embed"),
                                      {n: read_headers(self.fd, infos[n]) for n in streamed if n in infos}, io_threads,
                                      act8=self.act8)
+        elif stream_embed and "embed" in infos:  # untied: one record per token from the file
+            self.embed_reader = EmbeddingReader(self.directory, infos["embed"], read_headers(self.fd, infos["embed"]))
         self.static_bytes = sum(q.nbytes for q in self.w.values()) + sum(v.nbytes for v in self.vec.values()) \
             + (self.head.ram_bytes if self.head else 0) + (self.embed_reader.ram_bytes if self.embed_reader else 0)
         if hasattr(os, "posix_fadvise"):  # the copies are in RAM now: drop the file's cached pages
@@ -135,15 +135,12 @@ class LeanModel:
         self.window = a["sliding_window"]
         self.scale = np.float32(a["query_scale"])
         self.embed_scale = np.float32(self.d ** 0.5) if self.family == "gemma3" else None
-        self._out = {n: np.empty(q.m, np.float32) for n, q in self.w.items()}
-        self._out.setdefault("head", np.empty(self.V, np.float32))  # a streamed head writes here too
-        self._att = np.empty(self.H * self.hd, np.float32)
         self._eps, self._gemma = float(a["eps"]), int(self.family == "gemma3")
         self._lib = engine_lib()
-        self._idx = np.empty(max(self.d, self.H * self.hd) + 1, np.int64)
-        self._coef = np.empty_like(self._idx, dtype=np.float32)
-        self._sel = {n: (q.selector(self._idx, self._coef, self._out[n]), q.rows) for n, q in self.w.items()}
         self._blocks()
+        self._logits = np.empty(self.V, np.float32)  # the head writes here, in RAM or streamed
+        self._head = None if "head" not in self.w else \
+            self.w["head"].selector(self._work["idx"], self._work["coef"], self._logits)
         self.mlp = None
 
     def _rope(self, theta: float):
@@ -173,11 +170,6 @@ class LeanModel:
         return ModelShape(self.L, self.d, self.D, self.V, self.H, self.Hkv, a["tied"])
 
     # ------------------------------------------------------------------ pieces
-    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
-        f, rows = self._sel[name]
-        f(x, rows, self.nthreads)
-        return self._out[name]
-
     def glu(self, gu: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out = act(gate) * up of the MLP's [gate | up] product (float32, contiguous)."""
         if self._lib.ds_glu(gu.ctypes.data, out.size, self.act_code, out.ctypes.data) != 0:
@@ -207,13 +199,11 @@ class LeanModel:
         nq, nk = self.H * self.hd, self.Hkv * self.hd
         wide = max(self.d, nq)
         self._work = {"h": np.empty(self.d, np.float32), "qkv": np.empty(nq + 2 * nk, np.float32),
-                      "o": np.empty(wide, np.float32), "idx": np.empty(wide + 1, np.int64),
-                      "coef": np.empty(wide + 1, np.float32)}
-        w = self._work
+                      "att": np.empty(nq, np.float32), "o": np.empty(wide, np.float32),
+                      "idx": np.empty(wide + 1, np.int64), "coef": np.empty(wide + 1, np.float32)}
         self.ctx = blocks.DsCtx(self.d, self.H, self.Hkv, self.hd, self.max_seq, self._eps, float(self.scale),
                                 self._gemma, int(self.K.dtype == np.float16), self.nthreads, self.act_code,
-                                *(blocks.ptr(a) for a in (w["h"], w["qkv"], self._att, w["o"], w["idx"],
-                                                          w["coef"])))
+                                *(blocks.ptr(self._work[n]) for n in ("h", "qkv", "att", "o", "idx", "coef")))
         self.attn = []
         for i in range(self.L):
             p, vec = f"layers.{i}.", self.vec.get
@@ -242,15 +232,15 @@ class LeanModel:
         """Logits (vocab,) of the next token after `tok` at position `pos` (KV cache updated)."""
         if pos >= self.max_seq:
             raise DipstreamError(f"position {pos} is past the KV cache of {self.max_seq} tokens")
-        x = self.embed(int(tok)).astype(np.float32, copy=False)
-        x = np.ascontiguousarray(x, np.float32)
+        x = np.ascontiguousarray(self.embed(int(tok)), np.float32)  # a fresh array: the blocks add into it
         for i in range(self.L):
             self.attention_block(i, x, pos)
             self.mlp.block(i, x)
         xn = self.norm(x, self.vec["final_norm"])
         if self.head is not None:
-            return self.head.logits(xn, self._out["head"], self.nthreads).copy()
-        return self.linear("head", xn).copy()
+            return self.head.logits(xn, self._logits, self.nthreads).copy()
+        self._head(xn, self.d, self.nthreads)  # k = every record: the dense product
+        return self._logits.copy()
 
     def new_sequence(self) -> None:
         if self.mlp is not None:

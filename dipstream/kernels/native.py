@@ -145,10 +145,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_select_gemv_qg.restype = I64
     lib.ds_gather_gemv_qg.argtypes = [P, I64, I64, I64, I, P, P, I64, I64, I64, P, P, P, I64, P, I, I]
     lib.ds_gather_gemv_qg.restype = I
-    lib.ds_attend.argtypes = [P, P, P, I64, I64, I64, I64, I64, I64, ctypes.c_float, I, P]
-    lib.ds_attend.restype = I
-    lib.ds_attend_token.argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, ctypes.c_float, I, P]
-    lib.ds_attend_token.restype = I
     lib.ds_rmsnorm.argtypes = [P, I64, P, ctypes.c_float, I, P]
     lib.ds_rmsnorm.restype = I
     lib.ds_glu.argtypes = [P, I64, I, P]

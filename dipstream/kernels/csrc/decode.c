@@ -1,6 +1,7 @@
-/* Per-token pieces of the lean engine's decode loop that were a handful of numpy operations each:
- * one token's attention over a KV cache (grouped-query heads, float32 or float16 cache) and the
- * gated activation of an MLP. */
+/* The lean engine's decode loop per token and layer: the attention block (norm, q/k/v, RoPE, the
+ * KV cache write and one token's attention over it, grouped-query heads, float32 or float16 cache,
+ * the output product) and the RAM-resident MLP block, one call each; plus the RMS norm and gated
+ * activation the offloaded MLP calls on their own. */
 #include "common.h"
 
 /* IEEE half -> float for the cache rows (F16C 8 at a time where the build has it). */
@@ -41,7 +42,7 @@ static inline float dot(const float* restrict a, const float* restrict b, int64_
  * halves (f16 = 1).  Scores in float32, max-subtracted, as numpy did; each cache row is read (and
  * widened) once for the query heads that share it.  Returns 0, or -1 when the arguments are
  * inconsistent or memory runs out. */
-DS_API int ds_attend(const float* q, const void* K, const void* V, int64_t H, int64_t Hkv, int64_t hd,
+static int ds_attend(const float* q, const void* K, const void* V, int64_t H, int64_t Hkv, int64_t hd,
                      int64_t ld_seq, int64_t lo, int64_t hi, float scale, int f16, float* out)
 {
     if (H <= 0 || Hkv <= 0 || H % Hkv || hd <= 0 || lo < 0 || hi <= lo || hi > ld_seq) return -1;
@@ -122,7 +123,7 @@ static void rope(float* x, int64_t n, int64_t hd, const float* cs, const float* 
 
 /* One layer's attention for the token at `pos`: RoPE on q (in place) and k, k and v written to the
  * cache row `pos` (float32 or, f16 = 1, half), then ds_attend over [lo, pos].  Returns 0 or -1. */
-DS_API int ds_attend_token(float* q, float* k, const float* v, const float* cs, const float* sn,
+static int ds_attend_token(float* q, float* k, const float* v, const float* cs, const float* sn,
                            void* K, void* V, int64_t H, int64_t Hkv, int64_t hd, int64_t ld_seq,
                            int64_t pos, int64_t lo, float scale, int f16, float* out)
 {
