@@ -12,6 +12,7 @@ from dipstream.experiments.evaluate import EvalConfig, evaluate
 from dipstream.io import write_json_atomic
 from dipstream.models.adapters import count_lora_weights
 from dipstream.models.loading import shape_of
+from dipstream.names import key_layer
 from dipstream.simulator import (
     check_trace_matches,
     dense_streaming_baseline,
@@ -129,7 +130,7 @@ def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512, ev: EvalCon
 def _per_layer(names: list[str], rates: list[float]) -> list[float]:
     layers: dict[int, list[float]] = {}
     for n, h in zip(names, rates):
-        layers.setdefault(int(n.split(".")[1]), []).append(h)
+        layers.setdefault(key_layer(n), []).append(h)
     return [float(np.mean(layers[i])) for i in sorted(layers)]
 
 

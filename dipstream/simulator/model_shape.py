@@ -1,9 +1,9 @@
 """Model shapes and weight footprints (docs/methods.md "The simulator"), counted in weights.
 
 lm_head or embedding: d*V each (once when tied); mlp: d*D*3*L (gated); attention:
-d^2*(2+2g)*L with g = n_kv_heads/n_heads; kv_cache(seq) = seq*d*2*L*g. With ``head_dim`` = hd
-set (n_heads*hd != d, e.g. Qwen3-MoE): attention d*hd*(2*n_heads + 2*n_kv_heads)*L, kv_cache
-seq*2*n_kv_heads*hd*L.
+d*hd*(2*n_heads + 2*n_kv_heads)*L with hd = ``head_dim`` (the reference's d^2*(2+2g)*L, g =
+n_kv_heads/n_heads, when hd = d/n_heads); kv_cache(seq) = seq*2*n_kv_heads*hd*L (= seq*d*2*L*g).
+Gemma's heads are wider than d/n_heads (Gemma 3 270M: 4 heads of 256 over d = 640).
 
 Mixture of experts (``n_experts`` > 0): ``d_ff`` is one routed expert's intermediate size; mlp
 = 3*d*L*(D*n_experts + shared_d_ff) (every routed expert, plus an always-on shared expert of
@@ -13,6 +13,8 @@ its gate). Bytes = weights * bits/8 for the module kind's precision (``Hardware.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from types import SimpleNamespace
 
 MOE_FIELDS = ("n_experts", "experts_per_token", "shared_d_ff", "head_dim")
 
@@ -29,9 +31,11 @@ class ModelShape:
     n_experts: int = 0            # routed experts per layer; 0 = dense MLP
     experts_per_token: int = 0    # routed experts each token uses (top-k)
     shared_d_ff: int = 0          # intermediate size of an always-on shared expert; 0 = none
-    head_dim: int = 0             # 0 = d_model // n_heads
+    head_dim: int = 0             # width of one attention head (0 when built: d_model // n_heads)
 
     def __post_init__(self):
+        if not self.head_dim and int(self.n_heads) > 0:  # the width transformers gives such a config
+            object.__setattr__(self, "head_dim", int(self.d_model) // int(self.n_heads))
         for f in ("n_layers", "d_model", "d_ff", "vocab", "n_heads", "n_kv_heads"):
             if int(getattr(self, f)) <= 0:
                 raise ValueError(f"ModelShape.{f} must be positive, got {getattr(self, f)}")
@@ -75,14 +79,12 @@ class ModelShape:
         return self.d_model * self.d_ff * 3 * self.n_layers
 
     def attention_weights(self) -> float:
-        if self.head_dim:
-            return self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads) * self.n_layers
-        return self.d_model ** 2 * (2 + 2 * self.g) * self.n_layers
+        """d * hd * (2 n_heads + 2 n_kv_heads) * L: q and o, k and v (d^2 (2 + 2g) L when hd = d / n_heads)."""
+        return self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads) * self.n_layers
 
     def kv_cache_weights(self, seq_len: float) -> float:
-        if self.head_dim:
-            return seq_len * 2 * self.n_kv_heads * self.head_dim * self.n_layers
-        return seq_len * self.d_model * 2 * self.n_layers * self.g
+        """seq * 2 * n_kv_heads * hd * L (seq * d * 2 * L * g when hd = d / n_heads)."""
+        return seq_len * 2 * self.n_kv_heads * self.head_dim * self.n_layers
 
     def weights(self) -> dict:
         """Weight counts per module kind, no KV cache ("router" too for a mixture of experts). Tied
@@ -110,15 +112,19 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, config) -> "ModelShape":
-        """The shape of a Hugging Face model config (a multimodal config's text part), read from
-        its fields only: nothing is loaded. Mixture of experts: Mixtral (``num_local_experts``,
+        """The shape of a Hugging Face model config (a transformers config object, or the fields of
+        a config.json as a dict; a multimodal config's text part), read from its fields only:
+        nothing is loaded. The one reader of configs: the presets and the engine's model file take
+        their shapes from here. Mixture of experts: Mixtral (``num_local_experts``,
         ``intermediate_size`` = one expert's), Qwen2-MoE / Qwen3-MoE (``num_experts``,
-        ``moe_intermediate_size``, ``shared_expert_intermediate_size``); ``head_dim`` kept when it
-        differs from hidden_size // num_attention_heads."""
+        ``moe_intermediate_size``, ``shared_expert_intermediate_size``); ``head_dim`` as the config
+        gives it (Gemma: 256 whatever hidden_size / heads is), else hidden_size // heads."""
+        if isinstance(config, dict):
+            config = SimpleNamespace(**{k: SimpleNamespace(**v) if k == "text_config" and isinstance(v, dict) else v
+                                        for k, v in config.items()})
         cfg = getattr(config, "text_config", None) or config
         heads = cfg.num_attention_heads
-        hd = int(getattr(cfg, "head_dim", None) or 0)
-        hd = 0 if hd == cfg.hidden_size // heads else hd
+        hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
         E = int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
         moe = {}
         D = cfg.intermediate_size
@@ -147,29 +153,16 @@ def dense_layers_of_moe(cfg) -> str | None:
             + (f", first_k_dense_replace={first_dense}" if first_dense else ""))
 
 
-SHAPES = {
-    "phi3-medium": ModelShape(40, 5120, 17920, 32064, 40, 10),
-    "phi3-mini": ModelShape(32, 3072, 8192, 32064, 32, 32),
-    "llama3-8b": ModelShape(32, 4096, 14336, 128256, 32, 8),
-    "mistral-7b": ModelShape(32, 4096, 14336, 32000, 32, 8),
-    "smollm2-135m": ModelShape(30, 576, 1536, 49152, 9, 3, tied_embeddings=True),
-    "gemma3-270m": ModelShape(18, 640, 2048, 262144, 4, 1, tied_embeddings=True),
-    "qwen2.5-coder-1.5b": ModelShape(28, 1536, 8960, 151936, 12, 2),
-    "qwen2.5-coder-0.5b": ModelShape(24, 896, 4864, 151936, 14, 2),
-    # Mixtral-8x7B (mistralai/Mixtral-8x7B-v0.1 config.json): 32 layers, hidden 4096, expert
-    # intermediate 14336, vocab 32000, 32 heads, 8 KV heads, 8 local experts, 2 per token,
-    # untied: 46.7B weights. TurboSparse-Mixtral-47B swaps the activation (dReLU), not the shape.
-    "mixtral-8x7b": ModelShape(32, 4096, 14336, 32000, 32, 8, n_experts=8, experts_per_token=2),
-    "turbosparse-mixtral-47b": ModelShape(32, 4096, 14336, 32000, 32, 8, n_experts=8, experts_per_token=2),
-    # Qwen3-30B-A3B: 48 layers, hidden 2048, moe_intermediate 768, vocab 151936, 32 heads, 4 KV
-    # heads, head_dim 128, 128 experts, 8 per token, untied: 30.5B weights.
-    "qwen3-30b-a3b": ModelShape(48, 2048, 768, 151936, 32, 4, n_experts=128, experts_per_token=8,
-                                head_dim=128),
-    # Qwen1.5-MoE-A2.7B: 24 layers, hidden 2048, moe_intermediate 1408, shared expert 5632, 60
-    # experts, 4 per token, vocab 151936, 16 heads (no GQA), untied: 14.3B weights.
-    "qwen1.5-moe-a2.7b": ModelShape(24, 2048, 1408, 151936, 16, 16, n_experts=60, experts_per_token=4,
-                                    shared_d_ff=5632),
-}
+def _load_presets() -> dict[str, ModelShape]:
+    """The preset shapes: each model's config.json fields (presets/shapes.yaml) read by the one
+    reader of HF configs, `ModelShape.from_hf_config`."""
+    import yaml
+
+    text = (Path(__file__).with_name("presets") / "shapes.yaml").read_text()
+    return {name: ModelShape.from_hf_config(cfg) for name, cfg in yaml.safe_load(text).items()}
+
+
+SHAPES = _load_presets()
 
 
 def get_shape(name_or_shape) -> ModelShape:

@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from dipstream.names import key_layer, layer_key
+
 from . import bits
 from .caches import CacheSet
 from .hardware import Hardware, load_hardware, parse_dram
@@ -331,7 +333,7 @@ class _Timing:
 
 def _first_of_layer(names) -> np.ndarray:
     """(H,) 1.0 for the first hook of each layer (hook names layers.<i>.*), in hook order."""
-    layers = [int(n.split(".")[1]) if n.startswith("layers.") else -1 for n in names]
+    layers = [-1 if key_layer(n) is None else key_layer(n) for n in names]
     return np.array([i == 0 or layers[i] != layers[i - 1] for i in range(len(layers))], np.float64)
 
 
@@ -656,10 +658,10 @@ def dense_streaming_baseline(shape, hardware, dram_bytes=None, seq_len: int = 20
     L, D, d = shape.n_layers, shape.d_ff, shape.d_model
     if shape.is_moe:
         E, use = shape.n_experts, shape.experts_per_token / shape.n_experts
-        hooks = [HookSpec(f"layers.{i}.expert.{e}.neuron", "neuron", D, 3 * d) for i in range(L) for e in range(E)]
+        hooks = [HookSpec(layer_key(i, "expert", e, "neuron"), "neuron", D, 3 * d) for i in range(L) for e in range(E)]
     else:
         use = 1.0
-        hooks = [HookSpec(f"layers.{i}.neuron", "neuron", D, 3 * d) for i in range(L)]
+        hooks = [HookSpec(layer_key(i, "neuron"), "neuron", D, 3 * d) for i in range(L)]
     H = len(hooks)
     plan = plan_placement(shape, hw, hooks, resolve_dram(dram_bytes, hw, shape), seq_len)
     r = np.minimum(plan.capacity, D)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dipstream.names import layer_key
+
 from .model_shape import ModelShape, get_shape
 from .trace import Hook, MaskTrace
 
@@ -64,7 +66,7 @@ def synthetic_moe_trace(shape, neuron_density: float = 1.0, n_tokens: int = 256,
     hooks = []
     if kind == "dense":
         for i in range(L):
-            hooks.append(Hook(f"layers.{i}.experts", "expert", E, 3 * d * D, routed[:, i, :]))
+            hooks.append(Hook(layer_key(i, "experts"), "expert", E, 3 * d * D, routed[:, i, :]))
         kn, ks = D, shape.shared_d_ff
     else:
         kn = int(round(neuron_density * D))
@@ -73,9 +75,9 @@ def synthetic_moe_trace(shape, neuron_density: float = 1.0, n_tokens: int = 256,
         shared = (_routed_neurons(rng, np.ones((T, L, 1), bool), shape.shared_d_ff, ks, rho, skew, seq_len)
                   if shape.shared_d_ff else None)
         for i in range(L):
-            hooks += [Hook(f"layers.{i}.expert.{e}.neuron", "neuron", D, 3 * d, masks[i, e]) for e in range(E)]
+            hooks += [Hook(layer_key(i, "expert", e, "neuron"), "neuron", D, 3 * d, masks[i, e]) for e in range(E)]
             if shared is not None:
-                hooks.append(Hook(f"layers.{i}.shared.neuron", "neuron", shape.shared_d_ff, 3 * d, shared[i, 0]))
+                hooks.append(Hook(layer_key(i, "shared", "neuron"), "neuron", shape.shared_d_ff, 3 * d, shared[i, 0]))
     used = 3 * d * L * (k * kn + ks)
     starts = np.arange(0, T, seq_len)
     lens = np.diff(np.append(starts, T))

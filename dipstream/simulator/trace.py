@@ -58,6 +58,7 @@ import numpy as np
 
 from dipstream.budget import dip_split, keep_to_k
 from dipstream.io import atomic_path
+from dipstream.names import key_layer, key_parts, layer_key
 
 from . import bits
 from .model_shape import ModelShape
@@ -96,11 +97,11 @@ class Hook(HookSpec):
 def moe_part(name: str):
     """("shared", None) for a ``layers.<i>.shared.*`` hook, ("expert", e) for
     ``layers.<i>.expert.<e>.*``, else (None, None)."""
-    p = str(name).split(".")
-    if len(p) >= 4 and p[0] == "layers" and p[2] == "shared":
+    p = key_parts(name)
+    if len(p) >= 2 and p[0] == "shared":
         return "shared", None
-    if len(p) >= 5 and p[0] == "layers" and p[2] == "expert" and p[3].isdigit():
-        return "expert", int(p[3])
+    if len(p) >= 3 and p[0] == "expert" and p[1].isdigit():
+        return "expert", int(p[1])
     return None, None
 
 
@@ -120,15 +121,15 @@ def hook_specs(shape: ModelShape, method: str = "dip") -> list:
     expert (layers.i.shared.*), or ``experts`` -> layers.i.experts (whole experts)."""
     kinds = {"dip": ("in", "out"), "neuron": ("neuron",)}.get(method)
     if method == "experts" and shape.is_moe:
-        return [HookSpec(f"layers.{i}.experts", "expert", *expected_unit("expert", shape))
+        return [HookSpec(layer_key(i, "experts"), "expert", *expected_unit("expert", shape))
                 for i in range(shape.n_layers)]
     if kinds is None:
         raise ValueError(f"method must be 'dip' or 'neuron' (or 'experts' for a MoE shape), got {method!r}")
     if not shape.is_moe:
-        return [HookSpec(f"layers.{i}.{k}", k, *expected_unit(k, shape))
+        return [HookSpec(layer_key(i, k), k, *expected_unit(k, shape))
                 for i in range(shape.n_layers) for k in kinds]
-    parts = [f"expert.{e}" for e in range(shape.n_experts)] + (["shared"] if shape.shared_d_ff else [])
-    return [HookSpec(f"layers.{i}.{p}.{k}", k, *expected_unit(k, shape, f"layers.{i}.{p}.{k}"))
+    parts = [("expert", e) for e in range(shape.n_experts)] + ([("shared",)] if shape.shared_d_ff else [])
+    return [HookSpec(layer_key(i, *p, k), k, *expected_unit(k, shape, layer_key(i, *p, k)))
             for i in range(shape.n_layers) for p in parts for k in kinds]
 
 
@@ -300,6 +301,12 @@ def check_trace_matches(trace: MaskTrace, shape: ModelShape, model: str = None) 
         if f in trace.metadata and int(trace.metadata[f]) != int(getattr(shape, f)):
             raise ValueError(f"trace was recorded for {f}={trace.metadata[f]}{where} but {model} "
                              f"has {f}={getattr(shape, f)}")
+    if "head_dim" in trace.metadata:  # 0 in traces of earlier versions: d_model // n_heads
+        hd = int(trace.metadata["head_dim"]) or \
+            int(trace.metadata.get("d_model", shape.d_model)) // int(trace.metadata.get("n_heads", shape.n_heads))
+        if hd != shape.head_dim:
+            raise ValueError(f"trace was recorded for head_dim={hd}{where} but {model} has "
+                             f"head_dim={shape.head_dim}")
     covered = 0
     for h in trace.hooks:
         part, e = moe_part(h.name)
@@ -325,9 +332,8 @@ def check_trace_matches(trace: MaskTrace, shape: ModelShape, model: str = None) 
             bad = n_f if h.n_units != exp[0] else u_f
             raise ValueError(f"trace was recorded for {bad}={rec[bad]}{where} but {model} has "
                              f"{bad}={getattr(shape, bad)} (hook {h.name})")
-        parts = h.name.split(".")
-        if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit() \
-                and int(parts[1]) >= shape.n_layers:
+        layer = key_layer(h.name)
+        if layer is not None and layer >= shape.n_layers:
             raise ValueError(f"trace was recorded for more layers (hook {h.name}){where} but "
                              f"{model} has n_layers={shape.n_layers}")
         covered += h.n_units * h.unit_weights

@@ -67,12 +67,12 @@ class Selection:
 
 @dataclass(frozen=True)
 class ExpertCall:
-    """Which expert a method is running inside: its hook prefix ("layers.3.expert.5", or
-    "layers.3.shared"), the indices of its tokens in the batch, the batch's (windows B, tokens per
-    window T), and its unit index over the model's experts (layer * experts per layer + e; the
-    shared expert last in its layer)."""
+    """Which expert a method is running inside: where its hooks are in the layer (("expert", 5) for
+    layers.<i>.expert.5.*, or ("shared",)), the indices of its tokens in the batch, the batch's
+    (windows B, tokens per window T), and its unit index over the model's experts (layer * experts
+    per layer + e; the shared expert last in its layer)."""
 
-    prefix: str
+    where: tuple
     tokens: torch.Tensor
     bt: tuple[int, int]
     unit: int

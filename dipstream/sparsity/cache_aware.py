@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from dipstream.errors import DipstreamError
+from dipstream.names import layer_key
 from dipstream.selection import ca_select, topk_mask
 from dipstream.simulator.caches import CacheSet
 from dipstream.simulator.policies import OFFLINE_POLICIES
@@ -20,9 +21,11 @@ from dipstream.sparsity.base import register, sequence_dims
 from dipstream.sparsity.methods import DIP
 
 
-def _dip_hooks(prefix: str, p) -> list[HookSpec]:
-    """DIP's two hooks of one gated MLP (its up/gate input columns, its down input columns)."""
-    return [HookSpec(f"{prefix}.in", "in", p.d_model, 2 * p.d_ff), HookSpec(f"{prefix}.out", "out", p.d_ff, p.d_model)]
+def _dip_hooks(p, layer: int, *where) -> list[HookSpec]:
+    """DIP's two hooks of one gated MLP (its up/gate input columns, its down input columns) of layer
+    `layer` (`where` inside it: ("expert", e) or ("shared",) in a mixture-of-experts block)."""
+    return [HookSpec(layer_key(layer, *where, "in"), "in", p.d_model, 2 * p.d_ff),
+            HookSpec(layer_key(layer, *where, "out"), "out", p.d_ff, p.d_model)]
 
 
 @register
@@ -52,15 +55,15 @@ class DIPCA(DIP):
 
     def prepare(self, parts):
         super().prepare(parts)
-        self.hooks = [h for i, p in enumerate(parts) for h in _dip_hooks(f"layers.{i}", p)]
+        self.hooks = [h for i, p in enumerate(parts) for h in _dip_hooks(p, i)]
 
     def prepare_experts(self, blocks):
         """A cache per hook of every routed expert (layers.i.expert.e.in / out) and of the shared
         expert (layers.i.shared.*), as the simulator's MoE hooks."""
         self.hooks = [h for i, b in enumerate(blocks)
-                      for prefix, p in [(f"layers.{i}.expert.{e}", x) for e, x in enumerate(b.experts)]
-                      + ([(f"layers.{i}.shared", b.shared)] if b.shared is not None else [])
-                      for h in _dip_hooks(prefix, p)]
+                      for where, p in [(("expert", e), x) for e, x in enumerate(b.experts)]
+                      + ([(("shared",), b.shared)] if b.shared is not None else [])
+                      for h in _dip_hooks(p, i, *where)]
 
     def configure_cache(self, capacity: dict[str, int], policy: str = "lru", **policy_kwargs) -> None:
         """Cache capacity in units per hook name ('layers.i.in' / 'layers.i.out') and the policy."""
@@ -139,8 +142,7 @@ class DIPCA(DIP):
         return out.to(scores.device)
 
     def _hook(self, layer: int, kind: str) -> str:
-        prefix = self.in_expert.prefix if self.in_expert is not None else f"layers.{layer}"
-        return f"{prefix}.{kind}"
+        return layer_key(layer, *(self.in_expert.where if self.in_expert is not None else ()), kind)
 
     def select_in(self, layer, scores):
         return self._scan(self._hook(layer, "in"), scores, self.keeps.k_in(layer, scores.shape[-1]))

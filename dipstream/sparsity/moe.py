@@ -15,6 +15,7 @@ import torch
 
 from dipstream.models.moe import MoeLayerParts
 from dipstream.sparsity.base import LINEARS, ExpertCall, Method, Selection, sequence_dims
+from dipstream.names import layer_key
 from dipstream.sparsity.recording import selection_hooks
 
 _MASKS = ("up_rows", "up_cols", "gate_rows", "gate_cols", "down_cols")
@@ -64,19 +65,18 @@ class MoeSelection:
         d, D = self.d_model, self.d_ff
         hooks = []
         if all(_reads_all(sel) for _, sel in self.picked.values()):
-            hooks.append((f"layers.{layer}.experts", "expert", E, 3 * d * D, self.routed))
+            hooks.append((layer_key(layer, "experts"), "expert", E, 3 * d * D, self.routed))
         else:
             t_tok, t_sel = next(iter(self.picked.values()))  # every token is routed somewhere
             for e in range(E):  # an expert no token picked: the same hooks, all masks empty
                 tok, sel = self.picked.get(e) or (t_tok[:0], t_sel)
                 hooks += self._expert_hooks(layer, e, tok, sel, N)
         if self.shared is not None:
-            hooks += selection_hooks(f"layers.{layer}.shared", self.shared, d, self.shared_d_ff)
+            hooks += selection_hooks(self.shared, d, self.shared_d_ff, layer, "shared")
         return hooks
 
     def _expert_hooks(self, layer, e, tok, sel, N):
         d, D = self.d_model, self.d_ff
-        prefix = f"layers.{layer}.expert.{e}"
         full = {}
         for name in _MASKS:  # scatter onto all N tokens, keeping shared masks shared
             m = getattr(sel, name)
@@ -86,11 +86,11 @@ class MoeSelection:
                     z[tok.to(m.device)] = m
                 full[id(m)] = z
         wide = Selection(**{n: full[id(getattr(sel, n))] if getattr(sel, n) is not None else None for n in _MASKS})
-        hooks = selection_hooks(prefix, wide, d, D)
+        hooks = selection_hooks(wide, d, D, layer, "expert", e)
         routed_e = self.routed[:, e:e + 1]
         for lin in LINEARS:  # linears the method reads in full inside this expert
             if getattr(sel, f"{lin}_cols", None) is None and getattr(sel, f"{lin}_rows", None) is None:
-                hooks.append((f"{prefix}.{lin}", "expert", 1, d * D, routed_e))
+                hooks.append((layer_key(layer, "expert", e, lin), "expert", 1, d * D, routed_e))
         return hooks
 
 
@@ -111,13 +111,13 @@ def moe_mlp(method: Method, layer: int, p: MoeLayerParts, x: torch.Tensor, batch
     try:
         for e in routed.any(0).nonzero().flatten().tolist():
             pos, tok = torch.where(idx.T == e)
-            method.in_expert = ExpertCall(f"layers.{layer}.expert.{e}", tok, bt, layer * p.n_units + e)
+            method.in_expert = ExpertCall(("expert", e), tok, bt, layer * p.n_units + e)
             ye, sel = method.mlp(layer, p.experts[e], x[tok], (tok.shape[0],))
             y.index_add_(0, tok, (ye * weights[tok, pos, None]).to(y.dtype))
             picked[e] = (tok, sel)
         shared = None
         if p.shared is not None:
-            method.in_expert = ExpertCall(f"layers.{layer}.shared", torch.arange(N, device=x.device), bt,
+            method.in_expert = ExpertCall(("shared",), torch.arange(N, device=x.device), bt,
                                           layer * p.n_units + p.n_experts)
             ys, shared = method.mlp(layer, p.shared, x, batch_shape)
             y = y + torch.sigmoid(p.shared_gate(x)) * ys

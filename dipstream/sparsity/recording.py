@@ -13,27 +13,29 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dipstream.names import layer_key
 from dipstream.simulator.trace import Hook, MaskTrace
 from dipstream.sparsity.base import Selection
 
 
-def selection_hooks(prefix: str, sel: Selection, d: int, D: int) -> list[tuple[str, str, int, int, torch.Tensor]]:
+def selection_hooks(sel: Selection, d: int, D: int, layer: int, *where) -> list[tuple[str, str, int, int, torch.Tensor]]:
     """[(name, kind, n_units, unit_weights, masks (N, n_units))] of one gated MLP's selection, its
-    hooks named `<prefix>.<kind>` (prefix `layers.<i>` for a layer's MLP)."""
+    hooks named `layers.<layer>.<where...>.<kind>` (`where`: ("expert", e) or ("shared",) inside a
+    mixture-of-experts block, nothing for a layer's MLP)."""
     hooks = []
     if sel.up_cols is not None or sel.gate_cols is not None:
         cols = [m for m in (sel.up_cols, sel.gate_cols) if m is not None]
         if len(cols) == 2 and cols[0] is not cols[1]:
             raise ValueError("up and gate column masks differ: no shared unit to record")
-        hooks.append((f"{prefix}.in", "in", d, len(cols) * D, cols[0]))
+        hooks.append((layer_key(layer, *where, "in"), "in", d, len(cols) * D, cols[0]))
     neuron = [m for m in (sel.up_rows, sel.gate_rows, sel.down_cols) if m is not None]
     if neuron:
         if any(m is not neuron[0] for m in neuron):
             raise ValueError("neuron masks of up/gate rows and down columns differ")
         if len(neuron) == 1 and sel.down_cols is not None:
-            hooks.append((f"{prefix}.out", "out", D, d, neuron[0]))
+            hooks.append((layer_key(layer, *where, "out"), "out", D, d, neuron[0]))
         else:
-            hooks.append((f"{prefix}.neuron", "neuron", D, len(neuron) * d, neuron[0]))
+            hooks.append((layer_key(layer, *where, "neuron"), "neuron", D, len(neuron) * d, neuron[0]))
     return hooks
 
 
@@ -47,7 +49,7 @@ class MaskRecorder:
 
     def __call__(self, layer: int, sel: Selection, x: torch.Tensor) -> None:
         hooks = sel.trace_hooks(layer) if hasattr(sel, "trace_hooks") else \
-            selection_hooks(f"layers.{layer}", sel, self.d, self.D)  # a MoE block's MoeSelection: its own
+            selection_hooks(sel, self.d, self.D, layer)  # a MoE block's MoeSelection: its own
         for name, kind, n, uw, m in hooks:
             self.specs[name] = (kind, n, uw)
             self.chunks.setdefault(name, []).append(np.packbits(m.cpu().numpy(), axis=1, bitorder="little"))

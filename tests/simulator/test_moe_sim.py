@@ -28,7 +28,7 @@ def test_moe_weights_by_hand():
     assert s.is_moe and s.expert_weights() == 3 * 4 * 3 == 36
     assert s.mlp_weights() == 2 * 4 * 36 == 288          # every expert of every layer
     assert s.router_weights() == 2 * 4 * 4 == 32          # L * d * E
-    assert s.attention_weights() == 16 * (2 + 1) * 2 == 96  # head_dim 0: d^2 (2 + 2g) L
+    assert s.attention_weights() == 16 * (2 + 1) * 2 == 96  # head_dim d / n_heads: d^2 (2 + 2g) L
     assert s.kv_cache_weights(5) == 5 * 4 * 2 * 2 * 0.5 == 40
     assert s.weights() == {"attention": 96, "mlp": 288, "lm_head": 40, "embedding": 40, "router": 32}
     assert s.weight_bytes({k: 8 for k in KINDS}) == 96 + 288 + 40 + 40 + 32
@@ -87,8 +87,10 @@ def test_from_hf_config_moe():
               num_attention_heads=2, num_key_value_heads=1, vocab_size=20)
     assert ModelShape.from_hf_config(transformers.Qwen3MoeConfig(head_dim=8, **q3)) == \
         ModelShape(2, 8, 6, 20, 2, 1, n_experts=4, experts_per_token=2, head_dim=8)
-    # head_dim equal to hidden_size // heads: left 0 (the dense formulas)
-    assert ModelShape.from_hf_config(transformers.Qwen3MoeConfig(head_dim=4, **q3)).head_dim == 0
+    # head_dim equal to hidden_size // heads: the reference's dense formulas, d^2 (2 + 2g) L
+    s = ModelShape.from_hf_config(transformers.Qwen3MoeConfig(head_dim=4, **q3))
+    assert s.head_dim == 4 and s == ModelShape(2, 8, 6, 20, 2, 1, n_experts=4, experts_per_token=2)
+    assert s.attention_weights() == 8 ** 2 * (2 + 2 * 0.5) * 2 and s.kv_cache_weights(10) == 10 * 8 * 2 * 2 * 0.5
     with pytest.raises(ValueError, match="mixes dense and MoE layers"):
         ModelShape.from_hf_config(transformers.Qwen2MoeConfig(num_hidden_layers=2, mlp_only_layers=[1]))
 
