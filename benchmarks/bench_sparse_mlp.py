@@ -6,9 +6,9 @@ both top-k selections) against the dense MLP (three F.linear calls, batch 1) at 
 densities 0.25/0.5/0.75, with the uniform split (up_keep = down_keep = density) and DIP's split.
 Every round runs each variant once (interleaved, fresh random x per round); medians are reported.
 Target: >= 1.7x faster than dense at density 0.5 on the 8B shapes.
-``--dtypes float32,int8,int4`` adds the quantized layouts (dipstream.kernels.quant; DIP split
-only), still timed against the float32 dense MLP; their "GB/s" counts the bytes they stream
-(integers + scales).
+``--dtypes float32,int8,int4`` adds the engine's quantized records (dipstream.engine.qmatrix,
+grouped along the inputs as GGUF's Q8_0 / Q4_1; DIP split only), still timed against the float32
+dense MLP; their "GB/s" counts the record bytes they stream (integers; headers stay in cache).
 
 Usage: python benchmarks/bench_sparse_mlp.py [--shapes smollm2,llama3-8b] [--rounds N]
                                              [--no-gather] [--dense-hugepages] [--sparse-threads N]
@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from dipstream.budget import dip_split, keep_to_k
 from dipstream.kernels.sparse_mlp import SparseMLPWeights, native_status, sparse_mlp
-from dipstream.kernels.quant import QuantizedSparseMLPWeights
 from dipstream.kernels.sparse_mlp import _alloc
 
 SHAPES = {"smollm2": (576, 1536, 300), "llama3-8b": (4096, 14336, 15)}  # d, D, default rounds
@@ -37,6 +36,26 @@ def _timed(f):
     t = time.perf_counter()
     f()
     return time.perf_counter() - t
+
+
+def _engine_records(Wg, Wu, Wd, fmt: str):
+    """The engine's records of one MLP in `fmt`: [gate | up] per input, down per hidden unit."""
+    from dipstream.engine.qmatrix import QMatrix
+
+    return (QMatrix.from_dense(torch.cat([Wg, Wu]).numpy(), fmt), QMatrix.from_dense(Wd.numpy(), fmt))
+
+
+def _engine_dip(q_in, q_out, x, k_in: int, k_out: int, threads: int):
+    """One token's DIP MLP on the engine's records (the native select-GEMV both times)."""
+    import numpy as np
+
+    D = q_out.rows
+    idx, coef = np.empty(max(q_in.rows, D), np.int64), np.empty(max(q_in.rows, D), np.float32)
+    gu, y = np.empty(2 * D, np.float32), np.empty(q_out.m, np.float32)
+    q_in.select(x, k_in, idx, coef, gu, threads)
+    h = (gu[:D] / (1 + np.exp(-gu[:D])) * gu[D:]).astype(np.float32)
+    q_out.select(h, k_out, idx, coef, y, threads)
+    return y
 
 
 def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: bool,
@@ -53,8 +72,7 @@ def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: 
         Wd = torch.randn(d, D, generator=g) * D ** -0.5
     t1 = time.perf_counter()
     w = SparseMLPWeights(Wg, Wu, Wd)
-    quant = {dt: QuantizedSparseMLPWeights(Wg, Wu, Wd, bits=8 if dt == "int8" else 4)
-             for dt in dtypes if dt != "float32"}
+    quant = {dt: _engine_records(Wg, Wu, Wd, dt) for dt in dtypes if dt != "float32"}
     t2 = time.perf_counter()
     xs = [torch.randn(1, d, generator=g) for _ in range(8)]
     dense_bytes = 3 * d * D * 4
@@ -76,14 +94,14 @@ def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: 
             def f(k_in=k_in, k_out=k_out):
                 return sparse_mlp(w, state["x"], k_in, k_out, "silu", num_threads=sparse_threads)
             variants[(split, dens)] = (f, w.bytes_read(k_in, k_out), (k_in, k_out))
-    for dt, wq in quant.items():
+    for dt, (q_in, q_out) in quant.items():
         for dens in DENSITIES:
             up, down = dip_split(dens)
             k_in, k_out = keep_to_k(up, d), keep_to_k(down, D)
 
-            def f(k_in=k_in, k_out=k_out, wq=wq):
-                return sparse_mlp(wq, state["x"], k_in, k_out, "silu", num_threads=sparse_threads)
-            variants[(f"dip {dt}", dens)] = (f, wq.bytes_read(k_in, k_out), (k_in, k_out))
+            def f(k_in=k_in, k_out=k_out, q_in=q_in, q_out=q_out):
+                return _engine_dip(q_in, q_out, state["x"][0].numpy(), k_in, k_out, sparse_threads or 1)
+            variants[(f"dip {dt}", dens)] = (f, k_in * q_in.stride + k_out * q_out.stride, (k_in, k_out))
     if gather:  # what torch indexing gives: gather (copy) the selected columns, then multiply
         k_in, k_out = keep_to_k(0.5, d), keep_to_k(0.5, D)
 

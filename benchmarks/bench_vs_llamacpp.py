@@ -104,28 +104,37 @@ def child_ours(argv: list[str]) -> int:
     """In-process modes for dipstream's side: baseline RSS and perplexity."""
     mode = argv[0]
     if mode == "baseline":
+        import dipstream.runtime.engine_generate  # noqa: F401
         import dipstream.runtime.generate  # noqa: F401
-        import dipstream.runtime.lean_generate  # noqa: F401
 
         print(json.dumps({"engine": "dipstream", "baseline_rss": _status("VmRSS")}))
         return 0
     spec = json.loads(argv[1])
-    import numpy as np
+    import torch
 
-    from dipstream.engine.run import build, perplexity
+    from dipstream.budget import layer_keeps
+    from dipstream.data.windows import Windows
+    from dipstream.engine.build import build
+    from dipstream.engine.config import EngineOptions, EngineSetup
+    from dipstream.evaluation.perplexity import perplexity
+    from dipstream.options import CacheAwareOptions
+    from dipstream.sparsity.decoding import decode_rule
 
-    windows = np.array(json.loads(Path(spec["windows"]).read_text()))
-    lm, info = build(Path(spec["model_dir"]), spec["method"], spec["density"], windows.shape[1],
-                     offload=spec["memory"] is not None, memory=spec["memory"], gamma=spec["gamma"],
-                     threads=spec["threads"], kv_cache=spec["kv_cache"], read_gap=32000,
-                     activations=spec["activations"])
+    ids = torch.tensor(json.loads(Path(spec["windows"]).read_text()))
+    windows = Windows(ids, [1] * ids.shape[0])
+    options = EngineOptions(memory=None if spec["memory"] is None else str(spec["memory"]), kv_cache=spec["kv_cache"],
+                            read_gap="32000", activations=spec["activations"])
+    n_layers = json.loads((Path(spec["model_dir"]) / "model.json").read_text())["arch"]["shape"]["n_layers"]
+    setup = EngineSetup(decode_rule(spec["method"], CacheAwareOptions(gamma=spec["gamma"])),
+                        layer_keeps(spec["density"], n_layers), ids.shape[1], options, spec["threads"],
+                        offload=spec["memory"] is not None)
+    lm, plan = build(Path(spec["model_dir"]), setup)
     try:
-        ppl, n = perplexity(lm, windows)
+        res = perplexity(lm, windows, progress=False)
     finally:
-        if hasattr(lm.mlp, "close"):
-            lm.mlp.close()
         lm.close()
-    print(json.dumps({"engine": "dipstream", "perplexity": ppl, "predictions": n, "cache_bytes": info.get("cache_bytes")}))
+    print(json.dumps({"engine": "dipstream", "perplexity": res.perplexity, "predictions": res.tokens,
+                      "cache_bytes": plan.cache_bytes}))
     return 0
 
 
@@ -160,8 +169,8 @@ def main(argv=None) -> int:
     if a.child:
         return child_ours(a.child)
 
+    from dipstream.engine.export import ensure_model_file
     from dipstream.engine.modelfile import read_manifest
-    from dipstream.engine.run import ensure_model_file
     from dipstream.models.loading import BUILTIN_MODELS
     from dipstream.paths import machine
 

@@ -1,5 +1,6 @@
-"""Where a run executes: `--device` and `--dtype` parsed and checked, free memory, and the
-predicted footprint of a model checked before any weight is loaded."""
+"""Where a run executes: `--device` and `--dtype` parsed and checked, free memory, the predicted
+footprint of a model checked before any weight is loaded, and what the process holds and reads
+(resident and peak memory, bytes read from storage)."""
 
 from __future__ import annotations
 
@@ -77,8 +78,41 @@ def peak_memory(device) -> int:
         import torch
 
         return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss_bytes()
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux VmHWM: unlike ru_maxrss, not inherited from the
+    parent that started it; ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
     import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process has read from storage (the page cache excluded), or -1 where unknown."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1

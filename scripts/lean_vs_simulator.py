@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/lean_vs_simulator.jsonl")
     a = ap.parse_args(argv)
 
-    from dipstream.engine.run import ensure_model_file
+    from dipstream.engine.export import ensure_model_file
     from dipstream.io import append_jsonl
     from dipstream.paths import machine
     from dipstream.runtime.probe import ProbeConfig, run_probe

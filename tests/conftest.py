@@ -52,17 +52,6 @@ def shape_of(model):
     return describe(model).shape
 
 
-def decode_with_runtime(model, rt, ids, cfg):
-    """Token ids decoded by `model` with the decode runtime `rt` attached (detached after)."""
-    from dipstream.runtime.decode import attach_runtime, decode_tokens, detach_runtime
-
-    orig = attach_runtime(model, rt)
-    try:
-        return decode_tokens(model, ids, cfg)["ids"]
-    finally:
-        detach_runtime(model, orig)
-
-
 def tiny_model(arch: str, seed: int = 0):
     """A tiny random CausalLM in eval mode, float32, weights large enough to make masks matter."""
     torch.manual_seed(seed)

@@ -139,8 +139,96 @@ def test_one_home_per_concept():
 
 
 def test_decode_methods_are_the_registrys():
-    """`generate`'s light option list names exactly the registry's methods that decode."""
-    from dipstream.runtime.options import DECODE_METHODS
-    from dipstream.sparsity import METHODS
+    """The registry's decode side (what the engine runs, torch-free) names exactly the registered
+    methods that decode, and `generate` offers exactly those."""
+    from dataclasses import fields
 
-    assert set(DECODE_METHODS) == {n for n, c in METHODS.items() if c.decodes}
+    from dipstream.runtime.options import GenerateConfig
+    from dipstream.sparsity import METHODS
+    from dipstream.sparsity.decoding import DECODERS
+
+    assert set(DECODERS) == {n for n, c in METHODS.items() if c.decodes} == {"dense", "dip", "dip-ca"}
+    method = next(f for f in fields(GenerateConfig) if f.name == "method")
+    assert set(method.metadata["choices"]) == set(DECODERS)
+
+
+def _trees():
+    return {mod: ast.parse(f.read_text()) for mod, f in MODS.items()}
+
+
+TREES = _trees()
+
+
+def _modules_where(pred) -> set[str]:
+    return {mod for mod, tree in TREES.items() if any(pred(node) for node in ast.walk(tree))}
+
+
+def test_one_module_reads_the_model_file_directly():
+    """Direct I/O, positioned reads and the page-cache drop have one home (engine.storage): one
+    module names O_DIRECT, calls os.preadv or posix_fadvise, or the native read pool."""
+    def direct(node):
+        return (isinstance(node, ast.Attribute) and node.attr in ("O_DIRECT", "preadv", "posix_fadvise")) or \
+            (isinstance(node, ast.Constant) and node.value == "O_DIRECT")
+
+    def pool(node):
+        return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("ds_pread")
+
+    assert _modules_where(direct) == {"dipstream.engine.storage"}
+    assert _modules_where(pool) == {"dipstream.engine.storage"}
+
+
+def test_one_top_k_rule_per_language():
+    """The selection rule's top-k is written once in Python (selection: torch's topk, used for arrays
+    through the native kernel) and once in C (ds_topk_abs); no numpy top-k on the methods' paths."""
+    def torch_topk(node):
+        return isinstance(node, ast.Attribute) and node.attr == "topk"
+
+    def numpy_topk(node):
+        return isinstance(node, ast.Attribute) and node.attr == "argpartition"
+
+    assert _modules_where(torch_topk) == {"dipstream.selection"}
+    on_paths = {m for m in _modules_where(numpy_topk) if _package(m) in ("engine", "sparsity", "runtime", "selection",
+                                                                         "kernels", "dipstream")}
+    assert not on_paths, on_paths
+    import re
+
+    csrc = PKG / "kernels" / "csrc"
+    defs = [(f.name, m) for f in csrc.glob("*.c") for m in re.findall(r"^\S.*\b(\w*topk\w*)\s*\(", f.read_text(), re.M)]
+    assert defs == [("gemv.c", "ds_topk_abs")], defs
+
+
+def test_one_module_spells_layer_names():
+    """Hook and tensor names (`layers.<i>.<part>`) are formatted in one module (dipstream.names)."""
+    def spells(node):
+        if not isinstance(node, ast.JoinedStr):
+            return False
+        parts = node.values
+        return any(isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.endswith("layers.")
+                   and not a.value.endswith("model.layers.") and isinstance(b, ast.FormattedValue)
+                   for a, b in zip(parts, parts[1:]))
+
+    assert _modules_where(spells) == set()  # names.py joins its parts; nothing else formats them
+    assert any('"layers"' in line for line in (PKG / "names.py").read_text().splitlines())
+
+
+def test_one_sampler_and_one_cache_aware_choice():
+    """Tokens are sampled in one place (engine.decode's Sampler: numpy, one seeded stream on every
+    path), and DIP-CA's re-weighting (gamma_t) is applied in one (selection.ca_select)."""
+    def samples(node):
+        return isinstance(node, ast.Attribute) and node.attr in ("multinomial", "choice") and \
+            not (isinstance(node.value, ast.Name) and node.value.id in ("random",))
+
+    def gamma(node):
+        return isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "gamma_at"
+
+    assert {m for m in _modules_where(samples) if _package(m) not in ("simulator",)} == {"dipstream.engine.decode"}
+    assert _modules_where(gamma) == {"dipstream.selection"}
+
+
+def test_one_reader_of_model_shapes():
+    """A ModelShape is made from a config (`from_hf_config`, the presets too) or from a stored dict,
+    never built field by field outside its module."""
+    def builds(node):
+        return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ModelShape"
+
+    assert _modules_where(builds) <= {"dipstream.simulator.model_shape"}

@@ -1,35 +1,55 @@
-"""The lean engine: exact against the Hugging Face forward in float32 on every family it runs,
-quantized records round-trip, the offloaded MLP equals the MLP in RAM, reads only what it
-claims, never holds more than its caches, and its trace replays to the same hits."""
+"""The lean engine: exact against the Hugging Face forward in float32 on every family of the
+architecture table it runs, quantized records round-trip, the offloaded MLP equals the MLP in RAM,
+reads only what it claims, never holds more than its caches, and its trace replays to the same
+hits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
+import transformers as T
+from transformers import AutoModelForCausalLM
 
+from dipstream.engine.decode import DecodeOptions, generate
+from dipstream.engine.export import export_checkpoint
 from dipstream.engine.mlp import MaskChooser, OffloadMLP, RamMLP
 from dipstream.engine.model import LeanModel
-from dipstream.engine.modelfile import read_manifest, write_model_file
+from dipstream.engine.modelfile import mlp_tensor, read_manifest
 from dipstream.engine.qmatrix import QMatrix, dequantize_records, quantize_records
-from dipstream.engine.run import generate, perplexity
 from dipstream.errors import DipstreamError
+from dipstream.names import layer_key
+from dipstream.options import CacheAwareOptions
+from dipstream.sparsity.decoding import decode_rule
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
-CONFIGS = {
-    "llama-tied": lambda: LlamaConfig(**TINY, hidden_act="silu", tie_word_embeddings=True),
-    "llama": lambda: LlamaConfig(**TINY, hidden_act="silu"),
-    "qwen2": lambda: Qwen2Config(**TINY, hidden_act="silu"),
-    "gemma3": lambda: Gemma3TextConfig(**TINY, head_dim=16, hidden_activation="gelu_pytorch_tanh", sliding_window=4,
-                                       layer_types=["sliding_attention", "full_attention"]),
+# every family of the architecture table the engine runs, with what sets it apart switched on
+FAMILIES = {
+    "llama-tied": lambda: T.LlamaConfig(**TINY, hidden_act="silu", tie_word_embeddings=True),
+    "llama": lambda: T.LlamaConfig(**TINY, hidden_act="silu"),
+    "llama3-rope": lambda: T.LlamaConfig(**TINY, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+    "mistral": lambda: T.MistralConfig(**TINY, sliding_window=5, head_dim=24),
+    "qwen2": lambda: T.Qwen2Config(**TINY, hidden_act="silu"),
+    "qwen2-window": lambda: T.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "qwen3": lambda: T.Qwen3Config(**TINY, head_dim=16),
+    "smollm3": lambda: T.SmolLM3Config(**TINY, no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1,
+                                       eos_token_id=2),
+    "phi3": lambda: T.Phi3Config(**TINY, pad_token_id=0, sliding_window=5, partial_rotary_factor=0.5),
+    "gemma": lambda: T.GemmaConfig(**TINY, head_dim=32),
+    "gemma2": lambda: T.Gemma2Config(**TINY, head_dim=16, sliding_window=4, attn_logit_softcapping=5.0,
+                                     final_logit_softcapping=3.0, query_pre_attn_scalar=24),
+    "gemma3": lambda: T.Gemma3TextConfig(**TINY, head_dim=16, hidden_activation="gelu_pytorch_tanh", sliding_window=4,
+                                         layer_types=["sliding_attention", "full_attention"]),
 }
+QUANTIZED = ("llama-tied", "llama", "qwen2", "gemma3")  # exported in every format too
 
 
 def hf_model(name: str):
     torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_config(FAMILIES[name](), dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.2 if p.dim() == 2 else 0.3)
@@ -41,11 +61,11 @@ def exported(tmp_path_factory):
     """{(family, format): (hf model, model folder)}"""
     out = {}
     root = tmp_path_factory.mktemp("engine")
-    for name in CONFIGS:
+    for name in FAMILIES:
         m = hf_model(name)
         m.save_pretrained(root / f"{name}-hf")
-        for fmt in ("float32", "int8", "int4"):
-            write_model_file(root / f"{name}-hf", root / f"{name}-{fmt}", name, fmt, fmt)
+        for fmt in ("float32", "int8", "int4") if name in QUANTIZED else ("float32",):
+            export_checkpoint(root / f"{name}-hf", root / f"{name}-{fmt}", name, fmt)
             out[name, fmt] = (m, root / f"{name}-{fmt}")
     return out
 
@@ -53,10 +73,19 @@ def exported(tmp_path_factory):
 IDS = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(1))
 
 
+def model(d, max_seq: int = 16, **kw) -> LeanModel:
+    """The engine's model of folder d (its MLP backend still to set)."""
+    return LeanModel(d, read_manifest(d), max_seq, **kw)
+
+
+def chooser(method: str, k_in, k_out, **ca) -> MaskChooser:
+    return MaskChooser(decode_rule(method, CacheAwareOptions(**ca)), k_in, k_out)
+
+
 def dense_model(d, **kw) -> LeanModel:
-    """The lean model in folder d with its MLP dense in RAM."""
-    lm = LeanModel(d, 16, **kw)
-    lm.mlp = RamMLP(lm, MaskChooser("dense", [], []))
+    """The model in folder d with its MLP dense in RAM."""
+    lm = model(d, **kw)
+    lm.mlp = RamMLP(lm, chooser("dense", [lm.d] * lm.L, [lm.D] * lm.L))
     return lm
 
 
@@ -65,7 +94,11 @@ def run_ids(lm: LeanModel) -> np.ndarray:
     return np.stack([lm.forward(int(t), i) for i, t in enumerate(IDS[0])])
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+def greedy(n: int) -> DecodeOptions:
+    return DecodeOptions(max_new_tokens=n, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_float32_equals_the_hugging_face_forward(exported, name):
     m, d = exported[name, "float32"]
     lm = dense_model(d)
@@ -75,7 +108,68 @@ def test_float32_equals_the_hugging_face_forward(exported, name):
     assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
     # greedy decoding: the same tokens as transformers' generate
     hf = m.generate(IDS[:, :5], max_new_tokens=8, do_sample=False)[0, 5:].tolist()
-    assert generate(lm, IDS[0, :5].tolist(), 8, stop_at_eos=False)["ids"] == hf
+    assert generate(lm, IDS[0, :5].tolist(), greedy(8))["ids"] == hf
+    lm.close()
+
+
+def test_each_family_runs_what_sets_it_apart(exported):
+    """The manifests carry what the families differ in: windows per layer, NoPE layers, partial
+    rotary tables, soft-capping, q/k norms and biases where the checkpoint has them."""
+    arch = {n: read_manifest(exported[n, "float32"][1])["arch"] for n in FAMILIES}
+    assert [x["window"] for x in arch["mistral"]["layers"]] == [5, 5]
+    assert [x["window"] for x in arch["qwen2-window"]["layers"]] == [0, 4]
+    assert [x["rope"] for x in arch["smollm3"]["layers"]] == ["default", None]
+    assert len(arch["phi3"]["rope"]["default"]["inv_freq"]) == 16 // 2 // 2  # head_dim 16, half of it rotated
+    assert arch["gemma2"]["attn_softcap"] == 5.0 and arch["gemma2"]["final_softcap"] == 3.0
+    assert arch["gemma2"]["query_scale"] == pytest.approx(24 ** -0.5)
+    assert set(arch["gemma3"]["rope"]) == {"sliding_attention", "full_attention"}
+    infos = {n: read_manifest(exported[n, "float32"][1])["tensor_info"] for n in ("qwen2", "qwen3", "llama")}
+    assert "layers.0.q_bias" in infos["qwen2"] and "layers.0.q_norm" in infos["qwen3"]
+    assert not any(k.endswith(("_bias", "_norm")) and "q_" in k for k in infos["llama"])
+
+
+def test_head_dim_is_the_configs_on_every_path(exported, tmp_path):
+    """Gemma's heads are wider than d / heads: the shape from the config, the loaded model, the
+    engine's manifest and a recorded trace all say the config's head_dim, and a trace recorded
+    with another head_dim is refused."""
+    from dipstream.models.arch import describe
+    from dipstream.simulator import load_trace, save_trace
+    from dipstream.simulator.model_shape import SHAPES, ModelShape
+    from dipstream.simulator.trace import check_trace_matches
+
+    m, d = exported["gemma", "float32"]
+    assert m.config.head_dim == 32 != 64 // 4
+    shapes = [ModelShape.from_hf_config(m.config), describe(m).shape,
+              ModelShape.from_dict(read_manifest(d)["arch"]["shape"]), model(d).shape]
+    assert all(s.head_dim == 32 for s in shapes) and len(set(shapes)) == 1
+    assert SHAPES["gemma3-270m"].head_dim == 256  # Gemma 3 270M: 4 heads of 256 over d = 640
+    lm = model(d)
+    lm.mlp = RamMLP(lm, chooser("dip", [30, 30], [40, 40]), record_masks=True)
+    generate(lm, IDS[0, :4].tolist(), greedy(3))
+    trace = lm.mlp.rec.trace(4, {"model": "tiny", **lm.shape.to_dict()})
+    save_trace(trace, tmp_path / "t.npz")
+    check_trace_matches(load_trace(tmp_path / "t.npz"), shapes[0])
+    other = ModelShape.from_dict({**shapes[0].to_dict(), "head_dim": 16})
+    with pytest.raises(ValueError, match="head_dim=32"):
+        check_trace_matches(load_trace(tmp_path / "t.npz"), other)
+
+
+def test_sampling_with_a_seed_gives_the_same_tokens_in_ram_and_offloaded(exported):
+    """One sampler on every path: the same seed gives the same sampled tokens from the MLP in RAM
+    and from the file (dense: the same logits), and another seed other tokens."""
+    _, d = exported["llama", "float32"]
+    opts = DecodeOptions(max_new_tokens=10, stop_at_eos=False, sample=True, temperature=1.5, top_k=20,
+                         sample_seed=7)
+    runs = []
+    for offload in (False, True, True):
+        lm = model(d, 32)
+        ch = chooser("dense", [64, 64], [96, 96])
+        lm.mlp = OffloadMLP(lm, ch, 30_000, direct=False) if offload else RamMLP(lm, ch)
+        runs.append(generate(lm, IDS[0, :4].tolist(), opts)["ids"])
+        lm.close()
+        opts = DecodeOptions(**{**opts.__dict__}) if len(runs) < 2 else DecodeOptions(**{**opts.__dict__, "sample_seed": 8})
+    assert runs[0] == runs[1] != runs[2]
+    assert len(set(runs[0])) > 1
 
 
 @pytest.mark.parametrize("fmt,tol", [("int8", 0.01), ("int4", 0.15)])
@@ -186,8 +280,8 @@ def test_offloaded_mlp_equals_the_mlp_in_ram(exported, method, fmt, gap):
     ks = ([40, 40], [50, 50])
     outs = []
     for off in (False, True):
-        lm = LeanModel(d, 16)
-        ch = MaskChooser(method, *ks)
+        lm = model(d)
+        ch = chooser(method, *ks)
         lm.mlp = OffloadMLP(lm, ch, 20_000, direct=False, read_gap=gap) if off else RamMLP(lm, ch)
         outs.append(run_ids(lm))
         if off:
@@ -196,7 +290,7 @@ def test_offloaded_mlp_equals_the_mlp_in_ram(exported, method, fmt, gap):
             assert all(n <= lm.mlp.capacity[h] for h, n in zip(lm.mlp.caches.names,
                                                                 [lm.mlp.caches.occupancy(h)[0]
                                                                  for h in lm.mlp.caches.names]))
-            lm.mlp.close()
+        lm.close()
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
@@ -207,14 +301,14 @@ def test_hot_placement_equals_the_mlp_in_ram(exported, fmt, fraction):
     pinned ones are exactly the most frequent of the profile."""
     _, d = exported["llama", fmt]
     ks = ([40, 40], [50, 50])
-    ram = LeanModel(d, 16)
-    ram.mlp = RamMLP(ram, MaskChooser("dip", *ks))
+    ram = model(d)
+    ram.mlp = RamMLP(ram, chooser("dip", *ks))
     ref = run_ids(ram)
-    lm = LeanModel(d, 16)
+    lm = model(d)
     rng = np.random.default_rng(1)
-    freq = {f"layers.{i}.{k}": rng.permutation(n) for i in range(lm.L) for k, n in (("in", lm.d), ("out", lm.D))}
+    freq = {layer_key(i, k): rng.permutation(n) for i in range(lm.L) for k, n in (("in", lm.d), ("out", lm.D))}
     cache = 20_000 if fmt == "float32" else 4_000  # a part of the MLP either way
-    lm.mlp = OffloadMLP(lm, MaskChooser("dip", *ks), cache, "hot", direct=False, fraction=fraction, frequency=freq)
+    lm.mlp = OffloadMLP(lm, chooser("dip", *ks), cache, "hot", direct=False, fraction=fraction, frequency=freq)
     assert lm.mlp.preload_bytes > 0
     out = run_ids(lm)
     c = lm.mlp.counters
@@ -223,11 +317,11 @@ def test_hot_placement_equals_the_mlp_in_ram(exported, fmt, fraction):
         cap = lm.mlp.capacity[name]
         pinned = np.argsort(-freq[name], kind="stable")[:int(fraction * cap)]
         assert lm.mlp.caches.cached(name)[0][pinned].all()
-    lm.mlp.close()
+    lm.close()
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", QUANTIZED)
 @pytest.mark.parametrize("fmt", ["float32", "int8", "int4"])
 def test_streamed_head_equals_the_head_in_ram(exported, name, fmt):
     """The head (and embedding) read from the file each token give the logits of the head in RAM,
@@ -240,7 +334,7 @@ def test_streamed_head_equals_the_head_in_ram(exported, name, fmt):
         static.append(lm.static_bytes)
         if place == "stream":
             infos = lm.manifest["tensor_info"]
-            assert lm.head.disk_bytes >= len(IDS[0]) * infos["head"].nbytes
+            assert lm.streamed_bytes >= len(IDS[0]) * infos["head"].nbytes
             records = sum(infos[n].nbytes for n in ("head", "embed") if n in infos)
             buffers = lm.head.buf[0].nbytes + lm.head.buf[1].nbytes
         lm.close()
@@ -266,25 +360,23 @@ def test_unread_records_are_never_used(exported, tmp_path):
     poisoned = tmp_path / "p"
     shutil.copytree(d, poisoned)
     m = read_manifest(poisoned)
-    lm = LeanModel(d, 16)
-    ch = MaskChooser("dip", [20, 20], [30, 30])
+    lm = model(d)
     rec = []
-    lm.mlp = RamMLP(lm, ch, record_masks=True)  # records which units the masks select
+    lm.mlp = RamMLP(lm, chooser("dip", [20, 20], [30, 30]), record_masks=True)  # records which units the masks select
     ref = [lm.forward(int(t), i) for i, t in enumerate(IDS[0, :6])]
-    used = {(k, i): np.unpackbits(np.array(lm.mlp.rec.masks[k][i]), axis=1, count=lm.d if k == "in" else lm.D,
-                                  bitorder="little").any(0) for k in ("in", "out") for i in range(2)}
+    used = {(h.kind, int(h.name.split(".")[1])): h.masks.any(0) for h in lm.mlp.rec.trace(6, {}).hooks}
     data = np.fromfile(poisoned / "model.bin", np.uint8)
     for (k, i), u in used.items():
-        info = m["tensor_info"][f"layers.{i}.mlp_{k}"]
+        info = m["tensor_info"][mlp_tensor(i, k)]
         recs = data[info.offset:info.offset + info.rows * info.stride].reshape(info.rows, info.stride)
         recs[~u] = np.frombuffer(np.full(info.stride // 4, np.nan, np.float32).tobytes(), np.uint8)
         rec.append(int((~u).sum()))
     data.tofile(poisoned / "model.bin")
     assert sum(rec) > 0
     for off, gap in ((False, 0), (True, 0), (True, 4096)):  # a gap reads poisoned records, never uses them
-        lm = LeanModel(poisoned, 16)
-        lm.mlp = OffloadMLP(lm, MaskChooser("dip", [20, 20], [30, 30]), 8_000, direct=False, read_gap=gap) if off \
-            else RamMLP(lm, MaskChooser("dip", [20, 20], [30, 30]))
+        lm = model(poisoned)
+        lm.mlp = OffloadMLP(lm, chooser("dip", [20, 20], [30, 30]), 8_000, direct=False, read_gap=gap) if off \
+            else RamMLP(lm, chooser("dip", [20, 20], [30, 30]))
         got = [lm.forward(int(t), i) for i, t in enumerate(IDS[0, :6])]
         assert all(np.isfinite(g).all() for g in got)
         np.testing.assert_allclose(np.stack(got), np.stack(ref), rtol=1e-5, atol=1e-5)
@@ -298,16 +390,14 @@ def test_prefetch_never_changes_the_output(exported, method, mode):
     _, d = exported["llama", "int4"]
     runs = []
     for pf in ("off", mode):
-        lm = LeanModel(d, 16)
+        lm = model(d)
         cache = 0 if method == "dense" else 30_000  # dense: no cache, every unit of every hook missed
-        lm.mlp = OffloadMLP(lm, MaskChooser(method, [30, 30], [40, 40], gamma=0.2), cache, direct=False,
-                            prefetch=pf)
+        lm.mlp = OffloadMLP(lm, chooser(method, [30, 30], [40, 40], gamma=0.2), cache, direct=False, prefetch=pf)
         logits = run_ids(lm)
-        runs.append((logits, lm.mlp.rec.masks, lm.mlp.counters))
-        lm.mlp.close()
+        runs.append((logits, lm.mlp.rec.trace(0, {}), lm.mlp.counters))
+        lm.close()
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
-    assert all(np.array_equal(a, b) for k in ("in", "out") for la, lb in zip(runs[0][1][k], runs[1][1][k])
-               for a, b in zip(la, lb))
+    assert all(np.array_equal(a.masks, b.masks) for a, b in zip(runs[0][1].hooks, runs[1][1].hooks))
     c = runs[1][2]
     assert runs[0][2].prefetch_bytes == 0 and c.prefetch_bytes > 0
     if method == "dense":  # 12 tokens x 2 layers x (64 + 96) units; layer 0's 64 inputs are not read ahead
@@ -315,21 +405,20 @@ def test_prefetch_never_changes_the_output(exported, method, mode):
         assert c.prefetch_served == c.missed_units - 12 * 64
 
 
-def test_read_plan_hand_worked(exported):
+def test_read_plan_hand_worked():
     """Records of 48 bytes in 512-byte blocks: units 0, 1 (block 0) and 11 (bytes 528-575, block 1)
     touch, so one 1024-byte read; unit 40 (bytes 1920-1967, block 3) is a second read, or joins the
-    first (one 2048-byte read) when a gap of 512 bytes (block 2) may be read through."""
-    _, d = exported["llama", "float32"]
-    lm = LeanModel(d, 16)
-    mlp = OffloadMLP(lm, MaskChooser("dip", [8, 8], [8, 8]), 0, direct=False)
-    mlp.stride["x"] = 48
+    first (one 2048-byte read) when a gap of 512 bytes (block 2) may be read through; the records
+    wholly inside the reads are exactly the units asked for and their neighbours in those blocks."""
+    from dipstream.engine.storage import BLOCK, covered, read_plan
+
+    assert BLOCK == 512
     miss = np.array([0, 1, 11, 40])
-    offs, lens = mlp.read_plan("x", miss)
+    offs, lens = read_plan(miss, 48)
     assert offs.tolist() == [0, 1536] and lens.tolist() == [1024, 512]
-    mlp.read_gap = 512
-    offs, lens = mlp.read_plan("x", miss)
+    assert np.flatnonzero(covered(offs, lens, 64, 48)).tolist() == list(range(21)) + list(range(32, 42))
+    offs, lens = read_plan(miss, 48, gap=512)
     assert offs.tolist() == [0] and lens.tolist() == [2048]
-    mlp.close()
 
 
 def test_dip_ca_trace_replays_to_the_same_hits(exported):
@@ -337,10 +426,10 @@ def test_dip_ca_trace_replays_to_the_same_hits(exported):
     from dipstream.simulator.caches import CacheSet
 
     _, d = exported["llama", "int8"]
-    lm = LeanModel(d, 16)
-    lm.mlp = OffloadMLP(lm, MaskChooser("dip-ca", [30, 30], [40, 40], gamma=0.2), 15_000, direct=False)
-    generate(lm, IDS[0, :5].tolist(), 6, stop_at_eos=False)
-    tr = lm.mlp.rec.trace(lm, 5, {"model": "tiny", "method": "dip-ca", **lm.arch_shape().to_dict()})
+    lm = model(d)
+    lm.mlp = OffloadMLP(lm, chooser("dip-ca", [30, 30], [40, 40], gamma=0.2), 15_000, direct=False)
+    generate(lm, IDS[0, :5].tolist(), greedy(6))
+    tr = lm.mlp.rec.trace(5, {"model": "tiny", "method": "dip-ca", **lm.shape.to_dict()})
     caps = [lm.mlp.capacity[h.name] for h in tr.hooks]
     stride = {k: lm.mlp.stride[k] for k in ("in", "out")}
     # the run's RAM bytes are its hits times the record sizes
@@ -365,11 +454,18 @@ def test_float16_kv_cache_is_close(exported):
 
 
 def test_perplexity_matches_the_forward(exported):
+    """The engine's perplexity (one home: evaluation.perplexity, the engine scored token by token)
+    equals the Hugging Face model's loss on the same window."""
+    from dipstream.data.windows import Windows
+    from dipstream.evaluation.perplexity import perplexity
+
     m, d = exported["llama", "float32"]
-    ppl, n = perplexity(dense_model(d), IDS[:, :10].numpy())
+    w = Windows(IDS[:, :10], [1] * 9)
+    res = perplexity(dense_model(d), w, progress=False)
     with torch.no_grad():
         loss = float(m(input_ids=IDS[:, :10], labels=IDS[:, :10]).loss)
-    assert n == 9 and ppl == pytest.approx(np.exp(loss), rel=1e-4)
+    assert res.tokens == 9 and res.perplexity == pytest.approx(np.exp(loss), rel=1e-4)
+    assert res.perplexity == pytest.approx(perplexity(m, w, progress=False).perplexity, rel=1e-4)
 
 
 def test_unsupported_family_and_tampered_manifest(tmp_path, exported):
@@ -379,8 +475,8 @@ def test_unsupported_family_and_tampered_manifest(tmp_path, exported):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "g")
-    with pytest.raises(DipstreamError, match="the lean engine runs"):
-        write_model_file(tmp_path / "g", tmp_path / "g-out", "g")
+    with pytest.raises(DipstreamError, match="no gated MLP"):
+        export_checkpoint(tmp_path / "g", tmp_path / "g-out", "g")
     _, d = exported["llama", "int4"]
     bad = tmp_path / "bad"
     shutil.copytree(d, bad)
@@ -388,7 +484,7 @@ def test_unsupported_family_and_tampered_manifest(tmp_path, exported):
     man["tensors"]["layers.0.mlp_in"]["stride"] += 4
     (bad / "model.json").write_text(json.dumps(man))
     with pytest.raises(DipstreamError, match="inconsistent"):
-        LeanModel(bad, 16)
+        model(bad)
 
 
 def _gen(args, tmp_path, name="row.json"):
@@ -530,7 +626,7 @@ def test_probe_lean_writes_hardware_the_simulator_replays(tiny_checkpoint, tmp_p
 
     _export = tmp_path / "m"
     hfdir = tiny_checkpoint
-    write_model_file(hfdir, _export, "tiny", "int4", "int4")
+    export_checkpoint(hfdir, _export, str(hfdir), "int4")
     out = tmp_path / "hw.yaml"
     assert main(["probe", "--lean-model", str(_export), "--out", str(out), "--repeats", "1", "--reads", "64"]) == 0
     hw = load_hardware(out)
@@ -581,3 +677,331 @@ def test_generate_hot_placement_from_a_train_split_profile(tiny_checkpoint, tmp_
     other = tmp_path / "other.npz"
     save_profile(other, freq, {**meta, "model": "smollm2-135m"})
     assert "was made for model smollm2-135m" in err([*base, "--policy", "hot", "--hot-profile", str(other)])
+
+
+# ------------------------------------------------------------------ the model file and its reads
+# (what the Hugging Face offload stack's tests proved, on the engine's one file format and reader)
+
+def test_model_file_records_read_back_exactly(exported):
+    """Every MLP record read back from the file with the engine's reader (exact reads of scattered
+    units, runs, whole hooks, direct and buffered) equals the record loaded in RAM, and a float32
+    file's records are the checkpoint's weights."""
+    from dipstream.engine.modelfile import DATA
+    from dipstream.engine.storage import FileReader, aligned_empty, covered, read_plan
+
+    m, d = exported["llama", "float32"]
+    lm = model(d)
+    rng = np.random.default_rng(0)
+    for direct in (True, False):
+        reader = FileReader(d / DATA, 4, direct)
+        for layer in range(lm.L):
+            p = m.model.layers[layer].mlp
+            want = {"in": torch.cat([p.gate_proj.weight.T, p.up_proj.weight.T], 1).detach().numpy(),
+                    "out": p.down_proj.weight.T.detach().numpy()}
+            for kind in ("in", "out"):
+                info = lm.manifest["tensor_info"][mlp_tensor(layer, kind)]
+                ram = lm.load(info)
+                np.testing.assert_array_equal(ram.dense().T, want[kind])
+                buf = aligned_empty(info.nbytes + 1024)
+                for units in (np.arange(info.rows), np.sort(rng.choice(info.rows, info.rows // 3, replace=False)),
+                              np.array([0, 1, 2, info.rows - 1]), np.array([5])):
+                    offs, lens = read_plan(units, info.stride)
+                    buf[:] = 0
+                    reader.read(info.offset + offs, lens, buf.ctypes.data + offs)
+                    got = buf[:info.nbytes].reshape(info.rows, info.stride)
+                    ok = covered(offs, lens, info.rows, info.stride)
+                    assert ok[units].all()
+                    np.testing.assert_array_equal(got[units], ram.rec[units])
+        assert reader.direct == (direct and reader.dfd is not None)
+        reader.close()
+    lm.close()
+
+
+def test_corrupt_truncated_and_mismatched_files(exported, tmp_path):
+    """A flipped byte fails the sha256 check (--verify, the default), a truncated file its size, a
+    folder of another model or formats is refused, a folder without or with a broken manifest too;
+    each a one-line error saying what to do."""
+    import json
+    import shutil
+
+    from dipstream.engine.build import build
+    from dipstream.engine.config import EngineOptions, EngineSetup
+    from dipstream.engine.export import ensure_model_file
+    from dipstream.budget import layer_keeps
+
+    _, d = exported["llama", "float32"]
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    raw = bytearray((bad / "model.bin").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (bad / "model.bin").write_bytes(bytes(raw))
+    setup = EngineSetup(decode_rule("dense"), layer_keeps(1.0, 2), 16, EngineOptions())
+    with pytest.raises(DipstreamError, match="corrupt .sha256 mismatch.") as e:
+        build(bad, setup)
+    assert "\n" not in str(e.value)
+    lm, _ = build(bad, EngineSetup(decode_rule("dense"), layer_keeps(1.0, 2), 16, EngineOptions(verify=False)))
+    lm.close()  # --no-verify: the manifest and the size only
+    (bad / "model.bin").write_bytes(bytes(raw[:-4096]))
+    with pytest.raises(DipstreamError, match="has .* bytes, the manifest says"):
+        build(bad, setup)
+    with pytest.raises(DipstreamError, match="holds model 'llama', not 'other'"):
+        ensure_model_file("other", "float32", directory=str(d))
+    with pytest.raises(DipstreamError, match="holds float32 / float32 weights, not int4 / int8"):
+        ensure_model_file("llama", "int4", directory=str(d))
+    with pytest.raises(DipstreamError, match="not a lean-engine model folder"):
+        read_manifest(tmp_path)
+    (bad / "model.json").write_text("{not json")
+    with pytest.raises(DipstreamError, match="unreadable"):
+        read_manifest(bad)
+    man = json.loads((d / "model.json").read_text())
+    for field, value in (("arch.shape.head_dim", 32), ("arch.layers", []), ("tensors.layers.0.q.m", 8),
+                         ("arch.rope.default.inv_freq", [1.0] * 40), ("arch.model_type", "gpt2")):
+        tampered = json.loads(json.dumps(man))
+        *path, last = field.split(".") if not field.startswith("tensors") else ["tensors", "layers.0.q", "m"]
+        node = tampered
+        for k in path:
+            node = node[k]
+        node[last] = value
+        (bad / "model.json").write_text(json.dumps(tampered))
+        with pytest.raises(DipstreamError, match="inconsistent"):
+            read_manifest(bad)
+
+
+def test_direct_io_fallback_warns(exported, monkeypatch):
+    """A filesystem without O_DIRECT: one warning that the numbers include the page cache; the
+    reads still return the right bytes; asked for buffered reads, no warning."""
+    import warnings
+
+    from dipstream.engine import storage
+    from dipstream.engine.modelfile import DATA
+
+    _, d = exported["llama", "float32"]
+    info = read_manifest(d)["tensor_info"][mlp_tensor(1, "in")]
+    want = model(d).load(info).rec
+    monkeypatch.setattr(storage, "_open_direct", lambda path: None)
+    with pytest.warns(RuntimeWarning, match="page cache"):
+        reader = storage.FileReader(d / DATA, 2, direct=True)
+    assert not reader.direct
+    got = reader.read_into(np.empty_like(want), info.offset)
+    np.testing.assert_array_equal(got, want)
+    reader.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        storage.FileReader(d / DATA, 2, direct=False).close()
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/dev/shm") or not hasattr(__import__("os"), "O_DIRECT"),
+                    reason="needs /dev/shm and O_DIRECT")
+def test_tmpfs_direct_io_detection(exported):
+    """On tmpfs (which refuses O_DIRECT before Linux 6.6) support is detected for real: direct reads
+    where the open and a trial read succeed, else the fallback with its warning."""
+    import os
+    import shutil
+    import tempfile
+    import warnings
+
+    from dipstream.engine.modelfile import DATA
+    from dipstream.engine.storage import FileReader
+
+    _, d = exported["llama", "float32"]
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as t:
+        shutil.copy(d / DATA, t)
+        try:
+            fd = os.open(os.path.join(t, DATA), os.O_RDONLY | os.O_DIRECT)
+            buf = __import__("mmap").mmap(-1, 4096)
+            os.preadv(fd, [buf], 0)
+            os.close(fd)
+            supported = True
+        except OSError:
+            supported = False
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            reader = FileReader(os.path.join(t, DATA), 2, direct=True)
+        reader.close()
+        warned = any("page cache" in str(x.message) for x in w)
+        assert reader.direct == supported and warned == (not supported)
+
+
+@pytest.mark.parametrize("method,policy", [("dip", "lru"), ("dip-ca", "lru"), ("dense", "lru"), ("dip", "lfu"),
+                                           ("dip-ca", "window")])
+def test_caches_mirror_the_policy_and_never_exceed_their_capacity(exported, method, policy):
+    """After every layer of every token: each hook's slots hold exactly the units its policy holds,
+    never more than its capacity, each slot the unit's own record; the RAM stays the budget's."""
+    _, d = exported["llama", "float32"]
+    lm = model(d, 32)
+    mlp = OffloadMLP(lm, chooser(method, [38, 38], [50, 50]), 25_000, policy, direct=False, record_masks=False)
+    lm.mlp = mlp
+    ram = {k: [lm.load(mlp.info[k][i]).rec for i in range(lm.L)] for k in ("in", "out")}
+    assert 0 < mlp.capacity["layers.0.in"] < 64 and 0 < mlp.capacity["layers.0.out"] < 96
+    assert mlp.cache_ram <= 25_000
+
+    def check():
+        for name, slots in mlp.slots.items():
+            layer, kind = int(name.split(".")[1]), name.rsplit(".", 1)[1]
+            cached = np.flatnonzero(slots.cached)
+            assert cached.size <= slots.capacity == mlp.capacity[name]
+            assert set(np.flatnonzero(slots.slot >= 0)) == set(cached)
+            np.testing.assert_array_equal(slots.slab[slots.slot[cached]], ram[kind][layer][cached])
+
+    block = mlp.block
+
+    def checked(i, x):
+        block(i, x)
+        check()
+
+    mlp.block = checked
+    generate(lm, IDS[0, :7].tolist(), greedy(12))
+    c = mlp.counters
+    assert c.tokens == 7 + 11 and c.reads > 0 and c.ram_bytes > 0
+    lm.close()
+
+
+def test_budgets_too_small_are_refused_before_loading(exported):
+    """--memory below what the process needs before any cache, or --dram below the static weights,
+    KV cache and buffers: one line giving the minimum, from the model file alone."""
+    from dipstream.budget import layer_keeps
+    from dipstream.engine.config import EngineOptions, EngineSetup
+    from dipstream.engine.plan import MARGIN, mlp_fixed_bytes, plan_ram, static_bytes
+
+    _, d = exported["llama", "int4"]
+    man = read_manifest(d)
+    base = dict(rule=decode_rule("dip"), keeps=layer_keeps(0.5, 2), max_seq=16, offload=True)
+    with pytest.raises(DipstreamError, match=r"--memory .* give more than") as e:
+        plan_ram(man, EngineSetup(**base, options=EngineOptions(memory="1MB", head="ram")), 10 << 20)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DipstreamError, match=r"--dram .* give more than"):
+        plan_ram(man, EngineSetup(**base, dram="1kB"), 0)
+    fixed, static = mlp_fixed_bytes(man), static_bytes(man, "ram", True)
+    kv = 2 * 4 * 2 * 2 * 16 * 16  # 2 (K, V) x float32 x 2 layers x 2 KV heads x 16 positions x head_dim 16
+    plan = plan_ram(man, EngineSetup(**base, options=EngineOptions(memory=str((10 << 20) + static + kv + fixed
+                                                                             + MARGIN + 1000), head="ram")), 10 << 20)
+    assert plan.kv_bytes == kv and plan.cache_bytes == 1000 and plan.budget_kind == "memory"
+
+
+def test_capacities_hand_worked():
+    """SmolLM2's shape, int4 records (an up/gate unit 2 x 1536 outputs at 4 bits: 1536 B; a down unit
+    576 outputs: 288 B): 6 MB of caches split per masked linear, 30 layers x 3 linears = 90 shares
+    of 66,667 B; an up/gate hook gets 2 shares (86 units), a down hook 1 (231 units)."""
+    from dipstream.engine.plan import cache_capacities
+    from dipstream.simulator.model_shape import SHAPES
+
+    cap = cache_capacities(SHAPES["smollm2-135m"], 6_000_000, {"in": 1536, "out": 288})
+    assert cap["layers.0.in"] == int(2 * 6_000_000 / 90 // 1536) == 86
+    assert cap["layers.29.out"] == int(6_000_000 / 90 // 288) == 231
+    assert cache_capacities(SHAPES["smollm2-135m"], 1e12, {"in": 1536, "out": 288})["layers.0.in"] == 576
+
+
+@pytest.mark.parametrize("method", ["dense", "dip", "dip-ca"])
+def test_trace_replays_in_the_simulator_to_the_same_bytes(exported, method):
+    """An offloaded float32 run's masks through `simulate` (the same policy, the capacities its DRAM
+    figure gives: the simulator's static placement plus the engine's cache bytes; the reference's
+    random over-capacity fill) give exactly the run's RAM and disk unit bytes per token."""
+    from dipstream.simulator import Hardware, plan_placement, simulate
+    from dipstream.simulator.hardware import KINDS
+    from dipstream.simulator.trace import hook_specs
+
+    _, d = exported["llama", "float32"]
+    lm = model(d, 32)
+    lm.mlp = OffloadMLP(lm, chooser(method, [38, 38], [50, 50], gamma=0.2), 25_000, direct=False, read_gap=0)
+    generate(lm, IDS[0, :5].tolist(), greedy(10))
+    trace = lm.mlp.rec.trace(0, {"model": "tiny", "method": method, **lm.shape.to_dict()})  # every token counted
+    hw = Hardware(name="fp32", bits={k: 32 for k in KINDS})
+    static = plan_placement(lm.shape, hw, hook_specs(lm.shape, "dip"), 0.0, 32).static_bytes
+    res = simulate(trace, hw, lm.shape, policy="lru", dram_bytes=static + 25_000, seq_len=32)
+    c = lm.mlp.counters
+    assert res.n_tokens == c.tokens == 14
+    assert res.capacity_units == [lm.mlp.capacity[h] for h in res.hook_names]
+    assert res.mlp_dram_bytes_per_token == pytest.approx(c.ram_bytes / c.tokens)
+    assert res.mlp_flash_bytes_per_token == pytest.approx((c.selected_bytes - c.ram_bytes) / c.tokens)
+    lm.close()
+
+
+def test_async_reads_and_read_errors(exported):
+    """Reads started and waited for bring the bytes a read now brings; a read past the end of the
+    file is a one-line error and leaves the reader usable."""
+    from dipstream.engine.modelfile import DATA
+    from dipstream.engine.storage import FileReader, aligned_empty, read_plan
+
+    _, d = exported["llama", "float32"]
+    info = read_manifest(d)["tensor_info"][mlp_tensor(0, "in")]
+    reader = FileReader(d / DATA, 4)
+    a, b = aligned_empty(info.nbytes + 1024), aligned_empty(info.nbytes + 1024)
+    offs, lens = read_plan(np.array([0, 1, 2, 7, 9, 10, 40, 63]), info.stride)
+    reader.read(info.offset + offs, lens, a.ctypes.data + offs)
+    reader.submit(info.offset + offs, lens, b.ctypes.data + offs)
+    assert reader.wait() == int(lens.sum())
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(DipstreamError, match="reading .* failed") as e:
+        reader.read(np.array([reader.size], np.int64), np.array([512], np.int64), np.array([a.ctypes.data]))
+    assert "\n" not in str(e.value)
+    reader.submit(np.array([reader.size + 4096], np.int64), np.array([512], np.int64), np.array([b.ctypes.data]))
+    with pytest.raises(DipstreamError, match="reading .* failed"):
+        reader.wait()
+    reader.read(info.offset + offs, lens, b.ctypes.data + offs)  # still works
+    np.testing.assert_array_equal(a, b)
+    reader.close()
+    reader.close()  # closing twice does nothing
+
+
+def _thread_cpu_ticks() -> dict:
+    """{thread id: user + system CPU clock ticks} of this process's threads (Linux /proc)."""
+    import os
+
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_async_reads_use_at_most_io_threads(tmp_path):
+    """ds_pread_submit lets ``nthreads`` I/O threads read even when an earlier call with more left a
+    larger pool (it made the whole pool active, so --io-threads stopped being honoured): with
+    nthreads=1 a single pool thread does the reads."""
+    import os
+    import threading
+    import time
+
+    from dipstream.engine.storage import aligned_empty
+    from dipstream.kernels import native
+
+    lib = native.require()
+    size, ext = 32 << 20, 256 << 10
+    path = tmp_path / "data.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    buf = aligned_empty(size)
+    off = np.arange(size // ext, dtype=np.int64) * ext
+    ln = np.full(off.size, ext, np.int64)
+    dst = buf.ctypes.data + off
+
+    def read_all(nthreads):
+        assert lib.ds_pread_submit(fd, off.size, off.ctypes.data, ln.ctypes.data, dst.ctypes.data, nthreads) == 0
+        time.sleep(0.05)  # the I/O threads read; the waiting caller would join in
+        assert lib.ds_pread_wait(None) == 0
+
+    try:
+        read_all(8)  # a pool of at least 8 I/O threads
+        before = _thread_cpu_ticks()
+        for _ in range(40):
+            read_all(1)
+        after = _thread_cpu_ticks()
+    finally:
+        os.close(fd)
+    main = threading.get_native_id()
+    busy = [t for t, v in after.items() if t != main and v - before.get(t, 0) >= 2]
+    assert len(busy) <= 1, busy
+    np.testing.assert_array_equal(buf[:4096], np.fromfile(path, np.uint8, 4096))
+
+
+def test_hot_policy_needs_profiled_counts(exported):
+    _, d = exported["llama", "float32"]
+    lm = model(d)
+    with pytest.raises((DipstreamError, ValueError), match="frequency|profile|counts"):
+        OffloadMLP(lm, chooser("dip", [38, 38], [50, 50]), 25_000, "hot", direct=False)
+    lm.close()

@@ -9,28 +9,30 @@ pytestmark = pytest.mark.real
 
 
 def test_smollm2_sparse_density_one_equals_dense_and_offload(tmp_path):
-    """Greedy, 16 tokens: the fused sparse kernel at density 1.0 and the offloaded runtime
-    (weights in a file, --dram half the model, dense streaming) both give the dense tokens; DIP at
-    0.5 from the file gives the in-RAM DIP's first tokens."""
+    """Greedy, 16 tokens: the Hugging Face front end's sparse kernel at density 1.0 and the engine
+    streaming the dense MLP from its float32 file (--dram half the model) both give the dense
+    tokens; DIP at 0.5 from the file gives the in-RAM DIP's first tokens."""
     base = dict(prompt="The three primary colours are", max_new_tokens=16, stop_at_eos=False,
-                stream=False, threads=1, engine="hf")
-    dense = run_generate(flat(GenerateConfig, method="dense", **base))
-    sparse = run_generate(flat(GenerateConfig, method="dip", density=1.0, **base))
+                stream=False, threads=1)
+    dense = run_generate(flat(GenerateConfig, method="dense", engine="hf", **base))
+    sparse = run_generate(flat(GenerateConfig, method="dip", density=1.0, engine="hf", **base))
     assert sparse["ids"] == dense["ids"]
     off = dict(offload=str(tmp_path / "off"), dram="0.5x", **base)
-    streamed = run_generate(flat(GenerateConfig, method="dense", **off))
-    assert streamed["ids"] == dense["ids"]
-    assert streamed["ram_mlp_bytes"] <= streamed["dram_budget_bytes"]
+    streamed = run_generate(flat(GenerateConfig, method="dense", read_gap="0", **off))  # exact reads
+    assert streamed["ids"] == dense["ids"] and streamed["engine"] == "lean"
+    assert streamed["static_bytes"] + streamed["kv_bytes"] + streamed["mlp_ram_bytes"] <= streamed["dram_budget_bytes"]
     # --dram 0.5x of the whole model: the static layers and KV cache take most of it; dense
-    # streaming then reads every MLP unit the caches do not hold, each token
-    cached = streamed["peak_cached_bytes"] / streamed["mlp_bytes"]
+    # streaming then reads every MLP unit the caches do not hold, each token (with exact reads:
+    # the default 32 kB read gap reads through the cached units between them too)
+    mlp = 30 * 3 * 576 * 1536 * 4
+    cached = streamed["cache_ram_bytes"] / mlp
     assert 0.02 < cached < 0.5
-    assert streamed["disk_bytes_per_token"] / streamed["mlp_bytes"] == pytest.approx(1 - cached, abs=0.05)
-    dip_ram = run_generate(flat(GenerateConfig, method="dip", density=0.5, **base))
+    assert streamed["disk_bytes_per_token"] / mlp == pytest.approx(1 - cached, abs=0.05)
+    dip_ram = run_generate(flat(GenerateConfig, method="dip", density=0.5, model_dir=str(tmp_path / "off"), **base))
     dip_file = run_generate(flat(GenerateConfig, method="dip", density=0.5, **off))
-    # the same DIP masks from different kernels (torch in RAM, the native gather from the file):
-    # sums in another order flip near-tied top-k choices now and then, so the greedy tokens agree
-    # for a while, not forever (8 tokens on an AVX2 machine, 5 on an AVX-512 one, measured)
+    # the same DIP masks from different kernels (the one-call block in RAM, cache slots and read
+    # buffers from the file): sums in another order flip near-tied top-k choices now and then, so
+    # the greedy tokens agree for a while, not forever (5 tokens on an AVX-512 machine, measured)
     agree = next((i for i, (a, b) in enumerate(zip(dip_file["ids"], dip_ram["ids"])) if a != b), 16)
     assert agree >= 4, (dip_file["ids"], dip_ram["ids"])
     assert dip_file["density_measured"] == pytest.approx(0.5, abs=0.01)
@@ -43,27 +45,52 @@ def test_smollm2_lean_engine_float32_equals_hf_and_int4_perplexity(tmp_path):
     loss, so its perplexity on two eval windows is float32's to 1e-4 (measured 14.61680 vs
     14.61681); an int4 head re-rounds the Q8_0 head and costs more than 2% (measured 15.36,
     +5%), which is why int8 is the head's default beside int4."""
-
-    from dipstream.data import load_text, make_windows
-    from dipstream.engine.run import build, ensure_model_file, perplexity
-    from dipstream.models.loading import resolve_checkpoint
     from transformers import AutoTokenizer
+
+    from dipstream.budget import layer_keeps
+    from dipstream.data import load_text, make_windows
+    from dipstream.engine.build import build
+    from dipstream.engine.config import EngineSetup
+    from dipstream.engine.export import ensure_model_file
+    from dipstream.evaluation.perplexity import perplexity
+    from dipstream.models.loading import resolve_checkpoint
+    from dipstream.sparsity.decoding import decode_rule
 
     base = dict(prompt="The three primary colours are", max_new_tokens=16, stop_at_eos=False, stream=False,
                 threads=1, method="dense")
     hf = run_generate(flat(GenerateConfig, engine="hf", **base))
     lean = run_generate(flat(GenerateConfig, engine="lean", model_dir=str(tmp_path / "f32"), **base))
     assert lean["ids"] == hf["ids"] and lean["text"] == hf["text"]
-    w = make_windows(AutoTokenizer.from_pretrained(resolve_checkpoint("smollm2-135m")[1]), load_text("wiki", "eval"), 128, 254).input_ids.numpy()
+    w = make_windows(AutoTokenizer.from_pretrained(resolve_checkpoint("smollm2-135m")[1]), load_text("wiki", "eval"),
+                     128, 254)
     ppl = {}
     for fmt, head in (("float32", None), ("int4", None), ("int4", "int4")):
         d = ensure_model_file("smollm2-135m", fmt, head, directory=str(tmp_path / f"{fmt}-{head}"))
-        lm, _ = build(d, "dense", 1.0, w.shape[1])
-        ppl[fmt, head] = perplexity(lm, w)[0]
+        lm, _ = build(d, EngineSetup(decode_rule("dense"), layer_keeps(1.0, 30), w.input_ids.shape[1]))
+        ppl[fmt, head] = perplexity(lm, w, progress=False).perplexity
         lm.close()
     print("perplexity by (weights, head):", ppl)  # shown with -s (the guide quotes it)
     assert ppl["int4", None] == pytest.approx(ppl["float32", None], rel=1e-4), ppl
     assert ppl["int4", "int4"] > 1.02 * ppl["float32", None], ppl
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"])
+def test_preset_shapes_are_the_installed_configs(model):
+    """The built-in models' preset shapes (what `simulate --shape` and the memory checks use before
+    any conversion) equal what the one config reader reads from the installed model's config:
+    Gemma 3 270M's head_dim 256 included."""
+    from transformers import AutoConfig
+
+    from dipstream.models.loading import BUILTIN_MODELS, cache_complete, resolve_checkpoint
+    from dipstream.paths import cache_root
+    from dipstream.simulator.model_shape import SHAPES, ModelShape
+
+    if BUILTIN_MODELS[model].optional and not cache_complete(cache_root() / "models" / model):
+        pytest.skip(f"{model} is optional and not converted here")
+    config = AutoConfig.from_pretrained(resolve_checkpoint(model)[1])
+    assert SHAPES[model] == ModelShape.from_hf_config(config)
+    if model == "gemma3-270m":
+        assert SHAPES[model].head_dim == 256
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])

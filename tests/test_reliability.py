@@ -295,18 +295,19 @@ JSONS = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.float
 @settings(max_examples=150, deadline=None)
 @given(doc=JSONS, fields=st.dictionaries(st.sampled_from(["method", "model", "density", "thresholds"]), JSONS))
 def test_thresholds_and_manifests_refuse_garbage_with_one_line_errors(doc, fields, tmp_path_factory):
-    from dipstream.runtime.offload_file import read_manifest
+    from dipstream.engine.modelfile import FORMAT, MANIFEST, read_manifest
     from dipstream.sparsity import build_method
     from dipstream.sparsity.calibration import load_thresholds
 
     d = tmp_path_factory.mktemp("fuzz")
-    for candidate in (doc, {**fields, "format": "dipstream-offload/1"} if isinstance(fields, dict) else fields):
+    (d / "model.bin").write_bytes(bytes(4096))
+    for candidate in (doc, {**fields, "format": FORMAT} if isinstance(fields, dict) else fields):
         (d / "th.json").write_text(json.dumps(candidate))
         try:
             load_thresholds(d / "th.json", build_method("cats", 0.6), 2, "m")
         except DipstreamError as e:
             assert "\n" not in str(e)
-        (d / "mlp.json").write_text(json.dumps(candidate))
+        (d / MANIFEST).write_text(json.dumps(candidate))
         try:
             read_manifest(d)
         except DipstreamError as e:

@@ -118,8 +118,10 @@ def cmd_models(ns) -> int:
         print(f"{m.name:<19} {state:<18} {m.description}")
         if m.note:
             print(f"{'':<19} {'':<18} note: {m.note}")
-    print("or any local Hugging Face checkpoint folder of: llama, mistral, qwen2, qwen3, phi3, "
-          "gemma, gemma2, gemma3")
+    from dipstream.models.families import ARCHITECTURES, engine_families
+
+    print(f"or any local Hugging Face checkpoint folder of: {', '.join(sorted(ARCHITECTURES))} (the lean engine "
+          f"runs {', '.join(engine_families())})")
     return 0
 
 
@@ -136,8 +138,8 @@ def cmd_methods(ns) -> int:
 
 
 _GEN_KEYS = ("prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "mlp_s_per_token",
-             "io_s_per_token", "reads_per_token", "disk_bytes_per_token", "ram_bytes_per_token",
-             "hit_rate", "density_measured", "direct_io", "ram_mlp_bytes", "dram_budget_bytes",
+             "io_wait_s_per_token", "reads_per_token", "disk_bytes_per_token", "ram_bytes_per_token",
+             "hit_rate", "density_measured", "direct_io", "mlp_ram_bytes", "memory_budget", "dram_budget_bytes",
              "baseline_rss", "static_bytes", "kv_bytes", "cache_bytes", "peak_rss_bytes", "process_disk_read_bytes")
 
 
@@ -152,7 +154,7 @@ def _hot_profile_for(cfg) -> str:
     from dipstream.experiments.simulate import SimConfig, evaluate_and_record
     from transformers import AutoConfig
 
-    from dipstream.models.arch import text_config
+    from dipstream.models.families import text_config
     from dipstream.models.loading import resolve_checkpoint, shape_of
     from dipstream.sparsity import MethodOptions
 
@@ -174,7 +176,7 @@ def cmd_generate(ns) -> int:
         cfg.hot_profile = _hot_profile_for(cfg)
     row = run_generate(cfg)
     print(f"-- {row['model']} {row['method']} @ {row['density_requested']} "
-          f"({row.get('engine', 'hf')} engine, {row['weights']}, {row.get('device', 'cpu')}, {row['threads']} threads"
+          f"({row['engine']} engine, {row['weights']}, {row.get('device', 'cpu')}, {row['threads']} threads"
           + (f", offload {row['offload_dir']}, policy {row['policy']}" if row.get("offload_dir")
              else "") + ")", file=sys.stderr)
     for k in _GEN_KEYS:
@@ -186,11 +188,11 @@ def cmd_generate(ns) -> int:
 
 
 def cmd_export(ns) -> int:
-    from dipstream.engine.run import ExportConfig, run_export
+    from dipstream.engine.export import ExportConfig, run_export
 
     r = run_export(from_namespace(ExportConfig, ns))
-    print(f"{r['model_dir']}: {r['family']} model, {r['weights']} weights ({r['head_weights']} head), "
-          f"{r['bytes'] / 1e6:.1f} MB")
+    print(f"{r['model_dir']}: {r['family']} model, {r['weights']} weights ({r['head_weights']} head"
+          + (f", LoRA adapters {r['adapter']} merged" if r["adapter"] else "") + f"), {r['bytes'] / 1e6:.1f} MB")
     return 0
 
 
@@ -224,7 +226,7 @@ _CONFIGS = {"eval": "dipstream.experiments.evaluate:EvalConfig",
             "report": "dipstream.reports.report:ReportConfig",
             "generate": "dipstream.runtime.options:GenerateConfig",
             "probe": "dipstream.runtime.probe:ProbeConfig",
-            "export": "dipstream.engine.run:ExportConfig"}
+            "export": "dipstream.engine.export:ExportConfig"}
 
 
 def config_class(command: str):
@@ -251,8 +253,8 @@ _COMMANDS = {
                ("results", "results folder written by `dipstream sweep` (or its results.jsonl)")),
     "generate": (cmd_generate, "stream generated text with the real (sparse, optionally offloaded) "
                  "MLP and report tokens/s", None, None),
-    "export": (cmd_export, "write a model's quantized file for the lean engine (done on first use by "
-               "`generate`; do it beforehand for memory-capped runs)", None, None),
+    "export": (cmd_export, "write a model's file for the lean engine (done on first use by `generate`; do it "
+               "beforehand for memory-capped runs)", None, None),
     "probe": (cmd_probe, "measure RAM, disk and CPU GEMV speed; write a hardware file for "
               "`dipstream simulate`", None, None),
 }

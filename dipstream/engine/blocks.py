@@ -28,7 +28,7 @@ class DsCtx(ctypes.Structure):
 class DsAttn(ctypes.Structure):
     _fields_ = [("qkv", DsMat * 3), ("o", DsMat), ("norm", P), ("post_norm", P), ("q_bias", P), ("k_bias", P),
                 ("v_bias", P), ("q_norm", P), ("k_norm", P), ("cos", P), ("sin", P), ("K", P), ("V", P),
-                ("window", I64)]
+                ("window", I64), ("rot", I64), ("softcap", F)]
 
 
 class DsMlp(ctypes.Structure):

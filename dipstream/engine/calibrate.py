@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 import threading
 import time
@@ -32,11 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dipstream.engine.mlp import BLOCK, MaskChooser, OffloadMLP, RamMLP
-from dipstream.engine.model import LeanModel, load_matrix
-from dipstream.engine.modelfile import read_manifest
-from dipstream.kernels import native
+from dipstream.budget import layer_keeps
+from dipstream.engine.mlp import MaskChooser, OffloadMLP, RamMLP
+from dipstream.engine.model import LeanModel
+from dipstream.engine.modelfile import DATA, MLP_KINDS, is_mlp_tensor, mlp_tensor, read_manifest
+from dipstream.engine.storage import BLOCK, FileReader, measure_reads
+from dipstream.names import layer_key
 from dipstream.simulator.hardware import KINDS, Hardware, fit_flash
+from dipstream.sparsity.decoding import decode_rule
 
 
 def _product_rates(model: LeanModel, repeats: int, threads: int) -> dict:
@@ -44,8 +46,7 @@ def _product_rates(model: LeanModel, repeats: int, threads: int) -> dict:
     also the attention's) and over the head (its own format, often 8-bit beside 4-bit), and both
     together (`all`)."""
     infos = model.manifest["tensor_info"]
-    groups = {"mlp": [load_matrix(model.fd, infos[n]) for n in ("layers.0.mlp_in", "layers.0.mlp_out")],
-              "head": [model.w["head"]]}
+    groups = {"mlp": [model.load(infos[mlp_tensor(0, k)]) for k in MLP_KINDS], "head": [model.w["head"]]}
     rng = np.random.default_rng(0)
     sums = {}
     for key, mats in groups.items():
@@ -91,77 +92,29 @@ class _Busy:
 
 
 def _disk(model: LeanModel, io_threads: int, reads: int, rounds: int) -> dict:
-    """Reads of the model file's MLP records with the engine's reader, direct I/O."""
-    lib = native.load(quiet=True)
-    path = model.directory / "model.bin"
-    try:
-        fd, direct = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)), True
-    except OSError:
-        fd, direct = os.open(path, os.O_RDONLY), False
+    """Reads of the model file's MLP records with the engine's reader, direct I/O: whole hooks, and
+    single records (block aligned around one) at one and at `io_threads` in flight."""
     infos = model.manifest["tensor_info"]
-    hooks = [infos[f"layers.{i}.mlp_{k}"] for i in range(model.L) for k in KINDS_MLP]
-    big = max(h.rows * h.stride for h in hooks)
-    raw = np.empty(64 * (max(h.stride for h in hooks) + 2 * BLOCK) + big + 2 * BLOCK, np.uint8)
-    base = raw.ctypes.data + (-raw.ctypes.data) % BLOCK
-    res = {"direct_io": direct, "io_threads": io_threads, "random": {}}
-    size = os.fstat(fd).st_size  # a multiple of the file's 4096-byte alignment
-    rng = np.random.default_rng(2)
-
-    def batch(offs, lens, threads):
-        dst = base + np.concatenate([[0], np.cumsum(lens[:-1])]).astype(np.int64)
-        t = time.perf_counter()
-        rc = lib.ds_pread_batch(fd, offs.size, offs.ctypes.data, lens.ctypes.data, dst.ctypes.data, threads)
-        if rc:
-            raise OSError(rc, os.strerror(rc), str(path))
-        return time.perf_counter() - t
-
+    hooks = [infos[mlp_tensor(i, k)] for i in range(model.L) for k in MLP_KINDS]
+    reader = FileReader(model.directory / DATA, io_threads)
     try:
-        # whole hooks, one request each (a dense layer's reads), in file order
-        t, n = 0.0, 0
-        for _ in range(rounds):
-            for h in hooks:
-                ln = h.rows * h.stride + (-(h.rows * h.stride)) % BLOCK
-                t += batch(np.array([h.offset], np.int64), np.array([ln], np.int64), io_threads)
-                n += ln
-        res["seq_bw"] = n / t
-        for kind in KINDS_MLP:
-            h0 = infos[f"layers.0.mlp_{kind}"]
-            ln = h0.stride + (-h0.stride) % BLOCK + BLOCK  # one record, block aligned around it
-            per = {}
-            for threads in (1, io_threads):
-                n = reads if threads > 1 else max(64, reads // 4)
-                tt = 0.0
-                for a in range(0, n, 64):
-                    h = hooks[rng.integers(len(hooks))]
-                    k = min(64, n - a)
-                    u = rng.integers(0, h.rows, k)
-                    offs = ((h.offset + u * h.stride) // BLOCK * BLOCK).astype(np.int64)
-                    tt += batch(offs, np.minimum(ln, size - offs).astype(np.int64), threads)  # never past the end
-                per[threads] = tt / n
-            res["random"][ln] = {"s_per_read_qd1": per[1], f"s_per_read_qd{io_threads}": per[io_threads]}
+        sizes = [t.stride + (-t.stride) % BLOCK + BLOCK for t in (infos[mlp_tensor(0, k)] for k in MLP_KINDS)]
+        return measure_reads(reader, [(t.offset, t.nbytes) for t in hooks], sizes, reads, rounds)
     finally:
-        os.close(fd)
-    return res
-
-
-KINDS_MLP = ("in", "out")
+        reader.close()
 
 
 def _mlp_record_bytes(model: LeanModel) -> int:
     """Bytes of every MLP record of the model file (both hooks of every layer, headers excluded)."""
-    return sum(t.nbytes for n, t in model.manifest["tensor_info"].items() if n.endswith(("mlp_in", "mlp_out")))
+    return sum(t.nbytes for n, t in model.manifest["tensor_info"].items() if is_mlp_tensor(n))
 
 
 def _decode(model: LeanModel, method: str, tokens: int, offload: dict | None = None) -> tuple[float, float]:
     """(median token time, record bytes multiplied per token) of a decode with `method`, its MLP
     in RAM, or with `offload` (OffloadMLP's keyword arguments) from the file."""
-    from dipstream.budget import layer_keeps
-
-    keeps = layer_keeps(0.5, model.L)
-    chooser = MaskChooser(method, [keeps.k_in(i, model.d) for i in range(model.L)],
-                          [keeps.k_out(i, model.D) for i in range(model.L)])
+    chooser = MaskChooser.from_keeps(decode_rule(method), layer_keeps(0.5, model.L), model.d, model.D)
     model.mlp = RamMLP(model, chooser) if offload is None else OffloadMLP(model, chooser, **offload)
-    model.new_sequence()
+    model.reset()
     ts = []
     for pos in range(tokens):
         t = time.perf_counter()
@@ -214,8 +167,8 @@ def bits_of(manifest: dict) -> dict:
 
     # an MLP unit's bytes (what its cache slot holds and a miss reads) are its record alone: the
     # headers stay in RAM beside the static weights
-    mlp = per_weight(infos["layers.0.mlp_in"], headers=False)
-    attn = per_weight(infos["layers.0.q"])
+    mlp = per_weight(infos[mlp_tensor(0, "in")], headers=False)
+    attn = per_weight(infos[layer_key(0, "q")])
     head = per_weight(infos["head"])
     return {"mlp": mlp, "attention": attn, "lm_head": head, "embedding": head, "kv_cache": 32.0,
             "predictors": 32.0, "adapters": 32.0}
@@ -225,7 +178,7 @@ def probe_lean(model_dir: str | Path, threads: int = 1, io_threads: int = 8, rea
                repeats: int = 5, reads: int = 1024, tokens: int = 24, log=print) -> dict:
     """Measure the machine for the lean engine on the exported model in `model_dir`; returns the
     measurements and ``hardware`` (a dict `Hardware` accepts)."""
-    model = LeanModel(Path(model_dir), tokens + 2, threads)
+    model = LeanModel(Path(model_dir), read_manifest(model_dir), tokens + 2, threads)
     try:
         log("probe: the engine's products on RAM-resident records...")
         rates = _product_rates(model, repeats, threads)

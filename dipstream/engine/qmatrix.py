@@ -20,23 +20,12 @@ So a model whose weights came from such a GGUF is stored without loss, at the GG
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 
 from dipstream.errors import DipstreamError
 from dipstream.kernels import native
 
 FORMATS = ("float32", "int8", "int4")
-
-
-def engine_lib():
-    """The native kernel library, or a one-line error saying how to get it."""
-    lib = native.load(quiet=True)
-    if lib is None:
-        raise DipstreamError(f"the lean engine needs the native kernel library, which is unavailable "
-                             f"({native.status().get('reason')}); install a C compiler (gcc) or use --engine hf")
-    return lib
 
 
 def record_layout(fmt: str, m: int) -> tuple[int, int, int]:
@@ -126,7 +115,7 @@ class QMatrix:
         self.hm = None if hm is None else np.ascontiguousarray(hm)
         self.bits = {"int8": 8, "int4": 4}.get(fmt, 32)
         self.act8 = bool(act8)  # int4 / int8: products with each input group's coefficients quantized to int8
-        self._lib = engine_lib()
+        self._lib = native.require()
 
     @classmethod
     def from_dense(cls, W: np.ndarray, fmt: str) -> "QMatrix":
@@ -243,15 +232,3 @@ class QMatrix:
         """The top-k |v| rows (ascending into idx) and out = sum v[idx] * record idx; k = rows is
         the dense product. Returns how many were selected."""
         return int(self.selector(idx, coef, out)(v, k, nthreads))
-
-
-def topk_abs(v: np.ndarray, k: int, out: np.ndarray) -> np.ndarray:
-    """Ascending indices of the k largest |v| (dipstream.selection's rule), written to out[:k]."""
-    got = engine_lib().ds_topk_abs(v.ctypes.data, v.size, int(k), out.ctypes.data)
-    if got < 0:
-        raise MemoryError("ds_topk_abs failed")
-    return out[:got]
-
-
-def as_ptr(a: np.ndarray) -> ctypes.c_void_p:
-    return ctypes.c_void_p(a.ctypes.data)

@@ -1,4 +1,5 @@
-"""Perplexity over fixed windows: loss over every predicted token, every token sparsified."""
+"""Perplexity over fixed windows: loss over every predicted token, every token sparsified; of a
+Hugging Face model (the accuracy lab) or of the engine (scored token by token), by one rule."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -32,10 +34,22 @@ class PerplexityResult:
         return math.exp(sum(tail) / (len(tail) * self.windows)) if tail else float("nan")
 
 
+def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) of every position: a Hugging Face model's forward, or a decoder's (the
+    engine: `engine.decode`) token by token, a new sequence per window."""
+    if isinstance(model, torch.nn.Module):
+        return model(input_ids=input_ids.to(model.device)).logits.float()
+    rows = []
+    for window in input_ids.tolist():
+        model.reset()
+        rows.append(np.stack([model.step(tok, pos) for pos, tok in enumerate(window)]))
+    return torch.from_numpy(np.stack(rows)).float()
+
+
 def position_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token negative log-likelihood (nats, float64) per window and position (B, T-1)."""
-    input_ids = input_ids.to(model.device)
-    logits = model(input_ids=input_ids).logits.float()
+    logits = _logits(model, input_ids)
+    input_ids = input_ids.to(logits.device)
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1),
                           reduction="none")
     return nll.view(input_ids.shape[0], -1).double().cpu()

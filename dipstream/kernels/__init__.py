@@ -1,11 +1,10 @@
-"""Kernels: the sparse decode MLP that reads only the selected weight rows (fused C gather-GEMV,
-int8 / 4-bit rows, Triton on GPUs) and the native library they, the offload file's reads and the
-lean engine use. The bottom of the import graph: nothing here imports models, methods or runs.
-The torch-based names load on first use, so `dipstream.kernels.native` alone needs no torch
-(the function `sparse_mlp` lives in, and is imported from, the module of that name)."""
+"""Kernels: the native library (`native`: C sources built and loaded once; the engine's products,
+the decode blocks, top-k and the read pool) and the Hugging Face front end's sparse decode MLP
+that reads only the selected weight rows (`sparse_mlp`: the same C gather-GEMV, Triton on GPUs).
+The bottom of the import graph: nothing here imports models, methods or runs. The torch-based
+names load on first use, so `dipstream.kernels.native` alone needs no torch."""
 
 _LAZY = {
-    "QuantizedSparseMLPWeights": "quant",
     "SparseMLPWeights": "sparse_mlp",
     "gather_gemv": "sparse_mlp",
     "select_topk_abs": "sparse_mlp",

@@ -38,9 +38,12 @@ import numpy as np
 from dipstream.paths import cache_root
 from dipstream.validation import private_dir
 
-__all__ = ["load", "status", "sources"]
+__all__ = ["load", "require", "status", "sources", "ACTIVATION_CODES"]
 
-KERNEL_VERSION = 25
+# the gated MLP's activations the kernels run (ds_glu's `act`), by the names configs give them
+ACTIVATION_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu_new": 1, "gelu": 2}
+
+KERNEL_VERSION = 26
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("gemv.c", "pread.c", "decode.c")
 
@@ -137,10 +140,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_topk_abs.restype = I64
     lib.ds_select_gemv.argtypes = [P, I64, I64, P, I64, I64, P, P, P, I]
     lib.ds_select_gemv.restype = I64
-    lib.ds_select_gemv_q.argtypes = [P, I64, I64, P, I64, P, I64, I64, I, I64, P, P, P, I]
-    lib.ds_select_gemv_q.restype = I64
-    lib.ds_gather_gemv_q.argtypes = [P, I64, I64, P, I64, I64, I, I64, P, P, I64, P, I]
-    lib.ds_gather_gemv_q.restype = I
     lib.ds_select_gemv_qg.argtypes = [P, I64, I64, P, I64, I64, I, P, P, I64, I64, P, P, P, I, I]
     lib.ds_select_gemv_qg.restype = I64
     lib.ds_gather_gemv_qg.argtypes = [P, I64, I64, I64, I, P, P, I64, I64, I64, P, P, P, I64, P, I, I]
@@ -248,6 +247,17 @@ def _try_load(cc: str | None, build_dir: Path | None) -> tuple[ctypes.CDLL | Non
         return lib, {"reason": None, "path": str(so), "compiler": compiler, "flags": flags}
     short = errors[0].strip().splitlines()[-1] if errors else "unknown error"
     return None, {"reason": f"build failed: {short}", "errors": errors}
+
+
+def require(what: str = "the lean engine"):
+    """The library, or a one-line error saying that `what` needs it and how to get it."""
+    lib = load(quiet=True)
+    if lib is None:
+        from dipstream.errors import DipstreamError
+
+        raise DipstreamError(f"{what} needs the native kernel library, which is unavailable ({status().get('reason')}); "
+                             "install a C compiler (gcc)")
+    return lib
 
 
 def status() -> dict:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dipstream.kernels import native as _native
-from dipstream.selection import topk_indices
+from dipstream.selection import topk_indices, topk_indices_np
 
 __all__ = [
     "SparseMLPWeights",
@@ -45,7 +45,7 @@ __all__ = [
     "native_status",
 ]
 
-ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
+ACTIVATIONS = _native.ACTIVATION_CODES
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 
@@ -238,12 +238,7 @@ def select_topk_abs(v: torch.Tensor, k: int, *, backend: str = "auto") -> torch.
     lib = _use_native(backend) if v.device.type == "cpu" else None
     if lib is None:
         return _select_topk_abs_torch(v, k)
-    v32 = v.detach().to(torch.float32).contiguous()
-    out = torch.empty(k, dtype=torch.int64)
-    got = lib.ds_topk_abs(v32.data_ptr(), n, k, out.data_ptr())
-    if got != k:
-        raise MemoryError("ds_topk_abs failed")
-    return out
+    return torch.from_numpy(topk_indices_np(v.detach().to(torch.float32).abs().numpy(), k))
 
 
 # --------------------------------------------------------------------------- kernels
@@ -293,27 +288,18 @@ def gather_gemv(Wt: torch.Tensor, idx: torch.Tensor, coeffs: torch.Tensor, *,
     return out
 
 
-def rows_gemv_torch(rows, idx: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-    """``coeffs @ rows[idx]`` in plain torch for a float32 row matrix or a quantized one
-    (:class:`dipstream.kernels.quant.QuantRows`, dequantizing only the selected rows)."""
+def rows_gemv_torch(rows: torch.Tensor, idx: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """``coeffs @ rows[idx]`` in plain torch."""
     if idx.numel() == 0:
         return torch.zeros(rows.shape[1], dtype=torch.float32)
-    sel = rows.index_select(0, idx).float() if isinstance(rows, torch.Tensor) \
-        else rows.dequantize(idx)
-    return coeffs @ sel
+    return coeffs @ rows.index_select(0, idx).float()
 
 
 def rows_select_gemv(lib, rows, v: torch.Tensor, k: int, idx: torch.Tensor, coef: torch.Tensor,
                      out: torch.Tensor, nthreads: int) -> int:
     """Native top-k of |v| -> idx, then ``out = v[idx] @ rows[idx]``; returns the count."""
-    n = v.numel()
-    if isinstance(rows, torch.Tensor):
-        got = lib.ds_select_gemv(v.data_ptr(), n, k, rows.data_ptr(), rows.stride(0),
-                                 rows.shape[1], idx.data_ptr(), coef.data_ptr(), out.data_ptr(),
-                                 nthreads)
-    else:
-        got = lib.ds_select_gemv_q(v.data_ptr(), n, k, *rows.native_args(), idx.data_ptr(),
-                                   coef.data_ptr(), out.data_ptr(), nthreads)
+    got = lib.ds_select_gemv(v.data_ptr(), v.numel(), k, rows.data_ptr(), rows.stride(0), rows.shape[1],
+                             idx.data_ptr(), coef.data_ptr(), out.data_ptr(), nthreads)
     if got != k:
         raise MemoryError("ds_select_gemv failed")
     return got
@@ -325,30 +311,6 @@ def _sparse_token_torch(w, x: torch.Tensor, k_in: int, k_out: int, act: str):
     h = activation(gu[:w.D], act) * gu[w.D:]
     s_out = _select_topk_abs_torch(h, k_out)
     y = rows_gemv_torch(w.rows_out, s_out, h.index_select(0, s_out))
-    return y, s_in, s_out
-
-
-def _adapter_term(terms, v: torch.Tensor, idx: torch.Tensor):
-    """sum of s * B (A[:, idx] v) over LoRA terms [(A, B, s)]: v holds the selected inputs only."""
-    out = 0.0
-    for A, B, scale in terms:
-        out = out + scale * (B @ (A.index_select(1, idx) @ v))
-    return out
-
-
-def _sparse_token_adapted(w, x: torch.Tensor, k_in: int, k_out: int, act: str, adapters: dict,
-                          gemv):
-    """The DIP token with LoRA terms added to the selected inputs' products (A reads only the
-    selected columns), so an adapter adds no dense read; `gemv(rows, idx, coeffs)`."""
-    s_in = select_topk_abs(x, k_in)
-    xs = x.index_select(0, s_in)
-    gu = gemv(w.rows_in, s_in, xs)
-    g = gu[:w.D] + _adapter_term(adapters.get("gate", ()), xs, s_in)
-    u = gu[w.D:] + _adapter_term(adapters.get("up", ()), xs, s_in)
-    h = activation(g, act) * u
-    s_out = select_topk_abs(h, k_out)
-    hs = h.index_select(0, s_out)
-    y = gemv(w.rows_out, s_out, hs) + _adapter_term(adapters.get("down", ()), hs, s_out)
     return y, s_in, s_out
 
 
@@ -369,11 +331,8 @@ def _sparse_token_native(lib, w, x: torch.Tensor, k_in: int, k_out: int,
 
 def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int,
                act: str = "silu", *, return_indices: bool = False, backend: str = "auto",
-               num_threads: int | None = None, adapters: dict | None = None):
+               num_threads: int | None = None):
     """DIP gated MLP on one token (``x`` of shape (d,) or (1, d)); rows of (T, d) one by one.
-
-    ``adapters``: LoRA terms {"gate" | "up" | "down": [(A, B, scale)]} added with A fed the same
-    selected inputs as the host rows (float32 weights on the CPU).
 
     ``k_in`` / ``k_out`` are clamped to d / D (``k = d, D`` is the dense MLP; ``k = 0`` gives 0).
     ``act``: "silu" (= "swish"), "gelu_tanh" (= "gelu_pytorch_tanh", "gelu_new") or "gelu" (erf).
@@ -384,27 +343,25 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
     ``TRITON_INTERPRET=1``; see :mod:`dipstream.kernels.triton_gemv`).
     ``num_threads``: kernel threads (default ``torch.get_num_threads()``).
     """
-    if not hasattr(weights, "rows_in"):
-        raise TypeError("weights must be a SparseMLPWeights or QuantizedSparseMLPWeights")
+    if not isinstance(weights, SparseMLPWeights):
+        raise TypeError("weights must be a SparseMLPWeights")
     _act_code(act)  # validate early
     if x.shape[-1] != weights.d or x.dim() not in (1, 2):
         raise ValueError(f"x must have shape ({weights.d},) or (T, {weights.d}), "
                          f"got {tuple(x.shape)}")
     k_in = _check_k(k_in, weights.d, "k_in")
     k_out = _check_k(k_out, weights.D, "k_out")
-    dev = getattr(weights, "device", torch.device("cpu"))
+    dev = weights.device
     triton = backend == "triton" or (backend == "auto" and dev.type == "cuda")
     lib = None
     if triton:
         from dipstream.kernels import triton_gemv
 
-        if not hasattr(weights, "gate_up_t"):
-            raise ValueError("the Triton kernel takes SparseMLPWeights (float32/bf16/fp16)")
         if not triton_gemv.available():
             raise RuntimeError("the Triton kernel needs triton and a CUDA device "
                                "(or TRITON_INTERPRET=1 for CPU tensors)")
     else:
-        if getattr(weights, "dtype", torch.float32) != torch.float32 or dev.type != "cpu":
+        if weights.dtype != torch.float32 or dev.type != "cpu":
             if backend == "native":
                 raise ValueError("the C kernel needs float32 weights on the CPU")
             backend = "torch"
@@ -416,13 +373,7 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
         xt = xd.reshape(weights.d)
         if not xt.is_contiguous():
             xt = xt.contiguous()
-        if adapters:
-            if triton or getattr(weights, "dtype", torch.float32) != torch.float32:
-                raise ValueError("LoRA adapters run with float32 weights on the CPU")
-            y, s_in, s_out = _sparse_token_adapted(
-                weights, xt, k_in, k_out, act, adapters,
-                lambda rows, idx, c: gather_gemv(rows, idx, c, backend=backend, num_threads=num_threads))
-        elif triton:
+        if triton:
             y, s_in, s_out = triton_gemv.sparse_mlp_triton(weights, xt.to(dev), k_in, k_out,
                                                            lambda g: activation(g, act))
         elif lib is None:
@@ -436,7 +387,7 @@ def sparse_mlp(weights: SparseMLPWeights, x: torch.Tensor, k_in: int, k_out: int
     ys, s_ins, s_outs = [], [], []
     for t in range(xd.shape[0]):
         y, s_in, s_out = sparse_mlp(weights, xd[t], k_in, k_out, act, return_indices=True,
-                                    backend=backend, num_threads=num_threads, adapters=adapters)
+                                    backend=backend, num_threads=num_threads)
         ys.append(y)
         s_ins.append(s_in)
         s_outs.append(s_out)

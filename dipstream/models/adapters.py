@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dipstream.errors import DipstreamError
-from dipstream.models.arch import arch_spec
+from dipstream.models.families import arch_spec
 
 # ---------------------------------------------------------------------------------------------
 # Adapter folders: peft's LoRA files plus dipstream's own description (and predictor weights).
@@ -134,3 +134,21 @@ def load_lora(model: nn.Module, folder: Path):
         raise DipstreamError(f"adapter '{folder}' does not fit this model ({first[:160]}); it was "
                              "made for another model or rank") from None
     return pm
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Merge every LoRA adapter injected into `model` into its host weight (peft's merge: W += s B A)
+    and put the host linears back in place of the adapter layers, so the model's state holds the
+    merged weights under their own names. Exact for DIP's column masks (an adapter is fed the inputs
+    its host weight is fed: W[:, S] x_S + s B A[:, S] x_S = (W + s B A)[:, S] x_S). Returns how many
+    were merged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+            merged += 1
+    return merged

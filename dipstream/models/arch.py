@@ -1,4 +1,5 @@
-"""One table maps architectures to their MLP parts; the MLP is treated as down(act(gate(x)) * up(x))."""
+"""A loaded model's gated MLPs viewed generically, down(act(gate(x)) * up(x)), through the one
+architecture table (:mod:`dipstream.models.families`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from dipstream.errors import DipstreamError
+from dipstream.models.families import ArchSpec, activation_name, arch_spec, text_config
 from dipstream.simulator.model_shape import ModelShape, dense_layers_of_moe
+
 
 
 @dataclass
@@ -41,71 +44,6 @@ def lora_view(module: nn.Module, out: slice | None = None) -> LoraView | None:
     """A LoraView when `module` is a peft LoRA layer, else None."""
     return LoraView(module, out) if hasattr(module, "lora_A") and hasattr(module, "lora_B") else None
 
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where the gated MLP lives in one architecture."""
-
-    layers: str            # dotted path from the CausalLM to the list of decoder blocks
-    mlp: str               # attribute of a block holding the MLP
-    gate: str | None       # gate projection name (None when fused)
-    up: str | None         # up projection name (None when fused)
-    down: str              # down projection name
-    fused_gate_up: str | None = None  # fused [gate; up] projection (Phi-3): first half gate
-    act_attrs: tuple[str, ...] = ("hidden_act",)  # config fields naming the activation, in order
-    attn: str = "self_attn"  # attribute of a block holding the attention
-    attn_proj: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    moe: "MoeSpec | None" = None  # a mixture-of-experts block in place of the MLP (models/moe.py)
-
-
-@dataclass(frozen=True)
-class MoeSpec:
-    """Where the parts of a mixture-of-experts block live (transformers 5 layout: routed experts'
-    weights fused into 3D tensors, gate rows first)."""
-
-    router: str = "gate"             # returns (logits, top-k weights, top-k expert indices)
-    experts: str = "experts"
-    gate_up: str = "gate_up_proj"    # (E, 2 D, d)
-    down: str = "down_proj"          # (E, d, D)
-    shared: str | None = None        # an always-on shared expert (a gated MLP), Qwen2-MoE
-    shared_gate: str | None = None   # its sigmoid gate, d -> 1
-
-
-_LLAMA = ArchSpec("model.layers", "mlp", "gate_proj", "up_proj", "down_proj")
-_GEMMA = ArchSpec("model.layers", "mlp", "gate_proj", "up_proj", "down_proj",
-                  act_attrs=("hidden_activation", "hidden_act"))
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "smollm3": _LLAMA,
-    "phi3": ArchSpec("model.layers", "mlp", None, None, "down_proj", fused_gate_up="gate_up_proj",
-                     attn_proj=("qkv_proj", "o_proj")),
-    "gemma": _GEMMA,
-    "gemma2": _GEMMA,
-    "gemma3": _GEMMA,
-    "gemma3_text": _GEMMA,
-    "mixtral": ArchSpec("model.layers", "mlp", "gate_proj", "up_proj", "down_proj", moe=MoeSpec()),
-    "qwen3_moe": ArchSpec("model.layers", "mlp", "gate_proj", "up_proj", "down_proj", moe=MoeSpec()),
-    "qwen2_moe": ArchSpec("model.layers", "mlp", "gate_proj", "up_proj", "down_proj",
-                          moe=MoeSpec(shared="shared_expert", shared_gate="shared_expert_gate")),
-}
-
-
-def arch_spec(config) -> ArchSpec:
-    """The ArchSpec of a transformers config, or a one-line error for unsupported architectures."""
-    model_type = getattr(config, "model_type", None)
-    if model_type == "gemma3" and hasattr(config, "text_config"):
-        model_type = "gemma3_text"
-    spec = ARCHITECTURES.get(model_type)
-    if spec is None:
-        raise DipstreamError(
-            f"architecture '{model_type}' has no gated MLP that dipstream supports; "
-            f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    return spec
 
 
 def attr_path(obj, dotted: str):
@@ -178,19 +116,6 @@ def check_moe_config(config) -> None:
     if mixed:
         raise DipstreamError(f"{config.model_type} with dense-MLP layers ({mixed}) is not supported; dipstream "
                              "runs MoE models whose every layer is a mixture-of-experts block")
-
-
-def text_config(config):
-    return getattr(config, "text_config", None) or config
-
-
-def activation_name(config) -> str:
-    cfg = text_config(config)
-    for attr in arch_spec(config).act_attrs:
-        name = getattr(cfg, attr, None)
-        if name:
-            return name
-    raise DipstreamError(f"config of '{config.model_type}' names no MLP activation")
 
 
 def mlp_parts(model: nn.Module) -> list[GatedMLPParts]:

@@ -15,15 +15,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from dipstream.errors import DipstreamError
-from dipstream.models.arch import (
-    GatedMLPParts,
-    activation_name,
-    arch_spec,
-    attr_path,
-    check_moe_config,
-    lora_view,
-    text_config,
-)
+from dipstream.models.arch import GatedMLPParts, attr_path, check_moe_config, lora_view
+from dipstream.models.families import activation_name, arch_spec, text_config
 
 
 class ExpertMLP(nn.Module):

@@ -1,35 +1,22 @@
-"""`dipstream generate`'s options (light: no torch, so the lean engine's runs stay small).
-The methods the decode runtimes run are those of the method registry that declare `decodes`
-(tests/test_engine.py checks the list against the registry)."""
+"""`dipstream generate`'s options (light: no torch, so an engine run's process holds only what it
+needs). The methods it runs are the registry's decode side (`sparsity.decoding.DECODERS`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from dipstream.budget import check_density
-from dipstream.engine.run import EngineOptions
+from dipstream.engine.config import EngineOptions
+from dipstream.engine.decode import DecodeOptions
+from dipstream.engine.qmatrix import FORMATS
 from dipstream.errors import DipstreamError, user_errors
 from dipstream.options import CacheAwareOptions, DipOptions
 from dipstream.simulator.hardware import parse_bytes, parse_dram
 from dipstream.simulator.policies import OFFLINE_POLICIES, CacheOptions
+from dipstream.sparsity.decoding import DECODERS
 from dipstream.validation import at_least, finite, input_dir, input_file, output_dir, output_file
 
-
-@dataclass
-class DecodeOptions:
-    """How tokens are generated."""
-
-    max_new_tokens: int = field(default=32, metadata={"help": "tokens to generate"})
-    stop_at_eos: bool = field(default=True, metadata={
-        "help": "stop at the end-of-sequence token (--no-stop-at-eos: always max_new_tokens)"})
-    sample: bool = field(default=False, metadata={
-        "help": "sample instead of greedy decoding (with --temperature, --top-k, --sample-seed)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_k: int = field(default=0, metadata={"help": "sample among the top-k tokens (0: all)"})
-    sample_seed: int = field(default=0, metadata={"help": "seed of the sampler"})
-
-
-DECODE_METHODS = ("dense", "dip", "dip-ca")
+ENGINES = ("auto", "lean", "hf")
 
 
 @dataclass
@@ -39,8 +26,8 @@ class GenerateConfig:
     model: str = field(default="smollm2-135m", metadata={
         "help": "built-in model name (see `dipstream models`) or a local HF checkpoint folder"})
     method: str = field(default="dip", metadata={
-        "help": "a method the runtimes run: " + ", ".join(DECODE_METHODS)
-                + " (dip-ca needs --offload: it follows the runtime's cache)", "choices": DECODE_METHODS})
+        "help": "a method the engine runs: " + ", ".join(DECODERS)
+                + " (dip-ca needs --offload: it follows the engine's cache)", "choices": tuple(DECODERS)})
     density: float = field(default=0.5, metadata={
         "help": "fraction of MLP weight bytes a decoded token reads, in (0, 1]"})
     prompt: str = field(default="The three primary colours are", metadata={
@@ -49,39 +36,39 @@ class GenerateConfig:
         "help": "wrap the prompt in the tokenizer's chat template (instruct models)"})
     decoding: DecodeOptions = field(default_factory=DecodeOptions)
     weights: str = field(default="float32", metadata={
-        "help": "weight format: float32, int8 or int4 (4-bit in groups of 32); the lean engine stores every "
-                "matrix so (in RAM and in its offload file), the Hugging Face engine only the sparse MLP of "
-                "--method dip in RAM", "choices": ("float32", "int8", "int4")})
+        "help": "weight format of the engine's model file: float32, int8 or int4 (4-bit in groups of 32; the "
+                "Hugging Face engine runs float32)", "choices": FORMATS})
+    head_weights: str | None = field(default=None, metadata={
+        "help": "format of the embedding / output head (default: --weights; int8 with int4, as GGUF Q4 files keep "
+                "it in Q8_0)", "choices": FORMATS})
+    model_dir: str | None = field(default=None, metadata={
+        "help": "folder of the exported model file (default: in dipstream's cache; written on first use)",
+        "metavar": "DIR"})
     dip: DipOptions = field(default_factory=DipOptions)
     ca: CacheAwareOptions = field(default_factory=CacheAwareOptions)
     adapter: str | None = field(default=None, metadata={
-        "help": "apply the LoRA adapters of this `dipstream finetune` folder (dense and dip, in RAM)",
-        "metavar": "DIR"})
+        "help": "the LoRA adapters of this `dipstream finetune` folder, merged into the weights (exact for DIP's "
+                "column masks: an adapter sees the inputs its weight sees)", "metavar": "DIR"})
     offload: str | None = field(default=None, metadata={
-        "help": "keep the MLP weights in a file in this directory (written on first use) and "
-                "only what --dram leaves for them in RAM", "metavar": "DIR"})
+        "help": "keep the MLP weights in the model file in this directory (exported there on first use; it takes "
+                "the place of --model-dir) and only what --memory or --dram leaves for them in RAM", "metavar": "DIR"})
     dram: str = field(default="0.7x", metadata={
-        "help": "with --offload: RAM for the model's weights and KV cache, as `simulate` places DRAM: "
-                "bytes ('400MB') or a fraction of the model's weight bytes as stored (float32: '0.7x'); "
-                "attention, embeddings and the KV cache take it first, the rest holds the MLP caches and "
-                "one read buffer"})
+        "help": "with --offload and no --memory: RAM for the model's weights and KV cache, as `simulate` places "
+                "DRAM: bytes ('400MB') or a fraction of the model file's bytes ('0.7x'); attention, embeddings and "
+                "the KV cache take it first, the rest holds the MLP caches and read buffers"})
     cache: CacheOptions = field(default_factory=CacheOptions)
     hot_profile: str | None = field(default=None, metadata={
         "help": "with --offload --policy hot (PowerInfer's placement: the units most read on other text pinned "
                 "in RAM, the rest streamed): the unit counts, a profile .npz of `dipstream simulate --policy "
                 "hot`; without it `dipstream generate` makes one on the corpus's train split",
         "metavar": "PATH"})
-    lean: EngineOptions = field(default_factory=EngineOptions)
-    direct_io: bool = field(default=True, metadata={
-        "help": "with --offload: read with O_DIRECT (bypass the page cache); --no-direct-io reads "
-                "through it"})
-    io_threads: int = field(default=8, metadata={"help": "with --offload: reads in flight"})
-    verify: bool = field(default=True, metadata={
-        "help": "with --offload: check the file's sha256 when opening it"})
+    engine: str = field(default="auto", metadata={
+        "help": "auto (the lean engine on the CPU; the Hugging Face model on CUDA), lean or hf", "choices": ENGINES})
+    run: EngineOptions = field(default_factory=EngineOptions)
     threads: int | None = field(default=None, metadata={
-        "help": "CPU threads for torch and the sparse kernel (default: torch's)"})
+        "help": "CPU threads of the kernels (default: 1 for the lean engine, torch's for the Hugging Face model)"})
     device: str = field(default="auto", metadata={
-        "help": "auto (CUDA when present), cpu or cuda", "choices": ("auto", "cpu", "cuda")})
+        "help": "auto (the CPU, or CUDA with --engine hf), cpu or cuda", "choices": ("auto", "cpu", "cuda")})
     stream: bool = field(default=True, metadata={"help": "print the text as it is generated"})
     trace: str | None = field(default=None, metadata={
         "help": "write this run's MLP masks (prompt included) as a simulator trace (.npz)",
@@ -92,28 +79,28 @@ class GenerateConfig:
     def validate(self) -> None:
         """Every option, file and output path, before the model is loaded."""
         check_density(self.density)
-        if self.method not in DECODE_METHODS:
-            raise DipstreamError(f"--method {self.method}: the runtimes run {', '.join(DECODE_METHODS)}")
+        if self.method not in DECODERS:
+            raise DipstreamError(f"--method {self.method}: generate runs {', '.join(DECODERS)}")
         d = self.decoding
         at_least("max_new_tokens", d.max_new_tokens, 1)
         at_least("top_k", d.top_k, 0)
         finite("temperature", d.temperature, lo=0, lo_open=True)
         at_least("threads", self.threads, 1, optional=True)
-        at_least("io_threads", self.io_threads, 1)
+        at_least("io_threads", self.run.io_threads, 1)
         self.dip.validate()
         self.ca.validate()
         with user_errors():
             self.cache.validate()
         if self.cache.policy == "hot":
             if not self.offload:
-                raise DipstreamError("policy hot pins units in the RAM of the offloading runtime: add --offload DIR")
+                raise DipstreamError("policy hot pins units in the RAM of the offloaded MLP: add --offload DIR")
             if self.method != "dip":
                 raise DipstreamError(f"policy hot pins the units DIP reads most often; --method {self.method} "
                                      "does not run with it (use --method dip)")
             input_file("hot_profile", self.hot_profile, "unit-frequency profile (.npz)")
         elif self.cache.policy in OFFLINE_POLICIES:
             raise DipstreamError(f"policy '{self.cache.policy}' needs the future or the evaluated text's own "
-                                 "counts; the runtime supports lru, lfu, window, none and hot (from a profile)")
+                                 "counts; the engine supports lru, lfu, window, none and hot (from a profile)")
         elif self.hot_profile:
             raise DipstreamError("--hot-profile is for --policy hot")
         if self.offload:
@@ -125,18 +112,36 @@ class GenerateConfig:
             raise DipstreamError("--trace records the sparse MLP's masks: a dense run in RAM has none; use "
                                  "--method dip, or --offload DIR for dense streaming's trace")
         if self.method == "dip-ca" and not self.offload:
-            raise DipstreamError("dip-ca picks its masks from the runtime's RAM cache: run it with "
-                                 "--offload DIR --dram BUDGET")
+            raise DipstreamError("dip-ca picks its masks from the engine's RAM cache: run it with "
+                                 "--offload DIR --memory BUDGET (or --dram BUDGET)")
         input_dir("adapter", self.adapter, "finetune --out folder")
         output_file("json", self.json)
         output_file("trace", self.trace)
-        output_dir("model_dir", self.lean.model_dir)
-        for flag, value in (("--memory", self.lean.memory), ("--read-gap", self.lean.read_gap)):
+        output_dir("model_dir", self.model_dir)
+        output_dir("offload", self.offload)
+        for flag, value in (("--memory", self.run.memory), ("--read-gap", self.run.read_gap)):
             try:
                 if value is not None:
                     parse_bytes(value)
             except ValueError as exc:
                 raise DipstreamError(f"{flag}: {exc}") from None
+        if self.run.memory is not None and not self.offload:
+            raise DipstreamError("--memory sizes the caches of an offloaded MLP: add --offload DIR (in RAM the "
+                                 "whole model is resident)")
+
+    def validate_hf(self) -> None:
+        """What the Hugging Face front end does not do: it runs the model in RAM, in float32 (bfloat16 on CUDA)."""
+        if self.offload:
+            raise DipstreamError("the Hugging Face engine does not offload: the lean engine runs --offload (drop "
+                                 "--engine hf)")
+        if self.weights != "float32" or self.head_weights not in (None, "float32"):
+            raise DipstreamError(f"--weights {self.weights}: the Hugging Face engine runs float32 (bfloat16 on CUDA); "
+                                 "the lean engine runs the quantized formats (drop --engine hf)")
+
+    def validate_lean(self) -> None:
+        """What the lean engine does not do."""
+        if self.device == "cuda":
+            raise DipstreamError("the lean engine runs on the CPU: drop --device cuda, or use --engine hf")
 
     def policy_kwargs(self) -> dict:
         """The cache policy's arguments; for hot, the unit counts of --hot-profile."""
@@ -150,24 +155,3 @@ class GenerateConfig:
                                      f"{self.model}; give that model's profile or leave --hot-profile out")
             kw["frequency"] = freq
         return kw
-
-    def validate_hf(self) -> None:
-        """What the Hugging Face engine cannot do."""
-        if self.offload and self.weights != "float32":
-            raise DipstreamError("the Hugging Face engine's --offload keeps float32 weights on disk; drop "
-                                 f"--weights {self.weights}, or use --engine lean (quantized offload file)")
-        if self.weights != "float32" and self.method != "dip":
-            raise DipstreamError(f"the Hugging Face engine applies --weights {self.weights} to DIP's sparse "
-                                 "kernel: use it with --method dip, or use --engine lean")
-        if self.adapter and self.offload:
-            raise DipstreamError("--adapter runs with the MLP in RAM; drop --offload (the offloading "
-                                 "runtime does not apply adapters)")
-        if self.lean.memory is not None:
-            raise DipstreamError("--memory sizes the lean engine's process; with the Hugging Face engine "
-                                 "give --dram")
-
-    def validate_lean(self) -> None:
-        """What the lean engine cannot do."""
-        if self.adapter or self.device == "cuda":
-            raise DipstreamError("the lean engine runs on the CPU without adapters: drop --adapter / --device "
-                                 "cuda, or use --engine hf")

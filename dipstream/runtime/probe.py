@@ -1,24 +1,22 @@
 """`dipstream probe`: measure this machine and write a hardware file the simulator accepts.
 
-Measured (each a median of repeats):
+Measured (each a median of repeats), with the engine's own kernels and reader (no torch):
 
-* RAM read bandwidth: ``torch.sum`` over a large float32 tensor (``dram_bw``);
-* CPU GEMV throughput: the fused gather-GEMV over every row of a RAM-resident float32 matrix
+* RAM read bandwidth: a sum over a large float32 array (``dram_bw``);
+* CPU GEMV throughput: the engine's float32 product over every record of a RAM-resident matrix
   (FLOP/s -> ``compute_flops``; its bytes/s are reported too);
-* disk: a test file written in ``--dir`` and read back with the runtime's own reader (direct
-  I/O when the filesystem allows it): sequential reads of ``--seq-chunk`` bytes one at a time
-  (``flash_bw``; the runtime reads a run of consecutive missed units as one read), and random reads of each ``--chunks`` size (the sizes
-  the offload file is read in: one unit record, e.g. 12288 and 2560 B for SmolLM2) once with one
-  read in flight and once with ``--io-threads``.
+* disk: a test file written in ``--dir`` and read back with the engine's reader (direct I/O when
+  the filesystem allows it): sequential reads of ``--seq-chunk`` bytes one at a time
+  (``flash_bw``; the engine reads a run of consecutive missed units as one read), and random reads
+  of each ``--chunks`` size (the sizes a model file is read in: one MLP record) once with one read
+  in flight and once with ``--io-threads``.
 
 The simulator charges n reads of b bytes ``n * flash_read_latency_s / flash_queue_depth +
-b / flash_bw``.  From the random reads: latency = time per read at one in flight minus its
-transfer time; the per-read cost at ``--io-threads`` in flight minus transfer time gives
-latency / queue depth, from which the (integer) queue depth follows; the latency written is
-that per-read cost times the queue depth, so the simulator's per-read term equals what was
-measured.  ``bundle`` and ``coalesce`` are set, since the offload file is read in runs of
-whole unit records, and ``overlap``, since the runtime computes with the cached units while
-the missed ones are read.  Precision: float32 everywhere (the runtime's weights).
+b / flash_bw``; `simulator.hardware.fit_flash` derives those from the random reads. ``bundle``
+and ``coalesce`` are set, since a model file is read in runs of whole unit records, and
+``overlap``, since the engine computes with the cached units while the missed ones are read.
+Precision: float32 everywhere. ``--lean-model DIR`` measures for an exported model file instead
+(`engine.calibrate`).
 """
 
 from __future__ import annotations
@@ -32,22 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from dipstream.engine.qmatrix import FORMATS, QMatrix, record_layout
+from dipstream.engine.storage import BLOCK, FileReader, measure_reads
 from dipstream.errors import DipstreamError
 from dipstream.io import atomic_path, write_json_atomic, write_text_atomic
-from dipstream.kernels import gather_gemv
-from dipstream.models.loading import shape_of
 from dipstream.paths import cache_root
-from dipstream.runtime.offload_file import (
-    ExtentReader,
-    Layout,
-    aligned_bytes,
-    drop_page_cache,
-    open_for_reads,
-)
 from dipstream.simulator import Hardware
 from dipstream.simulator.hardware import KINDS, fit_flash, parse_bytes
+from dipstream.simulator.model_shape import SHAPES
 from dipstream.validation import at_least, input_file, output_dir, output_file
 
 
@@ -63,12 +54,14 @@ class ProbeConfig:
                 "on (default: dipstream's cache folder)", "metavar": "DIR"})
     size: str = field(default="1GB", metadata={"help": "disk test file size"})
     file: str | None = field(default=None, metadata={
-        "help": "measure reads on this existing file instead (read only), e.g. an offload "
-                "directory's mlp.bin: the same file and disk region a run reads",
+        "help": "measure reads on this existing file instead (read only), e.g. a model folder's "
+                "model.bin: the same file and disk region a run reads",
         "metavar": "PATH"})
     model: str | None = field(default=None, metadata={
-        "help": "take the random-read chunk sizes from this model's offload layout (its unit "
-                "records)"})
+        "help": "take the random-read chunk sizes from the MLP records of this model (a preset or built-in "
+                "name: `dipstream simulate --shape`'s) in --weights' format"})
+    weights: str = field(default="float32", metadata={
+        "help": "with --model: the format its records are read in", "choices": FORMATS})
     chunks: str = field(default="4096,12288,65536", metadata={
         "help": "random-read sizes in bytes, comma-separated (used unless --model is given)"})
     seq_chunk: int = field(default=4 << 20, metadata={
@@ -106,34 +99,34 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def measure_ram(mb: int, repeats: int) -> float:
-    """RAM read bandwidth, bytes/s (torch.sum over a float32 tensor of ``mb`` MiB)."""
-    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
-    return x.numel() * 4 / _median_time(lambda: float(x.sum()), repeats)
+    """RAM read bandwidth, bytes/s (a sum over a float32 array of ``mb`` MiB)."""
+    x = np.ones(mb * 2**20 // 4, np.float32)
+    return x.nbytes / _median_time(lambda: float(x.sum()), repeats)
 
 
 def measure_gemv(repeats: int, n: int = 4096, m: int = 14336) -> tuple[float, float]:
-    """(FLOP/s, bytes/s) of the fused gather-GEMV over all n rows of an (n, m) float32 matrix."""
-
-    W = torch.randn(n, m, generator=torch.Generator().manual_seed(0))
-    idx = torch.arange(n)
-    c = torch.randn(n)
-    out = torch.empty(m)
-    t = _median_time(lambda: gather_gemv(W, idx, c, out=out), repeats)
+    """(FLOP/s, bytes/s) of the engine's float32 product over all n records of an (m x n) matrix."""
+    rng = np.random.default_rng(0)
+    q = QMatrix.from_dense(rng.standard_normal((m, n), dtype=np.float32), "float32")
+    v = rng.standard_normal(n, dtype=np.float32)
+    idx, coef, out = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(m, np.float32)
+    t = _median_time(lambda: q.select(v, n, idx, coef, out), repeats)
     return 2.0 * n * m / t, n * m * 4 / t
 
 
 def _chunk_sizes(cfg: ProbeConfig) -> list[int]:
     if cfg.model:
-
-        shape = shape_of(cfg.model)
-        lay = Layout(1, shape.d_model, shape.d_ff)
-        return [lay.in_stride, lay.out_stride]
+        if cfg.model not in SHAPES:
+            raise DipstreamError(f"--model {cfg.model}: give a preset or built-in name ({', '.join(SHAPES)})")
+        shape = SHAPES[cfg.model]
+        strides = (record_layout(cfg.weights, m)[2] for m in (2 * shape.d_ff, shape.d_model))
+        return [st + (-st) % BLOCK for st in strides]
     try:
         sizes = [int(s) for s in cfg.chunks.split(",") if s.strip()]
     except ValueError:
         raise DipstreamError(f"--chunks {cfg.chunks!r}: give byte counts like 4096,12288") from None
-    if not sizes or any(s <= 0 or s % 512 for s in sizes):
-        raise DipstreamError(f"--chunks {cfg.chunks!r}: sizes must be positive multiples of 512 "
+    if not sizes or any(s <= 0 or s % BLOCK for s in sizes):
+        raise DipstreamError(f"--chunks {cfg.chunks!r}: sizes must be positive multiples of {BLOCK} "
                              "(direct reads are block aligned)")
     return sizes
 
@@ -155,44 +148,16 @@ def _test_file(directory: Path, size: int) -> Path:
 
 
 def measure_disk(path: Path, cfg: ProbeConfig, chunks: list[int]) -> dict:
-    """Sequential and random read figures through the runtime's reader."""
-
-    size = path.stat().st_size
-    fd, direct = open_for_reads(path, cfg.direct_io)
-    if not direct:
-        drop_page_cache(path)
-    res = {"direct_io": direct, "file_bytes": size, "io_threads": cfg.io_threads}
-    rng = np.random.default_rng(1)
-    rd = ExtentReader(fd, cfg.io_threads, str(path))
+    """Sequential and random read figures of a file through the engine's reader."""
+    reader = FileReader(path, cfg.io_threads, cfg.direct_io)
     try:
-        # sequential: the whole file in seq_chunk reads, one at a time (the runtime reads a
-        # run of consecutive missed units, e.g. dense streaming's, as one read)
+        size = reader.size - reader.size % BLOCK
         seq = cfg.seq_chunk
-        buf = aligned_bytes(seq)
-        offs = np.arange(0, size - seq + 1, seq, dtype=np.int64)
-        t = time.perf_counter()
-        for o in offs:
-            rd.read_extents([o], [seq], [buf.data_ptr()], buf)
-        res["seq_bw"] = len(offs) * seq / (time.perf_counter() - t)
-        res["seq_chunk"] = seq
-        res["random"] = {}
-        for c in chunks:  # c is a multiple of 512: offsets k * c are block aligned
-            per = {}
-            b = aligned_bytes(c * 64)
-            for threads in (1, cfg.io_threads):
-                rd.io_threads = threads
-                n = cfg.reads if threads > 1 else max(64, cfg.reads // 4)
-                o = rng.integers(0, size // c, n).astype(np.int64) * c
-                t = time.perf_counter()
-                for a in range(0, n, 64):  # batches of 64 reads, as a hook's misses come
-                    oo = o[a:a + 64]
-                    rd.read_extents(oo, np.full(len(oo), c),
-                                    b.data_ptr() + np.arange(len(oo)) * c, b)
-                per[threads] = (time.perf_counter() - t) / n
-            res["random"][c] = {"s_per_read_qd1": per[1],
-                                f"s_per_read_qd{cfg.io_threads}": per[cfg.io_threads]}
+        regions = [(int(o), seq) for o in range(0, size - seq + 1, seq)]
+        res = measure_reads(reader, regions, chunks, cfg.reads, rounds=1, random_regions=[(0, size)], seed=1)
     finally:
-        rd.close()
+        reader.close()
+    res.update(file_bytes=path.stat().st_size, seq_chunk=seq)
     return res
 
 
@@ -248,13 +213,13 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
             raise DipstreamError(f"--file {cfg.file} is too small to probe random reads of "
                                  f"{max(chunks)} bytes")
     out = {"host": socket.gethostname(), "machine": platform.machine(),
-           "cpu": _cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "cpu": _cpu_name(), "cpus": os.cpu_count(),
            "dir": str(directory), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         log(f"probe: RAM read bandwidth ({cfg.ram_mb} MiB)...")
         out["ram_bw"] = measure_ram(cfg.ram_mb, cfg.repeats)
-        log(f"probe: CPU GEMV (fused kernel, {gn} x {gm} float32)...")
+        log(f"probe: CPU GEMV (the engine's product, {gn} x {gm} float32)...")
         out["gemv_flops"], out["gemv_bw"] = measure_gemv(cfg.repeats, gn, gm)
         log(f"probe: disk reads of {path} ({path.stat().st_size / 1e9:.2f} GB)...")
         out["disk"] = measure_disk(path, cfg, chunks)
@@ -272,10 +237,10 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
     d.pop("dram_bytes")
     disk = out["disk"]
     lines = [f"# measured by `dipstream probe` on {out['host']} ({out['cpu']}, {out['cpus']} cpus, "
-             f"{out['torch_threads']} torch threads) at {out['date']}; load average "
+             f"one compute thread) at {out['date']}; load average "
              f"{', '.join(f'{v:.2f}' for v in out['load_avg'] or [])}",
-             f"# RAM read (torch.sum, {cfg.ram_mb} MiB): {out['ram_bw'] / 1e9:.2f} GB/s; fused "
-             f"GEMV {gn}x{gm} fp32: {out['gemv_flops'] / 1e9:.2f} GFLOP/s "
+             f"# RAM read (a sum, {cfg.ram_mb} MiB): {out['ram_bw'] / 1e9:.2f} GB/s; the engine's "
+             f"float32 product {gn}x{gm}: {out['gemv_flops'] / 1e9:.2f} GFLOP/s "
              f"({out['gemv_bw'] / 1e9:.2f} GB/s)",
              f"# disk reads of {path}, direct I/O: {disk['direct_io']}; sequential "
              f"{disk['seq_chunk']} B reads, one in flight: "

@@ -25,11 +25,11 @@ from .model_shape import SHAPES, ModelShape, get_shape
 from .policies import POLICIES, CachePolicy, make_policy
 from .simulate import (ClosedLoop, HookStepper, Placement, SimResult, dense_streaming_baseline,
                        plan_placement, simulate)
-from .trace import (Hook, HookSpec, MaskTrace, check_trace_matches, hook_specs,
+from .trace import (Hook, HookSpec, MaskTrace, TraceRecorder, check_trace_matches, hook_specs,
                     load_trace, save_trace, synthetic_trace)
 
 
-__all__ = ["Hardware", "available_presets", "load_hardware", "parse_bandwidth", "parse_bytes",
+__all__ = ["TraceRecorder", "Hardware", "available_presets", "load_hardware", "parse_bandwidth", "parse_bytes",
            "parse_dram", "SHAPES", "ModelShape", "get_shape", "POLICIES", "CachePolicy",
            "make_policy", "ClosedLoop", "HookStepper", "Placement", "SimResult",
            "dense_streaming_baseline", "plan_placement", "simulate", "Hook", "HookSpec",

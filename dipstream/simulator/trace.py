@@ -133,6 +133,26 @@ def hook_specs(shape: ModelShape, method: str = "dip") -> list:
             for i in range(shape.n_layers) for p in parts for k in kinds]
 
 
+class TraceRecorder:
+    """Every token's masks of a set of hooks (HookSpecs), bit-packed as they come, and the one-sequence
+    MaskTrace they make (what a generate run's `--trace` writes)."""
+
+    def __init__(self, specs: list):
+        self.specs = {h.name: h for h in specs}
+        self.rows: dict[str, list[np.ndarray]] = {h.name: [] for h in specs}
+
+    def add(self, name: str, mask: np.ndarray) -> None:
+        self.rows[name].append(np.packbits(np.asarray(mask, bool), bitorder="little"))
+
+    def trace(self, prompt_len: int, metadata: dict) -> "MaskTrace":
+        hooks = []
+        for name, h in self.specs.items():
+            packed = np.array(self.rows[name], np.uint8).reshape(-1, (h.n_units + 7) // 8)
+            masks = np.unpackbits(packed, axis=1, count=h.n_units, bitorder="little").view(bool)
+            hooks.append(Hook(name, h.kind, h.n_units, h.unit_weights, masks))
+        return MaskTrace(hooks, [0], [prompt_len], metadata)
+
+
 @dataclass(eq=False)
 class MaskTrace:
     hooks: list

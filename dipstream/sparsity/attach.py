@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from dipstream.errors import DipstreamError
-from dipstream.models.arch import GatedMLPParts, arch_spec, mlp_parts, replace_mlps, restore_mlps
+from dipstream.models.arch import GatedMLPParts, mlp_parts, replace_mlps, restore_mlps
+from dipstream.models.families import arch_spec
 from dipstream.models.moe import MoeLayerParts, moe_parts
 from dipstream.sparsity.base import METHODS, Method, Selection
 from dipstream.sparsity.moe import moe_mlp

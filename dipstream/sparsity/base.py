@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dipstream.models.arch import GatedMLPParts
+from dipstream.sparsity.decoding import DECODERS
 from dipstream.sparsity.ops import part_linear
 
 LINEARS = ("up", "gate", "down")
@@ -114,13 +115,7 @@ class Method:
         """Take what `dipstream finetune` trained for this method from an adapter folder (the
         LoRA adapters are loaded into the model separately); most methods have nothing."""
 
-    decodes = False  # whether the decode runtimes can run it (it implements decode_mask)
-
-    def decode_mask(self, scores: torch.Tensor, k: int, t: int, cached=None):
-        """For the decode runtimes: the bool mask (numpy, n units) of one token's hook of n units
-        that keeps k of them, from its scores (|x| or |h|), the token's index t in the sequence
-        and the hook's cached units (bool (n,))."""
-        raise NotImplementedError(f"method '{self.name}' does not run in the decode runtimes")
+    decodes = False  # whether the engine runs it: set by `register` from the decode side (sparsity.decoding)
 
     def dense_prefix(self, seq_len: int) -> int:
         """Leading positions of a teacher-forced window computed densely (GRIFFIN's prompt); the
@@ -145,6 +140,8 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method to the registry under `cls.name`."""
+    """Class decorator adding a method to the registry under `cls.name`; it ``decodes`` (runs in
+    the engine) when the registry's decode side has a rule of that name."""
     METHODS[cls.name] = cls
+    cls.decodes = cls.name in DECODERS
     return cls

@@ -150,11 +150,6 @@ class DIPCA(DIP):
     def select_out(self, layer, scores):
         return self._scan(self._hook(layer, "out"), scores, self.keeps.k_out(layer, scores.shape[-1]))
 
-    def decode_mask(self, scores, k, t, cached=None):
-        m = ca_select(scores.reshape(1, -1), k, torch.as_tensor(cached).reshape(1, -1), self.options.gamma,
-                      int(self.options.n0_frac * k), t, warmup=self.options.warmup)
-        return m[0].numpy()
-
     def describe(self):
         return {**super().describe(), "gamma": self.options.gamma, "n0_frac": self.options.n0_frac,
                 "warmup": self.options.warmup, "policy": self.policy}

@@ -57,10 +57,6 @@ class Dense(Method):
     def mlp(self, layer, p, x, batch_shape):
         return p.module(x), Selection()
 
-    decodes = True
-
-    def decode_mask(self, scores, k, t, cached=None):
-        return np.ones(scores.numel(), bool)
 
 
 def _neuron_keep(density: float, dense_linears: int, name: str) -> float:
@@ -109,10 +105,6 @@ class DIP(_KeepsMethod):
         """Mask over the D inputs of down (seam for cache-aware selection)."""
         return topk_mask(scores, self.keeps.k_out(layer, scores.shape[-1]))
 
-    decodes = True
-
-    def decode_mask(self, scores, k, t, cached=None):
-        return topk_mask(scores.reshape(-1), k).numpy()
 
     def mlp(self, layer, p, x, batch_shape):
         m_in = self.select_in(layer, x.abs())
@@ -126,7 +118,6 @@ class RandomMasks(DIP):
     """Control: DIP-shaped masks (same k_in, k_out) chosen uniformly at random per token."""
 
     name = "random"
-    decodes = False
     summary = "control: random up/gate and down columns at DIP's budget"
     reads = "random k_in up/gate columns; random k_out down columns"
 
@@ -193,7 +184,6 @@ class TEAL(Calibrated, DIP):
     split's fractions. The realised density varies per token."""
 
     name = "teal"
-    decodes = False
     summary = "TEAL (MLP only): calibrated thresholds on |x| and |h~|"
     reads = "up/gate columns where |x| > t_in; down columns where |h~| > t_out"
     threshold_names = ("t_in", "t_out")

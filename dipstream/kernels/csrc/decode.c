@@ -37,13 +37,13 @@ static inline float dot(const float* restrict a, const float* restrict b, int64_
     return r;
 }
 
-/* out[h*hd:(h+1)*hd] = softmax_t(scale * q_h . K[kv, t]) . V[kv, t] over t in [lo, hi), for every
- * query head h (kv = h / (H / Hkv)).  K and V: (Hkv, ld_seq, hd) of 4-byte floats (f16 = 0) or
- * halves (f16 = 1).  Scores in float32, max-subtracted, as numpy did; each cache row is read (and
- * widened) once for the query heads that share it.  Returns 0, or -1 when the arguments are
- * inconsistent or memory runs out. */
+/* out[h*hd:(h+1)*hd] = softmax_t(s_t) . V[kv, t] over t in [lo, hi), s_t = scale * q_h . K[kv, t]
+ * (softcap > 0: softcap * tanh(s_t / softcap), Gemma 2), for every query head h (kv = h / (H / Hkv)).
+ * K and V: (Hkv, ld_seq, hd) of 4-byte floats (f16 = 0) or halves (f16 = 1).  Scores in float32,
+ * max-subtracted; each cache row is read (and widened) once for the query heads that share it.
+ * Returns 0, or -1 when the arguments are inconsistent or memory runs out. */
 static int ds_attend(const float* q, const void* K, const void* V, int64_t H, int64_t Hkv, int64_t hd,
-                     int64_t ld_seq, int64_t lo, int64_t hi, float scale, int f16, float* out)
+                     int64_t ld_seq, int64_t lo, int64_t hi, float scale, float softcap, int f16, float* out)
 {
     if (H <= 0 || Hkv <= 0 || H % Hkv || hd <= 0 || lo < 0 || hi <= lo || hi > ld_seq) return -1;
     const int64_t n = hi - lo, g = H / Hkv;
@@ -58,6 +58,8 @@ static int ds_attend(const float* q, const void* K, const void* V, int64_t H, in
             else kr = (const float*)K + at;
             for (int64_t a = 0; a < g; ++a) s[a * n + t] = dot(q + (kv * g + a) * hd, kr, hd) * scale;
         }
+        if (softcap > 0.0f)
+            for (int64_t i = 0; i < g * n; ++i) s[i] = softcap * tanhf(s[i] / softcap);
         for (int64_t a = 0; a < g; ++a) {  /* softmax per head */
             float* sa = s + a * n;
             float mx = -INFINITY, sum = 0.0f;
@@ -107,10 +109,11 @@ static inline uint16_t f2h(float v)
     return (uint16_t)(sign | r);
 }
 
-/* RoPE (rotate-half) of n heads of hd in place with this position's cos / sin rows. */
-static void rope(float* x, int64_t n, int64_t hd, const float* cs, const float* sn)
+/* RoPE (rotate-half) of the first `rot` values of each of n heads of hd, in place, with this
+ * position's cos / sin rows of rot values (rot < hd: partial rotary, Phi-3's factor). */
+static void rope(float* x, int64_t n, int64_t hd, int64_t rot, const float* cs, const float* sn)
 {
-    const int64_t h = hd / 2;
+    const int64_t h = rot / 2;
     for (int64_t a = 0; a < n; ++a) {
         float* v = x + a * hd;
         for (int64_t j = 0; j < h; ++j) {
@@ -121,15 +124,18 @@ static void rope(float* x, int64_t n, int64_t hd, const float* cs, const float* 
     }
 }
 
-/* One layer's attention for the token at `pos`: RoPE on q (in place) and k, k and v written to the
- * cache row `pos` (float32 or, f16 = 1, half), then ds_attend over [lo, pos].  Returns 0 or -1. */
-static int ds_attend_token(float* q, float* k, const float* v, const float* cs, const float* sn,
+/* One layer's attention for the token at `pos`: RoPE on q (in place) and k (none where cs is NULL:
+ * a NoPE layer), k and v written to the cache row `pos` (float32 or, f16 = 1, half), then ds_attend
+ * over [lo, pos].  Returns 0 or -1. */
+static int ds_attend_token(float* q, float* k, const float* v, const float* cs, const float* sn, int64_t rot,
                            void* K, void* V, int64_t H, int64_t Hkv, int64_t hd, int64_t ld_seq,
-                           int64_t pos, int64_t lo, float scale, int f16, float* out)
+                           int64_t pos, int64_t lo, float scale, float softcap, int f16, float* out)
 {
-    if (pos < 0 || pos >= ld_seq || hd % 2) return -1;
-    rope(q, H, hd, cs, sn);
-    rope(k, Hkv, hd, cs, sn);
+    if (pos < 0 || pos >= ld_seq || rot % 2 || rot > hd || rot < 0) return -1;
+    if (cs) {
+        rope(q, H, hd, rot, cs, sn);
+        rope(k, Hkv, hd, rot, cs, sn);
+    }
     for (int64_t a = 0; a < Hkv; ++a) {
         const int64_t at = (a * ld_seq + pos) * hd;
         for (int64_t j = 0; j < hd; ++j) {
@@ -142,17 +148,19 @@ static int ds_attend_token(float* q, float* k, const float* v, const float* cs, 
             }
         }
     }
-    return ds_attend(q, K, V, H, Hkv, hd, ld_seq, lo, pos + 1, scale, f16, out);
+    return ds_attend(q, K, V, H, Hkv, hd, ld_seq, lo, pos + 1, scale, softcap, f16, out);
 }
 
-/* h[j] = act(gu[j]) * gu[D + j] for j < D: act 0 = SiLU (x / (1 + e^-x)), 1 = tanh-GELU. */
+/* h[j] = act(gu[j]) * gu[D + j] for j < D: act 0 = SiLU (x / (1 + e^-x)), 1 = tanh-GELU,
+ * 2 = exact GELU (x / 2 (1 + erf(x / sqrt 2))) (kernels/native.py: ACTIVATION_CODES). */
 DS_API int ds_glu(const float* gu, int64_t D, int act, float* h)
 {
-    if (D < 0 || (act != 0 && act != 1)) return -1;
+    if (D < 0 || act < 0 || act > 2) return -1;
     for (int64_t j = 0; j < D; ++j) {
         const float x = gu[j];
         const float a = act == 0 ? x / (1.0f + expf(-x))
-                                 : 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+                      : act == 1 ? 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)))
+                                 : 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
         h[j] = a * gu[D + j];
     }
     return 0;
@@ -202,12 +210,15 @@ typedef struct {
 } ds_ctx_t;
 
 /* One layer's attention: its matrices (q, k, v side by side in qkv[0] when qkv[1].rec is NULL),
- * norms and biases (NULL where the family has none), RoPE tables (max_seq, hd) and KV cache. */
+ * norms and biases (NULL where the family has none), RoPE tables (max_seq, rot; NULL: no RoPE) and
+ * KV cache. */
 typedef struct {
     ds_mat_t qkv[3], o;
     const float *norm, *post_norm, *q_bias, *k_bias, *v_bias, *q_norm, *k_norm, *cos, *sin;
     void *K, *V;
     int64_t window;  /* sliding window in tokens (0: global attention) */
+    int64_t rot;     /* rotated values per head (the tables' width) */
+    float softcap;   /* attention logit soft-capping (0: none) */
 } ds_attn_t;
 
 /* RMS norm over each of n heads of hd values, in place (q / k norms). */
@@ -242,8 +253,9 @@ DS_API int ds_attention_block(const ds_ctx_t* c, const ds_attn_t* a, float* x, i
         head_norm(k, c->Hkv, c->hd, a->k_norm, c->eps, c->gemma);
     }
     const int64_t lo = a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
-    if (ds_attend_token(q, k, v, a->cos + pos * c->hd, a->sin + pos * c->hd, a->K, a->V, c->H, c->Hkv, c->hd,
-                        c->max_seq, pos, lo, c->scale, c->f16, c->att)) return -1;
+    if (ds_attend_token(q, k, v, a->cos ? a->cos + pos * a->rot : NULL, a->sin ? a->sin + pos * a->rot : NULL,
+                        a->rot, a->K, a->V, c->H, c->Hkv, c->hd, c->max_seq, pos, lo, c->scale, a->softcap, c->f16,
+                        c->att)) return -1;
     if (mat_select(&a->o, c->att, a->o.rows, c->idx, c->coef, c->o, c->nthreads) < 0) return -1;
     if (a->post_norm && ds_rmsnorm(c->o, c->d, a->post_norm, c->eps, c->gemma, c->o)) return -1;
     add_to(x, c->o, c->d);

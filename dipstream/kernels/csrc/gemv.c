@@ -1,6 +1,6 @@
-/* Compute kernels of the sparse MLP: the fused gather-GEMV over selected rows (float32 and
- * int8 / 4-bit group-quantized), top-k |v| selection, and the caller-runs thread pool that
- * shares the work. */
+/* Compute kernels of the sparse MLP: the fused gather-GEMV over selected rows (float32, and int8 /
+ * 4-bit grouped along the inputs as the engine's model file stores them), top-k |v| selection, and
+ * the caller-runs thread pool that shares the work. */
 #include "common.h"
 
 /* o[0:n] = sum_i c[i] * W[idx[i]*ld + 0:n]   (W already offset to the first column).
@@ -33,16 +33,15 @@ static void gg_range(const float* restrict W, int64_t ld, const int64_t* restric
     }
 }
 
-/* Quantized rows (int8 or packed 4-bit), one float scale per (row, group of G columns).
- * int8:  w = s * q (q signed).  4-bit: in every group of G columns, byte j (j < G/2) holds column
- * j in its low nibble and column j + G/2 in its high nibble; w = s * (nibble - 8).
- * Row r starts at W + r*ldb (bytes); its scales at S + r*lds. */
+/* Quantized rows (int8 or packed 4-bit), grouped along the inputs (GI > 0, the GGUF Q8_0 / Q4_1
+ * grouping): int8 rows hold signed integers; 4-bit rows, in every group of G columns, hold column
+ * j (j < G/2) in the low nibble of byte j and column j + G/2 in its high nibble.  Row r starts at
+ * W + r*ldb (bytes).  Rows carry no scales: the rows of units u with the same u / GI share, per
+ * column j, a scale HD[(u/GI)*m + j] and (4-bit) an offset HM[...] (float16; HM NULL means 0):
+ * w = HD * q + HM, q the int8 or the raw nibble (0..15).  `unit[i]` is the unit of selected row i
+ * (NULL: idx[i] itself). */
 typedef struct {
-    const uint8_t* W; int64_t ldb; const float* S; int64_t lds; int64_t G; int bits;
-    /* Input-grouped rows (GI > 0, the GGUF Q8_0 / Q4_1 grouping): rows carry no scales; the
-     * rows of units u with the same u / GI share, per column j, a scale HD[(u/GI)*m + j] and (4-bit)
-     * an offset HM[...] (float16; HM NULL means 0): w = HD * q + HM, q the int8 or the raw nibble
-     * (0..15).  `unit[i]` is the unit of selected row i (NULL: idx[i] itself). */
+    const uint8_t* W; int64_t ldb; int64_t G; int bits;
     const uint16_t* HD; const uint16_t* HM; int64_t GI; int64_t m; const int64_t* unit;
     /* act8 (4-bit input-grouped rows, G = 32): each group's coefficients are quantized to int8
      * (scale max|c| / 127, as llama.cpp's Q8 activations) and summed with integer products. */
@@ -66,23 +65,21 @@ static void flush_group(float* restrict o, const float* restrict acc, const uint
     for (; j < n; ++j) o[j] += h2f(hd[j]) * acc[j] + (hm ? h2f(hm[j]) * sc : 0.0f);
 }
 
-/* o[0:b-a] = sum_i c[i] * dequant(row idx[i])[a:b].  For 4-bit, a and b are multiples of G
- * (or b = the row length).  Rows 4 at a time; a missing 4th row repeats a selected row with
+/* o[0:b-a] = sum_i c[i] * (raw integers of row idx[i])[a:b].  For 4-bit, a and b are multiples of
+ * G (or b = the row length).  Rows 4 at a time; a missing 4th row repeats a selected row with
  * coefficient 0, so only selected rows are ever read. */
 static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
-                    const float* restrict c, int64_t k, float* restrict o, int raw)
+                    const float* restrict c, int64_t k, float* restrict o)
 {
     const int64_t n = b - a, G = q->G;
     for (int64_t j = 0; j < n; ++j) o[j] = 0.0f;
     for (int64_t i = 0; i < k; i += 4) {
         const uint8_t* r[4];
-        const float* s[4];
         float cc[4];
         for (int t = 0; t < 4; ++t) {
             int ok = i + t < k;
             int64_t row = idx[ok ? i + t : i];
             r[t] = q->W + row * q->ldb;
-            s[t] = raw ? NULL : q->S + row * q->lds;
             cc[t] = ok ? c[i + t] : 0.0f;
         }
         for (int t = 0; t < 4 && i + 4 + t < k; ++t) {  /* the next rows' bytes: start their loads now */
@@ -91,9 +88,8 @@ static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
             for (int64_t x = lo; x < hi; x += 64) __builtin_prefetch(nr + x);
         }
         for (int64_t g0 = (a / G) * G; g0 < b; g0 += G) {
-            const int64_t lo = g0 > a ? g0 : a, hi = g0 + G < b ? g0 + G : b, g = g0 / G;
-            const float c0 = raw ? cc[0] : cc[0] * s[0][g], c1 = raw ? cc[1] : cc[1] * s[1][g];
-            const float c2 = raw ? cc[2] : cc[2] * s[2][g], c3 = raw ? cc[3] : cc[3] * s[3][g];
+            const int64_t lo = g0 > a ? g0 : a, hi = g0 + G < b ? g0 + G : b;
+            const float c0 = cc[0], c1 = cc[1], c2 = cc[2], c3 = cc[3];
             float* restrict og = o + (lo - a);
             if (q->bits == 8) {
                 const int8_t* restrict p0 = (const int8_t*)r[0] + lo;
@@ -111,22 +107,19 @@ static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
                 const uint8_t* restrict p2 = r[2] + g0 / 2;
                 const uint8_t* restrict p3 = r[3] + g0 / 2;
                 float* restrict oh = og + h;
-                /* sum_t c_t (q_t - 8) = sum_t c_t q_t - 8 sum_t c_t */
-                const float off = raw ? 0.0f : -8.0f * (c0 + c1 + c2 + c3);
                 int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
                 {
                     const __m256 v0 = _mm256_set1_ps(c0), v1 = _mm256_set1_ps(c1);
                     const __m256 v2 = _mm256_set1_ps(c2), v3 = _mm256_set1_ps(c3);
-                    const __m256 voff = _mm256_set1_ps(off);
                     const __m256i m15 = _mm256_set1_epi32(15);
                     for (; j + 8 <= h; j += 8) {
                         __m256i w0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p0 + j)));
                         __m256i w1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p1 + j)));
                         __m256i w2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p2 + j)));
                         __m256i w3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p3 + j)));
-                        __m256 lo = _mm256_add_ps(_mm256_loadu_ps(og + j), voff);
-                        __m256 hi = _mm256_add_ps(_mm256_loadu_ps(oh + j), voff);
+                        __m256 lo = _mm256_loadu_ps(og + j);
+                        __m256 hi = _mm256_loadu_ps(oh + j);
                         lo = _mm256_fmadd_ps(v0, _mm256_cvtepi32_ps(_mm256_and_si256(w0, m15)), lo);
                         hi = _mm256_fmadd_ps(v0, _mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 4)), hi);
                         lo = _mm256_fmadd_ps(v1, _mm256_cvtepi32_ps(_mm256_and_si256(w1, m15)), lo);
@@ -142,9 +135,9 @@ static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
 #endif
                 for (; j < h; ++j) {
                     og[j] += c0 * (float)(p0[j] & 15) + c1 * (float)(p1[j] & 15)
-                           + c2 * (float)(p2[j] & 15) + c3 * (float)(p3[j] & 15) + off;
+                           + c2 * (float)(p2[j] & 15) + c3 * (float)(p3[j] & 15);
                     oh[j] += c0 * (float)(p0[j] >> 4) + c1 * (float)(p1[j] >> 4)
-                           + c2 * (float)(p2[j] >> 4) + c3 * (float)(p3[j] >> 4) + off;
+                           + c2 * (float)(p2[j] >> 4) + c3 * (float)(p3[j] >> 4);
                 }
             }
         }
@@ -350,7 +343,7 @@ static void gq_grouped(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
             } else if (q->act8 && q->bits == 8 && i1 - i0 <= 64) {
                 gq_act8_i8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), hd);
             } else {
-                gq_core(q, a2, b2, idx + i0, c + i0, i1 - i0, acc, 1);
+                gq_core(q, a2, b2, idx + i0, c + i0, i1 - i0, acc);
                 flush_group(o + (a2 - a), acc, hd, hm, sc, b2 - a2);
             }
             i0 = i1;
@@ -361,8 +354,7 @@ static void gq_grouped(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
 static void range_any(const float* W, int64_t ld, const qmat_t* q, int64_t a, int64_t b,
                       const int64_t* idx, const int64_t* unit, const float* c, int64_t k, float* o)
 {
-    if (q && q->GI > 0) gq_grouped(q, a, b, idx, unit ? unit : idx, c, k, o);
-    else if (q) gq_core(q, a, b, idx, c, k, o, 0);
+    if (q) gq_grouped(q, a, b, idx, unit ? unit : idx, c, k, o);
     else gg_range(W + a, ld, idx, c, k, o, b - a);
 }
 
@@ -660,31 +652,6 @@ DS_API int64_t ds_select_gemv(const float* v, int64_t n, int64_t k, const float*
     return got;
 }
 
-/* Quantized variant: W_q (rows x ldb bytes), scales S (rows x lds floats), group G, bits 8|4. */
-DS_API int64_t ds_select_gemv_q(const float* v, int64_t n, int64_t k, const uint8_t* Wq,
-                                int64_t ldb, const float* S, int64_t lds, int64_t G, int bits,
-                                int64_t m, int64_t* idx, float* coef, float* out, int nthreads)
-{
-    const int64_t got = select_coefs(v, n, k, idx, coef);
-    if (got < 0) return -1;
-    if (m <= 0) return got;
-    qmat_t q = {Wq, ldb, S, lds, G, bits, NULL, NULL, 0, m, NULL, 0};
-    gg_parallel_any(NULL, 0, &q, m, idx, coef, got, out, nthreads);
-    return got;
-}
-
-/* Quantized gather: out[0:m] = sum_i c[i] * dequant(row idx[i]) for given rows (e.g. the cache
- * slots of the selected units) and coefficients.  -1 when an index is outside [0, rows). */
-DS_API int ds_gather_gemv_q(const uint8_t* Wq, int64_t rows, int64_t ldb, const float* S, int64_t lds,
-                            int64_t G, int bits, int64_t m, const int64_t* idx, const float* c,
-                            int64_t k, float* out, int nthreads)
-{
-    if (check_idx(idx, k, rows)) return -1;
-    qmat_t q = {Wq, ldb, S, lds, G, bits, NULL, NULL, 0, m, NULL, 0};
-    gg_parallel_any(NULL, 0, &q, m, idx, c, k, out, nthreads);
-    return 0;
-}
-
 /* Input-grouped variants (qmat_t's HD / HM / GI): select-GEMV over all units, and gather with
  * each selected row's unit given (rows may be cache slots).  unit NULL: the rows are the units. */
 DS_API int64_t ds_select_gemv_qg(const float* v, int64_t n, int64_t k, const uint8_t* Wq, int64_t ldb,
@@ -695,7 +662,7 @@ DS_API int64_t ds_select_gemv_qg(const float* v, int64_t n, int64_t k, const uin
     const int64_t got = select_coefs(v, n, k, idx, coef);
     if (got < 0) return -1;
     if (m <= 0) return got;
-    qmat_t q = {Wq, ldb, NULL, 0, G, bits, HD, HM, GI, m, NULL, act8};
+    qmat_t q = {Wq, ldb, G, bits, HD, HM, GI, m, NULL, act8};
     gg_parallel_any(NULL, 0, &q, m, idx, coef, got, out, nthreads);
     return got;
 }
@@ -707,7 +674,7 @@ DS_API int ds_gather_gemv_qg(const uint8_t* Wq, int64_t rows, int64_t ldb, int64
 {
     if (GI <= 0 || check_idx(idx, k, rows) || (unit && check_idx(unit, k, units)) || (!unit && rows > units))
         return -1;
-    qmat_t q = {Wq, ldb, NULL, 0, G, bits, HD, HM, GI, m, unit, act8};
+    qmat_t q = {Wq, ldb, G, bits, HD, HM, GI, m, unit, act8};
     gg_parallel_any(NULL, 0, &q, m, idx, c, k, out, nthreads);
     return 0;
 }

@@ -1,0 +1,94 @@
+"""`dipstream generate` on the lean engine (:mod:`dipstream.engine`): the model file exported once
+(in --model-dir, or with --offload DIR in DIR), the MLP in RAM or offloaded with its caches sized
+by --memory (the whole process) or --dram (weights and KV cache, as `simulate` places DRAM)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from dipstream import __version__
+from dipstream.budget import layer_keeps
+from dipstream.devices import disk_read_bytes, peak_rss_bytes, rss_bytes
+from dipstream.engine.build import build
+from dipstream.engine.config import EngineSetup
+from dipstream.engine.decode import generate, timing_row
+from dipstream.engine.export import ensure_model_file
+from dipstream.engine.modelfile import is_mlp_tensor, read_manifest
+from dipstream.io import write_json_atomic
+from dipstream.names import layer_key
+from dipstream.paths import machine
+from dipstream.runtime.options import GenerateConfig
+from dipstream.runtime.prompt import encode_prompt, eos_ids, text_streamer
+from dipstream.simulator import save_trace
+from dipstream.sparsity.decoding import decode_rule
+
+
+def engine_setup(cfg: GenerateConfig, max_seq: int, n_layers: int) -> EngineSetup:
+    """What `build` needs of a generate run."""
+    keeps = layer_keeps(cfg.density, n_layers, cfg.dip.up_keep, cfg.dip.down_keep, cfg.dip.keep_file)
+    return EngineSetup(decode_rule(cfg.method, cfg.ca), keeps, max_seq, cfg.run, cfg.threads or 1,
+                       offload=bool(cfg.offload), dram=cfg.dram, policy=cfg.cache.policy,
+                       policy_kwargs=cfg.policy_kwargs(), record_masks=bool(cfg.trace))
+
+
+def run_engine(cfg: GenerateConfig, out=None) -> dict:
+    """The lean engine's generate run; returns the results row."""
+    out = out or sys.stdout
+    directory = ensure_model_file(cfg.model, cfg.weights, cfg.head_weights, cfg.offload or cfg.model_dir, cfg.adapter)
+    ids, decode = encode_prompt(directory, cfg.prompt, cfg.chat)
+    manifest = read_manifest(directory)
+    setup = engine_setup(cfg, len(ids) + cfg.decoding.max_new_tokens, manifest["arch"]["shape"]["n_layers"])
+    t_load = time.perf_counter()
+    lm, plan = build(directory, setup)
+    row = {"model": cfg.model, "method": cfg.method, "density_requested": cfg.density, "engine": "lean",
+           "weights": manifest["mlp_fmt"], "head_weights": manifest["head_fmt"], "activations": cfg.run.activations,
+           "prompt_tokens": len(ids), "threads": setup.threads, "model_dir": str(directory),
+           "load_s": time.perf_counter() - t_load, "family": manifest["arch"]["model_type"],
+           "adapter": manifest.get("adapter"), "adapter_weights": manifest.get("adapter_weights", 0), **plan.row()}
+    if cfg.offload:
+        m = lm.mlp
+        row.update(offload_dir=cfg.offload, policy=cfg.cache.policy, hot_profile=cfg.hot_profile, direct_io=m.direct,
+                   cache_ram_bytes=m.cache_ram, capacity_in=m.capacity[layer_key(0, "in")],
+                   capacity_out=m.capacity[layer_key(0, "out")], preload_bytes=m.preload_bytes,
+                   model_file_bytes=int(manifest["size"]))
+    on_token = text_streamer(out, decode, cfg.stream, cfg.prompt)
+    read0 = disk_read_bytes()
+    try:
+        res = generate(lm, ids, cfg.decoding, eos_ids(directory, manifest["arch"]["eos"]), on_token)
+        if cfg.stream:
+            out.write("\n")
+        row.update(timing_row(res), text=decode(res["ids"]), **_mlp_figures(lm, res))
+        read1 = disk_read_bytes()
+        if read0 >= 0 and read1 >= 0:
+            row["process_disk_read_bytes"] = read1 - read0
+        if cfg.trace:
+            meta = {"model": cfg.model, "method": cfg.method, "density": cfg.density, **lm.shape.to_dict()}
+            save_trace(lm.mlp.rec.trace(len(ids), meta), cfg.trace)
+            row["trace"] = cfg.trace
+    finally:
+        lm.close()
+    row.update(machine=machine(), dipstream=__version__)
+    if cfg.json:
+        write_json_atomic(cfg.json, row)
+    return row
+
+
+def _mlp_figures(lm, res: dict) -> dict:
+    """Per token figures of the MLP's reads and the process's memory."""
+    c = lm.mlp.counters
+    tokens = max(c.tokens, 1)
+    steps = max(len(res["step_s"]), 1)
+    head = lm.streamed_bytes  # a streamed head's and embedding's reads
+    mlp_bytes = sum(t.nbytes for n, t in lm.manifest["tensor_info"].items() if is_mlp_tensor(n))
+    return {"mlp_s_per_token": c.mlp_s / tokens, "disk_bytes_per_token": (c.disk_bytes + head) / tokens,
+            "reads_per_token": c.reads / tokens, "head_disk_bytes_per_token": head / tokens,
+            "ram_bytes_per_token": c.ram_bytes / tokens, "io_wait_s_per_token": c.io_wait_s / tokens,
+            "prefetch_bytes_per_token": c.prefetch_bytes / tokens,
+            "prefetch_precision": c.prefetch_useful / c.prefetch_units if c.prefetch_units else None,
+            "prefetch_recall": c.prefetch_served / c.missed_units if c.missed_units else None,
+            "hit_rate": c.hit_rate_sum / c.hit_rate_n if c.hit_rate_n else None,
+            "density_measured": c.selected_bytes / tokens / mlp_bytes,
+            "rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes(), "decode_steps_timed": steps,
+            "prompt_read_bytes": res["prompt_read_bytes"],
+            "decode_read_bytes_per_token": res["decode_read_bytes"] / steps if res["decode_read_bytes"] >= 0 else None}
