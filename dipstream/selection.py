@@ -14,9 +14,9 @@ import sys
 
 import numpy as np
 
+from dipstream import native
 from dipstream.budget import gamma_at
 from dipstream.errors import DipstreamError
-from dipstream.kernels import native
 
 
 def _is_tensor(x) -> bool:

@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "dipstream"
 # a package may import only from its own layer or below
 LAYERS = {
     0: ("dipstream", "errors", "io", "validation", "config", "paths", "budget", "options", "devices", "names"),
-    1: ("selection", "simulator", "kernels", "data"),
+    1: ("native", "selection", "simulator", "kernels", "data"),
     2: ("models",),
     3: ("sparsity", "engine"),
     4: ("evaluation", "runtime"),
@@ -143,7 +143,7 @@ def test_decode_methods_are_the_registrys():
     methods that decode, and `generate` offers exactly those."""
     from dataclasses import fields
 
-    from dipstream.runtime.options import GenerateConfig
+    from dipstream.runtime.generate import GenerateConfig
     from dipstream.sparsity import METHODS
     from dipstream.sparsity.decoding import DECODERS
 
@@ -192,7 +192,7 @@ def test_one_top_k_rule_per_language():
     assert not on_paths, on_paths
     import re
 
-    csrc = PKG / "kernels" / "csrc"
+    csrc = PKG / "native" / "csrc"
     defs = [(f.name, m) for f in csrc.glob("*.c") for m in re.findall(r"^\S.*\b(\w*topk\w*)\s*\(", f.read_text(), re.M)]
     assert defs == [("gemv.c", "ds_topk_abs")], defs
 

@@ -31,6 +31,10 @@ FAMILIES = {
     "llama3-rope": lambda: T.LlamaConfig(**TINY, rope_parameters={
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32}),
+    "linear-rope": lambda: T.LlamaConfig(**TINY, rope_parameters={"rope_type": "linear", "rope_theta": 500.0,
+                                                                    "factor": 2.0}),
+    "yarn-rope": lambda: T.Qwen2Config(**TINY, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                                "factor": 4.0, "original_max_position_embeddings": 32}),
     "mistral": lambda: T.MistralConfig(**TINY, sliding_window=5, head_dim=24),
     "qwen2": lambda: T.Qwen2Config(**TINY, hidden_act="silu"),
     "qwen2-window": lambda: T.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1),
@@ -38,6 +42,9 @@ FAMILIES = {
     "smollm3": lambda: T.SmolLM3Config(**TINY, no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1,
                                        eos_token_id=2),
     "phi3": lambda: T.Phi3Config(**TINY, pad_token_id=0, sliding_window=5, partial_rotary_factor=0.5),
+    "phi3-longrope": lambda: T.Phi3Config(**TINY, pad_token_id=0, original_max_position_embeddings=32, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5, 2.0, 3.0],
+        "long_factor": [2.0, 4.0, 8.0, 16.0], "partial_rotary_factor": 0.5}),
     "gemma": lambda: T.GemmaConfig(**TINY, head_dim=32),
     "gemma2": lambda: T.Gemma2Config(**TINY, head_dim=16, sliding_window=4, attn_logit_softcapping=5.0,
                                      final_logit_softcapping=3.0, query_pre_attn_scalar=24),
@@ -123,6 +130,11 @@ def test_each_family_runs_what_sets_it_apart(exported):
     assert arch["gemma2"]["attn_softcap"] == 5.0 and arch["gemma2"]["final_softcap"] == 3.0
     assert arch["gemma2"]["query_scale"] == pytest.approx(24 ** -0.5)
     assert set(arch["gemma3"]["rope"]) == {"sliding_attention", "full_attention"}
+    rope = {n: arch[n]["rope"]["default"] for n in ("llama", "linear-rope", "yarn-rope", "phi3-longrope")}
+    assert rope["linear-rope"]["type"] == "linear" and rope["yarn-rope"]["scale"] > 1.0
+    assert rope["phi3-longrope"]["limit"] == 32 and rope["llama"]["limit"] is None
+    with pytest.raises(DipstreamError, match="exceed the 32 .* longrope RoPE holds"):  # the long factors: refused
+        model(exported["phi3-longrope", "float32"][1], max_seq=33)
     infos = {n: read_manifest(exported[n, "float32"][1])["tensor_info"] for n in ("qwen2", "qwen3", "llama")}
     assert "layers.0.q_bias" in infos["qwen2"] and "layers.0.q_norm" in infos["qwen3"]
     assert not any(k.endswith(("_bias", "_norm")) and "q_" in k for k in infos["llama"])
@@ -249,7 +261,7 @@ def test_integer_products_portable_build_equals_the_simd_build(tmp_path):
     import ctypes
     import shutil
 
-    from dipstream.kernels import native
+    from dipstream import native
 
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
@@ -645,7 +657,7 @@ def test_generate_hot_placement_from_a_train_split_profile(tiny_checkpoint, tmp_
     """`generate --offload --policy hot` profiles DIP on the train split once, pins by it, names the
     profile in the row and reuses it; bad combinations are one-line errors before any work."""
     from dipstream.cli.main import main
-    from dipstream.simulator.profile import load_profile, save_profile
+    from dipstream.simulator.policies import load_profile, save_profile
 
     monkeypatch.setenv("DIPSTREAM_CACHE", str(tmp_path / "cache"))
     base = ["--model", str(tiny_checkpoint), "--offload", str(tmp_path / "off"), "--dram", "120kB"]
@@ -968,7 +980,7 @@ def test_async_reads_use_at_most_io_threads(tmp_path):
     import time
 
     from dipstream.engine.storage import aligned_empty
-    from dipstream.kernels import native
+    from dipstream import native
 
     lib = native.require()
     size, ext = 32 << 20, 256 << 10

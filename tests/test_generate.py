@@ -20,8 +20,7 @@ from dipstream.engine.export import export_checkpoint
 from dipstream.models.arch import mlp_parts
 from dipstream.options import CacheAwareOptions
 from dipstream.runtime.generate import GenerateConfig, run_generate
-from dipstream.runtime.hf_generate import HfDecoder
-from dipstream.runtime.in_memory import InMemoryRuntime
+from dipstream.runtime.hf_generate import HfDecoder, InMemoryRuntime
 from dipstream.sparsity import attach, build_method
 from dipstream.sparsity.decoding import decode_rule
 from tests.conftest import shape_of, tiny_model

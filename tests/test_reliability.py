@@ -238,7 +238,7 @@ def test_killed_conversion_and_damaged_cache_are_remade(tmp_path, monkeypatch, t
 
 
 def test_caches_are_private(tmp_path):
-    from dipstream.kernels import native as _native
+    from dipstream import native as _native
     from dipstream.validation import private_dir
 
     p = private_dir(tmp_path / "a" / "b")

@@ -19,7 +19,7 @@ from dipstream.kernels import (
     masked_dense_reference,
     select_topk_abs,
 )
-from dipstream.kernels import native as _native
+from dipstream import native as _native
 from dipstream.kernels.sparse_mlp import activation, sparse_mlp
 
 BACKENDS = ["native", "torch"]

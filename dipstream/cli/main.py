@@ -224,7 +224,7 @@ _CONFIGS = {"eval": "dipstream.experiments.evaluate:EvalConfig",
             "sweep": "dipstream.experiments.sweep:SweepOptions",
             "lm-eval": "dipstream.experiments.lm_eval:LmEvalConfig",
             "report": "dipstream.reports.report:ReportConfig",
-            "generate": "dipstream.runtime.options:GenerateConfig",
+            "generate": "dipstream.runtime.generate:GenerateConfig",
             "probe": "dipstream.runtime.probe:ProbeConfig",
             "export": "dipstream.engine.export:ExportConfig"}
 

@@ -34,7 +34,13 @@ import numpy as np
 from dipstream.budget import layer_keeps
 from dipstream.engine.mlp import MaskChooser, OffloadMLP, RamMLP
 from dipstream.engine.model import LeanModel
-from dipstream.engine.modelfile import DATA, MLP_KINDS, is_mlp_tensor, mlp_tensor, read_manifest
+from dipstream.engine.modelfile import (
+    DATA,
+    MLP_KINDS,
+    is_mlp_tensor,
+    mlp_tensor,
+    read_manifest,
+)
 from dipstream.engine.storage import BLOCK, FileReader, measure_reads
 from dipstream.names import layer_key
 from dipstream.simulator.hardware import KINDS, Hardware, fit_flash

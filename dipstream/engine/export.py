@@ -19,14 +19,26 @@ from pathlib import Path
 
 import numpy as np
 
-from dipstream.engine.modelfile import FORMAT, MANIFEST, default_head, read_manifest, write_model_file
+from dipstream.engine.modelfile import (
+    FORMAT,
+    MANIFEST,
+    default_head,
+    read_manifest,
+    write_model_file,
+)
 from dipstream.engine.qmatrix import FORMATS
 from dipstream.errors import DipstreamError
 from dipstream.io import folder_lock
-from dipstream.kernels.native import ACTIVATION_CODES
-from dipstream.models.families import (ARCHITECTURES, activation_name, arch_spec, decoder_spec, model_type_of,
-                                       text_config)
+from dipstream.models.families import (
+    ARCHITECTURES,
+    activation_name,
+    arch_spec,
+    decoder_spec,
+    model_type_of,
+    text_config,
+)
 from dipstream.names import layer_key
+from dipstream.native import ACTIVATION_CODES
 from dipstream.paths import cache_root
 from dipstream.simulator.model_shape import ModelShape
 

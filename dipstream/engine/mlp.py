@@ -6,11 +6,11 @@ A unit is one record of the bundled layout: hook ``layers.i.in`` unit j = [W_gat
 method's decode rule (`sparsity.decoding`: all, top-k_in, or the cache-aware choice), compute g
 and u from those records, h = act(g) * u, choose the ``out`` mask from |h|, y from those records.
 
-Offloaded, the caches are the simulator's own (`engine.cache.SlotCache` over a `CacheSet`: the
-same policies and the same never-above-capacity rule), their capacities the reference's split of
-the cache RAM per masked linear, in record bytes; missed units are read with positioned direct
-reads of whole blocks on the native read pool (`engine.storage`), requests closer than a gap
-merged, into a buffer laid out like the hook in the file.
+Offloaded, the caches are the simulator's own (a `CacheSet`: the same policies and the same
+never-above-capacity rule), mirrored in RAM slots (`SlotCache`), their capacities the reference's
+split of the cache RAM per masked linear, in record bytes (`engine.plan`); missed units are read
+with positioned direct reads of whole blocks on the native read pool (`engine.storage`), requests
+closer than a gap merged, into a buffer laid out like the hook in the file.
 """
 
 from __future__ import annotations
@@ -21,15 +21,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dipstream import native
 from dipstream.budget import LayerKeeps
-from dipstream.engine import blocks
-from dipstream.engine.cache import SlotCache
 from dipstream.engine.config import PREFETCH
 from dipstream.engine.modelfile import DATA, MLP_KINDS, mlp_tensor
 from dipstream.engine.plan import cache_capacities, mlp_buffer_bytes
-from dipstream.engine.storage import FileReader, aligned_empty, covered, drop_page_cache, read_plan
+from dipstream.engine.storage import (
+    FileReader,
+    aligned_empty,
+    covered,
+    drop_page_cache,
+    read_plan,
+)
 from dipstream.errors import DipstreamError
-from dipstream.kernels import native
 from dipstream.names import layer_key
 from dipstream.simulator.caches import CacheSet
 from dipstream.simulator.trace import TraceRecorder, hook_specs
@@ -82,6 +86,63 @@ def _recorder(model, record: bool) -> TraceRecorder | None:
     return TraceRecorder(hook_specs(model.shape, "dip")) if record else None
 
 
+class SlotCache:
+    """The RAM of one hook's cache: the records of the units its policy holds, in the slots of a
+    slab. The policy steps with each token's mask ("mask first", never above capacity); the slots
+    mirror its cached set: units it evicts free their slots, units it inserts are copied in from
+    where this token read them. So a run's trace replayed through `dipstream simulate` with the
+    same policy and capacities sees the same hits (tests/test_engine.py)."""
+
+    def __init__(self, caches: CacheSet, name: str, n_units: int, stride: int, capacity: int):
+        self.caches, self.name, self.capacity = caches, name, int(capacity)
+        self.slab = np.zeros((self.capacity, stride), np.uint8)
+        self.slot = np.full(n_units, -1, np.int64)
+        self.free = list(range(self.capacity))
+
+    @property
+    def cached(self) -> np.ndarray:
+        """bool (n_units,): the units the policy holds now."""
+        return self.caches.cached(self.name)[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.slab.nbytes
+
+    def _take(self, units: np.ndarray, records: np.ndarray) -> None:
+        dest = np.array(self.free[len(self.free) - units.size:], np.int64)
+        del self.free[len(self.free) - units.size:]
+        self.slot[units] = dest
+        self.slab[dest] = records
+
+    def step(self, mask: np.ndarray, read: np.ndarray) -> None:
+        """Step the policy with this token's mask; `read` (n_units, stride): the hook's records as
+        read this token (a unit the policy newly holds was missed, so it is there)."""
+        before = self.cached.copy()
+        self.caches.step(self.name, mask[None])
+        now = self.cached
+        gone = np.flatnonzero(before & ~now)
+        if gone.size:  # evicted units free their slots
+            self.free.extend(self.slot[gone].tolist())
+            self.slot[gone] = -1
+        new = np.flatnonzero(now & ~before)
+        if new.size:
+            self._take(new, read[new])
+
+    def resync(self) -> np.ndarray:
+        """After the policy was reset (a new sequence): free the slots of units it no longer holds
+        (hot placement keeps its pinned units). Returns the units it holds but no slot has."""
+        cached = self.cached
+        self.slot[~cached] = -1
+        used = set(self.slot[self.slot >= 0].tolist())
+        self.free = [s for s in range(self.capacity) if s not in used]
+        return np.flatnonzero(cached & (self.slot < 0))
+
+    def load(self, units: np.ndarray, read: np.ndarray) -> None:
+        """Copy the records of `units` (held by the policy, in no slot yet) from `read`."""
+        if units.size:
+            self._take(units, read[units])
+
+
 class RamMLP:
     """Every block's MLP records in RAM: dense, or DIP with the fused select-GEMV, one native call
     per layer and token."""
@@ -99,10 +160,10 @@ class RamMLP:
         self._gu, self._y, self._h = np.empty(2 * D, np.float32), np.empty(d, np.float32), np.empty(D, np.float32)
         self._idx = {k: np.empty(n, np.int64) for k, n in (("in", d), ("out", D))}
         self._coef = np.empty(max(d, D), np.float32)
-        work = [blocks.ptr(a) for a in (self._gu, self._h, self._y, self._idx["in"], self._idx["out"], self._coef)]
+        work = [native.ptr(a) for a in (self._gu, self._h, self._y, self._idx["in"], self._idx["out"], self._coef)]
         vec = model.vec.get
-        self.blk = [blocks.DsMlp(blocks.mat(self.w["in"][i]), blocks.mat(self.w["out"][i]),
-                                 blocks.ptr(vec(layer_key(i, "mlp_norm"))), blocks.ptr(vec(layer_key(i, "post_mlp_norm"))),
+        self.blk = [native.DsMlp(self.w["in"][i].native(), self.w["out"][i].native(),
+                                 native.ptr(vec(layer_key(i, "mlp_norm"))), native.ptr(vec(layer_key(i, "post_mlp_norm"))),
                                  chooser.k_of("in", i, d), chooser.k_of("out", i, D), *work)
                     for i in range(model.L)]
         self._refs = [ctypes.byref(b) for b in self.blk]

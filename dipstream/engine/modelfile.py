@@ -28,7 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dipstream.engine.qmatrix import FORMATS, input_group, quantize_records, record_layout
+from dipstream.engine.qmatrix import (
+    FORMATS,
+    input_group,
+    quantize_records,
+    record_layout,
+)
 from dipstream.engine.storage import FileReader, aligned_empty
 from dipstream.errors import DipstreamError
 from dipstream.io import atomic_path, write_json_atomic

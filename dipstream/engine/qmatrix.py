@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dipstream import native
 from dipstream.errors import DipstreamError
-from dipstream.kernels import native
 
 FORMATS = ("float32", "int8", "int4")
 
@@ -182,6 +182,11 @@ class QMatrix:
         """Output j of every record (a tied embedding's row j), dequantized."""
         pos, width = self.column_bytes(j)
         return self.decode_column(self.rec[:, pos:pos + width], j)
+
+    def native(self) -> native.DsMat:
+        """This matrix as the decode blocks' ds_mat_t (pointers into its arrays)."""
+        return native.DsMat(native.ptr(self.rec), native.ptr(self.hd), native.ptr(self.hm), self.rows, self.m,
+                            self.stride, self.group, self.gi, self.bits, int(self.act8))
 
     def _hp(self):
         return (self.hd.ctypes.data, None if self.hm is None else self.hm.ctypes.data, self.gi)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dipstream import native
 from dipstream.errors import DipstreamError
-from dipstream.kernels import native
 
 BLOCK = 512         # direct reads: offsets and lengths in whole blocks
 PAGE = 4096         # buffers start on a page

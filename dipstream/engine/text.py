@@ -1,4 +1,6 @@
-"""Text in and out of the lean engine at little resident memory.
+"""Text in and out of a generate run at little resident memory: the prompt's ids (the chat
+template where asked), the end-of-sequence ids and the generated text as it comes, for the engine
+and the Hugging Face front end alike, read from a folder holding the model's tokenizer files.
 
 The `tokenizers` library holds a loaded BPE vocabulary in a lot of RAM (SmolLM2's 49k tokens:
 ~30 MB; Gemma 3's 262k tokens and 515k merges: ~370 MB at peak), more than a memory-capped run
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import re
 from pathlib import Path
 
@@ -62,8 +65,6 @@ class TokenText:
     @classmethod
     def from_tokenizer(cls, tok) -> "TokenText":
         """From a loaded `tokenizers.Tokenizer`."""
-        import json
-
         decoder = json.loads(tok.to_str()).get("decoder") or {}
         kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
         special = {i for i, a in tok.get_added_tokens_decoder().items() if a.special}
@@ -168,8 +169,6 @@ class LeanTokenizer:
         return lean
 
     def save(self, directory: Path) -> None:
-        import json
-
         from dipstream.io import atomic_path
 
         with atomic_path(Path(directory) / LEAN_FILE) as tmp, open(tmp, "wb") as fh:
@@ -177,8 +176,6 @@ class LeanTokenizer:
 
     @classmethod
     def load(cls, directory: Path) -> "LeanTokenizer":
-        import json
-
         with np.load(Path(directory) / LEAN_FILE, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files if k != "meta"}
             meta = json.loads(z["meta"].tobytes().decode())
@@ -248,8 +245,6 @@ class LeanTokenizer:
 
 def write_lean_tokenizer(directory: Path) -> bool:
     """At export: write `LEAN_FILE` beside tokenizer.json when the lean encoder reproduces it."""
-    import json
-
     import tokenizers
 
     path = Path(directory) / "tokenizer.json"
@@ -282,3 +277,53 @@ def encode_and_release(tokenizer_file: Path, prompt: str) -> tuple[list[int], To
     del tok
     _release_memory()
     return list(ids), text
+
+
+# ------------------------------------------------------------------ a generate run's text
+
+def encode_prompt(folder: Path, prompt: str, chat: bool) -> tuple[list[int], object]:
+    """(the prompt's ids, ids -> text) from the tokenizer in `folder`: the engine's own tokenizer
+    (little resident memory), or transformers' for a chat template."""
+    if chat:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        if not getattr(tok, "chat_template", None):
+            raise DipstreamError(f"the tokenizer in {folder} has no chat template; drop --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        ids, decode = list(ids), (lambda t: tok.decode(t, skip_special_tokens=True))
+    else:
+        ids, text = encode_and_release(Path(folder) / "tokenizer.json", prompt)
+        decode = text.decode
+    if not ids:
+        raise DipstreamError("the prompt is empty after tokenization; give some text")
+    return ids, decode
+
+
+def eos_ids(folder: Path, config_eos=None) -> set[int]:
+    """End-of-sequence ids: the config's and generation_config.json's in `folder`."""
+    eos = set()
+    gen = Path(folder) / "generation_config.json"
+    for e in [config_eos] + ([json.loads(gen.read_text()).get("eos_token_id")] if gen.is_file() else []):
+        eos.update(e if isinstance(e, (list, tuple)) else ([] if e is None else [e]))
+    return eos
+
+
+def text_streamer(out, decode, enabled: bool, prompt: str = ""):
+    """An on_token(ids) callback that writes the new part of decode(ids) to `out` (after `prompt`,
+    written now); does nothing when not `enabled`."""
+    printed = [""]
+    if enabled and prompt:
+        out.write(prompt)
+        out.flush()
+
+    def on_token(ids):
+        if not enabled:
+            return
+        text = decode(ids)
+        out.write(text[len(printed[0]):] if text.startswith(printed[0]) else text)
+        out.flush()
+        printed[0] = text
+
+    return on_token

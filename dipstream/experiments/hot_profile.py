@@ -13,7 +13,7 @@ from pathlib import Path
 from dipstream import __version__
 from dipstream.errors import DipstreamError
 from dipstream.paths import cache_root
-from dipstream.simulator.profile import load_profile, save_profile
+from dipstream.simulator.policies import load_profile, save_profile
 from dipstream.validation import private_dir
 
 

@@ -2,7 +2,7 @@
 the decode blocks, top-k and the read pool) and the Hugging Face front end's sparse decode MLP
 that reads only the selected weight rows (`sparse_mlp`: the same C gather-GEMV, Triton on GPUs).
 The bottom of the import graph: nothing here imports models, methods or runs. The torch-based
-names load on first use, so `dipstream.kernels.native` alone needs no torch."""
+names load on first use, so `dipstream.native` alone needs no torch."""
 
 _LAZY = {
     "SparseMLPWeights": "sparse_mlp",

@@ -10,7 +10,7 @@ For one token x (length d) and a gated MLP ``y = W_down (act(W_gate x) * (W_up x
 Gathering columns with torch indexing copies them and is slower than the dense product, so the
 weights are stored transposed (:class:`SparseMLPWeights`): every selected input index is one
 contiguous row ``[gate^T row | up^T row]`` of length 2D, and every selected hidden index one
-contiguous row of ``W_down^T`` (length d).  A fused C kernel (:mod:`dipstream.kernels.native`)
+contiguous row of ``W_down^T`` (length d).  A fused C kernel (:mod:`dipstream.native`)
 streams exactly those rows once, accumulating in cache (no gathered copy).  Large products are
 split into a grid of column slices x blocks of selected rows (partial sums added in a fixed
 order) shared by the calling thread and a small helper pool (``num_threads``, default
@@ -32,7 +32,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from dipstream.kernels import native as _native
+from dipstream import native as _native
 from dipstream.selection import topk_indices, topk_indices_np
 
 __all__ = [

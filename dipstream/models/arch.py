@@ -14,7 +14,6 @@ from dipstream.models.families import ArchSpec, activation_name, arch_spec, text
 from dipstream.simulator.model_shape import ModelShape, dense_layers_of_moe
 
 
-
 @dataclass
 class LoraView:
     """The active LoRA terms of a peft `LoraLayer`; `out` selects part of its outputs (the gate

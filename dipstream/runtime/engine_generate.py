@@ -15,25 +15,24 @@ from dipstream.engine.config import EngineSetup
 from dipstream.engine.decode import generate, timing_row
 from dipstream.engine.export import ensure_model_file
 from dipstream.engine.modelfile import is_mlp_tensor, read_manifest
+from dipstream.engine.text import encode_prompt, eos_ids, text_streamer
 from dipstream.io import write_json_atomic
 from dipstream.names import layer_key
 from dipstream.paths import machine
-from dipstream.runtime.options import GenerateConfig
-from dipstream.runtime.prompt import encode_prompt, eos_ids, text_streamer
 from dipstream.simulator import save_trace
 from dipstream.sparsity.decoding import decode_rule
 
 
-def engine_setup(cfg: GenerateConfig, max_seq: int, n_layers: int) -> EngineSetup:
-    """What `build` needs of a generate run."""
+def engine_setup(cfg, max_seq: int, n_layers: int) -> EngineSetup:
+    """What `build` needs of a generate run (`cfg`: its GenerateConfig)."""
     keeps = layer_keeps(cfg.density, n_layers, cfg.dip.up_keep, cfg.dip.down_keep, cfg.dip.keep_file)
     return EngineSetup(decode_rule(cfg.method, cfg.ca), keeps, max_seq, cfg.run, cfg.threads or 1,
                        offload=bool(cfg.offload), dram=cfg.dram, policy=cfg.cache.policy,
                        policy_kwargs=cfg.policy_kwargs(), record_masks=bool(cfg.trace))
 
 
-def run_engine(cfg: GenerateConfig, out=None) -> dict:
-    """The lean engine's generate run; returns the results row."""
+def run_engine(cfg, out=None) -> dict:
+    """The lean engine's generate run of `cfg` (a GenerateConfig); returns the results row."""
     out = out or sys.stdout
     directory = ensure_model_file(cfg.model, cfg.weights, cfg.head_weights, cfg.offload or cfg.model_dir, cfg.adapter)
     ids, decode = encode_prompt(directory, cfg.prompt, cfg.chat)

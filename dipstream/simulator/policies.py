@@ -30,13 +30,22 @@ Usage::
 one hook at a time across all tokens (every policy but belady). Internally sets are bit-packed
 (``bits.py``) and priorities are bit-sliced integers, so a step costs a few dozen numpy ops on
 ``n_hooks * n_units / 64`` words whatever the number of units.
+
+The `hot` policy's input, a unit-frequency profile, is saved and loaded here too (`save_profile`,
+`load_profile`).
 """
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from dipstream.errors import DipstreamError
 
 from . import bits
 from .bits import pack, popcount, row_mask, select_lowest, select_smallest, unpack
@@ -541,3 +550,32 @@ def make_policy(name: str, **kwargs) -> CachePolicy:
     pol = cls(**kwargs)
     pol.over_capacity, pol.seed = over, seed
     return pol
+
+
+# ------------------------------------------------------------------ hot policy profiles
+# How often each unit of each hook was read over some text, the input of the `hot` policy
+# (PowerInfer's offline profiling). Written atomically as plain arrays (.npz, no pickles); made by
+# `experiments.hot_profile` and read by `simulate` and `generate`.
+
+def save_profile(path: Path, freq: dict, meta: dict) -> None:
+    """Write {hook: counts} and its metadata atomically (a killed run leaves no partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, __meta__=np.array(json.dumps(meta)), **{f"hook:{k}": v for k, v in freq.items()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_profile(path: Path) -> tuple[dict, dict]:
+    """({hook: counts}, metadata) of a saved profile (no pickles: plain arrays only)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["__meta__"]))
+            return {k[5:]: z[k] for k in z.files if k.startswith("hook:")}, meta
+    except (OSError, ValueError, KeyError) as exc:
+        raise DipstreamError(f"the hot-policy profile {path} is unreadable ({type(exc).__name__}); "
+                             "delete it to compute it again") from None

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from dipstream.budget import LayerKeeps, check_density, layer_keeps
 from dipstream.errors import DipstreamError
+from dipstream.options import CacheAwareOptions, DipOptions
 from dipstream.selection import topk_mask
 from dipstream.sparsity.base import (
     METHODS,
@@ -23,7 +23,6 @@ from dipstream.sparsity.base import (
     sequence_dims,
 )
 from dipstream.sparsity.ops import part_linear
-from dipstream.options import CacheAwareOptions, DipOptions
 from dipstream.validation import finite
 
 

@@ -1,5 +1,5 @@
 /* dipstream native kernels: what the compute kernels (gemv.c) and the read pool (pread.c)
- * share. Plain C11 + pthreads; built and loaded by dipstream/kernels/native.py. */
+ * share. Plain C11 + pthreads; built and loaded by dipstream/native/__init__.py. */
 #ifndef DIPSTREAM_COMMON_H
 #define DIPSTREAM_COMMON_H
 #define _GNU_SOURCE

@@ -152,7 +152,7 @@ static int ds_attend_token(float* q, float* k, const float* v, const float* cs, 
 }
 
 /* h[j] = act(gu[j]) * gu[D + j] for j < D: act 0 = SiLU (x / (1 + e^-x)), 1 = tanh-GELU,
- * 2 = exact GELU (x / 2 (1 + erf(x / sqrt 2))) (kernels/native.py: ACTIVATION_CODES). */
+ * 2 = exact GELU (x / 2 (1 + erf(x / sqrt 2))) (native/__init__.py: ACTIVATION_CODES). */
 DS_API int ds_glu(const float* gu, int64_t D, int act, float* h)
 {
     if (D < 0 || act < 0 || act > 2) return -1;

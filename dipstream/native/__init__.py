@@ -1,6 +1,8 @@
-"""Build and load the small C library behind :mod:`dipstream.kernels.sparse_mlp` and the offload
-file's reads: the C sources in ``csrc/`` (``gemv.c``: compute kernels, ``pread.c``: the read
-pool, ``common.h``: what they share), shipped as package data.
+"""The native library at the bottom of the import graph: the engine's products and decode blocks,
+the one top-k of the selection rule, and the read pool. Built from the C sources in ``csrc/``
+(``gemv.c``: compute kernels and top-k, ``decode.c``: the engine's attention and MLP blocks,
+``pread.c``: the read pool, ``common.h``: what they share), shipped as package data, and loaded
+with ctypes (no torch).
 
 The library is plain C11 + pthreads, compiled once with the system C compiler (``$DIPSTREAM_CC``,
 ``$CC``, ``gcc`` or ``cc``) into a per-user cache directory and loaded with :mod:`ctypes`, so it
@@ -10,7 +12,8 @@ the work and helper threads that are awake share it, so a busy machine never mak
 for a descheduled helper (an OpenMP barrier would).
 
 Anything that goes wrong (no compiler, compile error, failed self-test) makes :func:`load` return
-``None`` after one :class:`RuntimeWarning`; the callers then use their pure-torch path.
+``None`` after one :class:`RuntimeWarning`; the engine then refuses in one line (`require`), the
+Hugging Face front end's kernels (`dipstream.kernels`) use their pure-torch path.
 
 Environment:
     DIPSTREAM_NATIVE=0        never build or load the kernel (pure-torch path)
@@ -132,6 +135,48 @@ def _compile(cc: str, flags: tuple[str, ...], out: Path) -> tuple[bool, str]:
             pass
 
 
+# ---------------------------------------------------------------- the decode blocks' arguments
+# decode.c's ds_mat_t, ds_ctx_t, ds_attn_t and ds_mlp_t as ctypes structures: a layer's attention,
+# or its RAM-resident MLP, is one native call per token. They hold raw pointers: the arrays they
+# point into must outlive them (the engine's model and MLP backend own both).
+_P, _I64, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+
+
+class DsMat(ctypes.Structure):
+    """One matrix's records and headers (engine.qmatrix.QMatrix.native)."""
+    _fields_ = [("rec", _P), ("hd", _P), ("hm", _P), ("rows", _I64), ("m", _I64), ("stride", _I64),
+                ("group", _I64), ("gi", _I64), ("bits", _I32), ("act8", _I32)]
+
+
+class DsCtx(ctypes.Structure):
+    """What every block of a model shares: shapes, norm rule, threads and work buffers."""
+    _fields_ = [("d", _I64), ("H", _I64), ("Hkv", _I64), ("hd", _I64), ("max_seq", _I64), ("eps", _F), ("scale", _F),
+                ("gemma", _I32), ("f16", _I32), ("nthreads", _I32), ("act", _I32),
+                ("h", _P), ("qkv", _P), ("att", _P), ("o", _P), ("idx", _P), ("coef", _P)]
+
+
+class DsAttn(ctypes.Structure):
+    """One layer's attention: matrices, norms, biases, RoPE tables, KV cache, window, soft-cap."""
+    _fields_ = [("qkv", DsMat * 3), ("o", DsMat), ("norm", _P), ("post_norm", _P), ("q_bias", _P), ("k_bias", _P),
+                ("v_bias", _P), ("q_norm", _P), ("k_norm", _P), ("cos", _P), ("sin", _P), ("K", _P), ("V", _P),
+                ("window", _I64), ("rot", _I64), ("softcap", _F)]
+
+
+class DsMlp(ctypes.Structure):
+    """One layer's RAM-resident MLP: its two matrices, norms, k and work buffers."""
+    _fields_ = [("in_", DsMat), ("out", DsMat), ("norm", _P), ("post_norm", _P), ("k_in", _I64), ("k_out", _I64),
+                ("gu", _P), ("h", _P), ("y", _P), ("idx_in", _P), ("idx_out", _P), ("coef", _P)]
+
+
+def ptr(a: np.ndarray | None) -> int | None:
+    """The data address of a C-contiguous array (None for None)."""
+    if a is None:
+        return None
+    if not a.flags.c_contiguous:
+        raise ValueError("native blocks need contiguous arrays")
+    return a.ctypes.data
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ds_gather_gemv.argtypes = [P, I64, I64, I64, P, P, I64, P, I]
@@ -148,7 +193,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_rmsnorm.restype = I
     lib.ds_glu.argtypes = [P, I64, I, P]
     lib.ds_glu.restype = I
-    lib.ds_attention_block.argtypes = [P, P, P, I64]  # structs: dipstream.engine.blocks
+    lib.ds_attention_block.argtypes = [P, P, P, I64]  # structures: DsCtx, DsAttn above
     lib.ds_attention_block.restype = I
     lib.ds_mlp_block.argtypes = [P, P, P, P]
     lib.ds_mlp_block.restype = I
@@ -197,8 +242,9 @@ def load(*, force: bool = False, cc: str | None = None, build_dir: str | os.Path
         lib, info = _try_load(cc, Path(build_dir) if build_dir is not None else None)
         _state["lib"], _state["info"] = lib, info
         if lib is None and not quiet and info.get("reason") != "disabled":
-            warnings.warn(f"dipstream.runtime: native sparse-MLP kernel unavailable "
-                          f"({info.get('reason')}); using the slower pure-torch path.",
+            warnings.warn(f"dipstream.native: the native kernel library is unavailable "
+                          f"({info.get('reason')}): the engine cannot run, the Hugging Face front end's "
+                          f"kernels use their slower pure-torch path.",
                           RuntimeWarning, stacklevel=3)
         return lib
 
