@@ -200,7 +200,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"{k} baseline failed: {v['error']}")
     meta = {"machine": machine(), "model": a.model, "gguf": gguf.name, "gguf_bytes": llama_bytes,
             "ours_weights": a.weights, "ours_file_bytes": ours_bytes, "llama_baseline_rss": base["llama.cpp"]["baseline_rss"],
-            "ours_baseline_rss": base["dipstream"]["baseline_rss"], "llama_cpp_version": base["llama.cpp"].get("version")}
+            "ours_baseline_rss": base["dipstream"]["baseline_rss"], "llama_cpp_version": base["llama.cpp"].get("version"),
+            "llama_cpp_system_info": base["llama.cpp"].get("system_info")}
     print(json.dumps(meta))
 
     def cap_of(engine: str, scen: str) -> int | None:
@@ -252,7 +253,8 @@ def main(argv=None) -> int:
     if a.ppl_windows:
         ppl = perplexities(a, gguf, model_dir, configs, scenarios, cap_of)
     table = summarize(runs, ppl, configs, scenarios, threads)
-    text = (f"machine: {meta['machine']}; model {a.model} (llama.cpp: {gguf.name}, {llama_bytes / 1e6:.1f} MB; "
+    text = (f"machine: {meta['machine']}; {time.strftime('%Y-%m-%d')}; llama.cpp {meta['llama_cpp_version']}: "
+            f"{meta['llama_cpp_system_info']}\nmodel {a.model} (llama.cpp: {gguf.name}, {llama_bytes / 1e6:.1f} MB; "
             f"dipstream: {a.weights} file, {ours_bytes / 1e6:.1f} MB); baselines llama.cpp "
             f"{meta['llama_baseline_rss'] / 1e6:.0f} MB, dipstream {meta['ours_baseline_rss'] / 1e6:.0f} MB; "
             f"{a.rounds} interleaved rounds, medians; {a.new_tokens} new tokens, greedy; density {a.density}, "

@@ -116,7 +116,8 @@ def main(argv: list[str]) -> int:
         import llama_cpp  # noqa: F401
         import numpy  # noqa: F401
 
-        res = {"engine": "llama.cpp", "baseline_rss": _status("VmRSS"), "version": llama_cpp.__version__}
+        res = {"engine": "llama.cpp", "baseline_rss": _status("VmRSS"), "version": llama_cpp.__version__,
+               "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
     elif mode == "generate":
         res = generate(argv[1], int(argv[2]), json.loads(argv[3]))
     elif mode == "perplexity":

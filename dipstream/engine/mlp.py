@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,7 +57,6 @@ class MlpCounters:
     prefetch_useful: int = 0    # ... of which the hook selected
     missed_units: int = 0       # selected units not in the cache
     prefetch_served: int = 0    # ... of which the prefetch had read
-    per_layer: list = field(default_factory=list)
 
 
 class MaskChooser:

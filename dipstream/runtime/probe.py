@@ -35,7 +35,7 @@ from dipstream.engine.qmatrix import FORMATS, QMatrix, record_layout
 from dipstream.engine.storage import BLOCK, FileReader, measure_reads
 from dipstream.errors import DipstreamError
 from dipstream.io import atomic_path, write_json_atomic, write_text_atomic
-from dipstream.paths import cache_root
+from dipstream.paths import cache_root, cpu
 from dipstream.simulator import Hardware
 from dipstream.simulator.hardware import KINDS, fit_flash, parse_bytes
 from dipstream.simulator.model_shape import SHAPES
@@ -213,7 +213,7 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict:
             raise DipstreamError(f"--file {cfg.file} is too small to probe random reads of "
                                  f"{max(chunks)} bytes")
     out = {"host": socket.gethostname(), "machine": platform.machine(),
-           "cpu": _cpu_name(), "cpus": os.cpu_count(),
+           "cpu": cpu()[0], "cpus": os.cpu_count(),
            "dir": str(directory), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
@@ -282,7 +282,7 @@ def _run_probe_lean(cfg: ProbeConfig, log) -> dict:
     output_file("json", cfg.json)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     out = probe_lean(cfg.lean_model, cfg.threads, cfg.io_threads, gap, cfg.repeats, max(cfg.reads, 64), log=log)
-    out.update(host=socket.gethostname(), cpu=_cpu_name(), cpus=os.cpu_count(), load_avg=load,
+    out.update(host=socket.gethostname(), cpu=cpu()[0], cpus=os.cpu_count(), load_avg=load,
                date=time.strftime("%Y-%m-%d %H:%M:%S"))
     d, fit, disk = out["hardware"], out["fit"], out["disk"]
     d["name"] = f"probe-lean-{out['host']}"
@@ -305,13 +305,3 @@ def _run_probe_lean(cfg: ProbeConfig, log) -> dict:
     if cfg.json:
         write_json_atomic(cfg.json, out)
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
