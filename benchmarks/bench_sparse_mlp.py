@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dipstream.budget import dip_split, keep_to_k
-from dipstream.kernels.sparse_mlp import SparseMLPWeights, native_status, sparse_mlp
-from dipstream.kernels.sparse_mlp import _alloc
+from dipstream.kernels.sparse_mlp import SparseMLPWeights, _alloc, native_status, sparse_mlp
 
 SHAPES = {"smollm2": (576, 1536, 300), "llama3-8b": (4096, 14336, 15)}  # d, D, default rounds
 DENSITIES = (0.25, 0.5, 0.75)
@@ -100,7 +99,8 @@ def bench_shape(name: str, d: int, D: int, rounds: int, gather: bool, dense_hp: 
             k_in, k_out = keep_to_k(up, d), keep_to_k(down, D)
 
             def f(k_in=k_in, k_out=k_out, q_in=q_in, q_out=q_out):
-                return _engine_dip(q_in, q_out, state["x"][0].numpy(), k_in, k_out, sparse_threads or 1)
+                return _engine_dip(q_in, q_out, state["x"][0].numpy(), k_in, k_out,
+                                   sparse_threads or torch.get_num_threads())
             variants[(f"dip {dt}", dens)] = (f, k_in * q_in.stride + k_out * q_out.stride, (k_in, k_out))
     if gather:  # what torch indexing gives: gather (copy) the selected columns, then multiply
         k_in, k_out = keep_to_k(0.5, d), keep_to_k(0.5, D)

@@ -1,13 +1,14 @@
-"""dipstream's lean engine against llama.cpp, in RAM and under the same memory cap.
+"""dipstream's engine against llama.cpp, in RAM and under the same memory cap.
 
 Both engines run the same model (llama.cpp its GGUF, mmap'd; dipstream its exported model file
 at --weights, default int4), the same prompt, greedy, --new-tokens tokens without stopping at EOS,
 at 1 and 2 threads. Scenarios:
 
 * ram: no cap (dipstream: the whole model in RAM);
-* cap F: the process's memory (cgroup v1, page cache included) capped at its own baseline (the
-  interpreter and libraries, no model) plus F times the model's bytes at the precision each uses;
-  dipstream offloads its MLP and gets the same number as its whole-process --memory budget.
+* cap F: each process's memory (cgroup v1, page cache included) capped at the same absolute limit,
+  the larger of the two baselines (the interpreter and libraries, no model) plus F times the GGUF's
+  bytes (shared/reference/peer-llamacpp.md); dipstream offloads its MLP and gets the same number as
+  its whole-process --memory budget (a budget it cannot run in is reported as its one-line refusal).
 
 Configurations: llama.cpp; dipstream dense (in RAM, or streaming its MLP from its file), DIP and
 DIP-CA (capped scenarios only) at --density. Rounds are interleaved (the order rotates), the page
@@ -37,6 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from llamacpp_child import _status  # noqa: E402  (standard library only: both interpreters run it)
+
 CGROUP = Path("/sys/fs/cgroup/memory")
 PROMPT = "The history of the city begins with"
 
@@ -114,6 +116,7 @@ def child_ours(argv: list[str]) -> int:
 
     from dipstream.budget import layer_keeps
     from dipstream.data.windows import Windows
+    from dipstream.devices import rss_bytes
     from dipstream.engine.build import build
     from dipstream.engine.config import EngineOptions, EngineSetup
     from dipstream.evaluation.perplexity import perplexity
@@ -122,7 +125,10 @@ def child_ours(argv: list[str]) -> int:
 
     ids = torch.tensor(json.loads(Path(spec["windows"]).read_text()))
     windows = Windows(ids, [1] * ids.shape[0])
-    options = EngineOptions(memory=None if spec["memory"] is None else str(spec["memory"]), kv_cache=spec["kv_cache"],
+    # this process also holds torch (the one perplexity rule): its budget grows by what torch adds to
+    # the generate process's baseline, so the caches get the bytes they get in the timed runs
+    memory = None if spec["memory"] is None else int(spec["memory"] + rss_bytes() - spec["baseline"])
+    options = EngineOptions(memory=None if memory is None else str(memory), kv_cache=spec["kv_cache"],
                             read_gap="32000", activations=spec["activations"])
     n_layers = json.loads((Path(spec["model_dir"]) / "model.json").read_text())["arch"]["shape"]["n_layers"]
     setup = EngineSetup(decode_rule(spec["method"], CacheAwareOptions(gamma=spec["gamma"])),
@@ -205,12 +211,11 @@ def main(argv=None) -> int:
     print(json.dumps(meta))
 
     def cap_of(engine: str, scen: str) -> int | None:
+        """The same absolute limit for both (the peer's rule, shared/reference/peer-llamacpp.md): the
+        larger baseline plus F times the GGUF's bytes."""
         if scen == "ram":
             return None
-        f = float(scen)
-        if engine == "llama.cpp":
-            return int(base["llama.cpp"]["baseline_rss"] + f * llama_bytes)
-        return int(base["dipstream"]["baseline_rss"] + f * ours_bytes)
+        return int(max(base["llama.cpp"]["baseline_rss"], base["dipstream"]["baseline_rss"]) + float(scen) * llama_bytes)
 
     def run_one(cfg: str, scen: str, t: int) -> dict:
         cap = cap_of(cfg, scen)
@@ -251,7 +256,7 @@ def main(argv=None) -> int:
 
     ppl = {}
     if a.ppl_windows:
-        ppl = perplexities(a, gguf, model_dir, configs, scenarios, cap_of)
+        ppl = perplexities(a, gguf, model_dir, configs, scenarios, cap_of, base["dipstream"]["baseline_rss"])
     table = summarize(runs, ppl, configs, scenarios, threads)
     text = (f"machine: {meta['machine']}; {time.strftime('%Y-%m-%d')}; llama.cpp {meta['llama_cpp_version']}: "
             f"{meta['llama_cpp_system_info']}\nmodel {a.model} (llama.cpp: {gguf.name}, {llama_bytes / 1e6:.1f} MB; "
@@ -265,7 +270,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def perplexities(a, gguf: Path, model_dir: Path, configs, scenarios, cap_of) -> dict:
+def perplexities(a, gguf: Path, model_dir: Path, configs, scenarios, cap_of, ours_baseline: int) -> dict:
     """{(config, scenario): perplexity} on the same eval windows."""
     from transformers import AutoTokenizer
 
@@ -295,7 +300,7 @@ def perplexities(a, gguf: Path, model_dir: Path, configs, scenarios, cap_of) -> 
                     continue
                 spec = {"windows": str(wfile), "model_dir": str(model_dir), "method": c, "density": a.density,
                         "memory": cap, "gamma": a.gamma, "threads": 2, "kv_cache": a.kv_cache,
-                        "activations": a.activations}
+                        "activations": a.activations, "baseline": ours_baseline}
                 r = run_child([sys.executable, __file__, "--child", "ppl", json.dumps(spec)], None)
             out[c, s] = r.get("perplexity")
             print(f"perplexity {c} {s}: {r.get('perplexity', r.get('error'))}", flush=True)
