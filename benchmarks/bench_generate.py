@@ -27,7 +27,6 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="The three primary colours are")
     a = ap.parse_args(argv)
 
-    import torch
 
     from dipstream.config import flat
     from dipstream.runtime.generate import GenerateConfig, run_generate
@@ -39,12 +38,12 @@ def main(argv=None) -> int:
     for r in range(a.rounds):
         order = configs[r % len(configs):] + configs[:r % len(configs)]
         for c in order:
-            row = run_generate(flat(GenerateConfig, 
+            row = run_generate(flat(GenerateConfig,
                 model=a.model, method=c[0], density=c[1], weights=c[2], prompt=a.prompt,
                 max_new_tokens=a.tokens, stop_at_eos=False, stream=False, threads=a.threads,
                 device="cpu"))
             res[c].append(row)
-    print(f"load average after: {os.getloadavg()}; torch threads {torch.get_num_threads()}")
+    print(f"load average after: {os.getloadavg()}; engine threads {a.threads or 'default'}")
     dense = {c[2]: statistics.median(r["decode_tokens_per_s"] for r in res[c]) for c in configs if c[0] == "dense"}
     print("\n| method | weights | density | decode tokens/s | MLP ms/token | x dense (same weights) |")
     print("|---|---|---|---|---|---|")

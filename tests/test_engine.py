@@ -254,6 +254,31 @@ def test_int8_activations_exact_when_representable_and_close_otherwise(exported,
     assert 0 < err < 0.05, err
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_int8_activations_gathered_in_parts_equal_one_call(fmt):
+    """An offloaded hook gathers its cached and its read units in two calls: with the whole
+    vector's group maxima, int8 activations get one scale per group, as in one call (without,
+    each part's own maximum: a different quantization, 0.4 off here)."""
+    rng = np.random.default_rng(1)
+    q = QMatrix.from_dense(rng.standard_normal((96, 128)).astype(np.float32), fmt)
+    q.act8 = True
+    v = rng.standard_normal(128).astype(np.float32)
+    every = np.arange(128, dtype=np.int64)
+    one = q.gather(every, v.copy(), np.empty(96, np.float32))
+    part = rng.random(128) < 0.5
+    gmax = q.group_max(v)
+    np.testing.assert_array_equal(gmax, np.abs(v).reshape(4, 32).max(1))
+    sums = {}
+    for g in (gmax, None):
+        a, b = every[part], every[~part]
+        sums[g is None] = (q.gather(a, v[a].copy(), np.empty(96, np.float32), gmax=g)
+                           + q.gather(b, v[b].copy(), np.empty(96, np.float32), gmax=g))
+    np.testing.assert_allclose(sums[False], one, rtol=0, atol=1e-5 * np.abs(one).max())
+    assert np.abs(sums[True] - one).max() > 1e-3 * np.abs(one).max()
+    with pytest.raises(ValueError, match="group maxima"):
+        q.gather(every, v.copy(), np.empty(96, np.float32), gmax=gmax[:2])
+
+
 def test_integer_products_portable_build_equals_the_simd_build(tmp_path):
     """The int8-activation products (int4 and int8 records) of a build without -march=native (the
     portable loops) give the SIMD build's numbers: the integer sums are exact, only the final
@@ -286,13 +311,13 @@ def test_integer_products_portable_build_equals_the_simd_build(tmp_path):
 
 
 @pytest.mark.parametrize("method,gap", [("dense", 0), ("dip", 0), ("dip", 1 << 20)])
-@pytest.mark.parametrize("fmt", ["float32", "int4"])
-def test_offloaded_mlp_equals_the_mlp_in_ram(exported, method, fmt, gap):
+@pytest.mark.parametrize("fmt,acts", [("float32", "float32"), ("int4", "float32"), ("int4", "int8")])
+def test_offloaded_mlp_equals_the_mlp_in_ram(exported, method, fmt, acts, gap):
     _, d = exported["llama", fmt]
     ks = ([40, 40], [50, 50])
     outs = []
     for off in (False, True):
-        lm = model(d)
+        lm = model(d, activations=acts)
         ch = chooser(method, *ks)
         lm.mlp = OffloadMLP(lm, ch, 20_000, direct=False, read_gap=gap) if off else RamMLP(lm, ch)
         outs.append(run_ids(lm))

@@ -364,13 +364,15 @@ class OffloadMLP:
             nk, nl, nmask = next_hook
             self._start_prefetch(nk, nl, np.flatnonzero(nmask & ~self.slots[layer_key(nl, nk)].cached))
         out[:] = 0
+        q = self.q[kind][layer]
+        gmax = q.group_max(v)  # one int8 scale per group across the cached and the read part
         if hit.size:
-            self.q[kind][layer].gather(slots.slot[hit], np.ascontiguousarray(v[hit], np.float32), out,
-                                       self.model.nthreads, rec=slots.slab, units=hit)
+            q.gather(slots.slot[hit], np.ascontiguousarray(v[hit], np.float32), out, self.model.nthreads,
+                     rec=slots.slab, units=hit, gmax=gmax)
         if miss.size:
             part = self._part[kind]
-            self.q[kind][layer].gather(miss.astype(np.int64), np.ascontiguousarray(v[miss], np.float32), part,
-                                       self.model.nthreads, rec=self.read[kind])
+            q.gather(miss.astype(np.int64), np.ascontiguousarray(v[miss], np.float32), part, self.model.nthreads,
+                     rec=self.read[kind], gmax=gmax)
             out += part
         stride = self.stride[kind]
         c.ram_bytes += hit.size * stride

@@ -191,12 +191,24 @@ class QMatrix:
     def _hp(self):
         return (self.hd.ctypes.data, None if self.hm is None else self.hm.ctypes.data, self.gi)
 
+    def group_max(self, v: np.ndarray) -> np.ndarray | None:
+        """max |v| per input group of the whole activation vector v (one entry per unit): the int8
+        activations' scales, for products gathered in parts (None: float32 activations)."""
+        if not self.act8 or self.fmt == "float32":
+            return None
+        return np.ascontiguousarray(np.abs(v, dtype=np.float32).reshape(-1, self.gi).max(1))
+
     def gather(self, idx: np.ndarray, coef: np.ndarray, out: np.ndarray, nthreads: int = 1,
-               rec: np.ndarray | None = None, units: np.ndarray | None = None) -> np.ndarray:
+               rec: np.ndarray | None = None, units: np.ndarray | None = None,
+               gmax: np.ndarray | None = None) -> np.ndarray:
         """out = sum_i coef[i] * record idx[i] of `rec` (default this matrix's records); `units`:
-        the unit of each of those records (for its header), when rec is not laid out by unit."""
+        the unit of each of those records (for its header), when rec is not laid out by unit;
+        `gmax`: `group_max` of the whole vector (int8 activations quantized with the whole group's
+        scale, so a product gathered in parts equals the product in one call)."""
         rec = self.rec if rec is None else rec
         k = idx.size
+        if gmax is not None and (gmax.dtype != np.float32 or gmax.size * self.gi < self.units):
+            raise ValueError(f"gmax needs {-(-self.units // self.gi)} float32 group maxima, got {gmax.size}")
         if self.fmt == "float32":
             rc = self._lib.ds_gather_gemv(rec.ctypes.data, rec.shape[0], self.m, self.m, idx.ctypes.data,
                                           coef.ctypes.data, k, out.ctypes.data, nthreads)
@@ -206,7 +218,9 @@ class QMatrix:
             rc = self._lib.ds_gather_gemv_qg(rec.ctypes.data, rec.shape[0], self.stride, self.group, self.bits,
                                              *self._hp(), self.units, self.m, idx.ctypes.data,
                                              None if units is None else units.ctypes.data, coef.ctypes.data, k,
-                                             out.ctypes.data, nthreads, int(self.act8))
+                                             out.ctypes.data, nthreads, int(self.act8),
+                                             None if gmax is None else gmax.ctypes.data,
+                                             0 if gmax is None else gmax.size)
         if rc != 0:
             raise IndexError("record index out of range")
         return out

@@ -46,7 +46,7 @@ __all__ = ["load", "require", "status", "sources", "ACTIVATION_CODES"]
 # the gated MLP's activations the kernels run (ds_glu's `act`), by the names configs give them
 ACTIVATION_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu_new": 1, "gelu": 2}
 
-KERNEL_VERSION = 26
+KERNEL_VERSION = 27
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("gemv.c", "pread.c", "decode.c")
 
@@ -187,7 +187,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_select_gemv.restype = I64
     lib.ds_select_gemv_qg.argtypes = [P, I64, I64, P, I64, I64, I, P, P, I64, I64, P, P, P, I, I]
     lib.ds_select_gemv_qg.restype = I64
-    lib.ds_gather_gemv_qg.argtypes = [P, I64, I64, I64, I, P, P, I64, I64, I64, P, P, P, I64, P, I, I]
+    lib.ds_gather_gemv_qg.argtypes = [P, I64, I64, I64, I, P, P, I64, I64, I64, P, P, P, I64, P, I, I, P, I64]
     lib.ds_gather_gemv_qg.restype = I
     lib.ds_rmsnorm.argtypes = [P, I64, P, ctypes.c_float, I, P]
     lib.ds_rmsnorm.restype = I

@@ -44,8 +44,13 @@ typedef struct {
     const uint8_t* W; int64_t ldb; int64_t G; int bits;
     const uint16_t* HD; const uint16_t* HM; int64_t GI; int64_t m; const int64_t* unit;
     /* act8 (4-bit input-grouped rows, G = 32): each group's coefficients are quantized to int8
-     * (scale max|c| / 127, as llama.cpp's Q8 activations) and summed with integer products. */
+     * (scale max|c| / 127, as llama.cpp's Q8 activations) and summed with integer products.
+     * gmax (NULL, or one entry per input group): max|c| over the group's whole activation vector,
+     * so a group whose selected rows come in several calls (cached and read rows) is quantized with
+     * one scale, as in one call; NULL: the max over the group's selected rows (the same for a
+     * top-k or dense selection, whose selected rows hold each group's largest |c|). */
     int act8;
+    const float* gmax;
 } qmat_t;
 
 /* o[0:n] += hd[0:n] * acc[0:n] + hm[0:n] * sc   (hd, hm float16; hm may be NULL). */
@@ -156,10 +161,12 @@ static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
  * offset are applied in the same pass that widens the last partial. */
 static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
                     const float* restrict c, int64_t k, float* restrict o,
-                    const uint16_t* restrict hd, const uint16_t* restrict hm, float sc)
+                    const uint16_t* restrict hd, const uint16_t* restrict hm, float sc, float amax)
 {
-    float amax = 0.0f;
-    for (int64_t i = 0; i < k; ++i) amax = fabsf(c[i]) > amax ? fabsf(c[i]) : amax;
+    if (amax < 0.0f) {  /* no whole-vector max given: the selected rows' */
+        amax = 0.0f;
+        for (int64_t i = 0; i < k; ++i) amax = fabsf(c[i]) > amax ? fabsf(c[i]) : amax;
+    }
     const int64_t n = b - a;
     int8_t cq[64];
     const int64_t kk = k < 64 ? k : 64;  /* a run is one input group: at most GI (<= 32) rows */
@@ -249,10 +256,13 @@ static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
  * interleaved per column, signed by their coefficient's sign and multiplied by |cq| (u8 x i8
  * multiply-adds, exact int32 sums), so the AVX2 and the portable paths give the same numbers. */
 static void gq_act8_i8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
-                       const float* restrict c, int64_t k, float* restrict o, const uint16_t* restrict hd)
+                       const float* restrict c, int64_t k, float* restrict o, const uint16_t* restrict hd,
+                       float amax)
 {
-    float amax = 0.0f;
-    for (int64_t i = 0; i < k; ++i) amax = fabsf(c[i]) > amax ? fabsf(c[i]) : amax;
+    if (amax < 0.0f) {  /* no whole-vector max given: the selected rows' */
+        amax = 0.0f;
+        for (int64_t i = 0; i < k; ++i) amax = fabsf(c[i]) > amax ? fabsf(c[i]) : amax;
+    }
     const int64_t n = b - a, kk = k < 64 ? k : 64;
     int8_t cq[68];
     const float s = amax > 0.0f ? amax / 127.0f : 0.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -338,10 +348,11 @@ static void gq_grouped(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
             while (i1 < k && unit[i1] / q->GI == g) sc += c[i1++];
             const uint16_t* hd = q->HD + g * q->m + a2;
             const uint16_t* hm = q->HM ? q->HM + g * q->m + a2 : NULL;
+            const float amax = q->gmax ? q->gmax[g] : -1.0f;
             if (q->act8 && q->bits == 4 && q->G == 32 && i1 - i0 <= 64) {
-                gq_act8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), hd, hm, sc);
+                gq_act8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), hd, hm, sc, amax);
             } else if (q->act8 && q->bits == 8 && i1 - i0 <= 64) {
-                gq_act8_i8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), hd);
+                gq_act8_i8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), hd, amax);
             } else {
                 gq_core(q, a2, b2, idx + i0, c + i0, i1 - i0, acc);
                 flush_group(o + (a2 - a), acc, hd, hm, sc, b2 - a2);
@@ -662,7 +673,7 @@ DS_API int64_t ds_select_gemv_qg(const float* v, int64_t n, int64_t k, const uin
     const int64_t got = select_coefs(v, n, k, idx, coef);
     if (got < 0) return -1;
     if (m <= 0) return got;
-    qmat_t q = {Wq, ldb, G, bits, HD, HM, GI, m, NULL, act8};
+    qmat_t q = {Wq, ldb, G, bits, HD, HM, GI, m, NULL, act8, NULL};
     gg_parallel_any(NULL, 0, &q, m, idx, coef, got, out, nthreads);
     return got;
 }
@@ -670,11 +681,13 @@ DS_API int64_t ds_select_gemv_qg(const float* v, int64_t n, int64_t k, const uin
 DS_API int ds_gather_gemv_qg(const uint8_t* Wq, int64_t rows, int64_t ldb, int64_t G, int bits,
                              const uint16_t* HD, const uint16_t* HM, int64_t GI, int64_t units,
                              int64_t m, const int64_t* idx, const int64_t* unit, const float* c,
-                             int64_t k, float* out, int nthreads, int act8)
+                             int64_t k, float* out, int nthreads, int act8, const float* gmax,
+                             int64_t n_gmax)
 {
-    if (GI <= 0 || check_idx(idx, k, rows) || (unit && check_idx(unit, k, units)) || (!unit && rows > units))
+    if (GI <= 0 || check_idx(idx, k, rows) || (unit && check_idx(unit, k, units)) || (!unit && rows > units)
+        || (gmax && n_gmax < (units + GI - 1) / GI))
         return -1;
-    qmat_t q = {Wq, ldb, G, bits, HD, HM, GI, m, unit, act8};
+    qmat_t q = {Wq, ldb, G, bits, HD, HM, GI, m, unit, act8, gmax};
     gg_parallel_any(NULL, 0, &q, m, idx, c, k, out, nthreads);
     return 0;
 }
