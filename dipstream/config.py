@@ -28,7 +28,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -
         flag = "--" + (prefix + f.name).replace("_", "-")
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{help_text} (default: {default})".replace("%", "%%")  # argparse %-formats help
+        if "(default:" not in help_text:  # a help that explains its default says it once
+            help_text = f"{help_text} (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help
         kwargs = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)

@@ -119,14 +119,18 @@ class RamPlan:
             return
         self.cache_bytes = int(self.budget - rss_now - self.mlp_bytes - MARGIN)
         if self.cache_bytes < 0:
-            raise DipstreamError(self._too_small(rss_now))
+            raise DipstreamError(self.too_small(rss_now))
 
-    def _too_small(self, before: int) -> str:
+    def too_small(self, before: int) -> str:
+        """The refusal of a budget below `before` (what the process holds before any cache) plus the
+        MLP buffers and the margin: what it needs and what to give."""
         need = before + self.mlp_bytes + MARGIN
+        other = before - self.baseline - self.static_bytes - self.kv_bytes  # measured after loading: its overhead
+        loading = f", loading {fmt_bytes(other)} more" if other >= 1 << 20 else ""
         return (f"--memory {fmt_bytes(self.budget)} is below what the process needs before any MLP cache (Python and "
                 f"libraries {fmt_bytes(self.baseline)}, static weights {fmt_bytes(self.static_bytes)}, KV cache "
-                f"{fmt_bytes(self.kv_bytes)}, buffers {fmt_bytes(self.mlp_bytes)}, margin {fmt_bytes(MARGIN)}); give "
-                f"more than {fmt_bytes(need, round_up=True).replace(' ', '')}")
+                f"{fmt_bytes(self.kv_bytes)}{loading}, buffers {fmt_bytes(self.mlp_bytes)}, margin "
+                f"{fmt_bytes(MARGIN)}); give more than {fmt_bytes(need, round_up=True).replace(' ', '')}")
 
 
 def plan_ram(manifest: dict, setup: EngineSetup, baseline: int) -> RamPlan:
@@ -152,7 +156,7 @@ def plan_ram(manifest: dict, setup: EngineSetup, baseline: int) -> RamPlan:
         plan = RamPlan(head, True, static_bytes(manifest, head, True), kv, fixed, 0, memory, "memory", baseline)
         plan.cache_bytes = memory - baseline - plan.static_bytes - kv - fixed - MARGIN
         if plan.cache_bytes < 0:
-            raise DipstreamError(plan._too_small(baseline + plan.static_bytes + kv))
+            raise DipstreamError(plan.too_small(baseline + plan.static_bytes + kv))
         return plan
     head = "stream" if o.head == "stream" else "ram"
     weights = sum(t.nbytes + t.header_bytes for t in manifest["tensor_info"].values())
