@@ -154,7 +154,6 @@ class RamMLP:
         self.lib = native.require()
         self.w = {k: [model.load(model.manifest["tensor_info"][mlp_tensor(i, k)]) for i in range(model.L)]
                   for k in MLP_KINDS}
-        self.bytes = sum(q.nbytes for qs in self.w.values() for q in qs)
         D, d = model.D, model.d
         self._gu, self._y, self._h = np.empty(2 * D, np.float32), np.empty(d, np.float32), np.empty(D, np.float32)
         self._idx = {k: np.empty(n, np.int64) for k, n in (("in", d), ("out", D))}
@@ -188,11 +187,8 @@ class RamMLP:
         c.selected_bytes += read
         c.ram_bytes += read
         if self.rec is not None:
-            for kind, idx, n in (("in", self._idx["in"][:got_in], self.model.d),
-                                 ("out", self._idx["out"][:got_out], self.model.D)):
-                m = np.zeros(n, bool)
-                m[idx] = True
-                self.rec.add(layer_key(i, kind), m)
+            self.rec.add_units(layer_key(i, "in"), self._idx["in"][:got_in])
+            self.rec.add_units(layer_key(i, "out"), self._idx["out"][:got_out])
         if i == self.model.L - 1:
             c.tokens += 1
         c.mlp_s += time.perf_counter() - t0
@@ -227,7 +223,6 @@ class OffloadMLP:
         self.n = {"in": model.d, "out": model.D}
         # per layer and kind: the records' float16 headers (in RAM) over a stand-in record
         self.q = {k: [model.headers_only(f) for f in self.info[k]] for k in MLP_KINDS}
-        self.header_bytes = sum(q.header_bytes for qs in self.q.values() for q in qs)
         drop_page_cache(model.reader.fd)  # the headers are copied: their pages can go
         hooks = hook_specs(model.shape, "dip")
         self.capacity = cache_capacities(model.shape, cache_bytes, self.stride)
@@ -247,8 +242,6 @@ class OffloadMLP:
                        for k in MLP_KINDS}
         self.pending = None  # the prefetch in flight: (kind, layer, offsets, lengths, units)
         self.prev_out = [None] * model.L
-        self.ram_bytes = sum(s.nbytes for s in self.slots.values()) + sum(b.nbytes for b in self.buf.values()) \
-            + self.header_bytes
         self.cache_ram = sum(s.nbytes for s in self.slots.values())
         self.reader = FileReader(model.directory / DATA, io_threads, direct)
         self.direct = self.reader.direct

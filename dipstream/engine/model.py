@@ -45,9 +45,8 @@ class EmbeddingReader:
     """An untied embedding read from the model file: one record per token, its headers in RAM
     (an offloaded run keeps a vocabulary-sized table out of its budget for a few kB a token)."""
 
-    def __init__(self, reader: FileReader, info: TensorInfo, headers: tuple):
-        self.reader, self.info = reader, info
-        self.q = QMatrix(np.zeros((1, info.stride), np.uint8), info.fmt, info.m, *headers, units=info.rows)
+    def __init__(self, reader: FileReader, info: TensorInfo, q: QMatrix):
+        self.reader, self.info, self.q = reader, info, q  # q: its headers (`LeanModel.headers_only`)
         self.ram_bytes = self.q.header_bytes
         self.disk_bytes = 0
         self._rec = np.empty((1, info.stride), np.uint8)
@@ -62,12 +61,9 @@ class EmbeddingReader:
 class StreamedHead:
     """`logits(x)` = head(x) and `lookup(tok)` = the embedding of tok, reading the file each time."""
 
-    def __init__(self, reader: FileReader, head: TensorInfo, embed: TensorInfo | None, headers: dict,
-                 act8: bool = False):
-        self.reader, self.info = reader, head
-        self.q = QMatrix(np.zeros((1, head.stride), np.uint8), head.fmt, head.m, *headers["head"], units=head.rows,
-                         act8=act8)
-        self.embed = None if embed is None else EmbeddingReader(reader, embed, headers["embed"])
+    def __init__(self, reader: FileReader, head: TensorInfo, q: QMatrix, embed: EmbeddingReader | None = None):
+        self.reader, self.info, self.q = reader, head, q  # q: the head's headers (`LeanModel.headers_only`)
+        self.embed = embed  # an untied embedding's reader (tied: lookups read columns of the head)
         self.rows = head_chunk_rows(head)
         raw = aligned_empty(head_buffer_bytes(head))
         span = head_span_bytes(head)  # a multiple of BLOCK: both buffers start block-aligned
@@ -159,11 +155,10 @@ class LeanModel:
         for name, info in infos.items():
             if is_mlp_tensor(name) or name in streamed:
                 continue  # the MLP backend (and a streamed head) reads these
-            rec = self.reader.read_into(np.empty((info.rows, info.stride), np.uint8), info.offset)
             if info.rows == 1 and info.fmt == "float32":
-                self.vec[name] = dequantize_records(rec, "float32", info.m)[0].copy()
+                self.vec[name] = dequantize_records(self.load(info).rec, "float32", info.m)[0].copy()
             else:
-                self.w[name] = QMatrix(rec, info.fmt, info.m, *self.headers(info), act8=self.act8)
+                self.w[name] = self.load(info)
         for i in range(self.L):  # q, k and v in one product where their records lie side by side
             names = [layer_key(i, n) for n in "qkv"]
             qkv = QMatrix.concat_outputs([self.w[n] for n in names])
@@ -171,12 +166,12 @@ class LeanModel:
                 self.w[layer_key(i, "qkv")] = qkv
                 for n in names:
                     del self.w[n]
-        self.head = self.embed_reader = None
-        if head == "stream":
-            self.head = StreamedHead(self.reader, infos["head"], infos.get("embed"),
-                                     {n: self.headers(infos[n]) for n in streamed if n in infos}, act8=self.act8)
-        elif stream_embed and "embed" in infos:  # untied: one record per token from the file
-            self.embed_reader = EmbeddingReader(self.reader, infos["embed"], self.headers(infos["embed"]))
+        embed = None  # untied and streamed: one record per token from the file
+        if "embed" in streamed and "embed" in infos:
+            embed = EmbeddingReader(self.reader, infos["embed"], self.headers_only(infos["embed"]))
+        self.head = None if head != "stream" else \
+            StreamedHead(self.reader, infos["head"], self.headers_only(infos["head"]), embed)
+        self.embed_reader = None if self.head else embed  # a streamed head looks embeddings up itself
         self.static_bytes = sum(q.nbytes for q in self.w.values()) + sum(v.nbytes for v in self.vec.values()) \
             + (self.head.ram_bytes if self.head else 0) + (self.embed_reader.ram_bytes if self.embed_reader else 0)
         drop_page_cache(self.reader.fd)  # the copies are in RAM now: the file's cached pages can go
@@ -299,10 +294,6 @@ class LeanModel:
         in one native call; the token's k and v enter the cache."""
         if self._lib.ds_attention_block(self._ctx_ref, self._attn_ref[i], x.ctypes.data, pos) != 0:
             raise MemoryError("native attention block failed")
-
-    def mlp_block(self, i: int, x: np.ndarray) -> None:
-        """x += layer i's MLP of norm(x) (post-normed where the family does), by the MLP backend."""
-        self.mlp.block(i, x)
 
     def native_context(self):
         """The native blocks' shared context (for the MLP backend's one-call blocks)."""

@@ -28,7 +28,8 @@ PIECE = 256 << 10   # a long read is split into pieces of this size, several in 
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
-    """A page-aligned uint8 buffer of `nbytes`, touched (resident now, so RSS counts it)."""
+    """A page-aligned, zeroed uint8 buffer of `nbytes`. np.zeros maps a large one lazily: its pages
+    become resident (and count in RSS) when first written, not now."""
     raw = np.zeros(int(nbytes) + PAGE, np.uint8)
     off = (-raw.ctypes.data) % PAGE
     return raw[off:off + int(nbytes)]

@@ -9,7 +9,7 @@ import time
 
 from dipstream import __version__
 from dipstream.budget import layer_keeps
-from dipstream.devices import disk_read_bytes, peak_rss_bytes, rss_bytes
+from dipstream.devices import peak_rss_bytes, rss_bytes
 from dipstream.engine.build import build
 from dipstream.engine.config import EngineSetup
 from dipstream.engine.decode import generate, timing_row
@@ -52,15 +52,13 @@ def run_engine(cfg, out=None) -> dict:
                    capacity_out=m.capacity[layer_key(0, "out")], preload_bytes=m.preload_bytes,
                    model_file_bytes=int(manifest["size"]))
     on_token = text_streamer(out, decode, cfg.stream, cfg.prompt)
-    read0 = disk_read_bytes()
     try:
         res = generate(lm, ids, cfg.decoding, eos_ids(directory, manifest["arch"]["eos"]), on_token)
         if cfg.stream:
             out.write("\n")
         row.update(timing_row(res), text=decode(res["ids"]), **_mlp_figures(lm, res))
-        read1 = disk_read_bytes()
-        if read0 >= 0 and read1 >= 0:
-            row["process_disk_read_bytes"] = read1 - read0
+        if res["prompt_read_bytes"] >= 0:  # what generate measured around the prompt and the decode
+            row["process_disk_read_bytes"] = res["prompt_read_bytes"] + res["decode_read_bytes"]
         if cfg.trace:
             meta = {"model": cfg.model, "method": cfg.method, "density": cfg.density, **lm.shape.to_dict()}
             save_trace(lm.mlp.rec.trace(len(ids), meta), cfg.trace)

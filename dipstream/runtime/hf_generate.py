@@ -54,7 +54,6 @@ class InMemoryRuntime:
         if parts[0].act_name not in ACTIVATIONS:
             raise DipstreamError(f"the sparse kernel runs the activations {sorted(ACTIVATIONS)}, not "
                                  f"'{parts[0].act_name}'")
-        self.L, self.d, self.D = len(parts), parts[0].d_model, parts[0].d_ff
         self.k_in, self.k_out, self.act = list(k_in), list(k_out), parts[0].act_name
         dt = torch.float32 if device is None or device.type == "cpu" else torch.bfloat16
         self.w = [SparseMLPWeights(p.gate_weight, p.up_weight, p.down_weight, device=device, dtype=dt) for p in parts]
@@ -70,11 +69,9 @@ class InMemoryRuntime:
         y, s_in, s_out = sparse_mlp(self.w[layer], x, self.k_in[layer], self.k_out[layer], self.act,
                                     return_indices=True)
         if self.rec is not None:
-            for kind, idx, n in (("in", s_in, self.d), ("out", s_out, self.D)):
+            for kind, idx in (("in", s_in), ("out", s_out)):
                 for s in (idx if isinstance(idx, list) else [idx]):
-                    m = np.zeros(n, bool)
-                    m[s.cpu().numpy()] = True
-                    self.rec.add(layer_key(layer, kind), m)
+                    self.rec.add_units(layer_key(layer, kind), s.cpu().numpy())
         if x.shape[0] == 1:
             self.mlp_s += time.perf_counter() - t0
         return y

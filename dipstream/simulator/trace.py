@@ -144,6 +144,12 @@ class TraceRecorder:
     def add(self, name: str, mask: np.ndarray) -> None:
         self.rows[name].append(np.packbits(np.asarray(mask, bool), bitorder="little"))
 
+    def add_units(self, name: str, units) -> None:
+        """Record the mask that selects `units` (indices) of hook `name`."""
+        mask = np.zeros(self.specs[name].n_units, bool)
+        mask[np.asarray(units, np.int64)] = True
+        self.add(name, mask)
+
     def trace(self, prompt_len: int, metadata: dict) -> "MaskTrace":
         hooks = []
         for name, h in self.specs.items():
