@@ -41,19 +41,19 @@ from dipstream.names import layer_key
 from dipstream.native import ACTIVATION_CODES
 from dipstream.paths import cache_root
 from dipstream.simulator.model_shape import ModelShape
+from dipstream.validation import input_dir, output_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "config.json")  # copied beside the model file
 
 
 @dataclass
-class ExportConfig:
-    """Export a model into the engine's model file."""
+class ModelFileOptions:
+    """The engine's model file of a run: its formats, its folder, the adapters merged into it."""
 
-    model: str = field(default="smollm2-135m", metadata={
-        "help": "built-in model name (see `dipstream models`) or a local HF checkpoint folder"})
     weights: str = field(default="float32", metadata={
-        "help": "format of every weight matrix: float32, int8, int4 (4-bit in groups of 32)", "choices": FORMATS})
+        "help": "format of every weight matrix of the engine's model file: float32, int8, int4 (4-bit in groups "
+                "of 32; the Hugging Face front end runs float32)", "choices": FORMATS})
     head_weights: str | None = field(default=None, metadata={
         "help": "format of the embedding / output head (default: --weights; int8 with int4, as GGUF Q4 files keep it "
                 "in Q8_0)", "choices": FORMATS})
@@ -64,6 +64,20 @@ class ExportConfig:
         "help": "merge the LoRA adapters of this `dipstream finetune` folder into the exported weights (peft's "
                 "merge: exact for DIP's column masks, which feed an adapter the same inputs as its weight)",
         "metavar": "DIR"})
+
+    def validate(self) -> None:
+        """The folders, before anything is loaded."""
+        output_dir("model_dir", self.model_dir)
+        input_dir("adapter", self.adapter, "finetune --out folder")
+
+
+@dataclass
+class ExportConfig:
+    """Export a model into the engine's model file."""
+
+    model: str = field(default="smollm2-135m", metadata={
+        "help": "built-in model name (see `dipstream models`) or a local HF checkpoint folder"})
+    file: ModelFileOptions = field(default_factory=ModelFileOptions)
 
 
 # ------------------------------------------------------------------------------------ architecture
@@ -311,11 +325,9 @@ def ensure_model_file(model: str, weights: str, head: str | None = None, directo
 
 def run_export(cfg: ExportConfig) -> dict:
     """Write (or find) the model file; returns {model_dir, bytes, formats}."""
-    from dipstream.validation import input_dir, output_dir
-
-    output_dir("model_dir", cfg.model_dir)
-    input_dir("adapter", cfg.adapter, "finetune --out folder")
-    d = ensure_model_file(cfg.model, cfg.weights, cfg.head_weights, cfg.model_dir, cfg.adapter)
+    f = cfg.file
+    f.validate()
+    d = ensure_model_file(cfg.model, f.weights, f.head_weights, f.model_dir, f.adapter)
     m = read_manifest(d)
     return {"model_dir": str(d), "bytes": int(m["size"]), "weights": m["mlp_fmt"], "head_weights": m["head_fmt"],
             "family": m["arch"]["model_type"], "adapter": m.get("adapter")}

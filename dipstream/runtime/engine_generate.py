@@ -34,7 +34,8 @@ def engine_setup(cfg, max_seq: int, n_layers: int) -> EngineSetup:
 def run_engine(cfg, out=None) -> dict:
     """The lean engine's generate run of `cfg` (a GenerateConfig); returns the results row."""
     out = out or sys.stdout
-    directory = ensure_model_file(cfg.model, cfg.weights, cfg.head_weights, cfg.offload or cfg.model_dir, cfg.adapter)
+    f = cfg.file
+    directory = ensure_model_file(cfg.model, f.weights, f.head_weights, cfg.offload or f.model_dir, f.adapter)
     ids, decode = encode_prompt(directory, cfg.prompt, cfg.chat)
     manifest = read_manifest(directory)
     setup = engine_setup(cfg, len(ids) + cfg.decoding.max_new_tokens, manifest["arch"]["shape"]["n_layers"])

@@ -11,15 +11,14 @@ from dataclasses import dataclass, field
 from dipstream.budget import check_density
 from dipstream.engine.config import EngineOptions
 from dipstream.engine.decode import DecodeOptions
-from dipstream.engine.export import default_model_dir, engine_runs
+from dipstream.engine.export import ModelFileOptions, default_model_dir, engine_runs
 from dipstream.engine.modelfile import default_head
-from dipstream.engine.qmatrix import FORMATS
 from dipstream.errors import DipstreamError, user_errors
 from dipstream.options import CacheAwareOptions, DipOptions
 from dipstream.simulator.hardware import parse_bytes, parse_dram
 from dipstream.simulator.policies import OFFLINE_POLICIES, CacheOptions
 from dipstream.sparsity.decoding import DECODERS
-from dipstream.validation import at_least, finite, input_dir, input_file, output_dir, output_file
+from dipstream.validation import at_least, finite, input_file, output_dir, output_file
 
 ENGINES = ("auto", "lean", "hf")
 
@@ -40,20 +39,9 @@ class GenerateConfig:
     chat: bool = field(default=False, metadata={
         "help": "wrap the prompt in the tokenizer's chat template (instruct models)"})
     decoding: DecodeOptions = field(default_factory=DecodeOptions)
-    weights: str = field(default="float32", metadata={
-        "help": "weight format of the engine's model file: float32, int8 or int4 (4-bit in groups of 32; the "
-                "Hugging Face engine runs float32)", "choices": FORMATS})
-    head_weights: str | None = field(default=None, metadata={
-        "help": "format of the embedding / output head (default: --weights; int8 with int4, as GGUF Q4 files keep "
-                "it in Q8_0)", "choices": FORMATS})
-    model_dir: str | None = field(default=None, metadata={
-        "help": "folder of the exported model file (default: in dipstream's cache; written on first use)",
-        "metavar": "DIR"})
+    file: ModelFileOptions = field(default_factory=ModelFileOptions)
     dip: DipOptions = field(default_factory=DipOptions)
     ca: CacheAwareOptions = field(default_factory=CacheAwareOptions)
-    adapter: str | None = field(default=None, metadata={
-        "help": "the LoRA adapters of this `dipstream finetune` folder, merged into the weights (exact for DIP's "
-                "column masks: an adapter sees the inputs its weight sees)", "metavar": "DIR"})
     offload: str | None = field(default=None, metadata={
         "help": "keep the MLP weights in the model file in this directory (exported there on first use; it takes "
                 "the place of --model-dir) and only what --memory or --dram leaves for them in RAM", "metavar": "DIR"})
@@ -119,10 +107,9 @@ class GenerateConfig:
         if self.method == "dip-ca" and not self.offload:
             raise DipstreamError("dip-ca picks its masks from the engine's RAM cache: run it with "
                                  "--offload DIR --memory BUDGET (or --dram BUDGET)")
-        input_dir("adapter", self.adapter, "finetune --out folder")
+        self.file.validate()
         output_file("json", self.json)
         output_file("trace", self.trace)
-        output_dir("model_dir", self.model_dir)
         output_dir("offload", self.offload)
         for flag, value in (("--memory", self.run.memory), ("--read-gap", self.run.read_gap)):
             try:
@@ -139,8 +126,8 @@ class GenerateConfig:
         if self.offload:
             raise DipstreamError("the Hugging Face engine does not offload: the lean engine runs --offload (drop "
                                  "--engine hf)")
-        if self.weights != "float32" or self.head_weights not in (None, "float32"):
-            raise DipstreamError(f"--weights {self.weights}: the Hugging Face engine runs float32 (bfloat16 on CUDA); "
+        if self.file.weights != "float32" or self.file.head_weights not in (None, "float32"):
+            raise DipstreamError(f"--weights {self.file.weights}: the Hugging Face engine runs float32 (bfloat16 on CUDA); "
                                  "the lean engine runs the quantized formats (drop --engine hf)")
 
     def validate_lean(self) -> None:
@@ -167,8 +154,9 @@ def use_engine(cfg: GenerateConfig) -> bool:
     hf` take the Hugging Face model."""
     if cfg.engine == "hf" or (cfg.engine == "auto" and cfg.device == "cuda"):
         return False
-    folder = cfg.offload or cfg.model_dir or default_model_dir(cfg.model, cfg.weights,
-                                                               cfg.head_weights or default_head(cfg.weights), cfg.adapter)
+    f = cfg.file
+    folder = cfg.offload or f.model_dir or default_model_dir(cfg.model, f.weights, f.head_weights or default_head(f.weights),
+                                                             f.adapter)
     model_type, ok = engine_runs(cfg.model, folder)
     if not ok:
         raise DipstreamError(f"the lean engine does not run '{model_type}' models (a mixture-of-experts model: "

@@ -123,9 +123,9 @@ def run_hf(cfg, out=None) -> dict:
     row = {"model": lm.name, "method": cfg.method, "density_requested": cfg.density, "engine": "hf",
            "weights": "float32" if dev.type == "cpu" else "bfloat16", "device": str(dev),
            "threads": torch.get_num_threads()}
-    if cfg.adapter:
-        meta, n_lora = inject_lora(lm, cfg.adapter)
-        row.update(adapter=str(cfg.adapter), adapter_method=meta.get("method"), adapter_weights=n_lora,
+    if cfg.file.adapter:
+        meta, n_lora = inject_lora(lm, cfg.file.adapter)
+        row.update(adapter=str(cfg.file.adapter), adapter_method=meta.get("method"), adapter_weights=n_lora,
                    adapters_merged=merge_lora(lm.model))
     folder = resolve_checkpoint(cfg.model)[1]
     ids, decode = encode_prompt(folder, cfg.prompt, cfg.chat)
