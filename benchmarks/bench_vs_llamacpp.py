@@ -147,7 +147,8 @@ def child_ours(argv: list[str]) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", help="a built-in model (its GGUF is llama.cpp's input)")
-    ap.add_argument("--weights", default="int4", help="dipstream's weight format (float32, int8, int4)")
+    ap.add_argument("--weights", default="gguf",
+                    help="dipstream's weight format (gguf: the GGUF's own blocks; float32, int8, int4: re-quantized)")
     ap.add_argument("--llama-python", default=sys.executable, help="an interpreter that has llama-cpp-python")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--scenarios", default="ram,0.75,0.5", help="ram and/or cap fractions of the model's bytes")
@@ -276,9 +277,7 @@ def perplexities(a, gguf: Path, model_dir: Path, configs, scenarios, cap_of, our
 
     from dipstream.data.corpora import load_text
     from dipstream.data.windows import make_windows
-    from dipstream.models.loading import resolve_checkpoint
-
-    tok = AutoTokenizer.from_pretrained(resolve_checkpoint(a.model)[1])
+    tok = AutoTokenizer.from_pretrained(model_dir)  # the model file's tokenizer: the GGUF's
     w = make_windows(tok, load_text("wiki", "eval"), a.ppl_len, a.ppl_windows * (a.ppl_len - 1))
     wfile = Path(a.out) / "ppl_windows.json"
     wfile.write_text(json.dumps(w.input_ids.tolist()))

@@ -411,7 +411,7 @@ def test_unread_records_are_never_used(exported, tmp_path):
     data.tofile(poisoned / "model.bin")
     assert sum(rec) > 0
     for off, gap in ((False, 0), (True, 0), (True, 4096)):  # a gap reads poisoned records, never uses them
-        lm = model(poisoned)
+        lm = model(poisoned, verify="never")  # the poison is deliberate: no sha256 check
         lm.mlp = OffloadMLP(lm, chooser("dip", [20, 20], [30, 30]), 8_000, direct=False, read_gap=gap) if off \
             else RamMLP(lm, chooser("dip", [20, 20], [30, 30]))
         got = [lm.forward(int(t), i) for i, t in enumerate(IDS[0, :6])]
@@ -755,7 +755,7 @@ def test_model_file_records_read_back_exactly(exported):
 
 
 def test_corrupt_truncated_and_mismatched_files(exported, tmp_path):
-    """A flipped byte fails the sha256 check (--verify, the default), a truncated file its size, a
+    """A flipped byte fails its tensor's sha256 check (--verify auto: the folder's first open), a truncated file its size, a
     folder of another model or formats is refused, a folder without or with a broken manifest too;
     each a one-line error saying what to do."""
     import json
@@ -773,11 +773,11 @@ def test_corrupt_truncated_and_mismatched_files(exported, tmp_path):
     raw[len(raw) // 2] ^= 0xFF
     (bad / "model.bin").write_bytes(bytes(raw))
     setup = EngineSetup(decode_rule("dense"), layer_keeps(1.0, 2), 16, EngineOptions())
-    with pytest.raises(DipstreamError, match="corrupt .sha256 mismatch.") as e:
+    with pytest.raises(DipstreamError, match=r"corrupt \(tensor \S+ does not match its sha256\)") as e:
         build(bad, setup)
     assert "\n" not in str(e.value)
-    lm, _ = build(bad, EngineSetup(decode_rule("dense"), layer_keeps(1.0, 2), 16, EngineOptions(verify=False)))
-    lm.close()  # --no-verify: the manifest and the size only
+    lm, _ = build(bad, EngineSetup(decode_rule("dense"), layer_keeps(1.0, 2), 16, EngineOptions(verify="never")))
+    lm.close()  # --verify never: the manifest and the size only
     (bad / "model.bin").write_bytes(bytes(raw[:-4096]))
     with pytest.raises(DipstreamError, match="has .* bytes, the manifest says"):
         build(bad, setup)

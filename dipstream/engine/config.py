@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dipstream.budget import LayerKeeps
+from dipstream.engine.modelfile import VERIFY
 
 KV_DTYPES = ("float32", "float16")
 HEAD_PLACES = ("auto", "ram", "stream")
@@ -43,8 +44,10 @@ class EngineOptions:
     io_threads: int = field(default=8, metadata={"help": "with --offload: reads in flight"})
     direct_io: bool = field(default=True, metadata={
         "help": "with --offload: read with O_DIRECT (bypass the page cache); --no-direct-io reads through it"})
-    verify: bool = field(default=True, metadata={
-        "help": "check the model file's sha256 when opening it (--no-verify: its size and manifest only)"})
+    verify: str = field(default="auto", metadata={
+        "help": "check every tensor of the model file against its sha256: auto (on the folder's first open and "
+                "whenever model.bin or model.json change; about 1 s per GB read), always, or never (the manifest's "
+                "checks only)", "choices": VERIFY})
 
 
 @dataclass

@@ -21,12 +21,13 @@ import numpy as np
 
 from dipstream.engine.modelfile import (
     FORMAT,
+    KEEP,
     MANIFEST,
     default_head,
     read_manifest,
     write_model_file,
 )
-from dipstream.engine.qmatrix import FORMATS
+from dipstream.engine.qmatrix import QUANTIZE
 from dipstream.errors import DipstreamError
 from dipstream.io import folder_lock
 from dipstream.models.families import (
@@ -51,12 +52,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class ModelFileOptions:
     """The engine's model file of a run: its formats, its folder, the adapters merged into it."""
 
-    weights: str = field(default="float32", metadata={
-        "help": "format of every weight matrix of the engine's model file: float32, int8, int4 (4-bit in groups "
-                "of 32; the Hugging Face front end runs float32)", "choices": FORMATS})
+    weights: str | None = field(default=None, metadata={
+        "help": "format of the weight matrices of the engine's model file: gguf (a GGUF's own blocks, moved without "
+                "re-quantizing: the default for a GGUF or built-in model), float32 (the default for a Hugging Face "
+                "folder), int8 or int4 (re-quantized: Q8_0- / Q4_1-like groups of 32)",
+        "choices": (KEEP,) + QUANTIZE})
     head_weights: str | None = field(default=None, metadata={
         "help": "format of the embedding / output head (default: --weights; int8 with int4, as GGUF Q4 files keep it "
-                "in Q8_0)", "choices": FORMATS})
+                "in Q8_0)", "choices": (KEEP,) + QUANTIZE})
     model_dir: str | None = field(default=None, metadata={
         "help": "folder of the exported model file (default: in dipstream's cache, where `generate` looks; written "
                 "on first use)", "metavar": "DIR"})
@@ -76,7 +79,8 @@ class ExportConfig:
     """Export a model into the engine's model file."""
 
     model: str = field(default="smollm2-135m", metadata={
-        "help": "built-in model name (see `dipstream models`) or a local HF checkpoint folder"})
+        "help": "built-in model name (see `dipstream models`), a GGUF file (PATH.gguf) or a local HF checkpoint "
+                "folder"})
     file: ModelFileOptions = field(default_factory=ModelFileOptions)
 
 
@@ -241,8 +245,9 @@ def export_checkpoint(ckpt: str | Path, directory: str | Path, model: str, weigh
 
     head = head or default_head(weights)
     for f in (weights, head):
-        if f not in FORMATS:
-            raise DipstreamError(f"unknown weight format '{f}'; use one of {', '.join(FORMATS)}")
+        if f not in QUANTIZE:
+            raise DipstreamError(f"a Hugging Face checkpoint is stored in {', '.join(QUANTIZE)}, not '{f}' "
+                                 f"({KEEP} keeps a GGUF's blocks: give the .gguf file)")
     ckpt, directory = Path(ckpt), Path(directory)
     config = AutoConfig.from_pretrained(ckpt)
     arch = engine_arch(config)
@@ -274,6 +279,53 @@ def export_checkpoint(ckpt: str | Path, directory: str | Path, model: str, weigh
     return manifest
 
 
+def export_gguf(path: str | Path, directory: str | Path, model: str, weights: str = KEEP,
+                head: str | None = None) -> dict:
+    """Write the model file of a GGUF into `directory`: its blocks moved into records (weights
+    gguf) or re-quantized (float32, int8, int4), a slice of one tensor at a time. Returns the
+    manifest."""
+    from dipstream.engine.gguf_source import GGUFSource
+    from dipstream.engine.text import write_lean_tokenizer
+
+    head = head or default_head(weights)
+    src = GGUFSource(path)
+    config = src.config()
+    arch = engine_arch(config)
+    directory = Path(directory)
+    keep = (lambda f: None if f == KEEP else f)
+    meta = {"model": model, "arch": arch, "static_fmt": weights, "mlp_fmt": weights, "head_fmt": head,
+            "adapter": None, "adapter_weights": 0, "source": {"gguf": src.path.name, "bytes": src.path.stat().st_size}}
+    manifest = write_model_file(directory, meta, src.tensors_of(arch, keep(weights), keep(head)))
+    src.write_tokenizer(directory)
+    config.save_pretrained(str(directory))
+    write_lean_tokenizer(directory)
+    return manifest
+
+
+def gguf_of(model: str) -> Path | None:
+    """The GGUF file a model comes from: a .gguf path, or a built-in model's; None for a Hugging
+    Face folder."""
+    from dipstream.engine.gguf_source import is_gguf
+
+    if is_gguf(model):
+        return Path(model).expanduser()
+    from dipstream.models.builtins import BUILTIN_MODELS
+
+    return BUILTIN_MODELS[model].gguf() if model in BUILTIN_MODELS else None
+
+
+def source_weights(model: str, weights: str | None, adapter: str | None = None) -> str:
+    """--weights as given, or the default of the model's source: gguf for a GGUF (adapters merge into
+    float weights: float32 then), float32 for a Hugging Face folder."""
+    from dipstream.engine.gguf_source import is_gguf
+
+    if weights is not None:
+        return weights
+    from dipstream.models.builtins import BUILTIN_MODELS
+
+    return KEEP if (is_gguf(model) or model in BUILTIN_MODELS) and adapter is None else "float32"
+
+
 def adapter_id(adapter: str | Path | None) -> str | None:
     """sha256 (16 hex digits) of an adapter folder's LoRA files: which adapters a file has merged."""
     if adapter is None:
@@ -297,20 +349,29 @@ def default_model_dir(model: str, weights: str, head: str, adapter: str | None =
     return cache_root() / "engine" / f"{Path(model).name}-{weights}-{head}-{FORMAT.split('/')[-1]}{suffix}"
 
 
-def ensure_model_file(model: str, weights: str, head: str | None = None, directory: str | None = None,
+def ensure_model_file(model: str, weights: str | None, head: str | None = None, directory: str | None = None,
                       adapter: str | None = None) -> Path:
-    """The exported model file of `model` (built-in name or HF folder) in these formats, with these
-    adapters, written once under a lock (exporting loads the Hugging Face stack; reusing the file does
-    not). A folder holding another model, formats or adapters is refused."""
+    """The exported model file of `model` (built-in name, GGUF file or HF folder) in these formats
+    (None: the source's own, `source_weights`), with these adapters, written once under a lock
+    (exporting loads the Hugging Face stack; reusing the file does not). A folder holding another
+    model, formats or adapters is refused."""
+    weights = source_weights(model, weights, adapter)
     head = head or default_head(weights)
     d = Path(directory) if directory else default_model_dir(model, weights, head, adapter)
     if not (d / MANIFEST).exists():
-        from dipstream.models.loading import resolve_checkpoint
-
-        name, ckpt = resolve_checkpoint(model)
+        gguf = gguf_of(model)
+        if (KEEP in (weights, head)) and (gguf is None or adapter is not None):
+            raise DipstreamError(f"--weights {KEEP} keeps a GGUF's own blocks: give a .gguf file or a built-in model, "
+                                 "without --adapter (adapters merge into float32, int8 or int4 weights)")
         with folder_lock(d, "model export", wait=True):
             if not (d / MANIFEST).exists():
-                export_checkpoint(ckpt, d, name, weights, head, adapter)
+                if gguf is not None and adapter is None:
+                    export_gguf(gguf, d, Path(model).name, weights, head)
+                else:
+                    from dipstream.models.loading import resolve_checkpoint
+
+                    name, ckpt = resolve_checkpoint(model)
+                    export_checkpoint(ckpt, d, name, weights, head, adapter)
     m = read_manifest(d)
     want = (weights, weights, head, adapter_id(adapter))
     have = (m["mlp_fmt"], m["static_fmt"], m["head_fmt"], m.get("adapter"))
@@ -338,6 +399,11 @@ def engine_runs(model: str, model_dir: str | Path) -> tuple[str | None, bool]:
     there is one, else from the checkpoint's config.json (no heavy imports either way)."""
     if (Path(model_dir) / MANIFEST).exists():
         return json.loads((Path(model_dir) / MANIFEST).read_text())["arch"]["model_type"], True
+    gguf = gguf_of(model)
+    if gguf is not None:
+        from dipstream.engine.gguf_source import GGUFSource
+
+        return GGUFSource(gguf).arch, True  # one-line refusal of the architectures the export does not read
     from types import SimpleNamespace
 
     from dipstream.models.loading import resolve_checkpoint

@@ -23,9 +23,9 @@ from dipstream.engine.modelfile import (
     TensorInfo,
     family_block,
     is_mlp_tensor,
-    verify_sha256,
+    verify_tensors,
 )
-from dipstream.engine.qmatrix import QMatrix, dequantize_records
+from dipstream.engine.qmatrix import QMatrix, dequantize_records, weight_format
 from dipstream.engine.plan import head_buffer_bytes, head_chunk_rows, head_span_bytes
 from dipstream.engine.storage import PIECE, FileReader, aligned_empty, block_extents, drop_page_cache
 from dipstream.errors import DipstreamError
@@ -46,16 +46,18 @@ class EmbeddingReader:
     (an offloaded run keeps a vocabulary-sized table out of its budget for a few kB a token)."""
 
     def __init__(self, reader: FileReader, info: TensorInfo, q: QMatrix):
-        self.reader, self.info, self.q = reader, info, q  # q: its headers (`LeanModel.headers_only`)
-        self.ram_bytes = self.q.header_bytes
+        self.reader, self.info, self.q = reader, info, q  # q: its headers (`LeanModel.headers_only`; None: GGUF rows)
+        self.ram_bytes = self.q.header_bytes if q is not None else 0
         self.disk_bytes = 0
         self._rec = np.empty((1, info.stride), np.uint8)
 
     def lookup(self, tok: int) -> np.ndarray:
-        e = self.info
+        e, q = self.info, self.q
         self.reader.read_into(self._rec, e.offset + tok * e.stride)
         self.disk_bytes += e.stride
-        return dequantize_records(self._rec, e.fmt, e.m, self.q.hd, self.q.hm, self.q.gi or 1, first=tok)[0]
+        if q is None:
+            return dequantize_records(self._rec, e.fmt, e.m)[0]
+        return dequantize_records(self._rec, e.fmt, e.m, q.hd, q.hm, q.gi or 1, first=tok)[0]
 
 
 class StreamedHead:
@@ -115,13 +117,15 @@ class StreamedHead:
         if self.embed is not None:
             return self.embed.lookup(tok)
         q, info = self.q, self.info
-        pos, width = q.column_bytes(tok)
-        got = np.zeros((info.rows, 4), np.uint8)  # one small read per record, on the read pool
-        fo = info.offset + np.arange(info.rows, dtype=np.int64) * info.stride + pos
-        dst = got.ctypes.data + 4 * np.arange(info.rows, dtype=np.int64)
-        self.reader.read(fo, np.full(info.rows, width, np.int64), dst, buffered=True)
-        self._disk_bytes += info.rows * width
-        return q.decode_column(got[:, :width], tok)
+        spans = q.column_bytes(tok)
+        got = np.zeros((info.rows, 4 * len(spans)), np.uint8)  # small reads per record, on the read pool
+        base = info.offset + np.arange(info.rows, dtype=np.int64) * info.stride
+        dst = got.ctypes.data + got.shape[1] * np.arange(info.rows, dtype=np.int64)
+        for s, (pos, width) in enumerate(spans):
+            self.reader.read(base + pos, np.full(info.rows, width, np.int64), dst + 4 * s, buffered=True)
+            self._disk_bytes += info.rows * width
+        return q.decode_column(np.concatenate([got[:, 4 * s:4 * s + w] for s, (_, w) in enumerate(spans)], axis=1),
+                               tok)
 
 
 class LeanModel:
@@ -133,7 +137,7 @@ class LeanModel:
 
     def __init__(self, directory, manifest: dict, max_seq: int, nthreads: int = 1, kv_dtype: str = "float32",
                  head: str = "ram", activations: str = "float32", stream_embed: bool = False,
-                 io_threads: int = 4, verify: bool = False):
+                 io_threads: int = 4, verify: str = "auto"):
         self.directory, self.manifest = Path(directory), manifest
         a = self.arch = manifest["arch"]
         self.block_spec = family_block(a)
@@ -146,17 +150,19 @@ class LeanModel:
         self._check_length(self.max_seq)
         self.act8 = activations == "int8"
         self.reader = FileReader(self.directory / DATA, io_threads)
-        if verify:
-            verify_sha256(self.reader, manifest)
+        self.verified = verify_tensors(self.directory, self.reader, manifest, verify)
         infos = manifest["tensor_info"]
         self.w: dict[str, QMatrix] = {}
         self.vec: dict[str, np.ndarray] = {}
+        self.embed_rows: np.ndarray | None = None
         streamed = ("head", "embed") if head == "stream" else ("embed",) if stream_embed else ()
         for name, info in infos.items():
             if is_mlp_tensor(name) or name in streamed:
                 continue  # the MLP backend (and a streamed head) reads these
             if info.rows == 1 and info.fmt == "float32":
                 self.vec[name] = dequantize_records(self.load(info).rec, "float32", info.m)[0].copy()
+            elif weight_format(info.fmt).rows:  # an untied embedding in its GGUF rows: looked up, not multiplied
+                self.embed_rows = self.reader.read_into(np.empty((info.rows, info.stride), np.uint8), info.offset)
             else:
                 self.w[name] = self.load(info)
         for i in range(self.L):  # q, k and v in one product where their records lie side by side
@@ -173,6 +179,7 @@ class LeanModel:
             StreamedHead(self.reader, infos["head"], self.headers_only(infos["head"]), embed)
         self.embed_reader = None if self.head else embed  # a streamed head looks embeddings up itself
         self.static_bytes = sum(q.nbytes for q in self.w.values()) + sum(v.nbytes for v in self.vec.values()) \
+            + (self.embed_rows.nbytes if self.embed_rows is not None else 0) \
             + (self.head.ram_bytes if self.head else 0) + (self.embed_reader.ram_bytes if self.embed_reader else 0)
         drop_page_cache(self.reader.fd)  # the copies are in RAM now: the file's cached pages can go
         self.K = np.empty((self.L, self.Hkv, self.max_seq, self.hd), np.dtype(kv_dtype))
@@ -202,14 +209,17 @@ class LeanModel:
                                      "shorter prompt or fewer --max-new-tokens")
 
     def headers(self, info: TensorInfo) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The float16 scale and offset headers of a quantized tensor (None where it has none)."""
-        out = []
-        for off in (info.hd_offset, info.hm_offset):
-            out.append(None if off < 0 else self.reader.read_into(np.empty(info.header_shape, np.float16), off))
-        return out[0], out[1]
+        """The header tables of a quantized tensor: scales (K-quants: their super-block bytes) and
+        offsets (None where it has none)."""
+        out = [self.reader.read_into(np.empty(shape, dt), off)
+               for off, (dt, shape) in zip((info.hd_offset, info.hm_offset), info.header_specs)]
+        return tuple(out + [None] * (2 - len(out)))
 
-    def headers_only(self, info: TensorInfo) -> QMatrix:
-        """A tensor's headers in RAM over a stand-in record (its records are read where used)."""
+    def headers_only(self, info: TensorInfo) -> QMatrix | None:
+        """A tensor's headers in RAM over a stand-in record (its records are read where used);
+        None for GGUF rows (no headers)."""
+        if weight_format(info.fmt).rows:
+            return None
         return QMatrix(np.zeros((1, info.stride), np.uint8), info.fmt, info.m, *self.headers(info), units=info.rows,
                        act8=self.act8)
 
@@ -254,6 +264,8 @@ class LeanModel:
     def embed(self, tok: int) -> np.ndarray:
         if self.head is not None or self.embed_reader is not None:
             x = (self.head or self.embed_reader).lookup(tok)
+        elif self.embed_rows is not None:
+            x = dequantize_records(self.embed_rows[tok:tok + 1], self.manifest["tensor_info"]["embed"].fmt, self.d)[0]
         elif "embed" in self.w:
             e = self.w["embed"]
             x = dequantize_records(e.rec[tok:tok + 1], e.fmt, e.m, e.hd, e.hm, e.gi, first=tok)[0]
@@ -304,6 +316,9 @@ class LeanModel:
         """Logits (vocab,) of the next token after `tok` at position `pos` (KV cache updated)."""
         if pos >= self.max_seq:
             raise DipstreamError(f"position {pos} is past the KV cache of {self.max_seq} tokens")
+        if not 0 <= tok < self.V:
+            raise DipstreamError(f"token id {tok} is outside the model's vocabulary of {self.V}; the tokenizer and the "
+                                 "model file do not match: export the model again")
         x = np.ascontiguousarray(self.embed(int(tok)), np.float32)  # a fresh array: the blocks add into it
         for i in range(self.L):
             self.attention_block(i, x, pos)

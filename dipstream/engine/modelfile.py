@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from dipstream.engine.qmatrix import (
-    FORMATS,
-    input_group,
+    header_bytes,
+    header_specs,
     quantize_records,
     record_layout,
+    weight_format,
 )
 from dipstream.engine.storage import FileReader, aligned_empty
 from dipstream.errors import DipstreamError
@@ -41,7 +42,7 @@ from dipstream.models.families import ARCHITECTURES, DecoderSpec
 from dipstream.names import key_kind, layer_key
 from dipstream.simulator.model_shape import ModelShape
 
-FORMAT = "dipstream-engine/3"  # 3: the architecture as the family table runs it, RoPE tables from transformers
+FORMAT = "dipstream-engine/4"  # 4: GGUF block formats kept exactly, per-tensor sha256
 DATA, MANIFEST = "model.bin", "model.json"
 ALIGN = 4096
 MLP_KINDS = ("in", "out")
@@ -56,6 +57,9 @@ def mlp_tensor(layer: int, kind: str) -> str:
 def is_mlp_tensor(name: str) -> bool:
     """Whether a tensor of the file holds MLP records (what an offloaded run leaves in the file)."""
     return key_kind(name) in ("mlp_in", "mlp_out")
+
+
+KEEP = "gguf"  # `--weights`: a GGUF source's own block formats, tensor by tensor
 
 
 def default_head(weights: str) -> str:
@@ -74,20 +78,30 @@ class TensorInfo:
     fmt: str
     group: int
     stride: int
-    hd_offset: int = -1  # float16 headers (quantized formats): scales, then (int4) offsets
-    hm_offset: int = -1
+    hd_offset: int = -1  # header tables (quantized formats): scales (K-quants: their super-block bytes),
+    hm_offset: int = -1  # then offsets (int4, q5_1)
+    sha256: str = ""
 
     @property
-    def header_shape(self) -> tuple[int, int]:
-        return (self.rows // input_group(self.rows), self.m)
+    def header_specs(self) -> list:
+        """[(dtype, shape)] of the header tables (engine.qmatrix.header_specs)."""
+        return header_specs(self.fmt, self.rows, self.m)
 
     @property
     def header_bytes(self) -> int:
-        return 2 * self.header_shape[0] * self.m * ((self.hd_offset >= 0) + (self.hm_offset >= 0))
+        return header_bytes(self.fmt, self.rows, self.m)
 
     @property
     def nbytes(self) -> int:
         return self.rows * self.stride
+
+
+def row_values(fmt: str, nbytes: int) -> int:
+    """Values in a GGUF row of `nbytes` bytes of the rows format `fmt`."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType[weight_format(fmt).gguf]]
+    return nbytes // ts * bs
 
 
 class ModelWriter:
@@ -109,17 +123,48 @@ class ModelWriter:
         self.digest.update(data)
         return off
 
-    def add(self, name: str, rows_by_input: np.ndarray, fmt: str) -> None:
-        """A tensor stored as records of its rows (rows x m float32), then its headers."""
-        m = rows_by_input.shape[1]
+    def add(self, name: str, payload, fmt: str) -> None:
+        """A tensor: float32 rows by input (rows x m) quantized to `fmt`; a GGUF embedding's raw
+        rows (uint8, a ``*_rows`` format); or moved records (a generator of ("records", slice)
+        pieces then ("headers", [tables]): engine.gguf_blocks.move_matrices). Records, then the
+        header tables, each on an ALIGN boundary; the tensor's own sha256 beside the file's."""
+        f = weight_format(fmt)
+        digest = hashlib.sha256()
+        self._pad()
+        t = {"offset": self.fh.tell(), "fmt": fmt}
+
+        def put(arr: np.ndarray) -> None:
+            data = np.ascontiguousarray(arr).tobytes()
+            self.fh.write(data)
+            self.digest.update(data)
+            digest.update(data)
+
+        if isinstance(payload, np.ndarray) and f.rows:
+            m = row_values(fmt, payload.shape[1])
+            rows, heads = payload.shape[0], []
+            padded = np.zeros((rows, record_layout(fmt, m)[2]), np.uint8)
+            padded[:, :payload.shape[1]] = payload
+            put(padded)
+        elif isinstance(payload, np.ndarray):
+            rows, m = payload.shape
+            rec, hd, hm = quantize_records(payload, fmt)
+            heads = [h for h in (hd, hm) if h is not None]
+            put(rec)
+        else:  # moved records: slices of inputs as they come
+            rows, heads = 0, []
+            for kind, part in payload:
+                if kind == "records":
+                    put(part)
+                    rows += part.shape[0]
+                else:
+                    heads = part
+            m = int(heads[0].shape[1])
         g, _, stride = record_layout(fmt, m)
-        rec, hd, hm = quantize_records(rows_by_input, fmt)
-        t = {"offset": self._write(rec.tobytes()), "rows": int(rows_by_input.shape[0]), "m": int(m), "fmt": fmt,
-             "group": int(g), "stride": int(stride)}
-        if hd is not None:
-            t["hd_offset"] = self._write(hd.tobytes())
-        if hm is not None:
-            t["hm_offset"] = self._write(hm.tobytes())
+        for key, h in zip(("hd_offset", "hm_offset"), heads):
+            self._pad()
+            t[key] = self.fh.tell()
+            put(h)
+        t.update(rows=int(rows), m=int(m), group=int(g), stride=int(stride), sha256=digest.hexdigest())
         self.tensors[name] = t
 
     def finish(self) -> tuple[int, str]:
@@ -129,21 +174,28 @@ class ModelWriter:
 
 
 def write_model_file(directory: str | os.PathLike, manifest: dict, tensors) -> dict:
-    """Write DIR/model.bin from `tensors` (an iterable of (name, rows x m float32 array, format),
-    produced one at a time) and DIR/model.json from `manifest` (format, model, arch, formats; the
-    tensors, size and sha256 are added here), each atomically. Returns the manifest."""
+    """Write DIR/model.bin from `tensors` (an iterable of (name, payload, format), produced one at
+    a time: see ModelWriter.add) and DIR/model.json from `manifest` (format, model, arch, formats;
+    the tensors, size and sha256 are added here), each atomically. Returns the manifest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / DATA) as tmp, open(tmp, "wb") as fh:
         w = ModelWriter(fh)
-        for name, rows, fmt in tensors:
-            if fmt not in FORMATS:
-                raise DipstreamError(f"unknown weight format '{fmt}'; use one of {', '.join(FORMATS)}")
-            w.add(name, rows, fmt)
+        for name, payload, fmt in tensors:
+            weight_format(fmt)
+            w.add(name, payload, fmt)
         size, sha = w.finish()
     manifest = {"format": FORMAT, **manifest, "tensors": w.tensors, "size": size, "sha256": sha}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     write_json_atomic(directory / MANIFEST, manifest)
     return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's fields (canonical JSON) but its own digest: an edited manifest that
+    was not re-signed is refused (a forged one must still pass every structural check)."""
+    body = {k: v for k, v in manifest.items() if k not in ("manifest_sha256", "tensor_info")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -178,36 +230,78 @@ def family_block(arch: dict) -> DecoderSpec:
     return spec.decoder
 
 
+LIMITS = {"n_layers": 4096, "d_model": 1 << 17, "d_ff": 1 << 20, "vocab": 1 << 22, "n_heads": 4096,
+          "n_kv_heads": 4096, "head_dim": 4096}  # beyond any real model: a manifest past them is refused
+
+
+def _int(v, name: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    """v as an int in [lo, hi], or ValueError (no bools, floats or strings)."""
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{name} = {v!r}")
+    return v
+
+
+def _number(v, name: str, positive: bool = True, optional: bool = False) -> None:
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or (positive and v <= 0):
+        raise ValueError(f"{name} = {v!r}")
+
+
 def _check_arch(arch: dict) -> None:
-    """ValueError unless the architecture fields are of their types and consistent."""
+    """ValueError unless the architecture fields are of their types, finite, in range and
+    consistent (heads, kv heads and head width; layers; RoPE tables; windows)."""
+    if not isinstance(arch, dict) or not isinstance(arch.get("shape"), dict):
+        raise ValueError("arch")
     family_block(arch)
-    s = ModelShape.from_dict(arch["shape"])
-    if s.is_moe:
-        raise ValueError("mixture-of-experts shape")
+    sh = arch["shape"]
+    for f, hi in LIMITS.items():
+        _int(sh.get(f), f"shape.{f}", 1, hi)
+    for f in ("n_experts", "experts_per_token", "shared_d_ff"):
+        _int(sh.get(f, 0), f"shape.{f}", 0, 0)  # the engine runs dense MLPs
+    if not isinstance(sh.get("tied_embeddings", False), bool) or sh["n_heads"] % sh["n_kv_heads"]:
+        raise ValueError("shape.tied_embeddings or n_heads / n_kv_heads")
+    s = ModelShape.from_dict(sh)
     for f in ("eps", "query_scale"):
-        if not (isinstance(arch[f], (int, float)) and np.isfinite(arch[f]) and arch[f] > 0):
-            raise ValueError(f)
+        _number(arch[f], f)
     for f in ("attn_softcap", "final_softcap"):
-        if arch[f] is not None and not (isinstance(arch[f], (int, float)) and np.isfinite(arch[f]) and arch[f] > 0):
-            raise ValueError(f)
+        _number(arch[f], f, optional=True)
     layers, rope = arch["layers"], arch["rope"]
-    if not isinstance(layers, list) or len(layers) != s.n_layers:
+    if not isinstance(layers, list) or len(layers) != s.n_layers or not isinstance(rope, dict):
         raise ValueError("layers")
     for name, t in rope.items():
         inv = t["inv_freq"]
-        if not (isinstance(inv, list) and 0 < 2 * len(inv) <= s.head_dim and all(np.isfinite(inv))
-                and np.isfinite(t["scale"]) and (t["limit"] is None or int(t["limit"]) > 0)):
+        if not (isinstance(inv, list) and 0 < 2 * len(inv) <= s.head_dim):
             raise ValueError(f"rope {name}")
+        for v in inv:
+            _number(v, f"rope {name} inv_freq", positive=False)
+        _number(t["scale"], f"rope {name} scale", positive=False)
+        if t["limit"] is not None:
+            _int(t["limit"], f"rope {name} limit", 1)
     for layer in layers:
-        if int(layer["window"]) < 0 or (layer["rope"] is not None and layer["rope"] not in rope):
-            raise ValueError("layer window or rope")
-    if int(arch["max_positions"]) <= 0 or not isinstance(arch["act"], str):
-        raise ValueError("max_positions or act")
+        if not isinstance(layer, dict):
+            raise ValueError("layer")
+        _int(layer["window"], "layer window", 0)
+        if layer["rope"] is not None and (not isinstance(layer["rope"], str) or layer["rope"] not in rope):
+            raise ValueError("layer rope")
+    _int(arch["max_positions"], "max_positions", 1, 1 << 24)
+    if not isinstance(arch["act"], str):
+        raise ValueError("act")
+    from dipstream.native import ACTIVATION_CODES
+
+    if arch["act"] not in ACTIVATION_CODES:
+        raise ValueError(f"act {arch['act']!r}")
+    for f in ("bos", "eos"):
+        ids = arch.get(f)
+        for v in (ids if isinstance(ids, list) else [ids]):
+            if v is not None:
+                _int(v, f, 0)  # ids outside the vocabulary are never sampled; the model refuses them as input
 
 
 def _check_tensors(infos: dict[str, TensorInfo], arch: dict, size: int) -> None:
-    """ValueError unless every tensor the architecture needs is there with its shape, inside the
-    file, and the optional ones (biases, q/k norms) are there for every layer or for none."""
+    """ValueError unless every tensor the architecture needs is there with its shape, in a format
+    that tensor may have, inside the file, not overlapping another, and the optional ones (biases,
+    q/k norms) are there for every layer or for none."""
     want = expected_tensors(arch)
     extra = set(infos) - set(want)
     if extra:
@@ -224,13 +318,25 @@ def _check_tensors(infos: dict[str, TensorInfo], arch: dict, size: int) -> None:
         count = sum(1 for n in infos if key_kind(n) == part)
         if count not in (0, layers):
             raise ValueError(f"{part} in some layers only")
+    extents = []
     for t in infos.values():
-        quant = t.fmt != "float32"
-        hbytes = 2 * t.header_shape[0] * t.m
-        if t.offset % ALIGN or t.offset + t.nbytes > size or (t.hd_offset >= 0) != quant \
-                or (t.hm_offset >= 0) != (t.fmt == "int4") \
-                or any(o >= 0 and (o % ALIGN or o + hbytes > size) for o in (t.hd_offset, t.hm_offset)):
-            raise ValueError(f"{t.name} placement")
+        f = weight_format(t.fmt)
+        vector = key_kind(t.name) in NORMS + OPTIONAL or t.name == "final_norm"
+        if (f.rows and t.name != "embed") or (vector and t.fmt != "float32"):
+            raise ValueError(f"{t.name} cannot be stored as {t.fmt}")
+        specs = t.header_specs  # raises for shapes the format cannot hold
+        offs = [o for o in (t.hd_offset, t.hm_offset) if o >= 0]
+        if len(offs) != len(specs) or (t.hm_offset >= 0 and t.hd_offset < 0):
+            raise ValueError(f"{t.name} headers")
+        parts = [(t.offset, t.nbytes)] + [(o, int(np.prod(sh)) * dt.itemsize) for o, (dt, sh) in zip(offs, specs)]
+        for off, n in parts:
+            if off % ALIGN or off < 0 or off + n > size:
+                raise ValueError(f"{t.name} placement")
+            extents.append((off, off + n, t.name))
+    extents.sort()
+    for (a0, a1, na), (b0, b1, nb) in zip(extents, extents[1:]):
+        if b0 < a1:
+            raise ValueError(f"{na} and {nb} overlap")
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -248,13 +354,24 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise DipstreamError(f"{path} is not a {FORMAT} manifest; {rebuild}")
     try:
+        signed = m.get("manifest_sha256") == manifest_digest(m)
+    except (TypeError, ValueError):
+        signed = False
+    if not signed:
+        raise DipstreamError(f"{path} was edited after the export (its fields do not match their sha256); {rebuild}")
+    try:
         size = int(m["size"])
         infos = {}
+        _int(size, "size", 0)
         for name, t in m["tensors"].items():
-            g, _, stride = record_layout(t["fmt"], int(t["m"]))
-            info = TensorInfo(name, int(t["offset"]), int(t["rows"]), int(t["m"]), t["fmt"], g, stride,
-                              int(t.get("hd_offset", -1)), int(t.get("hm_offset", -1)))
-            if stride != t["stride"] or g != t["group"] or info.rows <= 0:
+            fmt = t["fmt"]
+            if not isinstance(fmt, str):
+                raise ValueError(f"{name} format")
+            g, _, stride = record_layout(fmt, _int(t["m"], f"{name} m", 1))
+            info = TensorInfo(name, _int(t["offset"], f"{name} offset"), _int(t["rows"], f"{name} rows", 1),
+                              t["m"], fmt, g, stride, _int(t.get("hd_offset", -1), f"{name} hd_offset", -1),
+                              _int(t.get("hm_offset", -1), f"{name} hm_offset", -1), str(t.get("sha256", "")))
+            if stride != t["stride"] or g != t["group"] or len(info.sha256) != 64:
                 raise ValueError(name)
             infos[name] = info
         _check_arch(m["arch"])
@@ -272,17 +389,76 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return m
 
 
-def verify_sha256(reader: FileReader, manifest: dict) -> None:
-    """Refuse a model file whose sha256 is not the manifest's (read with the file's reader: direct
-    where it can, so hashing fills no page cache)."""
-    h = hashlib.sha256()
+VERIFY = ("auto", "always", "never")
+
+
+def _stamp_path(directory: Path) -> Path:
+    """Where this machine records that a folder's model file was verified (in dipstream's cache,
+    not in the folder: a folder cannot vouch for itself)."""
+    from dipstream.paths import cache_root
+
+    key = hashlib.sha256(str(Path(directory).resolve()).encode()).hexdigest()[:24]
+    return cache_root() / "verified" / f"{key}.json"
+
+
+def _stamp(directory: Path) -> dict:
+    st = (Path(directory) / DATA).stat()
+    return {"manifest": hashlib.sha256((Path(directory) / MANIFEST).read_bytes()).hexdigest(),
+            "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def verify_tensors(directory: str | os.PathLike, reader: FileReader, manifest: dict, mode: str = "auto") -> bool:
+    """Check every tensor's bytes (records and header tables) against its sha256 in the manifest,
+    and the whole file's: one sequential pass over the file (direct reads where the file system
+    allows: no page cache filled). `mode` auto: on the first open of this folder and whenever
+    model.bin (size, mtime, inode) or the manifest changes; always; never. Returns whether it
+    checked."""
+    if mode not in VERIFY:
+        raise DipstreamError(f"--verify {mode!r}: use one of {', '.join(VERIFY)}")
+    directory = Path(directory)
+    if mode == "never":
+        return False
+    stamp, path = _stamp(directory), _stamp_path(directory)
+    if mode == "auto":
+        try:
+            if json.loads(path.read_text()) == stamp:
+                return False
+        except (OSError, ValueError):
+            pass
+    infos = manifest["tensor_info"]
+    pieces = []  # (start, end, tensor): records and header tables, in file order
+    for t in infos.values():
+        pieces.append((t.offset, t.offset + t.nbytes, t.name))
+        for off, (dt, shape) in zip((t.hd_offset, t.hm_offset), t.header_specs):
+            pieces.append((off, off + int(np.prod(shape)) * dt.itemsize, t.name))
+    pieces.sort()
+    hashers = {n: hashlib.sha256() for n in infos}
+    whole = hashlib.sha256()
     chunk = 8 << 20
     buf = aligned_empty(chunk)
     size = int(manifest["size"])  # a multiple of ALIGN: whole blocks
+    i = 0
     for pos in range(0, size, chunk):
         n = min(chunk, size - pos)
         reader.read(np.array([pos], np.int64), np.array([n], np.int64), np.array([buf.ctypes.data], np.int64))
-        h.update(memoryview(buf)[:n])
-    if h.hexdigest() != manifest["sha256"]:
-        raise DipstreamError(f"{reader.path} is corrupt (sha256 mismatch); delete {reader.path.parent} and export "
-                             "the model again")
+        view = memoryview(buf)[:n]
+        whole.update(view)
+        while i < len(pieces) and pieces[i][0] < pos + n:  # pieces overlapping this chunk
+            a, b, name = pieces[i]
+            lo, hi = max(a, pos), min(b, pos + n)
+            hashers[name].update(view[lo - pos:hi - pos])
+            if b > pos + n:
+                break
+            i += 1
+    rebuild = f"delete {directory} and export the model again"
+    for name, h in hashers.items():
+        if h.hexdigest() != infos[name].sha256:
+            raise DipstreamError(f"{reader.path} is corrupt (tensor {name} does not match its sha256); {rebuild}")
+    if whole.hexdigest() != manifest["sha256"]:
+        raise DipstreamError(f"{reader.path} is corrupt (sha256 mismatch); {rebuild}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, stamp)
+    except OSError:
+        pass  # a read-only cache: verified again next time
+    return True

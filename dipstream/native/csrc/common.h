@@ -68,7 +68,7 @@ static inline float h2f(uint16_t h)
 DS_API int64_t ds_select_gemv(const float* v, int64_t n, int64_t k, const float* W, int64_t ld, int64_t m,
                               int64_t* idx, float* coef, float* out, int nthreads);
 DS_API int64_t ds_select_gemv_qg(const float* v, int64_t n, int64_t k, const uint8_t* Wq, int64_t ldb, int64_t G,
-                                 int bits, const uint16_t* HD, const uint16_t* HM, int64_t GI, int64_t m,
+                                 int bits, const void* HD, const uint16_t* HM, int64_t GI, int hk, int zp, int64_t m,
                                  int64_t* idx, float* coef, float* out, int nthreads, int act8);
 
 #endif

@@ -183,11 +183,11 @@ DS_API int ds_rmsnorm(const float* x, int64_t n, const float* w, float eps, int 
  * instead of a dozen small ones: the same kernels in the same order as the step-by-step path. */
 
 /* One weight matrix as records by input (dipstream.engine.qmatrix): bits 32 (float32 records),
- * 8 or 4 (input-grouped, float16 headers hd / hm). */
+ * 8, 4, 5 or 6 (input-grouped; headers hd / hm of kind hk, zero point zp: gemv.c's qmat_t). */
 typedef struct {
-    const uint8_t* rec; const uint16_t* hd; const uint16_t* hm;
+    const uint8_t* rec; const void* hd; const uint16_t* hm;
     int64_t rows, m, stride, group, gi;
-    int32_t bits, act8;
+    int32_t bits, act8, hk, zp;
 } ds_mat_t;
 
 /* out = the top-k |v| records' combination (k >= rows: the dense product); returns the count. */
@@ -196,7 +196,7 @@ static int64_t mat_select(const ds_mat_t* w, const float* v, int64_t k, int64_t*
 {
     if (w->bits == 32)
         return ds_select_gemv(v, w->rows, k, (const float*)w->rec, w->stride / 4, w->m, idx, coef, out, nthreads);
-    return ds_select_gemv_qg(v, w->rows, k, w->rec, w->stride, w->group, w->bits, w->hd, w->hm, w->gi, w->m,
+    return ds_select_gemv_qg(v, w->rows, k, w->rec, w->stride, w->group, w->bits, w->hd, w->hm, w->gi, w->hk, w->zp, w->m,
                              idx, coef, out, nthreads, w->act8);
 }
 

@@ -33,16 +33,18 @@ static void gg_range(const float* restrict W, int64_t ld, const int64_t* restric
     }
 }
 
-/* Quantized rows (int8 or packed 4-bit), grouped along the inputs (GI > 0, the GGUF Q8_0 / Q4_1
- * grouping): int8 rows hold signed integers; 4-bit rows, in every group of G columns, hold column
- * j (j < G/2) in the low nibble of byte j and column j + G/2 in its high nibble.  Row r starts at
- * W + r*ldb (bytes).  Rows carry no scales: the rows of units u with the same u / GI share, per
- * column j, a scale HD[(u/GI)*m + j] and (4-bit) an offset HM[...] (float16; HM NULL means 0):
- * w = HD * q + HM, q the int8 or the raw nibble (0..15).  `unit[i]` is the unit of selected row i
- * (NULL: idx[i] itself). */
+/* Quantized rows grouped along the inputs (GI > 0: the GGUF blocks' grouping), row r at W + r*ldb
+ * (bytes).  int8 rows (bits 8) hold signed integers; 4-, 5- and 6-bit rows hold unsigned integers q:
+ * in every group of G (= 32 for 5 / 6 bits) columns, column j (j < G/2) in the low nibble of byte j
+ * and column j + G/2 in its high nibble (the nibble plane, m/2 bytes), then, for 5 / 6 bits, a plane
+ * of the high bits (see unpack32).  Rows carry no scales: the rows of units u in input group
+ * g = u / GI share, per column j, a scale D and an offset M, w = D q + M, from the headers HD / HM
+ * (see group_scales: float16 pairs, or the K-quants' super-block scales).  `unit[i]` is the unit
+ * of selected row i (NULL: idx[i] itself). */
+enum { HK_F16 = 0, HK_K45 = 1, HK_Q6K = 2 };
 typedef struct {
     const uint8_t* W; int64_t ldb; int64_t G; int bits;
-    const uint16_t* HD; const uint16_t* HM; int64_t GI; int64_t m; const int64_t* unit;
+    const void* HD; const uint16_t* HM; int64_t GI; int hk; int zp; int64_t m; const int64_t* unit;
     /* act8 (4-bit input-grouped rows, G = 32): each group's coefficients are quantized to int8
      * (scale max|c| / 127, as llama.cpp's Q8 activations) and summed with integer products.
      * gmax (NULL, or one entry per input group): max|c| over the group's whole activation vector,
@@ -53,21 +55,155 @@ typedef struct {
     const float* gmax;
 } qmat_t;
 
-/* o[0:n] += hd[0:n] * acc[0:n] + hm[0:n] * sc   (hd, hm float16; hm may be NULL). */
-static void flush_group(float* restrict o, const float* restrict acc, const uint16_t* restrict hd,
-                        const uint16_t* restrict hm, float sc, int64_t n)
+/* A K-quant's 6-bit scale and min of sub-block j (0..7) from its 12 packed bytes (ggml's rule). */
+static inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* mn)
+{
+    if (j < 4) { *sc = q[j] & 63; *mn = q[j + 4] & 63; }
+    else { *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+/* D[0:n], M[0:n]: input group g's scale and offset of columns a..a+n (w = D q + M), from
+ *  HK_F16: float16 D (HD) and M (HM; NULL: M = -zp D) per (group, column);
+ *  HK_K45 (Q4_K / Q5_K, groups of 32 in super-blocks of 256): per (super-block, column) 16 bytes,
+ *          the GGUF block's d, dmin (float16) and 12 bytes of 6-bit scales / mins:
+ *          D = d sc, M = -(dmin mn);
+ *  HK_Q6K (groups of 16 in super-blocks of 256): per (super-block, column) 18 bytes, the block's
+ *          16 int8 scales then d (float16): D = d sc, M = -32 D.
+ * These are the float32 operations of gguf's dequantizers.  Returns 0 when M is all zero. */
+static int group_scales(const qmat_t* q, int64_t g, int64_t a, int64_t n, float* restrict D, float* restrict M)
+{
+    if (q->hk == HK_F16) {
+        const uint16_t* hd = (const uint16_t*)q->HD + g * q->m + a;
+        int64_t j = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+        for (; j + 8 <= n; j += 8) _mm256_storeu_ps(D + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hd + j))));
+#endif
+        for (; j < n; ++j) D[j] = h2f(hd[j]);
+        if (q->HM) {
+            const uint16_t* hm = q->HM + g * q->m + a;
+            for (j = 0; j < n; ++j) M[j] = h2f(hm[j]);
+            return 1;
+        }
+        if (!q->zp) return 0;
+        for (j = 0; j < n; ++j) M[j] = -(float)q->zp * D[j];
+        return 1;
+    }
+    const uint8_t* h = (const uint8_t*)q->HD;
+    if (q->hk == HK_K45) {
+        const int sub = (int)(g % 8);
+        h += ((g / 8) * q->m + a) * 16;
+        for (int64_t j = 0; j < n; ++j, h += 16) {
+            int sc, mn;
+            scale_min_k4(sub, h + 4, &sc, &mn);
+            D[j] = h2f((uint16_t)(h[0] | h[1] << 8)) * (float)sc;
+            M[j] = -(h2f((uint16_t)(h[2] | h[3] << 8)) * (float)mn);
+        }
+        return 1;
+    }
+    const int sub = (int)(g % 16);
+    h += ((g / 16) * q->m + a) * 18;
+    for (int64_t j = 0; j < n; ++j, h += 18) {
+        D[j] = h2f((uint16_t)(h[16] | h[17] << 8)) * (float)(int8_t)h[sub];
+        M[j] = -32.0f * D[j];
+    }
+    return 1;
+}
+
+/* The unsigned integers of columns col..col+31 (col a multiple of 32) of a 4-, 5- or 6-bit row r of
+ * m columns: the nibble plane's 16 bytes (low nibbles: columns 0..15, high: 16..31), and above
+ * them the high plane at r + m/2: 5 bits, column j's bit 4 in bit j%8 of byte j/8; 6 bits, per 32
+ * columns 8 bytes, byte t holding bits 4-5 of columns t, t+8, t+16, t+24 at shifts 0, 2, 4, 6. */
+static inline void unpack32(const uint8_t* r, int64_t m, int bits, int64_t col, uint8_t* q)
+{
+    const uint8_t* nb = r + col / 2;
+    for (int t = 0; t < 16; ++t) { q[t] = nb[t] & 15; q[t + 16] = nb[t] >> 4; }
+    if (bits == 5) {
+        const uint8_t* h = r + m / 2 + col / 8;
+        for (int t = 0; t < 32; ++t) q[t] |= (uint8_t)(((h[t >> 3] >> (t & 7)) & 1) << 4);
+    } else if (bits == 6) {
+        const uint8_t* h = r + m / 2 + col / 4;
+        for (int t = 0; t < 32; ++t) q[t] |= (uint8_t)(((h[t & 7] >> (2 * (t >> 3))) & 3) << 4);
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256i unpack32_avx(const uint8_t* r, int64_t m, int bits, int64_t col)
+{
+    const __m128i x = _mm_loadu_si128((const __m128i*)(r + col / 2)), m0f = _mm_set1_epi8(15);
+    __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x, 4), m0f), _mm_and_si128(x, m0f));
+    if (bits == 5) {
+        uint32_t h;
+        memcpy(&h, r + m / 2 + col / 8, 4);
+        __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)h), _mm256_set_epi64x(
+            0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0));
+        b = _mm256_cmpeq_epi8(_mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfeLL)), _mm256_set1_epi64x(-1));
+        v = _mm256_or_si256(v, _mm256_and_si256(b, _mm256_set1_epi8(16)));
+    } else if (bits == 6) {
+        uint64_t h;
+        memcpy(&h, r + m / 2 + col / 4, 8);
+        __m256i b = _mm256_srlv_epi64(_mm256_set1_epi64x((long long)h), _mm256_set_epi64x(6, 4, 2, 0));
+        v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi8(3)), 4));
+    }
+    return v;
+}
+#endif
+
+/* o[0:n] += D[0:n] * acc[0:n] + M[0:n] * sc   (M may be NULL: no offsets). */
+static void flush_group(float* restrict o, const float* restrict acc, const float* restrict D,
+                        const float* restrict M, float sc, int64_t n)
 {
     int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__AVX2__) && defined(__FMA__)
     const __m256 vs = _mm256_set1_ps(sc);
     for (; j + 8 <= n; j += 8) {
-        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hd + j)));
-        __m256 r = _mm256_fmadd_ps(d, _mm256_loadu_ps(acc + j), _mm256_loadu_ps(o + j));
-        if (hm) r = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hm + j))), vs, r);
+        __m256 r = _mm256_fmadd_ps(_mm256_loadu_ps(D + j), _mm256_loadu_ps(acc + j), _mm256_loadu_ps(o + j));
+        if (M) r = _mm256_fmadd_ps(_mm256_loadu_ps(M + j), vs, r);
         _mm256_storeu_ps(o + j, r);
     }
 #endif
-    for (; j < n; ++j) o[j] += h2f(hd[j]) * acc[j] + (hm ? h2f(hm[j]) * sc : 0.0f);
+    for (; j < n; ++j) o[j] += D[j] * acc[j] + (M ? M[j] * sc : 0.0f);
+}
+
+/* o[0:b-a] = sum_i c[i] * (unsigned integers of 5- or 6-bit row idx[i])[a:b] (a, b multiples of 32). */
+static void gq_wide(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
+                    const float* restrict c, int64_t k, float* restrict o)
+{
+    const int64_t n = b - a;
+    for (int64_t j = 0; j < n; ++j) o[j] = 0.0f;
+    for (int64_t i = 0; i < k; ++i) {
+        const uint8_t* r = q->W + idx[i] * q->ldb;
+        const float ci = c[i];
+        for (int64_t col = 0; col < n; col += 32) {
+            float* restrict oc = o + col;
+#if defined(__AVX2__) && defined(__FMA__)
+            const __m256i v = unpack32_avx(r, q->m, q->bits, a + col);
+            const __m256 vc = _mm256_set1_ps(ci);
+            for (int t = 0; t < 4; ++t) {
+                const __m128i part = t < 2 ? _mm256_castsi256_si128(v) : _mm256_extracti128_si256(v, 1);
+                const __m256i w = _mm256_cvtepu8_epi32(t & 1 ? _mm_srli_si128(part, 8) : part);
+                _mm256_storeu_ps(oc + 8 * t, _mm256_fmadd_ps(vc, _mm256_cvtepi32_ps(w), _mm256_loadu_ps(oc + 8 * t)));
+            }
+#else
+            uint8_t u[32];
+            unpack32(r, q->m, q->bits, a + col, u);
+            for (int t = 0; t < 32; ++t) oc[t] += ci * (float)u[t];
+#endif
+        }
+    }
+}
+
+/* The int8 activations of one input group's selected coefficients: cq = round(c / s) (the first
+ * min(k, 64) of them), s = amax / 127 (amax < 0: the max |c| of the selection).  Returns s. */
+static float quantize_coefs(const float* c, int64_t k, float amax, int8_t* cq)
+{
+    if (amax < 0.0f) {
+        amax = 0.0f;
+        for (int64_t i = 0; i < k; ++i) amax = fabsf(c[i]) > amax ? fabsf(c[i]) : amax;
+    }
+    const int64_t kk = k < 64 ? k : 64;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int64_t i = 0; i < kk; ++i) cq[i] = (int8_t)lrintf(c[i] * inv);
+    return amax > 0.0f ? amax / 127.0f : 0.0f;
 }
 
 /* o[0:b-a] = sum_i c[i] * (raw integers of row idx[i])[a:b].  For 4-bit, a and b are multiples of
@@ -161,17 +297,12 @@ static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
  * offset are applied in the same pass that widens the last partial. */
 static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
                     const float* restrict c, int64_t k, float* restrict o,
-                    const uint16_t* restrict hd, const uint16_t* restrict hm, float sc, float amax)
+                    const float* restrict D, const float* restrict M, float sc, float amax)
 {
-    if (amax < 0.0f) {  /* no whole-vector max given: the selected rows' */
-        amax = 0.0f;
-        for (int64_t i = 0; i < k; ++i) amax = fabsf(c[i]) > amax ? fabsf(c[i]) : amax;
-    }
     const int64_t n = b - a;
     int8_t cq[64];
     const int64_t kk = k < 64 ? k : 64;  /* a run is one input group: at most GI (<= 32) rows */
-    const float s = amax > 0.0f ? amax / 127.0f : 0.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (int64_t i = 0; i < kk; ++i) cq[i] = (int8_t)lrintf(c[i] * inv);
+    const float s = quantize_coefs(c, k, amax, cq);
     int64_t j0 = 0;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     /* Rows outer, columns inner (each pair of rows streamed once): int16 partials of up to 16
@@ -224,9 +355,8 @@ static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
                     if (!first) x = _mm256_add_ps(x, _mm256_loadu_ps(f + at));
                     if (!last) { _mm256_storeu_ps(f + at, x); continue; }
                     __m256 r = _mm256_loadu_ps(o + at);
-                    r = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hd + at))),
-                                        _mm256_mul_ps(x, vs), r);
-                    if (hm) r = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hm + at))), vsc, r);
+                    r = _mm256_fmadd_ps(_mm256_loadu_ps(D + at), _mm256_mul_ps(x, vs), r);
+                    if (M) r = _mm256_fmadd_ps(_mm256_loadu_ps(M + at), vsc, r);
                     _mm256_storeu_ps(o + at, r);
                 }
             if (last) break;
@@ -246,7 +376,7 @@ static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
         float acc[32];
         const int64_t len = n - j0 < 32 ? n - j0 : 32;
         for (int t = 0; t < len; ++t) acc[t] = s * (float)sum[t];
-        flush_group(o + j0, acc, hd + j0, hm ? hm + j0 : NULL, sc, len);
+        flush_group(o + j0, acc, D + j0, M ? M + j0 : NULL, sc, len);
     }
 }
 
@@ -256,17 +386,12 @@ static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
  * interleaved per column, signed by their coefficient's sign and multiplied by |cq| (u8 x i8
  * multiply-adds, exact int32 sums), so the AVX2 and the portable paths give the same numbers. */
 static void gq_act8_i8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
-                       const float* restrict c, int64_t k, float* restrict o, const uint16_t* restrict hd,
+                       const float* restrict c, int64_t k, float* restrict o, const float* restrict D,
                        float amax)
 {
-    if (amax < 0.0f) {  /* no whole-vector max given: the selected rows' */
-        amax = 0.0f;
-        for (int64_t i = 0; i < k; ++i) amax = fabsf(c[i]) > amax ? fabsf(c[i]) : amax;
-    }
     const int64_t n = b - a, kk = k < 64 ? k : 64;
     int8_t cq[68];
-    const float s = amax > 0.0f ? amax / 127.0f : 0.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (int64_t i = 0; i < kk; ++i) cq[i] = (int8_t)lrintf(c[i] * inv);
+    const float s = quantize_coefs(c, k, amax, cq);
     for (int64_t i = kk; i < kk + 4; ++i) cq[i] = 0;  /* padding rows: coefficient 0 */
     int64_t j0 = 0;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -316,8 +441,8 @@ static void gq_act8_i8(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
                                      _mm256_permute2x128_si256(acc[v + 2], acc[v + 3], 0x31)};
             for (int t = 0; t < 4; ++t) {
                 const __m256 x = _mm256_mul_ps(_mm256_cvtepi32_ps(cols[t]), vs);
-                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hd + j + 8 * t)));
-                _mm256_storeu_ps(o + j + 8 * t, _mm256_fmadd_ps(d, x, _mm256_loadu_ps(o + j + 8 * t)));
+                _mm256_storeu_ps(o + j + 8 * t, _mm256_fmadd_ps(_mm256_loadu_ps(D + j + 8 * t), x,
+                                                                _mm256_loadu_ps(o + j + 8 * t)));
             }
         }
         j0 = n32;
@@ -326,19 +451,84 @@ static void gq_act8_i8(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
     for (int64_t j = j0; j < n; ++j) {  /* portable (and the tail): the same integer sums */
         int32_t sum = 0;
         for (int64_t i = 0; i < kk; ++i) sum += cq[i] * (int32_t)((const int8_t*)q->W)[idx[i] * q->ldb + a + j];
-        o[j] += h2f(hd[j]) * (s * (float)sum);
+        o[j] += D[j] * (s * (float)sum);
     }
 }
 
+/* The 5- / 6-bit rows' counterpart of gq_act8: o[0:b-a] += D * (s * sum_i cq_i * q_i[a:b]) + M * sc
+ * over one input group's rows (a, b multiples of 32, b - a <= ACC_CHUNK).  Rows 4 at a time,
+ * unpacked to bytes and interleaved per column (u8 x i8 multiply-adds: pairs stay below 2^15,
+ * int32 sums exact), so the AVX2 and the portable paths give the same numbers. */
+static void gq_act8_wide(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
+                         const float* restrict c, int64_t k, float* restrict o, const float* restrict D,
+                         const float* restrict M, float sc, float amax)
+{
+    const int64_t n = b - a, kk = k < 64 ? k : 64;
+    int8_t cq[68];
+    const float s = quantize_coefs(c, k, amax, cq);
+    for (int64_t i = kk; i < kk + 4; ++i) cq[i] = 0;  /* padding rows: coefficient 0 */
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256i acc[ACC_CHUNK / 8];
+    for (int64_t v = 0; v < n / 8; ++v) acc[v] = _mm256_setzero_si256();
+#if !defined(__AVXVNNI__)
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    for (int64_t i = 0; i < kk; i += 4) {
+        const uint8_t* r[4];
+        for (int t = 0; t < 4; ++t) r[t] = q->W + idx[i + t < kk ? i + t : i] * q->ldb;
+        const __m256i cw = _mm256_set1_epi32((int)((uint32_t)(uint8_t)cq[i] | (uint32_t)(uint8_t)cq[i + 1] << 8
+                                                   | (uint32_t)(uint8_t)cq[i + 2] << 16
+                                                   | (uint32_t)(uint8_t)cq[i + 3] << 24));
+        for (int64_t j = 0, v = 0; j < n; j += 32, v += 4) {
+            const __m256i w0 = unpack32_avx(r[0], q->m, q->bits, a + j), w1 = unpack32_avx(r[1], q->m, q->bits, a + j);
+            const __m256i w2 = unpack32_avx(r[2], q->m, q->bits, a + j), w3 = unpack32_avx(r[3], q->m, q->bits, a + j);
+            const __m256i lo01 = _mm256_unpacklo_epi8(w0, w1), hi01 = _mm256_unpackhi_epi8(w0, w1);
+            const __m256i lo23 = _mm256_unpacklo_epi8(w2, w3), hi23 = _mm256_unpackhi_epi8(w2, w3);
+            const __m256i x[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
+                                  _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
+            for (int t = 0; t < 4; ++t)
+#if defined(__AVXVNNI__)
+                acc[v + t] = _mm256_dpbusd_avx_epi32(acc[v + t], x[t], cw);
+#else
+                acc[v + t] = _mm256_add_epi32(acc[v + t], _mm256_madd_epi16(_mm256_maddubs_epi16(x[t], cw), ones));
+#endif
+        }
+    }
+    const __m256 vs = _mm256_set1_ps(s), vsc = _mm256_set1_ps(sc);
+    for (int64_t j = 0, v = 0; j < n; j += 32, v += 4) {
+        const __m256i cols[4] = {_mm256_permute2x128_si256(acc[v], acc[v + 1], 0x20),
+                                 _mm256_permute2x128_si256(acc[v + 2], acc[v + 3], 0x20),
+                                 _mm256_permute2x128_si256(acc[v], acc[v + 1], 0x31),
+                                 _mm256_permute2x128_si256(acc[v + 2], acc[v + 3], 0x31)};
+        for (int t = 0; t < 4; ++t) {
+            const int64_t at = j + 8 * t;
+            __m256 r = _mm256_fmadd_ps(_mm256_loadu_ps(D + at), _mm256_mul_ps(_mm256_cvtepi32_ps(cols[t]), vs),
+                                       _mm256_loadu_ps(o + at));
+            _mm256_storeu_ps(o + at, _mm256_fmadd_ps(_mm256_loadu_ps(M + at), vsc, r));
+        }
+    }
+#else
+    for (int64_t j = 0; j < n; j += 32) {
+        int32_t sum[32] = {0};
+        uint8_t u[32];
+        for (int64_t i = 0; i < kk; ++i) {
+            unpack32(q->W + idx[i] * q->ldb, q->m, q->bits, a + j, u);
+            for (int t = 0; t < 32; ++t) sum[t] += cq[i] * (int32_t)u[t];
+        }
+        for (int t = 0; t < 32; ++t) o[j + t] += D[j + t] * (s * (float)sum[t]) + M[j + t] * sc;
+    }
+#endif
+}
+
 /* Input-grouped rows: for each run of selected rows in one input group, acc = sum c q (raw
- * integers), then o += HD * acc + HM * sum c.  Runs need not be sorted; sorted units make
- * the fewest flushes.  `unit` is offset like idx. */
+ * integers), then o += D * acc + M * sum c with the group's scales (group_scales).  Runs need not
+ * be sorted; sorted units make the fewest flushes.  `unit` is offset like idx. */
 static void gq_grouped(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
                        const int64_t* restrict unit, const float* restrict c, int64_t k, float* restrict o)
 {
-    float acc[ACC_CHUNK];
+    float acc[ACC_CHUNK], D[ACC_CHUNK], M[ACC_CHUNK];
     for (int64_t j = a; j < b; ++j) o[j - a] = 0.0f;
-    const int64_t step = q->bits == 4 ? (ACC_CHUNK / q->G) * q->G : ACC_CHUNK;  /* 4-bit: whole groups */
+    const int64_t step = q->bits != 8 ? (ACC_CHUNK / q->G) * q->G : ACC_CHUNK;  /* packed rows: whole groups */
     for (int64_t a2 = a; a2 < b; a2 += step) {
         const int64_t b2 = a2 + step < b ? a2 + step : b;
         for (int64_t i0 = 0; i0 < k;) {
@@ -346,16 +536,19 @@ static void gq_grouped(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
             int64_t i1 = i0 + 1;
             float sc = c[i0];
             while (i1 < k && unit[i1] / q->GI == g) sc += c[i1++];
-            const uint16_t* hd = q->HD + g * q->m + a2;
-            const uint16_t* hm = q->HM ? q->HM + g * q->m + a2 : NULL;
+            const float* Mg = group_scales(q, g, a2, b2 - a2, D, M) ? M : NULL;
             const float amax = q->gmax ? q->gmax[g] : -1.0f;
+            const int wide = q->bits == 5 || q->bits == 6;
             if (q->act8 && q->bits == 4 && q->G == 32 && i1 - i0 <= 64) {
-                gq_act8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), hd, hm, sc, amax);
+                gq_act8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, Mg, sc, amax);
             } else if (q->act8 && q->bits == 8 && i1 - i0 <= 64) {
-                gq_act8_i8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), hd, amax);
+                gq_act8_i8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, amax);
+            } else if (q->act8 && wide && i1 - i0 <= 64) {
+                gq_act8_wide(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, M, sc, amax);
             } else {
-                gq_core(q, a2, b2, idx + i0, c + i0, i1 - i0, acc);
-                flush_group(o + (a2 - a), acc, hd, hm, sc, b2 - a2);
+                if (wide) gq_wide(q, a2, b2, idx + i0, c + i0, i1 - i0, acc);
+                else gq_core(q, a2, b2, idx + i0, c + i0, i1 - i0, acc);
+                flush_group(o + (a2 - a), acc, D, Mg, sc, b2 - a2);
             }
             i0 = i1;
         }
@@ -503,7 +696,7 @@ static void gg_parallel_any(const float* W, int64_t ld, const qmat_t* q, int64_t
     int64_t ncol = m <= COL_CHUNK ? 1 : (m + COL_CHUNK - 1) / COL_CHUNK;
     {   /* column chunks: multiples of 16 (and of the group size for 4-bit rows) */
         int64_t al = 16;
-        if (q && q->bits == 4)
+        if (q && q->bits != 8)
             while (al % q->G) al += 16;  /* lcm(16, G) */
         j.col_chunk = (((m + ncol - 1) / ncol) + al - 1) / al * al;
     }
@@ -663,31 +856,44 @@ DS_API int64_t ds_select_gemv(const float* v, int64_t n, int64_t k, const float*
     return got;
 }
 
+/* Whether a quantized matrix's description is one the kernels handle, its rows ldb bytes apart
+ * holding all m columns (checked at every entry: a bad description is an error code, not a read
+ * past a row). */
+static int valid_kind(int bits, int64_t G, int64_t GI, int hk, int64_t m, int64_t ldb)
+{
+    if (m <= 0 || G <= 0 || GI <= 0 || hk < HK_F16 || hk > HK_Q6K) return 0;
+    if (ldb < (bits == 8 ? m : m / 2 + (bits == 5 ? m / 8 : bits == 6 ? m / 4 : 0))) return 0;
+    if (bits == 8) return hk == HK_F16 && G == m;
+    if (bits != 4 && bits != 5 && bits != 6) return 0;
+    if (m % G || G % 2 || (bits != 4 && G != 32) || (hk != HK_F16 && G != 32)) return 0;
+    return hk == HK_F16 || (hk == HK_K45 && GI == 32 && bits != 6) || (hk == HK_Q6K && GI == 16 && bits == 6);
+}
+
 /* Input-grouped variants (qmat_t's HD / HM / GI): select-GEMV over all units, and gather with
  * each selected row's unit given (rows may be cache slots).  unit NULL: the rows are the units. */
 DS_API int64_t ds_select_gemv_qg(const float* v, int64_t n, int64_t k, const uint8_t* Wq, int64_t ldb,
-                                 int64_t G, int bits, const uint16_t* HD, const uint16_t* HM, int64_t GI,
-                                 int64_t m, int64_t* idx, float* coef, float* out, int nthreads, int act8)
+                                 int64_t G, int bits, const void* HD, const uint16_t* HM, int64_t GI, int hk,
+                                 int zp, int64_t m, int64_t* idx, float* coef, float* out, int nthreads, int act8)
 {
-    if (GI <= 0) return -1;
+    if (GI <= 0 || !valid_kind(bits, G, GI, hk, m, ldb)) return -1;
     const int64_t got = select_coefs(v, n, k, idx, coef);
     if (got < 0) return -1;
     if (m <= 0) return got;
-    qmat_t q = {Wq, ldb, G, bits, HD, HM, GI, m, NULL, act8, NULL};
+    qmat_t q = {Wq, ldb, G, bits, HD, HM, GI, hk, zp, m, NULL, act8, NULL};
     gg_parallel_any(NULL, 0, &q, m, idx, coef, got, out, nthreads);
     return got;
 }
 
 DS_API int ds_gather_gemv_qg(const uint8_t* Wq, int64_t rows, int64_t ldb, int64_t G, int bits,
-                             const uint16_t* HD, const uint16_t* HM, int64_t GI, int64_t units,
+                             const void* HD, const uint16_t* HM, int64_t GI, int hk, int zp, int64_t units,
                              int64_t m, const int64_t* idx, const int64_t* unit, const float* c,
                              int64_t k, float* out, int nthreads, int act8, const float* gmax,
                              int64_t n_gmax)
 {
-    if (GI <= 0 || check_idx(idx, k, rows) || (unit && check_idx(unit, k, units)) || (!unit && rows > units)
+    if (GI <= 0 || !valid_kind(bits, G, GI, hk, m, ldb) || check_idx(idx, k, rows) || (unit && check_idx(unit, k, units)) || (!unit && rows > units)
         || (gmax && n_gmax < (units + GI - 1) / GI))
         return -1;
-    qmat_t q = {Wq, ldb, G, bits, HD, HM, GI, m, unit, act8, gmax};
+    qmat_t q = {Wq, ldb, G, bits, HD, HM, GI, hk, zp, m, unit, act8, gmax};
     gg_parallel_any(NULL, 0, &q, m, idx, c, k, out, nthreads);
     return 0;
 }
