@@ -1,5 +1,6 @@
 """`dipstream generate` on the real SmolLM2-135M. Marked `real`."""
 
+import numpy as np
 import pytest
 
 from dipstream.config import flat
@@ -17,7 +18,7 @@ def test_smollm2_sparse_density_one_equals_dense_and_offload(tmp_path):
     dense = run_generate(flat(GenerateConfig, method="dense", engine="hf", **base))
     sparse = run_generate(flat(GenerateConfig, method="dip", density=1.0, engine="hf", **base))
     assert sparse["ids"] == dense["ids"]
-    off = dict(offload=str(tmp_path / "off"), dram="0.5x", **base)
+    off = dict(offload=str(tmp_path / "off"), dram="0.5x", weights="float32", **base)
     streamed = run_generate(flat(GenerateConfig, method="dense", read_gap="0", **off))  # exact reads
     assert streamed["ids"] == dense["ids"] and streamed["engine"] == "lean"
     assert streamed["static_bytes"] + streamed["kv_bytes"] + streamed["mlp_ram_bytes"] <= streamed["dram_budget_bytes"]
@@ -28,7 +29,8 @@ def test_smollm2_sparse_density_one_equals_dense_and_offload(tmp_path):
     cached = streamed["cache_ram_bytes"] / mlp
     assert 0.02 < cached < 0.5
     assert streamed["disk_bytes_per_token"] / mlp == pytest.approx(1 - cached, abs=0.05)
-    dip_ram = run_generate(flat(GenerateConfig, method="dip", density=0.5, model_dir=str(tmp_path / "off"), **base))
+    dip_ram = run_generate(flat(GenerateConfig, method="dip", density=0.5, model_dir=str(tmp_path / "off"),
+                                weights="float32", **base))
     dip_file = run_generate(flat(GenerateConfig, method="dip", density=0.5, **off))
     # the same DIP masks from different kernels (the one-call block in RAM, cache slots and read
     # buffers from the file): sums in another order flip near-tied top-k choices now and then, so
@@ -41,10 +43,10 @@ def test_smollm2_sparse_density_one_equals_dense_and_offload(tmp_path):
 
 def test_smollm2_lean_engine_float32_equals_hf_and_int4_perplexity(tmp_path):
     """The lean engine in float32 gives the Hugging Face model's greedy tokens. SmolLM2's weights
-    come from a Q4_1 GGUF (head Q8_0): the int4 file (int8 head by default) stores them without
-    loss, so its perplexity on two eval windows is float32's to 1e-4 (measured 14.61680 vs
-    14.61681); an int4 head re-rounds the Q8_0 head and costs more than 2% (measured 15.36,
-    +5%), which is why int8 is the head's default beside int4."""
+    come from a Q4_1 GGUF (head Q8_0): the default gguf file keeps those blocks, and the int4 file
+    (int8 head by default) re-quantizes them without loss, so both perplexities on two eval windows
+    are float32's to 1e-4 (measured 14.61680 vs 14.61681); an int4 head re-rounds the Q8_0 head and
+    costs more than 2% (measured 15.36, +5%), which is why int8 is the head's default beside int4."""
     from transformers import AutoTokenizer
 
     from dipstream.budget import layer_keeps
@@ -59,18 +61,19 @@ def test_smollm2_lean_engine_float32_equals_hf_and_int4_perplexity(tmp_path):
     base = dict(prompt="The three primary colours are", max_new_tokens=16, stop_at_eos=False, stream=False,
                 threads=1, method="dense")
     hf = run_generate(flat(GenerateConfig, engine="hf", **base))
-    lean = run_generate(flat(GenerateConfig, engine="lean", model_dir=str(tmp_path / "f32"), **base))
+    lean = run_generate(flat(GenerateConfig, engine="lean", model_dir=str(tmp_path / "f32"), weights="float32", **base))
     assert lean["ids"] == hf["ids"] and lean["text"] == hf["text"]
     w = make_windows(AutoTokenizer.from_pretrained(resolve_checkpoint("smollm2-135m")[1]), load_text("wiki", "eval"),
                      128, 254)
     ppl = {}
-    for fmt, head in (("float32", None), ("int4", None), ("int4", "int4")):
+    for fmt, head in (("float32", None), ("gguf", None), ("int4", None), ("int4", "int4")):
         d = ensure_model_file("smollm2-135m", fmt, head, directory=str(tmp_path / f"{fmt}-{head}"))
         lm, _ = build(d, EngineSetup(decode_rule("dense"), layer_keeps(1.0, 30), w.input_ids.shape[1]))
         ppl[fmt, head] = perplexity(lm, w, progress=False).perplexity
         lm.close()
     print("perplexity by (weights, head):", ppl)  # shown with -s (the guide quotes it)
     assert ppl["int4", None] == pytest.approx(ppl["float32", None], rel=1e-4), ppl
+    assert ppl["gguf", None] == pytest.approx(ppl["float32", None], rel=1e-4), ppl
     assert ppl["int4", "int4"] > 1.02 * ppl["float32", None], ppl
 
 
@@ -118,3 +121,53 @@ def test_lean_tokenizer_on_real_vocabularies(model):
     chunks = [ids[s:s + 40] for s in range(0, len(ids) - 40, 97)]
     chunks += [rng.integers(0, tok.get_vocab_size(), 20).tolist() for _ in range(100)]
     assert all(table.decode(c) == tok.decode(c, skip_special_tokens=True) for c in chunks)
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_gguf_export_equals_the_hugging_face_conversion_tensor_for_tensor(model, tmp_path):
+    """Exported straight from the GGUF (blocks moved, no conversion), every tensor of the model file
+    dequantizes to the Hugging Face conversion's float32 tensor bit for bit: llama's permuted q / k
+    rows put back, Gemma's norms without the GGUF's +1, embeddings tied or not. The file is within
+    2% of the GGUF's bytes."""
+    from transformers import AutoConfig
+
+    from dipstream.engine.export import _checkpoint_source, engine_arch, export_gguf, gguf_of, model_tensors
+    from dipstream.engine.model import LeanModel
+    from dipstream.engine.modelfile import read_manifest
+    from dipstream.engine.qmatrix import dequantize_records, weight_format
+    from dipstream.models.loading import resolve_checkpoint
+
+    gguf = gguf_of(model)
+    export_gguf(gguf, tmp_path / "m", model)
+    m = read_manifest(tmp_path / "m")
+    assert m["size"] <= 1.02 * gguf.stat().st_size
+    ckpt = resolve_checkpoint(model)[1]
+    config = AutoConfig.from_pretrained(ckpt)
+    get, has = _checkpoint_source(ckpt)
+    lm = LeanModel(tmp_path / "m", m, 8)
+    infos = m["tensor_info"]
+    seen = 0
+    for name, want, _ in model_tensors(config, engine_arch(config), get, has, "float32", "float32", "float32"):
+        info = infos[name]
+        if weight_format(info.fmt).rows:
+            got = dequantize_records(lm.embed_rows, info.fmt, info.m)
+        else:
+            q = lm.load(info)
+            got = dequantize_records(q.rec, q.fmt, q.m, q.hd, q.hm, q.gi or 1)
+        np.testing.assert_array_equal(got.view(np.uint32), np.asarray(want, np.float32).view(np.uint32), err_msg=name)
+        seen += 1
+    lm.close()
+    assert seen == len(infos)
+
+
+def test_generate_with_a_gguf_path(tmp_path):
+    """`--model PATH.gguf`, the first thing a llama.cpp user tries: the GGUF's own blocks, the
+    tokenizer from the GGUF, the same tokens as the built-in name."""
+    from dipstream.engine.export import gguf_of
+
+    base = dict(prompt="The three primary colours are", max_new_tokens=8, stop_at_eos=False, stream=False,
+                threads=1, method="dense")
+    by_path = run_generate(flat(GenerateConfig, model=str(gguf_of("smollm2-135m")), model_dir=str(tmp_path / "p"),
+                                **base))
+    by_name = run_generate(flat(GenerateConfig, model="smollm2-135m", model_dir=str(tmp_path / "n"), **base))
+    assert by_path["engine"] == "lean" and by_path["ids"] == by_name["ids"] and by_path["text"]

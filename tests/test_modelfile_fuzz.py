@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 CASE_TOKENS = [3, 17, 42, 5]
 

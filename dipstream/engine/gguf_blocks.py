@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from dipstream.engine.qmatrix import FORMATS, pack_records, record_layout, weight_format
+from dipstream.engine.qmatrix import FORMATS, HK_F16, pack_records, record_layout, weight_format
 from dipstream.errors import DipstreamError
 
 BY_GGUF = {f.gguf: f.name for f in FORMATS.values() if f.gguf and not f.rows}  # GGUF block type -> record format
@@ -83,8 +83,11 @@ def block_shape(qtype) -> tuple[int, int]:
 
 def _engine_headers(heads: list[np.ndarray], fmt: str) -> list[np.ndarray]:
     """Per-block headers (rows, nb[, bytes]) -> the engine's tables: float16 (groups, outputs),
-    or K-quant bytes (super-blocks, outputs, bytes)."""
-    return [np.ascontiguousarray(np.swapaxes(h, 0, 1)) for h in heads]
+    or the K-quants' header bytes by column (super-blocks, bytes, outputs): row i holds byte i of
+    every output's block header (qmatrix.group_scales reads a group's scales as vectors)."""
+    if weight_format(fmt).headers == HK_F16:
+        return [np.ascontiguousarray(np.swapaxes(h, 0, 1)) for h in heads]
+    return [np.ascontiguousarray(np.transpose(heads[0], (1, 2, 0)))]
 
 
 def move_matrices(parts: list[tuple[np.ndarray, int]], slice_inputs: int | None = None):
@@ -115,7 +118,7 @@ def move_matrices(parts: list[tuple[np.ndarray, int]], slice_inputs: int | None 
         q = np.concatenate(qs, axis=0).T  # (inputs of the slice, m)
         yield "records", pack_records(q, fmt)
         heads_all.append([np.concatenate([h[i] for h in hs], axis=0) for i in range(len(hs[0]))])
-    merged = [np.concatenate([h[i] for h in heads_all], axis=1) for i in range(len(heads_all[0]))]
+    merged = [np.concatenate([h[i] for h in heads_all], axis=1) for i in range(len(heads_all[0]))]  # (rows, nb, ...)
     yield "headers", _engine_headers(merged, fmt)
 
 

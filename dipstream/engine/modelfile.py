@@ -158,7 +158,7 @@ class ModelWriter:
                     rows += part.shape[0]
                 else:
                     heads = part
-            m = int(heads[0].shape[1])
+            m = int(heads[0].shape[-1])  # outputs: the tables' last axis
         g, _, stride = record_layout(fmt, m)
         for key, h in zip(("hd_offset", "hm_offset"), heads):
             self._pad()

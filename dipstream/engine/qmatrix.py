@@ -128,7 +128,7 @@ def header_specs(fmt: str, rows: int, m: int) -> list[tuple[np.dtype, tuple[int,
     if not f.quantized:
         return []
     if f.headers != HK_F16:
-        return [(np.dtype(np.uint8), (rows // f.block, m, f.hbytes))]
+        return [(np.dtype(np.uint8), (rows // f.block, f.hbytes, m))]
     shape = (rows // input_group(rows, fmt), m)
     return [(np.dtype(np.float16), shape)] * (2 if f.offsets else 1)
 
@@ -154,19 +154,21 @@ def group_scales(fmt: str, hd, hm, gi: int, units: np.ndarray, cols=slice(None))
         g = units // gi
         d = hd[g][:, cols].astype(np.float32)
         return d, (hm[g][:, cols].astype(np.float32) if f.offsets else None), f.zero
-    h = hd[units // f.block][:, cols]  # (n, outputs, hbytes)
+    t = hd[units // f.block]  # (n, hbytes, m): the super-blocks' header bytes, by column
     sub = (units % f.block) // f.gi
-    D = np.empty(h.shape[:2], np.float32)
+
+    def half(r0: int) -> np.ndarray:  # a float16 field (rows r0, r0 + 1: its low and high bytes) as float32
+        return (t[:, r0, cols].astype(np.uint16) | (t[:, r0 + 1, cols].astype(np.uint16) << 8)).view(np.float16) \
+            .astype(np.float32)
+
     if f.headers == HK_Q6K:
-        d = h[..., 16:18].copy().view(np.float16)[..., 0].astype(np.float32)
-        sc = np.take_along_axis(h[..., :16], sub[:, None, None], axis=2)[..., 0].view(np.int8).astype(np.float32)
-        return d * sc, None, 32
-    M = np.empty_like(D)
-    d = h[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    dmin = h[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        sc = t[np.arange(len(units)), sub][:, cols].view(np.int8).astype(np.float32)
+        return half(16) * sc, None, 32
+    d, dmin = half(0), half(2)
+    D, M = np.empty_like(d), np.empty_like(d)
     for s in np.unique(sub):
         r = sub == s
-        sc, mn = _scale_min_k4(int(s), h[r][..., 4:16])
+        sc, mn = _scale_min_k4(int(s), np.moveaxis(t[r][:, 4:16, :], 1, -1)[:, cols])
         D[r] = d[r] * sc.astype(np.float32)
         M[r] = -(dmin[r] * mn.astype(np.float32))
     return D, M, 0
@@ -317,7 +319,7 @@ class QMatrix:
         else:
             parts = [q.rec[:, :q.qbytes] for q in mats]
         rec[:, :qb] = np.concatenate(parts, axis=1)
-        cat = (lambda hs: None if hs[0] is None else np.concatenate(hs, axis=1))
+        cat = (lambda hs: None if hs[0] is None else np.concatenate(hs, axis=-1))  # outputs: the last axis
         return cls(rec, fmt, m, cat([q.hd for q in mats]), cat([q.hm for q in mats]), act8=mats[0].act8)
 
     @property

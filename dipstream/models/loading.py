@@ -93,9 +93,19 @@ def _convert_builtin(builtin: BuiltinModel, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _ensure_converted(name: str, force: bool = False) -> Path:
-    """The converted cache of built-in model `name`, converting it (again, with `force`) under a
-    lock, so concurrent runs convert once and a killed conversion's leftovers are removed."""
+def _gguf_model(path: Path) -> BuiltinModel:
+    """A user's GGUF file as a model to convert once (keyed by its path, size and mtime)."""
+    import hashlib
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    return BuiltinModel(f"{path.stem}-{key}", lambda: path, f"GGUF file {path}")
+
+
+def _ensure_converted(name: str, force: bool = False, model: BuiltinModel | None = None) -> Path:
+    """The converted cache of built-in model `name` (or of `model`, a user's GGUF), converting it
+    (again, with `force`) under a lock, so concurrent runs convert once and a killed conversion's
+    leftovers are removed."""
     from dipstream.io import folder_lock
     from dipstream.validation import private_dir
 
@@ -116,7 +126,7 @@ def _ensure_converted(name: str, force: bool = False) -> Path:
                 shutil.rmtree(stale, ignore_errors=True)
             if force or not cache_complete(target):
                 _quiet_transformers()
-                _convert_builtin(BUILTIN_MODELS[name], target)
+                _convert_builtin(model or BUILTIN_MODELS[name], target)
     except OSError as exc:
         raise DipstreamError(f"the model cache {models} is not writable ({exc.strerror}); make it "
                              "writable or set DIPSTREAM_CACHE to a folder of your own") from None
@@ -168,12 +178,17 @@ def resolve_checkpoint(name_or_path: str) -> tuple[str, Path]:
     if name_or_path in BUILTIN_MODELS:
         return name_or_path, _ensure_converted(name_or_path)
     path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":  # converted once to float32 safetensors (dequantized by gguf)
+        if not path.is_file():
+            raise DipstreamError(f"GGUF file '{path}' does not exist; give the path of a .gguf model file")
+        model = _gguf_model(path)
+        return path.name, _ensure_converted(model.name, model=model)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise DipstreamError(f"'{path}' has no config.json; give a Hugging Face checkpoint folder")
         return path.name, path
-    raise DipstreamError(f"unknown model '{name_or_path}': use one of {', '.join(BUILTIN_MODELS)} "
-                         f"or a local Hugging Face checkpoint folder")
+    raise DipstreamError(f"unknown model '{name_or_path}': use one of {', '.join(BUILTIN_MODELS)}, "
+                         f"a GGUF file (PATH.gguf) or a local Hugging Face checkpoint folder")
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:

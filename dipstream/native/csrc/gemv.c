@@ -55,55 +55,84 @@ typedef struct {
     const float* gmax;
 } qmat_t;
 
-/* A K-quant's 6-bit scale and min of sub-block j (0..7) from its 12 packed bytes (ggml's rule). */
-static inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* mn)
+/* Half floats -> floats (F16C 8 at a time where there is F16C). */
+static inline void halves(const uint16_t* restrict h, int64_t n, float* restrict out)
 {
-    if (j < 4) { *sc = q[j] & 63; *mn = q[j + 4] & 63; }
-    else { *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+    int64_t j = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + j))));
+#endif
+    for (; j < n; ++j) out[j] = h2f(h[j]);
+}
+
+/* Half floats given as a row of low bytes and a row of high bytes -> floats. */
+static inline void split_halves(const uint8_t* restrict lo, const uint8_t* restrict hi, int64_t n, float* restrict out)
+{
+    int64_t j = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; j + 8 <= n; j += 8) {
+        const __m128i h = _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i*)(lo + j)),
+                                            _mm_loadl_epi64((const __m128i*)(hi + j)));
+        _mm256_storeu_ps(out + j, _mm256_cvtph_ps(h));
+    }
+#endif
+    for (; j < n; ++j) out[j] = h2f((uint16_t)(lo[j] | hi[j] << 8));
 }
 
 /* D[0:n], M[0:n]: input group g's scale and offset of columns a..a+n (w = D q + M), from
  *  HK_F16: float16 D (HD) and M (HM; NULL: M = -zp D) per (group, column);
- *  HK_K45 (Q4_K / Q5_K, groups of 32 in super-blocks of 256): per (super-block, column) 16 bytes,
- *          the GGUF block's d, dmin (float16) and 12 bytes of 6-bit scales / mins:
+ *  HK_K45 (Q4_K / Q5_K, groups of 32 in super-blocks of 256): per super-block a table of 16 rows
+ *          of m bytes, row i holding byte i of every column's GGUF block header: rows 0-1 d
+ *          (float16: low, high bytes), rows 2-3 dmin, rows 4-15 the 6-bit scales / mins;
  *          D = d sc, M = -(dmin mn);
- *  HK_Q6K (groups of 16 in super-blocks of 256): per (super-block, column) 18 bytes, the block's
- *          16 int8 scales then d (float16): D = d sc, M = -32 D.
- * These are the float32 operations of gguf's dequantizers.  Returns 0 when M is all zero. */
+ *  HK_Q6K (groups of 16 in super-blocks of 256): per super-block 18 rows of m bytes, rows 0-15
+ *          the blocks' int8 scales, rows 16-17 d (float16): D = d sc, M = -32 D.
+ * These are the float32 operations of gguf's dequantizers (the tables are the GGUF blocks' header
+ * bytes, laid out by column so a group's scales are contiguous vectors, and tables of matrices
+ * side by side are their rows side by side).  Returns 0 when M is all
+ * zero. */
 static int group_scales(const qmat_t* q, int64_t g, int64_t a, int64_t n, float* restrict D, float* restrict M)
 {
+    const int64_t m = q->m;
     if (q->hk == HK_F16) {
-        const uint16_t* hd = (const uint16_t*)q->HD + g * q->m + a;
-        int64_t j = 0;
-#if defined(__AVX2__) && defined(__F16C__)
-        for (; j + 8 <= n; j += 8) _mm256_storeu_ps(D + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hd + j))));
-#endif
-        for (; j < n; ++j) D[j] = h2f(hd[j]);
+        halves((const uint16_t*)q->HD + g * m + a, n, D);
         if (q->HM) {
-            const uint16_t* hm = q->HM + g * q->m + a;
-            for (j = 0; j < n; ++j) M[j] = h2f(hm[j]);
+            halves(q->HM + g * m + a, n, M);
             return 1;
         }
         if (!q->zp) return 0;
-        for (j = 0; j < n; ++j) M[j] = -(float)q->zp * D[j];
+        for (int64_t j = 0; j < n; ++j) M[j] = -(float)q->zp * D[j];
         return 1;
     }
-    const uint8_t* h = (const uint8_t*)q->HD;
     if (q->hk == HK_K45) {
+        const uint8_t* t = (const uint8_t*)q->HD + (g / 8) * 16 * m;
         const int sub = (int)(g % 8);
-        h += ((g / 8) * q->m + a) * 16;
-        for (int64_t j = 0; j < n; ++j, h += 16) {
-            int sc, mn;
-            scale_min_k4(sub, h + 4, &sc, &mn);
-            D[j] = h2f((uint16_t)(h[0] | h[1] << 8)) * (float)sc;
-            M[j] = -(h2f((uint16_t)(h[2] | h[3] << 8)) * (float)mn);
+        split_halves(t + a, t + m + a, n, D);
+        split_halves(t + 2 * m + a, t + 3 * m + a, n, M);
+        const uint8_t* restrict p = t + 4 * m + a;  /* plane i: p + i * m */
+        if (sub < 4) {
+            const uint8_t* restrict ps = p + sub * m;
+            const uint8_t* restrict pm = p + (sub + 4) * m;
+            for (int64_t j = 0; j < n; ++j) {
+                D[j] *= (float)(ps[j] & 63);
+                M[j] = -(M[j] * (float)(pm[j] & 63));
+            }
+        } else {
+            const uint8_t* restrict lo = p + (sub + 4) * m;  /* low nibbles: scale; high: min */
+            const uint8_t* restrict hs = p + (sub - 4) * m;  /* top 2 bits: the scale's high bits */
+            const uint8_t* restrict hm = p + sub * m;        /* top 2 bits: the min's high bits */
+            for (int64_t j = 0; j < n; ++j) {
+                D[j] *= (float)((lo[j] & 15) | ((hs[j] >> 6) << 4));
+                M[j] = -(M[j] * (float)((lo[j] >> 4) | ((hm[j] >> 6) << 4)));
+            }
         }
         return 1;
     }
-    const int sub = (int)(g % 16);
-    h += ((g / 16) * q->m + a) * 18;
-    for (int64_t j = 0; j < n; ++j, h += 18) {
-        D[j] = h2f((uint16_t)(h[16] | h[17] << 8)) * (float)(int8_t)h[sub];
+    const uint8_t* t = (const uint8_t*)q->HD + (g / 16) * 18 * m;
+    const int8_t* restrict sc = (const int8_t*)(t + (g % 16) * m + a);
+    split_halves(t + 16 * m + a, t + 17 * m + a, n, D);
+    for (int64_t j = 0; j < n; ++j) {
+        D[j] *= (float)sc[j];
         M[j] = -32.0f * D[j];
     }
     return 1;
