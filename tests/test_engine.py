@@ -15,7 +15,7 @@ from dipstream.engine.decode import DecodeOptions, generate
 from dipstream.engine.export import export_checkpoint
 from dipstream.engine.mlp import MaskChooser, OffloadMLP, RamMLP
 from dipstream.engine.model import LeanModel
-from dipstream.engine.modelfile import mlp_tensor, read_manifest
+from dipstream.engine.modelfile import manifest_digest, mlp_tensor, read_manifest
 from dipstream.engine.qmatrix import QMatrix, dequantize_records, quantize_records
 from dipstream.errors import DipstreamError
 from dipstream.names import layer_key
@@ -520,6 +520,11 @@ def test_unsupported_family_and_tampered_manifest(tmp_path, exported):
     man = json.loads((bad / "model.json").read_text())
     man["tensors"]["layers.0.mlp_in"]["stride"] += 4
     (bad / "model.json").write_text(json.dumps(man))
+    with pytest.raises(DipstreamError, match="was edited after the export"):
+        model(bad)
+
+    man["manifest_sha256"] = manifest_digest(man)  # re-signed: the structural checks still refuse it
+    (bad / "model.json").write_text(json.dumps(man))
     with pytest.raises(DipstreamError, match="inconsistent"):
         model(bad)
 
@@ -799,6 +804,10 @@ def test_corrupt_truncated_and_mismatched_files(exported, tmp_path):
         for k in path:
             node = node[k]
         node[last] = value
+        (bad / "model.json").write_text(json.dumps(tampered))
+        with pytest.raises(DipstreamError, match="was edited after the export"):
+            read_manifest(bad)
+        tampered["manifest_sha256"] = manifest_digest(tampered)  # re-signed: the field checks refuse it
         (bad / "model.json").write_text(json.dumps(tampered))
         with pytest.raises(DipstreamError, match="inconsistent"):
             read_manifest(bad)

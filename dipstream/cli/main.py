@@ -184,6 +184,9 @@ def cmd_generate(ns) -> int:
             v = row[k]
             print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}",
                   file=sys.stderr)
+    if row.get("budget_breakdown"):
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / 1e6:.1f}" for k, v in row["budget_breakdown"].items())
+        print(f"{'RAM plan (MB)':>22}: {parts}", file=sys.stderr)
     return 0
 
 
@@ -193,6 +196,7 @@ def cmd_export(ns) -> int:
     r = run_export(from_namespace(ExportConfig, ns))
     print(f"{r['model_dir']}: {r['family']} model, {r['weights']} weights ({r['head_weights']} head"
           + (f", LoRA adapters {r['adapter']} merged" if r["adapter"] else "") + f"), {r['bytes'] / 1e6:.1f} MB")
+    print(f"export: {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB", file=sys.stderr)
     return 0
 
 

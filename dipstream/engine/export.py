@@ -385,13 +385,19 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
 
 
 def run_export(cfg: ExportConfig) -> dict:
-    """Write (or find) the model file; returns {model_dir, bytes, formats}."""
+    """Write (or find) the model file; returns {model_dir, bytes, formats, seconds, peak RSS}."""
+    import time
+
+    from dipstream.devices import peak_rss_bytes
+
     f = cfg.file
     f.validate()
+    start = time.perf_counter()
     d = ensure_model_file(cfg.model, f.weights, f.head_weights, f.model_dir, f.adapter)
     m = read_manifest(d)
     return {"model_dir": str(d), "bytes": int(m["size"]), "weights": m["mlp_fmt"], "head_weights": m["head_fmt"],
-            "family": m["arch"]["model_type"], "adapter": m.get("adapter")}
+            "family": m["arch"]["model_type"], "adapter": m.get("adapter"), "seconds": time.perf_counter() - start,
+            "peak_rss_bytes": peak_rss_bytes()}
 
 
 def engine_runs(model: str, model_dir: str | Path) -> tuple[str | None, bool]:

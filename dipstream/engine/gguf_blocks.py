@@ -93,8 +93,8 @@ def _engine_headers(heads: list[np.ndarray], fmt: str) -> list[np.ndarray]:
 def move_matrices(parts: list[tuple[np.ndarray, int]], slice_inputs: int | None = None):
     """The records of the matrices `parts` side by side (their outputs concatenated: e.g. gate and
     up), from their GGUF rows [(raw (outputs, bytes per row) uint8, qtype)], all of one type and
-    input count. Yields ("records", (n, stride) uint8) a slice of inputs at a time, then
-    ("headers", [arrays]) once."""
+    input count. Yields ("outputs", m), then ("records", (n, stride) uint8) a slice of inputs at a
+    time, then ("headers", [arrays]) once."""
     qtype = parts[0][1]
     if any(GGMLQuantizationType(t) != GGMLQuantizationType(qtype) for _, t in parts):
         raise DipstreamError("matrices stored side by side must share a GGUF block type, got "
@@ -106,6 +106,7 @@ def move_matrices(parts: list[tuple[np.ndarray, int]], slice_inputs: int | None 
     width = weight_format(fmt).block if weight_format(fmt).block > 1 else bs
     step = slice_inputs or max(width, SLICE_BYTES // max(m, 1) // width * width)
     heads_all: list[list[np.ndarray]] = []
+    yield "outputs", m
     for u0 in range(0, n_in, step):
         u1 = min(n_in, u0 + step)
         b0, b1 = u0 // bs, u1 // bs
@@ -120,6 +121,19 @@ def move_matrices(parts: list[tuple[np.ndarray, int]], slice_inputs: int | None 
         heads_all.append([np.concatenate([h[i] for h in hs], axis=0) for i in range(len(hs[0]))])
     merged = [np.concatenate([h[i] for h in heads_all], axis=1) for i in range(len(heads_all[0]))]  # (rows, nb, ...)
     yield "headers", _engine_headers(merged, fmt)
+
+
+def move_rows(raw: np.ndarray, fmt: str, m: int, rows_per_slice: int = 4096):
+    """An embedding kept as its GGUF rows (raw (rows, bytes) uint8), in the ModelWriter protocol of
+    move_matrices: ("outputs", m), padded ("records", slice) pieces, ("headers", [])."""
+    stride = record_layout(fmt, m)[2]
+    yield "outputs", m
+    for r0 in range(0, raw.shape[0], rows_per_slice):
+        part = raw[r0:r0 + rows_per_slice]
+        out = np.zeros((part.shape[0], stride), np.uint8)
+        out[:, :part.shape[1]] = part
+        yield "records", out
+    yield "headers", []
 
 
 def rows_layout(qtype, m: int) -> tuple[int, int]:

@@ -10,11 +10,12 @@ for its rotary layout), Gemma's norms lose the +1 the converter adds.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
 
-from dipstream.engine.gguf_blocks import FLOATS, move_matrices, record_format, rows_layout
+from dipstream.engine.gguf_blocks import FLOATS, move_matrices, move_rows, record_format, rows_layout
 from dipstream.errors import DipstreamError
 from dipstream.names import layer_key
 
@@ -108,6 +109,26 @@ class GGUFSource:
         dim = out // heads // 2
         return np.arange(out).reshape(heads, dim, 2).swapaxes(2, 1).reshape(out)
 
+    def release(self, names: list[str]) -> None:
+        """Drop the pages of these tensors from this process (read once through the memory map: the
+        export's resident set stays one tensor, not the file)."""
+        mm = getattr(self.reader.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        for n in names:
+            t = self.tensors[n]
+            a = int(t.data_offset) // page * page
+            b = int(t.data_offset) + int(t.n_bytes)
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+            except (OSError, ValueError):
+                return
+
+    def _moved(self, pieces, names):
+        yield from pieces
+        self.release(names)
+
     def _matrix(self, names: list[str], requant: str | None, perms=None):
         """(payload, fmt) of the matrices `names` side by side (outputs concatenated), by input:
         moved blocks (their own format), or float rows to quantize to `requant`."""
@@ -115,12 +136,13 @@ class GGUFSource:
         types = {self._get(n).tensor_type.name for n in names}
         if requant is None and not types & set(FLOATS):
             parts = [self._rows(n, p) for n, p in zip(names, perms)]
-            return move_matrices(parts), record_format(parts[0][1])
+            return self._moved(move_matrices(parts), names), record_format(parts[0][1])
         Ws = []
         for n, p in zip(names, perms):
             W = self._float(n)
             Ws.append(W if p is None else W[p])
         rows = np.ascontiguousarray(np.concatenate(Ws, axis=0).T)
+        self.release(names)
         return rows, requant or "float32"
 
     def tensors_of(self, arch: dict, requant: str | None = None, head_requant: str | None = None):
@@ -162,6 +184,7 @@ class GGUFSource:
         if requant is None and t.tensor_type.name not in FLOATS:
             fmt = record_format(t.tensor_type) + "_rows"
             raw, _ = self._rows("token_embd.weight")
-            rows_layout(t.tensor_type, int(t.shape[0]))
-            return raw, fmt
+            m = int(t.shape[0])  # GGML order: values per row first
+            rows_layout(t.tensor_type, m)
+            return self._moved(move_rows(raw, fmt, m), ["token_embd.weight"]), fmt
         return self._float("token_embd.weight"), requant or "float32"

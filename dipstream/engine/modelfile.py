@@ -96,14 +96,6 @@ class TensorInfo:
         return self.rows * self.stride
 
 
-def row_values(fmt: str, nbytes: int) -> int:
-    """Values in a GGUF row of `nbytes` bytes of the rows format `fmt`."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType[weight_format(fmt).gguf]]
-    return nbytes // ts * bs
-
-
 class ModelWriter:
     """Writes tensors into a model file being made (offsets aligned, sha256 as it goes)."""
 
@@ -124,11 +116,11 @@ class ModelWriter:
         return off
 
     def add(self, name: str, payload, fmt: str) -> None:
-        """A tensor: float32 rows by input (rows x m) quantized to `fmt`; a GGUF embedding's raw
-        rows (uint8, a ``*_rows`` format); or moved records (a generator of ("records", slice)
-        pieces then ("headers", [tables]): engine.gguf_blocks.move_matrices). Records, then the
-        header tables, each on an ALIGN boundary; the tensor's own sha256 beside the file's."""
-        f = weight_format(fmt)
+        """A tensor: float32 rows by input (rows x m) quantized to `fmt`, or moved records (a
+        generator of ("outputs", m), ("records", slice) pieces, ("headers", [tables]):
+        engine.gguf_blocks.move_matrices / move_rows). Records, then the header tables, each on an
+        ALIGN boundary; the tensor's own sha256 beside the file's."""
+        weight_format(fmt)  # one-line error for an unknown format
         digest = hashlib.sha256()
         self._pad()
         t = {"offset": self.fh.tell(), "fmt": fmt}
@@ -139,26 +131,21 @@ class ModelWriter:
             self.digest.update(data)
             digest.update(data)
 
-        if isinstance(payload, np.ndarray) and f.rows:
-            m = row_values(fmt, payload.shape[1])
-            rows, heads = payload.shape[0], []
-            padded = np.zeros((rows, record_layout(fmt, m)[2]), np.uint8)
-            padded[:, :payload.shape[1]] = payload
-            put(padded)
-        elif isinstance(payload, np.ndarray):
+        if isinstance(payload, np.ndarray):
             rows, m = payload.shape
             rec, hd, hm = quantize_records(payload, fmt)
             heads = [h for h in (hd, hm) if h is not None]
             put(rec)
         else:  # moved records: slices of inputs as they come
-            rows, heads = 0, []
+            rows, heads, m = 0, [], 0
             for kind, part in payload:
                 if kind == "records":
                     put(part)
                     rows += part.shape[0]
+                elif kind == "outputs":
+                    m = int(part)
                 else:
                     heads = part
-            m = int(heads[0].shape[-1])  # outputs: the tables' last axis
         g, _, stride = record_layout(fmt, m)
         for key, h in zip(("hd_offset", "hm_offset"), heads):
             self._pad()

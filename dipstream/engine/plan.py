@@ -90,6 +90,40 @@ def static_bytes(manifest: dict, head: str, stream_embed: bool) -> int:
     return total
 
 
+def budget_breakdown(manifest: dict, plan: "RamPlan") -> dict[str, int]:
+    """Where the plan's bytes go: the interpreter, the static weights by kind (attention records,
+    their scale tables, norms and biases, embedding, head), the KV cache, the offloaded MLP's
+    scale tables, read buffers and per-unit bookkeeping, its caches (or, in RAM, its records and
+    tables) and the margin. Sums to the plan's total."""
+    infos = manifest["tensor_info"]
+    streamed = ("head", "embed") if plan.head == "stream" else ("embed",) if plan.stream_embed else ()
+    out = {"interpreter": plan.baseline, "attention": 0, "attention_scale_tables": 0, "norms_biases": 0,
+           "embedding": 0, "head": 0}
+    for n, t in infos.items():
+        if is_mlp_tensor(n):
+            continue
+        if n in ("head", "embed"):
+            key = "head" if n == "head" else "embedding"
+            out[key] += t.header_bytes + ((head_buffer_bytes(t) if n == "head" else 0) if n in streamed else t.nbytes)
+        elif t.rows == 1:
+            out["norms_biases"] += t.nbytes
+        else:
+            out["attention"] += t.nbytes
+            out["attention_scale_tables"] += t.header_bytes
+    out["kv_cache"] = plan.kv_bytes
+    out["loading"] = plan.loading
+    if plan.stream_embed:  # offloaded (a run in RAM keeps its embedding and MLP resident)
+        mlp = [t for n, t in infos.items() if is_mlp_tensor(n)]
+        out["mlp_scale_tables"] = sum(t.header_bytes for t in mlp)
+        out["mlp_read_buffers"] = sum(mlp_buffer_bytes(manifest).values()) + PAGE
+        out["mlp_bookkeeping"] = BOOKKEEPING * sum(t.rows for t in mlp)
+        out["mlp_caches"] = plan.cache_bytes
+        out["margin"] = MARGIN if plan.budget_kind == "memory" else 0
+    else:
+        out["mlp_in_ram"] = plan.mlp_bytes
+    return out
+
+
 @dataclass
 class RamPlan:
     """What a run keeps in RAM (bytes): the static weights, the KV cache, the MLP (all of it in
@@ -104,6 +138,7 @@ class RamPlan:
     budget: int | None = None
     budget_kind: str | None = None  # "memory" (the whole process), "dram" (weights + KV) or None
     baseline: int = 0               # RSS before loading (Python and libraries)
+    loading: int = 0                # measured after loading: RSS beyond the baseline, static weights and KV
 
     def row(self) -> dict:
         return {"head": self.head, "static_bytes": self.static_bytes, "kv_bytes": self.kv_bytes,
@@ -117,6 +152,7 @@ class RamPlan:
         (Python, libraries, static weights and the touched KV cache) leaves."""
         if self.budget_kind != "memory":
             return
+        self.loading = int(rss_now - self.baseline - self.static_bytes - self.kv_bytes)
         self.cache_bytes = int(self.budget - rss_now - self.mlp_bytes - MARGIN)
         if self.cache_bytes < 0:
             raise DipstreamError(self.too_small(rss_now))

@@ -151,24 +151,23 @@ def group_scales(fmt: str, hd, hm, gi: int, units: np.ndarray, cols=slice(None))
     f = weight_format(fmt)
     units = np.asarray(units)
     if f.headers == HK_F16:
-        g = units // gi
-        d = hd[g][:, cols].astype(np.float32)
-        return d, (hm[g][:, cols].astype(np.float32) if f.offsets else None), f.zero
-    t = hd[units // f.block]  # (n, hbytes, m): the super-blocks' header bytes, by column
+        g = units // gi  # the columns first: a lookup of one output never copies whole tables
+        d = hd[:, cols][g].astype(np.float32)
+        return d, (hm[:, cols][g].astype(np.float32) if f.offsets else None), f.zero
+    t = hd[:, :, cols][units // f.block]  # (n, hbytes, outputs): the super-blocks' header bytes, by column
     sub = (units % f.block) // f.gi
 
     def half(r0: int) -> np.ndarray:  # a float16 field (rows r0, r0 + 1: its low and high bytes) as float32
-        return (t[:, r0, cols].astype(np.uint16) | (t[:, r0 + 1, cols].astype(np.uint16) << 8)).view(np.float16) \
-            .astype(np.float32)
+        return (t[:, r0].astype(np.uint16) | (t[:, r0 + 1].astype(np.uint16) << 8)).view(np.float16).astype(np.float32)
 
     if f.headers == HK_Q6K:
-        sc = t[np.arange(len(units)), sub][:, cols].view(np.int8).astype(np.float32)
+        sc = t[np.arange(len(units)), sub].view(np.int8).astype(np.float32)
         return half(16) * sc, None, 32
     d, dmin = half(0), half(2)
     D, M = np.empty_like(d), np.empty_like(d)
     for s in np.unique(sub):
         r = sub == s
-        sc, mn = _scale_min_k4(int(s), np.moveaxis(t[r][:, 4:16, :], 1, -1)[:, cols])
+        sc, mn = _scale_min_k4(int(s), np.moveaxis(t[r][:, 4:16, :], 1, -1))
         D[r] = d[r] * sc.astype(np.float32)
         M[r] = -(dmin[r] * mn.astype(np.float32))
     return D, M, 0

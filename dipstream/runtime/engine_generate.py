@@ -14,6 +14,7 @@ from dipstream.engine.build import build
 from dipstream.engine.config import EngineSetup
 from dipstream.engine.decode import generate, timing_row
 from dipstream.engine.export import ensure_model_file
+from dipstream.engine.plan import budget_breakdown
 from dipstream.engine.modelfile import is_mlp_tensor, read_manifest
 from dipstream.engine.text import encode_prompt, eos_ids, text_streamer
 from dipstream.io import write_json_atomic
@@ -45,7 +46,8 @@ def run_engine(cfg, out=None) -> dict:
            "weights": manifest["mlp_fmt"], "head_weights": manifest["head_fmt"], "activations": cfg.run.activations,
            "prompt_tokens": len(ids), "threads": setup.threads, "model_dir": str(directory),
            "load_s": time.perf_counter() - t_load, "family": manifest["arch"]["model_type"],
-           "adapter": manifest.get("adapter"), "adapter_weights": manifest.get("adapter_weights", 0), **plan.row()}
+           "adapter": manifest.get("adapter"), "adapter_weights": manifest.get("adapter_weights", 0), **plan.row(),
+           "budget_breakdown": budget_breakdown(manifest, plan)}
     if cfg.offload:
         m = lm.mlp
         row.update(offload_dir=cfg.offload, policy=cfg.cache.policy, hot_profile=cfg.hot_profile, direct_io=m.direct,
