@@ -168,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-windows", type=int, default=4, help="eval windows for perplexity (0: skip)")
     ap.add_argument("--ppl-len", type=int, default=256, help="tokens per perplexity window (BOS first)")
     ap.add_argument("--kv-cache", default="float16", help="dipstream's KV cache precision (llama.cpp's default: f16)")
+    ap.add_argument("--head", default="auto", choices=("auto", "ram", "stream"),
+                    help="dipstream's output head under a cap: auto (in RAM when it fits), ram, stream (read each token)")
     ap.add_argument("--activations", default="float32", choices=("float32", "int8"),
                     help="dipstream's activations in int4 products (llama.cpp quantizes them to 8 bits)")
     ap.add_argument("--out", default="results/vs_llamacpp", help="folder: runs.jsonl and table.md")
@@ -231,6 +233,7 @@ def main(argv=None) -> int:
                             "--method", cfg, "--density", str(a.density), "--gamma", str(a.gamma), "--prompt", a.prompt,
                             "--max-new-tokens", str(a.new_tokens), "--no-stop-at-eos", "--no-stream",
                             "--threads", str(t), "--kv-cache", a.kv_cache, "--activations", a.activations,
+                            "--head", a.head,
                             "--json", str(row_file)])
             cmd += ["--offload", str(model_dir), "--memory", str(cap)] if cap else ["--model-dir", str(model_dir)]
         drop_caches()
@@ -264,7 +267,7 @@ def main(argv=None) -> int:
             f"dipstream: {a.weights} file, {ours_bytes / 1e6:.1f} MB); baselines llama.cpp "
             f"{meta['llama_baseline_rss'] / 1e6:.0f} MB, dipstream {meta['ours_baseline_rss'] / 1e6:.0f} MB; "
             f"{a.rounds} interleaved rounds, medians; {a.new_tokens} new tokens, greedy; density {a.density}, "
-            f"gamma {a.gamma}; dipstream KV cache {a.kv_cache}, activations {a.activations}, read gap 32 kB, prefetch auto, head auto (streamed when the cap cannot hold it)\ncommand: python benchmarks/bench_vs_llamacpp.py {' '.join(sys.argv[1:])}\n\n" + table)
+            f"gamma {a.gamma}; dipstream KV cache {a.kv_cache}, activations {a.activations}, read gap 32 kB, prefetch auto, head {a.head}\ncommand: python benchmarks/bench_vs_llamacpp.py {' '.join(sys.argv[1:])}\n\n" + table)
     (out_dir / "table.md").write_text(text + "\n")
     (out_dir / "meta.json").write_text(json.dumps({**meta, "perplexity": {f"{k[0]}|{k[1]}": v for k, v in ppl.items()}}))
     print(text)

@@ -522,7 +522,6 @@ def test_unsupported_family_and_tampered_manifest(tmp_path, exported):
     (bad / "model.json").write_text(json.dumps(man))
     with pytest.raises(DipstreamError, match="was edited after the export"):
         model(bad)
-
     man["manifest_sha256"] = manifest_digest(man)  # re-signed: the structural checks still refuse it
     (bad / "model.json").write_text(json.dumps(man))
     with pytest.raises(DipstreamError, match="inconsistent"):
