@@ -280,9 +280,10 @@ def test_int8_activations_gathered_in_parts_equal_one_call(fmt):
 
 
 def test_integer_products_portable_build_equals_the_simd_build(tmp_path):
-    """The int8-activation products (int4 and int8 records) of a build without -march=native (the
-    portable loops) give the SIMD build's numbers: the integer sums are exact, only the final
-    scaling may round differently (an FMA against a multiply and an add)."""
+    """The products of a build without -march=native (the portable loops) give the SIMD build's
+    numbers, for int4 and int8 records and every GGUF block format (K-quant scale tables, 5- and
+    6-bit planes), with int8 activations (the integer sums are exact, only the final scaling may
+    round differently: an FMA against a multiply and an add) and float32 ones."""
     import ctypes
     import shutil
 
@@ -296,18 +297,33 @@ def test_integer_products_portable_build_equals_the_simd_build(tmp_path):
     assert ok, err
     portable = ctypes.CDLL(str(so))
     native._declare(portable)
+    from gguf import GGMLQuantizationType as GT
+
+    from dipstream.engine.gguf_blocks import move_matrices, record_format
+    from tests.test_gguf_blocks import TYPES, random_blocks
+
     rng = np.random.default_rng(3)
-    for fmt, m in (("int4", 96), ("int8", 100)):
-        q = QMatrix.from_dense(rng.standard_normal((m, 64)).astype(np.float32), fmt)
-        q.act8 = True
-        x = rng.standard_normal(64).astype(np.float32)
-        outs = []
-        for lib in (q._lib, portable):
-            q._lib = lib
-            o = np.empty(m, np.float32)
-            q.select(x, 40, np.empty(64, np.int64), np.empty(64, np.float32), o)
-            outs.append(o)
-        np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6 * np.abs(outs[0]).max())
+    mats = [QMatrix.from_dense(rng.standard_normal((m, 256)).astype(np.float32), fmt)
+            for fmt, m in (("int4", 96), ("int8", 100))]
+    for name in TYPES:
+        pieces = list(move_matrices([(random_blocks(name, 96, 256, rng), GT[name])]))
+        heads = pieces[-1][1]
+        rec = np.concatenate([p for kind, p in pieces if kind == "records"])
+        mats.append(QMatrix(rec, record_format(GT[name]), 96, heads[0], heads[1] if len(heads) > 1 else None))
+    for q in mats:
+        for act8 in (True, False):
+            q.act8 = act8
+            x = rng.standard_normal(256).astype(np.float32)
+            outs = []
+            simd = q._lib
+            for lib in (simd, portable):
+                q._lib = lib
+                o = np.empty(q.m, np.float32)
+                q.select(x, 100, np.empty(256, np.int64), np.empty(256, np.float32), o)
+                outs.append(o)
+            q._lib = simd
+            np.testing.assert_allclose(outs[1], outs[0], rtol=2e-6, atol=2e-6 * np.abs(outs[0]).max(),
+                                       err_msg=f"{q.fmt} act8={act8}")
 
 
 @pytest.mark.parametrize("method,gap", [("dense", 0), ("dip", 0), ("dip", 1 << 20)])

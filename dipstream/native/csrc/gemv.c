@@ -409,6 +409,51 @@ static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* acc[0..3] += the u8 x i8 products of four rows' 32 columns (w0..w3) with the four rows'
+ * coefficients c (u8 operand `u` first when `weights_signed`: the int8 rows carry the signs),
+ * interleaved per column: lane 0 of acc[t] sums columns 4t..4t+3, lane 1 16+4t.. (flush_acc32
+ * puts them back in order). */
+static inline void acc_rows4(__m256i* acc, __m256i w0, __m256i w1, __m256i w2, __m256i w3, __m256i c, int weights_signed)
+{
+    const __m256i lo01 = _mm256_unpacklo_epi8(w0, w1), hi01 = _mm256_unpackhi_epi8(w0, w1);
+    const __m256i lo23 = _mm256_unpacklo_epi8(w2, w3), hi23 = _mm256_unpackhi_epi8(w2, w3);
+    const __m256i x[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
+                          _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
+#if !defined(__AVXVNNI__)
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    for (int t = 0; t < 4; ++t) {
+        const __m256i a = weights_signed ? c : x[t], b = weights_signed ? x[t] : c;
+#if defined(__AVXVNNI__)
+        acc[t] = _mm256_dpbusd_avx_epi32(acc[t], a, b);
+#else
+        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+#endif
+    }
+}
+
+/* o[0:n] += D * (s * sums) [+ M * sc] from acc_rows4's int32 sums (n a multiple of 32). */
+static inline void flush_acc32(const __m256i* acc, int64_t n, float s, const float* D, const float* M, float sc,
+                               float* o)
+{
+    const __m256 vs = _mm256_set1_ps(s), vsc = _mm256_set1_ps(sc);
+    for (int64_t j = 0, v = 0; j < n; j += 32, v += 4) {
+        const __m256i cols[4] = {_mm256_permute2x128_si256(acc[v], acc[v + 1], 0x20),
+                                 _mm256_permute2x128_si256(acc[v + 2], acc[v + 3], 0x20),
+                                 _mm256_permute2x128_si256(acc[v], acc[v + 1], 0x31),
+                                 _mm256_permute2x128_si256(acc[v + 2], acc[v + 3], 0x31)};
+        for (int t = 0; t < 4; ++t) {
+            const int64_t at = j + 8 * t;
+            __m256 r = _mm256_fmadd_ps(_mm256_loadu_ps(D + at), _mm256_mul_ps(_mm256_cvtepi32_ps(cols[t]), vs),
+                                       _mm256_loadu_ps(o + at));
+            if (M) r = _mm256_fmadd_ps(_mm256_loadu_ps(M + at), vsc, r);
+            _mm256_storeu_ps(o + at, r);
+        }
+    }
+}
+#endif
+
 /* The int8 rows' counterpart of gq_act8 (Q8_0 x Q8 activations, as llama.cpp's int8 products):
  * o[0:b-a] += hd * (s * sum_i cq_i * row idx[i][a:b]) with cq = round(c / s), s = max|c| / 127,
  * over one input group's rows (no offsets: int8 rows have none).  Rows 4 at a time: their bytes
@@ -428,9 +473,6 @@ static void gq_act8_i8(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
     if (n32 > 0) {
         __m256i acc[ACC_CHUNK / 8];
         for (int64_t v = 0; v < n32 / 8; ++v) acc[v] = _mm256_setzero_si256();
-#if !defined(__AVXVNNI__)
-        const __m256i ones = _mm256_set1_epi16(1);
-#endif
         for (int64_t i = 0; i < kk; i += 4) {
             const uint8_t* r[4];
             for (int t = 0; t < 4; ++t) r[t] = q->W + idx[i + t < kk ? i + t : i] * q->ldb + a;
@@ -444,36 +486,13 @@ static void gq_act8_i8(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
                                                       | (uint32_t)(uint8_t)abs(cq[i + 1]) << 8
                                                       | (uint32_t)(uint8_t)abs(cq[i + 2]) << 16
                                                       | (uint32_t)(uint8_t)abs(cq[i + 3]) << 24));
-            for (int64_t j = 0, v = 0; j < n32; j += 32, v += 4) {
-                const __m256i w0 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(r[0] + j)), sg[0]);
-                const __m256i w1 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(r[1] + j)), sg[1]);
-                const __m256i w2 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(r[2] + j)), sg[2]);
-                const __m256i w3 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(r[3] + j)), sg[3]);
-                const __m256i lo01 = _mm256_unpacklo_epi8(w0, w1), hi01 = _mm256_unpackhi_epi8(w0, w1);
-                const __m256i lo23 = _mm256_unpacklo_epi8(w2, w3), hi23 = _mm256_unpackhi_epi8(w2, w3);
-                /* per 128-bit lane, 4 columns each: lane 0 of x[t] holds columns 4t..4t+3, lane 1 16+4t.. */
-                const __m256i x[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
-                                      _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
-                for (int t = 0; t < 4; ++t)
-#if defined(__AVXVNNI__)
-                    acc[v + t] = _mm256_dpbusd_avx_epi32(acc[v + t], u, x[t]);
-#else
-                    acc[v + t] = _mm256_add_epi32(acc[v + t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, x[t]), ones));
-#endif
-            }
+            for (int64_t j = 0, v = 0; j < n32; j += 32, v += 4)
+                acc_rows4(acc + v, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(r[0] + j)), sg[0]),
+                          _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(r[1] + j)), sg[1]),
+                          _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(r[2] + j)), sg[2]),
+                          _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(r[3] + j)), sg[3]), u, 1);
         }
-        const __m256 vs = _mm256_set1_ps(s);
-        for (int64_t j = 0, v = 0; j < n32; j += 32, v += 4) {
-            const __m256i cols[4] = {_mm256_permute2x128_si256(acc[v], acc[v + 1], 0x20),
-                                     _mm256_permute2x128_si256(acc[v + 2], acc[v + 3], 0x20),
-                                     _mm256_permute2x128_si256(acc[v], acc[v + 1], 0x31),
-                                     _mm256_permute2x128_si256(acc[v + 2], acc[v + 3], 0x31)};
-            for (int t = 0; t < 4; ++t) {
-                const __m256 x = _mm256_mul_ps(_mm256_cvtepi32_ps(cols[t]), vs);
-                _mm256_storeu_ps(o + j + 8 * t, _mm256_fmadd_ps(_mm256_loadu_ps(D + j + 8 * t), x,
-                                                                _mm256_loadu_ps(o + j + 8 * t)));
-            }
-        }
+        flush_acc32(acc, n32, s, D, NULL, 0.0f, o);
         j0 = n32;
     }
 #endif
@@ -496,46 +515,20 @@ static void gq_act8_wide(const qmat_t* q, int64_t a, int64_t b, const int64_t* r
     int8_t cq[68];
     const float s = quantize_coefs(c, k, amax, cq);
     for (int64_t i = kk; i < kk + 4; ++i) cq[i] = 0;  /* padding rows: coefficient 0 */
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     __m256i acc[ACC_CHUNK / 8];
     for (int64_t v = 0; v < n / 8; ++v) acc[v] = _mm256_setzero_si256();
-#if !defined(__AVXVNNI__)
-    const __m256i ones = _mm256_set1_epi16(1);
-#endif
     for (int64_t i = 0; i < kk; i += 4) {
         const uint8_t* r[4];
         for (int t = 0; t < 4; ++t) r[t] = q->W + idx[i + t < kk ? i + t : i] * q->ldb;
         const __m256i cw = _mm256_set1_epi32((int)((uint32_t)(uint8_t)cq[i] | (uint32_t)(uint8_t)cq[i + 1] << 8
                                                    | (uint32_t)(uint8_t)cq[i + 2] << 16
                                                    | (uint32_t)(uint8_t)cq[i + 3] << 24));
-        for (int64_t j = 0, v = 0; j < n; j += 32, v += 4) {
-            const __m256i w0 = unpack32_avx(r[0], q->m, q->bits, a + j), w1 = unpack32_avx(r[1], q->m, q->bits, a + j);
-            const __m256i w2 = unpack32_avx(r[2], q->m, q->bits, a + j), w3 = unpack32_avx(r[3], q->m, q->bits, a + j);
-            const __m256i lo01 = _mm256_unpacklo_epi8(w0, w1), hi01 = _mm256_unpackhi_epi8(w0, w1);
-            const __m256i lo23 = _mm256_unpacklo_epi8(w2, w3), hi23 = _mm256_unpackhi_epi8(w2, w3);
-            const __m256i x[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
-                                  _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
-            for (int t = 0; t < 4; ++t)
-#if defined(__AVXVNNI__)
-                acc[v + t] = _mm256_dpbusd_avx_epi32(acc[v + t], x[t], cw);
-#else
-                acc[v + t] = _mm256_add_epi32(acc[v + t], _mm256_madd_epi16(_mm256_maddubs_epi16(x[t], cw), ones));
-#endif
-        }
+        for (int64_t j = 0, v = 0; j < n; j += 32, v += 4)
+            acc_rows4(acc + v, unpack32_avx(r[0], q->m, q->bits, a + j), unpack32_avx(r[1], q->m, q->bits, a + j),
+                      unpack32_avx(r[2], q->m, q->bits, a + j), unpack32_avx(r[3], q->m, q->bits, a + j), cw, 0);
     }
-    const __m256 vs = _mm256_set1_ps(s), vsc = _mm256_set1_ps(sc);
-    for (int64_t j = 0, v = 0; j < n; j += 32, v += 4) {
-        const __m256i cols[4] = {_mm256_permute2x128_si256(acc[v], acc[v + 1], 0x20),
-                                 _mm256_permute2x128_si256(acc[v + 2], acc[v + 3], 0x20),
-                                 _mm256_permute2x128_si256(acc[v], acc[v + 1], 0x31),
-                                 _mm256_permute2x128_si256(acc[v + 2], acc[v + 3], 0x31)};
-        for (int t = 0; t < 4; ++t) {
-            const int64_t at = j + 8 * t;
-            __m256 r = _mm256_fmadd_ps(_mm256_loadu_ps(D + at), _mm256_mul_ps(_mm256_cvtepi32_ps(cols[t]), vs),
-                                       _mm256_loadu_ps(o + at));
-            _mm256_storeu_ps(o + at, _mm256_fmadd_ps(_mm256_loadu_ps(M + at), vsc, r));
-        }
-    }
+    flush_acc32(acc, n, s, D, M, sc, o);
 #else
     for (int64_t j = 0; j < n; j += 32) {
         int32_t sum[32] = {0};
