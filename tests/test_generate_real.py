@@ -171,6 +171,9 @@ def test_generate_with_a_gguf_path(tmp_path):
                                 **base))
     by_name = run_generate(flat(GenerateConfig, model="smollm2-135m", model_dir=str(tmp_path / "n"), **base))
     assert by_path["engine"] == "lean" and by_path["ids"] == by_name["ids"] and by_path["text"]
+    from dipstream.models.loading import shape_of  # the accuracy tools: the GGUF converted once, by path
+
+    assert shape_of(str(gguf_of("smollm2-135m"))) == shape_of("smollm2-135m")
 
 
 def test_smollm2_offloaded_under_100mb_stays_near_its_budget(tmp_path):
