@@ -39,18 +39,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from llamacpp_child import _status  # noqa: E402  (standard library only: both interpreters run it)
 
-CGROUP = Path("/sys/fs/cgroup/memory")
+from dipstream.limits import cgroup_kind, run_limited, why_not  # noqa: E402
 PROMPT = "The history of the city begins with"
 
 
 def cgroup_ok() -> bool:
-    try:
-        probe = CGROUP / f"dipbench-probe-{os.getpid()}"
-        probe.mkdir()
-        probe.rmdir()
-        return True
-    except OSError:
-        return False
+    return cgroup_kind() is not None
 
 
 def drop_caches() -> None:
@@ -63,39 +57,20 @@ def drop_caches() -> None:
 
 def run_child(cmd: list[str], cap: int | None, json_file: Path | None = None, timeout: int = 1800) -> dict:
     """Run cmd (printing one JSON line, or writing `json_file`) in a fresh memory cgroup capped at
-    `cap` bytes (None: no cap); adds the group's peak usage and failure count."""
-    group = None
+    `cap` bytes (None: no cap; dipstream.limits); adds the group's peak usage and limit hits."""
+    if json_file is not None:
+        json_file.unlink(missing_ok=True)
+    r = run_limited(cmd, cap, timeout)
+    if r.returncode == 0 and json_file is not None:
+        out = json.loads(json_file.read_text())
+    elif r.returncode == 0 and r.stdout.strip():
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+    else:
+        out = {"error": f"exit {r.returncode}{' (timed out)' if r.timed_out else ''}: {r.stderr.strip()[-400:]}"}
     if cap is not None:
-        group = CGROUP / f"dipbench-{os.getpid()}-{time.monotonic_ns()}"
-        group.mkdir()
-        (group / "memory.limit_in_bytes").write_text(str(cap))
-        try:
-            (group / "memory.swappiness").write_text("0")
-        except OSError:
-            pass
-        cmd = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *cmd]
-    try:
-        if json_file is not None:
-            json_file.unlink(missing_ok=True)
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if r.returncode == 0 and json_file is not None:
-            out = json.loads(json_file.read_text())
-        elif r.returncode == 0 and r.stdout.strip():
-            out = json.loads(r.stdout.strip().splitlines()[-1])
-        else:
-            out = {"error": f"exit {r.returncode}: {r.stderr.strip()[-400:]}"}
-        if group is not None:
-            out["cgroup_peak_bytes"] = int((group / "memory.max_usage_in_bytes").read_text())
-            out["cgroup_failcnt"] = int((group / "memory.failcnt").read_text())
-        return out
-    finally:
-        if group is not None:
-            for _ in range(50):
-                try:
-                    group.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        out["cgroup_peak_bytes"] = r.peak_bytes
+        out["cgroup_failcnt"] = r.limit_hits
+    return out
 
 
 def ours_cmd(args: list[str]) -> list[str]:
@@ -195,7 +170,7 @@ def main(argv=None) -> int:
     configs = a.configs.split(",")
     capped = [s for s in scenarios if s != "ram"]
     if capped and not cgroup_ok():
-        print(f"no writable cgroup-v1 memory controller at {CGROUP}: skipping the capped scenarios {capped}")
+        print(f"{why_not()}: skipping the capped scenarios {capped}")
         scenarios = [s for s in scenarios if s == "ram"]
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)

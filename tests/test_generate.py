@@ -213,7 +213,7 @@ def test_generate_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("extra,message", [
     (["--method", "dip-ca"], "dip-ca picks its masks"),
     (["--offload", "OFF", "--dram", "1kB"], "is below the static weights, KV cache and read buffers"),
-    (["--offload", "OFF", "--memory", "1MB"], "give more than"),
+    (["--offload", "OFF", "--memory", "1MB"], "has no model file yet, and exporting it takes about"),
     (["--engine", "hf", "--offload", "OFF"], "the Hugging Face engine does not offload"),
     (["--engine", "hf", "--weights", "int4"], "the Hugging Face engine runs float32"),
     (["--engine", "lean", "--device", "cuda"], "the lean engine runs on the CPU"),

@@ -384,6 +384,34 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
     return d
 
 
+def export_fits(model: str, weights: str | None, head: str | None, directory: str | None, adapter: str | None,
+                memory: int | None) -> None:
+    """Before a run's first use exports its model file: refuse (one line, before anything grows) a
+    --memory below what the export takes, and say which command to run first. The export reads
+    the GGUF's configuration and tokenizer with transformers (torch comes with it), which a small
+    budget cannot hold; run separately, it needs no budget of the run's."""
+    if memory is None:
+        return
+    weights = source_weights(model, weights, adapter)
+    head = head or default_head(weights)
+    d = Path(directory) if directory else default_model_dir(model, weights, head, adapter)
+    if (d / MANIFEST).exists():
+        return
+    gguf = gguf_of(model) if adapter is None else None
+    if gguf is not None:
+        from dipstream.engine.gguf_source import export_memory
+
+        need = export_memory(gguf)
+    else:
+        need = 1 << 30  # a Hugging Face folder: transformers, torch and one float32 tensor at a time
+    if memory < need:
+        from dipstream.simulator.hardware import fmt_bytes
+
+        raise DipstreamError(f"{d} has no model file yet, and exporting it takes about {fmt_bytes(need)}, more than "
+                             f"--memory {fmt_bytes(memory)}: run `dipstream export --model {model} --model-dir {d}"
+                             + (f" --weights {weights}" if weights else "") + "` first (once), then this command")
+
+
 def run_export(cfg: ExportConfig) -> dict:
     """Write (or find) the model file; returns {model_dir, bytes, formats, seconds, peak RSS}."""
     import time
@@ -407,9 +435,9 @@ def engine_runs(model: str, model_dir: str | Path) -> tuple[str | None, bool]:
         return json.loads((Path(model_dir) / MANIFEST).read_text())["arch"]["model_type"], True
     gguf = gguf_of(model)
     if gguf is not None:
-        from dipstream.engine.gguf_source import GGUFSource
+        from dipstream.engine.gguf_source import gguf_architecture
 
-        return GGUFSource(gguf).arch, True  # one-line refusal of the architectures the export does not read
+        return gguf_architecture(gguf), True  # one-line refusal of the architectures the export does not read
     from types import SimpleNamespace
 
     from dipstream.models.loading import resolve_checkpoint

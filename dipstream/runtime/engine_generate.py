@@ -13,13 +13,14 @@ from dipstream.devices import peak_rss_bytes, rss_bytes
 from dipstream.engine.build import build
 from dipstream.engine.config import EngineSetup
 from dipstream.engine.decode import generate, timing_row
-from dipstream.engine.export import ensure_model_file
+from dipstream.engine.export import ensure_model_file, export_fits
 from dipstream.engine.plan import budget_breakdown
 from dipstream.engine.modelfile import is_mlp_tensor, read_manifest
 from dipstream.engine.text import encode_prompt, eos_ids, text_streamer
 from dipstream.io import write_json_atomic
 from dipstream.names import layer_key
 from dipstream.paths import machine
+from dipstream.simulator.hardware import parse_bytes
 from dipstream.simulator import save_trace
 from dipstream.sparsity.decoding import decode_rule
 
@@ -36,6 +37,8 @@ def run_engine(cfg, out=None) -> dict:
     """The lean engine's generate run of `cfg` (a GenerateConfig); returns the results row."""
     out = out or sys.stdout
     f = cfg.file
+    memory = None if cfg.run.memory is None else int(parse_bytes(cfg.run.memory))
+    export_fits(cfg.model, f.weights, f.head_weights, cfg.offload or f.model_dir, f.adapter, memory)
     directory = ensure_model_file(cfg.model, f.weights, f.head_weights, cfg.offload or f.model_dir, f.adapter)
     ids, decode = encode_prompt(directory, cfg.prompt, cfg.chat)
     manifest = read_manifest(directory)
