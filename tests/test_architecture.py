@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "dipstream"
 
 # a package may import only from its own layer or below
 LAYERS = {
-    0: ("dipstream", "errors", "io", "validation", "config", "paths", "budget", "options", "devices", "names"),
+    0: ("dipstream", "errors", "io", "validation", "config", "paths", "budget", "options", "devices", "names", "limits"),
     1: ("native", "selection", "simulator", "kernels", "data"),
     2: ("models",),
     3: ("sparsity", "engine"),
