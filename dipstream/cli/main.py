@@ -120,8 +120,11 @@ def cmd_models(ns) -> int:
             print(f"{'':<19} {'':<18} note: {m.note}")
     from dipstream.models.families import ARCHITECTURES, engine_families
 
+    from dipstream.engine.gguf_source import ARCHS
+
     print(f"or any local Hugging Face checkpoint folder of: {', '.join(sorted(ARCHITECTURES))} (the lean engine "
           f"runs {', '.join(engine_families())})")
+    print(f"or a GGUF file (--model PATH.gguf) of architecture {', '.join(ARCHS)} (its blocks kept as they are)")
     return 0
 
 
