@@ -59,3 +59,12 @@ def test_cli_refuses_a_gguf_of_another_family(tmp_path, capsys):
     assert main(["generate", "--model", str(path), "--model-dir", str(tmp_path / "m"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "architecture 'gpt2'" in err[0]
+
+
+def test_two_ggufs_of_one_name_get_their_own_model_files(tmp_path):
+    from dipstream.engine.export import default_model_dir
+
+    a, b = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    assert default_model_dir(str(a), "gguf", "gguf") != default_model_dir(str(b), "gguf", "gguf")
+    assert default_model_dir(str(a), "gguf", "gguf") == default_model_dir(str(tmp_path / "a" / ".." / "a" / "model.gguf"),
+                                                                          "gguf", "gguf")

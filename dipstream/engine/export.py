@@ -345,8 +345,15 @@ def adapter_id(adapter: str | Path | None) -> str | None:
 # ------------------------------------------------------------------------------------ the cache
 
 def default_model_dir(model: str, weights: str, head: str, adapter: str | None = None) -> Path:
+    """The cache folder of a model's file: by name (built-ins, folders), a GGUF path also by its place
+    (two files called model.gguf in different folders get their own)."""
+    from dipstream.engine.gguf_source import is_gguf
+
     suffix = f"-lora-{adapter_id(adapter)}" if adapter else ""
-    return cache_root() / "engine" / f"{Path(model).name}-{weights}-{head}-{FORMAT.split('/')[-1]}{suffix}"
+    name = Path(model).name
+    if is_gguf(model):
+        name = f"{Path(model).stem}-{hashlib.sha256(str(Path(model).expanduser().resolve()).encode()).hexdigest()[:8]}"
+    return cache_root() / "engine" / f"{name}-{weights}-{head}-{FORMAT.split('/')[-1]}{suffix}"
 
 
 def ensure_model_file(model: str, weights: str | None, head: str | None = None, directory: str | None = None,
@@ -381,6 +388,12 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
                              "--model-dir")
     if m["model"] != Path(model).name and m["model"] != model:
         raise DipstreamError(f"{d} holds model '{m['model']}', not '{model}'; use another --model-dir")
+    from dipstream.engine.gguf_source import is_gguf
+
+    gguf = Path(model).expanduser() if is_gguf(model) and m.get("source") else None  # a user's GGUF, still there
+    if gguf is not None and gguf.is_file() and m["source"].get("bytes") != gguf.stat().st_size:
+        raise DipstreamError(f"{d} was exported from another {gguf.name} ({m['source'].get('bytes')} bytes, this one "
+                             f"{gguf.stat().st_size}); use another --model-dir")
     return d
 
 
