@@ -222,17 +222,26 @@ static void gq_wide(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
 }
 
 /* The int8 activations of one input group's selected coefficients: cq = round(c / s) (the first
- * min(k, 64) of them), s = amax / 127 (amax < 0: the max |c| of the selection).  Returns s. */
-static float quantize_coefs(const float* c, int64_t k, float amax, int8_t* cq)
+ * min(k, 64) of them), s = amax / 127 (amax < 0: the max |c| of the selection).  Returns s;
+ * *qsum = s * sum(cq), the quantized coefficients' sum, which multiplies the offsets: the product
+ * is then exactly the dequantized weights times the quantized activations (as llama.cpp's Q8_1 /
+ * Q8_K sums do), not a mix of quantized and exact coefficients, whose error a zero point (Q5_0's
+ * 16, Q6_K's 32) would multiply. */
+static float quantize_coefs(const float* c, int64_t k, float amax, int8_t* cq, float* qsum)
 {
     if (amax < 0.0f) {
         amax = 0.0f;
         for (int64_t i = 0; i < k; ++i) amax = fabsf(c[i]) > amax ? fabsf(c[i]) : amax;
     }
     const int64_t kk = k < 64 ? k : 64;
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (int64_t i = 0; i < kk; ++i) cq[i] = (int8_t)lrintf(c[i] * inv);
-    return amax > 0.0f ? amax / 127.0f : 0.0f;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f, s = amax > 0.0f ? amax / 127.0f : 0.0f;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < kk; ++i) {
+        cq[i] = (int8_t)lrintf(c[i] * inv);
+        sum += cq[i];
+    }
+    *qsum = s * (float)sum;
+    return s;
 }
 
 /* o[0:b-a] = sum_i c[i] * (raw integers of row idx[i])[a:b].  For 4-bit, a and b are multiples of
@@ -326,12 +335,13 @@ static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
  * offset are applied in the same pass that widens the last partial. */
 static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
                     const float* restrict c, int64_t k, float* restrict o,
-                    const float* restrict D, const float* restrict M, float sc, float amax)
+                    const float* restrict D, const float* restrict M, float amax)
 {
     const int64_t n = b - a;
     int8_t cq[64];
     const int64_t kk = k < 64 ? k : 64;  /* a run is one input group: at most GI (<= 32) rows */
-    const float s = quantize_coefs(c, k, amax, cq);
+    float sc;
+    const float s = quantize_coefs(c, k, amax, cq, &sc);
     int64_t j0 = 0;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     /* Rows outer, columns inner (each pair of rows streamed once): int16 partials of up to 16
@@ -465,7 +475,8 @@ static void gq_act8_i8(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
 {
     const int64_t n = b - a, kk = k < 64 ? k : 64;
     int8_t cq[68];
-    const float s = quantize_coefs(c, k, amax, cq);
+    float unused;
+    const float s = quantize_coefs(c, k, amax, cq, &unused);
     for (int64_t i = kk; i < kk + 4; ++i) cq[i] = 0;  /* padding rows: coefficient 0 */
     int64_t j0 = 0;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -509,11 +520,12 @@ static void gq_act8_i8(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
  * int32 sums exact), so the AVX2 and the portable paths give the same numbers. */
 static void gq_act8_wide(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
                          const float* restrict c, int64_t k, float* restrict o, const float* restrict D,
-                         const float* restrict M, float sc, float amax)
+                         const float* restrict M, float amax)
 {
     const int64_t n = b - a, kk = k < 64 ? k : 64;
     int8_t cq[68];
-    const float s = quantize_coefs(c, k, amax, cq);
+    float sc;
+    const float s = quantize_coefs(c, k, amax, cq, &sc);
     for (int64_t i = kk; i < kk + 4; ++i) cq[i] = 0;  /* padding rows: coefficient 0 */
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     __m256i acc[ACC_CHUNK / 8];
@@ -562,11 +574,11 @@ static void gq_grouped(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
             const float amax = q->gmax ? q->gmax[g] : -1.0f;
             const int wide = q->bits == 5 || q->bits == 6;
             if (q->act8 && q->bits == 4 && q->G == 32 && i1 - i0 <= 64) {
-                gq_act8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, Mg, sc, amax);
+                gq_act8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, Mg, amax);
             } else if (q->act8 && q->bits == 8 && i1 - i0 <= 64) {
                 gq_act8_i8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, amax);
             } else if (q->act8 && wide && i1 - i0 <= 64) {
-                gq_act8_wide(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, M, sc, amax);
+                gq_act8_wide(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, M, amax);
             } else {
                 if (wide) gq_wide(q, a2, b2, idx + i0, c + i0, i1 - i0, acc);
                 else gq_core(q, a2, b2, idx + i0, c + i0, i1 - i0, acc);
