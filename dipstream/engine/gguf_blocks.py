@@ -143,8 +143,3 @@ def rows_layout(qtype, m: int) -> tuple[int, int]:
         raise DipstreamError(f"a row of {m} values is not whole {GGMLQuantizationType(qtype).name} blocks")
     n = m // bs * ts
     return n, n + (-n) % 4
-
-
-def records_check(fmt: str, m: int) -> None:
-    """DipstreamError when records of m outputs cannot be stored in `fmt`."""
-    record_layout(fmt, m)
