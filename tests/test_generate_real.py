@@ -131,10 +131,11 @@ def test_gguf_export_equals_the_hugging_face_conversion_tensor_for_tensor(model,
     2% of the GGUF's bytes."""
     from transformers import AutoConfig
 
-    from dipstream.engine.export import _checkpoint_source, engine_arch, export_gguf, gguf_of, model_tensors
+    from dipstream.engine.export import _checkpoint_source, engine_arch, export_gguf, model_tensors
     from dipstream.engine.model import LeanModel
     from dipstream.engine.modelfile import read_manifest
     from dipstream.engine.qmatrix import dequantize_records, weight_format
+    from dipstream.models.builtins import gguf_of
     from dipstream.models.loading import resolve_checkpoint
 
     gguf = gguf_of(model)
@@ -163,7 +164,7 @@ def test_gguf_export_equals_the_hugging_face_conversion_tensor_for_tensor(model,
 def test_generate_with_a_gguf_path(tmp_path):
     """`--model PATH.gguf`, the first thing a llama.cpp user tries: the GGUF's own blocks, the
     tokenizer from the GGUF, the same tokens as the built-in name."""
-    from dipstream.engine.export import gguf_of
+    from dipstream.models.builtins import gguf_of
 
     base = dict(prompt="The three primary colours are", max_new_tokens=8, stop_at_eos=False, stream=False,
                 threads=1, method="dense")

@@ -74,7 +74,7 @@ def test_qwen_at_the_equal_bytes_half_cap_and_below_its_static_need(tmp_path):
     from dipstream.errors import DipstreamError
 
     try:
-        from dipstream.engine.export import gguf_of
+        from dipstream.models.builtins import gguf_of
 
         gguf_of("qwen2.5-coder-1.5b")
     except DipstreamError as e:

@@ -30,6 +30,7 @@ from dipstream.engine.modelfile import (
 from dipstream.engine.qmatrix import QUANTIZE
 from dipstream.errors import DipstreamError
 from dipstream.io import folder_lock
+from dipstream.models.builtins import BUILTIN_MODELS, gguf_of, is_gguf
 from dipstream.models.families import (
     ARCHITECTURES,
     activation_name,
@@ -302,27 +303,11 @@ def export_gguf(path: str | Path, directory: str | Path, model: str, weights: st
     return manifest
 
 
-def gguf_of(model: str) -> Path | None:
-    """The GGUF file a model comes from: a .gguf path, or a built-in model's; None for a Hugging
-    Face folder."""
-    from dipstream.engine.gguf_source import is_gguf
-
-    if is_gguf(model):
-        return Path(model).expanduser()
-    from dipstream.models.builtins import BUILTIN_MODELS
-
-    return BUILTIN_MODELS[model].gguf() if model in BUILTIN_MODELS else None
-
-
 def source_weights(model: str, weights: str | None, adapter: str | None = None) -> str:
     """--weights as given, or the default of the model's source: gguf for a GGUF (adapters merge into
     float weights: float32 then), float32 for a Hugging Face folder."""
-    from dipstream.engine.gguf_source import is_gguf
-
     if weights is not None:
         return weights
-    from dipstream.models.builtins import BUILTIN_MODELS
-
     return KEEP if (is_gguf(model) or model in BUILTIN_MODELS) and adapter is None else "float32"
 
 
@@ -347,8 +332,6 @@ def adapter_id(adapter: str | Path | None) -> str | None:
 def default_model_dir(model: str, weights: str, head: str, adapter: str | None = None) -> Path:
     """The cache folder of a model's file: by name (built-ins, folders), a GGUF path also by its place
     (two files called model.gguf in different folders get their own)."""
-    from dipstream.engine.gguf_source import is_gguf
-
     suffix = f"-lora-{adapter_id(adapter)}" if adapter else ""
     name = Path(model).name
     if is_gguf(model):
@@ -357,11 +340,12 @@ def default_model_dir(model: str, weights: str, head: str, adapter: str | None =
 
 
 def ensure_model_file(model: str, weights: str | None, head: str | None = None, directory: str | None = None,
-                      adapter: str | None = None) -> Path:
+                      adapter: str | None = None, memory: int | None = None) -> Path:
     """The exported model file of `model` (built-in name, GGUF file or HF folder) in these formats
     (None: the source's own, `source_weights`), with these adapters, written once under a lock
     (exporting loads the Hugging Face stack; reusing the file does not). A folder holding another
-    model, formats or adapters is refused."""
+    model, formats or adapters is refused. `memory`: a run's --memory; an export that would not fit
+    it is refused before it starts, naming the command to run first."""
     weights = source_weights(model, weights, adapter)
     head = head or default_head(weights)
     d = Path(directory) if directory else default_model_dir(model, weights, head, adapter)
@@ -370,6 +354,7 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
         if (KEEP in (weights, head)) and (gguf is None or adapter is not None):
             raise DipstreamError(f"--weights {KEEP} keeps a GGUF's own blocks: give a .gguf file or a built-in model, "
                                  "without --adapter (adapters merge into float32, int8 or int4 weights)")
+        _export_fits(model, weights, d, gguf if adapter is None else None, memory)
         with folder_lock(d, "model export", wait=True):
             if not (d / MANIFEST).exists():
                 if gguf is not None and adapter is None:
@@ -388,8 +373,6 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
                              "--model-dir")
     if m["model"] != Path(model).name and m["model"] != model:
         raise DipstreamError(f"{d} holds model '{m['model']}', not '{model}'; use another --model-dir")
-    from dipstream.engine.gguf_source import is_gguf
-
     gguf = Path(model).expanduser() if is_gguf(model) and m.get("source") else None  # a user's GGUF, still there
     if gguf is not None and gguf.is_file() and m["source"].get("bytes") != gguf.stat().st_size:
         raise DipstreamError(f"{d} was exported from another {gguf.name} ({m['source'].get('bytes')} bytes, this one "
@@ -397,20 +380,13 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
     return d
 
 
-def export_fits(model: str, weights: str | None, head: str | None, directory: str | None, adapter: str | None,
-                memory: int | None) -> None:
-    """Before a run's first use exports its model file: refuse (one line, before anything grows) a
-    --memory below what the export takes, and say which command to run first. The export reads
-    the GGUF's configuration and tokenizer with transformers (torch comes with it), which a small
-    budget cannot hold; run separately, it needs no budget of the run's."""
+def _export_fits(model: str, weights: str, d: Path, gguf: Path | None, memory: int | None) -> None:
+    """Refuse (one line, before anything grows) a --memory below what exporting `d` takes, and say
+    which command to run first: the export reads the GGUF's configuration and tokenizer with
+    transformers (torch comes with it), which a small budget cannot hold; run separately, it needs
+    no budget of the run's."""
     if memory is None:
         return
-    weights = source_weights(model, weights, adapter)
-    head = head or default_head(weights)
-    d = Path(directory) if directory else default_model_dir(model, weights, head, adapter)
-    if (d / MANIFEST).exists():
-        return
-    gguf = gguf_of(model) if adapter is None else None
     if gguf is not None:
         from dipstream.engine.gguf_source import export_memory
 
@@ -421,8 +397,8 @@ def export_fits(model: str, weights: str | None, head: str | None, directory: st
         from dipstream.simulator.hardware import fmt_bytes
 
         raise DipstreamError(f"{d} has no model file yet, and exporting it takes about {fmt_bytes(need)}, more than "
-                             f"--memory {fmt_bytes(memory)}: run `dipstream export --model {model} --model-dir {d}"
-                             + (f" --weights {weights}" if weights else "") + "` first (once), then this command")
+                             f"--memory {fmt_bytes(memory)}: run `dipstream export --model {model} --model-dir {d} "
+                             f"--weights {weights}` first (once), then this command")
 
 
 def run_export(cfg: ExportConfig) -> dict:

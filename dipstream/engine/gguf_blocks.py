@@ -134,12 +134,3 @@ def move_rows(raw: np.ndarray, fmt: str, m: int, rows_per_slice: int = 4096):
         out[:, :part.shape[1]] = part
         yield "records", out
     yield "headers", []
-
-
-def rows_layout(qtype, m: int) -> tuple[int, int]:
-    """(bytes of one GGUF row of m values, stride) of an embedding kept as GGUF rows."""
-    bs, ts = block_shape(qtype)
-    if m % bs:
-        raise DipstreamError(f"a row of {m} values is not whole {GGMLQuantizationType(qtype).name} blocks")
-    n = m // bs * ts
-    return n, n + (-n) % 4

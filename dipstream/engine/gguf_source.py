@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dipstream.engine.gguf_blocks import FLOATS, move_matrices, move_rows, record_format, rows_layout
+from dipstream.engine.gguf_blocks import FLOATS, move_matrices, move_rows, record_format
+from dipstream.engine.qmatrix import record_layout
 from dipstream.errors import DipstreamError
 from dipstream.names import layer_key
 
@@ -26,11 +27,7 @@ LAYER_PARTS = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "post_attention
                "post_ffw_norm": "post_mlp_norm", "attn_q_norm": "q_norm", "attn_k_norm": "k_norm"}
 
 
-def is_gguf(model: str) -> bool:
-    return str(model).lower().endswith(".gguf")
-
-
-_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # GGUF type -> struct
 
 
 def header_values(path: str | Path, keys: set[str]) -> dict:
@@ -49,8 +46,7 @@ def header_values(path: str | Path, keys: set[str]) -> dict:
 
         def value(t: int, keep: bool):
             if t in _SCALARS:
-                code = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}[t]
-                return unpack("<" + code)[0]
+                return unpack("<" + _SCALARS[t])[0]
             if t == 8:
                 n = unpack("<Q")[0]
                 if keep:
@@ -60,7 +56,7 @@ def header_values(path: str | Path, keys: set[str]) -> dict:
             if t == 9:
                 et, n = unpack("<IQ")
                 if et in _SCALARS:
-                    f.seek(_SCALARS[et] * n, 1)
+                    f.seek(struct.calcsize("<" + _SCALARS[et]) * n, 1)
                 else:
                     for _ in range(n):
                         value(et, False)
@@ -259,6 +255,6 @@ class GGUFSource:
             fmt = record_format(t.tensor_type) + "_rows"
             raw, _ = self._rows("token_embd.weight")
             m = int(t.shape[0])  # GGML order: values per row first
-            rows_layout(t.tensor_type, m)
+            record_layout(fmt, m)  # rows of whole blocks, checked before any is written
             return self._moved(move_rows(raw, fmt, m), ["token_embd.weight"]), fmt
         return self._float("token_embd.weight"), requant or "float32"

@@ -91,6 +91,12 @@ class TensorInfo:
     def header_bytes(self) -> int:
         return header_bytes(self.fmt, self.rows, self.m)
 
+    def extents(self) -> list[tuple[int, int]]:
+        """(start, end) in the file of its records and of each of its header tables."""
+        offs = [o for o in (self.hd_offset, self.hm_offset) if o >= 0]
+        return [(self.offset, self.offset + self.nbytes)] + \
+            [(o, o + int(np.prod(shape)) * dt.itemsize) for o, (dt, shape) in zip(offs, self.header_specs)]
+
     @property
     def nbytes(self) -> int:
         return self.rows * self.stride
@@ -107,13 +113,6 @@ class ModelWriter:
         if pad:
             self.fh.write(bytes(pad))
             self.digest.update(bytes(pad))
-
-    def _write(self, data: bytes) -> int:
-        self._pad()
-        off = self.fh.tell()
-        self.fh.write(data)
-        self.digest.update(data)
-        return off
 
     def add(self, name: str, payload, fmt: str) -> None:
         """A tensor: float32 rows by input (rows x m) quantized to `fmt`, or moved records (a
@@ -169,7 +168,6 @@ def write_model_file(directory: str | os.PathLike, manifest: dict, tensors) -> d
     with atomic_path(directory / DATA) as tmp, open(tmp, "wb") as fh:
         w = ModelWriter(fh)
         for name, payload, fmt in tensors:
-            weight_format(fmt)
             w.add(name, payload, fmt)
         size, sha = w.finish()
     manifest = {"format": FORMAT, **manifest, "tensors": w.tensors, "size": size, "sha256": sha}
@@ -315,11 +313,10 @@ def _check_tensors(infos: dict[str, TensorInfo], arch: dict, size: int) -> None:
         offs = [o for o in (t.hd_offset, t.hm_offset) if o >= 0]
         if len(offs) != len(specs) or (t.hm_offset >= 0 and t.hd_offset < 0):
             raise ValueError(f"{t.name} headers")
-        parts = [(t.offset, t.nbytes)] + [(o, int(np.prod(sh)) * dt.itemsize) for o, (dt, sh) in zip(offs, specs)]
-        for off, n in parts:
-            if off % ALIGN or off < 0 or off + n > size:
+        for a, b in t.extents():
+            if a % ALIGN or a < 0 or b > size:
                 raise ValueError(f"{t.name} placement")
-            extents.append((off, off + n, t.name))
+            extents.append((a, b, t.name))
     extents.sort()
     for (a0, a1, na), (b0, b1, nb) in zip(extents, extents[1:]):
         if b0 < a1:
@@ -413,12 +410,7 @@ def verify_tensors(directory: str | os.PathLike, reader: FileReader, manifest: d
         except (OSError, ValueError):
             pass
     infos = manifest["tensor_info"]
-    pieces = []  # (start, end, tensor): records and header tables, in file order
-    for t in infos.values():
-        pieces.append((t.offset, t.offset + t.nbytes, t.name))
-        for off, (dt, shape) in zip((t.hd_offset, t.hm_offset), t.header_specs):
-            pieces.append((off, off + int(np.prod(shape)) * dt.itemsize, t.name))
-    pieces.sort()
+    pieces = sorted((a, b, t.name) for t in infos.values() for a, b in t.extents())  # records and tables
     hashers = {n: hashlib.sha256() for n in infos}
     whole = hashlib.sha256()
     chunk = 8 << 20

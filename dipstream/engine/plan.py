@@ -78,16 +78,23 @@ def kv_bytes(manifest: dict, max_seq: int, kv_dtype: str) -> int:
     return 2 * (2 if kv_dtype == "float16" else 4) * s.n_layers * s.n_kv_heads * max_seq * s.head_dim
 
 
+def _streamed(head: str, stream_embed: bool) -> tuple[str, ...]:
+    return ("head", "embed") if head == "stream" else ("embed",) if stream_embed else ()
+
+
+def resident_bytes(name: str, t: TensorInfo, streamed: tuple[str, ...]) -> int:
+    """RAM of one static tensor: its records and headers, or, streamed, its headers (and the head
+    its chunk buffers)."""
+    if name not in streamed:
+        return t.nbytes + t.header_bytes
+    return t.header_bytes + (head_buffer_bytes(t) if name == "head" else 0)
+
+
 def static_bytes(manifest: dict, head: str, stream_embed: bool) -> int:
     """RAM of the weights besides the MLP records: every other tensor with its headers; a streamed
     head or embedding leaves its headers (and the head its chunk buffers)."""
-    infos = manifest["tensor_info"]
-    streamed = ("head", "embed") if head == "stream" else ("embed",) if stream_embed else ()
-    total = sum(t.nbytes + t.header_bytes for n, t in infos.items() if not is_mlp_tensor(n) and n not in streamed)
-    for n in streamed:
-        if n in infos:
-            total += infos[n].header_bytes + (head_buffer_bytes(infos[n]) if n == "head" else 0)
-    return total
+    streamed = _streamed(head, stream_embed)
+    return sum(resident_bytes(n, t, streamed) for n, t in manifest["tensor_info"].items() if not is_mlp_tensor(n))
 
 
 def budget_breakdown(manifest: dict, plan: "RamPlan") -> dict[str, int]:
@@ -96,15 +103,14 @@ def budget_breakdown(manifest: dict, plan: "RamPlan") -> dict[str, int]:
     scale tables, read buffers and per-unit bookkeeping, its caches (or, in RAM, its records and
     tables) and the margin. Sums to the plan's total."""
     infos = manifest["tensor_info"]
-    streamed = ("head", "embed") if plan.head == "stream" else ("embed",) if plan.stream_embed else ()
+    streamed = _streamed(plan.head, plan.stream_embed)
     out = {"interpreter": plan.baseline, "attention": 0, "attention_scale_tables": 0, "norms_biases": 0,
            "embedding": 0, "head": 0}
     for n, t in infos.items():
         if is_mlp_tensor(n):
             continue
         if n in ("head", "embed"):
-            key = "head" if n == "head" else "embedding"
-            out[key] += t.header_bytes + ((head_buffer_bytes(t) if n == "head" else 0) if n in streamed else t.nbytes)
+            out["head" if n == "head" else "embedding"] += resident_bytes(n, t, streamed)
         elif t.rows == 1:
             out["norms_biases"] += t.nbytes
         else:

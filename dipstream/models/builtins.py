@@ -62,3 +62,16 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                           + QWEN25_CODER_05B.pip_command()),
     ]
 }
+
+
+def is_gguf(model: str) -> bool:
+    """Whether a --model names a GGUF file (by its suffix)."""
+    return str(model).lower().endswith(".gguf")
+
+
+def gguf_of(model: str) -> Path | None:
+    """The GGUF file a model comes from: a .gguf path, or a built-in model's; None for a Hugging
+    Face folder."""
+    if is_gguf(model):
+        return Path(model).expanduser()
+    return BUILTIN_MODELS[model].gguf() if model in BUILTIN_MODELS else None

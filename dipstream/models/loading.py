@@ -15,7 +15,7 @@ import torch
 
 from dipstream.errors import DipstreamError
 from dipstream.models.arch import ModelInfo, check_supported, describe
-from dipstream.models.builtins import BUILTIN_MODELS, BuiltinModel  # noqa: F401 - re-exported
+from dipstream.models.builtins import BUILTIN_MODELS, BuiltinModel, is_gguf  # noqa: F401 - re-exported
 from dipstream.paths import cache_root
 from dipstream.simulator.model_shape import SHAPES, ModelShape
 
@@ -178,7 +178,7 @@ def resolve_checkpoint(name_or_path: str) -> tuple[str, Path]:
     if name_or_path in BUILTIN_MODELS:
         return name_or_path, _ensure_converted(name_or_path)
     path = Path(name_or_path).expanduser()
-    if path.suffix.lower() == ".gguf":  # converted once to float32 safetensors (dequantized by gguf)
+    if is_gguf(name_or_path):  # converted once to float32 safetensors (dequantized by gguf)
         if not path.is_file():
             raise DipstreamError(f"GGUF file '{path}' does not exist; give the path of a .gguf model file")
         model = _gguf_model(path)

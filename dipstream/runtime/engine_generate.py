@@ -13,7 +13,7 @@ from dipstream.devices import peak_rss_bytes, rss_bytes
 from dipstream.engine.build import build
 from dipstream.engine.config import EngineSetup
 from dipstream.engine.decode import generate, timing_row
-from dipstream.engine.export import ensure_model_file, export_fits
+from dipstream.engine.export import ensure_model_file
 from dipstream.engine.plan import budget_breakdown
 from dipstream.engine.modelfile import is_mlp_tensor, read_manifest
 from dipstream.engine.text import encode_prompt, eos_ids, text_streamer
@@ -38,8 +38,7 @@ def run_engine(cfg, out=None) -> dict:
     out = out or sys.stdout
     f = cfg.file
     memory = None if cfg.run.memory is None else int(parse_bytes(cfg.run.memory))
-    export_fits(cfg.model, f.weights, f.head_weights, cfg.offload or f.model_dir, f.adapter, memory)
-    directory = ensure_model_file(cfg.model, f.weights, f.head_weights, cfg.offload or f.model_dir, f.adapter)
+    directory = ensure_model_file(cfg.model, f.weights, f.head_weights, cfg.offload or f.model_dir, f.adapter, memory)
     ids, decode = encode_prompt(directory, cfg.prompt, cfg.chat)
     manifest = read_manifest(directory)
     setup = engine_setup(cfg, len(ids) + cfg.decoding.max_new_tokens, manifest["arch"]["shape"]["n_layers"])
