@@ -89,6 +89,32 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def release_memory() -> None:
+    """Hand this process's freed heap back to the system (garbage collection, then glibc's
+    malloc_trim where there is one), so its RSS is what it holds."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def map_large_allocations(threshold: int = 1 << 17) -> None:
+    """Have glibc serve every allocation above `threshold` bytes by its own mapping, returned to
+    the system when freed (mallopt M_MMAP_THRESHOLD). By default glibc raises that threshold after
+    the first large frees and then keeps such buffers in its heap: a pass that allocates and frees
+    one 8 MB slice after another grows the RSS by several of them (the export: 20 MB more on SmolLM2)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory (Linux VmHWM: unlike ru_maxrss, not inherited from the
     parent that started it; ru_maxrss elsewhere)."""

@@ -172,12 +172,14 @@ CASES = [
     ("generate", ["--model", "{ckpt}", "--engine", "hf", "--offload", "{dir}/off", "--weights", "int4"],
      "does not offload"),
     ("generate", ["--model", "{ckpt}", "--engine", "hf", "--weights", "int8"], "runs float32"),
-    ("generate", ["--model", "{ckpt}", "--offload", "{dir}/lean1", "--memory", "1MB"], "run `dipstream export --model"),
+    ("generate", ["--model", "{ckpt}", "--offload", "{dir}/lean1", "--memory", "1MB"], "export it once where that much is free (`dipstream export --model"),
     ("generate", ["--model", "{ckpt}", "--offload", "{dir}/lean2", "--dram", "1KB"], "give more than"),
     ("generate", ["--model", "{ckpt}", "--model-dir", "{ro_dir}"], "--model-dir"),
     # ----------------------------------------------------------------- export
     ("export", ["--model", "{ckpt}", "--model-dir", "{ro_dir}"], "--model-dir"),
     ("export", ["--model", "{missing}"], "missing.json"),
+    ("export", ["--model", "{ckpt}", "--model-dir", "{dir}/e1", "--memory", "lots"], "--memory: cannot parse"),
+    ("export", ["--model", "{ckpt}", "--model-dir", "{dir}/e2", "--memory", "1MB"], "give --memory"),
     # ----------------------------------------------------------------- probe
     ("probe", ["--size", "0"], "--size"),
     ("probe", ["--chunks", "0"], "--chunks"),

@@ -1,8 +1,8 @@
 """`--memory` under a real kernel limit (a memory cgroup of the budget's size, as a phone, a
 container or a small laptop enforces one), each run time-bounded so a thrashing run fails instead
-of hanging: a decode run fits inside a limit equal to its budget, an impossible budget is refused
-with exit 2 and one line before the process grows, and a first use that would export inside a
-small budget is refused with the command to run first. Where no cgroup can be made, the reason is
+of hanging: a first use (the export included) and a decode run fit inside a limit equal to their
+budget, an impossible budget is refused with exit 2 and one line before the process grows, and a
+first use in a budget too small for the export is refused with the command to run first. Where no cgroup can be made, the reason is
 printed and the weaker check runs: the process's own peak RSS against the budget."""
 
 from __future__ import annotations
@@ -56,21 +56,31 @@ def test_a_budget_below_the_static_need_is_refused_inside_that_limit(smollm2_dir
     assert len(lines) == 1 and "give more than" in lines[0]
 
 
-def test_first_use_in_a_small_budget_says_which_command_to_run(tmp_path):
+def test_first_use_exports_inside_a_limit_equal_to_its_budget(tmp_path):
+    """A fresh model folder at --memory 150MB inside a 150 MB limit: the export (GGUF blocks moved
+    through the file, no torch or transformers) and the run both fit."""
     fresh = tmp_path / "fresh"
-    r, _ = generate(["--offload", str(fresh), "--memory", "150MB"], 150 * MB, timeout=120)
+    row_file = tmp_path / "row.json"
+    r, limited = generate(["--offload", str(fresh), "--memory", "150MB", "--json", str(row_file)], 150 * MB, timeout=300)
+    assert r.returncode == 0 and not r.timed_out and not r.oom_kills, r.stderr[-1500:]
+    assert (fresh / "model.bin").is_file() and json.loads(row_file.read_text())["new_tokens"] == 8
+    assert (r.peak_bytes if limited else json.loads(row_file.read_text())["peak_rss_bytes"]) <= 150 * MB
+
+
+def test_first_use_in_a_budget_too_small_to_export_says_which_command_to_run(tmp_path):
+    fresh = tmp_path / "fresh"
+    r, _ = generate(["--offload", str(fresh), "--memory", "40MB"], 40 * MB, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and not r.timed_out and not r.oom_kills, r.stderr[-1500:]
     assert len(lines) == 1 and f"dipstream export --model smollm2-135m --model-dir {fresh}" in lines[0]
     assert not (fresh / "model.bin").exists()
 
 
-def test_qwen_at_the_equal_bytes_half_cap_and_below_its_static_need(tmp_path):
-    """Qwen 1.5B (optional): at 601 MB (the larger baseline plus half its GGUF) it runs inside a
-    601 MB limit; at 250 MB, below what it needs before any cache with its head streamed (about
-    285 MB: it runs at 300 MB, with 16 MB of caches), it is refused in one line inside a 250 MB
-    limit."""
-    from dipstream.cli.main import main
+def test_qwen_first_use_and_the_equal_bytes_half_cap_and_below_its_static_need(tmp_path):
+    """Qwen 1.5B (optional): first use (the export included) at 800 MB inside an 800 MB limit, and
+    at 601 MB (the larger baseline plus half its GGUF) inside a 601 MB limit; at 250 MB, below what
+    it needs before any cache with its head streamed (about 285 MB: it runs at 300 MB, with 16 MB
+    of caches), it is refused in one line inside a 250 MB limit."""
     from dipstream.errors import DipstreamError
 
     try:
@@ -79,11 +89,12 @@ def test_qwen_at_the_equal_bytes_half_cap_and_below_its_static_need(tmp_path):
         gguf_of("qwen2.5-coder-1.5b")
     except DipstreamError as e:
         pytest.skip(f"qwen2.5-coder-1.5b is optional and not installed here ({e})")
-    d = tmp_path / "qwen"
-    assert main(["export", "--model", "qwen2.5-coder-1.5b", "--model-dir", str(d)]) == 0
-    args = ["--model", "qwen2.5-coder-1.5b", "--offload", str(d), "--activations", "int8", "--kv-cache", "float16"]
-    r, _ = generate([*args, "--memory", "601MB"], 601 * MB, timeout=600)
-    assert r.returncode == 0 and not r.timed_out and not r.oom_kills, r.stderr[-1500:]
-    r, _ = generate([*args, "--memory", "250MB"], 250 * MB)
+    args = ["--model", "qwen2.5-coder-1.5b", "--activations", "int8", "--kv-cache", "float16"]
+    for budget in (800, 601):  # each a fresh folder: the export inside the limit too
+        r, limited = generate([*args, "--offload", str(tmp_path / f"q{budget}"), "--memory", f"{budget}MB"],
+                              budget * MB, timeout=600)
+        assert r.returncode == 0 and not r.timed_out and not r.oom_kills, (budget, r.stderr[-1500:])
+        assert not limited or r.peak_bytes <= budget * MB
+    r, _ = generate([*args, "--offload", str(tmp_path / "q601"), "--memory", "250MB"], 250 * MB)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and not r.oom_kills and len(lines) == 1 and "give more than" in lines[0]

@@ -83,6 +83,10 @@ class ExportConfig:
         "help": "built-in model name (see `dipstream models`), a GGUF file (PATH.gguf) or a local HF checkpoint "
                 "folder"})
     file: ModelFileOptions = field(default_factory=ModelFileOptions)
+    memory: str | None = field(default=None, metadata={
+        "help": "refuse to start unless the export's estimated peak memory fits this (e.g. 150MB): a GGUF of a "
+                "family the light readers map is exported with neither torch nor transformers (SmolLM2: about "
+                "95 MB)", "metavar": "SIZE"})
 
 
 # ------------------------------------------------------------------------------------ architecture
@@ -285,21 +289,29 @@ def export_gguf(path: str | Path, directory: str | Path, model: str, weights: st
     """Write the model file of a GGUF into `directory`: its blocks moved into records (weights
     gguf) or re-quantized (float32, int8, int4), a slice of one tensor at a time. Returns the
     manifest."""
+    from dipstream.devices import map_large_allocations, release_memory
+    from dipstream.engine.gguf_arch import Unsupported
     from dipstream.engine.gguf_source import GGUFSource
     from dipstream.engine.text import write_lean_tokenizer
 
+    map_large_allocations()
     head = head or default_head(weights)
     src = GGUFSource(path)
-    config = src.config()
-    arch = engine_arch(config)
+    try:
+        arch = src.engine_arch()
+    except Unsupported:  # a configuration only transformers' GGUF reader maps
+        arch = engine_arch(src.transformers_config())
     directory = Path(directory)
     keep = (lambda f: None if f == KEEP else f)
     meta = {"model": model, "arch": arch, "static_fmt": weights, "mlp_fmt": weights, "head_fmt": head,
             "adapter": None, "adapter_weights": 0, "source": {"gguf": src.path.name, "bytes": src.path.stat().st_size}}
-    manifest = write_model_file(directory, meta, src.tensors_of(arch, keep(weights), keep(head)))
-    src.write_tokenizer(directory)
-    config.save_pretrained(str(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    src.write_tokenizer(directory)  # first: its peak (`tokenizers` checking the lean one) meets the smaller heap
+    release_memory()
     write_lean_tokenizer(directory)
+    release_memory()
+    manifest = write_model_file(directory, meta, src.tensors_of(arch, keep(weights), keep(head)))
+    src.file.close()
     return manifest
 
 
@@ -340,12 +352,13 @@ def default_model_dir(model: str, weights: str, head: str, adapter: str | None =
 
 
 def ensure_model_file(model: str, weights: str | None, head: str | None = None, directory: str | None = None,
-                      adapter: str | None = None, memory: int | None = None) -> Path:
+                      adapter: str | None = None, memory: int | None = None, run: bool = True) -> Path:
     """The exported model file of `model` (built-in name, GGUF file or HF folder) in these formats
     (None: the source's own, `source_weights`), with these adapters, written once under a lock
     (exporting loads the Hugging Face stack; reusing the file does not). A folder holding another
     model, formats or adapters is refused. `memory`: a run's --memory; an export that would not fit
-    it is refused before it starts, naming the command to run first."""
+    it is refused before it starts, naming the command to run first (`run`: the budget is a run's,
+    else the export's own)."""
     weights = source_weights(model, weights, adapter)
     head = head or default_head(weights)
     d = Path(directory) if directory else default_model_dir(model, weights, head, adapter)
@@ -354,7 +367,7 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
         if (KEEP in (weights, head)) and (gguf is None or adapter is not None):
             raise DipstreamError(f"--weights {KEEP} keeps a GGUF's own blocks: give a .gguf file or a built-in model, "
                                  "without --adapter (adapters merge into float32, int8 or int4 weights)")
-        _export_fits(model, weights, d, gguf if adapter is None else None, memory)
+        _export_fits(model, weights, d, gguf if adapter is None else None, memory, run)
         with folder_lock(d, "model export", wait=True):
             if not (d / MANIFEST).exists():
                 if gguf is not None and adapter is None:
@@ -364,6 +377,9 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
 
                     name, ckpt = resolve_checkpoint(model)
                     export_checkpoint(ckpt, d, name, weights, head, adapter)
+                from dipstream.devices import release_memory
+
+                release_memory()  # the export's freed heap back to the system before a run measures its baseline
     m = read_manifest(d)
     want = (weights, weights, head, adapter_id(adapter))
     have = (m["mlp_fmt"], m["static_fmt"], m["head_fmt"], m.get("adapter"))
@@ -380,25 +396,26 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
     return d
 
 
-def _export_fits(model: str, weights: str, d: Path, gguf: Path | None, memory: int | None) -> None:
-    """Refuse (one line, before anything grows) a --memory below what exporting `d` takes, and say
-    which command to run first: the export reads the GGUF's configuration and tokenizer with
-    transformers (torch comes with it), which a small budget cannot hold; run separately, it needs
-    no budget of the run's."""
+def _export_fits(model: str, weights: str, d: Path, gguf: Path | None, memory: int | None, run: bool) -> None:
+    """Refuse (one line, before anything grows) a --memory below what exporting `d` is estimated
+    to take (`export_memory`), saying where to export it instead; `run`: the budget is a run's."""
     if memory is None:
         return
     if gguf is not None:
         from dipstream.engine.gguf_source import export_memory
 
-        need = export_memory(gguf)
+        need = export_memory(gguf, requant=weights != KEEP)
     else:
         need = 1 << 30  # a Hugging Face folder: transformers, torch and one float32 tensor at a time
     if memory < need:
         from dipstream.simulator.hardware import fmt_bytes
 
+        command = f"`dipstream export --model {model} --model-dir {d} --weights {weights}`"
+        where = (f"export it once where that much is free ({command}; the folder can be copied), then run this command"
+                 if run else f"give --memory {fmt_bytes(need, round_up=True).replace(' ', '')} or more, or run "
+                 f"{command} on a machine with that much free and copy the folder")
         raise DipstreamError(f"{d} has no model file yet, and exporting it takes about {fmt_bytes(need)}, more than "
-                             f"--memory {fmt_bytes(memory)}: run `dipstream export --model {model} --model-dir {d} "
-                             f"--weights {weights}` first (once), then this command")
+                             f"--memory {fmt_bytes(memory)}: {where}")
 
 
 def run_export(cfg: ExportConfig) -> dict:
@@ -407,10 +424,16 @@ def run_export(cfg: ExportConfig) -> dict:
 
     from dipstream.devices import peak_rss_bytes
 
+    from dipstream.simulator.hardware import parse_bytes
+
     f = cfg.file
     f.validate()
+    try:
+        memory = None if cfg.memory is None else int(parse_bytes(cfg.memory))
+    except ValueError as exc:
+        raise DipstreamError(f"--memory: {exc}") from None
     start = time.perf_counter()
-    d = ensure_model_file(cfg.model, f.weights, f.head_weights, f.model_dir, f.adapter)
+    d = ensure_model_file(cfg.model, f.weights, f.head_weights, f.model_dir, f.adapter, memory, run=False)
     m = read_manifest(d)
     return {"model_dir": str(d), "bytes": int(m["size"]), "weights": m["mlp_fmt"], "head_weights": m["head_fmt"],
             "family": m["arch"]["model_type"], "adapter": m.get("adapter"), "seconds": time.perf_counter() - start,

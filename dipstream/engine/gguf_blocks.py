@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from dipstream.engine.qmatrix import FORMATS, HK_F16, pack_records, record_layout, weight_format
+from dipstream.engine.qmatrix import FORMATS, HK_F16, pack_records, packing_block, record_layout, weight_format
 from dipstream.errors import DipstreamError
 
 BY_GGUF = {f.gguf: f.name for f in FORMATS.values() if f.gguf and not f.rows}  # GGUF block type -> record format
 FLOATS = ("F32", "F16", "BF16")
-SLICE_BYTES = 32 << 20  # integers of one slice of inputs, at most (a block's width at least)
+SLICE_BYTES = 8 << 20  # integers of one slice of inputs, at most (a block's width at least)
+CHUNK_ROWS = 4096  # outputs split / packed at a time within a slice (a multiple of every output block)
 
 
 def record_format(qtype) -> str:
@@ -90,11 +91,13 @@ def _engine_headers(heads: list[np.ndarray], fmt: str) -> list[np.ndarray]:
     return [np.ascontiguousarray(np.transpose(heads[0], (1, 2, 0)))]
 
 
-def move_matrices(parts: list[tuple[np.ndarray, int]], slice_inputs: int | None = None):
+def move_matrices(parts: list[tuple[np.ndarray, int]], slice_inputs: int | None = None, chunk_rows: int = CHUNK_ROWS):
     """The records of the matrices `parts` side by side (their outputs concatenated: e.g. gate and
     up), from their GGUF rows [(raw (outputs, bytes per row) uint8, qtype)], all of one type and
-    input count. Yields ("outputs", m), then ("records", (n, stride) uint8) a slice of inputs at a
-    time, then ("headers", [arrays]) once."""
+    input count; `raw` is an array or anything that gives one for a slice of rows (`GGUFRows`).
+    Yields ("outputs", m), then ("records", (n, stride) uint8) a slice of inputs at a time, then
+    ("headers", [arrays]) once. A slice is filled `chunk_rows` outputs at a time (whole blocks of
+    outputs), so the working set is one slice's records plus a chunk, whatever the matrix's size."""
     qtype = parts[0][1]
     if any(GGMLQuantizationType(t) != GGMLQuantizationType(qtype) for _, t in parts):
         raise DipstreamError("matrices stored side by side must share a GGUF block type, got "
@@ -103,6 +106,9 @@ def move_matrices(parts: list[tuple[np.ndarray, int]], slice_inputs: int | None 
     bs, ts = block_shape(qtype)
     n_in = parts[0][0].shape[1] // ts * bs
     m = sum(r.shape[0] for r, _ in parts)
+    stride, g = record_layout(fmt, m)[2], packing_block(fmt, m)
+    if chunk_rows % g or any(r.shape[0] % g for r, _ in parts):
+        chunk_rows = max(r.shape[0] for r, _ in parts)  # parts not in whole output blocks: a part at a time
     width = weight_format(fmt).block if weight_format(fmt).block > 1 else bs
     step = slice_inputs or max(width, SLICE_BYTES // max(m, 1) // width * width)
     heads_all: list[list[np.ndarray]] = []
@@ -110,16 +116,19 @@ def move_matrices(parts: list[tuple[np.ndarray, int]], slice_inputs: int | None 
     for u0 in range(0, n_in, step):
         u1 = min(n_in, u0 + step)
         b0, b1 = u0 // bs, u1 // bs
-        qs, hs = [], []
+        out = np.zeros((u1 - u0, stride), np.uint8)
+        hs, o0 = [], 0
         for raw, _ in parts:
-            blocks = raw.reshape(raw.shape[0], -1, ts)[:, b0:b1]
-            q, h = split_blocks(blocks, qtype)
-            qs.append(q)
-            hs.append(h)
-        q = np.concatenate(qs, axis=0).T  # (inputs of the slice, m)
-        yield "records", pack_records(q, fmt)
+            for r0 in range(0, raw.shape[0], chunk_rows):
+                rows = np.asarray(raw[r0:r0 + chunk_rows])
+                q, h = split_blocks(rows.reshape(rows.shape[0], -1, ts)[:, b0:b1], qtype)
+                pack_records(q.T, fmt, m, o0 + r0, out)
+                hs.append(h)
+            o0 += raw.shape[0]
+        yield "records", out
         heads_all.append([np.concatenate([h[i] for h in hs], axis=0) for i in range(len(hs[0]))])
     merged = [np.concatenate([h[i] for h in heads_all], axis=1) for i in range(len(heads_all[0]))]  # (rows, nb, ...)
+    del heads_all
     yield "headers", _engine_headers(merged, fmt)
 
 

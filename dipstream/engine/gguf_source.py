@@ -1,6 +1,8 @@
-"""A GGUF file as the export's source: its architecture (through transformers' GGUF config reader),
-its tokenizer, and its tensors, the quantized ones moved block for block into records
-(`engine.gguf_blocks`), read through the GGUF's memory map one tensor (slice) at a time.
+"""A GGUF file as the export's source: its architecture (`engine.gguf_arch`), its tokenizer
+(`engine.gguf_tokenizer`) and its tensors, the quantized ones moved block for block into records
+(`engine.gguf_blocks`), read through the GGUF's memory map one tensor (slice) at a time: neither
+torch nor transformers is imported, except for a configuration or tokenizer those modules do not
+map (then transformers' GGUF readers build them, at a much larger memory).
 
 Families: what the GGUF calls llama (Llama, Mistral, SmolLM), qwen2, qwen3 and gemma3. transformers'
 own conventions are applied on the way, so the model file equals the Hugging Face conversion of the
@@ -10,70 +12,22 @@ for its rotary layout), Gemma's norms lose the +1 the converter adds.
 
 from __future__ import annotations
 
-import mmap
 from pathlib import Path
 
 import numpy as np
 
+from dipstream.engine.gguf_arch import FAMILIES, Unsupported, gguf_arch
 from dipstream.engine.gguf_blocks import FLOATS, move_matrices, move_rows, record_format
+from dipstream.engine.gguf_file import GGUFFile, read_metadata
 from dipstream.engine.qmatrix import record_layout
 from dipstream.errors import DipstreamError
 from dipstream.names import layer_key
 
-ARCHS = ("llama", "qwen2", "qwen3", "gemma3")  # GGUF general.architecture values the export reads
-PERMUTED = ("llama",)  # q / k rows permuted by the converter
-NORM_PLUS_ONE = ("gemma3",)  # norms stored as 1 + w
+ARCHS = tuple(FAMILIES)  # GGUF general.architecture values the export reads
+TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+                    "tokenizer.ggml.token_type", "tokenizer.ggml.precompiled_charsmap")  # read at the end only
 LAYER_PARTS = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "post_attention_norm": "post_attn_norm",
                "post_ffw_norm": "post_mlp_norm", "attn_q_norm": "q_norm", "attn_k_norm": "k_norm"}
-
-
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # GGUF type -> struct
-
-
-def header_values(path: str | Path, keys: set[str]) -> dict:
-    """The GGUF metadata values of `keys` (strings and numbers as they are; arrays: their length),
-    read by skipping through the header: no tensor, no other value kept (no memory to speak of,
-    where gguf's reader holds every array: 500 MB for a 150k-token vocabulary)."""
-    import struct
-
-    out: dict = {}
-    with open(path, "rb") as f:
-        def unpack(fmt: str):
-            data = f.read(struct.calcsize(fmt))
-            if len(data) != struct.calcsize(fmt):
-                raise ValueError("truncated header")
-            return struct.unpack(fmt, data)
-
-        def value(t: int, keep: bool):
-            if t in _SCALARS:
-                return unpack("<" + _SCALARS[t])[0]
-            if t == 8:
-                n = unpack("<Q")[0]
-                if keep:
-                    return f.read(n).decode("utf-8", "replace")
-                f.seek(n, 1)
-                return None
-            if t == 9:
-                et, n = unpack("<IQ")
-                if et in _SCALARS:
-                    f.seek(struct.calcsize("<" + _SCALARS[et]) * n, 1)
-                else:
-                    for _ in range(n):
-                        value(et, False)
-                return n
-            raise ValueError(f"value type {t}")
-
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        _version, _tensors, n_kv = unpack("<IQQ")
-        for _ in range(n_kv):
-            key = f.read(unpack("<Q")[0]).decode("utf-8", "replace")
-            v = value(unpack("<I")[0], key in keys)
-            if key in keys:
-                out[key] = v
-                if len(out) == len(keys):
-                    break
-    return out
 
 
 def gguf_architecture(path: str | Path) -> str:
@@ -82,7 +36,7 @@ def gguf_architecture(path: str | Path) -> str:
     if not path.is_file():
         raise DipstreamError(f"GGUF file '{path}' does not exist; give the path of a .gguf model file")
     try:
-        arch = header_values(path, {"general.architecture"}).get("general.architecture")
+        arch = read_metadata(path, {"general.architecture"}).get("general.architecture")
     except (OSError, ValueError) as e:
         raise DipstreamError(f"'{path}' is not a readable GGUF file ({e}); download it again") from None
     if arch not in ARCHS:
@@ -91,40 +45,64 @@ def gguf_architecture(path: str | Path) -> str:
     return arch
 
 
-EXPORT_BASE = 700 << 20  # measured: transformers and torch, the header, a slice of a tensor (SmolLM2: 842 MB in all)
-EXPORT_PER_TOKEN = 6500  # bytes per vocabulary entry of the tokenizer's conversion (Gemma 3, 262k tokens: 1955 MB)
+EXPORT_BASE = 700 << 20  # transformers' readers: transformers, torch, a tensor slice (SmolLM2: 842 MB in all)
+EXPORT_PER_TOKEN = 6500  # bytes per vocabulary entry of transformers' tokenizer conversion (Gemma 3, 262k: 1955 MB)
+LIGHT_BASE = 50_000_000  # the light export: Python, numpy, gguf, a slice of records (SmolLM2's 49k tokens: 95 MB)
+LIGHT_PER_TOKEN = 1500  # bytes per vocabulary entry: `tokenizers` checking the lean tokenizer (Gemma 3: 436 MB)
 
 
-def export_memory(path: str | Path) -> int:
-    """A bound on the export's peak resident memory for this GGUF, from its vocabulary's size
-    (measured on the EPYC machine: SmolLM2 842 MB, Qwen 1.5B 1531 MB, Gemma 3 270M 1955 MB; the
-    bound gives 1.02, 1.69 and 2.36 GB)."""
+def export_memory(path: str | Path, requant: bool = False) -> int:
+    """A bound on the export's peak resident memory for this GGUF, from its vocabulary's size and
+    whether the light readers map it (`engine.gguf_arch`, `engine.gguf_tokenizer`; else
+    transformers'), measured on the EPYC machine: light SmolLM2 95 MB, Qwen 1.5B 183 MB, Gemma 3
+    270M 436 MB (bounds: 124, 278, 443 MB); transformers' 842, 1531, 1955 MB. `requant`: the
+    blocks are re-quantized, each matrix dequantized whole (float32, three copies at most)."""
+    from dipstream.engine.gguf_tokenizer import covers
+
     try:
-        vocab = header_values(path, {"tokenizer.ggml.tokens"}).get("tokenizer.ggml.tokens", 0)
-    except (OSError, ValueError):
-        vocab = 0
-    return EXPORT_BASE + EXPORT_PER_TOKEN * vocab
+        g = GGUFFile(path, keys=lambda k: k not in TOKENIZER_ARRAYS)
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return EXPORT_BASE
+    try:
+        embd = g.tensors.get("token_embd.weight")
+        vocab = int(embd.shape[1]) if embd is not None else 0
+        largest = max((int(np.prod(t.shape)) for t in g.tensors.values()), default=0)
+        try:
+            gguf_arch(g.meta, g.tensors)
+            light = covers(g.meta)
+        except (Unsupported, ValueError, KeyError, TypeError):
+            light = False
+    finally:
+        g.close()
+    need = LIGHT_BASE + LIGHT_PER_TOKEN * vocab if light else EXPORT_BASE + EXPORT_PER_TOKEN * vocab
+    return need + (12 * largest if requant else 0)
 
 
 class GGUFSource:
-    """An opened GGUF: `arch` (its general.architecture), `tensors` {name: ReaderTensor}."""
+    """An opened GGUF: `arch` (its general.architecture), `meta` (its metadata but the tokenizer's
+    arrays), `tensors` {name: GGUFTensor}."""
 
     def __init__(self, path: str | Path):
-        from gguf import GGUFReader
-
         self.path = Path(path).expanduser()
         self.arch = gguf_architecture(self.path)
+        self.family = FAMILIES[self.arch]
         try:
-            self.reader = GGUFReader(str(self.path))
-        except (ValueError, KeyError, IndexError, OSError, TypeError, AssertionError) as e:
+            self.file = GGUFFile(self.path, keys=lambda k: k not in TOKENIZER_ARRAYS)
+        except (ValueError, KeyError, IndexError, OSError, TypeError, UnicodeDecodeError) as e:
             raise DipstreamError(f"'{self.path}' is not a readable GGUF file ({type(e).__name__}: {e}); "
                                  "download it again") from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in self.reader.tensors), default=0)
-        if end > self.path.stat().st_size:
-            raise DipstreamError(f"'{self.path}' is truncated (its tensors end at byte {end}); download it again")
+        self.meta, self.tensors = self.file.meta, self.file.tensors
 
-    def config(self):
+    def engine_arch(self) -> dict:
+        """The manifest's architecture, read from the metadata (`gguf_arch`); Unsupported for a
+        configuration that reader does not map (then `transformers_config` reads it)."""
+        try:
+            return gguf_arch(self.meta, self.tensors)
+        except (ValueError, KeyError, TypeError) as e:
+            raise DipstreamError(f"'{self.path.name}' has a configuration that does not add up ({e}); download it "
+                                 "again") from None
+
+    def transformers_config(self):
         """The transformers config of the GGUF (transformers' GGUF reader: what
         from_pretrained(gguf_file=...) builds)."""
         from transformers import AutoConfig
@@ -138,7 +116,15 @@ class GGUFSource:
         return AutoConfig.for_model(**parsed)
 
     def write_tokenizer(self, directory: Path) -> None:
-        """tokenizer.json and its companions, from the GGUF's vocabulary (transformers' converter)."""
+        """tokenizer.json and its companions from the GGUF's vocabulary: by `write_gguf_tokenizer`,
+        or by transformers' converter for a tokenizer that does not reproduce."""
+        from dipstream.engine.gguf_tokenizer import write_gguf_tokenizer
+
+        meta = dict(self.meta, **read_metadata(self.path, set(TOKENIZER_ARRAYS)))
+        written = write_gguf_tokenizer(meta, directory)
+        del meta
+        if written:
+            return
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
@@ -156,44 +142,29 @@ class GGUFSource:
         from gguf.quants import dequantize
 
         t = self._get(name)
-        a = np.asarray(t.data)
-        return a.astype(np.float32) if t.tensor_type.name in ("F32", "F16") else dequantize(a, t.tensor_type)
+        return t.data.astype(np.float32) if t.tensor_type.name in FLOATS else dequantize(t.data, t.tensor_type)
 
-    def _rows(self, name: str, perm: np.ndarray | None = None) -> tuple[np.ndarray, object]:
-        """(raw rows (out, bytes) uint8, type) of a quantized matrix, rows reordered by `perm`."""
+    def _rows(self, name: str, perm: np.ndarray | None = None) -> tuple[object, object]:
+        """(raw rows (out, bytes) uint8, type) of a quantized matrix: read slice by slice from the
+        file (`GGUFRows`), or reordered by `perm` (q / k: small)."""
         t = self._get(name)
-        raw = np.asarray(t.data)
-        raw = raw.reshape(raw.shape[0], -1) if raw.ndim > 1 else raw.reshape(1, -1)
-        return (raw if perm is None else raw[perm]), t.tensor_type
+        return (self.file.rows(name) if perm is None else t.data[perm]), t.tensor_type
 
     def _vector(self, name: str) -> np.ndarray:
         v = self._float(name).reshape(1, -1)
-        if self.arch in NORM_PLUS_ONE and "norm" in name:
+        if self.family.norm_plus_one and "norm" in name:
             v = v - np.float32(1)
         return v
 
     def _perm(self, kind: str, heads: int, out: int) -> np.ndarray | None:
         """transformers' reverse permutation of llama's q / k rows (None: none)."""
-        if self.arch not in PERMUTED or kind not in ("q", "k"):
+        if not self.family.permuted or kind not in ("q", "k"):
             return None
         dim = out // heads // 2
         return np.arange(out).reshape(heads, dim, 2).swapaxes(2, 1).reshape(out)
 
     def release(self, names: list[str]) -> None:
-        """Drop the pages of these tensors from this process (read once through the memory map: the
-        export's resident set stays one tensor, not the file)."""
-        mm = getattr(self.reader.data, "_mmap", None)
-        if mm is None or not hasattr(mm, "madvise"):
-            return
-        page = mmap.PAGESIZE
-        for n in names:
-            t = self.tensors[n]
-            a = int(t.data_offset) // page * page
-            b = int(t.data_offset) + int(t.n_bytes)
-            try:
-                mm.madvise(mmap.MADV_DONTNEED, a, b - a)
-            except (OSError, ValueError):
-                return
+        self.file.release(names)
 
     def _moved(self, pieces, names):
         yield from pieces

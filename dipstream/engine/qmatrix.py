@@ -192,24 +192,36 @@ def unpack_records(rec: np.ndarray, fmt: str, m: int) -> np.ndarray:
     return q
 
 
-def pack_records(q: np.ndarray, fmt: str) -> np.ndarray:
-    """Records (rows, stride) uint8 of integers q (rows, m) (the inverse of unpack_records)."""
+def packing_block(fmt: str, m: int) -> int:
+    """The outputs a part of a record must come in whole multiples of (`pack_records`)."""
+    return 1 if weight_format(fmt).bits in (8, 32) else record_layout(fmt, m)[0]
+
+
+def pack_records(q: np.ndarray, fmt: str, m: int | None = None, o0: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """Records (rows, stride) uint8 of integers q (rows, mc) (the inverse of unpack_records): the
+    outputs o0 .. o0 + mc of records of m outputs (default: all of them, m = mc), written into `out`
+    (rows, stride) when given. A part (o0, mc) must be whole output blocks (multiples of G)."""
     f = weight_format(fmt)
-    rows, m = q.shape
+    rows, mc = q.shape
+    m = mc if m is None else m
     g, qb, stride = record_layout(fmt, m)
-    out = np.zeros((rows, stride), np.uint8)
+    blk = packing_block(fmt, m)
+    if o0 % blk or mc % blk or o0 + mc > m:
+        raise ValueError(f"outputs {o0}..{o0 + mc} are not whole blocks of {blk} of {m}")
+    if out is None:
+        out = np.zeros((rows, stride), np.uint8)
     if f.bits == 8:
-        out[:, :m] = q.astype(np.int8).view(np.uint8)
+        out[:, o0:o0 + mc] = q.astype(np.int8).view(np.uint8)
         return out
     u = q.astype(np.uint8)
-    lo = (u & 15).reshape(rows, m // g, g)
-    out[:, :m // 2] = (lo[..., :g // 2] | (lo[..., g // 2:] << 4)).reshape(rows, m // 2)
+    lo = (u & 15).reshape(rows, mc // g, g)
+    out[:, o0 // 2:(o0 + mc) // 2] = (lo[..., :g // 2] | (lo[..., g // 2:] << 4)).reshape(rows, mc // 2)
     if f.bits == 5:
-        out[:, m // 2:m // 2 + m // 8] = np.packbits((u >> 4) & 1, axis=1, bitorder="little")
+        out[:, m // 2 + o0 // 8:m // 2 + (o0 + mc) // 8] = np.packbits((u >> 4) & 1, axis=1, bitorder="little")
     elif f.bits == 6:
-        hi = ((u >> 4) & 3).reshape(rows, m // 32, 4, 8)
-        out[:, m // 2:m // 2 + m // 4] = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4)
-                                          | (hi[:, :, 3] << 6)).reshape(rows, m // 4)
+        hi = ((u >> 4) & 3).reshape(rows, mc // 32, 4, 8)
+        out[:, m // 2 + o0 // 4:m // 2 + (o0 + mc) // 4] = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4)
+                                                            | (hi[:, :, 3] << 6)).reshape(rows, mc // 4)
     return out
 
 

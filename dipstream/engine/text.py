@@ -7,21 +7,21 @@ The `tokenizers` library holds a loaded BPE vocabulary in a lot of RAM (SmolLM2'
 can give it. So at export the tokenizer is also written as arrays (`LeanTokenizer`): each
 token's bytes (decoding), the merges as sorted (left, right) pair keys with their rank and result
 (encoding), the initial symbols, the added tokens and the template's prefix. It encodes the two
-BPE kinds of the supported families (GPT-2 byte-level with its split pattern; SentencePiece-style
-with the space replaced by U+2581 and byte fallback) and is written only when it gives the
+BPE kinds of the supported families (GPT-2 byte-level with its split pattern, or with a split
+regex of its own before the byte mapping as Qwen2's; SentencePiece-style with the space replaced by
+U+2581 and byte fallback) and is written only when it gives the
 `tokenizers` library's ids on a sample text; otherwise the engine loads `tokenizers`, encodes the
 prompt and releases it."""
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 
+from dipstream.devices import release_memory
 from dipstream.errors import DipstreamError
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -40,18 +40,10 @@ def _byte_level_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def _byte_chars() -> list[str]:
+def byte_chars() -> list[str]:
     """GPT-2's printable stand-in of each byte 0..255."""
     inv = {b: c for c, b in _byte_level_decoder().items()}
     return [inv[b] for b in range(256)]
-
-
-def _release_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class TokenText:
@@ -66,12 +58,28 @@ class TokenText:
     def from_tokenizer(cls, tok) -> "TokenText":
         """From a loaded `tokenizers.Tokenizer`."""
         decoder = json.loads(tok.to_str()).get("decoder") or {}
-        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
         special = {i for i, a in tok.get_added_tokens_decoder().items() if a.special}
+        tokens = [tok.id_to_token(i) for i in range(tok.get_vocab_size(with_added_tokens=True))]
+        return cls.from_tokens(tokens, special, decoder)
+
+    @classmethod
+    def from_json(cls, tok_json: dict) -> "TokenText":
+        """From a parsed tokenizer.json (its vocabulary and added tokens), without `tokenizers`."""
+        added = tok_json.get("added_tokens") or []
+        ids = list(tok_json["model"]["vocab"].items()) + [(a["content"], a["id"]) for a in added]
+        tokens: list[str | None] = [None] * (max((i for _, i in ids), default=-1) + 1)
+        for t, i in ids:
+            tokens[i] = t
+        return cls.from_tokens(tokens, {a["id"] for a in added if a.get("special")}, tok_json.get("decoder") or {})
+
+    @classmethod
+    def from_tokens(cls, tokens: list, special: set[int], decoder: dict) -> "TokenText":
+        """Each token's bytes, as the tokenizer's `decoder` spells them (GPT-2 byte characters,
+        SentencePiece's U+2581 and <0xNN> byte tokens); special tokens give none."""
+        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
         byte_level = _byte_level_decoder() if "ByteLevel" in kinds else None
         pieces = []
-        for i in range(tok.get_vocab_size(with_added_tokens=True)):
-            s = tok.id_to_token(i)
+        for i, s in enumerate(tokens):
             if s is None or i in special:
                 pieces.append(b"")
             elif byte_level is not None:
@@ -91,6 +99,7 @@ class TokenText:
 
 
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+MAX_SPLIT = 4096  # characters of a stored split regex (Qwen2's: 103)
 LEAN_FILE = "tokenizer_lean.npz"
 SAMPLE = ("The history of the city begins with a small settlement of 1,250 people in 1843; its name "
           "comes from the river.\n\nÉtude n° 3 — naïve café, 東京 and Ελλάδα! Don't we'll they're "
@@ -130,6 +139,56 @@ def _check_lean(arrays: dict, meta: dict) -> None:
     if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < V for i in ids) or \
             any(not isinstance(c, str) or not c for c, _ in meta["added"]):
         raise ValueError("ids")
+    if "split" in meta:
+        split_regex(meta)
+
+
+def split_regex(meta: dict):
+    """The compiled split regex of a byte-level tokenizer (meta["split"]; GPT-2's when absent);
+    ValueError for one that is not a bounded string `regex` compiles."""
+    import regex
+
+    r = meta.get("split", GPT2_SPLIT)
+    if not isinstance(r, str) or not 0 < len(r) <= MAX_SPLIT:
+        raise ValueError("split")
+    try:
+        return regex.compile(r)
+    except (regex.error, RecursionError, OverflowError):
+        raise ValueError("split") from None
+
+
+def _split_words(rx, text: str) -> list[str]:
+    """`text` cut by the regex as the `Split` pre-tokenizer with behavior Isolated cuts it: each
+    match a piece, and the text between matches too."""
+    out, pos = [], 0
+    for m in rx.finditer(text):
+        if m.start() > pos:
+            out.append(text[pos:m.start()])
+        if m.end() > m.start():
+            out.append(m.group())
+        pos = max(pos, m.end())
+    if pos < len(text):
+        out.append(text[pos:])
+    return out
+
+
+def _own_split(pre: dict) -> str | None:
+    """The regex of a byte-level pre-tokenizer that splits with a regex of its own first (Qwen2's:
+    Sequence[Split(Regex, Isolated), ByteLevel without prefix space or regex]); None otherwise."""
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not isinstance(steps, list) or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    pattern = split.get("pattern") or {}
+    if split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert") or \
+            set(pattern) != {"Regex"} or byte_level.get("type") != "ByteLevel" or \
+            byte_level.get("add_prefix_space") or byte_level.get("use_regex", True):
+        return None
+    try:
+        split_regex({"split": pattern["Regex"]})
+    except ValueError:
+        return None
+    return pattern["Regex"]
 
 
 class LeanTokenizer:
@@ -145,18 +204,22 @@ class LeanTokenizer:
         self.sym = dict(zip(sym, arrays["sym_ids"].tolist()))
         self.added = [(c, i) for c, i in meta["added"]]
         self._split = None
+        self._words = None
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def from_json(cls, tok_json: dict, hf_tokenizer) -> "LeanTokenizer | None":
-        """From tokenizer.json (parsed) and the loaded `tokenizers.Tokenizer`; None for a kind
-        it does not encode."""
+    def from_json(cls, tok_json: dict, hf_tokenizer=None) -> "LeanTokenizer | None":
+        """From tokenizer.json (parsed); None for a kind it does not encode, or, given the loaded
+        `tokenizers.Tokenizer`, for one whose ids on a sample text differ from it (`matches`)."""
         m = tok_json.get("model") or {}
         if m.get("type") != "BPE" or m.get("dropout") or m.get("continuing_subword_prefix") or \
                 m.get("end_of_word_suffix") or m.get("ignore_merges"):
             return None
         pre, norm = tok_json.get("pre_tokenizer") or {}, tok_json.get("normalizer") or {}
+        split = None
         if pre.get("type") == "ByteLevel" and not norm and not pre.get("add_prefix_space") and pre.get("use_regex", True):
+            kind = "byte_level"
+        elif not norm and (split := _own_split(pre)) is not None:
             kind = "byte_level"
         elif norm == {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"} and m.get("byte_fallback") \
                 and pre in ({}, {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
@@ -165,7 +228,8 @@ class LeanTokenizer:
         else:
             return None
         vocab = m["vocab"]
-        V = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        text = TokenText.from_json(tok_json)
+        V = len(text.offsets) - 1
         merges = [tuple(x.split(" ", 1)) if isinstance(x, str) else tuple(x) for x in m["merges"]]
         left = np.array([vocab[a] for a, _ in merges], np.int64)
         right = np.array([vocab[b] for _, b in merges], np.int64)
@@ -190,18 +254,22 @@ class LeanTokenizer:
             return None
         added = [(a["content"], a["id"]) for a in tok_json.get("added_tokens", [])
                  if not a.get("normalized") and not a.get("lstrip") and not a.get("rstrip") and not a.get("single_word")]
-        text = TokenText.from_tokenizer(hf_tokenizer)
         arrays = {"offsets": text.offsets, "blob": np.frombuffer(text.blob, np.uint8),
                   "pair_keys": keys[order], "pair_rank": order.astype(np.int32), "pair_merged": out[order].astype(np.int32),
                   "sym_chars": np.frombuffer("".join(chars).encode("utf-8"), np.uint8), "sym_ids": sym_ids}
         meta = {"kind": kind, "vocab_size": V, "prefix": prefix, "added": added,
                 "byte_fallback": bool(m.get("byte_fallback")),
                 "byte_ids": [vocab.get(f"<0x{b:02X}>") for b in range(256)] if kind == "sentencepiece" else None}
+        if split is not None:
+            meta["split"] = split
         lean = cls(arrays, meta)
-        if lean.encode(SAMPLE) != hf_tokenizer.encode(SAMPLE).ids:
-            return None
         lean._arrays = arrays
-        return lean
+        return lean if hf_tokenizer is None or lean.matches(hf_tokenizer) else None
+
+    def matches(self, hf_tokenizer) -> bool:
+        """Whether `tokenizers` has this vocabulary's size and gives these ids on the sample text."""
+        return self.V == hf_tokenizer.get_vocab_size(with_added_tokens=True) and \
+            self.encode(SAMPLE) == hf_tokenizer.encode(SAMPLE).ids
 
     def save(self, directory: Path) -> None:
         from dipstream.io import atomic_path
@@ -270,10 +338,10 @@ class LeanTokenizer:
             if tid is not None:
                 ids.append(tid)
             elif self.meta["kind"] == "byte_level":
-                import regex
-
-                byte_char = _byte_chars()
-                for word in regex.findall(GPT2_SPLIT, piece):
+                if self._words is None:
+                    self._words = (split_regex(self.meta), byte_chars())
+                rx, byte_char = self._words
+                for word in _split_words(rx, piece):
                     ids += self._bpe([self.sym[byte_char[b]] for b in word.encode("utf-8")])
             else:
                 syms = []
@@ -290,14 +358,21 @@ class LeanTokenizer:
 
 
 def write_lean_tokenizer(directory: Path) -> bool:
-    """At export: write `LEAN_FILE` beside tokenizer.json when the lean encoder reproduces it."""
-    import tokenizers
-
+    """At export: write `LEAN_FILE` beside tokenizer.json when the lean encoder reproduces it. The
+    reference (`tokenizers`' vocabulary size and ids on the sample) and the parsed file are held one
+    after the other, not together (Qwen 1.5B's vocabulary: about 120 and 70 MB)."""
     path = Path(directory) / "tokenizer.json"
     if not path.is_file():
         return False
-    lean = LeanTokenizer.from_json(json.loads(path.read_text()), tokenizers.Tokenizer.from_file(str(path)))
-    if lean is None:
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(str(path))
+    reference = (tok.get_vocab_size(with_added_tokens=True), tok.encode(SAMPLE).ids)
+    del tok
+    release_memory()
+    lean = LeanTokenizer.from_json(json.loads(path.read_text()))
+    release_memory()
+    if lean is None or (lean.V, lean.encode(SAMPLE)) != reference:
         return False
     lean.save(directory)
     return True
@@ -310,7 +385,7 @@ def encode_and_release(tokenizer_file: Path, prompt: str) -> tuple[list[int], To
         lean = LeanTokenizer.load(Path(tokenizer_file).parent)
         ids, text = lean.encode(prompt), lean.text
         del lean
-        _release_memory()
+        release_memory()
         return ids, text
     import tokenizers
 
@@ -321,7 +396,7 @@ def encode_and_release(tokenizer_file: Path, prompt: str) -> tuple[list[int], To
     ids = tok.encode(prompt).ids
     text = TokenText.from_tokenizer(tok)
     del tok
-    _release_memory()
+    release_memory()
     return list(ids), text
 
 
