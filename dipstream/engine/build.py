@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dipstream.devices import rss_bytes
+from dipstream.devices import release_memory, rss_bytes
 from dipstream.engine.config import EngineSetup
 from dipstream.engine.mlp import MaskChooser, OffloadMLP, RamMLP
 from dipstream.engine.model import LeanModel
@@ -28,9 +28,19 @@ def build(directory: str | Path, setup: EngineSetup) -> tuple[LeanModel, RamPlan
         if not setup.offload:
             lm.mlp = RamMLP(lm, chooser, setup.record_masks)
             return lm, plan
-        plan.settle(rss_bytes())  # --memory: what the loaded process leaves
-        lm.mlp = OffloadMLP(lm, chooser, plan.cache_bytes, setup.policy, o.io_threads, o.direct_io,
-                            setup.record_masks, int(parse_bytes(o.read_gap)), o.prefetch, **setup.policy_kwargs)
+        def offload_mlp(cache_bytes: int) -> OffloadMLP:
+            return OffloadMLP(lm, chooser, cache_bytes, setup.policy, o.io_threads, o.direct_io, setup.record_masks,
+                              int(parse_bytes(o.read_gap)), o.prefetch, **setup.policy_kwargs)
+
+        plan.settle(rss_bytes())  # --memory: what the loaded process leaves (refuses before any token)
+        if plan.budget_kind == "memory":  # one token through a cacheless MLP first: the scratch, read
+            lm.mlp = offload_mlp(0)  # buffers and code pages a token touches are measured, not guessed
+            lm.forward(0, 0)
+            lm.mlp.close()
+            lm.mlp = None
+            release_memory()
+            plan.settle(rss_bytes())
+        lm.mlp = offload_mlp(plan.cache_bytes)
         return lm, plan
     except BaseException:
         lm.close()
