@@ -325,3 +325,30 @@ def test_hardware_files_refuse_garbage_with_value_errors(text, tmp_path_factory)
         load_hardware(p)
     except ValueError as e:
         assert str(e)
+
+
+def test_a_replaced_kernel_library_is_rebuilt_not_loaded(tmp_path):
+    """A same-owner, private library put in place of the built one (its constructor would run on
+    load) does not match the hash its build recorded: it is rebuilt, and the constructor never runs
+    (each load in a fresh process: a process does not load one path twice)."""
+    import shutil
+
+    build = tmp_path / "kernels"
+    build.mkdir(mode=0o700)
+    marker = tmp_path / "constructor-ran"
+    env = {k: v for k, v in os.environ.items() if k != "DIPSTREAM_NATIVE"}
+    load = [sys.executable, "-c", "import sys; from dipstream import native; "
+            f"lib = native.load(force=True, build_dir={str(build)!r}); "
+            "sys.exit(0 if lib is not None and lib.ds_version() == native.KERNEL_VERSION else 3)"]
+    assert subprocess.run(load, env=env).returncode == 0
+    so = next(build.glob("*.so"))
+    src = tmp_path / "evil.c"
+    src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void run(void) '
+                   f'{{ FILE* f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+    cc = shutil.which("gcc") or shutil.which("cc")
+    subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(so)], check=True)
+    so.chmod(0o700)
+    assert subprocess.run(load, env=env).returncode == 0  # rebuilt and loaded
+    assert not marker.exists()
+    so.with_name(so.name + ".sha256").write_text("0" * 64)  # a record that matches nothing: rebuilt too
+    assert subprocess.run(load, env=env).returncode == 0 and not marker.exists()

@@ -124,15 +124,46 @@ def _compile(cc: str, flags: tuple[str, ...], out: Path) -> tuple[bool, str]:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             return False, f"{' '.join(cmd)}\n{proc.stderr[-2000:]}"
+        digest = hashlib.sha256(Path(tmp_so).read_bytes()).hexdigest()
+        with open(tmp_so + ".sha256", "w") as f:
+            f.write(digest)
+        os.replace(tmp_so + ".sha256", _digest_path(out))  # the hash first: a library never lacks its own
         os.replace(tmp_so, out)  # atomic: concurrent builders never see a partial file
         return True, ""
     except (OSError, subprocess.SubprocessError) as e:
         return False, f"{type(e).__name__}: {e}"
     finally:
-        try:
-            os.unlink(tmp_so)
-        except OSError:
-            pass
+        for leftover in (tmp_so, tmp_so + ".sha256"):
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
+
+
+def _digest_path(so: Path) -> Path:
+    return so.with_name(so.name + ".sha256")
+
+
+def _recorded_bytes(so: Path) -> bytes | None:
+    """The bytes of `so` when their sha256 is the one its build recorded, else None (a library
+    replaced after it was built, or without a record, is never loaded)."""
+    try:
+        data = so.read_bytes()
+        want = _digest_path(so).read_text().strip()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == want else None
+
+
+def _load_checked(so: Path, data: bytes) -> ctypes.CDLL:
+    """Load exactly the checked bytes: from an anonymous in-memory file (Linux memfd), so the file
+    cannot be swapped between the check and the load; elsewhere from its path, checked just before."""
+    if not hasattr(os, "memfd_create"):
+        return ctypes.CDLL(str(so))
+    fd = os.memfd_create(so.name)
+    os.write(fd, data)
+    _state.setdefault("fds", []).append(fd)  # stays open while the library is loaded
+    return ctypes.CDLL(f"/proc/self/fd/{fd}")
 
 
 # ---------------------------------------------------------------- the decode blocks' arguments
@@ -273,6 +304,9 @@ def _try_load(cc: str | None, build_dir: Path | None) -> tuple[ctypes.CDLL | Non
         key = hashlib.sha256((base_key + " ".join(flags)).encode()).hexdigest()[:16]
         so = bdir / f"dipstream_sparse_mlp_v{KERNEL_VERSION}_{key}.so"
         try:
+            if so.exists() and _recorded_bytes(so) is None:  # not the bytes its build recorded: built again
+                errors.append(f"{so}: its bytes differ from the build's record; rebuilt")
+                so.unlink()
             if not so.exists():
                 ok, err = _compile(compiler, flags, so)
                 if not ok:
@@ -282,7 +316,11 @@ def _try_load(cc: str | None, build_dir: Path | None) -> tuple[ctypes.CDLL | Non
             if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
                 errors.append(f"{so}: owned by another user or writable by others; not loaded")
                 continue
-            lib = ctypes.CDLL(str(so))
+            data = _recorded_bytes(so)
+            if data is None:
+                errors.append(f"{so}: its bytes differ from the build's record; not loaded")
+                continue
+            lib = _load_checked(so, data)
             _declare(lib)
             if lib.ds_version() != KERNEL_VERSION or not _self_test(lib):
                 errors.append(f"{so}: self-test failed")
