@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -54,6 +55,26 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open without following a symbolic link at `path` (one-line error if it is one): what
+    dipstream writes stays inside its folder."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DipstreamError(f"{path} is a symbolic link; dipstream does not write through links: remove it "
+                                 "or use another folder") from None
+        raise
+
+
+def refuse_links(folder: Path) -> None:
+    """A folder dipstream writes in holds no symbolic links (one-line error naming one)."""
+    links = sorted(p.name for p in Path(folder).iterdir() if p.is_symlink())
+    if links:
+        raise DipstreamError(f"{folder} holds symbolic links ({', '.join(links[:3])}); dipstream does not write "
+                             "in a folder with links: remove them or use another folder")
+
+
 @contextmanager
 def folder_lock(folder: str | Path, what: str, wait: bool = False):
     """Hold an exclusive lock on `folder` (a `.lock` file in it, created with the folder) for one
@@ -65,7 +86,8 @@ def folder_lock(folder: str | Path, what: str, wait: bool = False):
 
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    fh = open(folder / ".lock", "a+")
+    refuse_links(folder)
+    fh = os.fdopen(open_nofollow(folder / ".lock", os.O_RDWR | os.O_CREAT), "r+")
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -125,7 +147,7 @@ def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one finished row as a single line, flushed to disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
+    with os.fdopen(open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as fh:
         fh.write(json.dumps(row) + "\n")
         fh.flush()
         os.fsync(fh.fileno())

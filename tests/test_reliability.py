@@ -352,3 +352,39 @@ def test_a_replaced_kernel_library_is_rebuilt_not_loaded(tmp_path):
     assert not marker.exists()
     so.with_name(so.name + ".sha256").write_text("0" * 64)  # a record that matches nothing: rebuilt too
     assert subprocess.run(load, env=env).returncode == 0 and not marker.exists()
+
+
+def test_writes_do_not_follow_links_out_of_their_folder(tmp_path, capsys):
+    """A `.lock`, a log appended to, or any entry of a folder dipstream writes in that is a symbolic
+    link is refused in one line, and the file it points to is left as it was; an export into a
+    folder holding other files is refused too, nothing written."""
+    from dipstream.cli.main import main
+    from dipstream.io import append_jsonl, folder_lock
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me\n")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / ".lock").symlink_to(outside)
+    with pytest.raises(DipstreamError, match="symbolic link"):
+        with folder_lock(locked, "test"):
+            pass
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "log.jsonl").symlink_to(outside)
+    with pytest.raises(DipstreamError, match="symbolic link"):
+        with folder_lock(linked, "test"):
+            pass
+    with pytest.raises(DipstreamError, match="symbolic link"):
+        append_jsonl(linked / "log.jsonl", {"step": 1})
+    assert main(["export", "--model-dir", str(locked)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "symbolic link" in err[0]
+    assert outside.read_text() == "keep me\n"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    assert main(["export", "--model-dir", str(foreign)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.txt" in err[0] and "new or empty folder" in err[0]
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"] and (foreign / "notes.txt").read_text() == "mine\n"

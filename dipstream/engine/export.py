@@ -363,6 +363,7 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
     head = head or default_head(weights)
     d = Path(directory) if directory else default_model_dir(model, weights, head, adapter)
     if not (d / MANIFEST).exists():
+        _refuse_foreign_folder(d)
         gguf = gguf_of(model)
         if (KEEP in (weights, head)) and (gguf is None or adapter is not None):
             raise DipstreamError(f"--weights {KEEP} keeps a GGUF's own blocks: give a .gguf file or a built-in model, "
@@ -394,6 +395,22 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
         raise DipstreamError(f"{d} was exported from another {gguf.name} ({m['source'].get('bytes')} bytes, this one "
                              f"{gguf.stat().st_size}); use another --model-dir")
     return d
+
+
+def _refuse_foreign_folder(d: Path) -> None:
+    """An export writes only into a new folder, an empty one or one of its own (an interrupted
+    export's files): a folder holding anything else is refused in one line, nothing written."""
+    from dipstream.engine.modelfile import DATA
+    from dipstream.engine.text import LEAN_FILE
+
+    if not d.is_dir():
+        return
+    own = {DATA, MANIFEST, LEAN_FILE, ".lock", *TOKENIZER_FILES}
+    foreign = sorted(p.name for p in d.iterdir()
+                     if p.name not in own and not any(p.name.startswith(f".{n}.") for n in own))
+    if foreign:
+        raise DipstreamError(f"{d} holds no model file but other files ({', '.join(foreign[:3])}); give a new or "
+                             "empty folder for the export")
 
 
 def _export_fits(model: str, weights: str, d: Path, gguf: Path | None, memory: int | None, run: bool) -> None:
