@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from contextlib import contextmanager
 
 from dipstream import __version__
 from dipstream.config import add_dataclass_args, from_namespace
@@ -285,6 +287,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def stop_on_sigterm():
+    """SIGTERM stops every command the way Ctrl-C does (KeyboardInterrupt): temporary files removed,
+    finished results kept, exit 130 with one line."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), "")
@@ -292,12 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     ns.argv = argv
     try:
-        return ns.func(ns)
+        with stop_on_sigterm():
+            return ns.func(ns)
     except DipstreamError as exc:
         print(f"dipstream: error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("dipstream: interrupted", file=sys.stderr)
+        print("dipstream: interrupted; what was finished is kept, nothing half-written (run the command again to "
+              "go on)", file=sys.stderr)
         return 130
     except OSError as exc:  # disk full, permission denied, ... outside the checked paths
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""

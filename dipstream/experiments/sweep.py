@@ -14,11 +14,9 @@ change bandwidths, latencies or overlap.
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,23 +149,6 @@ def _dry_run(runs: list[Run], results: Path) -> dict:
             "model_runs": 0, "results": str(results), "dry_run": True}
 
 
-@contextmanager
-def _stop_on_sigterm():
-    """SIGTERM stops a sweep the way Ctrl-C does: workers stopped, finished runs kept, a message
-    saying how to resume."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def run_sweep(config_path: str | Path, opts: SweepOptions) -> dict:
     """Run (or resume) a sweep; returns counts {runs, done_before, finished, failed, seconds}."""
     from tqdm.auto import tqdm
@@ -187,7 +168,7 @@ def run_sweep(config_path: str | Path, opts: SweepOptions) -> dict:
         print(f"dipstream: skipping {n} run(s): {why}", file=sys.stderr)
     if opts.dry_run:
         return _dry_run(runs, results)
-    with ResultsStore(results) as store, _stop_on_sigterm():
+    with ResultsStore(results) as store:
         store.note_config(config_path, raw.get("description"))
         done = store.done_keys()
         pending = [r for r in runs if r.key not in done]
