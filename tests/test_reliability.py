@@ -407,3 +407,19 @@ def test_sigterm_stops_an_export_cleanly(tmp_path):
     assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], lines
     assert not list(d.glob(".model.bin.*")) and not (d / "model.json").exists()
     assert subprocess.run(cmd, capture_output=True).returncode == 0 and (d / "model.json").is_file()
+
+
+def test_concurrent_first_uses_of_one_folder_in_two_formats(tmp_path):
+    """Two exports of one new folder in different formats at once: one writes it, the other, once
+    the lock is its own, sees what is there now and refuses in one line (no silent reuse)."""
+    d = tmp_path / "m"
+    procs = [subprocess.Popen([sys.executable, "-m", "dipstream.cli.main", "export", "--model-dir", str(d),
+                               "--weights", w], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for w in ("gguf", "int8")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], (codes, [e.decode()[-500:] for _, e in outs])
+    err = outs[codes.index(2)][1].decode().strip().splitlines()
+    assert len(err) == 1 and "use another --model-dir" in err[0]
+    manifest = json.loads((d / "model.json").read_text())
+    assert manifest["mlp_fmt"] == ("gguf", "int8")[codes.index(0)]
