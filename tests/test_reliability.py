@@ -203,7 +203,8 @@ def test_one_writer_per_folder(tmp_path):
 
 def test_killed_conversion_and_damaged_cache_are_remade(tmp_path, monkeypatch, tiny_checkpoint):
     """A built-in model's cache: leftovers of a killed conversion are removed, a damaged cache
-    is converted again, an unwritable cache is a one-line error."""
+    (a size, or same-size zeroed weights, or an edited config) is converted again, an unwritable
+    cache is a one-line error."""
     import shutil
 
     from dipstream.models import loading
@@ -214,8 +215,7 @@ def test_killed_conversion_and_damaged_cache_are_remade(tmp_path, monkeypatch, t
         calls.append(target)
         tmp = target.parent / f".{builtin.name}-partial"
         shutil.copytree(tiny_checkpoint, tmp)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        (tmp / loading.CACHE_MARKER).write_text(json.dumps({"files": files}))
+        loading.write_cache_marker(tmp, builtin.name)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -231,6 +231,17 @@ def test_killed_conversion_and_damaged_cache_are_remade(tmp_path, monkeypatch, t
     weights.write_bytes(weights.read_bytes()[:100])  # damaged: sizes no longer match
     loading.load_model("smollm2-135m")
     assert len(calls) == 2
+    weights = next((tmp_path / "cache" / "models" / "smollm2-135m").glob("*.safetensors"))
+    raw = bytearray(weights.read_bytes())
+    raw[-4096:] = bytes(4096)  # same-size damage: zeroed weights
+    weights.write_bytes(bytes(raw))
+    loading.load_model("smollm2-135m")
+    assert len(calls) == 3
+    config = tmp_path / "cache" / "models" / "smollm2-135m" / "config.json"
+    config.write_text(config.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 1'))
+    loading.load_model("smollm2-135m")
+    assert len(calls) == 4  # an edited config is not run: converted again
+    assert loading.load_model("smollm2-135m") and len(calls) == 4
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv("DIPSTREAM_CACHE", str(tmp_path / "file" / "cache"))
     with pytest.raises(DipstreamError, match="not writable|not a folder|File exists|cache"):

@@ -45,23 +45,74 @@ def _quiet_transformers():
     warnings.filterwarnings("ignore", module="transformers")
 
 
-CACHE_MARKER = "dipstream_cache.json"  # written last: files and sizes of a finished conversion
+CACHE_MARKER = "dipstream_cache.json"  # written last: each file's size, sha256 and mtime of a finished conversion
 
 
-def cache_complete(target: Path) -> bool:
-    """Whether `target` holds a finished conversion whose files all have their recorded sizes."""
+def _file_record(path: Path) -> dict:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    st = path.stat()
+    return {"size": st.st_size, "sha256": h.hexdigest(), "mtime_ns": st.st_mtime_ns}
+
+
+def write_cache_marker(folder: Path, model: str) -> None:
+    """Record a finished conversion in `folder`: each file's size, content hash and mtime."""
+    import json
+
+    files = {p.name: _file_record(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CACHE_MARKER}
+    (folder / CACHE_MARKER).write_text(json.dumps({"model": model, "files": files}))
+
+
+def _recorded(target: Path) -> dict | None:
     import json
 
     try:
         files = json.loads((target / CACHE_MARKER).read_text())["files"]
-        return all((target / name).stat().st_size == size for name, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return files if isinstance(files, dict) and files else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def cache_complete(target: Path) -> bool:
+    """Whether `target` holds a finished conversion whose files all have their recorded sizes
+    (cheap: for listings; a run checks `cache_intact`)."""
+    files = _recorded(target)
+    try:
+        return files is not None and all((target / name).stat().st_size == (r["size"] if isinstance(r, dict) else r)
+                                         for name, r in files.items())
+    except (OSError, TypeError, KeyError):
         return False
+
+
+def cache_intact(target: Path) -> bool:
+    """Whether `target`'s files are the ones its conversion recorded: sizes, and the content hash
+    of every file whose mtime changed since (same-size damage, an edited config). A cache recorded
+    with sizes only (before hashes were kept) gets its hashes recorded now, once."""
+    files = _recorded(target)
+    if files is None or not cache_complete(target):
+        return False
+    if not all(isinstance(r, dict) for r in files.values()):
+        import json
+
+        model = json.loads((target / CACHE_MARKER).read_text()).get("model", target.name)
+        write_cache_marker(target, model)
+        return True
+    try:
+        for name, r in files.items():
+            path = target / name
+            if path.stat().st_mtime_ns != r.get("mtime_ns") and _file_record(path)["sha256"] != r.get("sha256"):
+                return False
+    except (OSError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def _convert_builtin(builtin: BuiltinModel, target: Path) -> None:
     """Dequantize the GGUF once into float32 safetensors + tokenizer files under `target`."""
-    import json
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -84,8 +135,7 @@ def _convert_builtin(builtin: BuiltinModel, target: Path) -> None:
     try:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        (tmp / CACHE_MARKER).write_text(json.dumps({"model": builtin.name, "files": files}))
+        write_cache_marker(tmp, builtin.name)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)  # atomic: a half-written cache is never picked up
@@ -111,7 +161,7 @@ def _ensure_converted(name: str, force: bool = False, model: BuiltinModel | None
 
     models = cache_root() / "models"
     target = models / name
-    if not force and cache_complete(target):
+    if not force and cache_intact(target):
         return target
     if name in SHAPES:  # measured: converting qwen2.5-coder-1.5b peaks at 9.1 GB, 1.28x its float32 weights
         from dipstream.devices import available_bytes, check_memory, model_bytes
@@ -124,7 +174,7 @@ def _ensure_converted(name: str, force: bool = False, model: BuiltinModel | None
         with folder_lock(models, "model conversion", wait=True):
             for stale in models.glob(f".{name}-*"):  # a conversion killed half-way
                 shutil.rmtree(stale, ignore_errors=True)
-            if force or not cache_complete(target):
+            if force or not cache_intact(target):
                 _quiet_transformers()
                 _convert_builtin(model or BUILTIN_MODELS[name], target)
     except OSError as exc:
