@@ -174,6 +174,11 @@ CASES = [
     ("generate", ["--model", "{ckpt}", "--engine", "hf", "--weights", "int8"], "runs float32"),
     ("generate", ["--model", "{ckpt}", "--offload", "{dir}/lean1", "--memory", "1MB"], "export it once where that much is free (`dipstream export --model"),
     ("generate", ["--model", "{ckpt}", "--offload", "{dir}/lean2", "--dram", "1KB"], "give more than"),
+    ("generate", ["--model", "{ckpt}", "--offload", "{dir}/lean3", "--memory", "1e30B"], "--memory 1e30B is out of range"),
+    ("generate", ["--model", "{ckpt}", "--offload", "{dir}/lean3", "--dram", "1e40"], "--dram 1e40 is out of range"),
+    ("generate", ["--model", "{ckpt}", "--offload", "{dir}/lean3", "--read-gap", "1e30"], "--read-gap 1e30 is out of range"),
+    ("generate", ["--model", "{ckpt}", "--sample-seed", "-1"], "--sample-seed -1 is out of range"),
+    ("generate", ["--model", "{ckpt}", "--offload", "{dir}/lean3", "--model-dir", "{dir}/lean4"], "same folder as --model-dir"),
     ("generate", ["--model", "{ckpt}", "--model-dir", "{ro_dir}"], "--model-dir"),
     # ----------------------------------------------------------------- export
     ("export", ["--model", "{ckpt}", "--model-dir", "{ro_dir}"], "--model-dir"),

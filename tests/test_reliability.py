@@ -434,3 +434,14 @@ def test_concurrent_first_uses_of_one_folder_in_two_formats(tmp_path):
     assert len(err) == 1 and "use another --model-dir" in err[0]
     manifest = json.loads((d / "model.json").read_text())
     assert manifest["mlp_fmt"] == ("gguf", "int8")[codes.index(0)]
+
+
+def test_a_damaged_generation_config_is_a_one_line_error(tmp_path):
+    from dipstream.engine.text import eos_ids
+
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
+    assert eos_ids(tmp_path, 1) == {1, 2, 7}
+    for bad in ("{not json", '{"eos_token_id": "x"}', '{"eos_token_id": [1, -3]}', "[1, 2]"):
+        (tmp_path / "generation_config.json").write_text(bad)
+        with pytest.raises(DipstreamError, match="generation_config.json"):
+            eos_ids(tmp_path, 1)

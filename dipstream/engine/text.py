@@ -423,11 +423,22 @@ def encode_prompt(folder: Path, prompt: str, chat: bool) -> tuple[list[int], obj
 
 
 def eos_ids(folder: Path, config_eos=None) -> set[int]:
-    """End-of-sequence ids: the config's and generation_config.json's in `folder`."""
+    """End-of-sequence ids: the config's and generation_config.json's in `folder` (one-line error
+    for a file that is not JSON or whose eos_token_id is not an id or a list of ids)."""
     eos = set()
     gen = Path(folder) / "generation_config.json"
-    for e in [config_eos] + ([json.loads(gen.read_text()).get("eos_token_id")] if gen.is_file() else []):
-        eos.update(e if isinstance(e, (list, tuple)) else ([] if e is None else [e]))
+    found = [config_eos]
+    if gen.is_file():
+        try:
+            doc = json.loads(gen.read_text())
+            found.append(doc.get("eos_token_id") if isinstance(doc, dict) else [""])
+        except (OSError, ValueError) as e:
+            raise DipstreamError(f"{gen} is not readable JSON ({type(e).__name__}); fix or delete it") from None
+    for e in found:
+        ids = e if isinstance(e, (list, tuple)) else ([] if e is None else [e])
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise DipstreamError(f"{gen}: eos_token_id must be a token id or a list of them; fix or delete it")
+        eos.update(ids)
     return eos
 
 

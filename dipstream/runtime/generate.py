@@ -7,6 +7,7 @@ side (`sparsity.decoding.DECODERS`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dipstream.budget import check_density
 from dipstream.engine.config import EngineOptions
@@ -21,6 +22,9 @@ from dipstream.sparsity.decoding import DECODERS
 from dipstream.validation import at_least, finite, input_file, output_dir, output_file
 
 ENGINES = ("auto", "lean", "hf")
+
+
+MAX_BYTES = 1e15  # sizes above 1 PB are typing mistakes: refused before they overflow an array's size
 
 
 @dataclass
@@ -98,9 +102,12 @@ class GenerateConfig:
             raise DipstreamError("--hot-profile is for --policy hot")
         if self.offload:
             try:
-                parse_dram(self.dram, 1.0)
+                dram = parse_dram(self.dram, 1.0)
             except ValueError as exc:
                 raise DipstreamError(f"--dram: {exc}") from None
+            if dram > (1e3 if str(self.dram).strip().lower().endswith("x") else MAX_BYTES):
+                raise DipstreamError(f"--dram {self.dram} is out of range: give at most {MAX_BYTES:.0e} bytes "
+                                     "(1 PB) or a fraction of the weights up to 1000x")
         if self.trace and self.method == "dense" and not self.offload:
             raise DipstreamError("--trace records the sparse MLP's masks: a dense run in RAM has none; use "
                                  "--method dip, or --offload DIR for dense streaming's trace")
@@ -113,10 +120,18 @@ class GenerateConfig:
         output_dir("offload", self.offload)
         for flag, value in (("--memory", self.run.memory), ("--read-gap", self.run.read_gap)):
             try:
-                if value is not None:
-                    parse_bytes(value)
+                size = None if value is None else parse_bytes(value)
             except ValueError as exc:
                 raise DipstreamError(f"{flag}: {exc}") from None
+            if size is not None and size > MAX_BYTES:
+                raise DipstreamError(f"{flag} {value} is out of range: give at most {MAX_BYTES:.0e} bytes (1 PB)")
+        if not 0 <= self.decoding.sample_seed < 1 << 63:
+            raise DipstreamError(f"--sample-seed {self.decoding.sample_seed} is out of range: give an integer from 0 "
+                                 "to 2^63 - 1")
+        if self.offload and self.file.model_dir and Path(self.offload).expanduser().resolve() != \
+                Path(self.file.model_dir).expanduser().resolve():
+            raise DipstreamError("--offload DIR is where the model file is read from: give it alone, or the same "
+                                 "folder as --model-dir")
         if self.run.memory is not None and not self.offload:
             raise DipstreamError("--memory sizes the caches of an offloaded MLP: add --offload DIR (in RAM the "
                                  "whole model is resident)")
