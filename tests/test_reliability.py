@@ -445,3 +445,13 @@ def test_a_damaged_generation_config_is_a_one_line_error(tmp_path):
         (tmp_path / "generation_config.json").write_text(bad)
         with pytest.raises(DipstreamError, match="generation_config.json"):
             eos_ids(tmp_path, 1)
+
+
+def test_a_trace_hook_name_with_path_characters_is_refused():
+    from dipstream.simulator.trace import Hook, MaskTrace
+
+    masks = np.ones((2, 4), bool)
+    for name in ("../../etc/passwd", "layers.0/in", "", "x" * 200):
+        with pytest.raises(ValueError, match="trace hook name"):
+            MaskTrace([Hook(name, "in", 4, 1, masks)])
+    assert MaskTrace([Hook("layers.0.in", "in", 4, 1, masks)]).n_tokens == 2

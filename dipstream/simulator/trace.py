@@ -51,6 +51,7 @@ On disk (``.npz``, no pickle): ``format`` = "dipstream-mask-trace/1", ``meta_jso
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,8 @@ from dipstream.names import key_layer, key_parts, layer_key
 
 from . import bits
 from .model_shape import ModelShape
+
+HOOK_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")  # what a hook's name may hold (it names files and keys)
 
 FORMAT = "dipstream-mask-trace/1"
 KINDS = ("in", "out", "neuron", "expert", "dense")
@@ -207,6 +210,10 @@ class MaskTrace:
         if not self.hooks:
             raise ValueError("trace has no hooks")
         names = [h.name for h in self.hooks]
+        bad = [n for n in names if not isinstance(n, str) or not HOOK_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"trace hook name {str(bad[0])[:60]!r} is not letters, digits, '.', '_' or '-' "
+                             "(at most 128)")
         if len(set(names)) != len(names):
             raise ValueError("trace hook names are not unique")
         T = self.n_tokens
