@@ -734,6 +734,14 @@ def test_generate_hot_placement_from_a_train_split_profile(tiny_checkpoint, tmp_
     other = tmp_path / "other.npz"
     save_profile(other, freq, {**meta, "model": "smollm2-135m"})
     assert "was made for model smollm2-135m" in err([*base, "--policy", "hot", "--hot-profile", str(other)])
+    name = next(iter(freq))
+    for bad_freq, bad_meta, why in (({**freq, name: np.full_like(freq[name], np.nan, float)}, meta, "finite"),
+                                    ({**freq, name: -np.ones_like(freq[name])}, meta, "non-negative"),
+                                    (freq, {k: v for k, v in meta.items() if k != "model"}, "names no model"),
+                                    ({"../x": freq[name]}, meta, "not a hook's"),
+                                    ({}, meta, "no hook counts")):
+        save_profile(other, bad_freq, bad_meta)
+        assert why in err([*base, "--policy", "hot", "--hot-profile", str(other)])
 
 
 # ------------------------------------------------------------------ the model file and its reads

@@ -95,6 +95,8 @@ class GenerateConfig:
                 raise DipstreamError(f"policy hot pins the units DIP reads most often; --method {self.method} "
                                      "does not run with it (use --method dip)")
             input_file("hot_profile", self.hot_profile, "unit-frequency profile (.npz)")
+            if self.hot_profile:
+                self.policy_kwargs()  # the profile checked (model, counts) before any export or load
         elif self.cache.policy in OFFLINE_POLICIES:
             raise DipstreamError(f"policy '{self.cache.policy}' needs the future or the evaluated text's own "
                                  "counts; the engine supports lru, lfu, window, none and hot (from a profile)")
@@ -157,7 +159,7 @@ class GenerateConfig:
             from dipstream.simulator.policies import load_profile
 
             freq, meta = load_profile(self.hot_profile)
-            if meta.get("model") not in (None, self.model):
+            if meta["model"] != self.model:
                 raise DipstreamError(f"--hot-profile {self.hot_profile} was made for model {meta['model']}, not "
                                      f"{self.model}; give that model's profile or leave --hot-profile out")
             kw["frequency"] = freq

@@ -571,11 +571,32 @@ def save_profile(path: Path, freq: dict, meta: dict) -> None:
 
 
 def load_profile(path: Path) -> tuple[dict, dict]:
-    """({hook: counts}, metadata) of a saved profile (no pickles: plain arrays only)."""
+    """({hook: counts}, metadata) of a saved profile (no pickles: plain arrays only), checked: the
+    model it was made for named, every hook's counts a finite, non-negative vector (one-line
+    error otherwise)."""
+    from .trace import HOOK_NAME
+
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["__meta__"]))
-            return {k[5:]: z[k] for k in z.files if k.startswith("hook:")}, meta
-    except (OSError, ValueError, KeyError) as exc:
+            freq = {k[5:]: z[k] for k in z.files if k.startswith("hook:")}
+    except (OSError, ValueError, KeyError, EOFError) as exc:
         raise DipstreamError(f"the hot-policy profile {path} is unreadable ({type(exc).__name__}); "
                              "delete it to compute it again") from None
+    why = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str) or not meta["model"]:
+        why = "it names no model"
+    elif not freq:
+        why = "it has no hook counts"
+    for name, counts in freq.items():
+        if why:
+            break
+        if not HOOK_NAME.fullmatch(name):
+            why = f"hook name {name[:40]!r} is not a hook's"
+        elif counts.ndim != 1 or counts.size == 0 or counts.dtype.kind not in "iuf":
+            why = f"hook {name}'s counts are not a vector of numbers"
+        elif not np.isfinite(counts).all() or (counts < 0).any():
+            why = f"hook {name}'s counts are not finite and non-negative"
+    if why:
+        raise DipstreamError(f"the hot-policy profile {path} is damaged ({why}); delete it to compute it again")
+    return freq, meta
