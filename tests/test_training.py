@@ -160,6 +160,19 @@ def test_adapter_for_another_model_or_rank_is_refused(finished, tiny_checkpoint,
     rc = main(["eval", "--model", str(tiny_checkpoint), "--text", str(text_file), "--seq-len", str(SEQ),
                "--tokens", str(SEQ - 1), "--adapter", str(tmp_path)])
     assert rc == 2 and "not an adapter folder" in capsys.readouterr().err
+    # NaN weights (a diverged run): refused, not a perplexity of nan
+    from safetensors.torch import load_file, save_file
+
+    nan = tmp_path / "nan"
+    shutil.copytree(out, nan)
+    weights = load_file(nan / "adapter_model.safetensors")
+    first = next(iter(weights))
+    weights[first] = torch.full_like(weights[first], float("nan"))
+    save_file(weights, nan / "adapter_model.safetensors")
+    rc = main(["eval", "--model", str(tiny_checkpoint), "--method", "dip", "--text", str(text_file),
+               "--seq-len", str(SEQ), "--tokens", str(SEQ - 1), "--adapter", str(nan)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "non-finite weights" in err[0]
 
 
 def test_bad_requests_fail_before_training(tiny_checkpoint, text_file, tmp_path, monkeypatch):

@@ -74,13 +74,20 @@ def check_files(folder: Path, meta: dict) -> bool:
                              "--out folder of a finished finetune run")
     for f in (weights, folder / PREDICTOR_FILE):
         if f.exists():
+            bad = None
             try:
                 with safe_open(f, framework="pt") as fh:
                     for k in fh.keys():
-                        fh.get_slice(k).get_shape()
+                        t = fh.get_tensor(k)  # small: adapters and predictors, read once here
+                        if t.is_floating_point() and not t.isfinite().all():
+                            bad = k
+                            break
             except Exception as exc:  # noqa: BLE001 - any header or format error
                 raise DipstreamError(f"adapter file '{f}' is not a readable safetensors file "
                                      f"({type(exc).__name__}); re-run the finetune that wrote it") from None
+            if bad is not None:
+                raise DipstreamError(f"adapter file '{f}' has non-finite weights ({bad}); the finetune that wrote "
+                                     "it diverged: re-run it (e.g. with a lower --lr)")
     return expects_lora
 
 
