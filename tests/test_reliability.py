@@ -455,3 +455,38 @@ def test_a_trace_hook_name_with_path_characters_is_refused():
         with pytest.raises(ValueError, match="trace hook name"):
             MaskTrace([Hook(name, "in", 4, 1, masks)])
     assert MaskTrace([Hook("layers.0.in", "in", 4, 1, masks)]).n_tokens == 2
+
+
+def test_a_killed_exports_temporary_is_removed_by_the_next(tmp_path, capsys):
+    """`kill -9` during an export leaves its temporary model file; the next export of the folder
+    removes it (holding the folder's lock) and writes the model file."""
+    from dipstream.cli.main import main
+
+    d = tmp_path / "m"
+    d.mkdir()
+    left = d / ".model.bin.abc123"
+    left.write_bytes(bytes(1 << 20))
+    assert main(["export", "--model-dir", str(d)]) == 0
+    assert not left.exists() and (d / "model.json").is_file()
+
+
+def test_a_sweep_folder_with_links_is_refused(tmp_path):
+    from dipstream.experiments.results_store import ResultsStore
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me\n")
+    for entry in (".lock", "results.jsonl"):
+        root = tmp_path / entry.strip(".")
+        root.mkdir()
+        (root / entry).symlink_to(outside)
+        with pytest.raises(DipstreamError, match="symbolic link"):
+            with ResultsStore(root):
+                pass
+    runs = tmp_path / "runs"
+    with ResultsStore(runs):  # a results folder of its own, then a link put in it
+        pass
+    (runs / "model_runs" / "x.json").symlink_to(outside)
+    with pytest.raises(DipstreamError, match="symbolic link"):
+        with ResultsStore(runs):
+            pass
+    assert outside.read_text() == "keep me\n"

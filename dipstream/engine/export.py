@@ -371,6 +371,11 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
         _export_fits(model, weights, d, gguf if adapter is None else None, memory, run)
         with folder_lock(d, "model export", wait=True):
             if not (d / MANIFEST).exists():
+                from dipstream.engine.modelfile import DATA
+                from dipstream.engine.text import LEAN_FILE
+                from dipstream.io import clean_temps
+
+                clean_temps(d, (DATA, MANIFEST, LEAN_FILE, *TOKENIZER_FILES))  # a killed export's temporaries
                 if gguf is not None and adapter is None:
                     export_gguf(gguf, d, Path(model).name, weights, head)
                 else:

@@ -24,7 +24,9 @@ from dipstream.errors import DipstreamError
 from dipstream.io import (
     append_jsonl,
     clean_temps,
+    open_nofollow,
     read_jsonl,
+    refuse_links,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -95,10 +97,12 @@ class ResultsStore:
 
     def __enter__(self):
         self.root.mkdir(parents=True, exist_ok=True)
+        refuse_links(self.root)  # nothing written through a link out of the folder, the lock included
         self._take_lock()
         check_manifest(self.root, create=True)
-        (self.root / "model_runs").mkdir(exist_ok=True)
-        (self.root / "traces").mkdir(exist_ok=True)
+        for sub in ("model_runs", "traces"):
+            (self.root / sub).mkdir(exist_ok=True)
+            refuse_links(self.root / sub)
         # writes cut short by a killed sweep (we hold the lock: nobody else is writing)
         clean_temps(self.root, (CSV_NAME, MANIFEST))
         clean_temps(self.root / "model_runs", patterns=(".*.json.*",))
@@ -119,7 +123,7 @@ class ResultsStore:
             import fcntl
         except ImportError:  # no advisory locks on this platform
             return
-        fh = open(self.root / ".lock", "w")
+        fh = os.fdopen(open_nofollow(self.root / ".lock", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
