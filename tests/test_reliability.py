@@ -490,3 +490,24 @@ def test_a_sweep_folder_with_links_is_refused(tmp_path):
         with ResultsStore(runs):
             pass
     assert outside.read_text() == "keep me\n"
+
+
+@pytest.mark.real
+def test_sigterm_during_generate_keeps_the_tokens_made(tmp_path):
+    """SIGTERM while `generate` decodes: exit 130, one line on stderr, and its --json row written
+    with the tokens made so far, marked interrupted."""
+    d, row_file = tmp_path / "m", tmp_path / "row.json"
+    assert subprocess.run([sys.executable, "-m", "dipstream.cli.main", "export", "--model-dir", str(d)],
+                          capture_output=True).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "dipstream.cli.main", "generate", "--model-dir", str(d),
+                             "--max-new-tokens", "4000", "--no-stop-at-eos", "--prompt", "Once upon a time",
+                             "--json", str(row_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    streamed = b""
+    while len(streamed) < 60 and proc.poll() is None:  # the prompt, then a few tokens streamed
+        streamed += proc.stdout.read1(64)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], lines
+    row = json.loads(row_file.read_text())
+    assert row["interrupted"] is True and 1 <= row["new_tokens"] < 4000 and row["text"]

@@ -56,7 +56,8 @@ class Sampler:
 
 def generate(decoder, ids: list[int], opts: DecodeOptions, eos=(), on_token=None) -> dict:
     """Prompt pass and decode. Returns the new ids, the time to the first token, each decode step's
-    time, and the bytes this process read from storage in each phase (-1 where unknown)."""
+    time, and the bytes this process read from storage in each phase (-1 where unknown); a decode
+    stopped by Ctrl-C or SIGTERM returns what it made, marked `interrupted`."""
     pick = Sampler(opts)
     decoder.reset()
     read0, t0 = disk_read_bytes(), time.perf_counter()
@@ -65,24 +66,28 @@ def generate(decoder, ids: list[int], opts: DecodeOptions, eos=(), on_token=None
     out, steps = [token], []
     if on_token:
         on_token(out)
-    pos = len(ids)
-    while len(out) < opts.max_new_tokens and not (opts.stop_at_eos and token in eos):
-        t = time.perf_counter()
-        token = pick(decoder.step(token, pos))
-        steps.append(time.perf_counter() - t)
-        out.append(token)
-        pos += 1
-        if on_token:
-            on_token(out)
+    pos, interrupted = len(ids), False
+    try:
+        while len(out) < opts.max_new_tokens and not (opts.stop_at_eos and token in eos):
+            t = time.perf_counter()
+            token = pick(decoder.step(token, pos))
+            steps.append(time.perf_counter() - t)
+            out.append(token)
+            pos += 1
+            if on_token:
+                on_token(out)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the tokens so far are the result (the caller re-raises)
+        interrupted = True
     read2 = disk_read_bytes()
     known = min(read0, read1, read2) >= 0
     return {"ids": out, "ttft_s": ttft, "step_s": steps, "prompt_read_bytes": read1 - read0 if known else -1,
-            "decode_read_bytes": read2 - read1 if known else -1}
+            "decode_read_bytes": read2 - read1 if known else -1, "interrupted": interrupted}
 
 
 def timing_row(res: dict) -> dict:
     """The figures every generate run reports of `generate`'s result."""
     steps = res["step_s"]
-    return {"new_tokens": len(res["ids"]), "ttft_s": res["ttft_s"], "decode_steps": len(steps),
+    return {"new_tokens": len(res["ids"]), "interrupted": res.get("interrupted", False), "ttft_s": res["ttft_s"],
+            "decode_steps": len(steps),
             "decode_s": sum(steps), "decode_tokens_per_s": len(steps) / sum(steps) if steps else None,
             "ids": res["ids"]}

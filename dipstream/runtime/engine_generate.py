@@ -73,6 +73,8 @@ def run_engine(cfg, out=None) -> dict:
     row.update(machine=machine(), dipstream=__version__)
     if cfg.json:
         write_json_atomic(cfg.json, row)
+    if row.get("interrupted"):  # kept what was made; the command stops as interrupted
+        raise KeyboardInterrupt
     return row
 
 
