@@ -511,3 +511,89 @@ def test_sigterm_during_generate_keeps_the_tokens_made(tmp_path):
     assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], lines
     row = json.loads(row_file.read_text())
     assert row["interrupted"] is True and 1 <= row["new_tokens"] < 4000 and row["text"]
+
+
+ARRAYS = st.one_of(
+    st.builds(lambda v, kind: np.asarray(v, np.int64).astype(kind), st.lists(st.integers(-5, 70000), max_size=12),
+              st.sampled_from(["int64", "int32", "uint8", "bool"])),
+    st.builds(lambda v, kind: np.asarray(v, kind), st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                                                            max_size=12), st.sampled_from(["float32", "float64"])))
+
+
+@settings(max_examples=120, deadline=None)
+@given(freq=st.dictionaries(st.text(max_size=20), ARRAYS, max_size=3), meta=JSONS)
+def test_hot_profiles_refuse_garbage_with_one_line_errors(freq, meta, tmp_path_factory):
+    """A profile either loads as finite, non-negative count vectors of hooks' names with its model
+    named, or is refused in one line (never a NaN or negative count running)."""
+    from dipstream.simulator.policies import load_profile, save_profile
+    from dipstream.simulator.trace import HOOK_NAME
+
+    p = tmp_path_factory.mktemp("fuzz") / "p.npz"
+    save_profile(p, freq, meta)
+    try:
+        got, m = load_profile(p)
+    except DipstreamError as e:
+        assert "\n" not in str(e)
+        return
+    assert isinstance(m["model"], str) and got
+    for name, c in got.items():
+        assert HOOK_NAME.fullmatch(name) and c.ndim == 1 and np.isfinite(c).all() and (c >= 0).all()
+
+
+@settings(max_examples=120, deadline=None)
+@given(arrays=st.dictionaries(st.sampled_from(["offsets", "blob", "pair_keys", "pair_rank", "pair_merged",
+                                               "sym_chars", "sym_ids"]), ARRAYS),
+       meta=st.one_of(JSONS, st.fixed_dictionaries({
+           "kind": st.sampled_from(["byte_level", "sentencepiece", "x"]), "vocab_size": st.integers(-1, 300),
+           "prefix": st.lists(st.integers(-2, 300), max_size=2), "added": st.just([]),
+           "byte_ids": st.none(), "split": st.one_of(st.none(), st.text(max_size=10))})))
+def test_lean_tokenizer_files_refuse_garbage_with_one_line_errors(arrays, meta, tmp_path_factory):
+    """A lean tokenizer file either loads and encodes to ids inside its vocabulary, or is refused in
+    one line (no index error, no crash in the encoder)."""
+    from dipstream.engine.text import ARRAYS as NAMES
+    from dipstream.engine.text import LEAN_FILE, LeanTokenizer
+
+    d = tmp_path_factory.mktemp("fuzz")
+    full = {k: arrays.get(k, np.zeros(0, np.int64)) for k in NAMES}
+    with open(d / LEAN_FILE, "wb") as fh:
+        np.savez(fh, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **full)
+    try:
+        lean = LeanTokenizer.load(d)
+    except DipstreamError as e:
+        assert "\n" not in str(e)
+        return
+    ids = lean.encode("hello, world 42")
+    assert all(0 <= i < lean.V for i in ids)
+    lean.decode(ids)
+
+
+@settings(max_examples=120, deadline=None)
+@given(data=st.binary(min_size=0, max_size=400), tensors=st.integers(0, 3), kvs=st.integers(0, 4),
+       head=st.sampled_from(["raw", "magic", "header"]))
+def test_gguf_files_refuse_garbage_with_one_line_errors(data, tensors, kvs, head, tmp_path_factory):
+    """Random bytes, or a GGUF magic / a whole header followed by random bytes: one line."""
+    import struct
+
+    from dipstream.engine.gguf_source import GGUFSource
+
+    p = tmp_path_factory.mktemp("fuzz") / "m.gguf"
+    prefix = {"raw": b"", "magic": b"GGUF", "header": b"GGUF" + struct.pack("<IQQ", 3, tensors, kvs)}[head]
+    p.write_bytes(prefix + data)
+    with pytest.raises(DipstreamError) as e:
+        GGUFSource(p)
+    assert "\n" not in str(e.value)
+
+
+@settings(max_examples=80, deadline=None)
+@given(doc=JSONS)
+def test_adapter_descriptions_refuse_garbage_with_one_line_errors(doc, tmp_path_factory):
+    from dipstream.models.adapter_folder import META_FILE, read_meta
+
+    d = tmp_path_factory.mktemp("fuzz")
+    (d / META_FILE).write_text(json.dumps(doc))
+    try:
+        meta = read_meta(d)
+    except DipstreamError as e:
+        assert "\n" not in str(e)
+        return
+    assert isinstance(meta, dict) and "model" in meta
