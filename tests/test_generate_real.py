@@ -199,3 +199,26 @@ def test_smollm2_offloaded_under_100mb_stays_near_its_budget(tmp_path):
     row = json.loads(row_file.read_text())
     assert row["cache_bytes"] > 0 and row["peak_rss_bytes"] <= 100e6 + 4e6, row["peak_rss_bytes"]
     assert sum(row["budget_breakdown"].values()) == pytest.approx(100e6, rel=0.01)
+
+
+def test_chat_prompts_equal_transformers_apply_chat_template(tmp_path):
+    """`--chat` renders the exported folder's template without transformers: the ids equal
+    transformers' apply_chat_template on the same folder (SmolLM2; Qwen 1.5B where its model file
+    is already exported), special-token text in the message included."""
+    from transformers import AutoTokenizer
+
+    from dipstream.engine.export import default_model_dir, ensure_model_file
+    from dipstream.engine.modelfile import MANIFEST
+    from dipstream.engine.text import encode_prompt
+
+    folders = [ensure_model_file("smollm2-135m", None, directory=str(tmp_path / "s"))]
+    qwen = default_model_dir("qwen2.5-coder-1.5b", "gguf", "gguf")
+    if (qwen / MANIFEST).exists():
+        folders.append(qwen)
+    for folder in folders:
+        tok = AutoTokenizer.from_pretrained(folder)
+        for prompt in ("What is 2+2?", "Two lines:\nthe sea.", "  spaces and <|im_end|> inside"):
+            ref = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            ids, decode = encode_prompt(folder, prompt, chat=True)
+            assert ids == list(ref["input_ids"] if hasattr(ref, "keys") else ref), (folder, prompt)
+            assert decode(ids) == tok.decode(ids, skip_special_tokens=True)

@@ -597,3 +597,24 @@ def test_adapter_descriptions_refuse_garbage_with_one_line_errors(doc, tmp_path_
         assert "\n" not in str(e)
         return
     assert isinstance(meta, dict) and "model" in meta
+
+
+def test_chat_templates_render_in_a_sandbox(tmp_path):
+    """A chat template is data: rendered in jinja2's immutable sandbox as transformers does it;
+    reaching Python internals, or setting an underscore name on a namespace, is a one-line error."""
+    from dipstream.engine.chat import render_chat
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    t = tmp_path / "chat_template.jinja"
+    t.write_text("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | tojson }}{{ eos_token }}"
+                 "{% endfor %}{% if add_generation_prompt %}[assistant]{% generation %} {% endgeneration %}{% endif %}")
+    assert render_chat(tmp_path, [{"role": "user", "content": "héllo"}]) == '<s>[user] "héllo"</s>[assistant] '
+    for evil in ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "{% set ns = namespace(_x=1) %}",
+                 "{{ raise_exception('no') }}", "{% for %}"):
+        t.write_text(evil)
+        with pytest.raises(DipstreamError) as e:
+            render_chat(tmp_path, [{"role": "user", "content": "x"}])
+        assert "chat template" in str(e.value) and "\n" not in str(e.value)
+    t.unlink()
+    with pytest.raises(DipstreamError, match="no chat template"):
+        render_chat(tmp_path, [{"role": "user", "content": "x"}])

@@ -332,8 +332,9 @@ class LeanTokenizer:
             ids = ids[:p] + [int(merged[j[p]])] + ids[p + 2:]
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        ids = list(self.meta["prefix"])
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """The ids of `text`, after the tokenizer's prefix (its BOS) unless not `add_special`."""
+        ids = list(self.meta["prefix"]) if add_special else []
         for piece, tid in self._pieces(text):
             if tid is not None:
                 ids.append(tid)
@@ -378,12 +379,12 @@ def write_lean_tokenizer(directory: Path) -> bool:
     return True
 
 
-def encode_and_release(tokenizer_file: Path, prompt: str) -> tuple[list[int], TokenText]:
+def encode_and_release(tokenizer_file: Path, prompt: str, add_special: bool = True) -> tuple[list[int], TokenText]:
     """The prompt's ids and the decoding table: from the lean tokenizer when the export wrote
-    one, else from `tokenizers` (then freed)."""
+    one, else from `tokenizers` (then freed). `add_special`: the tokenizer's BOS prefix."""
     if (Path(tokenizer_file).parent / LEAN_FILE).is_file():
         lean = LeanTokenizer.load(Path(tokenizer_file).parent)
-        ids, text = lean.encode(prompt), lean.text
+        ids, text = lean.encode(prompt, add_special), lean.text
         del lean
         release_memory()
         return ids, text
@@ -393,7 +394,7 @@ def encode_and_release(tokenizer_file: Path, prompt: str) -> tuple[list[int], To
         raise DipstreamError(f"{tokenizer_file} is missing: the model needs a fast tokenizer (tokenizer.json) "
                              "in its checkpoint folder; export it from a checkpoint that has one")
     tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
-    ids = tok.encode(prompt).ids
+    ids = tok.encode(prompt, add_special_tokens=add_special).ids
     text = TokenText.from_tokenizer(tok)
     del tok
     release_memory()
@@ -403,23 +404,17 @@ def encode_and_release(tokenizer_file: Path, prompt: str) -> tuple[list[int], To
 # ------------------------------------------------------------------ a generate run's text
 
 def encode_prompt(folder: Path, prompt: str, chat: bool) -> tuple[list[int], object]:
-    """(the prompt's ids, ids -> text) from the tokenizer in `folder`: the engine's own tokenizer
-    (little resident memory), or transformers' for a chat template."""
+    """(the prompt's ids, ids -> text) from the tokenizer in `folder` (the engine's own: little
+    resident memory), the prompt wrapped in the model's chat template where asked (`engine.chat`,
+    as transformers' apply_chat_template renders and encodes it: no BOS added, the template writes it)."""
     if chat:
-        from transformers import AutoTokenizer
+        from dipstream.engine.chat import render_chat
 
-        tok = AutoTokenizer.from_pretrained(folder)
-        if not getattr(tok, "chat_template", None):
-            raise DipstreamError(f"the tokenizer in {folder} has no chat template; drop --chat")
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        ids, decode = list(ids), (lambda t: tok.decode(t, skip_special_tokens=True))
-    else:
-        ids, text = encode_and_release(Path(folder) / "tokenizer.json", prompt)
-        decode = text.decode
+        prompt = render_chat(folder, [{"role": "user", "content": prompt}])
+    ids, text = encode_and_release(Path(folder) / "tokenizer.json", prompt, add_special=not chat)
     if not ids:
         raise DipstreamError("the prompt is empty after tokenization; give some text")
-    return ids, decode
+    return ids, text.decode
 
 
 def eos_ids(folder: Path, config_eos=None) -> set[int]:
