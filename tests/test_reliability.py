@@ -618,3 +618,43 @@ def test_chat_templates_render_in_a_sandbox(tmp_path):
     t.unlink()
     with pytest.raises(DipstreamError, match="no chat template"):
         render_chat(tmp_path, [{"role": "user", "content": "x"}])
+
+
+@settings(max_examples=120, deadline=None)
+@given(doc=JSONS)
+def test_keep_files_refuse_garbage_with_one_line_errors(doc, tmp_path_factory):
+    from dipstream.budget import layer_keeps
+
+    p = tmp_path_factory.mktemp("fuzz") / "keep.json"
+    p.write_text(json.dumps(doc))
+    try:
+        keeps = layer_keeps(0.5, 3, keep_file=str(p))
+    except DipstreamError as e:
+        assert "\n" not in str(e)
+        return
+    for i in range(3):
+        assert 1 <= keeps.k_in(i, 64) <= 64 and 1 <= keeps.k_out(i, 96) <= 96
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc=st.one_of(JSONS, st.text(max_size=80)))
+def test_sweep_files_refuse_garbage_with_one_line_errors(doc, tmp_path_factory):
+    """A sweep config (YAML), and a results folder's manifest (sweep.json): one-line refusals or a
+    config / manifest of the expected shape."""
+    import yaml
+
+    from dipstream.experiments.results_store import MANIFEST, check_manifest
+    from dipstream.experiments.sweep_config import load_sweep
+
+    d = tmp_path_factory.mktemp("fuzz")
+    (d / "s.yaml").write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    try:
+        cfg, runs = load_sweep(d / "s.yaml")
+        assert isinstance(cfg, dict) and isinstance(runs, list)
+    except DipstreamError as e:
+        assert "\n" not in str(e)
+    (d / MANIFEST).write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    try:
+        assert isinstance(check_manifest(d, create=False), dict)
+    except DipstreamError as e:
+        assert "\n" not in str(e)

@@ -56,6 +56,9 @@ def check_manifest(root: Path, create: bool) -> dict:
         except ValueError:
             raise DipstreamError(f"{path} is not valid JSON; is '{root}' a dipstream results "
                                  "folder?") from None
+        if not isinstance(man, dict):
+            raise DipstreamError(f"{path} is not a results manifest (a JSON object); is '{root}' a dipstream "
+                                 "results folder?")
         if man.get("format") != FORMAT:
             raise DipstreamError(
                 f"results folder '{root}' was written by dipstream {man.get('dipstream', '?')} "
