@@ -43,9 +43,9 @@ def _tokenizer_config(folder: Path) -> dict:
 
 def special_tokens(folder: Path) -> dict[str, str]:
     """The named special tokens of tokenizer_config.json (bos_token, eos_token, ...) as strings."""
-    out = {}
+    config, out = _tokenizer_config(folder), {}
     for name in SPECIAL_TOKENS:
-        v = _tokenizer_config(folder).get(name)
+        v = config.get(name)
         v = v.get("content") if isinstance(v, dict) else v
         if isinstance(v, str):
             out[name] = v

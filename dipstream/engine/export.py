@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dipstream.engine.modelfile import (
+    DATA,
     FORMAT,
     KEEP,
     MANIFEST,
@@ -28,6 +29,7 @@ from dipstream.engine.modelfile import (
     write_model_file,
 )
 from dipstream.engine.qmatrix import QUANTIZE
+from dipstream.engine.text import LEAN_FILE
 from dipstream.errors import DipstreamError
 from dipstream.io import folder_lock
 from dipstream.models.builtins import BUILTIN_MODELS, gguf_of, is_gguf
@@ -47,6 +49,7 @@ from dipstream.validation import input_dir, output_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "config.json")  # copied beside the model file
+EXPORT_FILES = (DATA, MANIFEST, LEAN_FILE, *TOKENIZER_FILES)  # what an export writes in its folder
 
 
 @dataclass
@@ -371,11 +374,9 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
         _export_fits(model, weights, d, gguf if adapter is None else None, memory, run)
         with folder_lock(d, "model export", wait=True):
             if not (d / MANIFEST).exists():
-                from dipstream.engine.modelfile import DATA
-                from dipstream.engine.text import LEAN_FILE
                 from dipstream.io import clean_temps
 
-                clean_temps(d, (DATA, MANIFEST, LEAN_FILE, *TOKENIZER_FILES))  # a killed export's temporaries
+                clean_temps(d, EXPORT_FILES)  # a killed export's temporaries
                 if gguf is not None and adapter is None:
                     export_gguf(gguf, d, Path(model).name, weights, head)
                 else:
@@ -405,12 +406,9 @@ def ensure_model_file(model: str, weights: str | None, head: str | None = None, 
 def _refuse_foreign_folder(d: Path) -> None:
     """An export writes only into a new folder, an empty one or one of its own (an interrupted
     export's files): a folder holding anything else is refused in one line, nothing written."""
-    from dipstream.engine.modelfile import DATA
-    from dipstream.engine.text import LEAN_FILE
-
     if not d.is_dir():
         return
-    own = {DATA, MANIFEST, LEAN_FILE, ".lock", *TOKENIZER_FILES}
+    own = {*EXPORT_FILES, ".lock"}
     foreign = sorted(p.name for p in d.iterdir()
                      if p.name not in own and not any(p.name.startswith(f".{n}.") for n in own))
     if foreign:
