@@ -304,21 +304,22 @@ def _try_load(cc: str | None, build_dir: Path | None) -> tuple[ctypes.CDLL | Non
         key = hashlib.sha256((base_key + " ".join(flags)).encode()).hexdigest()[:16]
         so = bdir / f"dipstream_sparse_mlp_v{KERNEL_VERSION}_{key}.so"
         try:
-            if so.exists() and _recorded_bytes(so) is None:  # not the bytes its build recorded: built again
-                errors.append(f"{so}: its bytes differ from the build's record; rebuilt")
-                so.unlink()
-            if not so.exists():
+            data = _recorded_bytes(so) if so.exists() else None
+            if data is None:  # none yet, or not the bytes its build recorded: built (again)
+                if so.exists():
+                    errors.append(f"{so}: its bytes differ from the build's record; rebuilt")
+                    so.unlink()
                 ok, err = _compile(compiler, flags, so)
                 if not ok:
                     errors.append(err)
                     continue
+                data = _recorded_bytes(so)
+                if data is None:
+                    errors.append(f"{so}: its bytes differ from the build's record; not loaded")
+                    continue
             st = so.stat()
             if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
                 errors.append(f"{so}: owned by another user or writable by others; not loaded")
-                continue
-            data = _recorded_bytes(so)
-            if data is None:
-                errors.append(f"{so}: its bytes differ from the build's record; not loaded")
                 continue
             lib = _load_checked(so, data)
             _declare(lib)
