@@ -658,3 +658,14 @@ def test_sweep_files_refuse_garbage_with_one_line_errors(doc, tmp_path_factory):
         assert isinstance(check_manifest(d, create=False), dict)
     except DipstreamError as e:
         assert "\n" not in str(e)
+
+
+def test_one_sweep_per_results_folder(tmp_path):
+    from dipstream.experiments.results_store import ResultsStore
+
+    with ResultsStore(tmp_path / "r"):
+        with pytest.raises(DipstreamError, match="in use by dipstream sweep"):
+            with ResultsStore(tmp_path / "r"):
+                pass
+    with ResultsStore(tmp_path / "r"):  # released
+        pass

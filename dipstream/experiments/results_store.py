@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 from dipstream import __version__
@@ -24,7 +25,7 @@ from dipstream.errors import DipstreamError
 from dipstream.io import (
     append_jsonl,
     clean_temps,
-    open_nofollow,
+    folder_lock,
     read_jsonl,
     refuse_links,
     write_bytes_atomic,
@@ -99,9 +100,16 @@ class ResultsStore:
         self.damaged: list[str] = []  # model runs whose stored trace could not be read
 
     def __enter__(self):
-        self.root.mkdir(parents=True, exist_ok=True)
-        refuse_links(self.root)  # nothing written through a link out of the folder, the lock included
-        self._take_lock()
+        self._lock = ExitStack()  # io.folder_lock: no links in the folder, one sweep writing at a time
+        self._lock.enter_context(folder_lock(self.root, "sweep"))
+        try:
+            self._open()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _open(self) -> None:
         check_manifest(self.root, create=True)
         for sub in ("model_runs", "traces"):
             (self.root / sub).mkdir(exist_ok=True)
@@ -114,26 +122,11 @@ class ResultsStore:
         if not gi.exists():
             gi.write_text("# mask traces are large and can be recomputed\ntraces/\n.lock\n")
         self.repaired = repair_tail(self.root / ROWS)
-        return self
 
     def __exit__(self, *exc):
         if self._lock is not None:
             self._lock.close()
             self._lock = None
-
-    def _take_lock(self):
-        try:
-            import fcntl
-        except ImportError:  # no advisory locks on this platform
-            return
-        fh = os.fdopen(open_nofollow(self.root / ".lock", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            raise DipstreamError(f"another sweep is writing to '{self.root}'; wait for it to finish "
-                                 "or use another --results folder") from None
-        self._lock = fh
 
     def note_config(self, config: str | Path, description: str | None) -> None:
         """Record which sweep config wrote into this folder (for the report's provenance)."""
