@@ -60,20 +60,20 @@ def export_memory(path: str | Path, requant: bool = False) -> int:
     from dipstream.engine.gguf_tokenizer import covers
 
     try:
-        g = GGUFFile(path, keys=lambda k: k not in TOKENIZER_ARRAYS)
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return EXPORT_BASE
+        src = GGUFSource(path)
+    except DipstreamError:
+        return EXPORT_BASE  # the export says what is wrong with the file
     try:
-        embd = g.tensors.get("token_embd.weight")
+        embd = src.tensors.get("token_embd.weight")
         vocab = int(embd.shape[1]) if embd is not None else 0
-        largest = max((int(np.prod(t.shape)) for t in g.tensors.values()), default=0)
+        largest = max((int(np.prod(t.shape)) for t in src.tensors.values()), default=0)
         try:
-            gguf_arch(g.meta, g.tensors)
-            light = covers(g.meta)
-        except (Unsupported, ValueError, KeyError, TypeError):
+            src.engine_arch()
+            light = covers(src.meta)
+        except (Unsupported, DipstreamError):
             light = False
     finally:
-        g.close()
+        src.file.close()
     need = LIGHT_BASE + LIGHT_PER_TOKEN * vocab if light else EXPORT_BASE + EXPORT_PER_TOKEN * vocab
     return need + (12 * largest if requant else 0)
 
