@@ -1,6 +1,7 @@
 """A GGUF file as the export's source: its architecture (`engine.gguf_arch`), its tokenizer
 (`engine.gguf_tokenizer`) and its tensors, the quantized ones moved block for block into records
-(`engine.gguf_blocks`), read through the GGUF's memory map one tensor (slice) at a time: neither
+(`engine.gguf_blocks`), a slice of one tensor at a time (matrices read by `pread`, small tensors
+through the memory map): neither
 torch nor transformers is imported, except for a configuration or tokenizer those modules do not
 map (then transformers' GGUF readers build them, at a much larger memory).
 
