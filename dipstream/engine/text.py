@@ -210,7 +210,7 @@ class LeanTokenizer:
     @classmethod
     def from_json(cls, tok_json: dict, hf_tokenizer=None) -> "LeanTokenizer | None":
         """From tokenizer.json (parsed); None for a kind it does not encode, or, given the loaded
-        `tokenizers.Tokenizer`, for one whose ids on a sample text differ from it (`matches`)."""
+        `tokenizers.Tokenizer`, for one whose ids on a sample text differ from it (`agrees`)."""
         m = tok_json.get("model") or {}
         if m.get("type") != "BPE" or m.get("dropout") or m.get("continuing_subword_prefix") or \
                 m.get("end_of_word_suffix") or m.get("ignore_merges"):
@@ -264,12 +264,11 @@ class LeanTokenizer:
             meta["split"] = split
         lean = cls(arrays, meta)
         lean._arrays = arrays
-        return lean if hf_tokenizer is None or lean.matches(hf_tokenizer) else None
+        return lean if hf_tokenizer is None or lean.agrees(sample_reference(hf_tokenizer)) else None
 
-    def matches(self, hf_tokenizer) -> bool:
-        """Whether `tokenizers` has this vocabulary's size and gives these ids on the sample text."""
-        return self.V == hf_tokenizer.get_vocab_size(with_added_tokens=True) and \
-            self.encode(SAMPLE) == hf_tokenizer.encode(SAMPLE).ids
+    def agrees(self, reference: tuple[int, list[int]]) -> bool:
+        """Whether this is `sample_reference`'s vocabulary size and sample ids."""
+        return (self.V, self.encode(SAMPLE)) == tuple(reference)
 
     def save(self, directory: Path) -> None:
         from dipstream.io import atomic_path
@@ -358,6 +357,12 @@ class LeanTokenizer:
         return self.text.decode(ids)
 
 
+def sample_reference(hf_tokenizer) -> tuple[int, list[int]]:
+    """What a lean tokenizer must reproduce of a `tokenizers.Tokenizer`: its vocabulary's size
+    (added tokens included) and its ids on the sample text."""
+    return hf_tokenizer.get_vocab_size(with_added_tokens=True), hf_tokenizer.encode(SAMPLE).ids
+
+
 def write_lean_tokenizer(directory: Path) -> bool:
     """At export: write `LEAN_FILE` beside tokenizer.json when the lean encoder reproduces it. The
     reference (`tokenizers`' vocabulary size and ids on the sample) and the parsed file are held one
@@ -368,12 +373,12 @@ def write_lean_tokenizer(directory: Path) -> bool:
     import tokenizers
 
     tok = tokenizers.Tokenizer.from_file(str(path))
-    reference = (tok.get_vocab_size(with_added_tokens=True), tok.encode(SAMPLE).ids)
+    reference = sample_reference(tok)
     del tok
     release_memory()
     lean = LeanTokenizer.from_json(json.loads(path.read_text()))
     release_memory()
-    if lean is None or (lean.V, lean.encode(SAMPLE)) != reference:
+    if lean is None or not lean.agrees(reference):
         return False
     lean.save(directory)
     return True
