@@ -6,9 +6,14 @@ from contextlib import contextmanager
 
 
 class DipstreamError(Exception):
-    """A user-facing error; the CLI prints its message on one line and exits with status 2."""
+    """A user-facing error; the CLI prints its message and exits with status 2. The message is one
+    line whatever it quotes (a user's key or file name with a newline in it: its whitespace runs
+    become single spaces)."""
 
     exit_code = 2
+
+    def __init__(self, message: object = "", *args):
+        super().__init__(" ".join(str(message).split()), *args)
 
 
 class Interrupted(DipstreamError):
@@ -24,7 +29,7 @@ def user_errors():
     try:
         yield
     except ValueError as exc:
-        raise DipstreamError(" ".join(str(exc).split())) from None
+        raise DipstreamError(str(exc)) from None
 
 
 def did_you_mean(word: str, choices, quote: str = "'", cutoff: float = 0.6) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from dipstream.errors import DipstreamError
 from tests.conftest import TEXT
@@ -638,6 +638,7 @@ def test_keep_files_refuse_garbage_with_one_line_errors(doc, tmp_path_factory):
 
 @settings(max_examples=150, deadline=None)
 @given(doc=st.one_of(JSONS, st.text(max_size=80)))
+@example(doc={"ab\ncd": 1})  # a key with a newline, quoted in the refusal (found by CI's fuzz)
 def test_sweep_files_refuse_garbage_with_one_line_errors(doc, tmp_path_factory):
     """A sweep config (YAML), and a results folder's manifest (sweep.json): one-line refusals or a
     config / manifest of the expected shape."""
