@@ -18,9 +18,12 @@ def base_type(tp):
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    """Add one --option per field of dataclass `cls` (nested dataclasses are flattened)."""
+    """Add one --option per field of dataclass `cls` (nested dataclasses are flattened), but for
+    the names in its CLI_HIDDEN (fields a command built on another's config does not use)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in getattr(cls, "CLI_HIDDEN", ()):
+            continue
         tp, _ = base_type(hints[f.name])
         if dataclasses.is_dataclass(tp):
             add_dataclass_args(parser, tp, prefix)

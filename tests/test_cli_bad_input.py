@@ -16,7 +16,7 @@ from dipstream.cli.main import build_parser, main
 from tests.conftest import TEXT
 
 COMMANDS = ["eval", "simulate", "finetune", "sweep", "lm-eval", "report", "generate", "export", "probe",
-            "models", "methods"]
+            "serve", "chat", "models", "methods"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

@@ -225,6 +225,18 @@ def cmd_probe(ns) -> int:
     return 0
 
 
+def cmd_serve(ns) -> int:
+    from dipstream.server import ServeConfig, run_serve
+
+    return run_serve(from_namespace(ServeConfig, ns))
+
+
+def cmd_chat(ns) -> int:
+    from dipstream.chat_session import ChatConfig, run_chat
+
+    return run_chat(from_namespace(ChatConfig, ns))
+
+
 # the typed config class of each configured subcommand, imported only for the command that runs
 # (a lean `generate` then loads no torch)
 _CONFIGS = {"eval": "dipstream.experiments.evaluate:EvalConfig",
@@ -235,7 +247,9 @@ _CONFIGS = {"eval": "dipstream.experiments.evaluate:EvalConfig",
             "report": "dipstream.reports.report:ReportConfig",
             "generate": "dipstream.runtime.generate:GenerateConfig",
             "probe": "dipstream.runtime.probe:ProbeConfig",
-            "export": "dipstream.engine.export:ExportConfig"}
+            "export": "dipstream.engine.export:ExportConfig",
+            "serve": "dipstream.server:ServeConfig",
+            "chat": "dipstream.chat_session:ChatConfig"}
 
 
 def config_class(command: str):
@@ -266,6 +280,10 @@ _COMMANDS = {
                "beforehand for memory-capped runs)", None, None),
     "probe": (cmd_probe, "measure RAM, disk and CPU GEMV speed; write a hardware file for "
               "`dipstream simulate`", None, None),
+    "serve": (cmd_serve, "an OpenAI-compatible HTTP server on the engine (/v1/completions, /v1/chat/completions)",
+              None, None),
+    "chat": (cmd_chat, "talk to a model in the terminal (its chat template, streamed answers, speed shown)", None,
+             None),
 }
 
 

@@ -26,7 +26,8 @@ def chat_template(folder: Path) -> str:
     if isinstance(t, list):
         t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
     if not isinstance(t, str) or not t:
-        raise DipstreamError(f"the tokenizer in {folder} has no chat template; drop --chat")
+        raise DipstreamError(f"the tokenizer in {folder} has no chat template (a base model): give an instruct "
+                             "model, or a plain prompt (`generate` without --chat)")
     return t
 
 

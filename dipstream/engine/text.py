@@ -384,26 +384,45 @@ def write_lean_tokenizer(directory: Path) -> bool:
     return True
 
 
-def encode_and_release(tokenizer_file: Path, prompt: str, add_special: bool = True) -> tuple[list[int], TokenText]:
-    """The prompt's ids and the decoding table: from the lean tokenizer when the export wrote
-    one, else from `tokenizers` (then freed). `add_special`: the tokenizer's BOS prefix."""
-    if (Path(tokenizer_file).parent / LEAN_FILE).is_file():
-        lean = LeanTokenizer.load(Path(tokenizer_file).parent)
-        ids, text = lean.encode(prompt, add_special), lean.text
-        del lean
-        release_memory()
-        return ids, text
-    import tokenizers
+class FolderTokenizer:
+    """A model folder's tokenizer: the lean one when the export wrote it (little resident memory),
+    else `tokenizers` from tokenizer.json; `decode` from the decoding table alone."""
 
-    if not Path(tokenizer_file).is_file():
-        raise DipstreamError(f"{tokenizer_file} is missing: the model needs a fast tokenizer (tokenizer.json) "
-                             "in its checkpoint folder; export it from a checkpoint that has one")
-    tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
-    ids = tok.encode(prompt, add_special_tokens=add_special).ids
-    text = TokenText.from_tokenizer(tok)
-    del tok
-    release_memory()
-    return list(ids), text
+    def __init__(self, folder: Path):
+        folder = Path(folder)
+        if (folder / LEAN_FILE).is_file():
+            self._tok = LeanTokenizer.load(folder)
+            self.text = self._tok.text
+            self._encode = self._tok.encode
+            return
+        import tokenizers
+
+        if not (folder / "tokenizer.json").is_file():
+            raise DipstreamError(f"{folder / 'tokenizer.json'} is missing: the model needs a fast tokenizer "
+                                 "(tokenizer.json) in its checkpoint folder; export it from a checkpoint that has one")
+        self._tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.text = TokenText.from_tokenizer(self._tok)
+        self._encode = lambda text, add_special: list(self._tok.encode(text, add_special_tokens=add_special).ids)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """`text`'s ids; `add_special`: the tokenizer's BOS prefix."""
+        return self._encode(text, add_special)
+
+    def decode(self, ids) -> str:
+        return self.text.decode(ids)
+
+    def release(self) -> TokenText:
+        """Drop the encoder (its tables back to the system); the decoding table stays."""
+        self._tok = self._encode = None
+        release_memory()
+        return self.text
+
+
+def encode_and_release(tokenizer_file: Path, prompt: str, add_special: bool = True) -> tuple[list[int], TokenText]:
+    """The prompt's ids and the decoding table, the encoder freed (a one-prompt run's resident memory)."""
+    tok = FolderTokenizer(Path(tokenizer_file).parent)
+    ids = tok.encode(prompt, add_special)
+    return ids, tok.release()
 
 
 # ------------------------------------------------------------------ a generate run's text

@@ -19,7 +19,7 @@ from dipstream.options import CacheAwareOptions, DipOptions
 from dipstream.simulator.hardware import parse_bytes, parse_dram
 from dipstream.simulator.policies import OFFLINE_POLICIES, CacheOptions
 from dipstream.sparsity.decoding import DECODERS
-from dipstream.validation import at_least, finite, input_file, output_dir, output_file
+from dipstream.validation import at_least, input_file, output_dir, output_file
 
 ENGINES = ("auto", "lean", "hf")
 
@@ -78,10 +78,7 @@ class GenerateConfig:
         check_density(self.density)
         if self.method not in DECODERS:
             raise DipstreamError(f"--method {self.method}: generate runs {', '.join(DECODERS)}")
-        d = self.decoding
-        at_least("max_new_tokens", d.max_new_tokens, 1)
-        at_least("top_k", d.top_k, 0)
-        finite("temperature", d.temperature, lo=0, lo_open=True)
+        self.decoding.validate()
         at_least("threads", self.threads, 1, optional=True)
         at_least("io_threads", self.run.io_threads, 1)
         self.dip.validate()
@@ -127,9 +124,6 @@ class GenerateConfig:
                 raise DipstreamError(f"{flag}: {exc}") from None
             if size is not None and size > MAX_BYTES:
                 raise DipstreamError(f"{flag} {value} is out of range: give at most {MAX_BYTES:.0e} bytes (1 PB)")
-        if not 0 <= self.decoding.sample_seed < 1 << 63:
-            raise DipstreamError(f"--sample-seed {self.decoding.sample_seed} is out of range: give an integer from 0 "
-                                 "to 2^63 - 1")
         if self.offload and self.file.model_dir and Path(self.offload).expanduser().resolve() != \
                 Path(self.file.model_dir).expanduser().resolve():
             raise DipstreamError("--offload DIR is where the model file is read from: give it alone, or the same "
