@@ -40,3 +40,18 @@ class CacheAwareOptions:
     def validate(self) -> None:
         finite("gamma", self.gamma, lo=0, hi=1)
         finite("n0_frac", self.n0_frac, lo=0, hi=1)
+
+
+@dataclass
+class MethodOptions(DipOptions, CacheAwareOptions):
+    """Knobs some methods read (the CLI shows each field's help)."""
+
+    prompt_frac: float = field(default=0.5, metadata={
+        "help": "GRIFFIN: fraction of each window treated as the dense prompt"})
+    seed: int = field(default=0, metadata={"help": "random: seed of the random masks"})
+
+    def validate(self) -> None:
+        """One-line errors for out-of-range or non-finite values (before any model is loaded)."""
+        DipOptions.validate(self)
+        CacheAwareOptions.validate(self)
+        finite("prompt_frac", self.prompt_frac, lo=0, hi=1, lo_open=True, hi_open=True)

@@ -10,6 +10,9 @@ import json
 import struct
 
 import numpy as np
+import subprocess
+import sys
+
 import pytest
 
 from dipstream.cli.main import build_parser, main
@@ -25,6 +28,30 @@ def test_every_subcommand_has_help(cmd, capsys):
         main([cmd, "--help"])
     assert e.value.code == 0
     assert "usage: dipstream" in capsys.readouterr().out
+
+
+HEAVY = ("torch", "transformers")
+
+
+def _imports_after(argv: list[str]) -> tuple[int, list[str]]:
+    """(exit code, the heavy modules imported) of `dipstream ARGV` in a fresh interpreter."""
+    code = ("import sys\nfrom dipstream.cli.main import main\ntry:\n    rc = main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            f"print(rc, sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True).stdout.split("\n")
+    rc, mods = out[-2].split(" ", 1)
+    return int(rc), eval(mods)
+
+
+@pytest.mark.parametrize("argv", [[cmd, "--help"] for cmd in COMMANDS] + [
+    ["eval", "--density", "1.5"], ["finetune", "--seq-len", "1"], ["simulate", "--dram", "abc"],
+    ["generate", "--top-p", "2"], ["serve", "--port", "-5"], ["chat", "--context", "1"], ["eval", "--colour", "red"],
+    ["lm-eval", "--limit", "x"]], ids=" ".join)
+def test_help_and_refusals_import_no_model_stack(argv):
+    """Every subcommand's --help, and a refusal that needs no model, come before torch and
+    transformers are imported (they take seconds to import)."""
+    rc, heavy = _imports_after(argv)
+    assert (rc, heavy) == (0 if "--help" in argv else 2, [])
 
 
 def test_every_subcommand_is_listed():

@@ -32,12 +32,17 @@ def examples() -> list[tuple[str, str]]:
 
 
 EXAMPLES = examples()
+# the Python API's examples (they start `import dipstream`; the other blocks are fragments)
+PYTHON = [b for path in DOCS for b in re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+          if b.startswith("import dipstream\n")]
 
 
 def test_the_docs_have_examples():
     assert len(EXAMPLES) > 30
     assert {c.split()[1] for _, c in EXAMPLES} >= {"eval", "simulate", "finetune", "sweep", "report", "lm-eval",
-                                                   "generate", "export", "probe", "models", "methods"}
+                                                   "generate", "export", "probe", "models", "methods",
+                                                   "serve", "chat"}
+    assert len(PYTHON) >= 2
 
 
 @pytest.mark.parametrize("where,command", EXAMPLES, ids=[c[:60] for _, c in EXAMPLES])
@@ -53,4 +58,11 @@ def test_every_example_parses(where, command, capsys):
 @pytest.mark.parametrize("command", ["models", "methods"])
 def test_the_quick_examples_run(command, capsys):
     assert main([command]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("code", PYTHON, ids=[f"python-{i}" for i in range(len(PYTHON))])
+def test_the_python_examples_run(code, capsys):
+    exec(compile(code, "docs/guide.md", "exec"), {"__name__": "guide"})
     assert capsys.readouterr().out.strip()

@@ -28,17 +28,26 @@ def _print_row(row: dict) -> None:
 
 
 def cmd_eval(ns) -> int:
-    from dipstream.experiments import EvalConfig, run_eval
+    from dipstream.experiments.configs import EvalConfig
 
-    row = run_eval(from_namespace(EvalConfig, ns))
+    cfg = from_namespace(EvalConfig, ns)
+    cfg.validate()  # before the model stack is imported
+    from dipstream.experiments import run_eval
+
+    row = run_eval(cfg)
     _print_row(row)
     return 0
 
 
 def cmd_simulate(ns) -> int:
-    from dipstream.experiments.simulate import SimulateConfig, run_simulate
+    from dipstream.experiments.configs import SimulateConfig
 
-    row = run_simulate(from_namespace(SimulateConfig, ns))
+    cfg = from_namespace(SimulateConfig, ns)
+    cfg.sim.validate()  # before the model stack is imported (the method registry imports it)
+    cfg.eval.validate()
+    from dipstream.experiments.simulate import run_simulate
+
+    row = run_simulate(cfg)
     base = row["dense_streaming"]
     keys = ("perplexity", "density_measured", "tokens_per_s", "ttft_s", "hit_rate",
             "dram_bytes_per_token", "flash_bytes_per_token", "dram_used_bytes")
@@ -61,9 +70,13 @@ _FINETUNE_KEYS = ("perplexity_dense", "perplexity_before", "perplexity_after", "
 
 
 def cmd_finetune(ns) -> int:
-    from dipstream.training import FinetuneConfig, run_finetune
+    from dipstream.training.config import FinetuneConfig
 
-    row = run_finetune(from_namespace(FinetuneConfig, ns))
+    cfg = from_namespace(FinetuneConfig, ns)
+    cfg.eval.validate()  # before the model stack is imported
+    from dipstream.training import run_finetune
+
+    row = run_finetune(cfg)
     print(f"{row['model']} {row['method']} @ {row['density_requested']} -> {row['out']}"
           + (f" ({row['resumed']})" if row.get("resumed") else ""))
     for key in _FINETUNE_KEYS:
@@ -239,11 +252,11 @@ def cmd_chat(ns) -> int:
 
 # the typed config class of each configured subcommand, imported only for the command that runs
 # (a lean `generate` then loads no torch)
-_CONFIGS = {"eval": "dipstream.experiments.evaluate:EvalConfig",
-            "simulate": "dipstream.experiments.simulate:SimulateConfig",
+_CONFIGS = {"eval": "dipstream.experiments.configs:EvalConfig",
+            "simulate": "dipstream.experiments.configs:SimulateConfig",
             "finetune": "dipstream.training.config:FinetuneConfig",
-            "sweep": "dipstream.experiments.sweep:SweepOptions",
-            "lm-eval": "dipstream.experiments.lm_eval:LmEvalConfig",
+            "sweep": "dipstream.experiments.configs:SweepOptions",
+            "lm-eval": "dipstream.experiments.configs:LmEvalConfig",
             "report": "dipstream.reports.report:ReportConfig",
             "generate": "dipstream.runtime.generate:GenerateConfig",
             "probe": "dipstream.runtime.probe:ProbeConfig",

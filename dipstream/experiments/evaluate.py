@@ -5,96 +5,27 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 
 from dipstream import __version__
-from dipstream.budget import check_density
 from dipstream.data import load_text, make_windows
-from dipstream.devices import DEVICE_HELP, check_device_name
 from dipstream.errors import DipstreamError
+from dipstream.experiments.configs import EvalConfig
 from dipstream.evaluation import perplexity
 from dipstream.io import write_json_atomic
 from dipstream.models import load_model
 from dipstream.models.loading import is_moe_checkpoint
-from dipstream.models.adapter_folder import apply_adapter, check_files, read_meta
+from dipstream.models.adapter_folder import apply_adapter
 from dipstream.paths import cache_root, machine
-from dipstream.sparsity import METHODS, MethodOptions, attach, build_method
+from dipstream.sparsity import METHODS, attach, build_method
 from dipstream.sparsity.attach import check_runs_on_experts
 from dipstream.sparsity.calibration import calibrate, load_thresholds, save_thresholds
 from dipstream.sparsity.predictor import density_with_predictor
 from dipstream.validation import (
-    at_least,
-    input_dir,
-    input_file,
-    output_file,
     private_dir,
 )
-
-
-@dataclass
-class EvalConfig:
-    """One evaluation run."""
-
-    model: str = field(default="smollm2-135m", metadata={
-        "help": "built-in model name (see `dipstream models`) or a local HF checkpoint folder"})
-    method: str = field(default="dip", metadata={"help": "sparsity method (see `dipstream methods`)"})
-    density: float = field(default=0.5, metadata={
-        "help": "target fraction of MLP weight bytes a token may read, in (0, 1]"})
-    corpus: str = field(default="wiki", metadata={
-        "help": "built-in corpus: wiki, code, shakespeare or wikitext2 (evaluated on its eval split)"})
-    split: str = field(default="eval", metadata={
-        "help": "split of --corpus evaluated: eval (reported figures) or val (to choose settings "
-                "without looking at the eval text)", "choices": ["eval", "val"]})
-    text: str | None = field(default=None, metadata={
-        "help": "evaluate on this local UTF-8 file instead (calibration still uses --corpus train)",
-        "metavar": "PATH"})
-    device: str = field(default="auto", metadata={"help": "where the model runs: " + DEVICE_HELP})
-    dtype: str = field(default="float32", metadata={
-        "help": "dtype of the model's weights and activations: float32, float64 (no near-tie noise in "
-                "top-k, about 2x slower on CPU), bfloat16 or float16",
-        "choices": ["float32", "float64", "bfloat16", "float16"]})
-    seq_len: int = field(default=512, metadata={"help": "window length in tokens, BOS included"})
-    tokens: int | None = field(default=None, metadata={
-        "help": "cap on evaluated (predicted) tokens; whole windows only"})
-    calib_tokens: int = field(default=4096, metadata={
-        "help": "tokens of the train split used to calibrate threshold methods"})
-    thresholds: str | None = field(default=None, metadata={
-        "help": "load calibrated thresholds from this JSON file instead of calibrating",
-        "metavar": "PATH"})
-    save_thresholds: str | None = field(default=None, metadata={
-        "help": "also write the calibrated thresholds to this JSON file", "metavar": "PATH"})
-    adapter: str | None = field(default=None, metadata={
-        "help": "apply the LoRA adapters / predictors of this `dipstream finetune` output folder",
-        "metavar": "DIR"})
-    json: str | None = field(default=None, metadata={
-        "help": "write the result as one JSON object to this file", "metavar": "PATH"})
-    options: MethodOptions = field(default_factory=MethodOptions)
-
-    def validate(self) -> None:
-        """Check every option, input file and output path before anything is loaded or run."""
-
-        check_density(self.density)
-        check_device_name(self.device)
-        if self.method not in METHODS:
-            build_method(self.method, self.density)  # the one-line "unknown method" error
-        at_least("seq_len", self.seq_len, 2)
-        at_least("tokens", self.tokens, 1, optional=True)
-        at_least("calib_tokens", self.calib_tokens, 1)
-        if METHODS[self.method].needs_calibration and not self.thresholds \
-                and self.calib_tokens < self.seq_len - 1:
-            raise DipstreamError(f"--calib-tokens {self.calib_tokens} is less than one calibration window "
-                                 f"of {self.seq_len - 1} tokens; raise it or lower --seq-len")
-        self.options.validate()
-        input_file("text", self.text, "UTF-8 text file")
-        input_file("thresholds", self.thresholds, "thresholds JSON file")
-        if self.adapter:
-
-            folder = input_dir("adapter", self.adapter, "finetune --out folder")
-            check_files(folder, read_meta(folder))
-        output_file("json", self.json)
-        output_file("save_thresholds", self.save_thresholds)
 
 
 def eval_windows(cfg: EvalConfig, lm, tokens: int | None = None):

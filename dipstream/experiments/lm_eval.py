@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 
 from dipstream.errors import DipstreamError, did_you_mean
+from dipstream.experiments.configs import LmEvalConfig
 from dipstream.experiments.evaluate import (
-    EvalConfig,
     attach_calibrated,
     load_with_adapter,
 )
@@ -26,25 +25,6 @@ from dipstream.sparsity import build_method
 from dipstream.validation import at_least, finite, output_file
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-@dataclass
-class LmEvalConfig:
-    """One lm-eval run of a model x method x density."""
-
-    tasks: str = field(default="", metadata={
-        "help": "comma-separated lm-eval task names (built-in ones need their data cached locally)"})
-    include_path: str | None = field(default=None, metadata={
-        "help": "folder of extra task YAML files (local data: dataset_path json + data_files)",
-        "metavar": "DIR"})
-    builtin_tasks: bool = field(default=True, metadata={
-        "help": "also index lm-eval's built-in tasks (scanning them takes seconds; "
-                "--no-builtin-tasks when every task comes from --include-path)"})
-    num_fewshot: int | None = field(default=None, metadata={"help": "few-shot examples per task"})
-    limit: float | None = field(default=None, metadata={
-        "help": "examples per task (or a fraction if < 1); for quick checks only"})
-    lm_batch_size: int = field(default=1, metadata={"help": "lm-eval batch size"})
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _import_lm_eval():

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from dipstream.errors import DipstreamError, user_errors
-from dipstream.experiments.evaluate import EvalConfig, evaluate
+from dipstream.experiments.configs import EvalConfig, SimConfig, SimulateConfig, hardware_of
+from dipstream.experiments.evaluate import evaluate
 from dipstream.io import write_json_atomic
 from dipstream.models.adapters import count_lora_weights
 from dipstream.models.loading import shape_of
@@ -17,76 +17,15 @@ from dipstream.simulator import (
     check_trace_matches,
     dense_streaming_baseline,
     hook_specs,
-    load_hardware,
     load_trace,
     plan_placement,
     save_trace,
     simulate,
 )
-from dipstream.simulator.hardware import parse_dram
-from dipstream.simulator.policies import OFFLINE_POLICIES, CacheOptions
+from dipstream.simulator.policies import OFFLINE_POLICIES
 from dipstream.simulator.simulate import resolve_dram
 from dipstream.sparsity.recording import MaskRecorder
-from dipstream.validation import at_least, input_file, output_file
-
-
-@dataclass
-class SimConfig(CacheOptions):
-    """Hardware, DRAM size and caches of a simulated device."""
-
-    hardware: str = field(default="a18", metadata={
-        "help": "hardware preset (a18, android-ufs4, laptop) or a YAML/JSON file"})
-    dram: str = field(default="0.5x", metadata={
-        "help": "DRAM capacity: bytes ('4GB', '512MiB') or relative to the model's weight bytes ('0.5x')"})
-    hw_set: str | None = field(default=None, metadata={
-        "help": "override hardware fields, comma-separated, e.g. 'overlap=true,compute_flops=2e12,"
-                "flash_read_latency_s=1e-4,flash_queue_depth=8,bundle=true' (see Hardware)",
-        "metavar": "K=V,..."})
-    trace: str | None = field(default=None, metadata={
-        "help": "replay this mask trace (.npz) instead of running the model", "metavar": "PATH"})
-    save_trace: str | None = field(default=None, metadata={
-        "help": "write the run's per-token masks to this .npz trace", "metavar": "PATH"})
-    batch_size: int = field(default=8, metadata={
-        "help": "windows evaluated together (each window keeps its own cache); larger batches "
-                "amortise DIP-CA's per-token cache scan but need more memory for the logits"})
-
-    def validate(self) -> None:
-        """Check the device (hardware file, overrides, DRAM size, caches) and the files before any
-        model is loaded; one-line errors."""
-
-        with user_errors():
-            CacheOptions.validate(self)
-        at_least("batch_size", self.batch_size, 1)
-        try:
-            parse_dram(self.dram, 1.0)
-        except ValueError as exc:
-            raise DipstreamError(f"--dram: {exc}") from None
-        hardware_of(self)
-        input_file("trace", self.trace, "mask trace (.npz)")
-        output_file("save_trace", self.save_trace)
-
-
-@dataclass
-class SimulateConfig:
-    """One simulate run: an evaluation plus a simulated device."""
-
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    sim: SimConfig = field(default_factory=SimConfig)
-
-
-def hardware_of(sim: SimConfig):
-    """The Hardware of a SimConfig: preset or file, then --hw-set overrides."""
-    import yaml
-
-
-    overrides = {}
-    for item in filter(None, (sim.hw_set or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DipstreamError(f"--hw-set item '{item}' is not KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
-    with user_errors():
-        return load_hardware(sim.hardware, **overrides)
+from dipstream.validation import output_file
 
 
 def simulate_trace(trace, shape, sim: SimConfig, seq_len: int = 512, ev: EvalConfig | None = None) -> dict:

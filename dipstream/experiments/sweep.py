@@ -17,13 +17,13 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from dipstream import __version__
 from dipstream.errors import DipstreamError, Interrupted, did_you_mean
 from dipstream.experiments import sweep_tasks as tasks
-from dipstream.experiments.executors import EXECUTORS, WorkerDied, make_executor
+from dipstream.experiments.configs import SweepOptions
+from dipstream.experiments.executors import WorkerDied, make_executor
 from dipstream.experiments.results_store import (
     ResultsStore,
     check_manifest,
@@ -40,30 +40,6 @@ from dipstream.experiments.sweep_config import (
 from dipstream.simulator import ModelShape
 from dipstream.sparsity import METHODS
 from dipstream.validation import at_least, output_dir
-
-
-@dataclass
-class SweepOptions:
-    """How to run a sweep (what to run is the YAML file)."""
-
-    results: str | None = field(default=None, metadata={
-        "help": "results folder (default: the config's `results` key, else results/<config name>)",
-        "metavar": "DIR"})
-    jobs: int | None = field(default=None, metadata={
-        "help": "runs at a time (default: local: the number of CPUs, each with CPUs/jobs torch "
-                "threads; ray: the cluster's CPUs)"})
-    gpus: int | None = field(default=None, metadata={
-        "help": "local: GPUs to spread the workers over, one per worker (default: every visible GPU, "
-                "and then one worker per GPU unless --jobs says otherwise; 0: none)"})
-    executor: str = field(default="local", metadata={
-        "help": "local (process pool), serial (in this process) or ray (a Ray cluster; pip install "
-                "ray)", "choices": EXECUTORS})
-    ray_address: str | None = field(default=None, metadata={
-        "help": "Ray cluster to join, e.g. 'ray://head:10001' or 'auto' (default: start a local one)",
-        "metavar": "ADDR"})
-    dry_run: bool = field(default=False, metadata={
-        "help": "list the runs still to do and the model runs they need; run nothing"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar with an ETA"})
 
 
 def plan(config_path: str | Path) -> tuple[dict, list[Run], list[tuple[dict, str]]]:

@@ -6,13 +6,12 @@ Budgets are in MLP weight bytes: density = (up + gate + down weights needed) / (
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 
 from dipstream.budget import LayerKeeps, check_density, layer_keeps
 from dipstream.errors import DipstreamError
-from dipstream.options import CacheAwareOptions, DipOptions
+from dipstream.options import MethodOptions
 from dipstream.selection import topk_mask
 from dipstream.sparsity.base import (
     METHODS,
@@ -23,22 +22,6 @@ from dipstream.sparsity.base import (
     sequence_dims,
 )
 from dipstream.sparsity.ops import part_linear
-from dipstream.validation import finite
-
-
-@dataclass
-class MethodOptions(DipOptions, CacheAwareOptions):
-    """Knobs some methods read (the CLI shows each field's help)."""
-
-    prompt_frac: float = field(default=0.5, metadata={
-        "help": "GRIFFIN: fraction of each window treated as the dense prompt"})
-    seed: int = field(default=0, metadata={"help": "random: seed of the random masks"})
-
-    def validate(self) -> None:
-        """One-line errors for out-of-range or non-finite values (before any model is loaded)."""
-        DipOptions.validate(self)
-        CacheAwareOptions.validate(self)
-        finite("prompt_frac", self.prompt_frac, lo=0, hi=1, lo_open=True, hi_open=True)
 
 
 @register

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dipstream.experiments.evaluate import EvalConfig
+from dipstream.experiments.configs import EvalConfig
 
 DEFAULT_EVAL_TOKENS = 8176  # 16 windows of BOS + 511 when --tokens is not given
 
