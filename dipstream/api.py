@@ -132,7 +132,7 @@ class Engine:
         instead of `prompt`. `stop`: strings that end the answer (not included). `decoding`: the
         overrides of `decode_options`. When the iterator ends, `last` holds the `Completion`. Bad
         values are refused here, before the iterator is returned."""
-        stops = _stop_strings(stop)
+        stops = stop_strings(stop)
         opts = self.decode_options(**decoding)
         if (prompt is None) == (messages is None):
             raise DipstreamError("give a prompt or chat messages (one of them)")
@@ -191,7 +191,7 @@ class Engine:
                 **self._totals}
 
 
-def _stop_strings(stop) -> list[str]:
+def stop_strings(stop) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or ())
     if len(stops) > 16 or not all(isinstance(x, str) and x for x in stops):
         raise DipstreamError("stop: give up to 16 non-empty strings")

@@ -59,6 +59,34 @@ def available_bytes(device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def available_ram() -> int:
+    """RAM this process may still take: the system's available memory, or less where the process's
+    memory cgroup (a container, a `systemd-run -p MemoryMax=`, a test's limit) leaves less."""
+    import psutil
+
+    free = int(psutil.virtual_memory().available)
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return free
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            files = ("/sys/fs/cgroup" + path + "/memory.max", "/sys/fs/cgroup" + path + "/memory.current")
+        elif "memory" in controllers.split(","):
+            base = "/sys/fs/cgroup/memory" + path
+            files = (base + "/memory.limit_in_bytes", base + "/memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            limit, used = (open(f).read().strip() for f in files)
+            if limit.isdigit() and used.isdigit():
+                free = min(free, max(int(limit) - int(used), 0))
+        except OSError:
+            pass
+    return free
+
+
 def check_memory(need: int, available: int, what: str, advice: str) -> None:
     """One-line error when a predicted peak does not fit in 90% of the free memory."""
     if need > 0.9 * available:

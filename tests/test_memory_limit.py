@@ -98,3 +98,19 @@ def test_qwen_first_use_and_the_equal_bytes_half_cap_and_below_its_static_need(t
     r, _ = generate([*args, "--offload", str(tmp_path / "q601"), "--memory", "250MB"], 250 * MB)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and not r.oom_kills and len(lines) == 1 and "give more than" in lines[0]
+
+
+def test_no_budget_given_chooses_one_that_fits_the_machine(smollm2_dir, tmp_path):
+    """Without --offload and --memory, a model that does not fit what the process may still take (here
+    a 110 MB limit; SmolLM2 in RAM peaks near 143 MB) streams its MLP under a budget that fits, and
+    says so; with room (400 MB) it runs in RAM as before."""
+    if cgroup_kind() is None:
+        pytest.skip(why_not())
+    row = tmp_path / "row.json"
+    r, _ = generate(["--model-dir", str(smollm2_dir), "--json", str(row)], 110 * MB)
+    assert r.returncode == 0 and not r.oom_kills, r.stderr[-500:]
+    assert "do not fit" in r.stderr and "its MLP is streamed" in r.stderr
+    doc = json.loads(row.read_text())
+    assert doc["offload_dir"] and doc["budget_chosen"] and doc["peak_rss_bytes"] <= 110 * MB
+    r, _ = generate(["--model-dir", str(smollm2_dir), "--json", str(row)], 400 * MB)
+    assert r.returncode == 0 and "do not fit" not in r.stderr and "offload_dir" not in json.loads(row.read_text())

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from dipstream import __version__
 from dipstream.budget import layer_keeps
-from dipstream.devices import peak_rss_bytes, rss_bytes
+from dipstream.devices import available_ram, peak_rss_bytes, rss_bytes
 from dipstream.engine.build import build
 from dipstream.engine.config import EngineSetup
 from dipstream.engine.decode import DecodeOptions, generate, timing_row, token_stream
 from dipstream.engine.export import ensure_model_file
-from dipstream.engine.plan import budget_breakdown
+from dipstream.engine.plan import budget_breakdown, kv_bytes
 from dipstream.engine.modelfile import is_mlp_tensor, read_manifest
 from dipstream.engine.text import FolderTokenizer, encode_prompt, eos_ids, text_streamer
 from dipstream.errors import DipstreamError
@@ -54,6 +54,7 @@ class EngineSession:
         self.tokenizer = FolderTokenizer(self.directory) if tokenizer else None  # resident before the plan
         self.manifest = read_manifest(self.directory)
         self.context = int(context or min(DEFAULT_CONTEXT, self.manifest["arch"]["max_positions"]))
+        self.chosen = fit_to_machine(cfg, self.directory, self.manifest, self.context)
         self.eos = eos_ids(self.directory, self.manifest["arch"]["eos"])
         setup = engine_setup(cfg, self.context, self.manifest["arch"]["shape"]["n_layers"])
         t_load = time.perf_counter()
@@ -107,12 +108,34 @@ class EngineSession:
                "load_s": self.load_s, "family": manifest["arch"]["model_type"], "adapter": manifest.get("adapter"),
                "adapter_weights": manifest.get("adapter_weights", 0), **self.plan.row(),
                "budget_breakdown": budget_breakdown(manifest, self.plan)}
+        if self.chosen:
+            row["budget_chosen"] = self.chosen
         if cfg.offload:
             row.update(offload_dir=cfg.offload, policy=cfg.cache.policy, hot_profile=cfg.hot_profile,
                        direct_io=m.direct, cache_ram_bytes=m.cache_ram, capacity_in=m.capacity[layer_key(0, "in")],
                        capacity_out=m.capacity[layer_key(0, "out")], preload_bytes=m.preload_bytes,
                        model_file_bytes=int(manifest["size"]))
         return row
+
+
+def fit_to_machine(cfg, directory: Path, manifest: dict, context: int, available: int | None = None) -> str | None:
+    """A budget that fits the machine when none is given: with neither --offload nor --memory, a
+    model whose file and KV cache would take more than 90% of the RAM this process may still take
+    (`devices.available_ram`) has its MLP streamed from its file (`directory`) under a budget of
+    what the process holds now plus 80% of that. Changes `cfg`; returns what was chosen (printed)."""
+    if cfg.offload or cfg.run.memory is not None:
+        return None
+    available = available_ram() if available is None else available
+    need = int(manifest["size"]) + kv_bytes(manifest, context, cfg.run.kv_cache)
+    if need <= 0.9 * available:
+        return None
+    budget = rss_bytes() + int(0.8 * available)
+    cfg.offload, cfg.run.memory = str(directory), str(budget)
+    chosen = (f"the model file and KV cache ({need / 1e6:.0f} MB) do not fit the {available / 1e6:.0f} MB this "
+              f"machine has available: its MLP is streamed from {directory} with --memory {budget / 1e6:.0f}MB "
+              "(give --offload and --memory to choose)")
+    print(f"-- {chosen}", file=sys.stderr)
+    return chosen
 
 
 def run_engine(cfg, out=None) -> dict:
