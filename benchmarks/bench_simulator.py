@@ -1,7 +1,9 @@
 """Simulator speed: simulated tokens/s per cache policy on a synthetic Llama-3-8B-shaped DIP
 trace (32 layers, d=4096, D=14336, density 0.5 -> 64 hooks of 4096 or 14336 units).
 
-Targets (2-core CPU): >= 1000 tokens/s for lru/lfu/window, >= 200 for belady.
+Targets (2-core CPU, issue 25): >= 2000 tokens/s for lru/lfu/window, >= 200 for belady. Every
+token of this trace overfills the caches, so these rates include the reference's random
+over-capacity fill (hits + a seeded random subset of the new units) on every hook.
 Usage: python benchmarks/bench_simulator.py [--tokens 256] [--rho 0.8] [--dram 0.5x]
 """
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 
 from dipstream.simulator import get_shape, load_hardware, simulate, synthetic_trace
 
-TARGET = {"lru": 1000, "lfu": 1000, "window": 1000, "belady": 200}  # none/hot: no target
+TARGET = {"lru": 2000, "lfu": 2000, "window": 2000, "belady": 200}  # none/hot: no target
 
 
 def main(argv=None):

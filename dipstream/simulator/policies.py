@@ -29,7 +29,8 @@ Usage::
 ``step``/``cached``/``reset`` accept ``rows=`` (indices) to drive a subset of the hooks, e.g.
 one hook at a time across all tokens (every policy but belady). Internally sets are bit-packed
 (``bits.py``) and priorities are bit-sliced integers, so a step costs a few dozen numpy ops on
-``n_hooks * n_units / 64`` words whatever the number of units.
+``n_hooks * n_units / 64`` words whatever the number of units; the random over-capacity fill
+adds a few dozen more on the flat list of the new units of the rows it concerns (no per-row loop).
 
 The `hot` policy's input, a unit-frequency profile, is saved and loaded here too (`save_profile`,
 `load_profile`).
@@ -55,13 +56,16 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _G1, _G2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xD6E8FEB86659FD93)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    return x ^ (x >> np.uint64(31))
+def _mix(x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic); ``out=x`` mixes in place
+    (the hot path: one temporary, not one per operation)."""
+    x = np.array(x, np.uint64) if out is None else out
+    tmp = np.empty_like(x)
+    for shift, mul in ((30, _M1), (27, _M2), (31, None)):
+        x ^= np.right_shift(x, np.uint64(shift), out=tmp)
+        if mul is not None:
+            x *= mul
+    return x
 
 
 def hook_key(name: str) -> int:
@@ -69,11 +73,17 @@ def hook_key(name: str) -> int:
     return zlib.crc32(str(name).encode())
 
 
+def _streams(seed: int, key, t) -> np.ndarray:
+    """The base of ``unit_priority`` of each (hook key, token index) (arrays broadcast)."""
+    k = np.atleast_1d(np.asarray(key)).astype(np.uint64)  # wraps like & 0xFFFFFFFFFFFFFFFF
+    t = np.atleast_1d(np.asarray(t)).astype(np.uint64)
+    return _mix((k + np.uint64((int(seed) * 0x9E3779B1) & 0xFFFFFFFFFFFFFFFF)) ^ (t * _G1))
+
+
 def unit_priority(seed: int, key: int, t: int, units: np.ndarray) -> np.ndarray:
-    """Pseudo-random uint64 priority of ``units`` for hook ``key`` at token ``t`` (uniform, seeded)."""
-    base = _mix(np.array([(int(seed) * 0x9E3779B1 + int(key)) & 0xFFFFFFFFFFFFFFFF], np.uint64)
-                ^ (np.array([int(t) & 0xFFFFFFFFFFFFFFFF], np.uint64) * _G1))
-    return _mix(base + (np.asarray(units, np.uint64) + np.uint64(1)) * _G2)
+    """Pseudo-random uint64 priority of ``units`` for hook ``key`` at token ``t`` (uniform, seeded;
+    distinct for distinct units: both steps are bijections of uint64)."""
+    return _mix(_streams(seed, key, t) + (np.asarray(units, np.uint64) + np.uint64(1)) * _G2)
 
 
 class CachePolicy:
@@ -195,16 +205,44 @@ class CachePolicy:
         return nM, hit
 
     def _random_new(self, new: np.ndarray, over: np.ndarray) -> np.ndarray:
-        """Per row, ``over`` units of ``new`` (this token's misses) chosen at random (seeded):
-        the ones not kept, so that the cache holds its hits plus a random subset of the rest."""
-        drop = np.zeros_like(new)
-        for r in np.flatnonzero(over):
-            units = np.flatnonzero(unpack(new[r], self.N))
-            pr = unit_priority(self.seed, int(self.key[r]), int(self.t[r]), units)
-            m = np.zeros(self.N, bool)
-            m[units[np.argpartition(pr, int(over[r]) - 1)[:int(over[r])]]] = True
-            drop[r] = pack(m)
-        return drop
+        """Per row, the ``over`` units of ``new`` (this token's misses) of lowest ``unit_priority``:
+        the ones not kept, so that the cache holds its hits plus a random subset of the rest.
+        All rows at once, on the flat list of their new units (row after row)."""
+        H, rows = len(new), None if over.all() else np.flatnonzero(over)
+        key, t = self.key, self.t
+        if rows is not None:
+            new, over, key, t = new[rows], over[rows], key[rows], t[rows]
+        R, N = len(new), self.N
+        n = popcount(new)
+        u = unpack(new, N)
+        f = np.flatnonzero(u)  # row i's new units are its f - i * N
+        # unit_priority of them all: stream(i) + (f - i*N + 1) * G2, in wrapping uint64
+        off = _streams(self.seed, key, t) + (1 - np.arange(R) * N).astype(np.uint64) * _G2
+        p = f.view(np.uint64) * _G2
+        p += np.repeat(off, n)
+        _mix(p, out=p)
+        # Drop each row's units up to its over-th smallest priority: a histogram over (row, top 8
+        # bits) finds the bucket that holds it; the buckets below are dropped whole and only that
+        # bucket's few units are sorted. A row's priorities are distinct: no ties to break.
+        b = p >> np.uint64(56)
+        b += np.repeat(np.arange(0, 256 * R, 256, dtype=np.uint64), n)
+        cnt = np.bincount(b.view(np.int64), minlength=256 * R)
+        cum = np.cumsum(cnt)
+        rank = np.cumsum(n) - n + over  # of each row's over-th smallest, in (row, priority) order
+        bk = np.searchsorted(cum, rank)  # its bucket
+        bk_rep = np.repeat(bk.astype(np.uint64), n)
+        drop = b < bk_rep
+        cand = np.flatnonzero(b == bk_rep)
+        pc, rc = p[cand], (b[cand] >> np.uint64(8)).astype(np.intp)  # priorities, rows
+        # the over-th smallest: past the candidates of the rows before, and the lower buckets
+        kth = pc[np.lexsort((pc, rc))][np.cumsum(cnt[bk]) - cum[bk] + rank - 1]
+        drop[cand] = pc <= kth[rc]
+        u.reshape(-1)[f] = drop
+        if rows is None:
+            return pack(u)
+        out = np.zeros((H, new.shape[1]), bits.WORD)
+        out[rows] = pack(u)
+        return out
 
     def _select(self, U, need, part):  # pragma: no cover - abstract
         raise NotImplementedError

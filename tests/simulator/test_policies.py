@@ -4,6 +4,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dipstream.simulator import make_policy
+from dipstream.simulator.bits import pack, unpack
+from dipstream.simulator.policies import unit_priority
 from naive import naive_run
 
 N = 6
@@ -123,6 +125,69 @@ def test_random_fill_is_seeded_and_keyed():
     assert (a.cached() == b.cached()).all() and not (a.cached() == c.cached()).all()
     with pytest.raises(ValueError, match="over_capacity must be one of"):
         make_policy("lru", over_capacity="strict")
+
+
+def test_unit_priority_is_pinned():
+    # the random fill's results depend on these exact values: a faster implementation must keep them
+    assert unit_priority(0, 0, 0, [0, 1, 4095]).tolist() == [
+        0xB55A8FA067537A73, 0x5E8ECDE7A3C2DDA7, 0x248A3C39E9EE7C60]
+    assert unit_priority(3, 2 ** 32 - 1, 255, [7, 14335]).tolist() == [
+        0x2CC4B28F3C8930B7, 0x6A835DC2ADD8B994]
+
+
+def per_row_drop(new, over, seed, keys, ts):
+    """The slow reference of the random fill: per row, its `over` new units of lowest priority."""
+    drop = np.zeros_like(new)
+    for r in range(len(new)):
+        units = np.flatnonzero(new[r])
+        pr = unit_priority(seed, int(keys[r]), int(ts[r]), units)
+        drop[r, units[np.argsort(pr)[:over[r]]]] = True
+    return drop
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 2 ** 40 + 3])
+def test_random_fill_vectorised_matches_per_row_reference(seed):
+    rng = np.random.default_rng(seed)
+    for n in (1, 6, 64, 300, 4096):
+        H = 7
+        new = rng.random((H, n)) < rng.random((H, 1))
+        k = new.sum(1)
+        over = rng.integers(0, k + 1)
+        over[0], over[1], over[2] = 0, k[1], max(k[2] - 1, 0)  # none, all new units, all but one
+        pol = make_policy("lru", seed=seed).init(H, n, 1, keys=rng.integers(0, 2 ** 32, H))
+        pol.t = rng.integers(0, 5000, H)
+        want = per_row_drop(new, over, seed, pol.key, pol.t)
+        if over.any():
+            assert (unpack(pol._random_new(pack(new), over), n) == want).all(), n
+        over[:] = k  # every row drops all its new units
+        if over.any():
+            assert (unpack(pol._random_new(pack(new), over), n) == new).all(), n
+
+
+@pytest.mark.parametrize("seed", [0, 3, 11])
+def test_random_fill_steps_match_per_row_reference(seed):
+    # rows of different capacities (0, small, ample) stepped together through correlated masks:
+    # a row whose mask exceeds its capacity keeps its hits and the new units the reference keeps
+    rng = np.random.default_rng(seed)
+    H, n, T = 6, 700, 12
+    caps = np.array([0, 40, 150, 300, 700, 90])
+    keys = rng.integers(0, 2 ** 32, H)
+    pol = make_policy("lru", seed=seed).init(H, n, caps, keys=keys)
+    masks = np.logical_xor.accumulate(rng.random((T, H, n)) < rng.random((1, H, 1)) / 3, axis=0)
+    overflowed = 0
+    for t in range(T):
+        before = pol.cached()
+        pol.step(masks[t])
+        after = pol.cached()
+        m = masks[t]
+        new = m & ~before
+        over = np.maximum(m.sum(1) - caps, 0)
+        want = (m & before) | (new & ~per_row_drop(new, over, seed, keys, np.full(H, t)))
+        big = over > 0
+        assert (after[big] == want[big]).all(), t
+        assert (after.sum(1) <= caps).all()
+        overflowed += int(big.sum())
+    assert overflowed > T  # the rule was exercised, on several rows
 
 
 def test_first_token_all_misses_and_repeat_all_hits():
