@@ -705,7 +705,7 @@ def test_generate_hot_placement_from_a_train_split_profile(tiny_checkpoint, tmp_
     from dipstream.simulator.policies import load_profile, save_profile
 
     monkeypatch.setenv("DIPSTREAM_CACHE", str(tmp_path / "cache"))
-    base = ["--model", str(tiny_checkpoint), "--offload", str(tmp_path / "off"), "--dram", "120kB"]
+    base = ["--model", str(tiny_checkpoint), "--weights", "float32", "--offload", str(tmp_path / "off"), "--dram", "120kB"]
     row = _gen([*base, "--policy", "hot", "--hot-fraction", "1"], tmp_path)
     assert 0 < row["capacity_in"] < 32 and row["preload_bytes"] > 0  # part of the MLP pinned, read at load
     prof = row["hot_profile"]

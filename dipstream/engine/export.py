@@ -58,8 +58,9 @@ class ModelFileOptions:
 
     weights: str | None = field(default=None, metadata={
         "help": "format of the weight matrices of the engine's model file: gguf (a GGUF's own blocks, moved without "
-                "re-quantizing: the default for a GGUF or built-in model), float32 (the default for a Hugging Face "
-                "folder), int8 or int4 (re-quantized: Q8_0- / Q4_1-like groups of 32)",
+                "re-quantizing: the default for a GGUF or built-in model), int4 (Q4_1-like groups of 32: the default for "
+                "a Hugging Face folder, its head int8), int8 (Q8_0-like) or float32 (exact: the default where LoRA "
+                "adapters are merged)",
         "choices": (KEEP,) + QUANTIZE})
     head_weights: str | None = field(default=None, metadata={
         "help": "format of the embedding / output head (default: --weights; int8 with int4, as GGUF Q4 files keep it "
@@ -319,11 +320,14 @@ def export_gguf(path: str | Path, directory: str | Path, model: str, weights: st
 
 
 def source_weights(model: str, weights: str | None, adapter: str | None = None) -> str:
-    """--weights as given, or the default of the model's source: gguf for a GGUF (adapters merge into
-    float weights: float32 then), float32 for a Hugging Face folder."""
+    """--weights as given, or the default of the model's source: gguf for a GGUF (its own blocks),
+    int4 for a Hugging Face folder (a 4-bit file, as a GGUF user gets; its head int8), float32 where
+    LoRA adapters are merged (they merge into float weights)."""
     if weights is not None:
         return weights
-    return KEEP if (is_gguf(model) or model in BUILTIN_MODELS) and adapter is None else "float32"
+    if adapter is not None:
+        return "float32"
+    return KEEP if is_gguf(model) or model in BUILTIN_MODELS else "int4"
 
 
 def adapter_id(adapter: str | Path | None) -> str | None:
