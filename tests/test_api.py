@@ -5,6 +5,7 @@ one's own transformers model and measuring it; the chat loop of `dipstream chat`
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,16 @@ def test_chat_help_and_bad_options():
     r = subprocess.run([sys.executable, "-m", "dipstream.cli.main", "chat", "--context", "1"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "dipstream: error: --context 1" in r.stderr
+
+
+def test_models_shows_each_models_size_and_needs_without_assembling(tmp_path, monkeypatch, capsys):
+    from dipstream.cli.main import main
+
+    monkeypatch.setenv("DIPSTREAM_CACHE", str(tmp_path / "cache"))
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    smol = lines[[i for i, line in enumerate(lines) if line.startswith("smollm2-135m")][0] + 1]
+    size = int(re.search(r"file (\d+) MB \(MLP (\d+)%\)", smol).group(1))
+    in_ram, least = map(int, re.search(r"about (\d+) MB in RAM, or from about (\d+) MB", smol).groups())
+    assert least < size < in_ram
+    assert not (tmp_path / "cache" / "gguf").exists()  # a listing assembles no chunked GGUF

@@ -123,6 +123,25 @@ def cmd_lm_eval(ns) -> int:
     return 0
 
 
+INTERPRETER_BYTES = 42_000_000  # a generate process before its model (baseline_rss of SmolLM2's runs, EPYC)
+
+
+def _needs(gguf) -> str:
+    """A GGUF's size and the RAM it needs: whole in RAM, and at the least with its MLP offloaded
+    (the attention, embedding and head resident; estimates: a run's RAM plan gives the figures)."""
+    from dipstream.engine.gguf_file import GGUFFile
+
+    g = GGUFFile(gguf, keys=set())
+    try:
+        total = gguf.stat().st_size
+        mlp = sum(t.n_bytes for n, t in g.tensors.items() if ".ffn_" in n and "norm" not in n)
+    finally:
+        g.close()
+    least = INTERPRETER_BYTES + (total - mlp) + mlp // 20
+    return (f"file {total / 1e6:.0f} MB (MLP {mlp / total:.0%}); needs about {(total + INTERPRETER_BYTES) / 1e6:.0f} "
+            f"MB in RAM, or from about {least / 1e6:.0f} MB with its MLP streamed (--offload DIR --memory BYTES)")
+
+
 def cmd_models(ns) -> int:
     from dipstream.models.loading import BUILTIN_MODELS, cache_complete
     from dipstream.paths import cache_root
@@ -130,7 +149,11 @@ def cmd_models(ns) -> int:
     for m in BUILTIN_MODELS.values():
         cached = cache_complete(cache_root() / "models" / m.name)
         state = "cached" if cached else "not converted yet" if not m.optional else "optional"
+        gguf = m.present()  # where it is there already: a listing assembles nothing
+        state = "installed" if m.optional and gguf is not None else state
         print(f"{m.name:<19} {state:<18} {m.description}")
+        if gguf is not None:
+            print(f"{'':<19} {'':<18} {_needs(gguf)}")
         if m.note:
             print(f"{'':<19} {'':<18} note: {m.note}")
     from dipstream.models.families import ARCHITECTURES, engine_families
