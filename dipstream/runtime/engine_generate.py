@@ -52,6 +52,8 @@ class EngineSession:
         self.directory = directory or ensure_model_file(cfg.model, f.weights, f.head_weights, cfg.offload or f.model_dir,
                                                         f.adapter, memory)
         self.tokenizer = FolderTokenizer(self.directory) if tokenizer else None  # resident before the plan
+        if tokenizer:
+            _warm_chat(self.directory)
         self.manifest = read_manifest(self.directory)
         self.context = int(context or min(DEFAULT_CONTEXT, self.manifest["arch"]["max_positions"]))
         self.chosen = fit_to_machine(cfg, self.directory, self.manifest, self.context)
@@ -116,6 +118,17 @@ class EngineSession:
                        capacity_out=m.capacity[layer_key(0, "out")], preload_bytes=m.preload_bytes,
                        model_file_bytes=int(manifest["size"]))
         return row
+
+
+def _warm_chat(directory: Path) -> None:
+    """Render the folder's chat template once (where it has one) so that jinja2 is in the process
+    before the RAM plan measures it: a session's chats stay inside its budget."""
+    from dipstream.engine.chat import render_chat
+
+    try:
+        render_chat(directory, [{"role": "user", "content": "hello"}])
+    except DipstreamError:  # no template (a base model) or one that refuses this chat: nothing to load
+        pass
 
 
 def fit_to_machine(cfg, directory: Path, manifest: dict, context: int, available: int | None = None) -> str | None:
