@@ -3,7 +3,8 @@ trace (32 layers, d=4096, D=14336, density 0.5 -> 64 hooks of 4096 or 14336 unit
 
 Targets (2-core CPU, issue 25): >= 2000 tokens/s for lru/lfu/window, >= 200 for belady. Every
 token of this trace overfills the caches, so these rates include the reference's random
-over-capacity fill (hits + a seeded random subset of the new units) on every hook.
+over-capacity fill (hits + a seeded random subset of the new units) on every hook: the native
+kernel (dipstream/native/csrc/simfill.c) where the library loads, numpy with DIPSTREAM_NATIVE=0.
 Usage: python benchmarks/bench_simulator.py [--tokens 256] [--rho 0.8] [--dram 0.5x]
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from dipstream import native
 from dipstream.simulator import get_shape, load_hardware, simulate, synthetic_trace
 
 TARGET = {"lru": 2000, "lfu": 2000, "window": 2000, "belady": 200}  # none/hot: no target
@@ -33,6 +35,9 @@ def main(argv=None):
     t2 = time.perf_counter()
     print(f"trace: {len(tr.hooks)} hooks, {a.tokens} tokens, generated in {t1 - t0:.1f} s, "
           f"packed in {t2 - t1:.2f} s; DRAM {a.dram} on {hw.name}")
+    st = native.status()
+    print("random over-capacity fill: " + (f"native kernel ({' '.join(st['flags'])})" if st["available"]
+                                           else f"numpy ({st['reason']})"))
     print("tokens/s = simulated tokens per second of wall time (best of repeats); cpu = per "
           "second of this process's CPU time (less sensitive to other load on the machine); "
           "sim tok/s = the simulated device's decode rate")

@@ -1,8 +1,8 @@
 """The native library at the bottom of the import graph: the engine's products and decode blocks,
 the one top-k of the selection rule, and the read pool. Built from the C sources in ``csrc/``
 (``gemv.c``: compute kernels and top-k, ``decode.c``: the engine's attention and MLP blocks,
-``pread.c``: the read pool, ``common.h``: what they share), shipped as package data, and loaded
-with ctypes (no torch).
+``pread.c``: the read pool, ``simfill.c``: the cache simulator's random over-capacity fill,
+``common.h``: what they share), shipped as package data, and loaded with ctypes (no torch).
 
 The library is plain C11 + pthreads, compiled once with the system C compiler (``$DIPSTREAM_CC``,
 ``$CC``, ``gcc`` or ``cc``) into a per-user cache directory and loaded with :mod:`ctypes`, so it
@@ -13,10 +13,11 @@ for a descheduled helper (an OpenMP barrier would).
 
 Anything that goes wrong (no compiler, compile error, failed self-test) makes :func:`load` return
 ``None`` after one :class:`RuntimeWarning`; the engine then refuses in one line (`require`), the
-Hugging Face front end's kernels (`dipstream.kernels`) use their pure-torch path.
+Hugging Face front end's kernels (`dipstream.kernels`) use their pure-torch path, the cache
+simulator's random over-capacity fill (`sim_random_drop`) its numpy path.
 
 Environment:
-    DIPSTREAM_NATIVE=0        never build or load the kernel (pure-torch path)
+    DIPSTREAM_NATIVE=0        never build or load the kernel (pure-torch path; the simulator: numpy)
     DIPSTREAM_BUILD_DIR=DIR   where compiled libraries are cached
                               (default: kernels/ in dipstream's cache, $DIPSTREAM_CACHE)
     DIPSTREAM_CC=PATH         C compiler to use
@@ -41,14 +42,14 @@ import numpy as np
 from dipstream.paths import cache_root
 from dipstream.validation import private_dir
 
-__all__ = ["load", "require", "status", "sources", "ACTIVATION_CODES"]
+__all__ = ["load", "require", "status", "sources", "sim_random_drop", "ACTIVATION_CODES"]
 
 # the gated MLP's activations the kernels run (ds_glu's `act`), by the names configs give them
 ACTIVATION_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu_new": 1, "gelu": 2}
 
-KERNEL_VERSION = 28
+KERNEL_VERSION = 29
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("gemv.c", "pread.c", "decode.c")
+SOURCES = ("gemv.c", "pread.c", "decode.c", "simfill.c")
 
 
 def sources() -> dict[str, str]:
@@ -234,6 +235,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds_pread_submit.restype = I
     lib.ds_pread_wait.argtypes = [P]
     lib.ds_pread_wait.restype = I
+    lib.ds_sim_random_drop.argtypes = [P, I64, I64, I64, P, I64, P, I64, P, I64]
+    lib.ds_sim_random_drop.restype = I
     lib.ds_threads.restype = I
     lib.ds_version.restype = I
 
@@ -255,7 +258,56 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     v = np.array([1.0, -3.0, 2.0, 3.0, -2.0, 0.5], np.float32)
     sel = np.empty(3, np.int64)
     n = lib.ds_topk_abs(v.ctypes.data, 6, 3, sel.ctypes.data)
-    return n == 3 and sel.tolist() == [1, 2, 3]
+    if not (n == 3 and sel.tolist() == [1, 2, 3]):
+        return False
+    # the simulator's random fill: units 0..69 but 5, the 7 of lowest priority (unit_priority of
+    # dipstream.simulator.policies, pinned by its tests); 70 units: a partial last word
+    units = np.array([u for u in range(70) if u != 5], np.uint64)
+    new = np.zeros(2, np.uint64)
+    np.bitwise_or.at(new, (units // 64).astype(np.intp), np.uint64(1) << (units % 64))
+    base = np.uint64(0x0123456789ABCDEF)
+    with np.errstate(over="ignore"):
+        p = base + (units + np.uint64(1)) * np.uint64(0xD6E8FEB86659FD93)
+        for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
+            p ^= p >> np.uint64(shift)
+            if mul is not None:
+                p *= np.uint64(mul)
+    want = np.zeros(2, np.uint64)
+    low = units[np.argsort(p)[:7]]
+    np.bitwise_or.at(want, (low // 64).astype(np.intp), np.uint64(1) << (low % 64))
+    try:
+        got = sim_random_drop(new[None], np.array([7]), np.array([base]), 70, lib=lib)
+    except ValueError:
+        return False
+    return got.ravel().tolist() == want.tolist()
+
+
+_SIM_ERRORS = {-1: "array lengths that do not match the shapes", -2: "a row's over count negative or above its set "
+               "units", -3: "out of memory"}
+
+
+def sim_random_drop(new: np.ndarray, over: np.ndarray, base: np.ndarray, n_units: int, *,
+                    lib: ctypes.CDLL | None = None) -> np.ndarray | None:
+    """The cache simulator's random over-capacity fill (``simfill.c``): per row of ``new``
+    (uint64 (rows, ceil(n_units / 64)), bit-packed as dipstream.simulator.bits), its ``over[row]``
+    set units of lowest priority ``splitmix64(base[row] + (unit + 1) * G2)``, bit-packed the same
+    way (rows with ``over`` 0: none). ``None`` when the library is unavailable (the caller's numpy
+    path); ValueError for shapes that do not match or an ``over`` outside [0, set units]."""
+    lib = lib if lib is not None else load()
+    if lib is None:
+        return None
+    words = np.ascontiguousarray(new, np.uint64)
+    if words.ndim != 2:
+        raise ValueError(f"sim_random_drop: new must be (rows, words), got shape {words.shape}")
+    over = np.ascontiguousarray(over, np.int64)
+    base = np.ascontiguousarray(base, np.uint64)
+    out = np.empty_like(words)
+    rc = lib.ds_sim_random_drop(words.ctypes.data, words.size, words.shape[0], int(n_units), over.ctypes.data,
+                                over.size, base.ctypes.data, base.size, out.ctypes.data, out.size)
+    if rc != 0:
+        raise ValueError(f"sim_random_drop: {_SIM_ERRORS.get(rc, f'error {rc}')} (new {words.shape}, "
+                         f"over {over.shape}, base {base.shape}, {n_units} units)")
+    return out
 
 
 def load(*, force: bool = False, cc: str | None = None, build_dir: str | os.PathLike | None = None,
@@ -275,7 +327,7 @@ def load(*, force: bool = False, cc: str | None = None, build_dir: str | os.Path
         if lib is None and not quiet and info.get("reason") != "disabled":
             warnings.warn(f"dipstream.native: the native kernel library is unavailable "
                           f"({info.get('reason')}): the engine cannot run, the Hugging Face front end's "
-                          f"kernels use their slower pure-torch path.",
+                          f"kernels use their slower pure-torch path, the simulator's random fill its numpy one.",
                           RuntimeWarning, stacklevel=3)
         return lib
 

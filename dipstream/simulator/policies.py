@@ -30,7 +30,8 @@ Usage::
 one hook at a time across all tokens (every policy but belady). Internally sets are bit-packed
 (``bits.py``) and priorities are bit-sliced integers, so a step costs a few dozen numpy ops on
 ``n_hooks * n_units / 64`` words whatever the number of units; the random over-capacity fill
-adds a few dozen more on the flat list of the new units of the rows it concerns (no per-row loop).
+runs in the native library (``simfill.c``), or in numpy on the flat list of the new units of the
+rows it concerns where the library is unavailable (the same units, bit for bit).
 
 The `hot` policy's input, a unit-frequency profile, is saved and loaded here too (`save_profile`,
 `load_profile`).
@@ -84,6 +85,15 @@ def unit_priority(seed: int, key: int, t: int, units: np.ndarray) -> np.ndarray:
     """Pseudo-random uint64 priority of ``units`` for hook ``key`` at token ``t`` (uniform, seeded;
     distinct for distinct units: both steps are bijections of uint64)."""
     return _mix(_streams(seed, key, t) + (np.asarray(units, np.uint64) + np.uint64(1)) * _G2)
+
+
+def _native_random_drop(new: np.ndarray, over: np.ndarray, base: np.ndarray, n_units: int):
+    """`CachePolicy._random_new` by the native kernel (per row, the ``over`` set units of ``new``
+    of lowest priority ``_mix(base + (unit + 1) * _G2)``), or None where the library is unavailable
+    (imported here: ``import dipstream.simulator`` loads no library)."""
+    from dipstream import native
+
+    return native.sim_random_drop(new, over, base, n_units)
 
 
 class CachePolicy:
@@ -207,7 +217,14 @@ class CachePolicy:
     def _random_new(self, new: np.ndarray, over: np.ndarray) -> np.ndarray:
         """Per row, the ``over`` units of ``new`` (this token's misses) of lowest ``unit_priority``:
         the ones not kept, so that the cache holds its hits plus a random subset of the rest.
-        All rows at once, on the flat list of their new units (row after row)."""
+        The native library's kernel (``simfill.c``) where it is available, else the numpy path
+        (``DIPSTREAM_NATIVE=0`` forces it); both give the same units, bit for bit."""
+        drop = _native_random_drop(new, over, _streams(self.seed, self.key, self.t), self.N)
+        return self._random_new_numpy(new, over) if drop is None else drop
+
+    def _random_new_numpy(self, new: np.ndarray, over: np.ndarray) -> np.ndarray:
+        """`_random_new` in numpy: all rows at once, on the flat list of their new units (row
+        after row)."""
         H, rows = len(new), None if over.all() else np.flatnonzero(over)
         key, t = self.key, self.t
         if rows is not None:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dipstream.simulator import make_policy
-from dipstream.simulator.bits import pack, unpack
+from dipstream.simulator.bits import pack, popcount, unpack
 from dipstream.simulator.policies import unit_priority
 from naive import naive_run
 
@@ -328,3 +328,164 @@ def test_belady_ignores_the_next_sequence():
     assert not pol.cached().any()
     _, hits = run(pol, seq[2:])
     assert hits == [0]
+
+
+# ------------------------------------------------------------------ the native random fill
+# CachePolicy._random_new runs the native kernel (dipstream/native/csrc/simfill.c) where the library
+# loads, its numpy path otherwise (DIPSTREAM_NATIVE=0): both must drop the same units, bit for bit.
+
+def _native_lib():
+    from dipstream import native
+
+    lib = native.load(quiet=True)
+    if lib is None:
+        pytest.skip("the native library is unavailable")
+    return lib
+
+
+def _builds(tmp_path_factory):
+    """The loaded build, a portable one (no -march=native: the plain loops, not AVX-512), and one
+    whose candidate window is narrowed so that it often misses (its fallback: the whole row)."""
+    import ctypes
+    import shutil
+
+    from dipstream import native
+
+    libs = {"loaded": _native_lib()}
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return libs
+    d = tmp_path_factory.mktemp("simfill")
+    for name, flags in (("portable", ("-O3",)), ("narrow", ("-O3", "-march=native", "-DSIM_WINDOW_SD=0"))):
+        ok, err = native._compile(cc, flags, d / f"{name}.so")
+        assert ok, err
+        libs[name] = ctypes.CDLL(str(d / f"{name}.so"))
+        native._declare(libs[name])
+    return libs
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    return _builds(tmp_path_factory)
+
+
+def _fill_cases(seed):
+    """(new, over, policy) for widths 1..4096 (with non-multiples of 64) and rows with no new
+    units, over 0, all new units, all but one, one, and random counts."""
+    rng = np.random.default_rng(seed)
+    for n in (1, 2, 6, 63, 64, 65, 127, 300, 1000, 4095, 4096):
+        H = 9
+        new = rng.random((H, n)) < rng.random((H, 1))
+        new[8] = False
+        k = new.sum(1)
+        over = rng.integers(0, k + 1)
+        over[0], over[1], over[2], over[3] = 0, k[1], max(k[2] - 1, 0), min(k[3], 1)
+        pol = make_policy("lru", seed=seed).init(H, n, 1, keys=rng.integers(0, 2 ** 32, H))
+        pol.t = rng.integers(0, 5000, H)
+        yield new, over, pol
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5, 2 ** 40 + 3])
+def test_native_random_fill_equals_numpy(seed, builds):
+    from dipstream import native
+    from dipstream.simulator.policies import _streams
+
+    for new, over, pol in _fill_cases(seed):
+        n = new.shape[1]
+        want = pol._random_new_numpy(pack(new), over) if over.any() else np.zeros_like(pack(new))
+        assert (unpack(want, n) == per_row_drop(new, over, seed, pol.key, pol.t)).all(), n
+        base = _streams(pol.seed, pol.key, pol.t)
+        for name, lib in builds.items():
+            got = native.sim_random_drop(pack(new), over, base, n, lib=lib)
+            assert got.dtype == np.uint64 and got.shape == want.shape
+            assert (got == want).all(), (name, n)
+        if over.any():
+            assert (pol._random_new(pack(new), over) == want).all(), n  # the dispatch: native here
+
+
+def test_native_random_fill_large_rows(builds):
+    # rows as wide as a Llama-3-8B up projection's, with over from 1 to all but one: the window
+    # of candidates, and (narrow build) its fallback, over many rows
+    from dipstream import native
+    from dipstream.simulator.policies import _streams
+
+    rng = np.random.default_rng(9)
+    H, n = 40, 14336
+    new = rng.random((H, n)) < rng.uniform(0.02, 0.9, (H, 1))
+    k = new.sum(1)
+    over = np.clip((k * rng.random(H)).astype(np.int64), 1, k - 1)
+    pol = make_policy("lfu", seed=4).init(H, n, 1, keys=rng.integers(0, 2 ** 32, H))
+    pol.t = rng.integers(0, 100000, H)
+    want = pol._random_new_numpy(pack(new), over)
+    assert (popcount(want) == over).all() and not (want & ~pack(new)).any()
+    base = _streams(pol.seed, pol.key, pol.t)
+    for name, lib in builds.items():
+        assert (native.sim_random_drop(pack(new), over, base, n, lib=lib) == want).all(), name
+
+
+def test_native_random_fill_checks_its_arguments():
+    from dipstream import native
+
+    lib = _native_lib()
+    words = pack(np.ones((2, 70), bool))
+    over, base = np.array([3, 0]), np.array([1, 2], np.uint64)
+    assert native.sim_random_drop(words, over, base, 70, lib=lib).shape == (2, 2)
+    for bad in ((words, over, base, 129), (words, over[:1], base, 70), (words, over, base[:1], 70),
+                (words[:, :1], over, base, 70), (words, np.array([71, 0]), base, 70),
+                (words, np.array([-1, 0]), base, 70), (words.ravel(), over, base, 70)):
+        with pytest.raises(ValueError, match="sim_random_drop"):
+            native.sim_random_drop(*bad[:3], bad[3], lib=lib)
+    # padding bits past n_units are ignored (never dropped, not counted)
+    padded = words.copy()
+    padded[:, 1] |= np.uint64(1) << np.uint64(63)
+    assert (native.sim_random_drop(padded, over, base, 70, lib=lib) ==
+            native.sim_random_drop(words, over, base, 70, lib=lib)).all()
+    assert native.sim_random_drop(np.zeros((0, 1), np.uint64), np.zeros(0), np.zeros(0), 5, lib=lib).shape == (0, 1)
+
+
+@pytest.fixture
+def numpy_fill(monkeypatch):
+    """A function that runs its argument with DIPSTREAM_NATIVE=0 (the numpy fill), then loads
+    the library again."""
+    from dipstream import native
+
+    _native_lib()
+
+    def run(fn):
+        with monkeypatch.context() as m:
+            m.setenv("DIPSTREAM_NATIVE", "0")
+            assert native.load(force=True) is None
+            try:
+                return fn()
+            finally:
+                m.delenv("DIPSTREAM_NATIVE")
+                assert native.load(force=True, quiet=True) is not None
+    return run
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "window", "hot", "belady"])
+def test_simulate_native_equals_numpy(policy, numpy_fill, monkeypatch):
+    # a trace whose masks overfill the caches on most tokens (60 and 190 units: partial words)
+    from dipstream import native
+    from dipstream.simulator import ModelShape, simulate, synthetic_trace
+
+    shape = ModelShape(2, 60, 190, 50, 4, 2)
+    tr = synthetic_trace(shape, "dip", 0.5, n_tokens=40, seq_len=20, seed=2)
+    kw = {"frequency": tr.frequencies()} if policy == "hot" else {}
+    calls = []
+    real = native.sim_random_drop
+    monkeypatch.setattr(native, "sim_random_drop", lambda *a, **k: calls.append(1) or real(*a, **k))
+    on = simulate(tr, "a18", shape, policy, dram_bytes="0.3x", **kw).to_dict()
+    assert calls  # the native kernel ran
+    off = numpy_fill(lambda: simulate(tr, "a18", shape, policy, dram_bytes="0.3x", **kw).to_dict())
+    assert on == off
+    # and step by step, the caches themselves
+    H = [h for h in tr.hooks if h.n_units == 190]
+    masks = np.stack([h.masks for h in H], axis=1)  # (T, H, n)
+    freq = np.stack([np.asarray(tr.frequencies()[h.name]) for h in H])
+
+    def states():
+        p = make(policy, len(H), 190, np.full(len(H), 40), masks, freq)
+        return [(p.step(masks[t]), p.cached())[1] for t in range(len(masks))]
+    on, off = states(), numpy_fill(states)
+    assert all((a == b).all() for a, b in zip(on, off))
