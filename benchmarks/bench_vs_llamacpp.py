@@ -195,12 +195,18 @@ def main(argv=None) -> int:
             return None
         return int(max(base["llama.cpp"]["baseline_rss"], base["dipstream"]["baseline_rss"]) + float(scen) * llama_bytes)
 
+    from dipstream.engine.text import FolderTokenizer
+
+    # the same work: llama.cpp's context holds the prompt and the new tokens, as our KV cache does
+    n_ctx = len(FolderTokenizer(model_dir).encode(a.prompt)) + a.new_tokens + 1
+    meta["llama_n_ctx"] = n_ctx
+
     def run_one(cfg: str, scen: str, t: int) -> dict:
         cap = cap_of(cfg, scen)
         row_file = None
         if cfg == "llama.cpp":
             spec = {"prompt": a.prompt, "new_tokens": a.new_tokens, "token_by_token": a.llama_token_by_token,
-                    "no_repack": a.llama_no_repack}
+                    "no_repack": a.llama_no_repack, "n_ctx": n_ctx}
             cmd = [a.llama_python, str(HERE / "llamacpp_child.py"), "generate", str(gguf), str(t), json.dumps(spec)]
         else:
             row_file = out_dir / "row.json"
@@ -242,7 +248,8 @@ def main(argv=None) -> int:
             f"dipstream: {a.weights} file, {ours_bytes / 1e6:.1f} MB); baselines llama.cpp "
             f"{meta['llama_baseline_rss'] / 1e6:.0f} MB, dipstream {meta['ours_baseline_rss'] / 1e6:.0f} MB; "
             f"{a.rounds} interleaved rounds, medians; {a.new_tokens} new tokens, greedy; density {a.density}, "
-            f"gamma {a.gamma}; dipstream KV cache {a.kv_cache}, activations {a.activations}, read gap 32 kB, prefetch auto, head {a.head}\ncommand: python benchmarks/bench_vs_llamacpp.py {' '.join(sys.argv[1:])}\n\n" + table)
+            f"gamma {a.gamma}; llama.cpp context {n_ctx} tokens (prompt + new tokens); dipstream KV cache {a.kv_cache}, "
+            f"activations {a.activations}, read gap 32 kB, prefetch auto, 8 reads in flight, head {a.head}\ncommand: python benchmarks/bench_vs_llamacpp.py {' '.join(sys.argv[1:])}\n\n" + table)
     (out_dir / "table.md").write_text(text + "\n")
     (out_dir / "meta.json").write_text(json.dumps({**meta, "perplexity": {f"{k[0]}|{k[1]}": v for k, v in ppl.items()}}))
     print(text)
