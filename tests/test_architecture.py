@@ -235,3 +235,15 @@ def test_one_reader_of_model_shapes():
         return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ModelShape"
 
     assert _modules_where(builds) <= {"dipstream.simulator.model_shape"}
+
+
+def test_every_registered_method_has_one_catalog_entry():
+    """What a method is and needs has one home (sparsity.catalog, torch-free, read by the CLI before
+    the model stack loads); `register` gives each class its entry."""
+    from dipstream.sparsity import METHODS
+    from dipstream.sparsity.catalog import CATALOG
+
+    assert list(METHODS) == list(CATALOG)
+    for name, cls in METHODS.items():
+        assert (cls.summary, cls.reads, cls.needs_calibration, cls.on_experts) == (
+            CATALOG[name].summary, CATALOG[name].reads, CATALOG[name].needs_calibration, CATALOG[name].on_experts)

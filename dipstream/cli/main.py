@@ -167,14 +167,14 @@ def cmd_models(ns) -> int:
 
 
 def cmd_methods(ns) -> int:
-    from dipstream.sparsity import METHODS
+    from dipstream.sparsity.catalog import CATALOG
 
-    width = max(map(len, METHODS))
-    for name, cls in METHODS.items():
-        calib = " [calibrated]" if cls.needs_calibration else ""
-        trained = " [trained: dipstream finetune]" if getattr(cls, "needs_predictors", False) else ""
-        moe = " [also inside MoE experts]" if cls.on_experts else ""
-        print(f"{name:<{width}} {cls.summary}{calib}{trained}{moe}\n{'':<{width}}   reads: {cls.reads}")
+    width = max(map(len, CATALOG))
+    for name, m in CATALOG.items():
+        calib = " [calibrated]" if m.needs_calibration else ""
+        trained = " [trained: dipstream finetune]" if m.needs_predictors else ""
+        moe = " [also inside MoE experts]" if m.on_experts else ""
+        print(f"{name:<{width}} {m.summary}{calib}{trained}{moe}\n{'':<{width}}   reads: {m.reads}")
     return 0
 
 

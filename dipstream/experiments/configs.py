@@ -13,6 +13,7 @@ from dipstream.experiments.executors import EXECUTORS
 from dipstream.options import MethodOptions
 from dipstream.simulator.hardware import parse_dram
 from dipstream.simulator.policies import CacheOptions
+from dipstream.sparsity.catalog import method_info
 from dipstream.validation import at_least, input_dir, input_file, output_file
 
 
@@ -64,18 +65,14 @@ class EvalConfig:
         at_least("tokens", self.tokens, 1, optional=True)
         at_least("calib_tokens", self.calib_tokens, 1)
         self.options.validate()
-        from dipstream.models.adapter_folder import check_files, read_meta
-        from dipstream.sparsity import METHODS, build_method  # the registry: torch from here on
-
-        if self.method not in METHODS:
-            build_method(self.method, self.density)  # the one-line "unknown method" error
-        if METHODS[self.method].needs_calibration and not self.thresholds \
+        if method_info(self.method).needs_calibration and not self.thresholds \
                 and self.calib_tokens < self.seq_len - 1:
             raise DipstreamError(f"--calib-tokens {self.calib_tokens} is less than one calibration window "
                                  f"of {self.seq_len - 1} tokens; raise it or lower --seq-len")
         input_file("text", self.text, "UTF-8 text file")
         input_file("thresholds", self.thresholds, "thresholds JSON file")
         if self.adapter:
+            from dipstream.models.adapter_folder import check_files, read_meta
 
             folder = input_dir("adapter", self.adapter, "finetune --out folder")
             check_files(folder, read_meta(folder))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dipstream.models.arch import GatedMLPParts
+from dipstream.sparsity.catalog import CATALOG
 from dipstream.sparsity.decoding import DECODERS
 from dipstream.sparsity.ops import part_linear
 
@@ -83,12 +84,9 @@ class Method:
     """Base class. Subclasses implement `mlp`; `prepare` receives the model's MLP parts once."""
 
     name = "base"
-    summary = ""
-    reads = ""  # which weight rows/columns a token needs, for `dipstream methods`
-    needs_calibration = False
-    # whether it runs inside the routed experts of a mixture-of-experts block: its choice for a
-    # token depends on that token and its layer only (no per-layer calibration, cache or prompt state)
-    on_experts = False
+    # what it is, reads and needs: set by `register` from its entry in `sparsity.catalog`
+    summary = reads = ""
+    needs_calibration = needs_predictors = on_experts = False
 
     def __init__(self, density: float = 1.0):
         self.density = density
@@ -140,8 +138,12 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method to the registry under `cls.name`; it ``decodes`` (runs in
-    the engine) when the registry's decode side has a rule of that name."""
+    """Class decorator adding a method to the registry under `cls.name`, with what the catalog says
+    of it (`sparsity.catalog`: summary, reads, needs, experts); it ``decodes`` (runs in the engine)
+    when the registry's decode side has a rule of that name."""
+    info = CATALOG[cls.name]  # a method without an entry is a programming error
+    for key in ("summary", "reads", "needs_calibration", "needs_predictors", "on_experts"):
+        setattr(cls, key, getattr(info, key))
     METHODS[cls.name] = cls
     cls.decodes = cls.name in DECODERS
     return cls

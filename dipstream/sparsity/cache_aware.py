@@ -34,9 +34,6 @@ class DIPCA(DIP):
     multiplied by gamma_t before the same top-k; the byte budget is DIP's."""
 
     name = "dip-ca"
-    summary = "DIP with cache-aware masking (gamma re-weighting toward DRAM-cached units)"
-    reads = "as DIP, with the choice moved toward cached up/gate and down columns"
-    on_experts = True  # inside a MoE block: caches per routed expert (and the shared expert)
 
     def __init__(self, density=1.0, options=None):
         super().__init__(density, options)

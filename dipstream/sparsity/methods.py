@@ -12,6 +12,7 @@ import torch
 from dipstream.budget import LayerKeeps, check_density, layer_keeps
 from dipstream.errors import DipstreamError
 from dipstream.options import MethodOptions
+from dipstream.sparsity.catalog import method_info
 from dipstream.selection import topk_mask
 from dipstream.sparsity.base import (
     METHODS,
@@ -29,9 +30,6 @@ class Dense(Method):
     """Every token reads every MLP weight; runs the model's own MLP module unchanged."""
 
     name = "dense"
-    summary = "no sparsity (the model's own MLP)"
-    reads = "all of W_up, W_gate, W_down"
-    on_experts = True
 
     def __init__(self, density: float = 1.0, options: MethodOptions | None = None):
         super().__init__(1.0)
@@ -75,9 +73,6 @@ class DIP(_KeepsMethod):
     top-k_out of |h~| picks down COLUMNS. Needs no dense read and no training."""
 
     name = "dip"
-    summary = "Dynamic Input Pruning: top-k |x| -> up/gate columns, top-k |h~| -> down columns"
-    reads = "up/gate columns of the top-k_in |x|; down columns of the top-k_out |h~|"
-    on_experts = True
 
     def select_in(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
         """Mask over the d inputs of up/gate (seam for cache-aware selection)."""
@@ -100,8 +95,6 @@ class RandomMasks(DIP):
     """Control: DIP-shaped masks (same k_in, k_out) chosen uniformly at random per token."""
 
     name = "random"
-    summary = "control: random up/gate and down columns at DIP's budget"
-    reads = "random k_in up/gate columns; random k_out down columns"
 
     def prepare(self, parts):
         super().prepare(parts)
@@ -134,8 +127,6 @@ class Calibrated:
     mixture-of-experts model: `ExpertCall.unit`). In calibration mode each layer (expert) sets its
     thresholds from the whole calibration batch it sees (upstream layers already sparse)."""
 
-    needs_calibration = True
-    on_experts = True
     threshold_names: tuple[str, ...] = ()
     calibrating = False
 
@@ -166,8 +157,6 @@ class TEAL(Calibrated, DIP):
     split's fractions. The realised density varies per token."""
 
     name = "teal"
-    summary = "TEAL (MLP only): calibrated thresholds on |x| and |h~|"
-    reads = "up/gate columns where |x| > t_in; down columns where |h~| > t_out"
     threshold_names = ("t_in", "t_out")
 
     def prepare(self, parts):
@@ -187,8 +176,6 @@ class CATS(Calibrated, Method):
     calibrated threshold keep their up row and down column."""
 
     name = "cats"
-    summary = "CATS: dense gate, calibrated threshold on |act(gate)| -> up rows + down columns"
-    reads = "all of W_gate; up rows and down columns of neurons with |act(g)| > t"
     threshold_names = ("t",)
 
     def __init__(self, density=1.0, options=None):
@@ -211,7 +198,6 @@ class _TopNeurons(Method):
     neurons of a score for the rest: keep = (3 density - dense_linears) / (3 - dense_linears)."""
 
     dense_linears = 0
-    on_experts = True
 
     def __init__(self, density=1.0, options=None):
         super().__init__(check_density(density))
@@ -227,8 +213,6 @@ class GLU(_TopNeurons):
     """GLU pruning: up and gate are read densely, h is exact; top-k |h| picks down columns."""
 
     name = "glu"
-    summary = "GLU pruning: exact h (dense up+gate), top-k |h| -> down columns"
-    reads = "all of W_up and W_gate; down columns of the top-k |h|"
     dense_linears = 2
 
     def mlp(self, layer, p, x, batch_shape):
@@ -242,8 +226,6 @@ class UpPruning(_TopNeurons):
     """Up pruning: up is read densely; top-k |W_up x| keeps gate rows and down columns."""
 
     name = "up"
-    summary = "up pruning: dense up, top-k |up(x)| -> gate rows + down columns"
-    reads = "all of W_up; gate rows and down columns of the top-k |W_up x|"
     dense_linears = 1
 
     def mlp(self, layer, p, x, batch_shape):
@@ -261,8 +243,6 @@ class Griffin(Method):
     are computed dense and excluded from measured density."""
 
     name = "griffin"
-    summary = "GRIFFIN: neuron set fixed per sequence from dense-prompt statistics"
-    reads = "prompt: everything; later tokens: up rows, gate rows, down columns of the fixed set"
 
     def __init__(self, density=1.0, options=None):
         super().__init__(check_density(density))
@@ -303,7 +283,5 @@ class Griffin(Method):
 
 def build_method(name: str, density: float = 1.0, options: MethodOptions | None = None) -> Method:
     """A method instance by registry name, or a one-line error listing the known names."""
-
-    if name not in METHODS:
-        raise DipstreamError(f"unknown method '{name}'; use one of {', '.join(METHODS)}")
+    method_info(name)  # the one-line error for a name the catalog does not know
     return METHODS[name](density, options)

@@ -76,8 +76,6 @@ class TrainedPredictors:
     """Mixin of the methods that read per-layer predictors trained by `dipstream finetune --method
     NAME` (`self.predictors`, loaded from an adapter folder), and are charged for them."""
 
-    needs_predictors = True
-    on_experts = False  # one predictor per layer, not per routed expert
     predictors: nn.ModuleList | None = None
 
     def load_trained(self, folder, info) -> None:
@@ -107,8 +105,6 @@ class PredictorMethod(TrainedPredictors, Method):
     up row, gate row and down column are read; k = density * D."""
 
     name = "predictor"
-    summary = "trained low-rank predictor (DejaVu-style): top-k logits -> up/gate rows + down columns"
-    reads = "the predictor; up rows, gate rows and down columns of the top-k predicted neurons"
 
     def __init__(self, density: float = 1.0, options=None):
         super().__init__(check_density(density))

@@ -38,7 +38,6 @@ class _ReluSwap(Method):
 
     both_factors = True
     changes_activation = True  # not the original model even at density 1
-    on_experts = True
 
     def __init__(self, density: float = 1.0, options=None):
         super().__init__(check_density(density))
@@ -66,9 +65,6 @@ class DReLU(_ReluSwap):
     """Turbo Sparse's dReLU: h = ReLU(gate) * ReLU(up); the mask is its exact non-zeros."""
 
     name = "drelu"
-    summary = "dReLU (Turbo Sparse): ReLU(gate)*ReLU(up), exact zeros skipped (oracle accounting)"
-    reads = ("up rows, gate rows, down columns of neurons with ReLU(g)*ReLU(u) != 0 "
-             "(at most density*D; skipping up/gate rows needs a predictor of the zeros)")
 
 
 @register
@@ -76,9 +72,6 @@ class Relufied(_ReluSwap):
     """ReLUfication baseline: h = ReLU(gate) * up; the mask is its exact non-zeros."""
 
     name = "relufied"
-    summary = "ReLUfication: ReLU(gate)*up, exact zeros skipped (oracle accounting)"
-    reads = ("up rows, gate rows, down columns of neurons with ReLU(g)*u != 0 "
-             "(at most density*D; skipping up/gate rows needs a predictor of the zeros)")
     both_factors = False
 
 
@@ -112,8 +105,6 @@ class DReLUPredicted(_PredictedSkip):
     """dReLU with predicted zeros: a trained predictor picks the neurons read."""
 
     name = "drelu-predicted"
-    summary = "dReLU with a trained predictor of its zeros (Turbo Sparse's deployed accounting)"
-    reads = "the predictor; up rows, gate rows, down columns of the neurons it predicts active"
 
 
 @register
@@ -121,6 +112,4 @@ class RelufiedPredicted(_PredictedSkip):
     """ReLUfication with predicted zeros: a trained predictor picks the neurons read."""
 
     name = "relufied-predicted"
-    summary = "ReLUfication with a trained predictor of its zeros (deployed accounting)"
-    reads = "the predictor; up rows, gate rows, down columns of the neurons it predicts active"
     both_factors = False
