@@ -47,7 +47,7 @@ __all__ = ["load", "require", "status", "sources", "sim_random_drop", "ACTIVATIO
 # the gated MLP's activations the kernels run (ds_glu's `act`), by the names configs give them
 ACTIVATION_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu_new": 1, "gelu": 2}
 
-KERNEL_VERSION = 29
+KERNEL_VERSION = 30
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("gemv.c", "pread.c", "decode.c", "simfill.c")
 

@@ -327,21 +327,213 @@ static void gq_core(const qmat_t* q, int64_t a, int64_t b, const int64_t* restri
 #define ACC8_COLS ACC_CHUNK
 #define PF_ROWS 6   /* software prefetch distance in rows */
 
+/* The run of records that a product kernel's caller does next (its records' columns a..b), which
+ * the kernel prefetches into L2 as it goes, one run ahead: a tile walks a group's 16-32 records at
+ * once, too many streams for the hardware prefetchers. */
+typedef struct { const int64_t* idx; int64_t k, a, b; } nextrun_t;
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#define DS_VNNI512 1
+
+/* A run's records prefetched into L2 record after record, line after line (the hardware's L2
+ * streamer follows), `per` consecutive lines of one record per pfseq_step: region
+ * [base, base + bytes) of each. */
+typedef struct {
+    const uint8_t* W; int64_t ldb; const int64_t* idx; const char* row;
+    int64_t nk, r, off, bytes, base, per;
+} pfseq_t;
+
+static inline void pfseq_init(pfseq_t* p, const qmat_t* q, const nextrun_t* nr, int64_t base, int64_t bytes, int64_t steps)
+{
+    p->W = q->W; p->ldb = q->ldb; p->idx = nr ? nr->idx : NULL; p->nk = nr && bytes > 0 ? nr->k : 0; p->r = 0;
+    p->off = 0; p->bytes = bytes; p->base = base;
+    const int64_t lines = p->nk * ((bytes + 63) / 64);
+    p->per = steps > 0 ? (lines + steps - 1) / steps : lines;
+    p->row = p->nk ? (const char*)(p->W + p->idx[0] * p->ldb + base) : NULL;
+}
+
+static inline void pfseq_step(pfseq_t* p)
+{
+    if (p->r >= p->nk) return;
+    for (int64_t u = 0; u < p->per; ++u) _mm_prefetch(p->row + p->off + 64 * u, _MM_HINT_T1);
+    p->off += 64 * p->per;
+    if (p->off >= p->bytes) {
+        p->off = 0;
+        if (++p->r < p->nk) p->row = (const char*)(p->W + p->idx[p->r] * p->ldb + p->base);
+    }
+}
+
+/* The AVX-512 VNNI counterpart of a 4-row step: 4 records' 64 bytes interleaved per byte position
+ * (x[v] lane L dword t: byte 16L + 4v + t of the 4 records), so one vpdpbusd multiplies 4 records'
+ * byte at one position by their 4 coefficients (c: 4 int8 per dword). */
+static inline void interleave4_512(__m512i x0, __m512i x1, __m512i x2, __m512i x3, __m512i* x)
+{
+    const __m512i alo = _mm512_unpacklo_epi8(x0, x1), ahi = _mm512_unpackhi_epi8(x0, x1);
+    const __m512i blo = _mm512_unpacklo_epi8(x2, x3), bhi = _mm512_unpackhi_epi8(x2, x3);
+    x[0] = _mm512_unpacklo_epi16(alo, blo);
+    x[1] = _mm512_unpackhi_epi16(alo, blo);
+    x[2] = _mm512_unpacklo_epi16(ahi, bhi);
+    x[3] = _mm512_unpackhi_epi16(ahi, bhi);
+}
+
+/* v[0..3] (interleave4_512's order: v[u] lane L = byte positions 16L + 4u..) -> w[L] = positions
+ * 16L..16L+15 in order (a 4 x 4 transpose of 128-bit lanes). */
+static inline void untangle4_512(const __m512i* v, __m512i* w)
+{
+    const __m512i t0 = _mm512_shuffle_i64x2(v[0], v[1], 0x44), t1 = _mm512_shuffle_i64x2(v[0], v[1], 0xEE);
+    const __m512i t2 = _mm512_shuffle_i64x2(v[2], v[3], 0x44), t3 = _mm512_shuffle_i64x2(v[2], v[3], 0xEE);
+    w[0] = _mm512_shuffle_i64x2(t0, t2, 0x88);
+    w[1] = _mm512_shuffle_i64x2(t0, t2, 0xDD);
+    w[2] = _mm512_shuffle_i64x2(t1, t3, 0x88);
+    w[3] = _mm512_shuffle_i64x2(t1, t3, 0xDD);
+}
+
+/* 16 float16 given as 16 low bytes and 16 high bytes -> floats. */
+static inline __m512 halves16_512(const uint8_t* lo, const uint8_t* hi)
+{
+    const __m128i l = _mm_loadu_si128((const __m128i*)lo), h = _mm_loadu_si128((const __m128i*)hi);
+    return _mm512_cvtph_ps(_mm256_set_m128i(_mm_unpackhi_epi8(l, h), _mm_unpacklo_epi8(l, h)));
+}
+
+static inline __m512 neg16(__m512 x)
+{
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u)));
+}
+
+static inline __m512 u8f16(__m128i x) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x)); }
+
+/* group_scales for the 16 columns col..col+15 (the same float operations, in registers): *D, *M;
+ * returns 0 (M not set) where M is all zero. */
+static inline int scales16_512(const qmat_t* q, int64_t g, int64_t col, __m512* D, __m512* M)
+{
+    const int64_t m = q->m;
+    if (q->hk == HK_F16) {
+        *D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)q->HD + g * m + col)));
+        if (q->HM) {
+            *M = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(q->HM + g * m + col)));
+            return 1;
+        }
+        if (!q->zp) return 0;
+        *M = _mm512_mul_ps(_mm512_set1_ps(-(float)q->zp), *D);
+        return 1;
+    }
+    if (q->hk == HK_K45) {
+        const uint8_t* t = (const uint8_t*)q->HD + (g / 8) * 16 * m + col;
+        const uint8_t* p = t + 4 * m;
+        const int sub = (int)(g % 8);
+        const __m128i m63 = _mm_set1_epi8(63), m0f = _mm_set1_epi8(15), m30 = _mm_set1_epi8(0x30);
+        __m128i sc, mn;
+        if (sub < 4) {
+            sc = _mm_and_si128(_mm_loadu_si128((const __m128i*)(p + sub * m)), m63);
+            mn = _mm_and_si128(_mm_loadu_si128((const __m128i*)(p + (sub + 4) * m)), m63);
+        } else {
+            const __m128i lo = _mm_loadu_si128((const __m128i*)(p + (sub + 4) * m));
+            const __m128i hs = _mm_loadu_si128((const __m128i*)(p + (sub - 4) * m));
+            const __m128i hm = _mm_loadu_si128((const __m128i*)(p + sub * m));
+            sc = _mm_or_si128(_mm_and_si128(lo, m0f), _mm_and_si128(_mm_srli_epi16(hs, 2), m30));
+            mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(lo, 4), m0f), _mm_and_si128(_mm_srli_epi16(hm, 2), m30));
+        }
+        *D = _mm512_mul_ps(halves16_512(t, t + m), u8f16(sc));
+        *M = neg16(_mm512_mul_ps(halves16_512(t + 2 * m, t + 3 * m), u8f16(mn)));
+        return 1;
+    }
+    const uint8_t* t = (const uint8_t*)q->HD + (g / 16) * 18 * m + col;
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(t + (g % 16) * m))));
+    *D = _mm512_mul_ps(halves16_512(t + 16 * m, t + 17 * m), sc);
+    *M = _mm512_mul_ps(_mm512_set1_ps(-32.0f), *D);
+    return 1;
+}
+
+/* o[j:j+16] += D * (s * sums) [+ M * sc] with input group g's scales of columns a + j.. (gq_act8's
+ * AVX2 order of operations). */
+static inline void flush16_512(__m512i sums, const qmat_t* q, int64_t g, int64_t a, int64_t j, __m512 vs, __m512 vsc,
+                               float* o)
+{
+    __m512 D, M;
+    const int hm = scales16_512(q, g, a + j, &D, &M);
+    __m512 r = _mm512_fmadd_ps(D, _mm512_mul_ps(_mm512_cvtepi32_ps(sums), vs), _mm512_loadu_ps(o + j));
+    if (hm) r = _mm512_fmadd_ps(M, vsc, r);
+    _mm512_storeu_ps(o + j, r);
+}
+
+/* gq_act8's products over columns [0, n128) (n128 a multiple of 128), the accumulators of one tile
+ * of 128 columns in registers across all the group's records (4 at a time, zero-coefficient
+ * padding rows repeat the first).  A record's 64 bytes of the tile hold columns 32L + t (low
+ * nibble of byte 16L + t) and 32L + 16 + t (high nibble): the bytes of 4 records are interleaved
+ * whole, and vpdpbusd sums the whole bytes (lo + 16 hi) and the high nibbles in place (16 hi):
+ * lo = whole - that, hi = that / 16 (exact integers).  nr: the next run, prefetched (pfseq_t). */
+static void act8_q4_512(const qmat_t* q, int64_t g, int64_t a, int64_t n128, const int64_t* restrict idx,
+                        const int8_t* cq, int64_t kk, const nextrun_t* nr, float s, float sc, float* restrict o)
+{
+    const uint8_t* rp[68];
+    int32_t c4[17];
+    const int64_t kp = (kk + 3) / 4 * 4, nb = n128 / 2;
+    for (int64_t i = 0; i < kp; ++i) rp[i] = q->W + idx[i < kk ? i : 0] * q->ldb + a / 2;
+    for (int64_t i = 0; i < kp; i += 4)
+        c4[i / 4] = (int32_t)((uint32_t)(uint8_t)(i < kk ? cq[i] : 0) | (uint32_t)(uint8_t)(i + 1 < kk ? cq[i + 1] : 0) << 8
+                              | (uint32_t)(uint8_t)(i + 2 < kk ? cq[i + 2] : 0) << 16
+                              | (uint32_t)(uint8_t)(i + 3 < kk ? cq[i + 3] : 0) << 24);
+    const __m512i mhi = _mm512_set1_epi8((char)0xf0);
+    const __m512 vs = _mm512_set1_ps(s), vsc = _mm512_set1_ps(sc);
+    pfseq_t pf;
+    pfseq_init(&pf, q, nr, nr ? nr->a / 2 : 0, nr ? (nr->b - nr->a) / 2 : 0, (nb / 64) * (kp / 4));
+    for (int64_t jb = 0; jb < nb; jb += 64) {
+        __m512i f[4], h[4];
+        for (int u = 0; u < 4; ++u) { f[u] = _mm512_setzero_si512(); h[u] = _mm512_setzero_si512(); }
+        for (int64_t i = 0; i < kp; i += 4) {
+            pfseq_step(&pf);
+            __m512i x[4];
+            interleave4_512(_mm512_loadu_si512(rp[i] + jb), _mm512_loadu_si512(rp[i + 1] + jb),
+                            _mm512_loadu_si512(rp[i + 2] + jb), _mm512_loadu_si512(rp[i + 3] + jb), x);
+            const __m512i cw = _mm512_set1_epi32(c4[i / 4]);
+            for (int u = 0; u < 4; ++u) {
+                f[u] = _mm512_dpbusd_epi32(f[u], x[u], cw);
+                h[u] = _mm512_dpbusd_epi32(h[u], _mm512_and_si512(x[u], mhi), cw);
+            }
+        }
+        for (int u = 0; u < 4; ++u) {
+            f[u] = _mm512_sub_epi32(f[u], h[u]);
+            h[u] = _mm512_srai_epi32(h[u], 4);
+        }
+        __m512i lo[4], hi[4];
+        untangle4_512(f, lo);
+        untangle4_512(h, hi);
+        for (int L = 0; L < 4; ++L) {
+            const int64_t at = 2 * jb + 32 * L;
+            flush16_512(lo[L], q, g, a, at, vs, vsc, o);
+            flush16_512(hi[L], q, g, a, at + 16, vs, vsc, o);
+        }
+    }
+}
+#endif
+
 /* o[0:b-a] += hd * (s * sum_i cq_i * nibbles(row idx[i])[a:b]) + hm * sc, with cq = round(c / s),
  * s = max|c| / 127 (one input group's rows; 4-bit, G = 32; a, b multiples of 32 or b the row
  * end; hd / hm this group's float16 headers at column a, hm may be NULL).  Integer products are
  * summed exactly (pairs of rows through u8 x i8 multiply-adds, at most 16 rows per int16
  * partial), so the AVX2 and the portable paths give the same numbers; the group's scale and
- * offset are applied in the same pass that widens the last partial. */
-static void gq_act8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
+ * offset are applied in the same pass that widens the last partial.  Where the build targets
+ * AVX-512 VNNI, act8_q4_512 does the columns up to the last multiple of 128 (the same integer
+ * sums, the same float operations on them: the same numbers). */
+static void gq_act8(const qmat_t* q, int64_t g, int64_t a, int64_t b, const int64_t* restrict idx,
                     const float* restrict c, int64_t k, float* restrict o,
-                    const float* restrict D, const float* restrict M, float amax)
+                    float* restrict D, float* restrict Mbuf, float amax, const nextrun_t* nr)
 {
-    const int64_t n = b - a;
     int8_t cq[64];
     const int64_t kk = k < 64 ? k : 64;  /* a run is one input group: at most GI (<= 32) rows */
     float sc;
     const float s = quantize_coefs(c, k, amax, cq, &sc);
+    (void)nr;
+#if defined(DS_VNNI512)
+    {
+        const int64_t n128 = (b - a) / 128 * 128;
+        if (n128 > 0) act8_q4_512(q, g, a, n128, idx, cq, kk, nr, s, sc, o);
+        a += n128; o += n128;
+        if (a >= b) return;
+    }
+#endif
+    const float* M = group_scales(q, g, a, b - a, D, Mbuf) ? Mbuf : NULL;
+    const int64_t n = b - a;
     int64_t j0 = 0;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     /* Rows outer, columns inner (each pair of rows streamed once): int16 partials of up to 16
@@ -430,12 +622,14 @@ static inline void acc_rows4(__m256i* acc, __m256i w0, __m256i w1, __m256i w2, _
     const __m256i lo23 = _mm256_unpacklo_epi8(w2, w3), hi23 = _mm256_unpackhi_epi8(w2, w3);
     const __m256i x[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
                           _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
-#if !defined(__AVXVNNI__)
+#if !defined(__AVXVNNI__) && !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
     const __m256i ones = _mm256_set1_epi16(1);
 #endif
     for (int t = 0; t < 4; ++t) {
         const __m256i a = weights_signed ? c : x[t], b = weights_signed ? x[t] : c;
-#if defined(__AVXVNNI__)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        acc[t] = _mm256_dpbusd_epi32(acc[t], a, b);  /* no pair saturates below: the same sums */
+#elif defined(__AVXVNNI__)
         acc[t] = _mm256_dpbusd_avx_epi32(acc[t], a, b);
 #else
         acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
@@ -464,20 +658,84 @@ static inline void flush_acc32(const __m256i* acc, int64_t n, float s, const flo
 }
 #endif
 
+#if defined(DS_VNNI512)
+/* Four coefficients as one dword (vpdpbusd's operand), zero past kk. */
+static inline int32_t pack4(const int8_t* cq, int64_t i, int64_t kk)
+{
+    uint32_t r = 0;
+    for (int t = 0; t < 4; ++t) r |= (uint32_t)(uint8_t)(i + t < kk ? cq[i + t] : 0) << (8 * t);
+    return (int32_t)r;
+}
+
+/* gq_act8_i8's products over columns [0, n128) (a multiple of 128): a tile of 128 columns'
+ * accumulators in registers across the group's records, 4 at a time (interleave4_512), each
+ * signed byte w read as the unsigned w + 128 (vpdpbusd: u8 x i8) and 128 * sum(cq) taken off
+ * the sums (exact integers). */
+static void act8_i8_512(const qmat_t* q, int64_t g, int64_t a, int64_t n128, const int64_t* restrict idx,
+                        const int8_t* cq, int64_t kk, const nextrun_t* nr, float s, float* restrict o)
+{
+    const uint8_t* rp[68];
+    int32_t c4[17], csum = 0;
+    const int64_t kp = (kk + 3) / 4 * 4;
+    for (int64_t i = 0; i < kp; ++i) rp[i] = q->W + idx[i < kk ? i : 0] * q->ldb + a;
+    for (int64_t i = 0; i < kp; i += 4) c4[i / 4] = pack4(cq, i, kk);
+    for (int64_t i = 0; i < kk; ++i) csum += cq[i];
+    const __m512i bias = _mm512_set1_epi8((char)0x80), off = _mm512_set1_epi32(128 * csum);
+    const __m512 vs = _mm512_set1_ps(s), vsc = _mm512_setzero_ps();
+    pfseq_t pf;
+    pfseq_init(&pf, q, nr, nr ? nr->a : 0, nr ? nr->b - nr->a : 0, (n128 / 128) * (kp / 4));
+    for (int64_t jb = 0; jb < n128; jb += 128) {
+        __m512i f[8];
+        for (int u = 0; u < 8; ++u) f[u] = _mm512_setzero_si512();
+        for (int64_t i = 0; i < kp; i += 4) {
+            pfseq_step(&pf);
+            const __m512i cw = _mm512_set1_epi32(c4[i / 4]);
+            for (int hf = 0; hf < 2; ++hf) {
+                __m512i x[4];
+                interleave4_512(_mm512_xor_si512(_mm512_loadu_si512(rp[i] + jb + 64 * hf), bias),
+                                _mm512_xor_si512(_mm512_loadu_si512(rp[i + 1] + jb + 64 * hf), bias),
+                                _mm512_xor_si512(_mm512_loadu_si512(rp[i + 2] + jb + 64 * hf), bias),
+                                _mm512_xor_si512(_mm512_loadu_si512(rp[i + 3] + jb + 64 * hf), bias), x);
+                for (int u = 0; u < 4; ++u) f[4 * hf + u] = _mm512_dpbusd_epi32(f[4 * hf + u], x[u], cw);
+            }
+        }
+        for (int u = 0; u < 8; ++u) f[u] = _mm512_sub_epi32(f[u], off);
+        __m512i w[4];
+        for (int hf = 0; hf < 2; ++hf) {
+            untangle4_512(f + 4 * hf, w);
+            for (int L = 0; L < 4; ++L) flush16_512(w[L], q, g, a, jb + 64 * hf + 16 * L, vs, vsc, o);
+        }
+    }
+}
+#endif
+
 /* The int8 rows' counterpart of gq_act8 (Q8_0 x Q8 activations, as llama.cpp's int8 products):
  * o[0:b-a] += hd * (s * sum_i cq_i * row idx[i][a:b]) with cq = round(c / s), s = max|c| / 127,
  * over one input group's rows (no offsets: int8 rows have none).  Rows 4 at a time: their bytes
  * interleaved per column, signed by their coefficient's sign and multiplied by |cq| (u8 x i8
- * multiply-adds, exact int32 sums), so the AVX2 and the portable paths give the same numbers. */
-static void gq_act8_i8(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
-                       const float* restrict c, int64_t k, float* restrict o, const float* restrict D,
-                       float amax)
+ * multiply-adds, exact int32 sums), so the AVX2 and the portable paths give the same numbers.
+ * act8_i8_512 does the columns up to the last multiple of 128 where the build targets AVX-512
+ * VNNI (the same numbers). */
+static void gq_act8_i8(const qmat_t* q, int64_t g, int64_t a, int64_t b, const int64_t* restrict idx,
+                       const float* restrict c, int64_t k, float* restrict o, float* restrict D,
+                       float* restrict Mbuf, float amax, const nextrun_t* nr)
 {
-    const int64_t n = b - a, kk = k < 64 ? k : 64;
+    const int64_t kk = k < 64 ? k : 64;
     int8_t cq[68];
     float unused;
     const float s = quantize_coefs(c, k, amax, cq, &unused);
     for (int64_t i = kk; i < kk + 4; ++i) cq[i] = 0;  /* padding rows: coefficient 0 */
+    (void)nr;
+#if defined(DS_VNNI512)
+    {
+        const int64_t n128 = (b - a) / 128 * 128;
+        if (n128 > 0) act8_i8_512(q, g, a, n128, idx, cq, kk, nr, s, o);
+        a += n128; o += n128;
+        if (a >= b) return;
+    }
+#endif
+    group_scales(q, g, a, b - a, D, Mbuf);
+    const int64_t n = b - a;
     int64_t j0 = 0;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     const int64_t n32 = n / 32 * 32;
@@ -514,19 +772,106 @@ static void gq_act8_i8(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
     }
 }
 
+#if defined(DS_VNNI512)
+/* The unsigned integers of a 5- or 6-bit record r's 128 columns col..col+127 (col a multiple of
+ * 128) as two vectors in the nibbles' order: lo lane L byte t = column col + 32L + t, hi lane L
+ * byte t = column col + 32L + 16 + t (unpack32's planes). */
+static inline void unpack128_512(const uint8_t* r, int64_t m, int bits, int64_t col, __m512i* lo, __m512i* hi)
+{
+    const __m512i nib = _mm512_loadu_si512(r + col / 2), m0f = _mm512_set1_epi8(15);
+    __m512i hl, hh;
+    if (bits == 6) {  /* byte 8L + t' of the high plane: bits 4-5 of columns 32L + t', +8, +16, +24 */
+        const __m512i h = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0),
+                                                   _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(r + m / 2 + col / 4))));
+        const __m512i m30 = _mm512_set1_epi8(0x30);
+        /* per 16-bit word: words 0-3 of a lane (bytes t < 8) take the pair at shift 0 (lo) / 4 (hi),
+         * words 4-7 the pair at shift 2 / 6; moved to bits 4-5 */
+        hl = _mm512_and_si512(_mm512_sllv_epi16(h, _mm512_set_epi64(0x0002000200020002LL, 0x0004000400040004LL,
+                                                                    0x0002000200020002LL, 0x0004000400040004LL,
+                                                                    0x0002000200020002LL, 0x0004000400040004LL,
+                                                                    0x0002000200020002LL, 0x0004000400040004LL)), m30);
+        hh = _mm512_and_si512(_mm512_srlv_epi16(h, _mm512_set_epi64(0x0002000200020002LL, 0,
+                                                                    0x0002000200020002LL, 0,
+                                                                    0x0002000200020002LL, 0,
+                                                                    0x0002000200020002LL, 0)), m30);
+    } else {  /* bits 5: column j's bit 4 in bit j % 8 of byte j / 8 (4 bytes per 32 columns) */
+        const __m512i h = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(r + m / 2 + col / 8)));
+        const __m512i bit = _mm512_set1_epi64(0x8040201008040201LL), b16 = _mm512_set1_epi8(16);
+        const __m512i sl = _mm512_set_epi64(0x0d0d0d0d0d0d0d0dLL, 0x0c0c0c0c0c0c0c0cLL, 0x0909090909090909LL, 0x0808080808080808LL,
+                                            0x0505050505050505LL, 0x0404040404040404LL, 0x0101010101010101LL, 0);
+        const __m512i sh = _mm512_add_epi8(sl, _mm512_set1_epi8(2));
+        hl = _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(_mm512_shuffle_epi8(h, sl), bit), b16);
+        hh = _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(_mm512_shuffle_epi8(h, sh), bit), b16);
+    }
+    *lo = _mm512_ternarylogic_epi32(nib, m0f, hl, 0xEA);                            /* (nib & 15) | hl */
+    *hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(nib, 4), m0f, hh, 0xEA);
+}
+
+/* gq_act8_wide's products over columns [0, n128): 128-column tiles' accumulators in registers
+ * across the group's records, 4 at a time, unpacked to bytes (unpack128_512) and interleaved. */
+static void act8_wide_512(const qmat_t* q, int64_t g, int64_t a, int64_t n128, const int64_t* restrict idx,
+                          const int8_t* cq, int64_t kk, const nextrun_t* nr, float s, float sc, float* restrict o)
+{
+    const uint8_t* rp[68];
+    int32_t c4[17];
+    const int64_t kp = (kk + 3) / 4 * 4, m = q->m, hb = q->bits == 6 ? 4 : 8;  /* columns per high-plane byte */
+    for (int64_t i = 0; i < kp; ++i) rp[i] = q->W + idx[i < kk ? i : 0] * q->ldb;
+    for (int64_t i = 0; i < kp; i += 4) c4[i / 4] = pack4(cq, i, kk);
+    const __m512 vs = _mm512_set1_ps(s), vsc = _mm512_set1_ps(sc);
+    pfseq_t pf, pfh;  /* the nibble plane's and the high plane's lines */
+    pfseq_init(&pf, q, nr, nr ? nr->a / 2 : 0, nr ? (nr->b - nr->a) / 2 : 0, (n128 / 128) * (kp / 4));
+    pfseq_init(&pfh, q, nr, nr ? m / 2 + nr->a / hb : 0, nr ? (nr->b - nr->a) / hb : 0, (n128 / 128) * (kp / 4));
+    for (int64_t j = 0; j < n128; j += 128) {
+        __m512i fl[4], fh[4];
+        for (int u = 0; u < 4; ++u) { fl[u] = _mm512_setzero_si512(); fh[u] = _mm512_setzero_si512(); }
+        for (int64_t i = 0; i < kp; i += 4) {
+            pfseq_step(&pf);
+            pfseq_step(&pfh);
+            __m512i lo[4], hi[4], x[4];
+            for (int t = 0; t < 4; ++t) unpack128_512(rp[i + t], m, q->bits, a + j, lo + t, hi + t);
+            const __m512i cw = _mm512_set1_epi32(c4[i / 4]);
+            interleave4_512(lo[0], lo[1], lo[2], lo[3], x);
+            for (int u = 0; u < 4; ++u) fl[u] = _mm512_dpbusd_epi32(fl[u], x[u], cw);
+            interleave4_512(hi[0], hi[1], hi[2], hi[3], x);
+            for (int u = 0; u < 4; ++u) fh[u] = _mm512_dpbusd_epi32(fh[u], x[u], cw);
+        }
+        __m512i wl[4], wh[4];
+        untangle4_512(fl, wl);
+        untangle4_512(fh, wh);
+        for (int L = 0; L < 4; ++L) {
+            flush16_512(wl[L], q, g, a, j + 32 * L, vs, vsc, o);
+            flush16_512(wh[L], q, g, a, j + 32 * L + 16, vs, vsc, o);
+        }
+    }
+}
+#endif
+
 /* The 5- / 6-bit rows' counterpart of gq_act8: o[0:b-a] += D * (s * sum_i cq_i * q_i[a:b]) + M * sc
  * over one input group's rows (a, b multiples of 32, b - a <= ACC_CHUNK).  Rows 4 at a time,
  * unpacked to bytes and interleaved per column (u8 x i8 multiply-adds: pairs stay below 2^15,
- * int32 sums exact), so the AVX2 and the portable paths give the same numbers. */
-static void gq_act8_wide(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
-                         const float* restrict c, int64_t k, float* restrict o, const float* restrict D,
-                         const float* restrict M, float amax)
+ * int32 sums exact), so the AVX2 and the portable paths give the same numbers.  act8_wide_512
+ * does the columns up to the last multiple of 128 where the build targets AVX-512 VNNI (the same
+ * numbers). */
+static void gq_act8_wide(const qmat_t* q, int64_t g, int64_t a, int64_t b, const int64_t* restrict idx,
+                         const float* restrict c, int64_t k, float* restrict o, float* restrict D,
+                         float* restrict M, float amax, const nextrun_t* nr)
 {
-    const int64_t n = b - a, kk = k < 64 ? k : 64;
+    const int64_t kk = k < 64 ? k : 64;
     int8_t cq[68];
     float sc;
     const float s = quantize_coefs(c, k, amax, cq, &sc);
     for (int64_t i = kk; i < kk + 4; ++i) cq[i] = 0;  /* padding rows: coefficient 0 */
+    (void)nr;
+#if defined(DS_VNNI512)
+    {
+        const int64_t n128 = (b - a) / 128 * 128;
+        if (n128 > 0) act8_wide_512(q, g, a, n128, idx, cq, kk, nr, s, sc, o);
+        a += n128; o += n128;
+        if (a >= b) return;
+    }
+#endif
+    group_scales(q, g, a, b - a, D, M);
+    const int64_t n = b - a;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     __m256i acc[ACC_CHUNK / 8];
     for (int64_t v = 0; v < n / 8; ++v) acc[v] = _mm256_setzero_si256();
@@ -555,8 +900,10 @@ static void gq_act8_wide(const qmat_t* q, int64_t a, int64_t b, const int64_t* r
 }
 
 /* Input-grouped rows: for each run of selected rows in one input group, acc = sum c q (raw
- * integers), then o += D * acc + M * sum c with the group's scales (group_scales).  Runs need not
- * be sorted; sorted units make the fewest flushes.  `unit` is offset like idx. */
+ * integers), then o += D * acc + M * sum c with the group's scales (group_scales; the int8
+ * activations' kernels compute them themselves).  Runs need not be sorted; sorted units make the
+ * fewest flushes.  `unit` is offset like idx.  Each run's kernel is told the next run (the next
+ * chunk's first after the last), whose records it prefetches. */
 static void gq_grouped(const qmat_t* q, int64_t a, int64_t b, const int64_t* restrict idx,
                        const int64_t* restrict unit, const float* restrict c, int64_t k, float* restrict o)
 {
@@ -570,16 +917,26 @@ static void gq_grouped(const qmat_t* q, int64_t a, int64_t b, const int64_t* res
             int64_t i1 = i0 + 1;
             float sc = c[i0];
             while (i1 < k && unit[i1] / q->GI == g) sc += c[i1++];
-            const float* Mg = group_scales(q, g, a2, b2 - a2, D, M) ? M : NULL;
             const float amax = q->gmax ? q->gmax[g] : -1.0f;
             const int wide = q->bits == 5 || q->bits == 6;
+#if defined(DS_VNNI512)
+            /* the next run (prefetched by the AVX-512 kernels): this chunk's next, or the next chunk's first */
+            const int64_t p = i1 < k ? i1 : 0;
+            nextrun_t next = {idx + p, 1, i1 < k ? a2 : b2, 0};
+            next.b = i1 < k ? b2 : (b2 + step < b ? b2 + step : b);
+            while (p + next.k < k && next.k < 64 && unit[p + next.k] / q->GI == unit[p] / q->GI) next.k++;
+            const nextrun_t* pnr = k > 0 && next.a < b ? &next : NULL;
+#else
+            const nextrun_t* pnr = NULL;
+#endif
             if (q->act8 && q->bits == 4 && q->G == 32 && i1 - i0 <= 64) {
-                gq_act8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, Mg, amax);
+                gq_act8(q, g, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, M, amax, pnr);
             } else if (q->act8 && q->bits == 8 && i1 - i0 <= 64) {
-                gq_act8_i8(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, amax);
+                gq_act8_i8(q, g, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, M, amax, pnr);
             } else if (q->act8 && wide && i1 - i0 <= 64) {
-                gq_act8_wide(q, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, M, amax);
+                gq_act8_wide(q, g, a2, b2, idx + i0, c + i0, i1 - i0, o + (a2 - a), D, M, amax, pnr);
             } else {
+                const float* Mg = group_scales(q, g, a2, b2 - a2, D, M) ? M : NULL;
                 if (wide) gq_wide(q, a2, b2, idx + i0, c + i0, i1 - i0, acc);
                 else gq_core(q, a2, b2, idx + i0, c + i0, i1 - i0, acc);
                 flush_group(o + (a2 - a), acc, D, Mg, sc, b2 - a2);
